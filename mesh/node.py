@@ -607,15 +607,20 @@ def _iso(ts: float | None) -> str | None:
 
 
 async def serve(config: Config, *, ready: Callable[[MeshNode], None] | None = None) -> None:
-    """Run a node with its HTTP API until SIGINT/SIGTERM, then shut down gracefully."""
-    from mesh.api.http import HttpServer
+    """Run a node with its scheduler and HTTP API until SIGINT/SIGTERM, then shut down."""
+    from mesh.api.http import HttpServer, create_app
+    from mesh.scheduling.service import SchedulingService
+    from mesh.scheduling.state import SchedulerState
 
-    node = MeshNode(config)
+    state = SchedulerState()
+    node = MeshNode(config, state_machine=state)
+    service = SchedulingService(node, state)
     await node.start()
-    http = HttpServer(node)
+    http = HttpServer(node, create_app(node, service))
     try:
         await http.start()
     except BaseException:
+        await service.close()
         await node.stop(transfer=False)
         raise
     stop = asyncio.Event()
@@ -631,14 +636,22 @@ async def serve(config: Config, *, ready: Callable[[MeshNode], None] | None = No
         ready(node)
     await stop.wait()
     await node.stop(transfer=True)
+    await service.close()
     await http.stop()
 
 
 def run_node(config: Config) -> int:
+    from mesh.tasks import TaskModuleError, load_task_modules
+
     logging.basicConfig(
         level=getattr(logging, config.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    try:
+        load_task_modules(config.tasks)
+    except TaskModuleError as e:
+        print(f"schedulezero: error: --tasks: {e}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(serve(config))
     except OSError as e:

@@ -6,20 +6,31 @@ in middlewares: every error is JSON ``{"error": "..."}`` with a 4xx/5xx status, 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from mesh.api.schema import BadRequest, parse_job_body, parse_schedule_body, schedule_to_json
+
 if TYPE_CHECKING:
     from mesh.node import MeshNode
+    from mesh.scheduling.service import SchedulingService
 
 log = logging.getLogger("mesh.api")
 
 NODE_KEY = web.AppKey("node", object)
 MAX_BODY_BYTES = 1024 * 1024
+FORWARDED_HEADER = "X-ScheduleZero-Forwarded-By"
+COMMIT_HEADER = "X-ScheduleZero-Commit-Index"
+NO_LEADER_WAIT = 3.0  # how long a write waits for an election before answering 503
+FORWARD_TIMEOUT = 10.0
 
 
 def json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -28,12 +39,27 @@ def json_error(status: int, message: str, **extra: Any) -> web.Response:
 
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
+    from mesh.node import NoLeader, ProposalFailed
+    from mesh.scheduling.service import NotReady, ScheduleExists, UnknownSchedule
+
     try:
         return await handler(request)
     except web.HTTPException as e:
         if e.status < 400:
             raise
+        if e.status == 413:
+            return json_error(413, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
         return json_error(e.status, e.reason or e.text or "error")
+    except BadRequest as e:
+        return json_error(400, str(e))
+    except UnknownSchedule as e:
+        return json_error(404, f"no schedule with id {e.args[0]!r}")
+    except ScheduleExists as e:
+        return json_error(409, f"a schedule with id {e.args[0]!r} already exists")
+    except (NoLeader, NotReady) as e:
+        return json_error(503, f"no leader available: {e}")
+    except ProposalFailed as e:
+        return json_error(503, f"write not confirmed: {e}; it may or may not have been applied")
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         return json_error(500, "internal error (see the node's log)")
@@ -74,8 +100,89 @@ class _NodeCollector:
             yield g
 
 
-def create_app(node: MeshNode) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY_BYTES)
+WRITE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
+
+
+def _forwarding_middleware(node: MeshNode) -> Any:
+    """Writes are the leader's: a follower forwards them and answers with the leader's reply.
+
+    Without a leader the write waits up to NO_LEADER_WAIT for an election, then gets 503 — it
+    never hangs. After a forwarded write succeeds, the follower waits (briefly) until it has
+    applied that commit index itself, so the client can read its own write from this node.
+    """
+    session: dict[str, aiohttp.ClientSession] = {}
+
+    @web.middleware
+    async def forward(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method not in WRITE_METHODS or not request.path.startswith("/api/"):
+            return await handler(request)
+        if request.headers.get(FORWARDED_HEADER) and not node.is_leader:
+            return json_error(503, "no leader available: leadership moved during forwarding")
+        deadline = asyncio.get_running_loop().time() + NO_LEADER_WAIT
+        while not node.is_leader and node.leader_http() is None:
+            if asyncio.get_running_loop().time() >= deadline:
+                return json_error(503, "no leader available (election in progress or no quorum)")
+            await asyncio.sleep(0.05)
+        if node.is_leader:
+            response = await handler(request)
+            response.headers[COMMIT_HEADER] = str(node.core.commit)
+            return response
+        target = node.leader_http()
+        body = await request.read()
+        if "s" not in session or session["s"].closed:
+            session["s"] = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT)
+            )
+        try:
+            async with session["s"].request(
+                request.method,
+                f"http://{target}{request.rel_url}",
+                data=body,
+                headers={
+                    "Content-Type": request.headers.get("Content-Type", "application/json"),
+                    FORWARDED_HEADER: node.id,
+                },
+            ) as resp:
+                payload = await resp.read()
+                commit = resp.headers.get(COMMIT_HEADER)
+                out = web.Response(
+                    body=payload,
+                    status=resp.status,
+                    content_type=resp.content_type if payload else None,
+                )
+        except (aiohttp.ClientError, TimeoutError) as e:
+            return json_error(503, f"leader at {target} did not answer: {type(e).__name__}")
+        if commit is not None and commit.isdigit() and resp.status < 300:
+            await _wait_applied(node, int(commit), timeout=1.0)
+        return out
+
+    async def close(_app: web.Application) -> None:
+        if "s" in session:
+            await session["s"].close()
+
+    return forward, close
+
+
+async def _wait_applied(node: MeshNode, index: int, *, timeout: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while node.core.applied < index and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+
+
+async def _json_body(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw:
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
+
+
+def create_app(node: MeshNode, service: SchedulingService | None = None) -> web.Application:
+    forward, close_forwarding = _forwarding_middleware(node)
+    app = web.Application(middlewares=[errors_as_json, forward], client_max_size=MAX_BODY_BYTES)
+    app.on_cleanup.append(close_forwarding)
     app[NODE_KEY] = node
     registry = CollectorRegistry()
     registry.register(_NodeCollector(node))
@@ -93,13 +200,98 @@ def create_app(node: MeshNode) -> web.Application:
     app.router.add_get("/api/health", health)
     app.router.add_get("/api/cluster", cluster)
     app.router.add_get("/metrics", metrics)
+    if service is not None:
+        _add_scheduling_routes(app, service)
     return app
+
+
+def _add_scheduling_routes(app: web.Application, service: SchedulingService) -> None:
+    state = service.state
+
+    def schedule_or_404(schedule_id: str) -> Any:
+        s = state.schedules.get(schedule_id)
+        if s is None:
+            raise web.HTTPNotFound(reason=f"no schedule with id {schedule_id!r}")
+        return s
+
+    async def list_schedules(request: web.Request) -> web.Response:
+        items = [schedule_to_json(s) for _, s in sorted(state.schedules.items())]
+        return web.json_response({"schedules": items})
+
+    async def get_schedule(request: web.Request) -> web.Response:
+        return web.json_response(schedule_to_json(schedule_or_404(request.match_info["id"])))
+
+    async def create_schedule(request: web.Request) -> web.Response:
+        spec = parse_schedule_body(await _json_body(request))
+        s = await service.put_schedule(spec, replace=False)
+        warnings = service.task_warnings(spec.task) or None
+        return web.json_response(schedule_to_json(s, warnings=warnings), status=201)
+
+    async def replace_schedule(request: web.Request) -> web.Response:
+        spec = parse_schedule_body(await _json_body(request), schedule_id=request.match_info["id"])
+        s = await service.put_schedule(spec, replace=True)
+        warnings = service.task_warnings(spec.task) or None
+        return web.json_response(schedule_to_json(s, warnings=warnings))
+
+    async def delete_schedule(request: web.Request) -> web.Response:
+        await service.remove_schedule(request.match_info["id"])
+        return web.Response(status=204)
+
+    async def pause(request: web.Request) -> web.Response:
+        s = await service.set_paused(request.match_info["id"], True)
+        return web.json_response(schedule_to_json(s))
+
+    async def resume(request: web.Request) -> web.Response:
+        s = await service.set_paused(request.match_info["id"], False)
+        return web.json_response(schedule_to_json(s))
+
+    async def run_job(request: web.Request) -> web.Response:
+        task, args, kwargs = parse_job_body(await _json_body(request))
+        job_id = await service.run_now(task, args, kwargs)
+        body: dict[str, Any] = {"job_id": str(job_id)}
+        if warnings := service.task_warnings(task):
+            body["warnings"] = warnings
+        return web.json_response(body, status=202)
+
+    async def job_status(request: web.Request) -> web.Response:
+        raw = request.match_info["job_id"]
+        try:
+            job_id = UUID(raw)
+        except ValueError:
+            raise BadRequest(f"job id {raw!r} is not a UUID") from None
+        status = state.job_status(job_id)
+        if status is None:
+            raise web.HTTPNotFound(reason=f"no job with id {raw!r}")
+        return web.json_response(status)
+
+    async def executions(request: web.Request) -> web.Response:
+        q = request.query
+        unknown = set(q) - {"schedule_id", "limit"}
+        if unknown:
+            raise BadRequest(f"unknown query parameter {sorted(unknown)[0]!r}")
+        limit_raw = q.get("limit", "100")
+        if not limit_raw.isdigit() or not 1 <= int(limit_raw) <= 10_000:
+            raise BadRequest(f"limit must be an integer from 1 to 10000, got {limit_raw!r}")
+        items = state.execution_history(q.get("schedule_id") or None, int(limit_raw))
+        return web.json_response({"executions": items})
+
+    r = app.router
+    r.add_get("/api/schedules", list_schedules)
+    r.add_post("/api/schedules", create_schedule)
+    r.add_get("/api/schedules/{id}", get_schedule)
+    r.add_put("/api/schedules/{id}", replace_schedule)
+    r.add_delete("/api/schedules/{id}", delete_schedule)
+    r.add_post("/api/schedules/{id}/pause", pause)
+    r.add_post("/api/schedules/{id}/resume", resume)
+    r.add_post("/api/jobs", run_job)
+    r.add_get("/api/jobs/{job_id}", job_status)
+    r.add_get("/api/executions", executions)
 
 
 class HttpServer:
     def __init__(self, node: MeshNode, app: web.Application | None = None) -> None:
         self.node = node
-        self.app = app or create_app(node)
+        self.app = app if app is not None else create_app(node)
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:

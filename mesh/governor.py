@@ -1,0 +1,432 @@
+"""Local development governor behind ``schedulezero up``.
+
+``ProcessGovernor`` keeps a set of child processes (nodes, later handlers) alive: it starts them,
+prefixes their output with their name, restarts one that dies unexpectedly after a backoff that
+grows while it keeps crashing, and on SIGINT/SIGTERM stops them all (SIGTERM, up to 5 s, then
+SIGKILL). ``plan_local_mesh`` turns ``up``'s options into child specs.
+
+Children run in their own process group, so a terminal Ctrl-C reaches only the governor, which
+then stops them in order; on Linux they also get SIGTERM if the governor itself is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+
+from mesh.config import ConfigError
+
+__all__ = [
+    "SAMPLE_SCHEDULE",
+    "SAMPLE_TASKS_MODULE",
+    "ChildSpec",
+    "ProcessGovernor",
+    "UpOptions",
+    "plan_local_mesh",
+    "run_up",
+]
+
+log = logging.getLogger("mesh.governor")
+
+# A child exiting with this code rejected its configuration; restarting cannot help.
+EXIT_CONFIG_ERROR = 2
+
+SAMPLE_TASKS_MODULE = "mesh.sample_tasks"
+SAMPLE_SCHEDULE: dict[str, Any] = {
+    "id": "sample-heartbeat",
+    "task": "heartbeat",
+    "trigger": {"type": "interval", "seconds": 10},
+    "args": [],
+    "kwargs": {"message": "hello from schedulezero up"},
+    "coalesce": "latest",
+    "misfire_grace_time": 30,
+}
+
+
+@attrs.frozen
+class ChildSpec:
+    """One supervised process."""
+
+    name: str
+    argv: tuple[str, ...]
+    kind: str = "node"  # "node" | "handler"
+    http_url: str | None = None  # base URL of a node's HTTP API
+
+
+@attrs.define
+class _Child:
+    spec: ChildSpec
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restart_at: float = 0.0
+    backoff: float = 0.0
+    restarts: int = 0
+    gave_up: bool = False
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A preexec function asking Linux to SIGTERM the child when the governor dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
+
+
+class ProcessGovernor:
+    def __init__(
+        self,
+        specs: Sequence[ChildSpec] = (),
+        *,
+        env: dict[str, str] | None = None,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 10.0,
+        stable_after: float = 30.0,
+        stop_timeout: float = 5.0,
+        poll_interval: float = 0.2,
+        output: IO[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._children = [_Child(spec) for spec in specs]
+        self._env = env
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._stable_after = stable_after
+        self._stop_timeout = stop_timeout
+        self._poll_interval = poll_interval
+        self._output = output if output is not None else sys.stderr
+        self._clock = clock
+        self._stop = threading.Event()
+        self._force = threading.Event()
+        self._write_lock = threading.Lock()
+        self._readers: list[threading.Thread] = []
+        self._preexec = _parent_death_signal()
+        self._on_ready: list[Callable[[ProcessGovernor], None]] = []
+
+    # ----- configuration
+
+    def add(self, spec: ChildSpec) -> None:
+        """Supervise one more child (from the governor thread, before or during ``run``)."""
+        self._children.append(_Child(spec))
+
+    def on_ready(self, fn: Callable[[ProcessGovernor], None]) -> None:
+        """Run ``fn(governor)`` in a background thread once every child has been started."""
+        self._on_ready.append(fn)
+
+    @property
+    def specs(self) -> list[ChildSpec]:
+        return [c.spec for c in self._children]
+
+    @property
+    def stopping(self) -> threading.Event:
+        return self._stop
+
+    def pids(self) -> dict[str, int]:
+        return {c.spec.name: c.proc.pid for c in self._children if c.proc is not None}
+
+    # ----- running
+
+    def request_stop(self) -> None:
+        """Ask ``run`` to stop all children and return (safe from signal handlers)."""
+        if self._stop.is_set():
+            self._force.set()  # a second Ctrl-C: do not wait for graceful exits
+        self._stop.set()
+
+    def run(self) -> int:
+        """Supervise until a stop is requested; returns 0, or 1 if every child gave up."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda _s, _f: self.request_stop())
+        try:
+            return self._supervise()
+        finally:
+            self._shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _supervise(self) -> int:
+        for child in self._children:
+            self._spawn(child)
+        for fn in self._on_ready:
+            threading.Thread(target=fn, args=(self,), daemon=True, name="governor-ready").start()
+        while not self._stop.is_set():
+            now = self._clock()
+            for child in self._children:
+                if child.gave_up:
+                    continue
+                if child.proc is None:
+                    if now >= child.restart_at:
+                        self._spawn(child)
+                    continue
+                code = child.proc.poll()
+                if code is not None and not self._stop.is_set():
+                    self._exited(child, code, now)
+            if self._children and all(c.gave_up for c in self._children):
+                log.error("governor: every child gave up; stopping")
+                return 1
+            self._stop.wait(self._poll_interval)
+        return 0
+
+    def _exited(self, child: _Child, code: int, now: float) -> None:
+        name = child.spec.name
+        child.proc = None
+        if code == EXIT_CONFIG_ERROR:
+            child.gave_up = True
+            log.error("governor: %s rejected its configuration (exit 2); not restarting", name)
+            return
+        if now - child.started_at >= self._stable_after or child.backoff == 0:
+            child.backoff = self._backoff_initial
+        else:
+            child.backoff = min(child.backoff * 2, self._backoff_max)
+        child.restart_at = now + child.backoff
+        log.warning(
+            "governor: %s exited unexpectedly with code %s; restarting in %.1f s",
+            name,
+            code,
+            child.backoff,
+        )
+
+    def _spawn(self, child: _Child) -> None:
+        spec = child.spec
+        try:
+            proc = subprocess.Popen(
+                spec.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self._env,
+                process_group=0,
+                preexec_fn=self._preexec,
+            )
+        except OSError as e:
+            child.gave_up = True
+            log.error("governor: cannot start %s: %s", spec.name, e)
+            return
+        if child.started_at:
+            child.restarts += 1
+            log.info("governor: restarted %s (pid %d)", spec.name, proc.pid)
+        child.proc = proc
+        child.started_at = self._clock()
+        reader = threading.Thread(
+            target=self._forward, args=(spec.name, proc), daemon=True, name=f"out-{spec.name}"
+        )
+        reader.start()
+        self._readers.append(reader)
+
+    def _forward(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._write_lock:
+                self._output.write(f"{name:<10}| {line}\n")
+                self._output.flush()
+
+    def _shutdown(self) -> None:
+        running = [c for c in self._children if c.proc is not None and c.proc.poll() is None]
+        for child in running:
+            assert child.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = self._clock() + self._stop_timeout
+        while self._clock() < deadline and not self._force.is_set():
+            if all(c.proc is None or c.proc.poll() is not None for c in running):
+                break
+            time.sleep(0.05)
+        for child in running:
+            assert child.proc is not None
+            if child.proc.poll() is None:
+                log.warning("governor: %s did not stop in time; killing it", child.spec.name)
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.kill()
+            child.proc.wait()
+        for reader in self._readers:
+            reader.join(timeout=1.0)
+
+
+# --------------------------------------------------------------------------- schedulezero up
+
+
+@attrs.frozen(kw_only=True)
+class UpOptions:
+    nodes: int = 3
+    handlers: int = 0
+    base_port: int = 7100
+    http_base_port: int = 8100
+    data_dir: Path = Path("data/up")
+    tasks: tuple[str, ...] = ()
+    sample: bool = True
+    discovery: str = "static"
+    log_level: str | None = None
+
+
+def _module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def plan_local_mesh(opts: UpOptions, python: str = sys.executable) -> list[ChildSpec]:
+    """Child specs for N nodes on 127.0.0.1 (+ M handlers); raises ConfigError on bad options."""
+    if opts.nodes < 1:
+        raise ConfigError(f"--nodes: must be at least 1, got {opts.nodes}")
+    if opts.handlers < 0:
+        raise ConfigError(f"--handlers: must be at least 0, got {opts.handlers}")
+    mesh_ports = [opts.base_port + 2 * i for i in range(opts.nodes)]
+    http_ports = [opts.http_base_port + i for i in range(opts.nodes)]
+    if opts.base_port < 1 or mesh_ports[-1] + 1 > 65535:
+        raise ConfigError(
+            f"--base-port: {opts.nodes} nodes need ports {opts.base_port}-{mesh_ports[-1] + 1}, "
+            "which must lie within 1-65535"
+        )
+    if opts.http_base_port < 1 or http_ports[-1] > 65535:
+        raise ConfigError(
+            f"--http-base-port: {opts.nodes} nodes need ports {opts.http_base_port}-"
+            f"{http_ports[-1]}, which must lie within 1-65535"
+        )
+    used_by_mesh = {p for port in mesh_ports for p in (port, port + 1)}
+    clash = sorted(used_by_mesh.intersection(http_ports))
+    if clash:
+        raise ConfigError(
+            f"--http-base-port: HTTP port {clash[0]} collides with the mesh ports "
+            f"{opts.base_port}-{mesh_ports[-1] + 1}"
+        )
+
+    sample = opts.sample and _module_available(SAMPLE_TASKS_MODULE)
+    node_tasks = list(opts.tasks)
+    handler_tasks = list(opts.tasks)
+    if sample:
+        (handler_tasks if opts.handlers else node_tasks).append(SAMPLE_TASKS_MODULE)
+
+    meshes = [f"tcp://127.0.0.1:{p}" for p in mesh_ports]
+    specs: list[ChildSpec] = []
+    for i in range(opts.nodes):
+        node_id = f"node-{i + 1}"
+        argv = [python, "-m", "mesh.cli", "node", "--node-id", node_id]
+        argv += ["--data-dir", str(opts.data_dir / node_id)]
+        argv += ["--mesh", meshes[i], "--http", f"127.0.0.1:{http_ports[i]}"]
+        argv += ["--discovery", opts.discovery, "--bootstrap-expect", str(opts.nodes)]
+        if opts.discovery == "static":
+            for j, other in enumerate(meshes):
+                if j != i:
+                    argv += ["--peer", other]
+        for module in node_tasks:
+            argv += ["--tasks", module]
+        if opts.log_level:
+            argv += ["--log-level", opts.log_level]
+        specs.append(ChildSpec(node_id, tuple(argv), "node", f"http://127.0.0.1:{http_ports[i]}"))
+
+    if opts.handlers and not _module_available("mesh.dispatch.handler"):
+        log.warning("governor: handlers are not available in this build; starting none")
+    elif opts.handlers and not handler_tasks:
+        log.warning("governor: handlers need --tasks MODULE; starting none")
+    else:
+        for i in range(opts.handlers):
+            argv = [python, "-m", "mesh.cli", "handler", "--handler-id", f"handler-{i + 1}"]
+            for address in meshes:
+                argv += ["--mesh", address]
+            for module in handler_tasks:
+                argv += ["--tasks", module]
+            specs.append(ChildSpec(f"handler-{i + 1}", tuple(argv), "handler"))
+    return specs
+
+
+def _child_env() -> dict[str, str]:
+    """Our environment, plus the project on PYTHONPATH so ``-m mesh.cli`` works anywhere."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _get_json(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"{}")
+    except (OSError, ValueError):
+        return None
+
+
+def _announce_when_ready(governor: ProcessGovernor, *, sample: bool, out: IO[str]) -> None:
+    """Report the leader once one is elected, then create the sample schedule (best effort)."""
+    nodes = [s for s in governor.specs if s.kind == "node" and s.http_url]
+    leader_url = None
+    while leader_url is None and not governor.stopping.wait(0.5):
+        for spec in nodes:
+            health = _get_json(f"{spec.http_url}/api/health")
+            if health and health.get("leader_id"):
+                print(
+                    f"mesh ready: leader {health['leader_id']} (term {health.get('term')})",
+                    file=out,
+                    flush=True,
+                )
+                leader_url = spec.http_url
+                break
+    if not sample or leader_url is None:
+        return
+    body = json.dumps(SAMPLE_SCHEDULE).encode()
+    while not governor.stopping.is_set():
+        request = urllib.request.Request(
+            f"{leader_url}/api/schedules",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5.0):
+                pass
+            print(f"sample schedule {SAMPLE_SCHEDULE['id']!r} created", file=out, flush=True)
+            return
+        except urllib.error.HTTPError as e:
+            if e.code == 409:
+                return  # already there from an earlier run
+            if e.code < 500:
+                log.warning("governor: sample schedule refused (%s): %s", e.code, e.read()[:200])
+                return
+        except OSError:
+            pass
+        governor.stopping.wait(1.0)
+
+
+def run_up(opts: UpOptions, out: IO[str] | None = None) -> int:
+    """``schedulezero up``: run a local mesh until SIGINT/SIGTERM."""
+    out = out if out is not None else sys.stdout
+    specs = plan_local_mesh(opts)
+    governor = ProcessGovernor(specs, env=_child_env())
+    sample = opts.sample and _module_available(SAMPLE_TASKS_MODULE)
+    if opts.sample and not sample:
+        log.info("governor: %s is not in this build; no sample schedule", SAMPLE_TASKS_MODULE)
+    governor.on_ready(lambda g: _announce_when_ready(g, sample=sample, out=out))
+    for spec in specs:
+        if spec.http_url:
+            print(f"{spec.name}: {spec.http_url}/api/health", file=out, flush=True)
+    print("press Ctrl-C to stop", file=out, flush=True)
+    code = governor.run()
+    print("stopped", file=out, flush=True)
+    return code

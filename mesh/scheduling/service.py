@@ -1,0 +1,236 @@
+"""Leader-only scheduling: APScheduler runs on the leader, and only there.
+
+On gaining leadership a node commits ``reset_leases`` (which also proves it holds a quorum and
+has applied everything before its term), then starts an ``AsyncScheduler`` with the replicated
+data store. On losing leadership (step-down, partition, shutdown) the scheduler task is cancelled
+at once: nothing more is dispatched, and any write it still attempts fails because only a leader
+can commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from apscheduler import AsyncScheduler, ConflictPolicy, Schedule, TaskDefaults
+from apscheduler.abc import EventBroker
+from apscheduler.eventbrokers.local import LocalEventBroker
+
+from mesh.scheduling.executor import STAND_IN_REF, Dispatcher, MeshJobExecutor, remote_task
+from mesh.scheduling.state import SchedulerState
+from mesh.scheduling.store import ReplicatedDataStore
+from mesh.tasks import REGISTRY
+
+if TYPE_CHECKING:
+    from mesh.api.schema import ScheduleSpec
+    from mesh.node import MeshNode
+
+log = logging.getLogger("mesh.scheduling")
+
+EXECUTOR = "mesh"
+RUN_NOW_RESULT_TTL = timedelta(hours=1)
+
+
+class NotReady(Exception):
+    """This node is not (yet) the leader with a running scheduler."""
+
+
+class UnknownSchedule(LookupError):
+    pass
+
+
+class ScheduleExists(Exception):
+    pass
+
+
+class SchedulingService:
+    def __init__(
+        self,
+        node: MeshNode,
+        state: SchedulerState,
+        *,
+        lease_duration: timedelta = timedelta(seconds=30),
+        broker_factory: Callable[[MeshNode], EventBroker] | None = None,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        self.node = node
+        self.state = state
+        self.lease_duration = lease_duration
+        self.broker_factory = broker_factory or (lambda _node: LocalEventBroker())
+        self.dispatcher = dispatcher
+        self.scheduler: AsyncScheduler | None = None
+        self.term: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        node.on_role_change(self._on_role_change)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _on_role_change(self, role: str, term: int, _leader: str | None) -> None:
+        if role == "leader":
+            if self.term != term:
+                self._stop()
+                self.term = term
+                self._task = asyncio.get_running_loop().create_task(
+                    self._lead(term), name=f"scheduler-term-{term}"
+                )
+        elif self._task is not None:
+            self._stop()
+
+    def _stop(self) -> None:
+        self._ready.clear()
+        self.scheduler = None
+        self.term = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def close(self) -> None:
+        task = self._task
+        self._stop()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _lead(self, term: int) -> None:
+        node = self.node
+        try:
+            cleared = await node.propose({"op": "reset_leases", "term": term})
+            log.info("term %d: leases reset (%s), starting the scheduler", term, cleared)
+            job_handlers: dict[UUID, str] = {}
+            store = ReplicatedDataStore(
+                propose=node.propose, state=self.state, term=term, job_handlers=job_handlers
+            )
+            executor = MeshJobExecutor(
+                node_id=node.id,
+                term=term,
+                state=self.state,
+                job_handlers=job_handlers,
+                dispatcher=self.dispatcher,
+            )
+            scheduler = AsyncScheduler(
+                data_store=store,
+                event_broker=self.broker_factory(node),
+                identity=f"{node.id}@{term}",
+                job_executors={EXECUTOR: executor},
+                task_defaults=TaskDefaults(job_executor=EXECUTOR, max_running_jobs=None),
+                lease_duration=self.lease_duration,
+                cleanup_interval=60,
+                max_concurrent_jobs=1000,
+            )
+            async with scheduler:
+                for name, task in sorted(REGISTRY.items()):
+                    await self._ensure_task(scheduler, name, task.max_running_jobs)
+                self.scheduler = scheduler
+                self._ready.set()
+                await scheduler.run_until_stopped()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Losing leadership mid-write lands here; a node that is still leader retries.
+            if node.is_leader and node.core.term == term:
+                log.exception("scheduler for term %d failed; restarting it", term)
+                await asyncio.sleep(0.5)
+                if node.is_leader and node.core.term == term and self.term == term:
+                    self._task = asyncio.get_running_loop().create_task(self._lead(term))
+            else:
+                log.info("scheduler for term %d stopped: leadership lost", term)
+        finally:
+            self._ready.clear()
+
+    async def _ensure_task(
+        self, scheduler: AsyncScheduler, name: str, max_running_jobs: int | None = None
+    ) -> None:
+        existing = self.state.tasks.get(name)
+        if (
+            existing is not None
+            and existing.func == STAND_IN_REF
+            and existing.job_executor == EXECUTOR
+            and existing.max_running_jobs == max_running_jobs
+        ):
+            return
+        await scheduler.configure_task(
+            name, func=remote_task, job_executor=EXECUTOR, max_running_jobs=max_running_jobs
+        )
+
+    async def wait_ready(self, timeout: float) -> AsyncScheduler:
+        if not self.node.is_leader:
+            raise NotReady("not the leader")
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            raise NotReady("the leader's scheduler is not running yet") from None
+        assert self.scheduler is not None
+        return self.scheduler
+
+    # ------------------------------------------------------------------ operations (leader)
+
+    def task_warnings(self, task: str) -> list[str]:
+        if task in REGISTRY:
+            return []
+        if self.dispatcher is not None and self.dispatcher.offers(task):
+            return []
+        return [
+            f"no handler or embedded function offers task {task!r} yet; its jobs will wait "
+            "for one within the schedule's misfire grace time"
+        ]
+
+    async def put_schedule(self, spec: ScheduleSpec, *, replace: bool) -> Schedule:
+        scheduler = await self.wait_ready(2.0)
+        if replace and spec.id not in self.state.schedules:
+            raise UnknownSchedule(spec.id)
+        if not replace and spec.id in self.state.schedules:
+            raise ScheduleExists(spec.id)
+        await self._ensure_task(scheduler, spec.task, _task_cap(spec.task))
+        from apscheduler import ConflictingIdError
+
+        try:
+            await scheduler.add_schedule(
+                spec.task,
+                spec.trigger,
+                id=spec.id,
+                args=spec.args,
+                kwargs=spec.kwargs,
+                paused=spec.paused,
+                coalesce=spec.coalesce,
+                misfire_grace_time=spec.misfire_grace_time,
+                max_jitter=spec.max_jitter,
+                metadata=spec.metadata,
+                conflict_policy=ConflictPolicy.replace if replace else ConflictPolicy.exception,
+            )
+        except ConflictingIdError:
+            raise ScheduleExists(spec.id) from None
+        return self.state.schedules[spec.id]
+
+    async def remove_schedule(self, schedule_id: str) -> None:
+        scheduler = await self.wait_ready(2.0)
+        if schedule_id not in self.state.schedules:
+            raise UnknownSchedule(schedule_id)
+        await scheduler.remove_schedule(schedule_id)
+
+    async def set_paused(self, schedule_id: str, paused: bool) -> Schedule:
+        scheduler = await self.wait_ready(2.0)
+        if schedule_id not in self.state.schedules:
+            raise UnknownSchedule(schedule_id)
+        if paused:
+            await scheduler.pause_schedule(schedule_id)
+        else:
+            await scheduler.unpause_schedule(schedule_id)
+        return self.state.schedules[schedule_id]
+
+    async def run_now(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> UUID:
+        scheduler = await self.wait_ready(2.0)
+        await self._ensure_task(scheduler, task, _task_cap(task))
+        return await scheduler.add_job(
+            task, args=args, kwargs=kwargs, result_expiration_time=RUN_NOW_RESULT_TTL
+        )
+
+
+def _task_cap(task: str) -> int | None:
+    t = REGISTRY.get(task)
+    return t.max_running_jobs if t is not None else None

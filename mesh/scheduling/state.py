@@ -1,0 +1,475 @@
+"""The replicated scheduler state: tasks, schedules, jobs, results and execution history.
+
+Every node applies the same committed commands in the same order, so every node holds the same
+state. Commands carry *resulting* state (which schedules were acquired, the advanced trigger, the
+job's outcome), decided by the leader with its clock; applying them never reads a clock.
+
+Two rules give the firing guarantee:
+- ``add_job`` for a schedule is ignored when a job for that fire time (or a later one) was already
+  recorded (``fired``): a fire replayed by a new leader after a crash is a no-op.
+- ``reset_leases`` (committed by every new leader before it schedules anything) clears every lease
+  of the previous term, so nothing stays stuck behind a dead scheduler (APScheduler issue #1053)
+  and committed-but-unfinished jobs run again, with the same idempotency key.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+from collections import deque
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import attrs
+from apscheduler import Job, JobOutcome, JobResult, Schedule, Task
+from apscheduler.serializers.json import JSONSerializer
+
+from mesh.consensus.messages import COMMAND, Entry
+
+log = logging.getLogger("mesh.scheduling.state")
+
+_serializer = JSONSerializer()
+DEFAULT_MAX_EXECUTIONS = 10_000
+DEFAULT_MAX_RESULTS = 10_000
+
+
+# --------------------------------------------------------------------------- wire codecs
+
+
+def to_wire(value: Any) -> Any:
+    """APScheduler objects → JSON-able values (triggers keep their state)."""
+    return json.loads(_serializer.serialize(value))
+
+
+def from_wire(value: Any) -> Any:
+    return _serializer.deserialize(json.dumps(value).encode())
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in attrs.fields(type(obj))}
+
+
+def dump_task(t: Task) -> dict[str, Any]:
+    d = _fields(t)
+    d.pop("running_jobs", None)
+    return to_wire(d)
+
+
+def load_task(d: dict[str, Any]) -> Task:
+    return Task(**from_wire(d))
+
+
+def dump_schedule(s: Schedule) -> dict[str, Any]:
+    return to_wire(_fields(s))
+
+
+def load_schedule(d: dict[str, Any]) -> Schedule:
+    return Schedule(**from_wire(d))
+
+
+def dump_job(j: Job) -> dict[str, Any]:
+    return to_wire(_fields(j))
+
+
+def load_job(d: dict[str, Any]) -> Job:
+    fields = from_wire(d)
+    fields["id"] = UUID(fields["id"])
+    return Job(**fields)
+
+
+class RemoteJobError(Exception):
+    """A job's exception as recorded in the replicated log (type name and message)."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+        self.type_name = type_name
+        self.message = message
+
+
+def dump_result(r: JobResult) -> dict[str, Any]:
+    exc = None
+    if r.exception is not None:
+        exc = {"type": type(r.exception).__name__, "message": str(r.exception)}
+        if isinstance(r.exception, RemoteJobError):
+            exc = {"type": r.exception.type_name, "message": r.exception.message}
+    try:
+        value = to_wire(r.return_value)
+    except Exception:
+        value = repr(r.return_value)
+    return {
+        "job_id": str(r.job_id),
+        "outcome": r.outcome.name,
+        "started_at": _iso(r.started_at),
+        "finished_at": _iso(r.finished_at),
+        "expires_at": _iso(r.expires_at),
+        "exception": exc,
+        "return_value": value,
+    }
+
+
+def load_result(d: dict[str, Any]) -> JobResult:
+    exc = d.get("exception")
+    return JobResult(
+        job_id=UUID(d["job_id"]),
+        outcome=JobOutcome[d["outcome"]],
+        started_at=d.get("started_at"),
+        finished_at=d["finished_at"],
+        expires_at=d["expires_at"],
+        exception=RemoteJobError(exc["type"], exc["message"]) if exc else None,
+        return_value=from_wire(d.get("return_value")),
+    )
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.isoformat() if dt is not None else None
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def idempotency_key(job: Job) -> str:
+    """Stable across leaders: the schedule and its nominal (jitter-free) fire time."""
+    if job.schedule_id is not None and job.scheduled_fire_time is not None:
+        return f"{job.schedule_id}@{job.original_scheduled_time.isoformat()}"
+    return f"job:{job.id}"
+
+
+# --------------------------------------------------------------------------- the state machine
+
+
+@attrs.define
+class JobState:
+    job: Job
+    attempts: int = 0
+    term: int | None = None  # the leader term that last acquired it (fencing token)
+
+
+class SchedulerState:
+    """Implements ``mesh.statemachine.StateMachine``. Reads are safe on any node."""
+
+    def __init__(
+        self,
+        *,
+        max_executions: int = DEFAULT_MAX_EXECUTIONS,
+        max_results: int = DEFAULT_MAX_RESULTS,
+    ) -> None:
+        self.max_executions = max_executions
+        self.max_results = max_results
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tasks: dict[str, Task] = {}
+        self.schedules: dict[str, Schedule] = {}
+        # Due order: (next_fire_time timestamp, schedule id); exhausted schedules are left out.
+        self._due: list[tuple[float, str]] = []
+        self.jobs: dict[UUID, JobState] = {}
+        self.results: dict[UUID, JobResult] = {}
+        self.fired: dict[str, str] = {}  # schedule id → ISO nominal fire time of its latest job
+        self.executions: deque[dict[str, Any]] = deque(maxlen=self.max_executions)
+        self.fires_recorded = 0
+        self.fires_deduplicated = 0
+        self._running: dict[str, int] = {}  # task id → jobs currently leased
+
+    # ------------------------------------------------------------------ StateMachine
+
+    def apply(self, entry: Entry) -> Any:
+        if entry.kind != COMMAND or not isinstance(entry.data, dict):
+            return None
+        op = entry.data.get("op")
+        handler = getattr(self, f"_op_{op}", None)
+        if handler is None:
+            log.warning("ignoring unknown command %r at index %d", op, entry.index)
+            return None
+        return handler(entry.data, entry)
+
+    def snapshot(self) -> bytes:
+        return json.dumps(
+            {
+                "tasks": [dump_task(t) for t in self.tasks.values()],
+                "schedules": [dump_schedule(s) for s in self.schedules.values()],
+                "jobs": [
+                    {"job": dump_job(js.job), "attempts": js.attempts, "term": js.term}
+                    for js in self.jobs.values()
+                ],
+                "results": [dump_result(r) for r in self.results.values()],
+                "fired": self.fired,
+                "executions": list(self.executions),
+                "counters": [self.fires_recorded, self.fires_deduplicated],
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    def restore(self, data: bytes) -> None:
+        self._reset()
+        if not data:
+            return
+        d = json.loads(data)
+        for t in d["tasks"]:
+            task = load_task(t)
+            self.tasks[task.id] = task
+        for s in d["schedules"]:
+            self._put_schedule(load_schedule(s))
+        for j in d["jobs"]:
+            job = load_job(j["job"])
+            self.jobs[job.id] = JobState(job, j["attempts"], j["term"])
+        for r in d["results"]:
+            res = load_result(r)
+            self.results[res.job_id] = res
+        self.fired = dict(d["fired"])
+        self.executions.extend(d["executions"])
+        self.fires_recorded, self.fires_deduplicated = d["counters"]
+        self._recount_running()
+
+    # ------------------------------------------------------------------ queries
+
+    def due_schedule_ids(self, now: datetime, limit: int) -> list[str]:
+        """Schedules whose next fire time has come, not paused and not leased, oldest first."""
+        ts = now.timestamp()
+        out: list[str] = []
+        for fire_ts, sid in self._due:
+            if fire_ts > ts or len(out) >= limit:
+                break
+            s = self.schedules[sid]
+            if s.paused or s.acquired_by is not None:
+                continue
+            out.append(sid)
+        return out
+
+    def next_fire_time(self) -> datetime | None:
+        for _, sid in self._due:
+            s = self.schedules[sid]
+            if not s.paused:
+                return s.next_fire_time
+        return None
+
+    def schedules_by_task(self, task_id: str) -> list[Schedule]:
+        return [s for s in self.schedules.values() if s.task_id == task_id]
+
+    def running_jobs(self, task_id: str) -> int:
+        return self._running.get(task_id, 0)
+
+    def job_status(self, job_id: UUID) -> dict[str, Any] | None:
+        js = self.jobs.get(job_id)
+        if js is not None:
+            return {
+                "job_id": str(job_id),
+                "task": js.job.task_id,
+                "schedule_id": js.job.schedule_id,
+                "status": "running" if js.job.acquired_by else "pending",
+                "attempt": js.attempts,
+                "idempotency_key": idempotency_key(js.job),
+            }
+        for ex in reversed(self.executions):
+            if ex["job_id"] == str(job_id):
+                result = self.results.get(job_id)
+                return {
+                    **ex,
+                    "status": ex["outcome"],
+                    "return_value": dump_result(result)["return_value"] if result else None,
+                }
+        return None
+
+    def execution_history(self, schedule_id: str | None, limit: int) -> list[dict[str, Any]]:
+        out = []
+        for ex in reversed(self.executions):
+            if schedule_id is None or ex["schedule_id"] == schedule_id:
+                out.append(ex)
+                if len(out) >= limit:
+                    break
+        return out
+
+    # ------------------------------------------------------------------ schedule index
+
+    def _put_schedule(self, s: Schedule) -> None:
+        old = self.schedules.get(s.id)
+        if old is not None:
+            self._unindex(old)
+        self.schedules[s.id] = s
+        if s.next_fire_time is not None:
+            bisect.insort(self._due, (s.next_fire_time.timestamp(), s.id))
+
+    def _unindex(self, s: Schedule) -> None:
+        if s.next_fire_time is None:
+            return
+        key = (s.next_fire_time.timestamp(), s.id)
+        i = bisect.bisect_left(self._due, key)
+        if i < len(self._due) and self._due[i] == key:
+            del self._due[i]
+
+    def _recount_running(self) -> None:
+        self._running: dict[str, int] = {}
+        for js in self.jobs.values():
+            if js.job.acquired_by is not None:
+                self._running[js.job.task_id] = self._running.get(js.job.task_id, 0) + 1
+
+    # ------------------------------------------------------------------ commands
+
+    def _op_add_task(self, c: dict[str, Any], _e: Entry) -> str:
+        task = load_task(c["task"])
+        existed = task.id in self.tasks
+        self.tasks[task.id] = task
+        return "updated" if existed else "added"
+
+    def _op_remove_task(self, c: dict[str, Any], _e: Entry) -> bool:
+        return self.tasks.pop(c["task_id"], None) is not None
+
+    def _op_add_schedule(self, c: dict[str, Any], _e: Entry) -> str:
+        s = load_schedule(c["schedule"])
+        policy = c.get("conflict_policy", "do_nothing")
+        old = self.schedules.get(s.id)
+        if old is not None:
+            if policy == "do_nothing":
+                return "unchanged"
+            if policy == "exception":
+                return "conflict"
+            # Replacing keeps the lease: a replaced schedule being processed is released normally.
+            s.acquired_by, s.acquired_until = old.acquired_by, old.acquired_until
+        self._put_schedule(s)
+        return "updated" if old is not None else "added"
+
+    def _op_remove_schedules(self, c: dict[str, Any], _e: Entry) -> list[str]:
+        removed = []
+        for sid in c["ids"]:
+            s = self.schedules.pop(sid, None)
+            if s is not None:
+                self._unindex(s)
+                self.fired.pop(sid, None)
+                removed.append(sid)
+        return removed
+
+    def _op_acquire_schedules(self, c: dict[str, Any], _e: Entry) -> list[str]:
+        got = []
+        for sid in c["ids"]:
+            s = self.schedules.get(sid)
+            if s is None or s.acquired_by is not None:
+                continue
+            s.acquired_by = c["scheduler_id"]
+            s.acquired_until = _dt(c["until"])
+            got.append(sid)
+        return got
+
+    def _op_release_schedules(self, c: dict[str, Any], _e: Entry) -> list[str]:
+        released = []
+        for r in c["results"]:
+            s = self.schedules.get(r["schedule_id"])
+            if s is None or s.acquired_by != c["scheduler_id"]:
+                continue  # removed, or the lease was reset: a stale release changes nothing
+            new = attrs.evolve(
+                s,
+                trigger=from_wire(r["trigger"]),
+                last_fire_time=_dt(r["last_fire_time"]),
+                next_fire_time=_dt(r["next_fire_time"]),
+                acquired_by=None,
+                acquired_until=None,
+            )
+            self._put_schedule(new)
+            released.append(s.id)
+        return released
+
+    def _op_extend_leases(self, c: dict[str, Any], _e: Entry) -> None:
+        until = _dt(c["until"])
+        for sid in c.get("schedule_ids", ()):
+            s = self.schedules.get(sid)
+            if s is not None and s.acquired_by == c["scheduler_id"]:
+                s.acquired_until = until
+        for jid in c.get("job_ids", ()):
+            js = self.jobs.get(UUID(jid))
+            if js is not None and js.job.acquired_by == c["scheduler_id"]:
+                js.job.acquired_until = until
+
+    def _op_add_job(self, c: dict[str, Any], _e: Entry) -> bool:
+        job = load_job(c["job"])
+        if job.schedule_id is not None and job.scheduled_fire_time is not None:
+            nominal = job.original_scheduled_time.isoformat()
+            last = self.fired.get(job.schedule_id)
+            if last is not None and datetime.fromisoformat(last) >= job.original_scheduled_time:
+                self.fires_deduplicated += 1
+                return False  # this fire time already has its job: replayed fire, no-op
+            self.fired[job.schedule_id] = nominal
+            self.fires_recorded += 1
+        self.jobs[job.id] = JobState(job)
+        return True
+
+    def _op_acquire_jobs(self, c: dict[str, Any], _e: Entry) -> list[str]:
+        got = []
+        until = _dt(c["until"])
+        for jid in c["ids"]:
+            js = self.jobs.get(UUID(jid))
+            if js is None or js.job.acquired_by is not None:
+                continue
+            js.job.acquired_by = c["scheduler_id"]
+            js.job.acquired_until = until
+            js.attempts += 1
+            js.term = c["term"]
+            self._running[js.job.task_id] = self._running.get(js.job.task_id, 0) + 1
+            got.append(jid)
+        return got
+
+    def _op_release_job(self, c: dict[str, Any], _e: Entry) -> bool:
+        jid = UUID(c["job_id"])
+        js = self.jobs.get(jid)
+        if js is None:
+            return False
+        if c.get("scheduler_id") is not None and js.job.acquired_by not in (
+            None,
+            c["scheduler_id"],
+        ):
+            return False  # someone else holds it now: a stale release
+        del self.jobs[jid]
+        if js.job.acquired_by is not None:
+            self._running[js.job.task_id] = max(0, self._running.get(js.job.task_id, 0) - 1)
+        result = load_result(c["result"])
+        if result.expires_at > result.finished_at:
+            self.results[jid] = result
+            while len(self.results) > self.max_results:
+                del self.results[next(iter(self.results))]
+        job = js.job
+        self.executions.append(
+            {
+                "job_id": str(jid),
+                "schedule_id": job.schedule_id,
+                "task": job.task_id,
+                "scheduled_fire_time": _iso(job.scheduled_fire_time),
+                "idempotency_key": idempotency_key(job),
+                "started_at": _iso(result.started_at),
+                "finished_at": _iso(result.finished_at),
+                "handler_id": c.get("handler_id"),
+                "outcome": result.outcome.name,
+                "attempt": js.attempts,
+                "term": js.term,
+                "error": dump_result(result)["exception"],
+            }
+        )
+        return True
+
+    def _op_reset_leases(self, c: dict[str, Any], _e: Entry) -> dict[str, int]:
+        schedules = jobs = 0
+        for s in self.schedules.values():
+            if s.acquired_by is not None:
+                s.acquired_by = s.acquired_until = None
+                schedules += 1
+        for js in self.jobs.values():
+            if js.job.acquired_by is not None:
+                js.job.acquired_by = js.job.acquired_until = None
+                jobs += 1
+        self._running = {}
+        return {"schedules": schedules, "jobs": jobs}
+
+    def _op_expire_results(self, c: dict[str, Any], _e: Entry) -> int:
+        now = _dt(c["now"])
+        expired = [jid for jid, r in self.results.items() if r.expires_at <= now]
+        for jid in expired:
+            del self.results[jid]
+        return len(expired)
+
+
+def ids(values: Iterable[UUID]) -> list[str]:
+    return [str(v) for v in values]
+
+
+def lease_until(now: datetime, duration: timedelta) -> str:
+    return (now + duration).isoformat()

@@ -1,0 +1,307 @@
+"""``ReplicatedDataStore``: an APScheduler 4 data store whose every mutation goes through Raft.
+
+It runs on the leader only, inside the leader's ``AsyncScheduler``. Reads come from the local
+replica (``SchedulerState``), which every node holds. Mutations are proposed as commands carrying
+their resulting state and return only after a majority committed them and this node applied them.
+Anything that depends on the clock (what is due, lease expiry, missed start deadlines) is decided
+here, by the leader, and recorded in the command.
+
+Objects handed to APScheduler are copies: its loops mutate triggers while computing fire times,
+and the replica must change only by applying committed commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import attrs
+from apscheduler import (
+    ConflictingIdError,
+    Job,
+    JobOutcome,
+    JobResult,
+    Schedule,
+    ScheduleResult,
+    Task,
+    TaskLookupError,
+)
+from apscheduler._events import (
+    JobAcquired,
+    JobAdded,
+    JobReleased,
+    ScheduleAdded,
+    ScheduleRemoved,
+    ScheduleUpdated,
+    TaskAdded,
+    TaskRemoved,
+    TaskUpdated,
+)
+from apscheduler._enums import ConflictPolicy
+from apscheduler.datastores.base import BaseDataStore
+
+from mesh.scheduling.state import (
+    SchedulerState,
+    dump_job,
+    dump_result,
+    dump_schedule,
+    dump_task,
+    load_job,
+    load_schedule,
+    to_wire,
+)
+
+Proposer = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@attrs.define(eq=False, kw_only=True)
+class ReplicatedDataStore(BaseDataStore):
+    propose: Proposer
+    state: SchedulerState
+    term: int
+    clock: Callable[[], datetime] = _utcnow
+    # Filled by the job executor: which handler ran a job (recorded in the execution history).
+    job_handlers: dict[UUID, str] = attrs.Factory(dict)
+
+    # ------------------------------------------------------------------ tasks
+
+    async def add_task(self, task: Task) -> None:
+        outcome = await self.propose({"op": "add_task", "task": dump_task(task)})
+        event = TaskUpdated if outcome == "updated" else TaskAdded
+        await self._event_broker.publish(event(task_id=task.id))
+
+    async def remove_task(self, task_id: str) -> None:
+        if not await self.propose({"op": "remove_task", "task_id": task_id}):
+            raise TaskLookupError(task_id)
+        await self._event_broker.publish(TaskRemoved(task_id=task_id))
+
+    async def get_task(self, task_id: str) -> Task:
+        try:
+            return attrs.evolve(self.state.tasks[task_id])
+        except KeyError:
+            raise TaskLookupError(task_id) from None
+
+    async def get_tasks(self) -> list[Task]:
+        return sorted(attrs.evolve(t) for t in self.state.tasks.values())
+
+    # ------------------------------------------------------------------ schedules
+
+    async def get_schedules(self, ids: set[str] | None = None) -> list[Schedule]:
+        schedules = self.state.schedules
+        chosen = (
+            schedules.values() if ids is None else (schedules[i] for i in ids if i in schedules)
+        )
+        return sorted(_copy_schedule(s) for s in chosen)
+
+    async def add_schedule(self, schedule: Schedule, conflict_policy: ConflictPolicy) -> None:
+        outcome = await self.propose(
+            {
+                "op": "add_schedule",
+                "schedule": dump_schedule(schedule),
+                "conflict_policy": conflict_policy.name,
+            }
+        )
+        if outcome == "conflict":
+            raise ConflictingIdError(schedule.id)
+        if outcome == "unchanged":
+            return
+        event = ScheduleUpdated if outcome == "updated" else ScheduleAdded
+        await self._event_broker.publish(
+            event(
+                schedule_id=schedule.id,
+                task_id=schedule.task_id,
+                next_fire_time=schedule.next_fire_time,
+            )
+        )
+
+    async def remove_schedules(self, ids: Iterable[str], *, finished: bool = False) -> None:
+        ids = list(ids)
+        tasks = {i: self.state.schedules[i].task_id for i in ids if i in self.state.schedules}
+        removed = await self.propose({"op": "remove_schedules", "ids": ids})
+        for sid in removed:
+            await self._event_broker.publish(
+                ScheduleRemoved(schedule_id=sid, task_id=tasks.get(sid, ""), finished=finished)
+            )
+
+    async def acquire_schedules(
+        self, scheduler_id: str, lease_duration: timedelta, limit: int
+    ) -> list[Schedule]:
+        now = self.clock()
+        due = self.state.due_schedule_ids(now, limit)
+        if not due:
+            return []
+        got = await self.propose(
+            {
+                "op": "acquire_schedules",
+                "scheduler_id": scheduler_id,
+                "ids": due,
+                "until": (now + lease_duration).isoformat(),
+            }
+        )
+        return [_copy_schedule(self.state.schedules[sid]) for sid in got]
+
+    async def release_schedules(self, scheduler_id: str, results: Sequence[ScheduleResult]) -> None:
+        if not results:
+            return
+        released = await self.propose(
+            {
+                "op": "release_schedules",
+                "scheduler_id": scheduler_id,
+                "results": [
+                    {
+                        "schedule_id": r.schedule_id,
+                        "trigger": to_wire(r.trigger),
+                        "last_fire_time": r.last_fire_time.isoformat(),
+                        "next_fire_time": r.next_fire_time.isoformat()
+                        if r.next_fire_time
+                        else None,
+                    }
+                    for r in results
+                ],
+            }
+        )
+        by_id = {r.schedule_id: r for r in results}
+        for sid in released:
+            r = by_id[sid]
+            await self._event_broker.publish(
+                ScheduleUpdated(schedule_id=sid, task_id=r.task_id, next_fire_time=r.next_fire_time)
+            )
+
+    async def get_next_schedule_run_time(self) -> datetime | None:
+        return self.state.next_fire_time()
+
+    async def extend_acquired_schedule_leases(
+        self, scheduler_id: str, schedule_ids: set[str], duration: timedelta
+    ) -> None:
+        if schedule_ids:
+            await self.propose(
+                {
+                    "op": "extend_leases",
+                    "scheduler_id": scheduler_id,
+                    "schedule_ids": sorted(schedule_ids),
+                    "until": (self.clock() + duration).isoformat(),
+                }
+            )
+
+    # ------------------------------------------------------------------ jobs
+
+    async def add_job(self, job: Job) -> None:
+        if await self.propose({"op": "add_job", "job": dump_job(job)}):
+            await self._event_broker.publish(
+                JobAdded(job_id=job.id, task_id=job.task_id, schedule_id=job.schedule_id)
+            )
+
+    async def get_jobs(self, ids: Iterable[UUID] | None = None) -> list[Job]:
+        jobs = self.state.jobs
+        if ids is None:
+            return [_copy_job(js.job) for js in jobs.values()]
+        return [_copy_job(jobs[i].job) for i in ids if i in jobs]
+
+    async def acquire_jobs(
+        self, scheduler_id: str, lease_duration: timedelta, limit: int | None = None
+    ) -> list[Job]:
+        now = self.clock()
+        chosen: list[Job] = []
+        missed: list[Job] = []
+        taken: dict[str, int] = {}
+        for js in self.state.jobs.values():
+            job = js.job
+            if job.acquired_by is not None:
+                continue
+            if job.start_deadline is not None and job.start_deadline < now:
+                missed.append(job)
+                continue
+            task = self.state.tasks.get(job.task_id)
+            cap = task.max_running_jobs if task is not None else None
+            running = self.state.running_jobs(job.task_id) + taken.get(job.task_id, 0)
+            if cap is not None and running >= cap:
+                continue
+            chosen.append(job)
+            taken[job.task_id] = taken.get(job.task_id, 0) + 1
+            if limit is not None and len(chosen) >= limit:
+                break
+        for job in missed:
+            result = JobResult.from_job(job, JobOutcome.missed_start_deadline, finished_at=now)
+            await self.release_job(scheduler_id, job, result)
+        if not chosen:
+            return []
+        got = await self.propose(
+            {
+                "op": "acquire_jobs",
+                "scheduler_id": scheduler_id,
+                "ids": [str(j.id) for j in chosen],
+                "until": (now + lease_duration).isoformat(),
+                "term": self.term,
+            }
+        )
+        jobs = [_copy_job(self.state.jobs[UUID(jid)].job) for jid in got]
+        for job in jobs:
+            await self._event_broker.publish(JobAcquired.from_job(job, scheduler_id=scheduler_id))
+        return jobs
+
+    async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
+        released = await self.propose(
+            {
+                "op": "release_job",
+                "scheduler_id": scheduler_id,
+                "job_id": str(job.id),
+                "result": dump_result(result),
+                "handler_id": self.job_handlers.pop(job.id, None),
+            }
+        )
+        if released:
+            await self._event_broker.publish(
+                JobReleased.from_result(
+                    result, scheduler_id, job.task_id, job.schedule_id, job.scheduled_fire_time
+                )
+            )
+
+    async def get_job_result(self, job_id: UUID) -> JobResult | None:
+        return self.state.results.get(job_id)
+
+    async def extend_acquired_job_leases(
+        self, scheduler_id: str, job_ids: set[UUID], duration: timedelta
+    ) -> None:
+        if job_ids:
+            await self.propose(
+                {
+                    "op": "extend_leases",
+                    "scheduler_id": scheduler_id,
+                    "job_ids": sorted(str(j) for j in job_ids),
+                    "until": (self.clock() + duration).isoformat(),
+                }
+            )
+
+    async def reap_abandoned_jobs(self, scheduler_id: str) -> None:
+        now = self.clock()
+        for js in list(self.state.jobs.values()):
+            if js.job.acquired_by == scheduler_id:
+                result = JobResult.from_job(js.job, JobOutcome.abandoned, finished_at=now)
+                await self.release_job(scheduler_id, js.job, result)
+
+    async def cleanup(self) -> None:
+        now = self.clock()
+        if any(r.expires_at <= now for r in self.state.results.values()):
+            await self.propose({"op": "expire_results", "now": now.isoformat()})
+        busy = {js.job.schedule_id for js in self.state.jobs.values()}
+        finished = [
+            sid
+            for sid, s in self.state.schedules.items()
+            if s.next_fire_time is None and sid not in busy
+        ]
+        if finished:
+            await self.remove_schedules(finished, finished=True)
+
+
+def _copy_schedule(s: Schedule) -> Schedule:
+    return load_schedule(dump_schedule(s))
+
+
+def _copy_job(j: Job) -> Job:
+    return load_job(dump_job(j))

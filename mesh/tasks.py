@@ -1,0 +1,123 @@
+"""``@mesh.task`` and ``mesh.job_context()``.
+
+A task is a plain function (async or sync) registered under a name. Nodes started with
+``--tasks MODULE`` run them embedded on the leader; handler processes (``schedulezero handler``)
+offer them to the mesh.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib
+import inspect
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any, overload
+
+import anyio.to_thread
+import attrs
+
+
+@attrs.frozen
+class JobContext:
+    job_id: str
+    task: str
+    schedule_id: str | None
+    scheduled_fire_time: datetime | None
+    idempotency_key: str
+    attempt: int  # 1-based
+    fencing_token: int  # the leader's term when it dispatched this attempt
+
+
+_current: contextvars.ContextVar[JobContext] = contextvars.ContextVar("mesh_job_context")
+
+
+def job_context() -> JobContext:
+    """The context of the job this task function is running for."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise LookupError("mesh.job_context() called outside a running task") from None
+
+
+@attrs.frozen
+class TaskDef:
+    name: str
+    func: Callable[..., Any]
+    max_running_jobs: int | None = None
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.func)
+
+    async def run(self, ctx: JobContext, args: Iterable[Any], kwargs: dict[str, Any]) -> Any:
+        if self.is_async:
+            token = _current.set(ctx)
+            try:
+                return await self.func(*args, **kwargs)
+            finally:
+                _current.reset(token)
+
+        def call() -> Any:
+            _current.set(ctx)
+            return self.func(*args, **kwargs)
+
+        # Sync tasks run in a worker thread with their own copy of the context.
+        return await anyio.to_thread.run_sync(contextvars.copy_context().run, call)
+
+
+REGISTRY: dict[str, TaskDef] = {}
+
+
+class TaskModuleError(Exception):
+    """A --tasks module could not be imported."""
+
+
+@overload
+def task(func: Callable[..., Any]) -> Callable[..., Any]: ...
+@overload
+def task(
+    *, name: str | None = None, max_running_jobs: int | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]: ...
+
+
+def task(
+    func: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    max_running_jobs: int | None = None,
+) -> Any:
+    """Register a function as a mesh task (the name defaults to the function's name)."""
+
+    def register(f: Callable[..., Any]) -> Callable[..., Any]:
+        task_name = name or f.__name__
+        existing = REGISTRY.get(task_name)
+        if existing is not None and existing.func is not f:
+            same = getattr(existing.func, "__qualname__", None) == f.__qualname__ and (
+                existing.func.__module__ == f.__module__
+            )
+            if not same:
+                raise ValueError(
+                    f"task name {task_name!r} is already registered by "
+                    f"{existing.func.__module__}.{existing.func.__qualname__}"
+                )
+        REGISTRY[task_name] = TaskDef(task_name, f, max_running_jobs)
+        functools.update_wrapper(register, f)
+        return f
+
+    if func is not None:
+        return register(func)
+    return register
+
+
+def load_task_modules(modules: Iterable[str]) -> list[str]:
+    """Import ``--tasks`` modules; returns the names of the tasks now registered."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as e:
+            raise TaskModuleError(
+                f"cannot import tasks module {module!r}: {type(e).__name__}: {e}"
+            ) from e
+    return sorted(REGISTRY)

@@ -1,0 +1,463 @@
+"""A harness for tests that run real ``schedulezero node`` processes on 127.0.0.1.
+
+Each node is a separate OS process (``python -m mesh.cli node ...``) with its own free mesh port
+pair (PORT for ROUTER, PORT+1 for PUB), its own HTTP port and its own data directory under the
+test's ``tmp_path``. All nodes get the same static ``--peer`` list. A node's stdout and stderr
+go to files next to its data directory; every failed wait includes their tails, so a red test
+says what the nodes were doing.
+
+Every wait is bounded: helpers raise ``AssertionError`` (with diagnostics) at their timeout and
+never hang. Use the ``cluster_factory`` fixture (tests/conftest.py), which stops every process
+the test started, whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from tests.netutil import free_port_pair
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+POLL_SECONDS = 0.02
+STOP_GRACE_SECONDS = 5.0
+START_TIMEOUT = 15.0
+
+T = TypeVar("T")
+
+# Our own requests must never go through an http_proxy from the environment.
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_request(
+    url: str, method: str = "GET", body: Any = None, *, timeout: float = 2.0
+) -> tuple[int, Any]:
+    """One HTTP request → ``(status, decoded JSON or text)``; OSError if unreachable."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with _opener.open(req, timeout=timeout) as resp:
+            status, raw, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        status, raw, ctype = e.code, e.read(), e.headers.get("Content-Type", "")
+    text = raw.decode("utf-8", "replace")
+    if "json" in ctype and text:
+        return status, json.loads(text)
+    return status, text
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return "(no file)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
+
+class NodeProcess:
+    """One ``schedulezero node`` process; survives restarts (same id, ports and data dir)."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        index: int,
+        *,
+        node_id: str,
+        mesh_port: int,
+        http_port: int,
+        root: Path,
+    ) -> None:
+        self.cluster = cluster
+        self.index = index
+        self.node_id = node_id
+        self.mesh_port = mesh_port
+        self.http_port = http_port
+        self.mesh = f"tcp://{HOST}:{mesh_port}"
+        self.http = f"http://{HOST}:{http_port}"
+        self.root = root
+        self.data_dir = root / "data"
+        self.stdout_path = root / "stdout.log"
+        self.stderr_path = root / "stderr.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def __repr__(self) -> str:
+        return f"<node {self.node_id} {'running' if self.running else 'stopped'}>"
+
+    # ----- paths
+
+    @property
+    def state_db(self) -> Path:
+        return self.data_dir / "broker_state.db"
+
+    @property
+    def events_path(self) -> Path:
+        return self.data_dir / "logs" / "events.jsonl"
+
+    # ----- process control
+
+    def command(self) -> list[str]:
+        c = self.cluster
+        cmd = [
+            sys.executable,
+            "-m",
+            "mesh.cli",
+            "node",
+            "--node-id",
+            self.node_id,
+            "--data-dir",
+            str(self.data_dir),
+            "--mesh",
+            self.mesh,
+            "--http",
+            f"{HOST}:{self.http_port}",
+        ]
+        for n in c.nodes:
+            cmd += ["--peer", n.mesh]
+        if c.config_path is not None:
+            cmd += ["--config", str(c.config_path)]
+        cmd += list(c.extra_args)
+        cmd += list(c.node_args.get(self.index, ()))
+        return cmd
+
+    def start(self) -> None:
+        if self.running:
+            raise RuntimeError(f"{self.node_id} is already running")
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
+            banner = f"----- start #{self.starts + 1} at {time.time():.3f}\n".encode()
+            out.write(banner)
+            err.write(banner)
+            out.flush()
+            err.flush()
+            self.proc = subprocess.Popen(
+                self.command(),
+                cwd=REPO_ROOT,
+                env=self.cluster.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,  # Ctrl-C on pytest must not race the harness's cleanup
+            )
+        self.starts += 1
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def kill(self, sig: int = signal.SIGKILL) -> float:
+        """Send ``sig``; returns the monotonic time it was sent (for measuring failover)."""
+        if not self.running:
+            raise RuntimeError(f"{self.node_id} is not running")
+        assert self.proc is not None
+        sent_at = time.monotonic()
+        self.proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            self.wait_exit(5.0)
+        return sent_at
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for the process to exit; returns its exit code; AssertionError on timeout."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{self.node_id} did not exit within {timeout:.1f}s\n{self.cluster.diagnostics()}"
+            ) from None
+
+    def restart(self, *, wait: bool = True) -> None:
+        """Start again from the same data directory (after ``kill`` or ``stop``)."""
+        if self.running:
+            raise RuntimeError(f"{self.node_id} is still running")
+        self.start()
+        if wait:
+            self.wait_until_serving()
+
+    def stop(self, timeout: float = STOP_GRACE_SECONDS) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5.0)
+        return self.proc.returncode
+
+    # ----- HTTP
+
+    def request(
+        self, method: str, path: str, body: Any = None, *, timeout: float = 2.0
+    ) -> tuple[int, Any]:
+        return http_request(self.http + path, method, body, timeout=timeout)
+
+    def get_json(self, path: str, *, timeout: float = 1.0) -> Any | None:
+        """GET ``path`` and decode JSON; None when unreachable or not 200."""
+        try:
+            status, body = self.request("GET", path, timeout=timeout)
+        except (OSError, ValueError):
+            return None
+        return body if status == 200 else None
+
+    def health(self, *, timeout: float = 1.0) -> dict[str, Any] | None:
+        """GET /api/health as a dict, or None when the node does not answer."""
+        if not self.running:
+            return None
+        body = self.get_json("/api/health", timeout=timeout)
+        return body if isinstance(body, dict) else None
+
+    def metrics_text(self, *, timeout: float = 2.0) -> str | None:
+        try:
+            status, body = self.request("GET", "/metrics", timeout=timeout)
+        except OSError:
+            return None
+        return body if status == 200 and isinstance(body, str) else None
+
+    def wait_until_serving(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{self.node_id} exited with code {self.proc.returncode} while starting\n"
+                    f"{self.output_tail()}"
+                )
+            return self.health()
+
+        return self.cluster.wait_for(check, timeout, f"{self.node_id} serving /api/health")
+
+    # ----- files
+
+    def events(self) -> list[dict[str, Any]]:
+        """The node's events.jsonl (current file only), oldest first."""
+        try:
+            lines = self.events_path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by SIGKILL
+        return out
+
+    def output_tail(self, lines: int = 25) -> str:
+        return (
+            f"== {self.node_id} ({self.mesh}, {self.http}) pid={self.pid} "
+            f"returncode={self.proc.returncode if self.proc else None}\n"
+            f"-- stdout:\n{_tail(self.stdout_path, lines)}\n"
+            f"-- stderr:\n{_tail(self.stderr_path, lines)}"
+        )
+
+
+class Cluster:
+    """``n`` nodes with static peers; see the module docstring.
+
+    ``extra_args`` go to every node; ``node_args`` maps a node index to more arguments;
+    ``config`` (a dict) is written as YAML and passed with ``--config``; ``env`` adds to a copy
+    of the environment from which all ``SCHEDULEZERO_*`` variables were removed.
+    """
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        n: int = 3,
+        extra_args: Sequence[str] = (),
+        *,
+        node_args: dict[int, Sequence[str]] | None = None,
+        config: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        id_prefix: str = "n",
+    ) -> None:
+        if n < 1:
+            raise ValueError("a cluster needs at least one node")
+        self.tmp_path = tmp_path
+        self.extra_args = tuple(extra_args)
+        self.node_args = dict(node_args or {})
+        self.config_path: Path | None = None
+        if config is not None:
+            self.config_path = tmp_path / "mesh.yaml"
+            self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULEZERO_")}
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.env.update(env or {})
+        self.nodes: list[NodeProcess] = [
+            NodeProcess(
+                self,
+                i,
+                node_id=f"{id_prefix}{i}",
+                mesh_port=free_port_pair(HOST),
+                # free_port_pair also keeps the HTTP port away from every mesh pair handed out.
+                http_port=free_port_pair(HOST),
+                root=tmp_path / f"{id_prefix}{i}",
+            )
+            for i in range(n)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def node(self, i: int) -> NodeProcess:
+        return self.nodes[i]
+
+    def by_id(self, node_id: str) -> NodeProcess:
+        for n in self.nodes:
+            if n.node_id == node_id:
+                return n
+        raise KeyError(f"no node {node_id!r} in this cluster: {[n.node_id for n in self.nodes]}")
+
+    def running(self) -> list[NodeProcess]:
+        return [n for n in self.nodes if n.running]
+
+    # ----- lifecycle
+
+    def start(self, *, wait: bool = True, timeout: float = START_TIMEOUT) -> Cluster:
+        """Start every node; with ``wait``, return when all serve HTTP (maybe before a leader)."""
+        for n in self.nodes:
+            n.start()
+        if wait:
+            deadline = time.monotonic() + timeout
+            for n in self.nodes:
+                n.wait_until_serving(max(0.1, deadline - time.monotonic()))
+        return self
+
+    def stop_all(self, timeout: float = STOP_GRACE_SECONDS) -> None:
+        """SIGTERM every running node at once, SIGKILL whatever still runs after ``timeout``."""
+        procs = [n.proc for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                try:
+                    p.wait(5.0)
+                except subprocess.TimeoutExpired:  # pragma: no cover - the kernel is stuck
+                    pass
+
+    # ----- observation
+
+    def healths(self, nodes: Iterable[NodeProcess] | None = None) -> dict[str, dict | None]:
+        return {n.node_id: n.health() for n in (self.running() if nodes is None else nodes)}
+
+    def wait_for(
+        self,
+        check: Callable[[], T | None],
+        timeout: float,
+        what: str,
+        *,
+        interval: float = POLL_SECONDS,
+    ) -> T:
+        """Poll ``check`` until it returns something truthy; AssertionError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = check()
+            if result:
+                return result
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"timed out after {timeout:.1f}s waiting for {what}\n{self.diagnostics()}"
+                )
+            time.sleep(interval)
+
+    def leader_now(
+        self,
+        among: Iterable[NodeProcess] | None = None,
+        *,
+        newer_than_term: int = 0,
+        agree: bool = True,
+    ) -> NodeProcess | None:
+        """The leader right now, or None.
+
+        A leader is a node among ``among`` (default: the running nodes) that reports role
+        ``leader`` in a term above ``newer_than_term``; with ``agree`` every node of ``among``
+        must also answer and report that leader and term.
+        """
+        nodes = self.running() if among is None else list(among)
+        hs = {n.node_id: n.health() for n in nodes}
+        leaders = [
+            (h["term"], n)
+            for n in nodes
+            if (h := hs[n.node_id]) and h["role"] == "leader" and h["term"] > newer_than_term
+        ]
+        if not leaders:
+            return None
+        term, leader = max(leaders, key=lambda t: t[0])
+        if agree:
+            for h in hs.values():
+                if not h or h["leader_id"] != leader.node_id or h["term"] != term:
+                    return None
+        return leader
+
+    def wait_for_leader(
+        self,
+        timeout: float = 10.0,
+        *,
+        among: Iterable[NodeProcess] | None = None,
+        newer_than_term: int = 0,
+        agree: bool = True,
+    ) -> NodeProcess:
+        """Wait until ``leader_now`` finds a leader; AssertionError (with diagnostics) if not."""
+        nodes = None if among is None else list(among)
+        return self.wait_for(
+            lambda: self.leader_now(nodes, newer_than_term=newer_than_term, agree=agree),
+            timeout,
+            f"a leader (term > {newer_than_term}, agreed={agree}) among "
+            f"{[n.node_id for n in (nodes if nodes is not None else self.running())]}",
+        )
+
+    def wait_caught_up(self, node: NodeProcess, timeout: float = 10.0) -> dict[str, Any]:
+        """Wait until ``node`` follows the current leader and has its commit index."""
+
+        def check() -> dict[str, Any] | None:
+            leader = self.leader_now(agree=False)
+            if leader is None or leader is node:
+                return None
+            lh, nh = leader.health(), node.health()
+            if not lh or not nh:
+                return None
+            if (
+                nh["role"] == "follower"
+                and nh["leader_id"] == leader.node_id
+                and nh["term"] == lh["term"]
+                and nh["commit_index"] >= lh["commit_index"]
+            ):
+                return {"leader": lh, "node": nh}
+            return None
+
+        return self.wait_for(check, timeout, f"{node.node_id} to follow and catch up")
+
+    def diagnostics(self, lines: int = 25) -> str:
+        parts = []
+        for n in self.nodes:
+            h = n.health(timeout=0.5) if n.running else None
+            parts.append(f"{n.output_tail(lines)}\n-- health: {h}")
+        return "\n".join(parts)
