@@ -115,6 +115,7 @@ class MeshNode:
         self.discovery = make_discovery(config)
         self.peers: dict[str, Peer] = {}  # by mesh address
         self._waiters: dict[int, tuple[int, asyncio.Future[Any]]] = {}
+        self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._role_listeners: list[Callable[[str, int, str | None], None]] = []
         self._apply_listeners: list[Callable[[Entry, Any], None]] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -258,6 +259,22 @@ class MeshNode:
         finally:
             self._waiters.pop(index, None)
 
+    async def wait_applied(self, index: int, timeout: float) -> bool:
+        """Wait until this node has applied ``index``; False on timeout."""
+        if self.core.applied >= index:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._applied_waiters.append((index, fut))
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if not fut.done():
+                fut.cancel()
+            self._applied_waiters = [w for w in self._applied_waiters if w[1] is not fut]
+
     def health(self) -> dict[str, Any]:
         return {
             "node_id": self.id,
@@ -339,6 +356,10 @@ class MeshNode:
             for e in rd.committed:
                 self._apply(e)
             core.advance(rd)
+        if self._applied_waiters:
+            for index, fut in self._applied_waiters:
+                if index <= core.applied and not fut.done():
+                    fut.set_result(None)
         threshold = self.config.raft.snapshot_threshold
         if threshold and core.applied - core.snap_index >= threshold:
             snap = core.create_snapshot(core.applied, self.sm.snapshot())

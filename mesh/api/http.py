@@ -153,7 +153,7 @@ def _forwarding_middleware(node: MeshNode) -> Any:
         except (aiohttp.ClientError, TimeoutError) as e:
             return json_error(503, f"leader at {target} did not answer: {type(e).__name__}")
         if commit is not None and commit.isdigit() and resp.status < 300:
-            await _wait_applied(node, int(commit), timeout=1.0)
+            await node.wait_applied(int(commit), timeout=1.0)
         return out
 
     async def close(_app: web.Application) -> None:
@@ -161,12 +161,6 @@ def _forwarding_middleware(node: MeshNode) -> Any:
             await session["s"].close()
 
     return forward, close
-
-
-async def _wait_applied(node: MeshNode, index: int, *, timeout: float) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while node.core.applied < index and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.01)
 
 
 async def _json_body(request: web.Request) -> Any:

@@ -28,6 +28,7 @@ from apscheduler import (
     Task,
     TaskLookupError,
 )
+from apscheduler._enums import ConflictPolicy
 from apscheduler._events import (
     JobAcquired,
     JobAdded,
@@ -39,7 +40,6 @@ from apscheduler._events import (
     TaskRemoved,
     TaskUpdated,
 )
-from apscheduler._enums import ConflictPolicy
 from apscheduler.datastores.base import BaseDataStore
 
 from mesh.scheduling.state import (
