@@ -117,6 +117,7 @@ class MeshNode:
         self._waiters: dict[int, tuple[int, asyncio.Future[Any]]] = {}
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._role_listeners: list[Callable[[str, int, str | None], None]] = []
+        self._message_handlers: dict[str, Callable[[Incoming], Any]] = {}
         self._apply_listeners: list[Callable[[Entry, Any], None]] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._process_scheduled = False
@@ -210,6 +211,10 @@ class MeshNode:
     def on_role_change(self, fn: Callable[[str, int, str | None], None]) -> None:
         """fn(role, term, leader_id) after every change of role, term or leader."""
         self._role_listeners.append(fn)
+
+    def handle(self, kind: str, fn: Callable[[Incoming], Any]) -> None:
+        """Route incoming mesh messages of ``kind`` (e.g. from handler processes) to ``fn``."""
+        self._message_handlers[kind] = fn
 
     def on_apply(self, fn: Callable[[Entry, Any], None]) -> None:
         self._apply_listeners.append(fn)
@@ -459,6 +464,9 @@ class MeshNode:
         if msg.kind == "ping":
             self._on_ping(msg.payload)
             return self._ping_payload()
+        handler = self._message_handlers.get(msg.kind)
+        if handler is not None:
+            return handler(msg)
         return None
 
     def _ping_payload(self) -> dict[str, Any]:
@@ -627,15 +635,49 @@ def _iso(ts: float | None) -> str | None:
 # ---------------------------------------------------------------------- process entry point
 
 
+def build_scheduling(node: MeshNode, state: Any) -> Any:
+    """Attach the handler registry, dispatcher and scheduler service to a node."""
+    from mesh.dispatch import protocol
+    from mesh.dispatch.dispatcher import HandlerDispatcher
+    from mesh.dispatch.registry import HandlerRegistry
+    from mesh.scheduling.broker import ZMQEventBroker
+    from mesh.scheduling.service import SchedulingService
+
+    registry = HandlerRegistry()
+
+    def hello(msg: Incoming) -> dict[str, Any]:
+        registry.on_hello(msg.payload)
+        leader = node.leader_id
+        leader_mesh = None
+        if leader == node.id:
+            leader_mesh = node.config.advertise_mesh
+        elif leader is not None and (peer := node.peer_by_id(leader)) is not None:
+            leader_mesh = peer.address
+        return {
+            "node_id": node.id,
+            "leader_id": leader,
+            "term": node.core.term,
+            "leader_mesh": leader_mesh,
+            "nodes": [node.config.advertise_mesh, *sorted(node.peers)],
+        }
+
+    node.handle(protocol.HELLO, hello)
+    dispatcher = HandlerDispatcher(node, registry)
+
+    def broker(n: MeshNode) -> Any:
+        return ZMQEventBroker(transport=n.transport, peers=sorted(n.peers))
+
+    return SchedulingService(node, state, broker_factory=broker, dispatcher=dispatcher)
+
+
 async def serve(config: Config, *, ready: Callable[[MeshNode], None] | None = None) -> None:
     """Run a node with its scheduler and HTTP API until SIGINT/SIGTERM, then shut down."""
     from mesh.api.http import HttpServer, create_app
-    from mesh.scheduling.service import SchedulingService
     from mesh.scheduling.state import SchedulerState
 
     state = SchedulerState()
     node = MeshNode(config, state_machine=state)
-    service = SchedulingService(node, state)
+    service = build_scheduling(node, state)
     await node.start()
     http = HttpServer(node, create_app(node, service))
     try:

@@ -39,6 +39,7 @@ def json_error(status: int, message: str, **extra: Any) -> web.Response:
 
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
+    from mesh.dispatch.governors import Backpressure
     from mesh.node import NoLeader, ProposalFailed
     from mesh.scheduling.service import NotReady, ScheduleExists, UnknownSchedule
 
@@ -52,6 +53,8 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
         return json_error(e.status, e.reason or e.text or "error")
     except BadRequest as e:
         return json_error(400, str(e))
+    except Backpressure as e:
+        return json_error(429, str(e))
     except UnknownSchedule as e:
         return json_error(404, f"no schedule with id {e.args[0]!r}")
     except ScheduleExists as e:
@@ -269,7 +272,11 @@ def _add_scheduling_routes(app: web.Application, service: SchedulingService) -> 
         items = state.execution_history(q.get("schedule_id") or None, int(limit_raw))
         return web.json_response({"executions": items})
 
+    async def handlers(request: web.Request) -> web.Response:
+        return web.json_response({"handlers": service.handlers()})
+
     r = app.router
+    r.add_get("/api/handlers", handlers)
     r.add_get("/api/schedules", list_schedules)
     r.add_post("/api/schedules", create_schedule)
     r.add_get("/api/schedules/{id}", get_schedule)

@@ -124,15 +124,15 @@ def parse_schedule_body(
     equal to it. For POST (``schedule_id=None``) an omitted ``id`` gets a random UUID4.
     ``now`` (aware; default: the current time) fills in the trigger's omitted start time.
     """
-    _require_object(body, "the request body")
+    _require_object(body, "request body")
     _reject_unknown_keys(body, SCHEDULE_FIELDS, where="the schedule")
 
     if schedule_id is not None:
         _parse_id(schedule_id, "id")
         if "id" in body and body["id"] != schedule_id:
+            shown = _show(body["id"], quote="'")
             raise BadRequest(
-                f"id: the body's id {_show(body['id'])} does not match the id in the URL "
-                f"{_show(schedule_id)}"
+                f"id: the body's id {shown} does not match the id in the URL {schedule_id!r}"
             )
         sid = schedule_id
     elif "id" in body:
@@ -161,7 +161,7 @@ def parse_schedule_body(
 
 def parse_job_body(body: Any) -> tuple[str, tuple, dict]:
     """Validate a POST /api/jobs body ``{"task", "args"?, "kwargs"?}`` → (task, args, kwargs)."""
-    _require_object(body, "the request body")
+    _require_object(body, "request body")
     _reject_unknown_keys(body, JOB_FIELDS, where="the job")
     if "task" not in body:
         raise BadRequest("task: required (the name of the task to run)")

@@ -175,7 +175,7 @@ class ZMQEventBroker(BaseExternalEventBroker):
                 self._task_group.start_soon(self.publish_local, event)
                 self.counters["received"] += 1
         except Exception:  # a broken peer must not take the transport's reader down
-            self._drop(payload, "delivery failed", exc_info=True)
+            self._drop(payload, "unusable payload", exc_info=True)
         return True
 
     def _event_from(self, payload: dict[str, Any]) -> Event | None:

@@ -170,6 +170,10 @@ class SchedulingService:
 
     # ------------------------------------------------------------------ operations (leader)
 
+    def handlers(self) -> list[dict[str, Any]]:
+        registry = getattr(self.dispatcher, "registry", None)
+        return registry.to_json() if registry is not None else []
+
     def task_warnings(self, task: str) -> list[str]:
         if task in REGISTRY:
             return []
@@ -225,6 +229,9 @@ class SchedulingService:
 
     async def run_now(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> UUID:
         scheduler = await self.wait_ready(2.0)
+        governors = getattr(self.dispatcher, "governors", None)
+        if governors is not None:
+            governors.check_queue(len(self.state.jobs))
         await self._ensure_task(scheduler, task, _task_cap(task))
         return await scheduler.add_job(
             task, args=args, kwargs=kwargs, result_expiration_time=RUN_NOW_RESULT_TTL

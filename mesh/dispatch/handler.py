@@ -1,0 +1,747 @@
+"""The handler process: runs ``@mesh.task`` functions for the mesh (``schedulezero handler``).
+
+A handler is autonomous. It knows one or more node mesh addresses, keeps a DEALER to each (its
+routing id is the handler id) and says ``handler_hello`` to every node every
+``HEARTBEAT_INTERVAL``; the replies name the leader, whose address it dials too, so one address
+is enough to find the whole mesh. Unreachable nodes are retried with capped exponential backoff
+forever, so a handler started before the mesh, or one that outlives every node, never needs a
+restart.
+
+The leader sends ``dispatch`` messages; the handler answers each with a ``dispatch_ack`` and,
+when the task has run, a ``job_result`` (see :mod:`mesh.dispatch.protocol`), both to the node
+the dispatch came from. Three handler-side rules make re-dispatches safe:
+
+* fencing: a dispatch whose ``fencing_token`` is below the highest one seen is refused;
+* idempotency: a finished ``idempotency_key`` is answered from a bounded LRU+TTL window
+  (``cached: true``) and a running one is joined, so the task never runs twice for one key
+  while this process lives;
+* capacity: at most ``concurrency`` tasks run at once; beyond that, dispatches are refused
+  (``at_capacity``) so the leader picks another handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    retry_if_result,
+    stop_after_delay,
+    stop_never,
+    wait_exponential,
+)
+
+from mesh.dispatch.protocol import (
+    AT_CAPACITY,
+    DISPATCH,
+    DISPATCH_ACK,
+    HEARTBEAT_INTERVAL,
+    HELLO,
+    JOB_RESULT,
+    STALE_FENCING_TOKEN,
+    UNKNOWN_TASK,
+)
+from mesh.tasks import REGISTRY, JobContext, TaskDef, TaskModuleError, load_task_modules
+from mesh.transport.zmq import Incoming, MeshTransport, split_address
+
+__all__ = [
+    "BAD_REQUEST",
+    "SHUTTING_DOWN",
+    "HandlerProcess",
+    "IdempotencyWindow",
+    "NodeLink",
+    "default_handler_id",
+    "run_handler",
+]
+
+log = logging.getLogger("mesh.handler")
+
+# Refusal reasons besides the protocol's three (the leader treats any refusal as "try another").
+BAD_REQUEST = "bad_request"
+SHUTTING_DOWN = "shutting_down"
+
+HELLO_TIMEOUT = 1.0  # seconds to wait for one node's hello reply
+BACKOFF_FIRST = 0.25  # first wait after a failed hello; doubles up to BACKOFF_MAX
+BACKOFF_MAX = 2.0
+RESULT_SEND_SECONDS = 5.0  # keep trying to queue an ack/result this long (peer reconnecting)
+AVG_ALPHA = 0.2  # weight of the newest duration in the moving average
+_HELLO_ERRORS = (TimeoutError, ConnectionError, OSError)
+
+
+def default_handler_id() -> str:
+    """``HOSTNAME-PID``: unique per process on a host, stable for its lifetime."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+# ---------------------------------------------------------------------------- idempotency
+
+
+@attrs.frozen
+class FinishedResult:
+    """What one execution of a task produced, kept to answer re-dispatches of its key."""
+
+    outcome: str  # "success" | "error"
+    return_value: Any
+    error: dict[str, str] | None
+    duration_ms: float
+
+
+class IdempotencyWindow:
+    """A bounded LRU map ``idempotency_key -> FinishedResult`` whose entries expire after ``ttl``.
+
+    The bound keeps memory flat on a handler that runs for months; the TTL keeps a key from
+    answering forever (a leader re-dispatches within seconds, not hours).
+    """
+
+    def __init__(
+        self, max_entries: int, ttl: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, got {max_entries}")
+        self.max_entries = max_entries
+        self.ttl = ttl
+        self._clock = clock
+        self._entries: collections.OrderedDict[str, tuple[float, FinishedResult]] = (
+            collections.OrderedDict()
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> FinishedResult | None:
+        item = self._entries.get(key)
+        if item is None:
+            return None
+        stored_at, result = item
+        if self._clock() - stored_at >= self.ttl:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return result
+
+    def put(self, key: str, result: FinishedResult) -> None:
+        now = self._clock()
+        self._entries[key] = (now, result)
+        self._entries.move_to_end(key)
+        # Drop expired entries at the cold end, then whatever exceeds the bound.
+        while self._entries:
+            oldest_key, (stored_at, _) = next(iter(self._entries.items()))
+            if now - stored_at < self.ttl and len(self._entries) <= self.max_entries:
+                break
+            del self._entries[oldest_key]
+
+
+# ---------------------------------------------------------------------------- dispatches
+
+
+class BadDispatch(ValueError):
+    """A dispatch payload that breaks the protocol."""
+
+
+@attrs.frozen
+class Dispatch:
+    """A validated ``dispatch`` payload plus the node address it arrived from."""
+
+    dispatch_id: str
+    job_id: str
+    task: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    idempotency_key: str
+    fencing_token: int
+    attempt: int
+    schedule_id: str | None
+    scheduled_fire_time: datetime | None
+    timeout: float | None
+    address: str
+
+
+def _field(payload: Mapping[str, Any], name: str, types: type | tuple[type, ...]) -> Any:
+    if name not in payload:
+        raise BadDispatch(f"missing field {name!r}")
+    value = payload[name]
+    # bool is an int subclass; a True fencing token or attempt is a sender bug.
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise BadDispatch(f"field {name!r} must not be a bool")
+    if not isinstance(value, types):
+        raise BadDispatch(f"field {name!r} has type {type(value).__name__}")
+    return value
+
+
+def parse_dispatch(payload: Mapping[str, Any], address: str) -> Dispatch:
+    """Validate a dispatch payload; raises :class:`BadDispatch` naming the first problem.
+
+    ``args``, ``kwargs``, ``schedule_id``, ``scheduled_fire_time`` and ``timeout`` may be
+    absent (empty / None); everything else is required.
+    """
+    dispatch_id = _field(payload, "dispatch_id", str)
+    job_id = _field(payload, "job_id", str)
+    task = _field(payload, "task", str)
+    idempotency_key = _field(payload, "idempotency_key", str)
+    fencing_token = _field(payload, "fencing_token", int)
+    attempt = _field(payload, "attempt", int)
+    if not dispatch_id or not job_id or not task or not idempotency_key:
+        raise BadDispatch("dispatch_id, job_id, task and idempotency_key must be non-empty")
+    if attempt < 1:
+        raise BadDispatch(f"attempt must be at least 1, got {attempt}")
+    args = payload.get("args")
+    kwargs = payload.get("kwargs")
+    if args is None:
+        args = []
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(args, list):
+        raise BadDispatch(f"field 'args' has type {type(args).__name__}")
+    if not isinstance(kwargs, dict):
+        raise BadDispatch(f"field 'kwargs' has type {type(kwargs).__name__}")
+    schedule_id = payload.get("schedule_id")
+    if schedule_id is not None and not isinstance(schedule_id, str):
+        raise BadDispatch(f"field 'schedule_id' has type {type(schedule_id).__name__}")
+    fire_text = payload.get("scheduled_fire_time")
+    fire_time: datetime | None = None
+    if fire_text is not None:
+        if not isinstance(fire_text, str):
+            raise BadDispatch(f"field 'scheduled_fire_time' has type {type(fire_text).__name__}")
+        try:
+            fire_time = datetime.fromisoformat(fire_text)
+        except ValueError:
+            raise BadDispatch(f"scheduled_fire_time is not ISO 8601: {fire_text!r}") from None
+        if fire_time.tzinfo is None:  # the interface promises an aware datetime
+            fire_time = fire_time.replace(tzinfo=UTC)
+    timeout = payload.get("timeout")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise BadDispatch(f"timeout must be a positive number or null, got {timeout!r}")
+        timeout = float(timeout)
+    return Dispatch(
+        dispatch_id=dispatch_id,
+        job_id=job_id,
+        task=task,
+        args=args,
+        kwargs=kwargs,
+        idempotency_key=idempotency_key,
+        fencing_token=fencing_token,
+        attempt=attempt,
+        schedule_id=schedule_id,
+        scheduled_fire_time=fire_time,
+        timeout=timeout,
+        address=address,
+    )
+
+
+@attrs.define
+class _Running:
+    """One execution in progress, and the re-dispatches of its key waiting for its result."""
+
+    dispatch: Dispatch
+    joiners: list[Dispatch] = attrs.Factory(list)
+
+
+# ---------------------------------------------------------------------------- nodes
+
+
+@attrs.define
+class NodeLink:
+    """What this handler knows about one node: reachability and its last hello reply."""
+
+    address: str
+    reachable: bool | None = None  # None: never tried yet
+    node_id: str | None = None
+    leader_id: str | None = None
+    term: int | None = None
+    leader_mesh: str | None = None
+    last_reply_at: float | None = None  # clock() of the last reply
+    learned: bool = False  # added from a hello reply rather than configured
+
+
+# ---------------------------------------------------------------------------- the process
+
+
+class HandlerProcess:
+    """One handler: heartbeats to every node, runs dispatched tasks, answers results.
+
+    ``tasks`` defaults to a snapshot of :data:`mesh.tasks.REGISTRY`. ``clock`` (monotonic
+    seconds) drives the idempotency TTL and durations. ``counters`` counts ``bad_requests``,
+    ``refused.<reason>``, ``cached_answers``, ``joined``, ``sends_failed``.
+    """
+
+    def __init__(
+        self,
+        handler_id: str,
+        mesh_addresses: Iterable[str],
+        *,
+        concurrency: int = 8,
+        tasks: Mapping[str, TaskDef] | None = None,
+        idempotency_window: int = 10_000,
+        idempotency_ttl: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        addresses = list(dict.fromkeys(mesh_addresses))
+        if not addresses:
+            raise ValueError("a handler needs at least one mesh address")
+        for address in addresses:
+            split_address(address)
+        self.handler_id = handler_id
+        self.concurrency = concurrency
+        self.tasks: dict[str, TaskDef] = dict(REGISTRY if tasks is None else tasks)
+        self._clock = clock
+        self.transport = MeshTransport(handler_id, None)
+        self.nodes: dict[str, NodeLink] = {a: NodeLink(a) for a in addresses}
+        self.idempotency = IdempotencyWindow(idempotency_window, idempotency_ttl, clock)
+        self.counters: collections.Counter[str] = collections.Counter()
+
+        self.max_fencing_token = 0
+        self.succeeded = 0
+        self.failed = 0
+        self.avg_ms = 0.0
+        self.started_at: str | None = None
+        self._running: dict[str, _Running] = {}  # idempotency key -> execution
+        self._job_tasks: set[asyncio.Task[None]] = set()
+        self._heartbeats: dict[str, asyncio.Task[None]] = {}
+        self._leader: tuple[int, str] | None = None
+        self._accepting = False
+        self._started = False
+        self._stopped = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def active_jobs(self) -> int:
+        return len(self._running)
+
+    @property
+    def draining(self) -> bool:
+        return self._started and not self._accepting
+
+    async def start(self) -> None:
+        """Open the DEALERs and start heartbeating; dispatches are accepted from now on."""
+        if self._started:
+            return
+        self._started = True
+        self.started_at = datetime.now(UTC).isoformat()
+        self.transport.set_handler(self._on_message)
+        for address in self.nodes:
+            self.transport.connect(address)
+        await self.transport.start()
+        self._accepting = True
+        for address in list(self.nodes):
+            self._start_heartbeat(address)
+        log.info(
+            "handler %s started: tasks=%s concurrency=%d nodes=%s",
+            self.handler_id,
+            sorted(self.tasks),
+            self.concurrency,
+            list(self.nodes),
+        )
+
+    async def stop(self, drain_timeout: float = 10.0) -> None:
+        """Refuse new dispatches, let running jobs finish (up to ``drain_timeout``), then cancel.
+
+        Hellos continue while draining, so the leader does not declare this handler dead and
+        re-dispatch the jobs it is finishing. Cancelled jobs send no result: like a handler
+        that died mid-job, the leader retries them elsewhere with the same idempotency key.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        self._accepting = False
+        jobs = set(self._job_tasks)
+        if jobs:
+            log.info("handler %s draining %d running job(s)", self.handler_id, len(jobs))
+            _, pending = await asyncio.wait(jobs, timeout=max(drain_timeout, 0.0))
+            if pending:
+                log.warning(
+                    "handler %s: %d job(s) still running after %.1fs; cancelling",
+                    self.handler_id,
+                    len(pending),
+                    drain_timeout,
+                )
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        beats = list(self._heartbeats.values())
+        for task in beats:
+            task.cancel()
+        await asyncio.gather(*beats, return_exceptions=True)
+        self._heartbeats.clear()
+        await self.transport.close()
+        log.info("handler %s stopped", self.handler_id)
+
+    # ------------------------------------------------------------------ heartbeat
+
+    def hello_payload(self) -> dict[str, Any]:
+        return {
+            "handler_id": self.handler_id,
+            "tasks": sorted(self.tasks),
+            "concurrency": self.concurrency,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "active_jobs": self.active_jobs,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "avg_ms": round(self.avg_ms, 3),
+            "max_fencing_token": self.max_fencing_token,
+            "started_at": self.started_at,
+            "draining": self.draining,
+        }
+
+    def _start_heartbeat(self, address: str) -> None:
+        if address in self._heartbeats or self._stopped:
+            return
+        self._heartbeats[address] = asyncio.get_running_loop().create_task(
+            self._heartbeat_loop(address), name=f"mesh.handler[{self.handler_id}].hello"
+        )
+
+    async def _heartbeat_loop(self, address: str) -> None:
+        link = self.nodes[address]
+        while True:
+            try:
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(_HELLO_ERRORS),
+                    wait=wait_exponential(multiplier=BACKOFF_FIRST, max=BACKOFF_MAX),
+                    stop=stop_never,
+                    before_sleep=lambda state: self._mark_down(link, state),
+                ):
+                    with attempt:
+                        reply = await self.transport.request(
+                            address, HELLO, self.hello_payload(), HELLO_TIMEOUT
+                        )
+                self._on_hello_reply(link, reply)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not end the heartbeat: log and carry on
+                log.exception("handler %s: hello to %s failed", self.handler_id, address)
+                await asyncio.sleep(BACKOFF_MAX)
+                continue
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    def _mark_down(self, link: NodeLink, state: RetryCallState) -> None:
+        if link.reachable is False:
+            return
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if link.reachable is None:
+            log.info("handler %s: node %s not reachable yet (%s)", self.handler_id, link.address, exc)
+        else:
+            log.warning("handler %s: node %s unreachable (%s)", self.handler_id, link.address, exc)
+        link.reachable = False
+
+    def _on_hello_reply(self, link: NodeLink, reply: Mapping[str, Any]) -> None:
+        link.last_reply_at = self._clock()
+        node_id, leader_id = reply.get("node_id"), reply.get("leader_id")
+        term, leader_mesh = reply.get("term"), reply.get("leader_mesh")
+        link.node_id = node_id if isinstance(node_id, str) else None
+        link.leader_id = leader_id if isinstance(leader_id, str) and leader_id else None
+        link.term = term if isinstance(term, int) and not isinstance(term, bool) else None
+        link.leader_mesh = leader_mesh if isinstance(leader_mesh, str) and leader_mesh else None
+        if link.reachable is not True:
+            link.reachable = True
+            log.info(
+                "handler %s: node %s (%s) up; leader %s, term %s",
+                self.handler_id,
+                link.address,
+                link.node_id,
+                link.leader_id,
+                link.term,
+            )
+        if link.leader_id is not None and link.term is not None:
+            leader = (link.term, link.leader_id)
+            if self._leader is None or leader[0] > self._leader[0]:
+                if self._leader is None or leader[1] != self._leader[1]:
+                    log.info(
+                        "handler %s: leader is %s (term %d)", self.handler_id, leader[1], leader[0]
+                    )
+                self._leader = leader
+        if link.leader_mesh is not None and link.leader_mesh not in self.nodes:
+            self._learn_node(link.leader_mesh, via=link.address)
+
+    def _learn_node(self, address: str, *, via: str) -> None:
+        try:
+            split_address(address)
+        except ValueError:
+            log.warning("handler %s: node %s named a bad leader address %r", self.handler_id, via, address)
+            return
+        log.info("handler %s: learned node %s from %s", self.handler_id, address, via)
+        self.nodes[address] = NodeLink(address, learned=True)
+        self.transport.connect(address)
+        self._start_heartbeat(address)
+
+    # ------------------------------------------------------------------ dispatches
+
+    def _on_message(self, incoming: Incoming) -> None:
+        # Sync on purpose: each dispatch is judged (fencing, idempotency, capacity) atomically
+        # in arrival order; only the task itself runs as an asyncio task.
+        if incoming.kind == DISPATCH:
+            self._on_dispatch(incoming.payload, incoming.address)
+        else:
+            self.counters["unexpected." + incoming.kind] += 1
+            log.debug("handler %s: ignoring %r message", self.handler_id, incoming.kind)
+
+    def _on_dispatch(self, payload: dict[str, Any], address: str) -> None:
+        try:
+            d = parse_dispatch(payload, address)
+        except BadDispatch as e:
+            self.counters["bad_requests"] += 1
+            dispatch_id = payload.get("dispatch_id")
+            log.warning("handler %s: bad dispatch from %s: %s", self.handler_id, address, e)
+            if isinstance(dispatch_id, str) and dispatch_id:
+                self._ack(address, dispatch_id, False, BAD_REQUEST)
+            return
+
+        if d.fencing_token < self.max_fencing_token:
+            log.warning(
+                "handler %s: refusing dispatch %s of %s from %s: fencing token %d < %d",
+                self.handler_id,
+                d.dispatch_id,
+                d.task,
+                address,
+                d.fencing_token,
+                self.max_fencing_token,
+            )
+            self._refuse(d, STALE_FENCING_TOKEN)
+            return
+        self.max_fencing_token = d.fencing_token
+
+        task = self.tasks.get(d.task)
+        if task is None:
+            self._refuse(d, UNKNOWN_TASK)
+            return
+
+        finished = self.idempotency.get(d.idempotency_key)
+        if finished is not None:
+            self.counters["cached_answers"] += 1
+            self._ack(address, d.dispatch_id, True, None)
+            self._spawn(self._send_result(d, finished, cached=True))
+            return
+        running = self._running.get(d.idempotency_key)
+        if running is not None:
+            self.counters["joined"] += 1
+            self._ack(address, d.dispatch_id, True, None)
+            same = (running.dispatch, *running.joiners)
+            if not any(o.dispatch_id == d.dispatch_id and o.address == address for o in same):
+                running.joiners.append(d)
+            return
+
+        if not self._accepting:
+            self._refuse(d, SHUTTING_DOWN)
+            return
+        if len(self._running) >= self.concurrency:
+            self._refuse(d, AT_CAPACITY)
+            return
+
+        self._running[d.idempotency_key] = _Running(d)
+        self._ack(address, d.dispatch_id, True, None)
+        self._spawn(self._run(task, d))
+
+    def _refuse(self, d: Dispatch, reason: str) -> None:
+        self.counters["refused." + reason] += 1
+        self._ack(d.address, d.dispatch_id, False, reason)
+
+    def _ack(self, address: str, dispatch_id: str, accepted: bool, reason: str | None) -> None:
+        payload = {
+            "dispatch_id": dispatch_id,
+            "handler_id": self.handler_id,
+            "accepted": accepted,
+            "reason": reason,
+        }
+        # The DEALER the dispatch arrived on is connected, so this queues unless the HWM is hit.
+        if not self.transport.send(address, DISPATCH_ACK, payload):
+            self.counters["sends_failed"] += 1
+            log.warning("handler %s: could not ack %s to %s", self.handler_id, dispatch_id, address)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._job_tasks.add(task)
+        task.add_done_callback(self._job_tasks.discard)
+
+    async def _run(self, task: TaskDef, d: Dispatch) -> None:
+        ctx = JobContext(
+            job_id=d.job_id,
+            task=d.task,
+            schedule_id=d.schedule_id,
+            scheduled_fire_time=d.scheduled_fire_time,
+            idempotency_key=d.idempotency_key,
+            attempt=d.attempt,
+            fencing_token=d.fencing_token,
+        )
+        started = self._clock()
+        error: dict[str, str] | None = None
+        value: Any = None
+        try:
+            try:
+                if d.timeout is None:
+                    value = await task.run(ctx, d.args, d.kwargs)
+                else:
+                    value = await asyncio.wait_for(task.run(ctx, d.args, d.kwargs), d.timeout)
+            except TimeoutError:
+                error = {"type": "TimeoutError", "message": f"task exceeded {d.timeout:g}s"}
+            except Exception as e:
+                error = {"type": type(e).__name__, "message": str(e)}
+            else:
+                try:
+                    json.dumps(value)
+                except (TypeError, ValueError) as e:
+                    error = {
+                        "type": "TypeError",
+                        "message": f"return value is not JSON-serializable: {e}",
+                    }
+                    value = None
+        except asyncio.CancelledError:
+            # Stopped mid-job: no result and no cache entry, so the leader's retry runs it.
+            self._running.pop(d.idempotency_key, None)
+            raise
+        duration_ms = (self._clock() - started) * 1000.0
+        result = FinishedResult(
+            outcome="success" if error is None else "error",
+            return_value=value,
+            error=error,
+            duration_ms=duration_ms,
+        )
+        if error is None:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+            log.info(
+                "handler %s: job %s (%s) failed: %s: %s",
+                self.handler_id,
+                d.job_id,
+                d.task,
+                error["type"],
+                error["message"],
+            )
+        done = self.succeeded + self.failed
+        self.avg_ms = duration_ms if done == 1 else self.avg_ms + AVG_ALPHA * (duration_ms - self.avg_ms)
+        # Cache before leaving the running map: a re-dispatch never sees neither.
+        self.idempotency.put(d.idempotency_key, result)
+        running = self._running.pop(d.idempotency_key)
+        await asyncio.gather(
+            self._send_result(d, result, cached=False),
+            *(self._send_result(j, result, cached=True) for j in running.joiners),
+        )
+
+    async def _send_result(self, d: Dispatch, result: FinishedResult, *, cached: bool) -> None:
+        payload = {
+            "dispatch_id": d.dispatch_id,
+            "job_id": d.job_id,
+            "idempotency_key": d.idempotency_key,
+            "handler_id": self.handler_id,
+            "outcome": result.outcome,
+            "return_value": result.return_value,
+            "error": result.error,
+            "duration_ms": round(result.duration_ms, 3),
+            "cached": cached,
+        }
+        # A node that is reconnecting cannot take the message yet: retry briefly. If it stays
+        # away, its successor re-dispatches the key and gets the result from the window.
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_result(lambda sent: not sent),
+                wait=wait_exponential(multiplier=0.02, max=0.5),
+                stop=stop_after_delay(RESULT_SEND_SECONDS),
+            ):
+                with attempt:
+                    sent = self.transport.send(d.address, JOB_RESULT, payload)
+                if not attempt.retry_state.outcome.failed:
+                    attempt.retry_state.set_result(sent)
+        except Exception as e:  # RetryError after the deadline
+            self.counters["sends_failed"] += 1
+            log.warning(
+                "handler %s: could not send the result of %s to %s: %s",
+                self.handler_id,
+                d.dispatch_id,
+                d.address,
+                type(e).__name__,
+            )
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def run_handler(
+    mesh_addresses: list[str],
+    tasks: list[str],
+    handler_id: str | None = None,
+    concurrency: int = 8,
+    *,
+    drain_timeout: float = 10.0,
+) -> int:
+    """``schedulezero handler``: import the task modules, run until SIGINT/SIGTERM; exit code.
+
+    A module that cannot be imported → one line on stderr, exit 2. A first signal drains
+    running jobs (up to ``drain_timeout`` seconds); a second one cancels them at once.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO,
+            format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+    try:
+        load_task_modules(tasks)
+    except TaskModuleError as e:
+        print(f"schedulezero: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 2
+    if not REGISTRY:
+        print(
+            f"schedulezero: error: no @mesh.task functions in {', '.join(tasks)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
+    handler = HandlerProcess(
+        handler_id or default_handler_id(), mesh_addresses, concurrency=concurrency
+    )
+    return asyncio.run(_serve(handler, drain_timeout))
+
+
+async def _serve(handler: HandlerProcess, drain_timeout: float) -> int:
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("handler %s: %s received, stopping", handler.handler_id, signal.Signals(signum).name)
+            stop_requested.set()
+        elif stopping is not None and not stopping.done():
+            log.warning("handler %s: second signal, cancelling running jobs", handler.handler_id)
+            stopping.cancel()
+
+    stopping: asyncio.Task[None] | None = None
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+    try:
+        await handler.start()
+        await stop_requested.wait()
+        stopping = loop.create_task(handler.stop(drain_timeout))
+        try:
+            await asyncio.shield(stopping)
+        except asyncio.CancelledError:
+            pass
+        if stopping.cancelled():
+            await handler.stop(0)  # idempotent; make sure the transport is closed
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+    return 0

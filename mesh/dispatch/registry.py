@@ -1,0 +1,148 @@
+"""The handler registry every node keeps from handler heartbeats (``handler_hello``).
+
+Handlers heartbeat to every node, so every node answers ``GET /api/handlers`` the same way. The
+leader adds its own view for routing: jobs in flight per handler, and a circuit breaker that
+skips a handler after consecutive failures and probes it back in after a cool-down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+from mesh.dispatch.protocol import DEAD_AFTER, SUSPECT_AFTER
+
+CIRCUIT_FAILURES = 3  # consecutive failures that take a handler out of rotation
+CIRCUIT_COOLDOWN = 5.0  # seconds before one probe job may go to it again
+
+
+@attrs.define
+class HandlerInfo:
+    handler_id: str
+    tasks: frozenset[str] = frozenset()
+    concurrency: int = 1
+    pid: int | None = None
+    host: str | None = None
+    reported: dict[str, Any] = attrs.Factory(dict)
+    last_seen: float = 0.0
+    last_seen_wall: float = 0.0
+    # Leader-side routing state.
+    in_flight: int = 0
+    consecutive_failures: int = 0
+    circuit_open_until: float = 0.0
+    probing: bool = False
+
+    @property
+    def identity(self) -> bytes:
+        return self.handler_id.encode()
+
+
+class HandlerRegistry:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.handlers: dict[str, HandlerInfo] = {}
+        self._changed = asyncio.Event()
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def on_hello(self, payload: dict[str, Any]) -> HandlerInfo | None:
+        hid = payload.get("handler_id")
+        tasks = payload.get("tasks")
+        if not isinstance(hid, str) or not hid or not isinstance(tasks, list):
+            return None
+        info = self.handlers.get(hid)
+        if info is None:
+            info = self.handlers[hid] = HandlerInfo(handler_id=hid)
+        was_alive = self.state(info) == "alive"
+        info.tasks = frozenset(t for t in tasks if isinstance(t, str))
+        conc = payload.get("concurrency")
+        info.concurrency = conc if isinstance(conc, int) and conc > 0 else 1
+        info.pid = payload.get("pid") if isinstance(payload.get("pid"), int) else None
+        info.host = payload.get("host") if isinstance(payload.get("host"), str) else None
+        info.reported = {
+            k: payload.get(k) for k in ("active_jobs", "succeeded", "failed", "avg_ms")
+        }
+        info.last_seen = self.clock()
+        info.last_seen_wall = time.time()
+        if not was_alive:
+            self.notify()
+        return info
+
+    def notify(self) -> None:
+        """Wake everything waiting for a handler (arrival, freed capacity, recovery)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self, timeout: float) -> None:
+        event = self._changed
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    # ------------------------------------------------------------------ queries
+
+    def state(self, info: HandlerInfo) -> str:
+        age = self.clock() - info.last_seen
+        if age <= SUSPECT_AFTER:
+            return "alive"
+        return "suspect" if age <= DEAD_AFTER else "dead"
+
+    def offers(self, task: str) -> bool:
+        return any(task in h.tasks and self.state(h) == "alive" for h in self.handlers.values())
+
+    def routable(self, task: str) -> list[HandlerInfo]:
+        """Alive handlers offering ``task`` whose circuit is closed (or due for a probe)."""
+        now = self.clock()
+        out = []
+        for h in self.handlers.values():
+            if task not in h.tasks or self.state(h) != "alive":
+                continue
+            if h.circuit_open_until > now or h.probing:
+                continue
+            out.append(h)
+        return out
+
+    # ------------------------------------------------------------------ outcomes (leader)
+
+    def record_success(self, info: HandlerInfo) -> None:
+        info.consecutive_failures = 0
+        info.probing = False
+        info.circuit_open_until = 0.0
+
+    def record_failure(self, info: HandlerInfo) -> None:
+        info.consecutive_failures += 1
+        info.probing = False
+        if info.consecutive_failures >= CIRCUIT_FAILURES:
+            info.circuit_open_until = self.clock() + CIRCUIT_COOLDOWN
+
+    def to_json(self) -> list[dict[str, Any]]:
+        out = []
+        for h in sorted(self.handlers.values(), key=lambda h: h.handler_id):
+            state = self.state(h)
+            if state == "alive" and h.circuit_open_until > self.clock():
+                state = "unhealthy"
+            r = h.reported
+            out.append(
+                {
+                    "handler_id": h.handler_id,
+                    "tasks": sorted(h.tasks),
+                    "state": state,
+                    "concurrency": h.concurrency,
+                    "active_jobs": r.get("active_jobs", 0),
+                    "succeeded": r.get("succeeded", 0),
+                    "failed": r.get("failed", 0),
+                    "avg_ms": r.get("avg_ms"),
+                    "last_seen": datetime.fromtimestamp(h.last_seen_wall, UTC)
+                    .isoformat()
+                    .replace("+00:00", "Z"),
+                    "pid": h.pid,
+                    "host": h.host,
+                }
+            )
+        return out
