@@ -637,6 +637,7 @@ def _iso(ts: float | None) -> str | None:
 
 def build_scheduling(node: MeshNode, state: Any) -> Any:
     """Attach the handler registry, dispatcher and scheduler service to a node."""
+    import mesh.dispatch.webhook  # noqa: F401  (registers the built-in "webhook" task)
     from mesh.dispatch import protocol
     from mesh.dispatch.dispatcher import HandlerDispatcher
     from mesh.dispatch.registry import HandlerRegistry
