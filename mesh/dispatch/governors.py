@@ -15,7 +15,11 @@ import attrs
 
 
 class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` banked (default: one second's worth)."""
+    """``rate`` tokens per second, at most ``burst`` banked (default 1: evenly spaced).
+
+    Over any window of T seconds at most ``burst + rate * T`` acquisitions succeed, so a small
+    burst keeps "20/s" true for every second, not just on average.
+    """
 
     def __init__(
         self,
@@ -27,7 +31,7 @@ class TokenBucket:
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.rate = rate
-        self.burst = burst if burst is not None else max(1.0, rate)
+        self.burst = burst if burst is not None else 1.0
         self.clock = clock
         self.tokens = self.burst
         self.updated = clock()
@@ -56,7 +60,7 @@ class GovernorSettings:
     concurrency: int | None = None  # jobs in flight, whole mesh
     task_concurrency: Mapping[str, int] = attrs.Factory(dict)
     max_queued_jobs: int = 10_000  # run-now jobs beyond this get 429
-    burst: float | None = None  # token bucket size; default one second of rate
+    burst: float | None = None  # token bucket size; default 1 (evenly spaced)
 
 
 class Backpressure(Exception):
