@@ -326,8 +326,10 @@ class SchedulerState:
                 return "unchanged"
             if policy == "exception":
                 return "conflict"
-            # Replacing keeps the lease: a replaced schedule being processed is released normally.
-            s.acquired_by, s.acquired_until = old.acquired_by, old.acquired_until
+            # Replacing drops the lease: the release still in flight for the old definition is then
+            # ignored (it would write the old trigger back), and the fire records prevent the
+            # replaced schedule from firing a time twice when it is acquired again.
+            s.acquired_by = s.acquired_until = None
         self._put_schedule(s)
         return "updated" if old is not None else "added"
 

@@ -50,6 +50,7 @@ from mesh.scheduling.state import (
     dump_task,
     load_job,
     load_schedule,
+    load_task,
     to_wire,
 )
 
@@ -83,12 +84,18 @@ class ReplicatedDataStore(BaseDataStore):
 
     async def get_task(self, task_id: str) -> Task:
         try:
-            return attrs.evolve(self.state.tasks[task_id])
+            return self._copy_task(self.state.tasks[task_id])
         except KeyError:
             raise TaskLookupError(task_id) from None
 
     async def get_tasks(self) -> list[Task]:
-        return sorted(attrs.evolve(t) for t in self.state.tasks.values())
+        return sorted(self._copy_task(t) for t in self.state.tasks.values())
+
+    def _copy_task(self, task: Task) -> Task:
+        # A deep copy (metadata is a dict); the replica counts leased jobs per task, the stored
+        # Task does not carry the count.
+        copy = load_task(dump_task(task))
+        return attrs.evolve(copy, running_jobs=self.state.running_jobs(task.id))
 
     # ------------------------------------------------------------------ schedules
 
