@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: install
-	$(BIN)/schedulezero up
+	$(BIN)/schedulezero up --nodes 3 --handlers 1
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

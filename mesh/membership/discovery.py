@@ -278,7 +278,7 @@ class MdnsDiscovery(_PeerSet):
             self._azc = None
 
     def info(self, address: str) -> dict[str, str]:
-        """``{"node_id", "mesh", "http", "name"}`` of the discovered peer at ``address``, or ``{}``."""
+        """``{"node_id", "mesh", "http", "name"}`` of the peer found at ``address``, or ``{}``."""
         for svc in self._services.values():
             if svc["mesh"] == address:
                 return dict(svc)

@@ -1,0 +1,290 @@
+"""Configuration: precedence of the four layers, derived defaults, and one-line errors."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from mesh.config import Config, ConfigError, load_config, pub_address_of
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str, name: str = "node.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(*args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, "a ConfigError must be one line"
+    return message
+
+
+# --------------------------------------------------------------------------- precedence
+
+
+def test_flags_beat_file_which_beats_env_which_beats_defaults(tmp_path: Path) -> None:
+    env = {"SCHEDULEZERO_MESH": "tcp://127.0.0.1:7200"}
+    path = write(tmp_path, "mesh: tcp://127.0.0.1:7300\n")
+    flags = {"mesh": "tcp://127.0.0.1:7400"}
+
+    assert load_config({}, None, {}).mesh == "tcp://127.0.0.1:7100"
+    assert load_config({}, None, env).mesh == "tcp://127.0.0.1:7200"
+    assert load_config({}, path, env).mesh == "tcp://127.0.0.1:7300"
+    assert load_config(flags, path, env).mesh == "tcp://127.0.0.1:7400"
+
+
+def test_a_flag_given_as_none_does_not_override(tmp_path: Path) -> None:
+    path = write(tmp_path, "log_level: DEBUG\n")
+    assert load_config({"log_level": None, "peers": None}, path, {}).log_level == "DEBUG"
+
+
+def test_config_file_comes_from_env_when_no_flag(tmp_path: Path) -> None:
+    path = write(tmp_path, "node_id: from-env-file\n")
+    config = load_config({}, None, {"SCHEDULEZERO_CONFIG": str(path)})
+    assert config.node_id == "from-env-file"
+
+
+def test_env_lists_are_comma_separated() -> None:
+    env = {
+        "SCHEDULEZERO_PEERS": "tcp://127.0.0.1:7102, tcp://127.0.0.1:7104",
+        "SCHEDULEZERO_TASKS": "app.tasks,app.more",
+        "SCHEDULEZERO_BOOTSTRAP_EXPECT": "2",
+    }
+    config = load_config({}, None, env)
+    assert config.peers == ("tcp://127.0.0.1:7102", "tcp://127.0.0.1:7104")
+    assert config.tasks == ("app.tasks", "app.more")
+    assert config.bootstrap_expect == 2
+
+
+def test_empty_env_variable_counts_as_unset() -> None:
+    assert load_config({}, None, {"SCHEDULEZERO_NODE_ID": ""}).node_id.endswith("-7100")
+
+
+def test_a_higher_layer_replaces_a_list_instead_of_merging(tmp_path: Path) -> None:
+    path = write(tmp_path, "peers: [tcp://127.0.0.1:7102, tcp://127.0.0.1:7104]\n")
+    config = load_config({"peers": ["tcp://127.0.0.1:7106"]}, path, {})
+    assert config.peers == ("tcp://127.0.0.1:7106",)
+
+
+def test_nested_sections_override_only_the_keys_given(tmp_path: Path) -> None:
+    path = write(tmp_path, "raft:\n  heartbeat_interval: 0.05\n")
+    raft = load_config({}, path, {}).raft
+    assert raft.heartbeat_interval == 0.05
+    assert raft.election_timeout_min == 0.3
+    assert raft.pre_vote is True
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_defaults_and_path_helpers() -> None:
+    config = load_config({}, None, {})
+    assert config.node_id == f"{socket.gethostname()}-7100"
+    assert config.data_dir == Path("data") / config.node_id
+    assert config.http == "127.0.0.1:8100"
+    assert config.advertise_mesh == config.mesh
+    assert config.advertise_http == config.http
+    assert config.mesh_host_port == ("127.0.0.1", 7100)
+    assert config.pub_address == "tcp://127.0.0.1:7101"
+    assert config.http_host_port == ("127.0.0.1", 8100)
+    assert config.state_db_path == config.data_dir / "broker_state.db"
+    assert config.eventlog_path == config.data_dir / "logs" / "events.jsonl"
+    assert config.max_frame_bytes == 16 * 1024 * 1024
+    assert config.eventlog.max_bytes == 10 * 1024 * 1024
+    assert config.mdns_service == "_schedulezero._tcp.local."
+
+
+def test_node_id_defaults_to_hostname_and_mesh_port() -> None:
+    config = load_config({"mesh": "tcp://127.0.0.1:7300"}, None, {})
+    assert config.node_id.endswith("-7300")
+    assert config.data_dir == Path("data") / config.node_id
+
+
+def test_static_bootstrap_expect_defaults_to_the_whole_peer_list() -> None:
+    peers = ["tcp://127.0.0.1:7102", "tcp://127.0.0.1:7104"]
+    assert load_config({"peers": peers}, None, {}).bootstrap_expect == 3
+    assert load_config({}, None, {}).bootstrap_expect == 1
+
+
+def test_mdns_bootstrap_expect_defaults_to_three() -> None:
+    assert load_config({"discovery": "mdns"}, None, {}).bootstrap_expect == 3
+
+
+def test_own_address_in_the_peer_list_is_ignored() -> None:
+    peers = ["tcp://127.0.0.1:7100", "tcp://127.0.0.1:7102", "tcp://127.0.0.1:7102"]
+    config = load_config({"peers": peers}, None, {})
+    assert config.peers == ("tcp://127.0.0.1:7102",)
+    assert config.bootstrap_expect == 2
+
+
+def test_bind_all_mesh_advertises_a_concrete_address() -> None:
+    config = load_config({"mesh": "tcp://0.0.0.0:7100", "http": "*:8100"}, None, {})
+    assert config.mesh == "tcp://0.0.0.0:7100"
+    assert config.pub_address == "tcp://0.0.0.0:7101"
+    assert not config.advertise_mesh.startswith("tcp://0.0.0.0")
+    assert config.advertise_mesh.endswith(":7100")
+    assert config.advertise_http.endswith(":8100") and "0.0.0.0" not in config.advertise_http
+    assert config.advertise_pub_address == pub_address_of(config.advertise_mesh)
+
+
+def test_config_can_be_built_directly_with_derived_defaults() -> None:
+    config = Config(node_id="n1", peers=("tcp://127.0.0.1:7102",))
+    assert config.data_dir == Path("data/n1")
+    assert config.bootstrap_expect == 2
+
+
+def test_shipped_default_deployment_loads_with_builtin_values() -> None:
+    config = load_config({}, REPO / "deployments/default/config.yaml", {})
+    assert config.raft == load_config({}, None, {}).raft
+    assert config.to_dict() == load_config({}, None, {}).to_dict()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_shipped_three_node_deployment_loads(n: int) -> None:
+    config = load_config({}, REPO / f"deployments/three-node/node-{n}.yaml", {})
+    assert config.node_id == f"node-{n}"
+    assert config.mesh == f"tcp://127.0.0.1:{7098 + 2 * n}"
+    assert config.http == f"127.0.0.1:{8099 + n}"
+    assert len(config.peers) == 2 and config.mesh not in config.peers
+    assert config.bootstrap_expect == 3
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_unknown_yaml_key_names_file_line_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "mesh: tcp://127.0.0.1:7100\npeer: [tcp://127.0.0.1:7102]\n")
+    message = error_of({}, path, {})
+    assert str(path) in message
+    assert ":2:" in message
+    assert "unknown key 'peer'" in message
+    assert "did you mean 'peers'" in message
+
+
+def test_unknown_nested_yaml_key_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "raft:\n  heartbeat: 0.1\n")
+    message = error_of({}, path, {})
+    assert str(path) in message and "raft.heartbeat" in message
+
+
+def test_wrong_type_in_yaml_names_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "bootstrap_expect: three\n")
+    message = error_of({}, path, {})
+    assert "bootstrap_expect" in message and "expected an integer" in message
+
+
+def test_wrong_type_in_nested_yaml_names_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "raft:\n  check_quorum: 'yes'\n")
+    assert "raft.check_quorum: expected true or false" in error_of({}, path, {})
+
+
+def test_section_that_is_not_a_mapping_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "raft: 3\n")
+    assert "raft: expected a mapping" in error_of({}, path, {})
+
+
+def test_yaml_syntax_error_reports_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "mesh: tcp://127.0.0.1:7100\npeers: [tcp://a:1\nhttp: x\n")
+    message = error_of({}, path, {})
+    assert message.startswith(f"{path}:")
+    assert "invalid YAML" in message
+    line = int(message.removeprefix(f"{path}:").split(":")[0])
+    assert line >= 2
+
+
+def test_top_level_yaml_must_be_a_mapping(tmp_path: Path) -> None:
+    path = write(tmp_path, "- a\n- b\n")
+    assert "expected a mapping" in error_of({}, path, {})
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    assert error_of({}, path, {}) == f"{path}: config file not found"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ({"mesh": "tcp://127.0.0.1:0"}, "--mesh: port 0 is out of range 1-65534"),
+        ({"mesh": "tcp://127.0.0.1:70000"}, "--mesh: port 70000 is out of range"),
+        ({"mesh": "tcp://127.0.0.1:65535"}, "--mesh: port 65535 leaves no room"),
+        ({"http": "127.0.0.1:65536"}, "--http: port 65536 is out of range 1-65535"),
+        ({"peers": ["tcp://127.0.0.1:99999"]}, "--peer: port 99999 is out of range"),
+    ],
+)
+def test_ports_out_of_range(args: dict, expected: str) -> None:
+    assert error_of(args, None, {}).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ({"mesh": "foo"}, "--mesh: expected tcp://HOST:PORT, got 'foo'"),
+        ({"mesh": "127.0.0.1:7100"}, "--mesh: expected tcp://HOST:PORT, got '127.0.0.1:7100'"),
+        ({"mesh": "tcp://300.1.1.1:7100"}, "--mesh: '300.1.1.1' is not a valid IPv4 address"),
+        ({"mesh": "tcp://bad_host:7100"}, "--mesh: 'bad_host' is not a valid host name"),
+        ({"http": "localhost"}, "--http: expected HOST:PORT, got 'localhost'"),
+        ({"peers": ["tcp://0.0.0.0:7100"]}, "--peer: 0.0.0.0 is a bind-all address"),
+        ({"advertise_mesh": "tcp://*:7100"}, "--advertise-mesh: * is a bind-all address"),
+        ({"node_id": "has space"}, "--node-id: expected 1-64 characters"),
+        ({"node_id": "x" * 65}, "--node-id: expected 1-64 characters"),
+        ({"tasks": ["not a module"]}, "--tasks: expected a Python module name"),
+        ({"log_level": "LOUD"}, "--log-level: expected one of DEBUG"),
+        ({"bootstrap_expect": 0}, "--bootstrap-expect: must be at least 1, got 0"),
+    ],
+)
+def test_bad_values_name_the_flag(args: dict, expected: str) -> None:
+    assert error_of(args, None, {}).startswith(expected)
+
+
+def test_discovery_must_be_static_or_mdns(tmp_path: Path) -> None:
+    assert error_of({"discovery": "dns"}, None, {}) == (
+        "--discovery: expected one of static, mdns, got 'dns'"
+    )
+    path = write(tmp_path, "discovery: consul\n")
+    assert "discovery: expected one of static, mdns" in error_of({}, path, {})
+
+
+def test_bad_env_value_names_the_variable() -> None:
+    message = error_of({}, None, {"SCHEDULEZERO_BOOTSTRAP_EXPECT": "many"})
+    assert message == "SCHEDULEZERO_BOOTSTRAP_EXPECT: expected an integer, got 'many'"
+    message = error_of({}, None, {"SCHEDULEZERO_PEERS": "tcp://127.0.0.1:7102,oops"})
+    assert message == "SCHEDULEZERO_PEERS: expected tcp://HOST:PORT, got 'oops'"
+
+
+def test_election_timeout_min_must_be_below_max(tmp_path: Path) -> None:
+    path = write(tmp_path, "raft:\n  election_timeout_min: 0.6\n  election_timeout_max: 0.6\n")
+    message = error_of({}, path, {})
+    assert "raft.election_timeout_min (0.6) must be less than raft.election_timeout_max" in message
+
+
+def test_heartbeat_must_be_below_election_timeout_min(tmp_path: Path) -> None:
+    path = write(tmp_path, "raft:\n  heartbeat_interval: 0.3\n")
+    message = error_of({}, path, {})
+    assert "raft.heartbeat_interval (0.3) must be less than raft.election_timeout_min" in message
+
+
+def test_negative_time_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "membership:\n  dead_after: -1\n")
+    assert "membership.dead_after: must be greater than 0" in error_of({}, path, {})
+
+
+def test_static_bootstrap_expect_cannot_exceed_the_cluster() -> None:
+    message = error_of({"peers": ["tcp://127.0.0.1:7102"], "bootstrap_expect": 3}, None, {})
+    assert message.startswith("bootstrap_expect (3) is larger than the static cluster")
+
+
+def test_http_port_must_not_collide_with_the_mesh_ports() -> None:
+    message = error_of({"http": "127.0.0.1:7101"}, None, {})
+    assert message == "http port 7101 collides with the mesh ports 7100-7101"
+
+
+def test_unknown_argument_key_is_an_error() -> None:
+    assert error_of({"colour": "blue"}, None, {}) == "--colour: not a configuration option"
