@@ -222,6 +222,8 @@ class HandlerDispatcher:
         if result.get("outcome") == "success":
             return result.get("return_value")
         err = result.get("error") or {}
+        if err.get("timed_out"):
+            raise HandlerLost(f"handler {handler.handler_id}: {err.get('message')}")
         raise RemoteJobError(str(err.get("type", "Error")), str(err.get("message", "")))
 
     async def _await_result(

@@ -39,6 +39,7 @@ import attrs
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
+    RetryError,
     retry_if_exception_type,
     retry_if_result,
     stop_after_delay,
@@ -171,14 +172,12 @@ class Dispatch:
     address: str
 
 
-def _field(payload: Mapping[str, Any], name: str, types: type | tuple[type, ...]) -> Any:
+def _field(payload: Mapping[str, Any], name: str, types: type) -> Any:
     if name not in payload:
         raise BadDispatch(f"missing field {name!r}")
     value = payload[name]
-    # bool is an int subclass; a True fencing token or attempt is a sender bug.
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise BadDispatch(f"field {name!r} must not be a bool")
-    if not isinstance(value, types):
+    # bool is an int subclass, but a fencing token of true is a sender bug.
+    if isinstance(value, bool) or not isinstance(value, types):
         raise BadDispatch(f"field {name!r} has type {type(value).__name__}")
     return value
 
@@ -242,6 +241,10 @@ def parse_dispatch(payload: Mapping[str, Any], address: str) -> Dispatch:
         timeout=timeout,
         address=address,
     )
+
+
+class _TaskTimeout(Exception):
+    """The dispatch's ``timeout`` expired (as opposed to the task raising TimeoutError)."""
 
 
 @attrs.define
@@ -351,6 +354,11 @@ class HandlerProcess:
             list(self.nodes),
         )
 
+    def cancel_running(self) -> None:
+        """Cancel every running job now (a second Ctrl-C); a pending :meth:`stop` then returns."""
+        for task in list(self._job_tasks):
+            task.cancel()
+
     async def stop(self, drain_timeout: float = 10.0) -> None:
         """Refuse new dispatches, let running jobs finish (up to ``drain_timeout``), then cancel.
 
@@ -424,6 +432,8 @@ class HandlerProcess:
                             address, HELLO, self.hello_payload(), HELLO_TIMEOUT
                         )
                 self._on_hello_reply(link, reply)
+                if self.nodes.get(address) is not link:
+                    return  # dropped as an alias of a known node
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not end the heartbeat: log and carry on
@@ -437,7 +447,9 @@ class HandlerProcess:
             return
         exc = state.outcome.exception() if state.outcome is not None else None
         if link.reachable is None:
-            log.info("handler %s: node %s not reachable yet (%s)", self.handler_id, link.address, exc)
+            log.info(
+                "handler %s: node %s not reachable yet (%s)", self.handler_id, link.address, exc
+            )
         else:
             log.warning("handler %s: node %s unreachable (%s)", self.handler_id, link.address, exc)
         link.reachable = False
@@ -468,14 +480,41 @@ class HandlerProcess:
                         "handler %s: leader is %s (term %d)", self.handler_id, leader[1], leader[0]
                     )
                 self._leader = leader
+        if link.node_id is not None:
+            self._forget_aliases(link)
         if link.leader_mesh is not None and link.leader_mesh not in self.nodes:
-            self._learn_node(link.leader_mesh, via=link.address)
+            if not any(n.node_id == link.leader_id for n in self.nodes.values()):
+                self._learn_node(link.leader_mesh, via=link.address)
+
+    def _forget_aliases(self, link: NodeLink) -> None:
+        # Two DEALERs with our routing id on one node would take the identity from each other
+        # (ROUTER_HANDOVER) forever; a learned address that turns out to be another spelling of
+        # a known node is dropped.
+        for other in list(self.nodes.values()):
+            if other is link or other.node_id != link.node_id:
+                continue
+            alias = other if other.learned else link if link.learned else None
+            if alias is None:
+                continue
+            log.info(
+                "handler %s: %s is node %s, already known as another address; dropping it",
+                self.handler_id,
+                alias.address,
+                alias.node_id,
+            )
+            del self.nodes[alias.address]
+            beat = self._heartbeats.pop(alias.address, None)
+            if beat is not None and beat is not asyncio.current_task():
+                beat.cancel()
+            self.transport.disconnect(alias.address)
 
     def _learn_node(self, address: str, *, via: str) -> None:
         try:
             split_address(address)
         except ValueError:
-            log.warning("handler %s: node %s named a bad leader address %r", self.handler_id, via, address)
+            log.warning(
+                "handler %s: node %s named a bad leader address %r", self.handler_id, via, address
+            )
             return
         log.info("handler %s: learned node %s from %s", self.handler_id, address, via)
         self.nodes[address] = NodeLink(address, learned=True)
@@ -541,13 +580,21 @@ class HandlerProcess:
         if not self._accepting:
             self._refuse(d, SHUTTING_DOWN)
             return
-        if len(self._running) >= self.concurrency:
+        if len(self._running) >= self.concurrency or self._task_is_full(task):
             self._refuse(d, AT_CAPACITY)
             return
 
         self._running[d.idempotency_key] = _Running(d)
         self._ack(address, d.dispatch_id, True, None)
         self._spawn(self._run(task, d))
+
+    def _task_is_full(self, task: TaskDef) -> bool:
+        # A task's own max_running_jobs also holds per handler (the leader may enforce it
+        # mesh-wide; locally it is a cheap second line).
+        if task.max_running_jobs is None:
+            return False
+        running = sum(1 for r in self._running.values() if r.dispatch.task == task.name)
+        return running >= task.max_running_jobs
 
     def _refuse(self, d: Dispatch, reason: str) -> None:
         self.counters["refused." + reason] += 1
@@ -585,12 +632,13 @@ class HandlerProcess:
         value: Any = None
         try:
             try:
-                if d.timeout is None:
-                    value = await task.run(ctx, d.args, d.kwargs)
-                else:
-                    value = await asyncio.wait_for(task.run(ctx, d.args, d.kwargs), d.timeout)
-            except TimeoutError:
-                error = {"type": "TimeoutError", "message": f"task exceeded {d.timeout:g}s"}
+                value = await self._call(task, ctx, d)
+            except _TaskTimeout:
+                error = {
+                    "type": "TimeoutError",
+                    "message": f"task exceeded its {d.timeout:g}s timeout",
+                    "timed_out": True,  # the dispatch timeout, not the task's own error
+                }
             except Exception as e:
                 error = {"type": type(e).__name__, "message": str(e)}
             else:
@@ -626,7 +674,9 @@ class HandlerProcess:
                 error["message"],
             )
         done = self.succeeded + self.failed
-        self.avg_ms = duration_ms if done == 1 else self.avg_ms + AVG_ALPHA * (duration_ms - self.avg_ms)
+        self.avg_ms = (
+            duration_ms if done == 1 else self.avg_ms + AVG_ALPHA * (duration_ms - self.avg_ms)
+        )
         # Cache before leaving the running map: a re-dispatch never sees neither.
         self.idempotency.put(d.idempotency_key, result)
         running = self._running.pop(d.idempotency_key)
@@ -634,6 +684,19 @@ class HandlerProcess:
             self._send_result(d, result, cached=False),
             *(self._send_result(j, result, cached=True) for j in running.joiners),
         )
+
+    @staticmethod
+    async def _call(task: TaskDef, ctx: JobContext, d: Dispatch) -> Any:
+        if d.timeout is None:
+            return await task.run(ctx, d.args, d.kwargs)
+        run = asyncio.ensure_future(task.run(ctx, d.args, d.kwargs))
+        try:
+            return await asyncio.wait_for(run, d.timeout)
+        except TimeoutError:
+            # The task's own TimeoutError finished the future; ours cancelled it.
+            if run.cancelled():
+                raise _TaskTimeout from None
+            raise
 
     async def _send_result(self, d: Dispatch, result: FinishedResult, *, cached: bool) -> None:
         payload = {
@@ -659,14 +722,14 @@ class HandlerProcess:
                     sent = self.transport.send(d.address, JOB_RESULT, payload)
                 if not attempt.retry_state.outcome.failed:
                     attempt.retry_state.set_result(sent)
-        except Exception as e:  # RetryError after the deadline
+        except RetryError:
             self.counters["sends_failed"] += 1
             log.warning(
-                "handler %s: could not send the result of %s to %s: %s",
+                "handler %s: could not send the result of %s to %s within %.0fs",
                 self.handler_id,
                 d.dispatch_id,
                 d.address,
-                type(e).__name__,
+                RESULT_SEND_SECONDS,
             )
 
 
@@ -719,13 +782,14 @@ async def _serve(handler: HandlerProcess, drain_timeout: float) -> int:
         nonlocal signals
         signals += 1
         if signals == 1:
-            log.info("handler %s: %s received, stopping", handler.handler_id, signal.Signals(signum).name)
+            log.info(
+                "handler %s: %s received, stopping", handler.handler_id, signal.Signals(signum).name
+            )
             stop_requested.set()
-        elif stopping is not None and not stopping.done():
+        else:
             log.warning("handler %s: second signal, cancelling running jobs", handler.handler_id)
-            stopping.cancel()
+            handler.cancel_running()
 
-    stopping: asyncio.Task[None] | None = None
     installed = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -734,13 +798,7 @@ async def _serve(handler: HandlerProcess, drain_timeout: float) -> int:
     try:
         await handler.start()
         await stop_requested.wait()
-        stopping = loop.create_task(handler.stop(drain_timeout))
-        try:
-            await asyncio.shield(stopping)
-        except asyncio.CancelledError:
-            pass
-        if stopping.cancelled():
-            await handler.stop(0)  # idempotent; make sure the transport is closed
+        await handler.stop(drain_timeout)
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)

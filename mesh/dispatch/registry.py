@@ -36,6 +36,7 @@ class HandlerInfo:
     consecutive_failures: int = 0
     circuit_open_until: float = 0.0
     probing: bool = False
+    draining: bool = False  # shutting down: finishes its jobs, takes no new ones
 
     @property
     def identity(self) -> bytes:
@@ -67,6 +68,7 @@ class HandlerRegistry:
         info.reported = {
             k: payload.get(k) for k in ("active_jobs", "succeeded", "failed", "avg_ms")
         }
+        info.draining = payload.get("draining") is True
         info.last_seen = self.clock()
         info.last_seen_wall = time.time()
         if not was_alive:
@@ -94,14 +96,17 @@ class HandlerRegistry:
         return "suspect" if age <= DEAD_AFTER else "dead"
 
     def offers(self, task: str) -> bool:
-        return any(task in h.tasks and self.state(h) == "alive" for h in self.handlers.values())
+        return any(
+            task in h.tasks and self.state(h) == "alive" and not h.draining
+            for h in self.handlers.values()
+        )
 
     def routable(self, task: str) -> list[HandlerInfo]:
         """Alive handlers offering ``task`` whose circuit is closed (or due for a probe)."""
         now = self.clock()
         out = []
         for h in self.handlers.values():
-            if task not in h.tasks or self.state(h) != "alive":
+            if task not in h.tasks or self.state(h) != "alive" or h.draining:
                 continue
             if h.circuit_open_until > now or h.probing:
                 continue
@@ -127,6 +132,8 @@ class HandlerRegistry:
             state = self.state(h)
             if state == "alive" and h.circuit_open_until > self.clock():
                 state = "unhealthy"
+            elif state == "alive" and h.draining:
+                state = "draining"
             r = h.reported
             out.append(
                 {

@@ -70,7 +70,10 @@ class MeshJobExecutor(JobExecutor):
     async def run_job(self, func: Callable[..., Any], job: Job) -> Any:
         ctx = self.context_for(job)
         task = REGISTRY.get(job.task_id)
-        if task is not None:
+        # Handlers exist to take work off the scheduler nodes: when one offers the task, it runs
+        # there; the embedded function is the fallback (and the default with no handlers).
+        offered = self.dispatcher is not None and self.dispatcher.offers(job.task_id)
+        if task is not None and not offered:
             self.job_handlers[job.id] = f"embedded:{self.node_id}"
             return await task.run(ctx, job.args, job.kwargs)
         if self.dispatcher is not None:
