@@ -456,6 +456,10 @@ class MeshNode:
             if m.dst != self.id:
                 return None
             peer = self.peer_by_id(m.src)
+            if peer is None and m.src not in self.core.voters:
+                # Only members speak Raft: a stranger's message could depose the leader.
+                self.transport.counters["dropped_frames.raft_stranger"] += 1
+                return None
             if peer is not None:
                 self._seen(peer)
             self.core.step(m)

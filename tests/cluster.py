@@ -13,6 +13,7 @@ the test started, whatever happens.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -39,6 +40,25 @@ T = TypeVar("T")
 
 # Our own requests must never go through an http_proxy from the environment.
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _find_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = _find_prctl()  # resolved here: the child calls it between fork and exec
+
+
+def _die_with_the_test_runner() -> None:
+    """Linux: a node gets SIGKILL when pytest dies, so no orphan keeps its ports."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def http_request(
@@ -152,6 +172,7 @@ class NodeProcess:
                 stdout=out,
                 stderr=err,
                 start_new_session=True,  # Ctrl-C on pytest must not race the harness's cleanup
+                preexec_fn=_die_with_the_test_runner,
             )
         self.starts += 1
 

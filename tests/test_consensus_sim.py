@@ -339,3 +339,16 @@ def test_leader_never_commits_an_earlier_term_entry_by_counting_replicas() -> No
     for peer in ("s2", "s3"):
         core.step(AppendResponse(src=peer, dst="s1", term=4, success=True, match_index=3))
     assert core.commit == 3
+
+
+def test_a_stalled_leadership_transfer_is_abandoned_after_an_election_timeout() -> None:
+    c = SimCluster(["a", "b", "c"], seed=14)
+    ld = _elect(c)
+    target = next(i for i in sorted(c.nodes) if i != ld.id)
+    c.cut(ld.id, target)  # the target never hears TimeoutNow (nor catches up)
+    ld.core.transfer_leadership(target)
+    c.run(c.settings.election_ticks_min)  # a CheckQuorum window must not end the transfer early
+    assert ld.core.transferee == target
+    c.run(c.settings.election_ticks_max)
+    assert ld.core.transferee is None
+    assert ld.core.propose({"after": "abort"})

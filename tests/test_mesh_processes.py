@@ -334,11 +334,6 @@ def test_malformed_frames_on_the_mesh_port_are_dropped_and_counted_not_fatal(clu
     }, (before, after)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Message.from_dict (mesh/consensus/messages.py) does not check field types; "
-    "RaftCore.step then acts on a half-valid message (leader steps down, float term adopted)",
-)
 def test_raft_messages_with_wrongly_typed_fields_are_dropped_without_disturbing_the_leader(
     cluster_factory,
 ):

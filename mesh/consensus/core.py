@@ -443,10 +443,12 @@ class RaftCore:
                     return
                 for p, pr in self.progress.items():
                     pr.recent_active = p == self.id
-            if self.transferee is not None:
-                self.transferee = None  # transfer took too long: abort, keep leading
         if self.phase is not _Phase.LEADER:
             return
+        if self.transferee is not None:
+            self.transfer_elapsed += 1
+            if self.transfer_elapsed >= s.election_ticks_max:
+                self.transferee = None  # the target did not take over in time: keep leading
         for pr in self.progress.values():
             if pr.snapshot_wait:
                 pr.snapshot_wait -= 1

@@ -94,16 +94,82 @@ class Message:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Message:
-        """Rebuild a message; raises ValueError/KeyError/TypeError on a malformed dict."""
+        """Rebuild a message; raises ValueError/KeyError/TypeError on a malformed dict.
+
+        Every field is type-checked: a message off the wire must never put a non-integer term
+        or index into the core (it would be persisted, or compared and crash mid-step).
+        """
+        if not isinstance(d, dict):
+            raise TypeError("a raft message must be a JSON object")
         cls = _MESSAGE_TYPES.get(d.get("type", ""))
         if cls is None:
             raise ValueError(f"unknown raft message type {d.get('type')!r}")
-        fields = {f.name: d[f.name] for f in attrs.fields(cls) if f.name in d}
+        fields: dict[str, Any] = {}
+        for f in attrs.fields(cls):
+            if f.name not in d:
+                if f.default is attrs.NOTHING:
+                    raise KeyError(f"raft {cls.type} message lacks {f.name!r}")
+                continue
+            fields[f.name] = _check_field(cls.type, f.name, d[f.name])
         if "entries" in fields:
-            fields["entries"] = tuple(Entry.from_dict(e) for e in fields["entries"])
+            fields["entries"] = tuple(_entry(e) for e in fields["entries"])
         if "snapshot" in fields:
-            fields["snapshot"] = Snapshot.from_dict(fields["snapshot"])
+            fields["snapshot"] = _snapshot(fields["snapshot"])
         return cls(**fields)
+
+
+_INT_FIELDS = {
+    "term",
+    "last_log_index",
+    "last_log_term",
+    "prev_log_index",
+    "prev_log_term",
+    "leader_commit",
+    "match_index",
+    "reject_hint",
+}
+_STR_FIELDS = {"src", "dst"}
+_BOOL_FIELDS = {"pre_vote", "transfer", "granted", "success"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62
+
+
+def _check_field(kind: str, name: str, value: Any) -> Any:
+    ok = (
+        (name in _INT_FIELDS and _is_int(value))
+        or (name in _STR_FIELDS and isinstance(value, str) and 0 < len(value) <= 255)
+        or (name in _BOOL_FIELDS and isinstance(value, bool))
+        or (name == "entries" and isinstance(value, list))
+        or (name == "snapshot" and isinstance(value, dict))
+    )
+    if not ok:
+        raise TypeError(f"raft {kind} message: bad {name!r} {value!r:.60}")
+    return value
+
+
+def _entry(d: Any) -> Entry:
+    if not isinstance(d, dict) or not all(_is_int(d.get(k)) for k in ("t", "i")):
+        raise TypeError(f"bad raft entry {d!r:.80}")
+    if d.get("k") not in (COMMAND, CONFIG, NOOP):
+        raise ValueError(f"bad raft entry kind {d.get('k')!r:.40}")
+    if d["k"] == CONFIG:
+        voters = d.get("d", {}).get("voters") if isinstance(d.get("d"), dict) else None
+        if not isinstance(voters, list) or not all(isinstance(v, str) for v in voters):
+            raise TypeError("bad config entry: voters must be a list of node ids")
+    return Entry.from_dict(d)
+
+
+def _snapshot(d: dict[str, Any]) -> Snapshot:
+    if not (_is_int(d.get("index")) and _is_int(d.get("term"))):
+        raise TypeError("bad snapshot index/term")
+    voters = d.get("voters")
+    if not isinstance(voters, list) or not all(isinstance(v, str) for v in voters):
+        raise TypeError("bad snapshot voters")
+    if not isinstance(d.get("data", ""), str):
+        raise TypeError("bad snapshot data")
+    return Snapshot.from_dict(d)
 
 
 @attrs.frozen(kw_only=True)
