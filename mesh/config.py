@@ -173,6 +173,38 @@ class MembershipSettings:
 
 
 @attrs.frozen(kw_only=True)
+class DispatchSettings:
+    """How the leader hands jobs to handler processes (seconds)."""
+
+    max_attempts: int = 4  # dispatch attempts per job: first try + retries on other handlers
+    ack_timeout: float = 1.0  # a handler must acknowledge a dispatch within this
+    default_timeout: float | None = None  # per-job run time limit; None = unlimited
+    task_timeouts: dict[str, float] = attrs.Factory(dict)  # task name -> run time limit
+    no_handler_wait: float = 30.0  # jobs without a start deadline wait this long for a handler
+
+
+@attrs.frozen(kw_only=True)
+class GovernorSettings:
+    """Rate limits (dispatches/s), concurrency limits (jobs in flight) and backpressure."""
+
+    rate: float | None = None
+    task_rates: dict[str, float] = attrs.Factory(dict)
+    handler_rates: dict[str, float] = attrs.Factory(dict)
+    burst: float | None = None  # token-bucket size; default 1 (evenly spaced)
+    concurrency: int | None = None
+    task_concurrency: dict[str, int] = attrs.Factory(dict)
+    max_queued_jobs: int = 10_000  # POST /api/jobs answers 429 beyond this
+
+
+@attrs.frozen(kw_only=True)
+class HistorySettings:
+    """Retention of the replicated execution history and run-now results."""
+
+    max_executions: int = 10_000
+    max_results: int = 10_000
+
+
+@attrs.frozen(kw_only=True)
 class EventLogSettings:
     """Rotation of the JSONL event log."""
 
@@ -215,6 +247,9 @@ class Config:
     tasks: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     raft: RaftSettings = attrs.Factory(RaftSettings)
     membership: MembershipSettings = attrs.Factory(MembershipSettings)
+    dispatch: DispatchSettings = attrs.Factory(DispatchSettings)
+    governors: GovernorSettings = attrs.Factory(GovernorSettings)
+    history: HistorySettings = attrs.Factory(HistorySettings)
     eventlog: EventLogSettings = attrs.Factory(EventLogSettings)
     max_frame_bytes: int = 16 * MiB
     log_level: str = "INFO"
@@ -444,6 +479,27 @@ def _mdns_service(v: Any) -> str:
     return v
 
 
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda v: None if v is None else parse(v)
+
+
+def _mapping_of(parse: Callable[[Any], Any]) -> Callable[[Any], dict[str, Any]]:
+    def convert(v: Any) -> dict[str, Any]:
+        if not isinstance(v, dict):
+            raise ValueError(f"expected a mapping of task/handler name to a value, got {v!r}")
+        out = {}
+        for k, item in v.items():
+            if not isinstance(k, str) or not k:
+                raise ValueError(f"keys must be non-empty names, got {k!r}")
+            try:
+                out[k] = parse(item)
+            except ValueError as e:
+                raise ValueError(f"{k}: {e}") from None
+        return out
+
+    return convert
+
+
 _TOP: dict[str, Callable[[Any], Any]] = {
     "node_id": _node_id,
     "data_dir": _path,
@@ -479,6 +535,32 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
             "suspect_after": _positive_float,
             "dead_after": _positive_float,
         },
+    ),
+    "dispatch": (
+        DispatchSettings,
+        {
+            "max_attempts": _int_at_least(1),
+            "ack_timeout": _positive_float,
+            "default_timeout": _optional(_positive_float),
+            "task_timeouts": _mapping_of(_positive_float),
+            "no_handler_wait": _positive_float,
+        },
+    ),
+    "governors": (
+        GovernorSettings,
+        {
+            "rate": _optional(_positive_float),
+            "task_rates": _mapping_of(_positive_float),
+            "handler_rates": _mapping_of(_positive_float),
+            "burst": _optional(_positive_float),
+            "concurrency": _optional(_int_at_least(1)),
+            "task_concurrency": _mapping_of(_int_at_least(1)),
+            "max_queued_jobs": _int_at_least(1),
+        },
+    ),
+    "history": (
+        HistorySettings,
+        {"max_executions": _int_at_least(1), "max_results": _int_at_least(1)},
     ),
     "eventlog": (
         EventLogSettings,

@@ -288,3 +288,33 @@ def test_http_port_must_not_collide_with_the_mesh_ports() -> None:
 
 def test_unknown_argument_key_is_an_error() -> None:
     assert error_of({"colour": "blue"}, None, {}) == "--colour: not a configuration option"
+
+
+def test_dispatch_governor_and_history_sections_load_from_yaml(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "governors:\n  rate: 20\n  task_concurrency: {send: 3}\n"
+        "dispatch:\n  task_timeouts: {send: 5}\n  max_attempts: 2\n"
+        "history:\n  max_executions: 50\n"
+    )
+    c = load_config({}, path, {})
+    assert c.governors.rate == 20 and c.governors.task_concurrency == {"send": 3}
+    assert c.dispatch.task_timeouts == {"send": 5.0} and c.dispatch.max_attempts == 2
+    assert c.history.max_executions == 50
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "needle"),
+    [
+        ("governors:\n  rate: -1\n", "governors.rate"),
+        ("governors:\n  task_concurrency: {send: 0}\n", "send"),
+        ("governors:\n  task_rates: [1, 2]\n", "governors.task_rates"),
+        ("dispatch:\n  ack_timeout: 0\n", "dispatch.ack_timeout"),
+        ("history:\n  max_executions: 0\n", "history.max_executions"),
+    ],
+)
+def test_bad_dispatch_and_governor_settings_name_the_key(tmp_path, yaml_text, needle) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config({}, path, {})
