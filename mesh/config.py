@@ -170,6 +170,9 @@ class MembershipSettings:
     ping_interval: float = 0.2
     suspect_after: float = 0.6
     dead_after: float = 2.0
+    # Add a node that pings us but is not in our peer set (so one --peer is enough to join).
+    # Off when every link must go through a known address, e.g. a proxy per link in chaos tests.
+    learn_peers: bool = True
 
 
 @attrs.frozen(kw_only=True)
@@ -534,6 +537,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
             "ping_interval": _positive_float,
             "suspect_after": _positive_float,
             "dead_after": _positive_float,
+            "learn_peers": _bool,
         },
     ),
     "dispatch": (

@@ -486,10 +486,17 @@ class MeshNode:
 
     def _on_ping(self, info: dict[str, Any]) -> None:
         addr = info.get("mesh")
+        node_id = info.get("node_id")
         if not isinstance(addr, str) or addr == self.config.advertise_mesh:
             return
-        peer = self.peers.get(addr)
+        # A node is known by its id: the address we reach it at (a static entry, a proxy) may
+        # differ from the one it advertises, and must not get a second, bypassing connection.
+        peer = self.peers.get(addr) or (
+            self.peer_by_id(node_id) if isinstance(node_id, str) else None
+        )
         if peer is None:
+            if not self.config.membership.learn_peers:
+                return
             # Someone knows us that we did not know: the peer set is symmetric.
             peer = self._add_peer(addr)
         self._update_peer(peer, info)
