@@ -29,6 +29,7 @@ NODE_KEY = web.AppKey("node", object)
 MAX_BODY_BYTES = 1024 * 1024
 FORWARDED_HEADER = "X-ScheduleZero-Forwarded-By"
 COMMIT_HEADER = "X-ScheduleZero-Commit-Index"
+SERVED_BY_HEADER = "X-ScheduleZero-Served-By"  # "<leader id>@<term>" that committed the write
 NO_LEADER_WAIT = 3.0  # how long a write waits for an election before answering 503
 FORWARD_TIMEOUT = 10.0
 
@@ -127,8 +128,10 @@ def _forwarding_middleware(node: MeshNode) -> Any:
                 return json_error(503, "no leader available (election in progress or no quorum)")
             await asyncio.sleep(0.05)
         if node.is_leader:
+            term = node.core.term
             response = await handler(request)
             response.headers[COMMIT_HEADER] = str(node.core.commit)
+            response.headers[SERVED_BY_HEADER] = f"{node.id}@{term}"
             return response
         target = node.leader_http()
         body = await request.read()
@@ -153,6 +156,8 @@ def _forwarding_middleware(node: MeshNode) -> Any:
                     status=resp.status,
                     content_type=resp.content_type if payload else None,
                 )
+                if served_by := resp.headers.get(SERVED_BY_HEADER):
+                    out.headers[SERVED_BY_HEADER] = served_by
         except (aiohttp.ClientError, TimeoutError) as e:
             return json_error(503, f"leader at {target} did not answer: {type(e).__name__}")
         if commit is not None and commit.isdigit() and resp.status < 300:
