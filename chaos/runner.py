@@ -1,0 +1,154 @@
+"""Run chaos scenarios against a real mesh and report what the history checker found.
+
+One run: start a ChaosCluster (nodes + handlers behind per-link proxies), create the workload
+schedules, start the recorder (health poller + writer client), inject the scenario's faults,
+heal and restart everything, let it settle, stop the workload, check, stop the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from toxiproxy import Toxiproxy
+
+from chaos.checker import History, Recorder, check_run
+from chaos.nemesis import Nemesis
+from chaos.scenarios import SCENARIOS
+from chaos.topology import ChaosCluster, http
+
+WORKLOAD_INTERVAL = 0.2
+
+
+def connect_toxiproxy(host: str, port: int) -> Toxiproxy:
+    t = Toxiproxy()
+    t.update_api_consumer(host, port)
+    return t
+
+
+def create_workload(cluster: ChaosCluster, out_dir: Path, count: int = 2) -> dict[str, float]:
+    """Interval schedules on handler tasks: every fire time must run exactly once."""
+    schedules = {}
+    leader = cluster.node(cluster.stable_leader() or cluster.ids[0])
+    for i in range(count):
+        sid = f"fire-{i}"
+        body = {
+            "id": sid,
+            "task": "chaos_record",
+            "trigger": {"type": "interval", "seconds": WORKLOAD_INTERVAL},
+            "kwargs": {"schedule_id": sid, "out_dir": str(out_dir)},
+            "coalesce": "all",
+            "misfire_grace_time": 3600,
+        }
+        deadline = time.monotonic() + 10
+        while True:
+            status, reply, _ = http(leader.http + "/api/schedules", "POST", body, timeout=5)
+            if status == 201:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"could not create workload schedule: {status} {reply}")
+            time.sleep(0.2)
+        schedules[sid] = WORKLOAD_INTERVAL
+    return schedules
+
+
+def stop_workload(cluster: ChaosCluster, schedules: dict[str, float]) -> None:
+    deadline = time.monotonic() + 15
+    for sid in schedules:
+        while time.monotonic() < deadline:
+            node = cluster.node(cluster.stable_leader() or cluster.ids[0])
+            try:
+                status, _, _ = http(node.http + f"/api/schedules/{sid}", "DELETE", timeout=5)
+            except OSError:
+                status = None
+            if status in (204, 404):
+                break
+            time.sleep(0.2)
+
+
+def run_once(
+    scenario: str,
+    seed: int,
+    toxiproxy: Toxiproxy,
+    *,
+    nodes: int = 3,
+    handlers: int = 2,
+    duration: float = 4.0,
+    settle: float = 4.0,
+    keep: Path | None = None,
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    root = Path(tempfile.mkdtemp(prefix=f"chaos-{scenario}-{seed}-"))
+    out_dir = root / "fires"
+    out_dir.mkdir()
+    cluster = ChaosCluster(root, toxiproxy, nodes=nodes, handlers=handlers)
+    history = History()
+    nemesis = Nemesis(cluster, rng)
+    report: dict[str, Any] = {"scenario": scenario, "seed": seed, "nodes": nodes}
+    started = time.time()
+    try:
+        cluster.start()
+        schedules = create_workload(cluster, out_dir)
+        recorder = Recorder(cluster, history, rng)
+        recorder.start()
+        time.sleep(1.5)  # some fires before the faults
+        SCENARIOS[scenario](nemesis, cluster, rng, duration)
+        nemesis.heal()
+        nemesis.restart_all()
+        heal_at = time.time()
+        time.sleep(settle)
+        recorder.stop()
+        stop_workload(cluster, schedules)
+        time.sleep(0.5)
+        report.update(check_run(cluster, nemesis, history, out_dir, schedules, heal_at))
+    except Exception as e:  # a run that could not even be checked is a failure, not a crash
+        report.setdefault("violations", []).append(f"run failed: {type(e).__name__}: {e}")
+        report["logs"] = cluster.tails()
+    finally:
+        cluster.stop()
+        report["seconds"] = round(time.time() - started, 1)
+        if report.get("violations") and keep is not None:
+            dest = keep / f"{scenario}-{seed}"
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(root, dest, ignore=shutil.ignore_patterns("*.db-wal", "*.db-shm"))
+            report["kept"] = str(dest)
+        shutil.rmtree(root, ignore_errors=True)
+    return report
+
+
+COLUMNS = [
+    ("scenario", 22), ("seed", 6), ("leader_changes", 8), ("unavailability_s", 8),
+    ("fires_checked", 7), ("duplicates", 5), ("gaps", 5), ("writes_acked", 6),
+    ("lost_writes", 5), ("minority_acks", 5), ("converge_s", 7), ("violations", 5),
+]  # fmt: skip
+
+
+def format_table(reports: list[dict[str, Any]]) -> str:
+    head = " ".join(name[:w].ljust(w) for name, w in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        cells = []
+        for name, w in COLUMNS:
+            v = r.get(name, "")
+            if name == "violations":
+                v = len(v or [])
+            cells.append(str(v)[:w].ljust(w))
+        lines.append(" ".join(cells))
+    total = sum(len(r.get("violations") or []) for r in reports)
+    lines.append(f"{len(reports)} runs, {total} violations")
+    return "\n".join(lines)
+
+
+def save(reports: list[dict[str, Any]], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = out / f"chaos-{stamp}.json"
+    path.write_text(json.dumps({"runs": reports}, indent=2, default=str))
+    (out / f"chaos-{stamp}.txt").write_text(format_table(reports) + "\n")
+    return path
