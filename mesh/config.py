@@ -184,6 +184,7 @@ class DispatchSettings:
     default_timeout: float | None = None  # per-job run time limit; None = unlimited
     task_timeouts: dict[str, float] = attrs.Factory(dict)  # task name -> run time limit
     no_handler_wait: float = 30.0  # jobs without a start deadline wait this long for a handler
+    redispatch_wait: float = 10.0  # a new leader waits this long for a job's assigned handler
 
 
 @attrs.frozen(kw_only=True)
@@ -548,6 +549,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
             "default_timeout": _optional(_positive_float),
             "task_timeouts": _mapping_of(_positive_float),
             "no_handler_wait": _positive_float,
+            "redispatch_wait": _positive_float,
         },
     ),
     "governors": (

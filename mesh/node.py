@@ -696,8 +696,11 @@ def build_scheduling(node: MeshNode, state: Any) -> Any:
             default_timeout=d.default_timeout,
             task_timeouts=d.task_timeouts,
             no_handler_wait=d.no_handler_wait,
+            redispatch_wait=d.redispatch_wait,
         ),
     )
+
+    dispatcher.state = state
 
     def broker(n: MeshNode) -> Any:
         return ZMQEventBroker(transport=n.transport, peers=sorted(n.peers))

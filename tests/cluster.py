@@ -482,3 +482,121 @@ class Cluster:
             h = n.health(timeout=0.5) if n.running else None
             parts.append(f"{n.output_tail(lines)}\n-- health: {h}")
         return "\n".join(parts)
+
+
+class HandlerProc:
+    """One ``schedulezero handler`` process; survives restarts (same handler id and log files).
+
+    ``mesh`` lists the node mesh addresses it is given (one is enough: it learns the leader's);
+    ``tasks`` the modules it imports. Its stdout and stderr go to files under ``root``. Use it
+    through a fixture that calls :meth:`stop` after the test, pass or fail.
+    """
+
+    def __init__(
+        self,
+        handler_id: str,
+        mesh: Sequence[str],
+        tasks: Sequence[str],
+        root: Path,
+        *,
+        concurrency: int = 4,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.handler_id = handler_id
+        self.mesh = list(mesh)
+        self.tasks = list(tasks)
+        self.concurrency = concurrency
+        self.root = root
+        self.stdout_path = root / "stdout.log"
+        self.stderr_path = root / "stderr.log"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULEZERO_")}
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.env.update(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def __repr__(self) -> str:
+        return f"<handler {self.handler_id} {'running' if self.running else 'stopped'}>"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "mesh.cli", "handler", "--handler-id", self.handler_id]
+        cmd += ["--concurrency", str(self.concurrency)]
+        for address in self.mesh:
+            cmd += ["--mesh", address]
+        for module in self.tasks:
+            cmd += ["--tasks", module]
+        return cmd
+
+    def start(self) -> HandlerProc:
+        if self.running:
+            raise RuntimeError(f"{self.handler_id} is already running")
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
+            banner = f"----- start #{self.starts + 1} at {time.time():.3f}\n".encode()
+            out.write(banner)
+            err.write(banner)
+            out.flush()
+            err.flush()
+            self.proc = subprocess.Popen(
+                self.command(),
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                preexec_fn=_die_with_the_test_runner,
+            )
+        self.starts += 1
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def kill(self, sig: int = signal.SIGKILL) -> float:
+        """Send ``sig``; returns the monotonic time it was sent. SIGKILL waits for the exit."""
+        if not self.running:
+            raise RuntimeError(f"{self.handler_id} is not running")
+        assert self.proc is not None
+        sent_at = time.monotonic()
+        self.proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            try:
+                self.proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    f"{self.handler_id} did not exit after SIGKILL\n{self.output_tail()}"
+                ) from None
+        return sent_at
+
+    def restart(self) -> HandlerProc:
+        """Start again with the same handler id (after ``kill`` or ``stop``)."""
+        if self.running:
+            raise RuntimeError(f"{self.handler_id} is still running")
+        return self.start()
+
+    def stop(self, timeout: float = STOP_GRACE_SECONDS) -> int | None:
+        """SIGTERM (the handler drains), then SIGKILL after ``timeout``; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5.0)
+        return self.proc.returncode
+
+    def output_tail(self, lines: int = 25) -> str:
+        return (
+            f"== handler {self.handler_id} pid={self.pid} "
+            f"returncode={self.proc.returncode if self.proc else None}\n"
+            f"-- stdout:\n{_tail(self.stdout_path, lines)}\n"
+            f"-- stderr:\n{_tail(self.stderr_path, lines)}"
+        )

@@ -27,8 +27,10 @@ from mesh.dispatch.protocol import (
     AT_CAPACITY,
     DISPATCH,
     DISPATCH_ACK,
+    DISPATCH_START,
     HELLO,
     JOB_RESULT,
+    NOT_STARTED,
     STALE_FENCING_TOKEN,
     UNKNOWN_TASK,
 )
@@ -62,6 +64,8 @@ class FakeNode:
         self.hellos: list[dict[str, Any]] = []
         self.acks: dict[str, dict[str, Any]] = {}
         self.results: dict[str, list[dict[str, Any]]] = {}
+        self.auto_start = True
+        self.abandoned: set[str] = set()  # dispatch ids a late ack gets start=false for
         self._changed = asyncio.Event()
 
     async def start(self) -> None:
@@ -82,7 +86,18 @@ class FakeNode:
                 "leader_mesh": self.leader_mesh,
             }
         if incoming.kind == DISPATCH_ACK:
-            self.acks[incoming.payload["dispatch_id"]] = incoming.payload
+            ack = incoming.payload
+            self.acks[ack["dispatch_id"]] = ack
+            # Like the leader: start what it still wants, cancel what it gave up on.
+            if ack.get("needs_start") and self.auto_start:
+                self.transport.send_to_identity(
+                    incoming.identity,
+                    DISPATCH_START,
+                    {
+                        "dispatch_id": ack["dispatch_id"],
+                        "start": ack["dispatch_id"] not in self.abandoned,
+                    },
+                )
         elif incoming.kind == JOB_RESULT:
             self.results.setdefault(incoming.payload["dispatch_id"], []).append(incoming.payload)
         return None
@@ -212,7 +227,13 @@ async def test_dispatch_runs_and_returns_the_value(
     node, _ = node_and_handler
     dispatch_id = node.dispatch("h1", "echo", {"x": [1, 2]})
     ack = await node.ack(dispatch_id)
-    assert ack == {"dispatch_id": dispatch_id, "handler_id": "h1", "accepted": True, "reason": None}
+    assert ack == {
+        "dispatch_id": dispatch_id,
+        "handler_id": "h1",
+        "accepted": True,
+        "reason": None,
+        "needs_start": True,
+    }
     result = await node.result(dispatch_id)
     assert result["outcome"] == "success"
     assert result["return_value"] == {"x": [1, 2]}
@@ -512,3 +533,54 @@ def test_bad_tasks_module_exits_2_with_one_line() -> None:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("schedulezero: error: ")
     assert "tests.fixtures.no_such_module" in lines[0]
+
+
+# ---------------------------------------------------------------------------- two-phase start
+
+
+async def test_an_acknowledged_dispatch_runs_nothing_until_the_leader_starts_it(
+    node_and_handler: tuple[FakeNode, HandlerProcess], tmp_path: Path
+) -> None:
+    node, _ = node_and_handler
+    node.auto_start = False
+    path = tmp_path / "runs.txt"
+    d = node.dispatch("h1", "count_to_file", str(path), idempotency_key="held")
+    assert (await node.ack(d))["needs_start"] is True
+    await asyncio.sleep(0.5)
+    assert not path.exists()
+    node.transport.send_to_identity(b"h1", DISPATCH_START, {"dispatch_id": d, "start": True})
+    assert (await node.result(d))["outcome"] == "success"
+    assert path.read_text().splitlines() == ["held"]
+
+
+async def test_a_dispatch_the_leader_gave_up_on_never_runs(
+    node_and_handler: tuple[FakeNode, HandlerProcess], tmp_path: Path
+) -> None:
+    """A late acknowledgement gets start=false: the dispatch is dropped, the slot freed."""
+    node, handler = node_and_handler
+    path = tmp_path / "runs.txt"
+    d = node.dispatch("h1", "count_to_file", str(path), idempotency_key="late")
+    node.abandoned.add(d)
+    await node.ack(d)
+    await node.wait_for("cancel", lambda: handler.counters["cancelled_starts"] == 1)
+    await asyncio.sleep(0.3)
+    assert not path.exists() and handler.active_jobs == 0
+
+
+async def test_a_start_after_the_window_is_answered_not_started_and_runs_nothing(
+    node_and_handler: tuple[FakeNode, HandlerProcess], tmp_path: Path, monkeypatch
+) -> None:
+    import mesh.dispatch.handler as handler_module
+
+    monkeypatch.setattr(handler_module, "START_WINDOW", 0.2)
+    node, handler = node_and_handler
+    node.auto_start = False
+    path = tmp_path / "runs.txt"
+    d = node.dispatch("h1", "count_to_file", str(path), idempotency_key="expired")
+    await node.ack(d)
+    await node.wait_for("expiry", lambda: handler.counters["expired_starts"] == 1)
+    node.transport.send_to_identity(b"h1", DISPATCH_START, {"dispatch_id": d, "start": True})
+    result = await node.result(d)
+    assert result["outcome"] == NOT_STARTED
+    await asyncio.sleep(0.3)
+    assert not path.exists()

@@ -31,7 +31,7 @@ from mesh.dispatch import protocol as p
 from mesh.dispatch.governors import Governors
 from mesh.dispatch.registry import HandlerInfo, HandlerRegistry
 from mesh.scheduling.executor import TaskUnavailable
-from mesh.scheduling.state import RemoteJobError, to_wire
+from mesh.scheduling.state import RemoteJobError, SchedulerState, to_wire
 from mesh.tasks import JobContext
 from mesh.transport.zmq import Incoming
 
@@ -45,6 +45,10 @@ class HandlerLost(Exception):
     """The handler stopped answering (died, partitioned, or refused): retry elsewhere."""
 
 
+class Fenced(Exception):
+    """This leader's lease on the job is gone (a newer leader took over): do not dispatch."""
+
+
 @attrs.define
 class DispatchSettings:
     max_attempts: int = 4  # dispatch attempts per job (first try + retries)
@@ -52,6 +56,10 @@ class DispatchSettings:
     task_timeouts: Mapping[str, float] = attrs.Factory(dict)
     default_timeout: float | None = None
     no_handler_wait: float = 30.0
+    # A job re-dispatched by a new leader goes back to the handler it was assigned to, which
+    # answers from its idempotency window; if that handler stays unreachable this long, the job
+    # is retried elsewhere (at-least-once, same idempotency key).
+    redispatch_wait: float = 10.0
     backoff_initial: float = 0.05
     backoff_max: float = 1.0
 
@@ -76,6 +84,7 @@ class HandlerDispatcher:
         self.registry = registry
         self.governors = governors or Governors()
         self.settings = settings or DispatchSettings()
+        self.state: SchedulerState | None = None  # set by the node: assignments are recorded
         self._pending: dict[str, _Pending] = {}
         self._cursor: dict[str, itertools.count[int]] = {}
         self._sticky: dict[str, str] = {}  # schedule id → handler id
@@ -92,10 +101,25 @@ class HandlerDispatcher:
         backoff = wait_exponential(multiplier=s.backoff_initial, max=s.backoff_max)
         excluded: set[str] = set()
         last_error: Exception | None = None
+        assigned = self._assigned_handler(job)
         for attempt in range(1, s.max_attempts + 1):
-            handler = await self._choose(job, excluded)
             try:
                 async with self.governors.task_slot(job.task_id):
+                    # Chosen only once the governors let the job go: a handler picked before
+                    # a long wait for a slot or token is full by then and refuses it.
+                    if assigned is not None and assigned not in excluded:
+                        handler = await self._wait_for(assigned, job)
+                        if handler is None:
+                            excluded.add(assigned)  # unreachable too long: treat it as dead
+                            handler = await self._choose(job, excluded)
+                    else:
+                        handler = await self._choose(job, excluded)
+                    if not await self._assign(job, handler, ctx):
+                        raise Fenced(
+                            f"job {job.id} no longer belongs to this leader "
+                            f"(term {ctx.fencing_token})"
+                        )
+                    assigned = handler.handler_id
                     await self.governors.handler_rate(handler.handler_id)
                     try_ctx = attrs.evolve(ctx, attempt=ctx.attempt + attempt - 1)
                     value = await self._run_on(handler, job, try_ctx)
@@ -117,6 +141,44 @@ class HandlerDispatcher:
             f"attempts; last error: {last_error}"
         )
 
+    # ------------------------------------------------------------------ assignment
+
+    def _assigned_handler(self, job: Job) -> str | None:
+        js = self.state.jobs.get(job.id) if self.state is not None else None
+        return js.handler if js is not None else None
+
+    async def _assign(self, job: Job, handler: HandlerInfo, ctx: JobContext) -> bool:
+        """Commit "job → handler" before dispatching; a leader without a quorum cannot."""
+        if self.state is None or job.id not in self.state.jobs:
+            return True
+        return bool(
+            await self.node.propose(
+                {
+                    "op": "assign_job",
+                    "job_id": str(job.id),
+                    "handler_id": handler.handler_id,
+                    "scheduler_id": f"{self.node.id}@{ctx.fencing_token}",
+                }
+            )
+        )
+
+    async def _wait_for(self, handler_id: str, job: Job) -> HandlerInfo | None:
+        """The assigned handler once it is alive (and offers the task), or None after the wait."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.redispatch_wait
+        while True:
+            h = self.registry.handlers.get(handler_id)
+            if h is not None and job.task_id in h.tasks and self.registry.state(h) == "alive":
+                return h
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                log.warning(
+                    "job %s: assigned handler %s unreachable for %.1fs; retrying elsewhere",
+                    job.id, handler_id, self.settings.redispatch_wait,
+                )  # fmt: skip
+                return None
+            await self.registry.changed(min(remaining, 0.25))
+
     # ------------------------------------------------------------------ routing
 
     async def _choose(self, job: Job, excluded: set[str]) -> HandlerInfo:
@@ -128,14 +190,18 @@ class HandlerDispatcher:
                 return handler
             remaining = deadline - loop.time()
             if remaining <= 0:
+                wait = (
+                    "the schedule's misfire grace time"
+                    if job.start_deadline is not None
+                    else f"dispatch.no_handler_wait, {self.settings.no_handler_wait:g}s"
+                )
                 if not self.registry.offers(job.task_id):
                     raise TaskUnavailable(
-                        f"no handler offered task {job.task_id!r} within the job's wait "
-                        "(the schedule's misfire grace time)"
+                        f"no handler offered task {job.task_id!r} within the job's wait ({wait})"
                     )
                 raise TaskUnavailable(
                     f"every handler offering task {job.task_id!r} stayed busy or unhealthy "
-                    "within the job's wait (the schedule's misfire grace time)"
+                    f"within the job's wait ({wait})"
                 )
             # Woken by a handler arriving, recovering or finishing a job; polled as a fallback
             # for circuits whose cool-down ends.
@@ -202,6 +268,7 @@ class HandlerDispatcher:
             else None,
             "timeout": timeout,
         }
+        incarnation = handler.incarnation
         handler.in_flight += 1
         try:
             if not self.node.transport.send_to_identity(handler.identity, p.DISPATCH, payload):
@@ -209,16 +276,24 @@ class HandlerDispatcher:
             try:
                 ack = await asyncio.wait_for(pending.ack, self.settings.ack_timeout)
             except TimeoutError:
+                # Nothing runs without our start, and a late acknowledgement is answered with
+                # start=false (see _on_ack): retrying elsewhere cannot run the job twice.
                 raise HandlerLost(f"handler {handler.handler_id} did not acknowledge") from None
             if not ack.get("accepted"):
                 raise HandlerLost(
                     f"handler {handler.handler_id} refused the dispatch: {ack.get('reason')}"
                 )
-            result = await self._await_result(handler, pending, timeout)
+            if ack.get("needs_start"):
+                self.node.transport.send_to_identity(
+                    handler.identity, p.DISPATCH_START, {"dispatch_id": dispatch_id, "start": True}
+                )
+            result = await self._await_result(handler, incarnation, pending, timeout)
         finally:
             handler.in_flight -= 1
             self._pending.pop(dispatch_id, None)
             self.registry.notify()
+        if result.get("outcome") == p.NOT_STARTED:
+            raise HandlerLost(f"handler {handler.handler_id} did not start the job in time")
         if result.get("outcome") == "success":
             return result.get("return_value")
         err = result.get("error") or {}
@@ -227,11 +302,21 @@ class HandlerDispatcher:
         raise RemoteJobError(str(err.get("type", "Error")), str(err.get("message", "")))
 
     async def _await_result(
-        self, handler: HandlerInfo, pending: _Pending, timeout: float | None
+        self,
+        handler: HandlerInfo,
+        incarnation: str | None,
+        pending: _Pending,
+        timeout: float | None,
     ) -> dict[str, Any]:
-        """Wait for the result while watching the handler's heartbeat."""
+        """Wait for the result while watching the handler's heartbeat.
+
+        A started job is given up on only when its handler restarted (the job died with it) or
+        has been unreachable for ``redispatch_wait`` (it may still be running it: retrying
+        elsewhere is then at-least-once, with the same idempotency key).
+        """
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout + self.settings.ack_timeout
+        slack = self.settings.ack_timeout + p.START_WINDOW
+        deadline = None if timeout is None else loop.time() + timeout + slack
         while True:
             wait = 0.5
             if deadline is not None:
@@ -242,15 +327,27 @@ class HandlerDispatcher:
                     )
             with contextlib.suppress(TimeoutError):
                 return await asyncio.wait_for(asyncio.shield(pending.result), wait)
-            if self.registry.state(handler) == "dead":
-                raise HandlerLost(f"handler {handler.handler_id} stopped heartbeating mid-job")
+            silent = self.registry.clock() - handler.last_seen
+            if silent > max(self.settings.redispatch_wait, p.DEAD_AFTER):
+                raise HandlerLost(
+                    f"handler {handler.handler_id} unreachable for {silent:.1f}s mid-job"
+                )
+            if handler.incarnation != incarnation:
+                raise HandlerLost(f"handler {handler.handler_id} restarted mid-job")
 
     # ------------------------------------------------------------------ incoming
 
     def _on_ack(self, msg: Incoming) -> None:
-        pending = self._pending.get(str(msg.payload.get("dispatch_id")))
+        dispatch_id = str(msg.payload.get("dispatch_id"))
+        pending = self._pending.get(dispatch_id)
         if pending is not None and not pending.ack.done():
             pending.ack.set_result(msg.payload)
+            return
+        if msg.payload.get("needs_start") and msg.identity:
+            # We gave up on this dispatch (or never sent it): the handler must not run it.
+            self.node.transport.send_to_identity(
+                msg.identity, p.DISPATCH_START, {"dispatch_id": dispatch_id, "start": False}
+            )
 
     def _on_result(self, msg: Incoming) -> None:
         pending = self._pending.get(str(msg.payload.get("dispatch_id")))

@@ -51,10 +51,13 @@ from mesh.dispatch.protocol import (
     AT_CAPACITY,
     DISPATCH,
     DISPATCH_ACK,
+    DISPATCH_START,
     HEARTBEAT_INTERVAL,
     HELLO,
     JOB_RESULT,
+    NOT_STARTED,
     STALE_FENCING_TOKEN,
+    START_WINDOW,
     UNKNOWN_TASK,
 )
 from mesh.tasks import REGISTRY, JobContext, TaskDef, TaskModuleError, load_task_modules
@@ -249,10 +252,15 @@ class _TaskTimeout(Exception):
 
 @attrs.define
 class _Running:
-    """One execution in progress, and the re-dispatches of its key waiting for its result."""
+    """One execution in progress, and the re-dispatches of its key waiting for its result.
+
+    Until the leader's ``dispatch_start`` arrives it only holds a slot (``started`` is False).
+    """
 
     dispatch: Dispatch
     joiners: list[Dispatch] = attrs.Factory(list)
+    started: bool = False
+    expiry: asyncio.TimerHandle | None = None
 
 
 # ---------------------------------------------------------------------------- nodes
@@ -370,6 +378,11 @@ class HandlerProcess:
             return
         self._stopped = True
         self._accepting = False
+        # Dispatches acknowledged but not yet started get their start (or expire) first.
+        loop = asyncio.get_running_loop()
+        hold_until = loop.time() + min(START_WINDOW, max(drain_timeout, 0.0))
+        while any(not r.started for r in self._running.values()) and loop.time() < hold_until:  # noqa: ASYNC110 - bounded, rare
+            await asyncio.sleep(0.02)
         jobs = set(self._job_tasks)
         if jobs:
             log.info("handler %s draining %d running job(s)", self.handler_id, len(jobs))
@@ -528,6 +541,8 @@ class HandlerProcess:
         # in arrival order; only the task itself runs as an asyncio task.
         if incoming.kind == DISPATCH:
             self._on_dispatch(incoming.payload, incoming.address)
+        elif incoming.kind == DISPATCH_START:
+            self._on_start(incoming.payload, incoming.address)
         else:
             self.counters["unexpected." + incoming.kind] += 1
             log.debug("handler %s: ignoring %r message", self.handler_id, incoming.kind)
@@ -569,6 +584,11 @@ class HandlerProcess:
             self._spawn(self._send_result(d, finished, cached=True))
             return
         running = self._running.get(d.idempotency_key)
+        if running is not None and not running.started:
+            # Not started yet: the newer dispatch takes the slot over; the older one's start
+            # (from a leader that may have given up on it) will find nothing to start.
+            self._drop_pending(running)
+            running = None
         if running is not None:
             self.counters["joined"] += 1
             self._ack(address, d.dispatch_id, True, None)
@@ -584,9 +604,66 @@ class HandlerProcess:
             self._refuse(d, AT_CAPACITY)
             return
 
-        self._running[d.idempotency_key] = _Running(d)
-        self._ack(address, d.dispatch_id, True, None)
-        self._spawn(self._run(task, d))
+        pending = _Running(d)
+        pending.expiry = asyncio.get_running_loop().call_later(
+            START_WINDOW, self._expire_pending, d.idempotency_key, d.dispatch_id
+        )
+        self._running[d.idempotency_key] = pending
+        self._ack(address, d.dispatch_id, True, None, needs_start=True)
+
+    def _on_start(self, payload: dict[str, Any], address: str) -> None:
+        dispatch_id = payload.get("dispatch_id")
+        start = payload.get("start") is True
+        pending = next(
+            (
+                r
+                for r in self._running.values()
+                if not r.started and r.dispatch.dispatch_id == dispatch_id
+            ),
+            None,
+        )
+        if pending is None:
+            if start and isinstance(dispatch_id, str):
+                # Too late (the window passed, or a newer dispatch took the slot): say so, so
+                # the leader retries elsewhere knowing this handler ran nothing.
+                self.counters["late_starts"] += 1
+                self._spawn(self._send_not_started(dispatch_id, address))
+            return
+        if not start:
+            self.counters["cancelled_starts"] += 1
+            self._drop_pending(pending)
+            return
+        if pending.expiry is not None:
+            pending.expiry.cancel()
+        pending.started = True
+        task = self.tasks[pending.dispatch.task]
+        self._spawn(self._run(task, pending.dispatch))
+
+    def _drop_pending(self, pending: _Running) -> None:
+        if pending.expiry is not None:
+            pending.expiry.cancel()
+        key = pending.dispatch.idempotency_key
+        if self._running.get(key) is pending:
+            del self._running[key]
+
+    def _expire_pending(self, key: str, dispatch_id: str) -> None:
+        pending = self._running.get(key)
+        if (
+            pending is not None
+            and not pending.started
+            and pending.dispatch.dispatch_id == dispatch_id
+        ):
+            self.counters["expired_starts"] += 1
+            del self._running[key]
+
+    async def _send_not_started(self, dispatch_id: str, address: str) -> None:
+        payload = {
+            "dispatch_id": dispatch_id,
+            "handler_id": self.handler_id,
+            "outcome": NOT_STARTED,
+            "error": {"type": "NotStarted", "message": "start arrived after the start window"},
+        }
+        self.transport.send(address, JOB_RESULT, payload)
 
     def _task_is_full(self, task: TaskDef) -> bool:
         # A task's own max_running_jobs also holds per handler (the leader may enforce it
@@ -600,12 +677,21 @@ class HandlerProcess:
         self.counters["refused." + reason] += 1
         self._ack(d.address, d.dispatch_id, False, reason)
 
-    def _ack(self, address: str, dispatch_id: str, accepted: bool, reason: str | None) -> None:
+    def _ack(
+        self,
+        address: str,
+        dispatch_id: str,
+        accepted: bool,
+        reason: str | None,
+        *,
+        needs_start: bool = False,
+    ) -> None:
         payload = {
             "dispatch_id": dispatch_id,
             "handler_id": self.handler_id,
             "accepted": accepted,
             "reason": reason,
+            "needs_start": needs_start,
         }
         # The DEALER the dispatch arrived on is connected, so this queues unless the HWM is hit.
         if not self.transport.send(address, DISPATCH_ACK, payload):

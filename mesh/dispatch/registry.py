@@ -8,6 +8,7 @@ skips a handler after consecutive failures and probes it back in after a cool-do
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -16,6 +17,8 @@ from typing import Any
 import attrs
 
 from mesh.dispatch.protocol import DEAD_AFTER, SUSPECT_AFTER
+
+log = logging.getLogger("mesh.dispatch")
 
 CIRCUIT_FAILURES = 3  # consecutive failures that take a handler out of rotation
 CIRCUIT_COOLDOWN = 5.0  # seconds before one probe job may go to it again
@@ -29,6 +32,9 @@ class HandlerInfo:
     pid: int | None = None
     host: str | None = None
     reported: dict[str, Any] = attrs.Factory(dict)
+    # Which process answers to this id (pid and start time): a handler restarted under the same
+    # id keeps heartbeating, so only this tells its dispatcher the old process's jobs are gone.
+    incarnation: str | None = None
     last_seen: float = 0.0
     last_seen_wall: float = 0.0
     # Leader-side routing state.
@@ -69,6 +75,10 @@ class HandlerRegistry:
             k: payload.get(k) for k in ("active_jobs", "succeeded", "failed", "avg_ms")
         }
         info.draining = payload.get("draining") is True
+        incarnation = f"{payload.get('pid')}@{payload.get('started_at')}"
+        if info.incarnation is not None and incarnation != info.incarnation:
+            log.info("handler %s restarted (now %s)", hid, incarnation)
+        info.incarnation = incarnation
         info.last_seen = self.clock()
         info.last_seen_wall = time.time()
         if not was_alive:

@@ -146,6 +146,9 @@ class JobState:
     job: Job
     attempts: int = 0
     term: int | None = None  # the leader term that last acquired it (fencing token)
+    # The handler it was last dispatched to, committed before the dispatch was sent: a new leader
+    # sends it back there, where the handler's idempotency window answers without a second run.
+    handler: str | None = None
 
 
 class SchedulerState:
@@ -192,7 +195,12 @@ class SchedulerState:
                 "tasks": [dump_task(t) for t in self.tasks.values()],
                 "schedules": [dump_schedule(s) for s in self.schedules.values()],
                 "jobs": [
-                    {"job": dump_job(js.job), "attempts": js.attempts, "term": js.term}
+                    {
+                        "job": dump_job(js.job),
+                        "attempts": js.attempts,
+                        "term": js.term,
+                        "handler": js.handler,
+                    }
                     for js in self.jobs.values()
                 ],
                 "results": [dump_result(r) for r in self.results.values()],
@@ -215,7 +223,7 @@ class SchedulerState:
             self._put_schedule(load_schedule(s))
         for j in d["jobs"]:
             job = load_job(j["job"])
-            self.jobs[job.id] = JobState(job, j["attempts"], j["term"])
+            self.jobs[job.id] = JobState(job, j["attempts"], j["term"], j.get("handler"))
         for r in d["results"]:
             res = load_result(r)
             self.results[res.job_id] = res
@@ -410,6 +418,14 @@ class SchedulerState:
             self._running[js.job.task_id] = self._running.get(js.job.task_id, 0) + 1
             got.append(jid)
         return got
+
+    def _op_assign_job(self, c: dict[str, Any], _e: Entry) -> bool:
+        """Record the handler a job is about to be dispatched to; False = do not dispatch."""
+        js = self.jobs.get(UUID(c["job_id"]))
+        if js is None or js.job.acquired_by != c["scheduler_id"]:
+            return False  # finished, or its lease was reset by a newer leader: fenced off
+        js.handler = c["handler_id"]
+        return True
 
     def _op_release_job(self, c: dict[str, Any], _e: Entry) -> bool:
         jid = UUID(c["job_id"])

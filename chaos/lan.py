@@ -1,0 +1,364 @@
+"""A LAN of hosts on one machine: each node in its own network namespace on a bridge.
+
+Layout (names carry this process's id, so parallel runs never collide):
+
+    ns <p>sw   : a bridge <p>br (the switch)
+    ns <p>h<i> : host i, eth0 = 10.77.<k>.<i>/24 (a veth whose peer sits on the bridge)
+    root ns    : <p>obs = 10.77.<k>.250/24 on the bridge too: the observer (checker, clients)
+
+Nodes run with ``--discovery mdns`` and no peer list: they find each other by multicast DNS
+across the bridge, as identical nodes on a LAN would. A partition is made inside the hosts'
+namespaces with ``ip route add blackhole <peer>/32``: everything (Raft, pings, handler traffic,
+HTTP forwarding) between the two sides stops silently; the observer still sees every host.
+
+Needs root and iproute2; ``available()`` says why not otherwise, and callers skip.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chaos.topology import REPO_ROOT, Proc, http
+
+MESH_PORT = 7100
+HTTP_PORT = 8100
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=10)
+
+
+def available() -> str | None:
+    """None if network namespaces can be made here, else the reason."""
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2 (the ip command)"
+    probe = f"szp{os.getpid() % 100000}"
+    try:
+        _ip("netns", "add", probe)
+    except (subprocess.CalledProcessError, OSError) as e:
+        return f"cannot create a network namespace here: {getattr(e, 'stderr', e)}"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
+class LanNode(Proc):
+    def __init__(self, lan: Lan, index: int) -> None:
+        self.lan = lan
+        self.index = index
+        self.node_id = f"host{index}"
+        self.ns = f"{lan.p}h{index}"
+        self.ip = f"{lan.subnet}.{index}"
+        self.http = f"http://{self.ip}:{HTTP_PORT}"
+        self.mesh = f"tcp://{self.ip}:{MESH_PORT}"
+        self.data_dir = lan.root / self.node_id
+        argv = [
+            "ip", "netns", "exec", self.ns, sys.executable, "-m", "mesh.cli", "node",
+            "--config", str(lan.config_path), "--node-id", self.node_id,
+            "--data-dir", str(self.data_dir), "--mesh", self.mesh,
+            "--http", f"{self.ip}:{HTTP_PORT}", "--discovery", "mdns",
+            "--bootstrap-expect", str(lan.n),
+        ]  # fmt: skip
+        super().__init__(self.node_id, argv, lan.root / f"{self.node_id}.log", lan.env)
+
+    def health(self, timeout: float = 0.5) -> dict[str, Any] | None:
+        try:
+            status, body, _ = http(self.http + "/api/health", timeout=timeout)
+        except OSError:
+            return None
+        return body if status == 200 and isinstance(body, dict) else None
+
+
+class Lan:
+    """N hosts (namespaces) on a bridge, a node and a handler on each. Use as a context manager."""
+
+    def __init__(self, n: int = 3, *, root: Path | None = None) -> None:
+        self.n = n
+        self.p = f"sz{os.getpid() % 10000}{secrets.token_hex(1)}"
+        self.subnet = f"10.77.{random.randint(1, 250)}"
+        self.root = root or Path(tempfile.mkdtemp(prefix="chaos-lan-"))
+        self.config_path = self.root / "mesh.yaml"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULEZERO_")}
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.env["PYTHONPATH"] = str(REPO_ROOT)
+        self.nodes: list[LanNode] = []
+        self.handlers: list[Proc] = []
+        self.blackholes: set[tuple[str, str]] = set()  # (host ns, blocked ip)
+        self._made: list[str] = []
+
+    # ------------------------------------------------------------------ network
+
+    def __enter__(self) -> Lan:
+        self.root.mkdir(parents=True, exist_ok=True)
+        service = f"_sz{secrets.token_hex(4)}._tcp.local."
+        self.config_path.write_text(yaml.safe_dump({"mdns_service": service}))
+        try:
+            self._build_network()
+        except BaseException:
+            self.close()
+            raise
+        self.nodes = [LanNode(self, i + 1) for i in range(self.n)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _build_network(self) -> None:
+        sw, br = f"{self.p}sw", f"{self.p}br"
+        _ip("netns", "add", sw)
+        self._made.append(sw)
+        _ip("-n", sw, "link", "add", br, "type", "bridge")
+        _ip("-n", sw, "link", "set", br, "up")
+        _ip("-n", sw, "link", "set", "lo", "up")
+        for i in range(1, self.n + 1):
+            ns = f"{self.p}h{i}"
+            _ip("netns", "add", ns)
+            self._made.append(ns)
+            host_if, sw_if = f"{self.p}e{i}", f"{self.p}s{i}"
+            _ip("link", "add", host_if, "type", "veth", "peer", "name", sw_if)
+            _ip("link", "set", host_if, "netns", ns)
+            _ip("link", "set", sw_if, "netns", sw)
+            _ip("-n", sw, "link", "set", sw_if, "master", br)
+            _ip("-n", sw, "link", "set", sw_if, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "addr", "add", f"{self.subnet}.{i}/24", "dev", host_if)
+            _ip("-n", ns, "link", "set", host_if, "up")
+        # The observer: the root namespace joins the bridge to watch every host.
+        obs, obs_sw = f"{self.p}obs", f"{self.p}so"
+        _ip("link", "add", obs, "type", "veth", "peer", "name", obs_sw)
+        self._made.append(f"link:{obs}")
+        _ip("link", "set", obs_sw, "netns", sw)
+        _ip("-n", sw, "link", "set", obs_sw, "master", br)
+        _ip("-n", sw, "link", "set", obs_sw, "up")
+        _ip("addr", "add", f"{self.subnet}.250/24", "dev", obs)
+        _ip("link", "set", obs, "up")
+
+    def close(self) -> None:
+        for p in [*self.handlers, *self.nodes]:
+            try:
+                p.stop()
+            except Exception:
+                pass
+        for name in reversed(self._made):
+            if name.startswith("link:"):
+                _ip("link", "del", name[5:], check=False)
+            else:
+                _ip("netns", "del", name, check=False)
+        self._made.clear()
+
+    # ------------------------------------------------------------------ processes
+
+    def start(self, handlers: bool = True, timeout: float = 30.0) -> None:
+        for node in self.nodes:
+            node.start()
+        if handlers:
+            for node in self.nodes:
+                argv = ["ip", "netns", "exec", node.ns, sys.executable, "-m", "mesh.cli",
+                        "handler", "--handler-id", f"h-{node.node_id}",
+                        "--tasks", "chaos.workload_tasks"]  # fmt: skip
+                for other in self.nodes:
+                    argv += ["--mesh", other.mesh]
+                h = Proc(f"h-{node.node_id}", argv, self.root / f"h-{node.node_id}.log", self.env)
+                h.start()
+                self.handlers.append(h)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.stable_leader() is not None:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"LAN mesh elected no leader within {timeout}s\n{self.tails()}")
+
+    # the ChaosCluster interface the checker uses
+    @property
+    def ids(self) -> list[str]:
+        return [n.node_id for n in self.nodes]
+
+    def node(self, node_id: str) -> LanNode:
+        return next(n for n in self.nodes if n.node_id == node_id)
+
+    def healths(self) -> dict[str, dict[str, Any] | None]:
+        return {n.node_id: n.health() if n.running and not n.stopped else None for n in self.nodes}
+
+    def stable_leader(self) -> str | None:
+        hs = [h for h in self.healths().values() if h]
+        leaders = {h["node_id"] for h in hs if h["role"] == "leader"}
+        if len(leaders) != 1:
+            return None
+        leader = leaders.pop()
+        agree = [h for h in hs if h["leader_id"] == leader and len(h.get("voters", [])) == self.n]
+        return leader if len(agree) > self.n // 2 else None
+
+    def tails(self, lines: int = 15) -> str:
+        out = []
+        for p in [*self.nodes, *self.handlers]:
+            try:
+                text = p.log.read_text(errors="replace").splitlines()[-lines:]
+            except FileNotFoundError:
+                text = ["(no log)"]
+            out.append(f"--- {p.name}\n" + "\n".join(text))
+        return "\n".join(out)
+
+
+class LanNemesis:
+    """Partitions by blackhole routes; process faults by signals. Same shape as ``Nemesis``."""
+
+    def __init__(self, lan: Lan, rng: random.Random) -> None:
+        self.cluster = lan
+        self.rng = rng
+        self.log: list[dict[str, Any]] = []
+        self.partitions: list[dict[str, Any]] = []
+
+    def _note(self, what: str, **detail: Any) -> None:
+        self.log.append({"t": time.time(), "what": what, **detail})
+
+    def partition(self, *groups: Iterable[str]) -> None:
+        gs = [sorted(g) for g in groups]
+        lan = self.cluster
+        for a in gs:
+            for b in gs:
+                if a is b:
+                    continue
+                for x in a:
+                    for y in b:
+                        src, dst = lan.node(x), lan.node(y)
+                        if (src.ns, dst.ip) not in lan.blackholes:
+                            _ip("-n", src.ns, "route", "add", "blackhole", f"{dst.ip}/32")
+                            lan.blackholes.add((src.ns, dst.ip))
+        minority = [g for g in gs if len(g) <= lan.n // 2]
+        self.partitions.append({"start": time.time(), "end": None, "minority": minority})
+        self._note("partition", groups=gs)
+
+    def isolate(self, node_id: str, silent: bool = True) -> None:
+        self.partition([node_id], [i for i in self.cluster.ids if i != node_id])
+
+    def heal(self) -> None:
+        lan = self.cluster
+        for ns, ip in sorted(lan.blackholes):
+            _ip("-n", ns, "route", "del", "blackhole", f"{ip}/32", check=False)
+        lan.blackholes.clear()
+        for node in lan.nodes:
+            if node.stopped:
+                node.signal(signal.SIGCONT)
+                node.stopped = False
+        now = time.time()
+        for p in self.partitions:
+            if p["end"] is None:
+                p["end"] = now
+        self._note("heal")
+
+    def kill(self, node_id: str) -> None:
+        node = self.cluster.node(node_id)
+        # `ip netns exec` execs the interpreter, so the pid is the node's own.
+        node.signal(signal.SIGKILL)
+        self._note("kill", node=node_id)
+
+    def restart(self, node_id: str) -> None:
+        node = self.cluster.node(node_id)
+        if not node.running:
+            node.start()
+            self._note("restart", node=node_id)
+
+    def restart_all(self) -> None:
+        for node in self.cluster.nodes:
+            self.restart(node.node_id)
+
+    def pause(self, node_id: str) -> None:
+        self.cluster.node(node_id).signal(signal.SIGSTOP)
+        self._note("pause", node=node_id)
+
+    def resume(self, node_id: str) -> None:
+        node = self.cluster.node(node_id)
+        if node.stopped:
+            node.signal(signal.SIGCONT)
+            node.stopped = False
+            self._note("resume", node=node_id)
+
+
+LAN_SCENARIOS = ("leader_partition", "isolate_follower", "majority_minority", "kill_leader",
+                 "pause_leader")  # fmt: skip
+
+
+def run_lan_once(
+    scenario: str, seed: int, *, n: int = 3, duration: float = 4.0, keep: Path | None = None
+) -> dict[str, Any]:
+    from chaos.checker import History, Recorder, check_run
+    from chaos.runner import create_workload, stop_workload
+    from chaos.scenarios import SCENARIOS
+
+    rng = random.Random(seed)
+    report: dict[str, Any] = {"scenario": f"lan:{scenario}", "seed": seed, "nodes": n}
+    started = time.time()
+    with Lan(n) as lan:
+        out_dir = lan.root / "fires"
+        out_dir.mkdir()
+        history = History()
+        nem = LanNemesis(lan, rng)
+        try:
+            lan.start()
+            schedules = create_workload(lan, out_dir)  # type: ignore[arg-type]
+            recorder = Recorder(lan, history, rng)  # type: ignore[arg-type]
+            recorder.start()
+            time.sleep(1.5)
+            SCENARIOS[scenario](nem, lan, rng, duration)  # type: ignore[arg-type]
+            nem.heal()
+            nem.restart_all()
+            heal_at = time.time()
+            time.sleep(5.0)
+            recorder.stop()
+            stop_workload(lan, schedules)  # type: ignore[arg-type]
+            time.sleep(0.5)
+            report.update(check_run(lan, nem, history, out_dir, schedules, heal_at))  # type: ignore[arg-type]
+        except Exception as e:
+            report.setdefault("violations", []).append(f"run failed: {type(e).__name__}: {e}")
+            report["logs"] = lan.tails()
+        finally:
+            report["seconds"] = round(time.time() - started, 1)
+            lan.close()
+            if report.get("violations") and keep is not None:
+                dest = keep / f"lan-{scenario}-{seed}"
+                shutil.rmtree(dest, ignore_errors=True)
+                shutil.copytree(lan.root, dest, ignore=shutil.ignore_patterns("*.db-*"))
+                report["kept"] = str(dest)
+            shutil.rmtree(lan.root, ignore_errors=True)
+    return report
+
+
+def main(args: Any) -> int:
+    from chaos.runner import format_table, save
+
+    reason = available()
+    if reason:
+        print(f"chaos --lan: skipped: {reason}")
+        return 0
+    seed = args.seed if args.seed is not None else int(time.time()) % 100_000
+    reports = []
+    for k in range(args.runs):
+        scenario = (
+            args.scenario
+            if args.scenario in LAN_SCENARIOS
+            else LAN_SCENARIOS[k % len(LAN_SCENARIOS)]
+        )
+        n = args.nodes or 3
+        r = run_lan_once(scenario, seed + k, n=n, duration=args.duration, keep=args.out)
+        reports.append(r)
+        print(f"[{k + 1}/{args.runs}] lan:{scenario} seed={seed + k} "
+              f"{'ok' if not r.get('violations') else 'VIOLATION'} ({r['seconds']}s)", flush=True)  # fmt: skip
+        for v in r.get("violations") or []:
+            print(f"    ! {v}", flush=True)
+    print(format_table(reports))
+    print(f"report: {save(reports, args.out)}")
+    return 1 if any(r.get("violations") for r in reports) else 0
