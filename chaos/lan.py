@@ -355,8 +355,8 @@ def main(args: Any) -> int:
         n = args.nodes or 3
         r = run_lan_once(scenario, seed + k, n=n, duration=args.duration, keep=args.out)
         reports.append(r)
-        print(f"[{k + 1}/{args.runs}] lan:{scenario} seed={seed + k} "
-              f"{'ok' if not r.get('violations') else 'VIOLATION'} ({r['seconds']}s)", flush=True)  # fmt: skip
+        status = "ok" if not r.get("violations") else "VIOLATION"
+        print(f"[{k + 1}/{args.runs}] lan:{scenario} seed={seed + k} {status} ({r['seconds']}s)")
         for v in r.get("violations") or []:
             print(f"    ! {v}", flush=True)
     print(format_table(reports))

@@ -615,7 +615,8 @@ class Connection:
             try:
                 up_reader, up_writer = await asyncio.open_connection(host, port)
             except OSError as e:
-                log.warning(
+                # Normal while a node is down (killed, restarting): not worth a warning.
+                log.info(
                     "proxy %s: cannot connect to upstream %s: %s",
                     self.proxy.name,
                     self.proxy.upstream,
