@@ -31,8 +31,13 @@ format: install
 bench: install
 	$(BIN)/schedulezero bench $(BENCH_ARGS)
 
+# make chaos [RUNS=100] [SEED=n] [CHAOS_ARGS=...]: the randomized toxiproxy suite, then the
+# network-namespace LAN scenarios (skipped with a message where namespaces are not permitted).
+RUNS ?= 100
+LAN_RUNS ?= 5
 chaos: install
-	$(BIN)/python -m chaos $(CHAOS_ARGS)
+	$(BIN)/python -m chaos --runs $(RUNS) $(if $(SEED),--seed $(SEED)) $(CHAOS_ARGS)
+	$(BIN)/python -m chaos --lan --runs $(LAN_RUNS) $(if $(SEED),--seed $(SEED))
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -237,3 +237,24 @@ def test_bad_input_gets_a_clear_400_on_every_write_endpoint(cluster_factory) -> 
     }
     status, body = follower.request("POST", "/api/schedules", big, timeout=10)
     assert status == 413 and "too large" in body["error"]
+
+
+def test_a_follower_that_missed_compacted_entries_catches_up_through_a_snapshot(
+    cluster_factory,
+) -> None:
+    cluster = cluster_factory(3, TASKS, config={"raft": {"snapshot_threshold": 20}})
+    leader, follower = _follower(cluster)
+    follower.kill(signal.SIGKILL)
+    for i in range(40):
+        body = {"id": f"snap-{i}", "task": "record", "trigger": {"type": "interval", "hours": 1}}
+        status, reply = leader.request("POST", "/api/schedules", body)
+        assert status == 201, reply
+    assert leader.health()["commit_index"] > 60
+    follower.restart()
+    cluster.wait_caught_up(follower, timeout=15)
+    status, listed = follower.request("GET", "/api/schedules")
+    assert status == 200
+    assert {f"snap-{i}" for i in range(40)} <= {s["id"] for s in listed["schedules"]}
+    installed = [e for e in follower.events() if e["type"] == "snapshot_installed"]
+    assert installed, "the follower should have caught up from the leader's snapshot"
+    assert any(e["type"] == "snapshot_taken" for e in leader.events())
