@@ -248,21 +248,30 @@ class MeshNode:
         p = self.peer_by_id(self.core.leader_id)
         return p.http if p else None
 
-    async def propose(self, command: Any, *, timeout: float = 5.0) -> Any:
-        """Replicate a command; returns the state machine's answer once committed and applied."""
+    def propose_nowait(self, command: Any) -> asyncio.Future[Any]:
+        """Append a command and return at once; the future resolves once it is applied.
+
+        Entries commit in log order, so awaiting a later proposal also confirms this one:
+        callers pipeline many proposals and wait for the last.
+        """
         try:
             index, term = self.core.propose(command)
         except NotLeader as e:
             raise NoLeader(str(e)) from e
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters[index] = (term, fut)
+        fut.add_done_callback(lambda _f: self._waiters.pop(index, None))
         self._schedule_process()
+        return fut
+
+    async def propose(self, command: Any, *, timeout: float = 5.0) -> Any:
+        """Replicate a command; returns the state machine's answer once committed and applied."""
+        fut = self.propose_nowait(command)
         try:
-            return await asyncio.wait_for(fut, timeout)
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError as e:
+            fut.cancel()
             raise ProposalFailed(f"not committed within {timeout:.1f}s (no quorum?)") from e
-        finally:
-            self._waiters.pop(index, None)
 
     async def wait_applied(self, index: int, timeout: float) -> bool:
         """Wait until this node has applied ``index``; False on timeout."""

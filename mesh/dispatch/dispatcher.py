@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -114,15 +114,16 @@ class HandlerDispatcher:
                             handler = await self._choose(job, excluded)
                     else:
                         handler = await self._choose(job, excluded)
-                    if not await self._assign(job, handler, ctx):
-                        raise Fenced(
-                            f"job {job.id} no longer belongs to this leader "
-                            f"(term {ctx.fencing_token})"
-                        )
-                    assigned = handler.handler_id
-                    await self.governors.handler_rate(handler.handler_id)
-                    try_ctx = attrs.evolve(ctx, attempt=ctx.attempt + attempt - 1)
-                    value = await self._run_on(handler, job, try_ctx)
+                    with self._reserved(handler):
+                        if not await self._assign(job, handler, ctx):
+                            raise Fenced(
+                                f"job {job.id} no longer belongs to this leader "
+                                f"(term {ctx.fencing_token})"
+                            )
+                        assigned = handler.handler_id
+                        await self.governors.handler_rate(handler.handler_id)
+                        try_ctx = attrs.evolve(ctx, attempt=ctx.attempt + attempt - 1)
+                        value = await self._run_on(handler, job, try_ctx)
             except HandlerLost as e:
                 last_error = e
                 self.registry.record_failure(handler)
@@ -247,6 +248,18 @@ class HandlerDispatcher:
 
     # ------------------------------------------------------------------ one attempt
 
+    @contextlib.contextmanager
+    def _reserved(self, handler: HandlerInfo) -> Iterator[None]:
+        """Count the job against the handler from the moment it is chosen: the assignment
+        commit comes first, and jobs choosing meanwhile must see the slot as taken, or they
+        pile onto the same handler and it refuses them (``at_capacity``)."""
+        handler.in_flight += 1
+        try:
+            yield
+        finally:
+            handler.in_flight -= 1
+            self.registry.notify()
+
     async def _run_on(self, handler: HandlerInfo, job: Job, ctx: JobContext) -> Any:
         loop = asyncio.get_running_loop()
         dispatch_id = uuid.uuid4().hex
@@ -269,7 +282,6 @@ class HandlerDispatcher:
             "timeout": timeout,
         }
         incarnation = handler.incarnation
-        handler.in_flight += 1
         try:
             if not self.node.transport.send_to_identity(handler.identity, p.DISPATCH, payload):
                 raise HandlerLost(f"handler {handler.handler_id} is not connected to this node")
@@ -289,9 +301,7 @@ class HandlerDispatcher:
                 )
             result = await self._await_result(handler, incarnation, pending, timeout)
         finally:
-            handler.in_flight -= 1
             self._pending.pop(dispatch_id, None)
-            self.registry.notify()
         if result.get("outcome") == p.NOT_STARTED:
             raise HandlerLost(f"handler {handler.handler_id} did not start the job in time")
         if result.get("outcome") == "success":

@@ -104,7 +104,11 @@ class SchedulingService:
             log.info("term %d: leases reset (%s), starting the scheduler", term, cleared)
             job_handlers: dict[UUID, str] = {}
             store = ReplicatedDataStore(
-                propose=node.propose, state=self.state, term=term, job_handlers=job_handlers
+                propose=node.propose,
+                propose_nowait=node.propose_nowait,
+                state=self.state,
+                term=term,
+                job_handlers=job_handlers,
             )
             executor = MeshJobExecutor(
                 node_id=node.id,

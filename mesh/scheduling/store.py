@@ -12,6 +12,7 @@ and the replica must change only by applying committed commands.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -69,6 +70,10 @@ class ReplicatedDataStore(BaseDataStore):
     clock: Callable[[], datetime] = _utcnow
     # Filled by the job executor: which handler ran a job (recorded in the execution history).
     job_handlers: dict[UUID, str] = attrs.Factory(dict)
+    # Optional pipelined proposer (MeshNode.propose_nowait): add_job then does not wait.
+    propose_nowait: Callable[[dict[str, Any]], asyncio.Future[Any]] | None = None
+    _inflight: list[asyncio.Future[Any]] = attrs.field(init=False, factory=list)
+    _tasks: set[asyncio.Task[None]] = attrs.field(init=False, factory=set)
 
     # ------------------------------------------------------------------ tasks
 
@@ -154,6 +159,7 @@ class ReplicatedDataStore(BaseDataStore):
         return [_copy_schedule(self.state.schedules[sid]) for sid in got]
 
     async def release_schedules(self, scheduler_id: str, results: Sequence[ScheduleResult]) -> None:
+        await self._drain_inflight()
         if not results:
             return
         released = await self.propose(
@@ -199,10 +205,33 @@ class ReplicatedDataStore(BaseDataStore):
     # ------------------------------------------------------------------ jobs
 
     async def add_job(self, job: Job) -> None:
-        if await self.propose({"op": "add_job", "job": dump_job(job)}):
-            await self._event_broker.publish(
-                JobAdded(job_id=job.id, task_id=job.task_id, schedule_id=job.schedule_id)
-            )
+        if self.propose_nowait is None:
+            if await self.propose({"op": "add_job", "job": dump_job(job)}):
+                await self._publish_job_added(job)
+            return
+        # Pipelined: APScheduler adds every fire of a batch one by one; waiting for each commit
+        # would cost a round trip per fire. The job cannot run before its entry is applied
+        # anyway (the job loop reads applied state), and release_schedules — later in the log —
+        # waits for all of them, so a failure still surfaces before the schedule moves on.
+        fut = self.propose_nowait({"op": "add_job", "job": dump_job(job)})
+        self._inflight.append(fut)
+        fut.add_done_callback(lambda f: self._on_job_added(f, job))
+
+    def _on_job_added(self, fut: asyncio.Future[Any], job: Job) -> None:
+        if not fut.cancelled() and fut.exception() is None and fut.result():
+            task = asyncio.get_running_loop().create_task(self._publish_job_added(job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _publish_job_added(self, job: Job) -> None:
+        await self._event_broker.publish(
+            JobAdded(job_id=job.id, task_id=job.task_id, schedule_id=job.schedule_id)
+        )
+
+    async def _drain_inflight(self) -> None:
+        inflight, self._inflight = self._inflight, []
+        if inflight:
+            await asyncio.gather(*inflight)
 
     async def get_jobs(self, ids: Iterable[UUID] | None = None) -> list[Job]:
         jobs = self.state.jobs
