@@ -40,9 +40,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mesh.dispatch")
 
+MAX_BUSY_REFUSALS = 100  # "at capacity" answers a job may get before they count as failures
+
 
 class HandlerLost(Exception):
     """The handler stopped answering (died, partitioned, or refused): retry elsewhere."""
+
+
+class HandlerBusy(HandlerLost):
+    """The handler refused because it is full: choose again; neither a failure nor an attempt."""
 
 
 class Fenced(Exception):
@@ -102,7 +108,9 @@ class HandlerDispatcher:
         excluded: set[str] = set()
         last_error: Exception | None = None
         assigned = self._assigned_handler(job)
-        for attempt in range(1, s.max_attempts + 1):
+        attempt, busy = 0, 0
+        while attempt < s.max_attempts:
+            attempt += 1
             try:
                 async with self.governors.task_slot(job.task_id):
                     # Chosen only once the governors let the job go: a handler picked before
@@ -124,6 +132,18 @@ class HandlerDispatcher:
                         await self.governors.handler_rate(handler.handler_id)
                         try_ctx = attrs.evolve(ctx, attempt=ctx.attempt + attempt - 1)
                         value = await self._run_on(handler, job, try_ctx)
+            except HandlerBusy as e:
+                # Our view of its load was stale: not its fault, and not a failed attempt.
+                last_error = e
+                busy += 1
+                if busy <= MAX_BUSY_REFUSALS:
+                    attempt -= 1
+                    if assigned == handler.handler_id:
+                        assigned = None
+                    await asyncio.sleep(backoff(_RetryState(min(busy, 8))))
+                    continue
+                excluded.add(handler.handler_id)
+                continue
             except HandlerLost as e:
                 last_error = e
                 self.registry.record_failure(handler)
@@ -292,7 +312,8 @@ class HandlerDispatcher:
                 # start=false (see _on_ack): retrying elsewhere cannot run the job twice.
                 raise HandlerLost(f"handler {handler.handler_id} did not acknowledge") from None
             if not ack.get("accepted"):
-                raise HandlerLost(
+                error = HandlerBusy if ack.get("reason") == p.AT_CAPACITY else HandlerLost
+                raise error(
                     f"handler {handler.handler_id} refused the dispatch: {ack.get('reason')}"
                 )
             if ack.get("needs_start"):

@@ -78,6 +78,10 @@ class HandlerRegistry:
         incarnation = f"{payload.get('pid')}@{payload.get('started_at')}"
         if info.incarnation is not None and incarnation != info.incarnation:
             log.info("handler %s restarted (now %s)", hid, incarnation)
+            # A new process: its predecessor's failures say nothing about it.
+            info.consecutive_failures = 0
+            info.circuit_open_until = 0.0
+            info.probing = False
         info.incarnation = incarnation
         info.last_seen = self.clock()
         info.last_seen_wall = time.time()

@@ -34,6 +34,7 @@ log = logging.getLogger("mesh.scheduling")
 
 EXECUTOR = "mesh"
 RUN_NOW_RESULT_TTL = timedelta(hours=1)
+READY_WAIT = 4.0  # a new leader's scheduler starts within a commit; allow for a loaded machine
 
 
 class NotReady(Exception):
@@ -189,7 +190,7 @@ class SchedulingService:
         ]
 
     async def put_schedule(self, spec: ScheduleSpec, *, replace: bool) -> Schedule:
-        scheduler = await self.wait_ready(2.0)
+        scheduler = await self.wait_ready(READY_WAIT)
         if replace and spec.id not in self.state.schedules:
             raise UnknownSchedule(spec.id)
         if not replace and spec.id in self.state.schedules:
@@ -216,13 +217,13 @@ class SchedulingService:
         return self.state.schedules[spec.id]
 
     async def remove_schedule(self, schedule_id: str) -> None:
-        scheduler = await self.wait_ready(2.0)
+        scheduler = await self.wait_ready(READY_WAIT)
         if schedule_id not in self.state.schedules:
             raise UnknownSchedule(schedule_id)
         await scheduler.remove_schedule(schedule_id)
 
     async def set_paused(self, schedule_id: str, paused: bool) -> Schedule:
-        scheduler = await self.wait_ready(2.0)
+        scheduler = await self.wait_ready(READY_WAIT)
         if schedule_id not in self.state.schedules:
             raise UnknownSchedule(schedule_id)
         if paused:
@@ -232,7 +233,7 @@ class SchedulingService:
         return self.state.schedules[schedule_id]
 
     async def run_now(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> UUID:
-        scheduler = await self.wait_ready(2.0)
+        scheduler = await self.wait_ready(READY_WAIT)
         governors = getattr(self.dispatcher, "governors", None)
         if governors is not None:
             governors.check_queue(len(self.state.jobs))

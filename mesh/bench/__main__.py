@@ -1,0 +1,5 @@
+import sys
+
+from mesh.bench import main
+
+sys.exit(main())

@@ -1,0 +1,243 @@
+"""What every phase shares: sizes, progress lines, schedule bodies, bulk creation, baselines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from mesh.bench.harness import SOURCE_ROOT, BenchError, BenchMesh, Node, _pdeathsig, wait_for
+from mesh.bench.stats import parse_time
+
+CREATE_CONCURRENCY = 64  # parallel POSTs when creating many schedules (more made it slower)
+HISTORY_LIMIT = 10_000  # GET /api/executions answers at most this many records
+
+
+class Progress:
+    """One line per step, with the time since the benchmark started."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.t0 = time.monotonic()
+        self.stream = stream or sys.stdout
+
+    def __call__(self, phase: str, message: str) -> None:
+        print(
+            f"[{time.monotonic() - self.t0:7.1f}s] {phase:<9} {message}",
+            file=self.stream,
+            flush=True,
+        )
+
+
+@attrs.define
+class Run:
+    """The benchmark's settings and working directory, handed to every phase."""
+
+    root: Path
+    out_dir: Path
+    quick: bool = False
+    scale: float = 1.0
+    baseline: bool = True
+    profile: bool = False
+    progress: Progress = attrs.Factory(Progress)
+    meshes: int = 0
+
+    def count(self, full: int, quick: int, minimum: int = 1) -> int:
+        return max(minimum, round((quick if self.quick else full) * self.scale))
+
+    def seconds(self, full: float, quick: float, minimum: float = 1.0) -> float:
+        return max(minimum, (quick if self.quick else full) * min(1.0, self.scale))
+
+    def new_mesh(self, name: str, **kwargs: Any) -> BenchMesh:
+        self.meshes += 1
+        return BenchMesh(self.root / f"{self.meshes:02d}-{name}", **kwargs)
+
+    def start_mesh(self, phase: str, mesh: BenchMesh) -> Node:
+        t = time.monotonic()
+        leader = mesh.start()
+        self.progress(
+            phase,
+            f"mesh up: {len(mesh.nodes)} nodes, {len(mesh.handlers)} handlers, "
+            f"leader {leader.node_id} ({time.monotonic() - t:.1f}s)",
+        )
+        return leader
+
+    def run_baseline(self, phase: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Run one baseline in a child process; its result, or ``{"error": ...}``."""
+        spec = dict(spec)
+        if spec["store"] == "sqlalchemy":
+            self.meshes += 1
+            spec["db"] = str(self.root / f"{self.meshes:02d}-apscheduler.sqlite")
+        label = "APScheduler+" + ("memory" if spec["store"] == "memory" else "SQLite")
+        self.progress(phase, f"baseline {label} ...")
+        t = time.monotonic()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "mesh.bench.baseline", json.dumps(spec)],
+                cwd=SOURCE_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                preexec_fn=_pdeathsig,
+            )
+        except subprocess.TimeoutExpired:
+            return {"error": f"{label} baseline did not finish within {timeout:.0f}s"}
+        if proc.returncode != 0 or not proc.stdout.strip():
+            tail = "\n".join(proc.stderr.splitlines()[-5:])
+            return {"error": f"{label} baseline failed (exit {proc.returncode}): {tail}"}
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        self.progress(phase, f"baseline {label} done ({time.monotonic() - t:.1f}s)")
+        return result
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def far_future_body(schedule_id: str, i: int, *, cron: bool = False) -> dict[str, Any]:
+    """A schedule that does not fire during the benchmark."""
+    if cron:  # 29 February, 03:00 UTC
+        trigger: dict[str, Any] = {"type": "cron", "expr": "0 3 29 2 *"}
+    else:
+        trigger = {"type": "interval", "weeks": 52, "start_time": iso(time.time() + 300 * 86400)}
+    return {"id": schedule_id, "task": "bench_noop", "trigger": trigger}
+
+
+def interval_bodies(
+    prefix: str, n: int, interval: float, t0: float, end: float | None, task: str = "bench_noop"
+) -> list[dict[str, Any]]:
+    """``n`` schedules firing every ``interval`` s from ``t0``, their offsets spread evenly."""
+    out = []
+    for i in range(n):
+        trigger: dict[str, Any] = {
+            "type": "interval",
+            "seconds": interval,
+            "start_time": iso(t0 + interval * i / n),
+        }
+        if end is not None:
+            trigger["end_time"] = iso(end)
+        out.append({"id": f"{prefix}{i}", "task": task, "trigger": trigger})
+    return out
+
+
+def create_schedules(
+    node: Node,
+    bodies: Sequence[dict[str, Any]],
+    *,
+    concurrency: int = CREATE_CONCURRENCY,
+    deadline_s: float = 1800.0,
+) -> dict[str, Any]:
+    """POST every body to ``node`` with ``concurrency`` clients; 503s are retried (bounded).
+
+    Returns ``{"created", "seconds", "per_s", "statuses", "retries"}``; stops at ``deadline_s``.
+    """
+    import aiohttp
+
+    statuses: dict[str, int] = {}
+    retries = 0
+    created = 0
+    url = f"http://127.0.0.1:{node.http_port}/api/schedules"
+
+    async def main() -> None:
+        nonlocal retries, created
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        for b in bodies:
+            queue.put_nowait(b)
+        stop_at = time.monotonic() + deadline_s
+        timeout = aiohttp.ClientTimeout(total=30)
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+
+            async def worker() -> None:
+                nonlocal retries, created
+                while not queue.empty() and time.monotonic() < stop_at:
+                    body = queue.get_nowait()
+                    for attempt in range(5):
+                        try:
+                            async with session.post(url, json=body) as resp:
+                                await resp.read()
+                                status = resp.status
+                        except (aiohttp.ClientError, TimeoutError):
+                            status = 0
+                        if status in (201, 409) or (status not in (0, 503) and status < 500):
+                            break
+                        retries += 1
+                        await asyncio.sleep(0.2 * (attempt + 1))
+                    statuses[str(status)] = statuses.get(str(status), 0) + 1
+                    if status == 201:
+                        created += 1
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    t = time.perf_counter()
+    asyncio.run(main())
+    seconds = time.perf_counter() - t
+    return {
+        "created": created,
+        "seconds": seconds,
+        "per_s": created / seconds if seconds > 0 else None,
+        "statuses": statuses,
+        "retries": retries,
+    }
+
+
+def executions(node: Node, limit: int = HISTORY_LIMIT) -> list[dict[str, Any]]:
+    body = node.get(f"/api/executions?limit={limit}", timeout=30.0)
+    if not isinstance(body, dict):
+        raise BenchError(f"{node.node_id} did not answer GET /api/executions")
+    return list(body["executions"])
+
+
+def wait_drained(node: Node, prefix: str, quiet_s: float = 1.0, timeout: float = 30.0) -> bool:
+    """Until no job of ``prefix`` schedules finished for ``quiet_s`` (their backlog ran out)."""
+    last_seen: list[float | None] = [None]
+    since = [time.monotonic()]
+
+    def check() -> bool:
+        recs = [r for r in executions(node, 200) if (r.get("schedule_id") or "").startswith(prefix)]
+        newest = max((parse_time(r["finished_at"]) or 0 for r in recs), default=0)
+        if newest != last_seen[0]:
+            last_seen[0] = newest
+            since[0] = time.monotonic()
+            return False
+        return time.monotonic() - since[0] >= quiet_s
+
+    try:
+        wait_for(check, timeout, f"the {prefix}* jobs to drain", interval=0.25)
+        return True
+    except BenchError:
+        return False
+
+
+def wait_caught_up(mesh: BenchMesh, node: Node, index: int, timeout: float) -> float:
+    """Seconds until ``node`` serves /api/health with applied_index >= ``index``."""
+    t = time.monotonic()
+
+    def check() -> bool:
+        h = node.health()
+        return bool(h and h["applied_index"] >= index)
+
+    wait_for(
+        check,
+        timeout,
+        f"{node.node_id} to apply index {index}",
+        interval=0.02,
+        diagnostics=mesh.diagnostics,
+    )
+    return time.monotonic() - t
+
+
+def subsample(values: Iterable[float], limit: int = 2000) -> list[float]:
+    """At most ``limit`` values, evenly spaced in sorted order (enough for a CDF)."""
+    s = sorted(values)
+    if len(s) <= limit:
+        return s
+    step = (len(s) - 1) / (limit - 1)
+    return [s[round(i * step)] for i in range(limit)]

@@ -1,0 +1,426 @@
+"""A local mesh for the benchmark: real ``schedulezero node`` and ``schedulezero handler``
+processes on 127.0.0.1, each with its own ports, data directory and log file.
+
+Every process started here is registered in ``LIVE``; :func:`stop_everything` ends them all
+(SIGTERM, then SIGKILL after a grace period) and ``mesh.bench.main`` calls it on every way out,
+Ctrl-C included. On Linux a child also gets SIGKILL when the benchmark process dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+HOST = "127.0.0.1"
+T = TypeVar("T")
+# Children import the same ``mesh`` package as the benchmark: ``python -m`` puts the working
+# directory first on sys.path, so a checkout run from its own root benchmarks that checkout.
+SOURCE_ROOT = Path(__file__).resolve().parent.parent.parent
+
+LIVE: set[Proc] = set()
+_handed_out: set[int] = set()
+
+
+def _pdeathsig() -> None:
+    """Between fork and exec: die with the benchmark (Linux), so no node outlives it."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def free_port_pair() -> int:
+    """A port P on 127.0.0.1 with P and P+1 free now and not handed out before."""
+    for _ in range(500):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port >= 65535 or port in _handed_out or port + 1 in _handed_out:
+            continue
+        with socket.socket() as s2:
+            try:
+                s2.bind((HOST, port + 1))
+            except OSError:
+                continue
+        _handed_out.update((port, port + 1))
+        return port
+    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
+
+
+class BenchError(Exception):
+    """The mesh did not do what the benchmark waited for (with the processes' log tails)."""
+
+
+def wait_for(
+    check: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    *,
+    interval: float = 0.02,
+    diagnostics: Callable[[], str] | None = None,
+) -> T:
+    """Poll ``check`` until it returns something truthy; BenchError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            extra = f"\n{diagnostics()}" if diagnostics is not None else ""
+            raise BenchError(f"timed out after {timeout:.1f}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+class Proc:
+    """A child process whose stdout and stderr go to one log file."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
+        self.name, self.argv, self.log, self.env = name, argv, log, env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        if self.running:
+            raise RuntimeError(f"{self.name} is already running")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            out.write(f"----- start at {time.time():.3f}\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=SOURCE_ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches only the benchmark, which stops us
+                preexec_fn=_pdeathsig,
+            )
+        self.started_at = time.monotonic()
+        LIVE.add(self)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> float:
+        """SIGKILL; returns the wall-clock time it was sent, after the process is gone."""
+        assert self.proc is not None
+        sent = time.time()
+        self.proc.kill()
+        self.proc.wait(10)
+        LIVE.discard(self)
+        return sent
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        LIVE.discard(self)
+        return self.proc.returncode
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def stop_everything(timeout: float = 5.0) -> None:
+    """SIGTERM every live process at once, then SIGKILL what is left after ``timeout``."""
+    procs = [p for p in LIVE if p.running]
+    for p in procs:
+        assert p.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            p.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        assert p.proc is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.proc.wait(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        assert p.proc is not None
+        if p.proc.poll() is None:
+            p.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.proc.wait(5)
+    LIVE.clear()
+
+
+class Http:
+    """A keep-alive HTTP/1.1 connection to one node (low, steady client overhead)."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.port, self.timeout = port, timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(HOST, self.port, timeout=self.timeout)
+            try:
+                self._conn.request(method, path, body=data, headers=headers)
+                resp = self._conn.getresponse()
+                raw = resp.read()
+                break
+            except (OSError, http.client.HTTPException):
+                self.close()
+                if attempt == 2:
+                    raise
+        text = raw.decode("utf-8", "replace")
+        try:
+            return resp.status, json.loads(text) if text else None
+        except ValueError:
+            return resp.status, text
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class Node(Proc):
+    def __init__(self, mesh: BenchMesh, node_id: str) -> None:
+        self.node_id = node_id
+        self.mesh_port = free_port_pair()
+        self.http_port = free_port_pair()
+        self.mesh_address = f"tcp://{HOST}:{self.mesh_port}"
+        self.data_dir = mesh.root / node_id
+        super().__init__(node_id, [], mesh.root / f"{node_id}.log", mesh.env)
+        self.bench_mesh = mesh
+        self._http: Http | None = None
+
+    def build_argv(self) -> None:
+        m = self.bench_mesh
+        argv = [
+            sys.executable,
+            "-m",
+            "mesh.cli",
+            "node",
+            "--node-id",
+            self.node_id,
+            "--data-dir",
+            str(self.data_dir),
+            "--mesh",
+            self.mesh_address,
+            "--http",
+            f"{HOST}:{self.http_port}",
+            "--config",
+            str(m.config_path),
+        ]
+        for other in m.nodes:
+            if other is not self:
+                argv += ["--peer", other.mesh_address]
+        for module in m.node_tasks:
+            argv += ["--tasks", module]
+        self.argv = argv
+
+    @property
+    def http(self) -> Http:
+        if self._http is None:
+            self._http = Http(self.http_port)
+        return self._http
+
+    def start(self) -> None:
+        if self._http is not None:
+            self._http.close()
+        super().start()
+
+    def get(self, path: str, timeout: float = 2.0) -> Any | None:
+        """GET ``path`` on a fresh connection; the decoded body on 200, else None."""
+        conn = http.client.HTTPConnection(HOST, self.http_port, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            raw = resp.read()
+            if resp.status != 200:
+                return None
+            return json.loads(raw) if raw else None
+        except (OSError, http.client.HTTPException, ValueError):
+            return None
+        finally:
+            conn.close()
+
+    def health(self) -> dict[str, Any] | None:
+        if not self.running:
+            return None
+        body = self.get("/api/health", timeout=1.0)
+        return body if isinstance(body, dict) else None
+
+
+class Handler(Proc):
+    def __init__(self, mesh: BenchMesh, handler_id: str, concurrency: int) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "mesh.cli",
+            "handler",
+            "--handler-id",
+            handler_id,
+            "--concurrency",
+            str(concurrency),
+        ]
+        for node in mesh.nodes:
+            argv += ["--mesh", node.mesh_address]
+        for module in mesh.handler_tasks:
+            argv += ["--tasks", module]
+        super().__init__(handler_id, argv, mesh.root / f"{handler_id}.log", mesh.env)
+        self.handler_id = handler_id
+
+
+class BenchMesh:
+    """``nodes`` nodes with static peers plus ``handlers`` handler processes."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        nodes: int = 3,
+        handlers: int = 2,
+        node_tasks: Sequence[str] = ("mesh.bench.embedded",),
+        handler_tasks: Sequence[str] = ("mesh.bench.tasks",),
+        handler_concurrency: int = 64,
+        config: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        import os
+
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.node_tasks = tuple(node_tasks)
+        self.handler_tasks = tuple(handler_tasks)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULEZERO_")}
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.env.update(env or {})
+        self.config_path = root / "mesh.yaml"
+        self.config_path.write_text(yaml.safe_dump(config or {"log_level": "INFO"}))
+        self.nodes = [Node(self, f"n{i + 1}") for i in range(nodes)]
+        for n in self.nodes:
+            n.build_argv()
+        self.handlers = [Handler(self, f"h{i + 1}", handler_concurrency) for i in range(handlers)]
+
+    # ----- lifecycle
+
+    def start(self, timeout: float = 30.0) -> Node:
+        """Start everything; returns the leader once every node agrees and handlers registered."""
+        for n in self.nodes:
+            n.start()
+        for h in self.handlers:
+            h.start()
+        leader = self.wait_leader(timeout)
+        if self.handlers:
+            want = {h.handler_id for h in self.handlers}
+            wait_for(
+                lambda: want <= self._alive_handlers(leader),
+                timeout,
+                f"handlers {sorted(want)} registered on the leader",
+                interval=0.1,
+                diagnostics=self.diagnostics,
+            )
+        self.wait_writable(leader, timeout)
+        return leader
+
+    def wait_writable(self, node: Node, timeout: float = 30.0) -> None:
+        """Until a schedule write through ``node`` succeeds: the leader's scheduler runs."""
+        self._probes = getattr(self, "_probes", 0) + 1
+        body = {
+            "id": f"bench-probe-{self._probes}",
+            "task": "bench_noop",
+            "trigger": {"type": "date", "run_time": "2099-01-01T00:00:00Z"},
+        }
+
+        def check() -> bool:
+            try:
+                status, _ = node.http.request("POST", "/api/schedules", body)
+            except OSError:
+                return False
+            return status in (201, 409)
+
+        wait_for(check, timeout, "a successful write", interval=0.1, diagnostics=self.diagnostics)
+
+    def _alive_handlers(self, node: Node) -> set[str]:
+        body = node.get("/api/handlers")
+        if not isinstance(body, dict):
+            return set()
+        return {h.get("handler_id") for h in body.get("handlers", []) if h.get("state") == "alive"}
+
+    def stop(self) -> None:
+        procs = [*self.handlers, *self.nodes]
+        for p in procs:
+            if p.running:
+                assert p.proc is not None
+                with contextlib.suppress(ProcessLookupError):
+                    p.proc.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.stop(timeout=5.0)
+        for n in self.nodes:
+            if n._http is not None:
+                n._http.close()
+
+    # ----- observation
+
+    def running_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if n.running]
+
+    def leader_now(self, newer_than_term: int = 0) -> Node | None:
+        """The leader every running node agrees on, in a term above ``newer_than_term``."""
+        nodes = self.running_nodes()
+        hs = {n.node_id: n.health() for n in nodes}
+        if not all(hs.values()):
+            return None
+        leaders = [n for n in nodes if hs[n.node_id]["role"] == "leader"]  # type: ignore[index]
+        if len(leaders) != 1:
+            return None
+        leader = leaders[0]
+        term = hs[leader.node_id]["term"]  # type: ignore[index]
+        if term <= newer_than_term:
+            return None
+        if all(h["leader_id"] == leader.node_id and h["term"] == term for h in hs.values() if h):
+            return leader
+        return None
+
+    def wait_leader(self, timeout: float = 30.0, newer_than_term: int = 0) -> Node:
+        return wait_for(
+            lambda: self.leader_now(newer_than_term),
+            timeout,
+            "an agreed leader",
+            interval=0.05,
+            diagnostics=self.diagnostics,
+        )
+
+    def followers(self, leader: Node) -> list[Node]:
+        return [n for n in self.running_nodes() if n is not leader]
+
+    def diagnostics(self) -> str:
+        parts = []
+        for p in [*self.nodes, *self.handlers]:
+            code = p.proc.returncode if p.proc is not None else None
+            parts.append(f"== {p.name} running={p.running} code={code}\n{p.tail()}")
+        return "\n".join(parts)

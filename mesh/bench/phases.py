@@ -1,0 +1,574 @@
+"""The six figures. Each phase starts its own fresh mesh (so no phase inherits another's state),
+measures, stops it, then runs the APScheduler-alone baselines, and returns a JSON-able dict."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from mesh.bench import profile
+from mesh.bench.common import (
+    HISTORY_LIMIT,
+    Run,
+    create_schedules,
+    executions,
+    far_future_body,
+    interval_bodies,
+    subsample,
+    wait_caught_up,
+    wait_drained,
+)
+from mesh.bench.harness import BenchError, Node, wait_for
+from mesh.bench.stats import cpu_seconds, parse_time, rss_mb, step_should_stop, summary
+
+TICKS_PER_SECOND = 40  # mesh.node.TICK_SECONDS = 0.025
+
+
+# ---------------------------------------------------------------------------------------- idle
+
+
+def idle(run: Run) -> dict[str, Any]:
+    duration = run.seconds(30.0, 10.0)
+    mesh = run.new_mesh("idle")
+    try:
+        leader = run.start_mesh("idle", mesh)
+        time.sleep(2.0)  # let start-up work (elections, first hellos) settle
+        procs = [*mesh.nodes, *mesh.handlers]
+        cpu0 = {p.name: cpu_seconds(p.pid) or 0.0 for p in procs}
+        t0 = time.monotonic()
+        run.progress("idle", f"measuring CPU for {duration:.0f}s")
+        time.sleep(duration)
+        elapsed = time.monotonic() - t0
+        cpu1 = {p.name: cpu_seconds(p.pid) or 0.0 for p in procs}
+        nodes = {
+            n.name: {
+                "role": "leader" if n is leader else "follower",
+                "cpu_percent": 100.0 * (cpu1[n.name] - cpu0[n.name]) / elapsed,
+                "rss_mb": rss_mb(n.pid),
+            }
+            for n in mesh.nodes
+        }
+        handlers = {
+            h.name: {"cpu_percent": 100.0 * (cpu1[h.name] - cpu0[h.name]) / elapsed}
+            for h in mesh.handlers
+        }
+    finally:
+        mesh.stop()
+    out: dict[str, Any] = {
+        "duration_s": elapsed,
+        "nodes": nodes,
+        "handlers": handlers,
+        "max_node_cpu_percent": max(v["cpu_percent"] for v in nodes.values()),
+    }
+    if run.baseline:
+        out["baseline_memory"] = run.run_baseline(
+            "idle", {"store": "memory", "phase": "idle", "duration": duration}, duration + 60
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------- write
+
+
+def _sequential_writes(node: Node, prefix: str, count: int) -> tuple[list[float], dict[str, int]]:
+    lat: list[float] = []
+    statuses: dict[str, int] = {}
+    for i in range(count):
+        body = far_future_body(f"{prefix}{i}", i)
+        t = time.perf_counter()
+        status, _ = node.http.request("POST", "/api/schedules", body)
+        dt = time.perf_counter() - t
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+        if status == 201:
+            lat.append(dt)
+    return lat, statuses
+
+
+def write(run: Run) -> dict[str, Any]:
+    count = run.count(500, 100, minimum=5)
+    leader_count = run.count(200, 50, minimum=5)
+    mesh = run.new_mesh("write")
+    try:
+        leader = run.start_mesh("write", mesh)
+        follower = mesh.followers(leader)[0]
+        _sequential_writes(follower, "warm", 10)
+        run.progress("write", f"{count} sequential POST /api/schedules to follower {follower.name}")
+        lat, statuses = _sequential_writes(follower, "w", count)
+        run.progress("write", f"{leader_count} sequential POST /api/schedules to the leader")
+        llat, lstatuses = _sequential_writes(leader, "l", leader_count)
+    finally:
+        mesh.stop()
+    out: dict[str, Any] = {
+        "follower": {
+            **summary(lat, 1000.0),
+            "statuses": statuses,
+            "samples_ms": [x * 1000 for x in lat],
+        },
+        "leader": {
+            **summary(llat, 1000.0),
+            "statuses": lstatuses,
+            "samples_ms": [x * 1000 for x in llat],
+        },
+    }
+    if run.baseline:
+        for store in ("memory", "sqlalchemy"):
+            res = run.run_baseline(
+                "write", {"store": store, "phase": "write", "count": count}, 120 + count * 0.1
+            )
+            if "latency_ms" in res:
+                res = {**res["latency_ms"], "samples_ms": res["samples_ms"]}
+            out[f"baseline_{store}"] = res
+    return out
+
+
+# --------------------------------------------------------------------------------------- fires
+
+RAMP_FULL = (100, 250, 500, 750, 1000, 1500, 2000, 3000, 4000)
+RAMP_QUICK = (250, 1000, 2000)
+TARGET_OFFERED = 2000
+FIRE_INTERVAL = 0.1
+
+
+def _fires_plan(run: Run) -> tuple[list[dict[str, Any]], float]:
+    warmup = run.seconds(2.0, 1.0)
+    window = run.seconds(5.0, 3.0)
+    steps = []
+    for offered in RAMP_QUICK if run.quick else RAMP_FULL:
+        n = max(1, round(offered * FIRE_INTERVAL * run.scale))
+        # Keep the window's records within what one GET /api/executions returns.
+        w = max(1.0, min(window, 0.9 * HISTORY_LIMIT / (n / FIRE_INTERVAL)))
+        steps.append(
+            {
+                "schedules": n,
+                "interval": FIRE_INTERVAL,
+                "warmup": warmup,
+                "window": w,
+                "nominal": offered,
+            }
+        )
+    return steps, warmup
+
+
+def _mesh_fire_step(
+    run: Run,
+    k: int,
+    step: dict[str, Any],
+    leader: Node,
+    follower: Node,
+    create_rate: float,
+    profile_to: Path | None,
+) -> dict[str, Any]:
+    n, interval = step["schedules"], step["interval"]
+    prefix = f"f{k}-"
+    t0 = time.time() + 0.5 + 1.3 * n / create_rate
+    ws = t0 + step["warmup"]
+    we = ws + step["window"]
+    created = create_schedules(leader, interval_bodies(prefix, n, interval, t0, we + 0.01))
+    created_late = time.time() > ws
+    spy = None
+    if profile_to is not None:
+        time.sleep(max(0.0, ws - time.time()))
+        spy = profile.start(leader.pid, we - time.time(), profile_to)
+    time.sleep(max(0.0, we - time.time()))
+    cpu = {}
+    drained = wait_drained(follower, prefix, timeout=30.0)
+    recs = executions(follower)
+    oldest = min((parse_time(r["finished_at"]) or 0 for r in recs), default=0)
+    mine = [r for r in recs if (r.get("schedule_id") or "").startswith(prefix)]
+    fin = [r for r in mine if ws <= (parse_time(r["finished_at"]) or 0) <= we]
+    late = [
+        (parse_time(r["started_at"]) or 0) - (parse_time(r["scheduled_fire_time"]) or 0)
+        for r in mine
+        if ws <= (parse_time(r["scheduled_fire_time"]) or 0) <= we and r.get("started_at")
+    ]
+    s = summary(late, 1000.0)
+    if spy is not None:
+        _, err = spy.communicate(timeout=60)
+        if spy.returncode != 0:
+            cpu["profile_error"] = err.decode(errors="replace").strip()[-300:]
+    return {
+        "offered": n / interval,
+        "schedules": n,
+        "interval": interval,
+        "window_s": step["window"],
+        "count": len(fin),
+        "achieved": len(fin) / step["window"],
+        "not_success": sum(1 for r in fin if r.get("outcome") != "success"),
+        "lateness_p50_ms": s["p50"],
+        "lateness_p99_ms": s["p99"],
+        "create": created,
+        "created_late": created_late,
+        "drained": drained,
+        "history_truncated": oldest > ws,
+        **cpu,
+    }
+
+
+def fires(run: Run) -> dict[str, Any]:
+    steps, _ = _fires_plan(run)
+    target_n = max(1, round(TARGET_OFFERED * FIRE_INTERVAL * run.scale))
+    mesh = run.new_mesh("fires")
+    results: list[dict[str, Any]] = []
+    prof: dict[str, Any] | None = None
+    try:
+        leader = run.start_mesh("fires", mesh)
+        follower = mesh.followers(leader)[0]
+        create_rate = 150.0
+        plan = list(steps)
+        k = 0
+        profiled = False
+        while k < len(plan):
+            step = plan[k]
+            want_profile = run.profile and not profiled and step["schedules"] == target_n
+            raw = run.out_dir / "profile-leader.raw.txt" if want_profile else None
+            run.progress(
+                "fires",
+                f"step {k + 1}: {step['schedules']} schedules every {step['interval']}s "
+                f"= {step['schedules'] / step['interval']:.0f} fires/s offered"
+                + (" (profiling the leader)" if want_profile else ""),
+            )
+            r = _mesh_fire_step(run, k, step, leader, follower, create_rate, raw)
+            if r["create"]["per_s"]:
+                create_rate = max(50.0, r["create"]["per_s"])
+            results.append(r)
+            run.progress(
+                "fires",
+                f"  achieved {r['achieved']:.0f}/s, lateness p50 "
+                f"{_ms(r['lateness_p50_ms'])} p99 {_ms(r['lateness_p99_ms'])}",
+            )
+            if raw is not None:
+                profiled = True
+                if raw.exists():
+                    prof = profile.summarize(raw)
+                    prof["step_offered"] = r["offered"]
+                    prof["achieved"] = r["achieved"]
+                elif profile.py_spy() is None:
+                    prof = {"error": "py-spy is not installed (pip install py-spy)"}
+                else:
+                    prof = {"error": r.get("profile_error", "py-spy wrote no output")}
+            k += 1
+            if k < len(plan) and step_should_stop(results):
+                # Stop ramping; still measure the target rate if the ramp did not reach it.
+                rest = [s for s in plan[k:] if s["schedules"] == target_n]
+                if any(r["schedules"] == target_n for r in results) or not rest:
+                    break
+                plan = plan[:k] + rest[:1]
+    finally:
+        mesh.stop()
+    out: dict[str, Any] = {"mesh": results}
+    if prof is not None:
+        out["profile"] = prof
+    if run.baseline:
+        for store in ("memory", "sqlalchemy"):
+            res = run.run_baseline(
+                "fires",
+                {"store": store, "phase": "fires", "steps": steps, "target_schedules": target_n},
+                900,
+            )
+            out[f"baseline_{store}"] = res.get("steps", res)
+    out["summary"] = _fires_summary(out, target_n / FIRE_INTERVAL)
+    return out
+
+
+def _fires_summary(out: dict[str, Any], target: float) -> dict[str, Any]:
+    def pick(steps: Any) -> dict[str, Any]:
+        if not isinstance(steps, list) or not steps:
+            return {"max": None, "at_target": None}
+        at = [s for s in steps if abs(s["offered"] - target) < 1e-6]
+        return {
+            "max": max(s["achieved"] for s in steps),
+            "at_target": at[0]["achieved"] if at else None,
+        }
+
+    return {
+        "target_offered": target,
+        "mesh": pick(out["mesh"]),
+        "baseline_memory": pick(out.get("baseline_memory")),
+        "baseline_sqlalchemy": pick(out.get("baseline_sqlalchemy")),
+    }
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}ms"
+
+
+# ------------------------------------------------------------------------------------ lateness
+
+
+def lateness(run: Run) -> dict[str, Any]:
+    n = run.count(1000, 1000, minimum=2)
+    interval = 2.0
+    warmup = interval + 1.0
+    window = run.seconds(10.0, 4.0)
+    mesh = run.new_mesh("lateness")
+    try:
+        leader = run.start_mesh("lateness", mesh)
+        follower = mesh.followers(leader)[0]
+        t0 = time.time() + 1.0 + n / 150.0
+        ws, we = t0 + warmup, t0 + warmup + window
+        run.progress("lateness", f"creating {n} schedules every {interval}s")
+        created = create_schedules(leader, interval_bodies("l", n, interval, t0, we + 0.01))
+        created_late = time.time() > ws
+        run.progress(
+            "lateness",
+            f"created in {created['seconds']:.1f}s; measuring {window:.0f}s "
+            f"({n / interval:.0f} fires/s offered)",
+        )
+        time.sleep(max(0.0, we - time.time()))
+        wait_drained(follower, "l", timeout=30.0)
+        recs = executions(follower)
+    finally:
+        mesh.stop()
+    late = [
+        (parse_time(r["started_at"]) or 0) - (parse_time(r["scheduled_fire_time"]) or 0)
+        for r in recs
+        if (r.get("schedule_id") or "").startswith("l")
+        and ws <= (parse_time(r["scheduled_fire_time"]) or 0) <= we
+        and r.get("started_at")
+    ]
+    expected = n / interval * window
+    out: dict[str, Any] = {
+        "schedules": n,
+        "interval_s": interval,
+        "window_s": window,
+        "created_late": created_late,
+        "create": created,
+        "mesh": {
+            **summary(late, 1000.0),
+            "expected": expected,
+            "samples_ms": subsample(x * 1000 for x in late),
+        },
+    }
+    if run.baseline:
+        for store in ("memory", "sqlalchemy"):
+            res = run.run_baseline(
+                "lateness",
+                {
+                    "store": store,
+                    "phase": "lateness",
+                    "schedules": n,
+                    "interval": interval,
+                    "warmup": warmup,
+                    "window": window,
+                },
+                300,
+            )
+            if "lateness_ms" in res:
+                res = {
+                    **res["lateness_ms"],
+                    "samples_ms": subsample(res["samples_ms"]),
+                    "create_s": res["create_s"],
+                }
+            out[f"baseline_{store}"] = res
+    return out
+
+
+# ------------------------------------------------------------------------------------ failover
+
+
+def _stamps(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    lines = []
+    for raw in data[:end].splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except ValueError:
+            continue
+    return lines, offset + end
+
+
+def failover(run: Run) -> dict[str, Any]:
+    kills = run.count(20, 5, minimum=1)
+    mesh = run.new_mesh("failover")
+    stamp_path = mesh.root / "stamps.jsonl"
+    samples: list[float] = []
+    elections: list[float] = []
+    restarts: list[float] = []
+    errors: list[str] = []
+    try:
+        leader = run.start_mesh("failover", mesh)
+        status, body = leader.http.request(
+            "POST",
+            "/api/schedules",
+            {
+                "id": "failover",
+                "task": "bench_stamp",
+                "kwargs": {"path": str(stamp_path)},
+                "trigger": {"type": "interval", "seconds": 0.05},
+            },
+        )
+        if status != 201:
+            raise BenchError(f"creating the failover schedule: {status} {body}")
+        wait_for(
+            lambda: stamp_path.exists() and stamp_path.stat().st_size > 0,
+            10,
+            "the first bench_stamp run",
+            diagnostics=mesh.diagnostics,
+        )
+        time.sleep(0.5)
+        for k in range(kills):
+            leader = mesh.wait_leader(timeout=20)
+            h = leader.health()
+            if h is None:
+                raise BenchError(f"leader {leader.node_id} stopped answering")
+            old_term = h["term"]
+            _, offset = _stamps(stamp_path, 0)
+            others = mesh.followers(leader)
+            killed_at = leader.kill()
+            elected_at: float | None = None
+            first: dict[str, Any] | None = None
+            deadline = time.monotonic() + 15.0
+            while time.monotonic() < deadline and first is None:
+                lines, offset = _stamps(stamp_path, offset)
+                first = next((x for x in lines if x["term"] > old_term), None)
+                if elected_at is None:
+                    for o in others:
+                        oh = o.health()
+                        if oh and oh["role"] == "leader" and oh["term"] > old_term:
+                            elected_at = time.time()
+                if first is None:
+                    time.sleep(0.005)
+            if first is None:
+                errors.append(f"kill {k + 1}: no fire by a new leader within 15s")
+            else:
+                samples.append(first["t"] - killed_at)
+                if elected_at is not None:
+                    elections.append(elected_at - killed_at)
+            run.progress(
+                "failover",
+                f"kill {k + 1}/{kills}: {leader.node_id} (term {old_term}) → first fire by the "
+                f"new leader after {samples[-1] if first else float('nan'):.3f}s",
+            )
+            # Restart the killed node and let it catch up before the next kill.
+            t = time.monotonic()
+            leader.start()
+            new_leader = mesh.wait_leader(timeout=20, newer_than_term=old_term)
+            nh = new_leader.health() or {}
+            wait_caught_up(mesh, leader, nh.get("commit_index", 0), timeout=30)
+            restarts.append(time.monotonic() - t)
+            time.sleep(0.5)
+        lines, _ = _stamps(stamp_path, 0)
+    finally:
+        mesh.stop()
+    fires_seen: dict[str, int] = {}
+    for x in lines:
+        fires_seen[x["fire"]] = fires_seen.get(x["fire"], 0) + 1
+    dup = sum(c - 1 for c in fires_seen.values() if c > 1)
+    s = summary(samples)
+    return {
+        "kills": kills,
+        "samples_s": samples,
+        "p50_s": s["p50"],
+        "max_s": s["max"],
+        "mean_s": s["mean"],
+        "election": summary(elections),
+        "restart_to_caught_up": summary(restarts),
+        "fires": len(lines),
+        "duplicate_fires": dup,
+        "errors": errors,
+    }
+
+
+# --------------------------------------------------------------------------------------- scale
+
+
+def scale(run: Run) -> dict[str, Any]:
+    n = run.count(100_000, 10_000, minimum=10)
+    measure = run.seconds(30.0, 10.0)
+    mesh = run.new_mesh("scale")
+    out: dict[str, Any] = {"schedules": n, "measure_s": measure}
+    try:
+        leader = run.start_mesh("scale", mesh)
+        run.progress("scale", f"creating {n} far-future schedules ({64} parallel POSTs)")
+        bodies = [far_future_body(f"s{i}", i, cron=i % 2 == 1) for i in range(n)]
+        created = create_schedules(leader, bodies)
+        out["create"] = created
+        run.progress(
+            "scale",
+            f"created {created['created']} in {created['seconds']:.1f}s "
+            f"({created['per_s'] or 0:.0f}/s); statuses {created['statuses']}",
+        )
+        leader = mesh.wait_leader(timeout=20)
+        commit = (leader.health() or {}).get("commit_index", 0)
+        for f in mesh.followers(leader):
+            wait_caught_up(mesh, f, commit, timeout=120)
+        time.sleep(2.0)
+        out["rss_mb"] = {n_.name: rss_mb(n_.pid) for n_ in mesh.nodes}
+        out["max_rss_mb"] = max(v or 0 for v in out["rss_mb"].values())
+        out["db_mb"] = {
+            n_.name: (n_.data_dir / "broker_state.db").stat().st_size / 1024 / 1024
+            + _wal_mb(n_.data_dir)
+            for n_ in mesh.nodes
+        }
+        run.progress("scale", f"RSS {out['rss_mb']}; measuring idle CPU for {measure:.0f}s")
+        procs = mesh.nodes
+        cpu0 = {p.name: cpu_seconds(p.pid) or 0.0 for p in procs}
+        t0 = time.monotonic()
+        time.sleep(measure)
+        elapsed = time.monotonic() - t0
+        cpu1 = {p.name: cpu_seconds(p.pid) or 0.0 for p in procs}
+        out["cpu_percent"] = {
+            p.name: 100.0 * (cpu1[p.name] - cpu0[p.name]) / elapsed for p in procs
+        }
+        leader_cpu = cpu1[leader.name] - cpu0[leader.name]
+        out["leader"] = leader.name
+        out["leader_cpu_ms_per_tick"] = 1000.0 * leader_cpu / (elapsed * TICKS_PER_SECOND)
+        # Restart a follower: SIGTERM, start again, until it serves and has caught up.
+        follower = mesh.followers(leader)[0]
+        commit = (leader.health() or {}).get("commit_index", 0)
+        t = time.monotonic()
+        follower.stop(timeout=30)
+        out["stop_s"] = time.monotonic() - t
+        t = time.monotonic()
+        follower.start()
+        wait_for(
+            follower.health,
+            120,
+            f"{follower.name} serving /api/health",
+            diagnostics=mesh.diagnostics,
+        )
+        out["restart_serving_s"] = time.monotonic() - t
+        wait_caught_up(mesh, follower, commit, timeout=120)
+        out["restart_s"] = time.monotonic() - t
+        out["restarted_rss_mb"] = rss_mb(follower.pid)
+        run.progress("scale", f"follower restart → caught up in {out['restart_s']:.2f}s")
+    finally:
+        mesh.stop()
+    if run.baseline:
+        out["baseline_memory"] = run.run_baseline(
+            "scale",
+            {"store": "memory", "phase": "scale", "schedules": n, "measure": measure},
+            600,
+        )
+        # ~9 ms per add_schedule on SQLite: capped so the baseline takes under ~30 s.
+        cap = min(n, run.count(3000, 1000, minimum=10))
+        res = run.run_baseline(
+            "scale",
+            {"store": "sqlalchemy", "phase": "scale", "schedules": cap, "measure": measure},
+            600,
+        )
+        out["baseline_sqlalchemy"] = {**res, "capped_at": cap}
+    return out
+
+
+def _wal_mb(data_dir: Path) -> float:
+    wal = data_dir / "broker_state.db-wal"
+    return wal.stat().st_size / 1024 / 1024 if wal.exists() else 0.0
+
+
+PHASES = {
+    "idle": idle,
+    "write": write,
+    "fires": fires,
+    "lateness": lateness,
+    "failover": failover,
+    "scale": scale,
+}

@@ -1,0 +1,332 @@
+"""The table (terminal and JSON) and the PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# figure key → (comparison, target value) from issue 6
+TARGETS: dict[str, tuple[str, float]] = {
+    "fires_at_2000": (">=", 2000.0),
+    "fires_max": (">=", 2000.0),
+    "fires_ratio_memory": (">=", 1.2),
+    "write_p50_ms": ("<=", 3.0),
+    "write_p99_ms": ("<=", 15.0),
+    "failover_p50_s": ("<=", 0.6),
+    "failover_max_s": ("<=", 1.5),
+    "lateness_p50_ms": ("<=", 2.0),
+    "lateness_p99_ms": ("<=", 20.0),
+    "scale_max_rss_mb": ("<=", 400.0),
+    "scale_restart_s": ("<=", 10.0),
+    "idle_max_cpu_percent": ("<=", 1.0),
+}
+
+
+def _get(d: Any, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(p)
+    return d
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if isinstance(a, int | float) and isinstance(b, int | float) and b:
+        return a / b
+    return None
+
+
+def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per figure: mesh value, target, met, and each baseline with mesh/baseline."""
+    out: list[dict[str, Any]] = []
+
+    def row(key: str, label: str, unit: str, mesh: Any, memory: Any = None, sqlite: Any = None):
+        target = TARGETS.get(key)
+        met = None
+        if target is not None and isinstance(mesh, int | float):
+            met = mesh >= target[1] if target[0] == ">=" else mesh <= target[1]
+        out.append(
+            {
+                "key": key,
+                "figure": label,
+                "unit": unit,
+                "mesh": mesh,
+                "target": f"{target[0]} {target[1]:g}" if target else None,
+                "met": met,
+                "memory": memory,
+                "ratio_memory": _ratio(mesh, memory),
+                "sqlite": sqlite,
+                "ratio_sqlite": _ratio(mesh, sqlite),
+            }
+        )
+
+    f = figures.get("fires")
+    if isinstance(f, dict) and "summary" in f:
+        s = f["summary"]
+        row(
+            "fires_at_2000",
+            f"fires/s at {s['target_offered']:.0f} offered",
+            "/s",
+            s["mesh"]["at_target"],
+            s["baseline_memory"]["at_target"],
+            s["baseline_sqlalchemy"]["at_target"],
+        )
+        row(
+            "fires_max",
+            "fires/s max (ramp)",
+            "/s",
+            s["mesh"]["max"],
+            s["baseline_memory"]["max"],
+            s["baseline_sqlalchemy"]["max"],
+        )
+        row(
+            "fires_ratio_memory",
+            "max fires/s / APScheduler+memory max",
+            "x",
+            _ratio(s["mesh"]["max"], s["baseline_memory"]["max"]),
+        )
+    w = figures.get("write")
+    if isinstance(w, dict) and "follower" in w:
+        for q in ("p50", "p99"):
+            row(
+                f"write_{q}_ms",
+                f"write {q} (POST to follower → 201)",
+                "ms",
+                w["follower"][q],
+                _get(w, "baseline_memory", q),
+                _get(w, "baseline_sqlalchemy", q),
+            )
+        row(
+            "write_leader_p50_ms",
+            "write p50 (POST to leader)",
+            "ms",
+            w["leader"]["p50"],
+            _get(w, "baseline_memory", "p50"),
+            _get(w, "baseline_sqlalchemy", "p50"),
+        )
+    fo = figures.get("failover")
+    if isinstance(fo, dict) and "p50_s" in fo:
+        row("failover_p50_s", f"failover p50 ({fo['kills']} leader SIGKILLs)", "s", fo["p50_s"])
+        row("failover_max_s", "failover max", "s", fo["max_s"])
+        row(
+            "failover_election_p50_s",
+            "  of which: new leader elected, p50",
+            "s",
+            _get(fo, "election", "p50"),
+        )
+    la = figures.get("lateness")
+    if isinstance(la, dict) and "mesh" in la:
+        for q in ("p50", "p99"):
+            row(
+                f"lateness_{q}_ms",
+                f"lateness {q} ({la['schedules']} schedules)",
+                "ms",
+                la["mesh"][q],
+                _get(la, "baseline_memory", q),
+                _get(la, "baseline_sqlalchemy", q),
+            )
+    sc = figures.get("scale")
+    if isinstance(sc, dict) and "max_rss_mb" in sc:
+        n = sc["schedules"]
+        row(
+            "scale_create_s",
+            f"create {n} schedules (64 parallel POSTs)",
+            "s",
+            _get(sc, "create", "seconds"),
+            _get(sc, "baseline_memory", "create_s"),
+        )
+        row(
+            "scale_max_rss_mb",
+            f"RSS per node (max) with {n}",
+            "MB",
+            sc["max_rss_mb"],
+            _get(sc, "baseline_memory", "rss_mb"),
+            _get(sc, "baseline_sqlalchemy", "rss_mb"),
+        )
+        row(
+            "scale_restart_s",
+            "follower restart → serving + caught up",
+            "s",
+            sc.get("restart_s"),
+            None,
+            _get(sc, "baseline_sqlalchemy", "restart_s"),
+        )
+        row(
+            "scale_cpu_per_tick_ms",
+            "leader CPU per tick (idle, 40 ticks/s)",
+            "ms",
+            sc.get("leader_cpu_ms_per_tick"),
+        )
+        row(
+            "scale_leader_cpu_percent",
+            f"leader idle CPU with {n}",
+            "%",
+            _get(sc, "cpu_percent", sc.get("leader", "")),
+            _get(sc, "baseline_memory", "idle_cpu_percent"),
+            _get(sc, "baseline_sqlalchemy", "idle_cpu_percent"),
+        )
+    i = figures.get("idle")
+    if isinstance(i, dict) and "max_node_cpu_percent" in i:
+        row(
+            "idle_max_cpu_percent",
+            "idle CPU per node (max of 3)",
+            "%",
+            i["max_node_cpu_percent"],
+            _get(i, "baseline_memory", "cpu_percent"),
+        )
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.3g}" if abs(v) >= 0.01 else f"{v:.2g}"
+    return str(v)
+
+
+def table(table_rows: list[dict[str, Any]], errors: dict[str, str]) -> str:
+    head = ["figure", "unit", "mesh", "target", "met", "APS+memory", "mesh÷", "APS+SQLite", "mesh÷"]
+    body = [
+        [
+            r["figure"],
+            r["unit"],
+            _fmt(r["mesh"]),
+            r["target"] or "-",
+            _fmt(r["met"]),
+            _fmt(r["memory"]),
+            _fmt(r["ratio_memory"]),
+            _fmt(r["sqlite"]),
+            _fmt(r["ratio_sqlite"]),
+        ]
+        for r in table_rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
+    lines = []
+    for k, r in enumerate([head, *body]):
+        cells = [
+            str(c).ljust(w) if j < 2 else str(c).rjust(w)
+            for j, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        lines.append("  ".join(cells))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for phase, err in errors.items():
+        lines.append(f"{phase}: FAILED: {err.splitlines()[0] if err else err}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- plots
+
+
+def plots(figures: dict[str, Any], out_dir: Path, stem: str) -> list[str]:
+    """Write the PNGs; returns their paths ([] without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths: list[str] = []
+    labels = {
+        "mesh": "mesh (3 nodes, 2 handlers)",
+        "baseline_memory": "APScheduler + memory",
+        "baseline_sqlalchemy": "APScheduler + SQLite",
+    }
+
+    f = figures.get("fires")
+    if isinstance(f, dict) and isinstance(f.get("mesh"), list):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        top = 0.0
+        for key, label in labels.items():
+            steps = f.get(key)
+            if isinstance(steps, list) and steps:
+                xs = [s["offered"] for s in steps]
+                ys = [s["achieved"] for s in steps]
+                top = max(top, *xs)
+                ax.plot(xs, ys, marker="o", label=label)
+        ax.plot([0, top], [0, top], ls=":", color="grey", label="achieved = offered")
+        ax.axhline(2000, ls="--", color="red", lw=0.8, label="target 2,000/s")
+        ax.set_xlabel("offered fires/s")
+        ax.set_ylabel("achieved fires/s (recorded + replicated)")
+        ax.set_title("Sustained fire rate vs offered rate")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        paths.append(_save(fig, out_dir / f"{stem}-throughput.png"))
+        plt.close(fig)
+
+    def cdf(
+        title: str,
+        series: dict[str, list[float]],
+        xlabel: str,
+        name: str,
+        target: float | None = None,
+    ) -> None:
+        series = {k: v for k, v in series.items() if v}
+        if not series:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, values in series.items():
+            v = sorted(max(x, 1e-3) for x in values)
+            ax.plot(v, [(i + 1) / len(v) for i in range(len(v))], label=f"{label} (n={len(v)})")
+        if target is not None:
+            ax.axvline(target, ls="--", color="red", lw=0.8, label=f"target p50 {target:g}")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("fraction ≤ x")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        paths.append(_save(fig, out_dir / f"{stem}-{name}.png"))
+        plt.close(fig)
+
+    w = figures.get("write")
+    if isinstance(w, dict) and "follower" in w:
+        cdf(
+            "Write latency (sequential add_schedule / POST → 201)",
+            {
+                "mesh: POST to follower": w["follower"].get("samples_ms", []),
+                "mesh: POST to leader": w["leader"].get("samples_ms", []),
+                "APScheduler + memory": _get(w, "baseline_memory", "samples_ms") or [],
+                "APScheduler + SQLite": _get(w, "baseline_sqlalchemy", "samples_ms") or [],
+            },
+            "latency (ms, log)",
+            "write-latency",
+            3.0,
+        )
+    la = figures.get("lateness")
+    if isinstance(la, dict) and "mesh" in la:
+        cdf(
+            f"Lateness at {la['schedules']} schedules (start - scheduled fire time)",
+            {
+                "mesh": la["mesh"].get("samples_ms", []),
+                "APScheduler + memory": _get(la, "baseline_memory", "samples_ms") or [],
+                "APScheduler + SQLite": _get(la, "baseline_sqlalchemy", "samples_ms") or [],
+            },
+            "lateness (ms, log)",
+            "lateness",
+            2.0,
+        )
+    fo = figures.get("failover")
+    if isinstance(fo, dict) and fo.get("samples_s"):
+        cdf(
+            f"Failover: leader SIGKILL → first fire by the new leader ({fo['kills']} kills)",
+            {"mesh": fo["samples_s"]},
+            "seconds (log)",
+            "failover",
+            0.6,
+        )
+    return paths
+
+
+def _save(fig: Any, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return str(path)
