@@ -33,6 +33,21 @@ from mesh.transport.zmq import Incoming, MeshTransport
 log = logging.getLogger("mesh.node")
 
 TICK_SECONDS = 0.025
+METRICS_FLUSH_SECONDS = 10.0  # event_metrics rows in broker_state.db are written this often
+
+
+class _StateDBLogHandler(logging.Handler):
+    """Warnings and errors of this node also go to broker_state.db's node_log table."""
+
+    def __init__(self, statedb: StateDB) -> None:
+        super().__init__(logging.WARNING)
+        self.statedb = statedb
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.statedb.log(record.levelname, record.getMessage(), logger=record.name)
+        except Exception:  # the log must never take the node down
+            self.handleError(record)
 
 
 class NoLeader(Exception):
@@ -153,6 +168,8 @@ class MeshNode:
             commit_index=self.core.commit,
             last_index=self.core.last_index,
         )
+        self._log_handler = _StateDBLogHandler(self.statedb)
+        logging.getLogger("mesh").addHandler(self._log_handler)
         self._process()
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -202,6 +219,7 @@ class MeshNode:
             role=None,
         )
         self.events.emit("node_stopped", term=self.core.term, commit_index=self.core.commit)
+        logging.getLogger("mesh").removeHandler(self._log_handler)
         self.statedb.close()
         self.events.close()
         self.store.close()
@@ -543,7 +561,12 @@ class MeshNode:
 
     async def _membership_loop(self) -> None:
         interval = self.config.membership.ping_interval
+        flush_every = max(1, round(METRICS_FLUSH_SECONDS / interval))
+        rounds = 0
         while True:
+            rounds += 1
+            if rounds % flush_every == 0:
+                self.statedb.flush_metrics()
             for peer in list(self.peers.values()):
                 if not peer.ping_inflight:
                     peer.ping_inflight = True

@@ -372,3 +372,35 @@ def test_raft_messages_with_wrongly_typed_fields_are_dropped_without_disturbing_
         0,
     )
     assert dropped == len(payloads)
+
+
+def test_broker_state_db_records_instances_leadership_metrics_and_the_raft_log(cluster_factory):
+    import sqlite3
+
+    cluster = cluster_factory(3)
+    leader = cluster.wait_for_leader()
+    follower = next(n for n in cluster.nodes if n is not leader)
+    follower.kill(signal.SIGKILL)
+    cluster.wait_for(
+        lambda: any(
+            m["state"] in ("suspect", "dead")
+            for m in (leader.get_json("/api/cluster") or {"members": []})["members"]
+        ),
+        10,
+        "the leader to notice the dead follower",
+    )
+    cluster.stop_all()
+    db = sqlite3.connect(leader.state_db)
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"instances", "leadership_log", "event_metrics", "node_log", "raft_log"} <= tables
+    instances = {r[0] for r in db.execute("SELECT instance_id FROM instances")}
+    assert {n.node_id for n in cluster.nodes} <= instances
+    assert (
+        db.execute(
+            "SELECT count(*) FROM leadership_log WHERE instance_id=? AND event_type='elected'",
+            (leader.node_id,),
+        ).fetchone()[0]
+        >= 1
+    )
+    assert db.execute("SELECT count(*) FROM event_metrics").fetchone()[0] >= 1
+    assert db.execute("SELECT count(*) FROM raft_log").fetchone()[0] >= 2
