@@ -99,6 +99,7 @@ class _Progress:
     recent_active: bool = False
     match_at_heartbeat: int = -1  # match seen at the previous heartbeat: detects lost appends
     snapshot_wait: int = 0  # ticks before a snapshot may be sent again (they are large)
+    commit_sent: int = 0  # the commit index last told to this follower
 
 
 class RaftCore:
@@ -697,9 +698,12 @@ class RaftCore:
         if m.match_index > pr.match:
             pr.match = m.match_index
             pr.probing = False
+            committed = self.commit
             self._maybe_commit()
             if self.phase is not _Phase.LEADER:
                 return
+            if self.commit > committed:
+                self._announce_commit()
         pr.next = max(pr.next, pr.match + 1)
         if pr.probing:
             pr.probing = False
@@ -717,6 +721,14 @@ class RaftCore:
         n = matches[self.quorum - 1]
         if n > self.commit and self.term_at(n) == self.term:
             self.commit = n
+
+    def _announce_commit(self) -> None:
+        """Tell caught-up followers about a new commit index now, not at the next heartbeat:
+        a write forwarded by a follower is readable there one round trip after it commits."""
+        for peer in self._peers():
+            pr = self.progress[peer]
+            if pr.next > self.last_index and pr.commit_sent < self.commit:
+                self._send_append(peer)
 
     def _broadcast_append(self) -> None:
         for p in self._peers():
@@ -750,6 +762,7 @@ class RaftCore:
                 leader_commit=self.commit,
             )
         )
+        pr.commit_sent = self.commit
         if entries and not pr.probing:
             pr.next = entries[-1].index + 1
 
