@@ -154,7 +154,7 @@ def _default_node_id(mesh: str) -> str:
 class RaftSettings:
     """Raft timing and limits; times are in seconds."""
 
-    heartbeat_interval: float = 0.075
+    heartbeat_interval: float = 0.1
     election_timeout_min: float = 0.3
     election_timeout_max: float = 0.6
     snapshot_threshold: int = 10_000  # log entries since the last snapshot
@@ -167,9 +167,9 @@ class RaftSettings:
 class MembershipSettings:
     """Failure-detector timing (seconds)."""
 
-    ping_interval: float = 0.2
-    suspect_after: float = 0.6
-    dead_after: float = 2.0
+    ping_interval: float = 0.5
+    suspect_after: float = 1.5
+    dead_after: float = 3.0
     # Add a node that pings us but is not in our peer set (so one --peer is enough to join).
     # Off when every link must go through a known address, e.g. a proxy per link in chaos tests.
     learn_peers: bool = True

@@ -32,7 +32,7 @@ from mesh.transport.zmq import Incoming, MeshTransport
 
 log = logging.getLogger("mesh.node")
 
-TICK_SECONDS = 0.025
+TICK_SECONDS = 0.05  # timer granularity; idle cost is mostly wakeups (docs/performance.md)
 METRICS_FLUSH_SECONDS = 10.0  # event_metrics rows in broker_state.db are written this often
 
 

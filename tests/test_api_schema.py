@@ -892,3 +892,33 @@ def test_parsed_spec_builds_an_apscheduler_schedule_that_renders_back_the_same()
     )
     out = schedule_to_json(schedule)
     assert {k: v for k, v in out.items() if not k.endswith("_fire_time")} == spec.to_json()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"type": "cron", "expr": "0 3 29 2 *", "timezone": "UTC"},
+        {
+            "type": "cron",
+            "hour": "3",
+            "minute": "*/5",
+            "day_of_week": "mon-fri",
+            "timezone": "Europe/Berlin",
+        },
+        {"type": "cron", "second": "*/10", "timezone": "UTC"},
+        {"type": "interval", "seconds": 0.25},
+        {"type": "date", "run_time": "2030-01-01T00:00:00+00:00"},
+        {"type": "calendarinterval", "months": 1, "hour": 4, "timezone": "UTC"},
+    ],
+)
+def test_a_trigger_read_back_from_the_replicated_store_renders_and_reparses(spec) -> None:
+    """Schedules on every node are rebuilt from their state (``__setstate__``), which for a
+    cron trigger keeps only its compiled fields: rendering must not depend on the rest."""
+    from mesh.scheduling.state import from_wire, to_wire
+
+    now = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+    original = parse_trigger(spec, now=now)
+    restored = from_wire(to_wire(original))
+    again = parse_trigger(trigger_to_json(restored), now=now)
+    reference = from_wire(to_wire(original))
+    assert [again.next() for _ in range(3)] == [reference.next() for _ in range(3)]

@@ -258,3 +258,31 @@ def test_a_follower_that_missed_compacted_entries_catches_up_through_a_snapshot(
     installed = [e for e in follower.events() if e["type"] == "snapshot_installed"]
     assert installed, "the follower should have caught up from the leader's snapshot"
     assert any(e["type"] == "snapshot_taken" for e in leader.events())
+
+
+def test_every_trigger_type_round_trips_through_a_follower_and_every_node(cluster_factory) -> None:
+    cluster = cluster_factory(3, TASKS)
+    _, follower = _follower(cluster)
+    triggers = {
+        "cron-expr": {"type": "cron", "expr": "0 3 29 2 *", "timezone": "Europe/Berlin"},
+        "cron-fields": {"type": "cron", "hour": "4", "minute": "*/15", "day_of_week": "mon-fri"},
+        "interval": {"type": "interval", "minutes": 5, "start_time": "2031-01-01T00:00:00Z"},
+        "date": {"type": "date", "run_time": "2031-01-01T00:00:00+00:00"},
+        "calendar": {"type": "calendarinterval", "months": 1, "hour": 4},
+    }
+    created = {}
+    for sid, trigger in triggers.items():
+        status, body = follower.request(
+            "POST", "/api/schedules", {"id": sid, "task": "record", "trigger": trigger}
+        )
+        assert status == 201, (sid, body)
+        created[sid] = body
+    for node in cluster.running():
+        status, listed = node.request("GET", "/api/schedules")
+        assert status == 200, listed
+        by_id = {s["id"]: s for s in listed["schedules"]}
+        for sid, body in created.items():
+            assert by_id[sid]["trigger"]["type"] == triggers[sid]["type"]
+            assert by_id[sid]["next_fire_time"] == body["next_fire_time"], (node, sid)
+    status, body = follower.request("GET", "/api/schedules/cron-expr")
+    assert status == 200 and body["trigger"]["expr"] == "0 3 29 2 *"

@@ -521,9 +521,7 @@ def trigger_to_json(trigger: Trigger) -> dict[str, Any]:
         if expr is not None:
             out["expr"] = expr
         else:
-            out.update(
-                {f: getattr(trigger, f) for f in CRON_FIELDS if getattr(trigger, f) is not None}
-            )
+            out.update({f: v for f, v in _cron_values(trigger).items() if v is not None})
         out["timezone"] = _zone_name(trigger.timezone)
         out["start_time"] = iso(trigger.start_time)
         out["end_time"] = iso(trigger.end_time)
@@ -533,7 +531,11 @@ def trigger_to_json(trigger: Trigger) -> dict[str, Any]:
     if isinstance(trigger, CalendarIntervalTrigger):
         out = {"type": "calendarinterval"}
         out.update({u: getattr(trigger, u) for u in CALENDAR_UNITS if getattr(trigger, u)})
-        out.update({name: getattr(trigger, name) for name, _ in CALENDAR_TIME})
+        # A trigger rebuilt from its state keeps the time of day only as ``_time``.
+        time_of_day = trigger._time
+        out.update(
+            {name: getattr(trigger, name, getattr(time_of_day, name)) for name, _ in CALENDAR_TIME}
+        )
         out["start_date"] = trigger.start_date.isoformat()
         out["end_date"] = trigger.end_date.isoformat() if trigger.end_date else None
         out["timezone"] = _zone_name(trigger.timezone)
@@ -554,14 +556,34 @@ def iso(dt: datetime | None) -> str | None:
     return dt.isoformat()
 
 
+def _cron_values(trigger: CronTrigger) -> dict[str, str | None]:
+    """The trigger's field expressions.
+
+    A trigger built from arguments has them as attributes (None when not given); one rebuilt
+    from its state (every schedule read from the replicated store) has only ``_fields``, with
+    every field explicit: the implied ones at their defaults ("*", or "0" for ``second``).
+    """
+    if all(hasattr(trigger, f) for f in CRON_FIELDS):
+        values = {f: getattr(trigger, f) for f in CRON_FIELDS}
+        return {f: None if v is None else str(v) for f, v in values.items()}
+    by_name = {field.name: str(field) for field in trigger._fields}
+    return {f: by_name.get(f) for f in CRON_FIELDS}
+
+
+_IMPLIED = {"year": "*", "week": "*", "second": "0"}
+
+
 def _as_crontab(trigger: CronTrigger) -> str | None:
     """The 5-field crontab line equivalent to ``trigger``'s fields, if there is one."""
-    if any(getattr(trigger, f) is not None for f in CRON_FIELDS if f not in CRONTAB_FIELDS):
+    values = _cron_values(trigger)
+    if any(
+        values[f] not in (None, _IMPLIED.get(f)) for f in CRON_FIELDS if f not in CRONTAB_FIELDS
+    ):
         return None
-    values = [getattr(trigger, f) for f in CRONTAB_FIELDS]
-    if any(v is None or not str(v).strip() or len(str(v).split()) != 1 for v in values):
+    line = [values[f] for f in CRONTAB_FIELDS]
+    if any(v is None or not v.strip() or len(v.split()) != 1 for v in line):
         return None
-    return " ".join(str(v) for v in values)
+    return " ".join(line)
 
 
 def _zone_name(tz: Any) -> str:
