@@ -238,6 +238,10 @@ class MeshNode:
         self._apply_listeners.append(fn)
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
     def is_leader(self) -> bool:
         return self.core.is_leader
 
@@ -734,8 +738,34 @@ def build_scheduling(node: MeshNode, state: Any) -> Any:
 
     dispatcher.state = state
 
+    from apscheduler import (
+        ScheduleAdded,
+        ScheduleRemoved,
+        SchedulerStarted,
+        SchedulerStopped,
+        ScheduleUpdated,
+        TaskAdded,
+        TaskRemoved,
+        TaskUpdated,
+    )
+
+    # Schedule and task changes go to every node; per-job events (thousands per second under
+    # load) stay on the leader: their outcomes reach every node through the replicated log.
+    lifecycle = frozenset(
+        {
+            ScheduleAdded,
+            ScheduleUpdated,
+            ScheduleRemoved,
+            TaskAdded,
+            TaskUpdated,
+            TaskRemoved,
+            SchedulerStarted,
+            SchedulerStopped,
+        }
+    )
+
     def broker(n: MeshNode) -> Any:
-        return ZMQEventBroker(transport=n.transport, peers=sorted(n.peers))
+        return ZMQEventBroker(transport=n.transport, peers=sorted(n.peers), remote_events=lifecycle)
 
     return SchedulingService(node, state, broker_factory=broker, dispatcher=dispatcher)
 

@@ -529,3 +529,22 @@ def test_peer_address_must_be_a_mesh_address() -> None:
         ZMQEventBroker(transport, peers=["localhost:5000"])
     with pytest.raises(ValueError, match="tcp://HOST:PORT"):
         ZMQEventBroker(transport).add_peer("localhost:5000")
+
+
+async def test_events_outside_remote_events_stay_local(
+    brokers: tuple[ZMQEventBroker, ZMQEventBroker],
+) -> None:
+    a, b = brokers
+    a.remote_events = frozenset({ScheduleAdded, TaskAdded})
+    local_send, local_receive = create_memory_object_stream[Event](math.inf)
+    remote_send, remote_receive = create_memory_object_stream[Event](math.inf)
+    with local_send, local_receive, remote_send, remote_receive:
+        a.subscribe(local_send.send_nowait)
+        b.subscribe(remote_send.send_nowait)
+        job_event = JobAdded(job_id=uuid.uuid4(), task_id="t", schedule_id=None)
+        kept = ScheduleAdded(schedule_id="s", task_id="t", next_fire_time=None)
+        fence = _fence()
+        for event in (job_event, kept, fence):
+            await a.publish(event)
+        assert await _receive_until(remote_receive, fence) == [kept]
+        assert await _receive_until(local_receive, fence) == [job_event, kept]

@@ -32,6 +32,7 @@ COMMIT_HEADER = "X-ScheduleZero-Commit-Index"
 SERVED_BY_HEADER = "X-ScheduleZero-Served-By"  # "<leader id>@<term>" that committed the write
 NO_LEADER_WAIT = 3.0  # how long a write waits for an election before answering 503
 FORWARD_TIMEOUT = 10.0
+MAX_WRITES_IN_FLIGHT = 32
 
 
 def json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -115,6 +116,7 @@ def _forwarding_middleware(node: MeshNode) -> Any:
     applied that commit index itself, so the client can read its own write from this node.
     """
     session: dict[str, aiohttp.ClientSession] = {}
+    write_slots = asyncio.Semaphore(MAX_WRITES_IN_FLIGHT)
 
     @web.middleware
     async def forward(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -129,7 +131,10 @@ def _forwarding_middleware(node: MeshNode) -> Any:
             await asyncio.sleep(0.05)
         if node.is_leader:
             term = node.core.term
-            response = await handler(request)
+            # A bounded number of writes in flight: a burst of hundreds must queue here rather
+            # than flood the event loop that also carries the heartbeats.
+            async with write_slots:
+                response = await handler(request)
             response.headers[COMMIT_HEADER] = str(node.core.commit)
             response.headers[SERVED_BY_HEADER] = f"{node.id}@{term}"
             return response

@@ -131,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         baseline=ns.baseline,
         profile=ns.profile,
         progress=progress,
+        stem=f"bench-{stamp}",
     )
     results: dict[str, Any] = {
         "version": 1,
@@ -165,6 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress(name, f"done in {time.monotonic() - t:.1f}s")
             except (BenchError, OSError, ValueError, KeyError) as e:
                 results["errors"][name] = f"{type(e).__name__}: {e}"
+                mesh = run.current_mesh
+                if mesh is not None and getattr(mesh, "exited_before_stop", None):
+                    results["errors"][name] += (
+                        f" (processes that had exited on their own, with exit codes: "
+                        f"{mesh.exited_before_stop}; logs in {mesh.root})"
+                    )
                 progress(name, f"FAILED: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             finally:
                 stop_everything()
@@ -193,8 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prof = results["figures"].get("fires", {}).get("profile")
     if isinstance(prof, dict) and prof.get("self"):
         print(
-            f"\nleader profile at {prof.get('step_offered', 0):.0f} fires/s offered "
-            f"({prof['samples']} samples; top self time):"
+            f"\nleader profile at {prof.get('step_offered', 0):.0f} fires/s offered: busy "
+            f"{prof.get('busy_percent')}% of {prof['samples']} samples; top self time (% of busy):"
         )
         for item in prof["self"][:10]:
             print(f"  {item['percent']:5.1f}%  {item['function']}")

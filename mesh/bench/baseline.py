@@ -155,7 +155,8 @@ async def run_lateness(spec: dict[str, Any]) -> dict[str, Any]:
     async with _scheduler(spec) as sched:
         sched.subscribe(releases, {JobReleased})
         await sched.start_in_background()
-        t0 = time.time() + 0.3 + n * spec.get("create_estimate", 0.0005)
+        per_schedule = 0.0005 if spec["store"] == "memory" else 0.015
+        t0 = time.time() + 0.3 + n * per_schedule
         ws, we = t0 + spec["warmup"], t0 + spec["warmup"] + spec["window"]
         created = await _add_interval_schedules(sched, "l", n, interval, t0, we + 0.01)
         await asyncio.sleep(max(0.0, we - time.time()) + 0.3)

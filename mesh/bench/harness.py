@@ -373,6 +373,12 @@ class BenchMesh:
 
     def stop(self) -> None:
         procs = [*self.handlers, *self.nodes]
+        # Who had already exited on their own (and how), for the report of a failed phase.
+        self.exited_before_stop = {
+            p.name: p.proc.returncode
+            for p in procs
+            if p.proc is not None and p.proc.poll() is not None and p in LIVE
+        }
         for p in procs:
             if p.running:
                 assert p.proc is not None

@@ -61,8 +61,14 @@ def _short(frame: str) -> str:
     return f"{m.group('func')} ({path})"
 
 
+def _is_idle(leaf: str) -> bool:
+    """The event loop waiting in the selector (sampled with ``--idle``)."""
+    return leaf.startswith(("select (", "poll (", "epoll")) or "selectors.py" in leaf
+
+
 def summarize(raw: Path, top: int = 20) -> dict[str, Any]:
-    """Self and inclusive sample shares per function from py-spy's raw output."""
+    """Self and inclusive shares of the *busy* samples per function from py-spy's raw output;
+    ``busy_percent`` is the share of all samples in which the main thread was not idle."""
     self_counts: Counter[str] = Counter()
     incl_counts: Counter[str] = Counter()
     total = 0
@@ -81,23 +87,24 @@ def summarize(raw: Path, top: int = 20) -> dict[str, Any]:
             continue
         total += n
         leaf = frames[-1]
-        if leaf.startswith(("select (", "poll (", "epoll", "_run_once (asyncio")) or (
-            "selectors.py" in leaf
-        ):
+        if _is_idle(leaf):
             idle += n
+            continue
         self_counts[leaf] += n
         for f in set(frames):
             incl_counts[f] += n
 
+    busy = total - idle
+
     def share(c: Counter[str]) -> list[dict[str, Any]]:
         return [
-            {"function": f, "samples": n, "percent": round(100.0 * n / total, 1)}
+            {"function": f, "samples": n, "percent": round(100.0 * n / busy, 1)}
             for f, n in c.most_common(top)
         ]
 
     return {
         "samples": total,
-        "idle_percent": round(100.0 * idle / total, 1) if total else None,
+        "busy_percent": round(100.0 * busy / total, 1) if total else None,
         "self": share(self_counts),
         "inclusive": share(incl_counts),
     }

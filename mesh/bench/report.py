@@ -277,7 +277,8 @@ def plots(figures: dict[str, Any], out_dir: Path, stem: str) -> list[str]:
             v = sorted(max(x, 1e-3) for x in values)
             ax.plot(v, [(i + 1) / len(v) for i in range(len(v))], label=f"{label} (n={len(v)})")
         if target is not None:
-            ax.axvline(target, ls="--", color="red", lw=0.8, label=f"target p50 {target:g}")
+            unit = "s" if "seconds" in xlabel else "ms"
+            ax.axvline(target, ls="--", color="red", lw=0.8, label=f"target p50 {target:g} {unit}")
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("fraction ≤ x")

@@ -144,6 +144,7 @@ class RaftCore:
         self._msgs: list[Message] = []
         self._unstable_from = self.last_index + 1  # entries >= this are not yet persisted
         self._pending_snapshot: Snapshot | None = None
+        self._append_pending = False
         self._last_hard_state = HardState(self.term, self.voted_for, self.commit)
 
     # ------------------------------------------------------------------ log helpers
@@ -255,10 +256,7 @@ class RaftCore:
         self.progress[self.id].match = index
         self.progress[self.id].next = index + 1
         self._maybe_commit()
-        for peer in self._peers():
-            pr = self.progress[peer]
-            if not pr.probing:
-                self._send_append(peer)
+        self._append_pending = True  # sent at the next ready(): one message per batch
         return index, self.term
 
     def propose_many(self, datas: Sequence[Any]) -> list[tuple[int, int]]:
@@ -273,9 +271,7 @@ class RaftCore:
         self.progress[self.id].match = self.last_index
         self.progress[self.id].next = self.last_index + 1
         self._maybe_commit()
-        for peer in self._peers():
-            if not self.progress[peer].probing:
-                self._send_append(peer)
+        self._append_pending = True
         return [(start + i, self.term) for i in range(len(datas))]
 
     def change_voters(self, voters: Iterable[str]) -> tuple[int, int]:
@@ -319,7 +315,19 @@ class RaftCore:
         self.snap, self.snap_index, self.snap_term = snap, index, term
         return snap
 
+    def _flush_appends(self) -> None:
+        """Replicate what was proposed since the last batch: one AppendEntries per follower
+        however many proposals arrived in between (the driver's loop is the batch)."""
+        if not self._append_pending:
+            return
+        self._append_pending = False
+        if self.phase is _Phase.LEADER:
+            for peer in self._peers():
+                if not self.progress[peer].probing:
+                    self._send_append(peer)
+
     def has_ready(self) -> bool:
+        self._flush_appends()
         return bool(
             self._msgs
             or self._pending_snapshot
@@ -329,6 +337,7 @@ class RaftCore:
         )
 
     def ready(self) -> Ready:
+        self._flush_appends()
         rd = Ready()
         hs = self.hard_state()
         if hs != self._last_hard_state:

@@ -81,6 +81,10 @@ class ZMQEventBroker(BaseExternalEventBroker):
     )
     _peers: set[str] = attrs.field(kw_only=True, factory=set, converter=_peer_set)
     install_handler: bool = attrs.field(kw_only=True, default=True, validator=instance_of(bool))
+    # Which events also go to the other nodes (None = all). Local subscribers always get
+    # everything; a node may keep high-volume job events local (their outcomes are replicated
+    # through the log anyway).
+    remote_events: frozenset[type[Event]] | None = attrs.field(kw_only=True, default=None)
     counters: collections.Counter[str] = attrs.field(init=False, factory=collections.Counter)
     _running: bool = attrs.field(init=False, default=False)
 
@@ -138,6 +142,9 @@ class ZMQEventBroker(BaseExternalEventBroker):
     # ------------------------------------------------------------------ events
 
     async def publish(self, event: Event) -> None:
+        if self.remote_events is not None and type(event) not in self.remote_events:
+            await self.publish_local(event)
+            return
         try:
             notification = self.generate_notification_str(event)
             payload = {"event": notification, "origin": self.transport.node_id}

@@ -65,6 +65,7 @@ class SchedulingService:
         self.broker_factory = broker_factory or (lambda _node: LocalEventBroker())
         self.dispatcher = dispatcher
         self.scheduler: AsyncScheduler | None = None
+        self.store: ReplicatedDataStore | None = None
         self.term: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -104,7 +105,7 @@ class SchedulingService:
             cleared = await node.propose({"op": "reset_leases", "term": term})
             log.info("term %d: leases reset (%s), starting the scheduler", term, cleared)
             job_handlers: dict[UUID, str] = {}
-            store = ReplicatedDataStore(
+            store = self.store = ReplicatedDataStore(
                 propose=node.propose,
                 propose_nowait=node.propose_nowait,
                 state=self.state,
@@ -138,13 +139,14 @@ class SchedulingService:
             raise
         except Exception:
             # Losing leadership mid-write lands here; a node that is still leader retries.
-            if node.is_leader and node.core.term == term:
+            handing_over = node.core.transferee is not None or node.stopping
+            if node.is_leader and node.core.term == term and not handing_over:
                 log.exception("scheduler for term %d failed; restarting it", term)
                 await asyncio.sleep(0.5)
                 if node.is_leader and node.core.term == term and self.term == term:
                     self._task = asyncio.get_running_loop().create_task(self._lead(term))
             else:
-                log.info("scheduler for term %d stopped: leadership lost", term)
+                log.info("scheduler for term %d stopped: leadership lost or handed over", term)
         finally:
             self._ready.clear()
 
@@ -170,8 +172,10 @@ class SchedulingService:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:
             raise NotReady("the leader's scheduler is not running yet") from None
-        assert self.scheduler is not None
-        return self.scheduler
+        scheduler = self.scheduler
+        if scheduler is None:  # leadership was lost while we waited
+            raise NotReady("leadership changed while the request waited")
+        return scheduler
 
     # ------------------------------------------------------------------ operations (leader)
 
@@ -238,9 +242,13 @@ class SchedulingService:
         if governors is not None:
             governors.check_queue(len(self.state.jobs))
         await self._ensure_task(scheduler, task, _task_cap(task))
-        return await scheduler.add_job(
+        job_id = await scheduler.add_job(
             task, args=args, kwargs=kwargs, result_expiration_time=RUN_NOW_RESULT_TTL
         )
+        # add_job is pipelined for the schedule loop; an API answer waits for the commit.
+        assert self.store is not None
+        await self.store.flush()
+        return job_id
 
 
 def _task_cap(task: str) -> int | None:

@@ -72,7 +72,7 @@ class ReplicatedDataStore(BaseDataStore):
     job_handlers: dict[UUID, str] = attrs.Factory(dict)
     # Optional pipelined proposer (MeshNode.propose_nowait): add_job then does not wait.
     propose_nowait: Callable[[dict[str, Any]], asyncio.Future[Any]] | None = None
-    _inflight: list[asyncio.Future[Any]] = attrs.field(init=False, factory=list)
+    _inflight: set[asyncio.Future[Any]] = attrs.field(init=False, factory=set)
     _tasks: set[asyncio.Task[None]] = attrs.field(init=False, factory=set)
 
     # ------------------------------------------------------------------ tasks
@@ -214,7 +214,8 @@ class ReplicatedDataStore(BaseDataStore):
         # anyway (the job loop reads applied state), and release_schedules — later in the log —
         # waits for all of them, so a failure still surfaces before the schedule moves on.
         fut = self.propose_nowait({"op": "add_job", "job": dump_job(job)})
-        self._inflight.append(fut)
+        self._inflight.add(fut)
+        fut.add_done_callback(self._inflight.discard)
         fut.add_done_callback(lambda f: self._on_job_added(f, job))
 
     def _on_job_added(self, fut: asyncio.Future[Any], job: Job) -> None:
@@ -228,10 +229,15 @@ class ReplicatedDataStore(BaseDataStore):
             JobAdded(job_id=job.id, task_id=job.task_id, schedule_id=job.schedule_id)
         )
 
+    async def flush(self) -> None:
+        """Wait until every pipelined add_job so far is committed and applied."""
+        await self._drain_inflight()
+
     async def _drain_inflight(self) -> None:
-        inflight, self._inflight = self._inflight, []
-        if inflight:
-            await asyncio.gather(*inflight)
+        # Futures leave the set only once done, so every caller waits for all that were
+        # pending when it asked (a schedule batch, or one API request's job).
+        if self._inflight:
+            await asyncio.gather(*list(self._inflight))
 
     async def get_jobs(self, ids: Iterable[UUID] | None = None) -> list[Job]:
         jobs = self.state.jobs
