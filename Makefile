@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: install run test lint format bench chaos clean
 
@@ -28,7 +29,13 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: install
+# make bench [BENCH_ARGS="--quick --only fires,write --profile"]: see docs/performance.md.
+# The bench extra (matplotlib, for the plots) is installed here only, so make test stays lean.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/schedulezero bench $(BENCH_ARGS)
 
 # make chaos [RUNS=100] [SEED=n] [CHAOS_ARGS=...]: the randomized toxiproxy suite, then the

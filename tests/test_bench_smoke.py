@@ -1,0 +1,110 @@
+"""``schedulezero bench`` at a tiny size: it runs real node and handler processes, writes the
+JSON result with every expected key, and stops every process it started. No speed assertions:
+the benchmark measures, the tests only check that it works."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mesh.bench import main as bench_main
+from mesh.bench import report
+from mesh.bench.harness import LIVE
+from mesh.bench.stats import percentile, step_should_stop
+from mesh.cli import main as cli_main
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and value > 0
+
+
+def test_write_and_idle_at_tiny_size_give_positive_figures(tmp_path: Path) -> None:
+    code = bench_main(
+        ["--quick", "--only", "write,idle", "--scale", "0.05", "--out", str(tmp_path), "--no-plots"]
+    )
+
+    assert code == 0
+    [result_file] = tmp_path.glob("bench-*.json")
+    result = json.loads(result_file.read_text())
+    assert result["errors"] == {}
+    assert set(result["figures"]) == {"write", "idle"}
+    write = result["figures"]["write"]
+    for side in ("follower", "leader", "baseline_memory", "baseline_sqlalchemy"):
+        assert write[side]["count"] >= 5, side
+        assert _positive(write[side]["p50"]) and _positive(write[side]["p99"]), side
+    assert write["follower"]["statuses"] == {"201": write["follower"]["count"]}
+    idle = result["figures"]["idle"]
+    assert set(idle["nodes"]) == {"n1", "n2", "n3"}
+    assert sorted(n["role"] for n in idle["nodes"].values()) == ["follower", "follower", "leader"]
+    assert all(_positive(n["cpu_percent"]) for n in idle["nodes"].values())
+    assert "cpu_percent" in idle["baseline_memory"]
+    keys = {row["key"] for row in result["table"]}
+    assert {"write_p50_ms", "write_p99_ms", "idle_max_cpu_percent"} <= keys
+    assert result["machine"]["nproc"] >= 1
+
+
+def test_every_started_process_is_stopped(tmp_path: Path) -> None:
+    bench_main(
+        [
+            "--quick",
+            "--only",
+            "idle",
+            "--scale",
+            "0.05",
+            "--out",
+            str(tmp_path),
+            "--no-baseline",
+            "--no-plots",
+        ]
+    )
+
+    assert not LIVE
+    result = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    for pid in (n.get("pid") for n in result["figures"]["idle"]["nodes"].values()):
+        assert pid is None or not os.path.exists(f"/proc/{pid}")
+
+
+def test_unknown_figure_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["bench", "--only", "speed"]) == 2
+    assert "unknown figure 'speed'" in capsys.readouterr().err
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([], 50) is None
+
+
+def test_ramp_stops_when_the_achieved_rate_stops_growing() -> None:
+    steps = [
+        {"offered": 100, "achieved": 100, "lateness_p50_ms": 5},
+        {"offered": 200, "achieved": 150, "lateness_p50_ms": 50},
+    ]
+    assert not step_should_stop(steps)
+    steps.append({"offered": 400, "achieved": 155, "lateness_p50_ms": 80})
+    assert step_should_stop(steps)
+
+
+def test_ramp_stops_when_lateness_explodes() -> None:
+    assert step_should_stop([{"offered": 100, "achieved": 99, "lateness_p50_ms": 1500}])
+
+
+def test_table_states_target_and_ratio() -> None:
+    rows = report.rows(
+        {
+            "write": {
+                "follower": {"p50": 2.0, "p99": 30.0},
+                "leader": {"p50": 1.0},
+                "baseline_memory": {"p50": 0.5, "p99": 1.0},
+            }
+        }
+    )
+    p50 = next(r for r in rows if r["key"] == "write_p50_ms")
+    p99 = next(r for r in rows if r["key"] == "write_p99_ms")
+    assert (p50["met"], p50["ratio_memory"]) == (True, 4.0)
+    assert p99["met"] is False
