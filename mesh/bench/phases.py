@@ -22,8 +22,9 @@ from mesh.bench.common import (
 )
 from mesh.bench.harness import BenchError, Node, wait_for
 from mesh.bench.stats import cpu_seconds, parse_time, rss_mb, step_should_stop, summary
+from mesh.node import TICK_SECONDS
 
-TICKS_PER_SECOND = 40  # mesh.node.TICK_SECONDS = 0.025
+TICKS_PER_SECOND = round(1 / TICK_SECONDS)
 
 
 # ---------------------------------------------------------------------------------------- idle

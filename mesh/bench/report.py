@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mesh.node import TICK_SECONDS
+
 # figure key → (comparison, target value) from issue 6
 TARGETS: dict[str, tuple[str, float]] = {
     "fires_at_2000": (">=", 2000.0),
@@ -153,7 +155,7 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
         )
         row(
             "scale_cpu_per_tick_ms",
-            "leader CPU per tick (idle, 40 ticks/s)",
+            f"leader CPU per tick (idle, {round(1 / TICK_SECONDS)} ticks/s)",
             "ms",
             sc.get("leader_cpu_ms_per_tick"),
         )
