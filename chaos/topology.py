@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ import yaml
 from toxiproxy import Toxiproxy
 from toxiproxy.proxy import Proxy
 
+from mesh.ports import free_port as _free_port
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -38,23 +39,8 @@ _handed_out: set[int] = set()
 
 
 def free_port(pair: bool = False) -> int:
-    """A free port on 127.0.0.1 (with ``pair``, PORT+1 is free too); never handed out twice."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = s.getsockname()[1]
-        wanted = [port, port + 1] if pair else [port]
-        if any(p in _handed_out for p in wanted) or port + 1 > 65535:
-            continue
-        if pair:
-            with socket.socket() as s2:
-                try:
-                    s2.bind((HOST, port + 1))
-                except OSError:
-                    continue
-        _handed_out.update(wanted)
-        return port
-    raise RuntimeError("no free port found")
+    """A free port on 127.0.0.1 (with ``pair``, PORT+1 is free too); see mesh.ports."""
+    return _free_port(HOST, pair=pair)
 
 
 def http(

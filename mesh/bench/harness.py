@@ -13,7 +13,6 @@ import ctypes
 import http.client
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from mesh.ports import free_port
 
 HOST = "127.0.0.1"
 T = TypeVar("T")
@@ -41,21 +42,8 @@ def _pdeathsig() -> None:
 
 
 def free_port_pair() -> int:
-    """A port P on 127.0.0.1 with P and P+1 free now and not handed out before."""
-    for _ in range(500):
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = s.getsockname()[1]
-        if port >= 65535 or port in _handed_out or port + 1 in _handed_out:
-            continue
-        with socket.socket() as s2:
-            try:
-                s2.bind((HOST, port + 1))
-            except OSError:
-                continue
-        _handed_out.update((port, port + 1))
-        return port
-    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
+    """A port P with P+1 free too, outside the ephemeral range (see mesh.ports)."""
+    return free_port(HOST, pair=True)
 
 
 class BenchError(Exception):
