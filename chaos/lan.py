@@ -20,7 +20,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,8 @@ from typing import Any
 
 import yaml
 
-from chaos.topology import REPO_ROOT, Proc, http
+from chaos.nemesis import ProcessNemesis
+from chaos.topology import REPO_ROOT, ClusterView, Proc, http
 
 MESH_PORT = 7100
 HTTP_PORT = 8100
@@ -83,7 +83,7 @@ class LanNode(Proc):
         return body if status == 200 and isinstance(body, dict) else None
 
 
-class Lan:
+class Lan(ClusterView):
     """N hosts (namespaces) on a bridge, a node and a handler on each. Use as a context manager."""
 
     def __init__(self, n: int = 3, *, root: Path | None = None) -> None:
@@ -182,48 +182,13 @@ class Lan:
             time.sleep(0.2)
         raise RuntimeError(f"LAN mesh elected no leader within {timeout}s\n{self.tails()}")
 
-    # the ChaosCluster interface the checker uses
-    @property
-    def ids(self) -> list[str]:
-        return [n.node_id for n in self.nodes]
-
-    def node(self, node_id: str) -> LanNode:
-        return next(n for n in self.nodes if n.node_id == node_id)
-
-    def healths(self) -> dict[str, dict[str, Any] | None]:
-        return {n.node_id: n.health() if n.running and not n.stopped else None for n in self.nodes}
-
-    def stable_leader(self) -> str | None:
-        hs = [h for h in self.healths().values() if h]
-        leaders = {h["node_id"] for h in hs if h["role"] == "leader"}
-        if len(leaders) != 1:
-            return None
-        leader = leaders.pop()
-        agree = [h for h in hs if h["leader_id"] == leader and len(h.get("voters", [])) == self.n]
-        return leader if len(agree) > self.n // 2 else None
-
-    def tails(self, lines: int = 15) -> str:
-        out = []
-        for p in [*self.nodes, *self.handlers]:
-            try:
-                text = p.log.read_text(errors="replace").splitlines()[-lines:]
-            except FileNotFoundError:
-                text = ["(no log)"]
-            out.append(f"--- {p.name}\n" + "\n".join(text))
-        return "\n".join(out)
+    def agrees(self, health: dict[str, Any], leader: str) -> bool:
+        # On a LAN the mesh forms by mDNS: it is only stable once every host is a voter.
+        return health["leader_id"] == leader and len(health.get("voters", [])) == self.n
 
 
-class LanNemesis:
-    """Partitions by blackhole routes; process faults by signals. Same shape as ``Nemesis``."""
-
-    def __init__(self, lan: Lan, rng: random.Random) -> None:
-        self.cluster = lan
-        self.rng = rng
-        self.log: list[dict[str, Any]] = []
-        self.partitions: list[dict[str, Any]] = []
-
-    def _note(self, what: str, **detail: Any) -> None:
-        self.log.append({"t": time.time(), "what": what, **detail})
+class LanNemesis(ProcessNemesis):
+    """Partitions by blackhole routes inside the hosts' namespaces; process faults inherited."""
 
     def partition(self, *groups: Iterable[str]) -> None:
         gs = [sorted(g) for g in groups]
@@ -238,8 +203,7 @@ class LanNemesis:
                         if (src.ns, dst.ip) not in lan.blackholes:
                             _ip("-n", src.ns, "route", "add", "blackhole", f"{dst.ip}/32")
                             lan.blackholes.add((src.ns, dst.ip))
-        minority = [g for g in gs if len(g) <= lan.n // 2]
-        self.partitions.append({"start": time.time(), "end": None, "minority": minority})
+        self._open_partition(gs)
         self._note("partition", groups=gs)
 
     def isolate(self, node_id: str, silent: bool = True) -> None:
@@ -250,42 +214,7 @@ class LanNemesis:
         for ns, ip in sorted(lan.blackholes):
             _ip("-n", ns, "route", "del", "blackhole", f"{ip}/32", check=False)
         lan.blackholes.clear()
-        for node in lan.nodes:
-            if node.stopped:
-                node.signal(signal.SIGCONT)
-                node.stopped = False
-        now = time.time()
-        for p in self.partitions:
-            if p["end"] is None:
-                p["end"] = now
-        self._note("heal")
-
-    def kill(self, node_id: str) -> None:
-        node = self.cluster.node(node_id)
-        # `ip netns exec` execs the interpreter, so the pid is the node's own.
-        node.signal(signal.SIGKILL)
-        self._note("kill", node=node_id)
-
-    def restart(self, node_id: str) -> None:
-        node = self.cluster.node(node_id)
-        if not node.running:
-            node.start()
-            self._note("restart", node=node_id)
-
-    def restart_all(self) -> None:
-        for node in self.cluster.nodes:
-            self.restart(node.node_id)
-
-    def pause(self, node_id: str) -> None:
-        self.cluster.node(node_id).signal(signal.SIGSTOP)
-        self._note("pause", node=node_id)
-
-    def resume(self, node_id: str) -> None:
-        node = self.cluster.node(node_id)
-        if node.stopped:
-            node.signal(signal.SIGCONT)
-            node.stopped = False
-            self._note("resume", node=node_id)
+        self._after_heal()
 
 
 LAN_SCENARIOS = ("leader_partition", "isolate_follower", "majority_minority", "kill_leader",

@@ -17,18 +17,70 @@ if TYPE_CHECKING:
     from chaos.topology import ChaosCluster
 
 
-class Nemesis:
-    def __init__(self, cluster: ChaosCluster, rng: random.Random) -> None:
+class ProcessNemesis:
+    """Process faults (kill -9, restart, SIGSTOP/SIGCONT) and the fault log, shared by the
+    toxiproxy nemesis below and the LAN one (chaos/lan.py)."""
+
+    def __init__(self, cluster: Any, rng: random.Random) -> None:
         self.cluster = cluster
         self.rng = rng
         self.log: list[dict[str, Any]] = []
-        self._toxics: set[tuple[tuple[str, str], str]] = set()
-        self._disabled: set[tuple[str, str]] = set()
-        # Open partition windows: the groups that could not reach the majority side.
+        # Partition windows: the groups that could not reach the majority side.
         self.partitions: list[dict[str, Any]] = []
 
     def _note(self, what: str, **detail: Any) -> None:
         self.log.append({"t": time.time(), "what": what, **detail})
+
+    def _open_partition(self, groups: list[list[str]]) -> None:
+        n = len(self.cluster.nodes)
+        minority = [g for g in groups if len(g) <= n // 2]
+        self.partitions.append({"start": time.time(), "end": None, "minority": minority})
+
+    def _after_heal(self) -> None:
+        """Resume paused nodes and close the open partition windows."""
+        for node in self.cluster.nodes:
+            if node.stopped:
+                node.signal(signal.SIGCONT)
+                node.stopped = False
+        now = time.time()
+        for p in self.partitions:
+            if p["end"] is None:
+                p["end"] = now
+        self._note("heal")
+
+    def kill(self, node_id: str) -> None:
+        self.cluster.node(node_id).signal(signal.SIGKILL)
+        self._note("kill", node=node_id)
+
+    def restart(self, node_id: str) -> None:
+        node = self.cluster.node(node_id)
+        if not node.running:
+            node.start()
+            self._note("restart", node=node_id)
+
+    def restart_all(self) -> None:
+        for node in self.cluster.nodes:
+            self.restart(node.node_id)
+
+    def pause(self, node_id: str) -> None:
+        self.cluster.node(node_id).signal(signal.SIGSTOP)
+        self._note("pause", node=node_id)
+
+    def resume(self, node_id: str) -> None:
+        node = self.cluster.node(node_id)
+        if node.stopped:
+            node.signal(signal.SIGCONT)
+            node.stopped = False
+            self._note("resume", node=node_id)
+
+
+class Nemesis(ProcessNemesis):
+    """Link faults through the per-link toxiproxy proxies of a ``ChaosCluster``."""
+
+    def __init__(self, cluster: ChaosCluster, rng: random.Random) -> None:
+        super().__init__(cluster, rng)
+        self._toxics: set[tuple[tuple[str, str], str]] = set()
+        self._disabled: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ link faults
 
@@ -63,9 +115,7 @@ class Nemesis:
                     for x in a:
                         for y in b:
                             self.cut(x, y, silent=silent)
-        n = len(self.cluster.nodes)
-        minority = [g for g in gs if len(g) <= n // 2]
-        self.partitions.append({"start": time.time(), "end": None, "minority": minority})
+        self._open_partition(gs)
         self._note("partition", groups=gs, silent=silent)
 
     def isolate(self, node_id: str, *, silent: bool = True) -> None:
@@ -98,39 +148,4 @@ class Nemesis:
         for link in sorted(self._disabled):
             self.cluster.proxies[link].enable()
         self._disabled.clear()
-        for node in self.cluster.nodes:
-            if node.stopped:
-                node.signal(signal.SIGCONT)
-                node.stopped = False
-        now = time.time()
-        for p in self.partitions:
-            if p["end"] is None:
-                p["end"] = now
-        self._note("heal")
-
-    # ------------------------------------------------------------------ process faults
-
-    def kill(self, node_id: str) -> None:
-        self.cluster.node(node_id).signal(signal.SIGKILL)
-        self._note("kill", node=node_id)
-
-    def restart(self, node_id: str) -> None:
-        node = self.cluster.node(node_id)
-        if not node.running:
-            node.start()
-            self._note("restart", node=node_id)
-
-    def restart_all(self) -> None:
-        for node in self.cluster.nodes:
-            self.restart(node.node_id)
-
-    def pause(self, node_id: str) -> None:
-        self.cluster.node(node_id).signal(signal.SIGSTOP)
-        self._note("pause", node=node_id)
-
-    def resume(self, node_id: str) -> None:
-        node = self.cluster.node(node_id)
-        if node.stopped:
-            node.signal(signal.SIGCONT)
-            node.stopped = False
-            self._note("resume", node=node_id)
+        self._after_heal()

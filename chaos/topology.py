@@ -155,7 +155,49 @@ class ChaosHandler(Proc):
         super().__init__(handler_id, argv, cluster.root / f"{handler_id}.log", cluster.env)
 
 
-class ChaosCluster:
+class ClusterView:
+    """What the nemeses and the history checker need of a cluster: ``nodes`` (with
+    ``node_id``, ``running``, ``stopped``, ``health()``, ``log``) and ``handlers``."""
+
+    nodes: list[Any]
+    handlers: list[Any]
+
+    @property
+    def ids(self) -> list[str]:
+        return [n.node_id for n in self.nodes]
+
+    def node(self, node_id: str) -> Any:
+        return next(n for n in self.nodes if n.node_id == node_id)
+
+    def healths(self) -> dict[str, dict[str, Any] | None]:
+        return {n.node_id: n.health() if n.running and not n.stopped else None for n in self.nodes}
+
+    def agrees(self, health: dict[str, Any], leader: str) -> bool:
+        """Whether a node's health says it follows ``leader`` (subclasses may ask more)."""
+        return health["leader_id"] == leader
+
+    def stable_leader(self) -> str | None:
+        """The leader a majority of the reachable running nodes agree on (None if none)."""
+        hs = [h for h in self.healths().values() if h]
+        leaders = {h["node_id"] for h in hs if h["role"] == "leader"}
+        if len(leaders) != 1:
+            return None
+        leader = leaders.pop()
+        agree = [h for h in hs if self.agrees(h, leader)]
+        return leader if len(agree) > len(self.nodes) // 2 else None
+
+    def tails(self, lines: int = 15) -> str:
+        out = []
+        for p in [*self.nodes, *self.handlers]:
+            try:
+                text = p.log.read_text(errors="replace").splitlines()[-lines:]
+            except FileNotFoundError:
+                text = ["(no log)"]
+            out.append(f"--- {p.name}\n" + "\n".join(text))
+        return "\n".join(out)
+
+
+class ChaosCluster(ClusterView):
     """N nodes and M handlers, every directed link through its own toxiproxy proxy."""
 
     def __init__(
@@ -216,13 +258,6 @@ class ChaosCluster:
     def link_address(self, src: str, dst: str) -> str:
         return self._listen[(src, dst)]
 
-    def node(self, node_id: str) -> ChaosNode:
-        return next(n for n in self.nodes if n.node_id == node_id)
-
-    @property
-    def ids(self) -> list[str]:
-        return [n.node_id for n in self.nodes]
-
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 20.0) -> None:
@@ -245,26 +280,3 @@ class ChaosCluster:
                 proxy.destroy()
             except Exception:  # the toxiproxy server may already be gone
                 pass
-
-    def healths(self) -> dict[str, dict[str, Any] | None]:
-        return {n.node_id: n.health() if n.running and not n.stopped else None for n in self.nodes}
-
-    def stable_leader(self) -> str | None:
-        """The leader every reachable running node agrees on (None if there is no such)."""
-        hs = [h for h in self.healths().values() if h]
-        leaders = {h["node_id"] for h in hs if h["role"] == "leader"}
-        if len(leaders) != 1:
-            return None
-        leader = leaders.pop()
-        agree = [h for h in hs if h["leader_id"] == leader]
-        return leader if len(agree) > len(self.nodes) // 2 else None
-
-    def tails(self, lines: int = 15) -> str:
-        out = []
-        for p in [*self.nodes, *self.handlers]:
-            try:
-                text = p.log.read_text(errors="replace").splitlines()[-lines:]
-            except FileNotFoundError:
-                text = ["(no log)"]
-            out.append(f"--- {p.name}\n" + "\n".join(text))
-        return "\n".join(out)
