@@ -243,8 +243,9 @@ def free_block(nodes: int) -> tuple[int, int]:
     """A mesh base port with 2*nodes free ports and an HTTP base with nodes free ports."""
     rng = random.Random()
     for _ in range(200):
-        base = rng.randrange(20000, 30000, 2)
-        http = rng.randrange(30000, 40000)
+        # Below the kernel's ephemeral range (32768+), where outgoing connections take ports.
+        base = rng.randrange(20000, 26000, 2)
+        http = rng.randrange(26000, 32000)
         ports = [*range(base, base + 2 * nodes), *range(http, http + nodes)]
         if all(_free(p) for p in ports):
             return base, http
