@@ -22,10 +22,11 @@ import attrs
 
 from mesh.config import Config
 from mesh.consensus.core import ConfigChangeInProgress, NotLeader, RaftCore, RaftSettings
-from mesh.consensus.messages import CONFIG, Entry, Message
+from mesh.consensus.messages import CONFIG, Entry, InstallSnapshot, Message
 from mesh.membership.discovery import make_discovery
 from mesh.observability.eventlog import EventLog
 from mesh.observability.state_db import StateDB
+from mesh.snapshots import CHUNK_TIMEOUT, SnapshotReceiver, SnapshotSender, write_snapshot
 from mesh.statemachine import KVStateMachine, StateMachine
 from mesh.storage.raft_store import RaftStore
 from mesh.transport.zmq import Incoming, MeshTransport
@@ -118,6 +119,7 @@ class MeshNode:
         hs, snap, entries = self.store.load()
         if snap is not None:
             self.sm.restore(snap.data)
+            snap = attrs.evolve(snap, data=b"")  # the file has it; do not hold it in memory
         self.core = RaftCore(
             self.id,
             settings=raft_settings(config),
@@ -138,6 +140,19 @@ class MeshNode:
         self._process_scheduled = False
         self._last_soft = (self.core.role, self.core.term, self.core.leader_id)
         self._had_quorum: bool | None = None
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._snapshots_out = SnapshotSender(
+            snapshot_file=self.store.snapshot_file,
+            request=lambda addr, payload: self.transport.request(
+                addr, "snap_chunk", payload, timeout=CHUNK_TIMEOUT
+            ),
+            address_of=lambda node_id: p.address if (p := self.peer_by_id(node_id)) else None,
+            still_leader=lambda term: self.core.is_leader and self.core.term == term,
+            on_sent=lambda peer, index, size: self.events.emit(
+                "snapshot_sent", peer=peer, index=index, bytes=size
+            ),
+        )
+        self._snapshots_in = SnapshotReceiver(self.id)
         self._started_at = 0.0
         self._stopping = False
         self.leader_since: float | None = None
@@ -202,11 +217,14 @@ class MeshNode:
                     self.statedb.record_leadership(
                         self.id, self.core.term, "transferred", detail=f"to {target}"
                     )
+        if self._snapshot_task is not None:
+            self._tasks.append(self._snapshot_task)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        await self._snapshots_out.close()
         self._fail_waiters(ProposalFailed("node is shutting down"))
         await self.discovery.close()
         await self.transport.close()
@@ -392,16 +410,47 @@ class MeshNode:
             for e in rd.committed:
                 self._apply(e)
             core.advance(rd)
+            if rd.snapshot is not None:
+                core.drop_snapshot_data()
         if self._applied_waiters:
             for index, fut in self._applied_waiters:
                 if index <= core.applied and not fut.done():
                     fut.set_result(None)
         threshold = self.config.raft.snapshot_threshold
-        if threshold and core.applied - core.snap_index >= threshold:
-            snap = core.create_snapshot(core.applied, self.sm.snapshot())
-            self.store.save(snapshot=snap)
-            self.events.emit("snapshot_taken", index=snap.index, term=snap.term)
+        if (
+            threshold
+            and core.applied - core.snap_index >= threshold
+            and self._snapshot_task is None
+            and not self._stopping
+        ):
+            self._snapshot_task = asyncio.get_running_loop().create_task(
+                self._take_snapshot(core.applied), name="snapshot"
+            )
         self._observe_soft_state()
+
+    async def _take_snapshot(self, index: int) -> None:
+        """Compact the log up to ``index`` (applied now) without blocking the loop: a forked
+        child writes the image (mesh/snapshots.py); then the file is recorded, one transaction."""
+        started = self.clock()
+        try:
+            term, voters = self.core.snapshot_point(index)
+            name = await write_snapshot(self.sm, self.store.snapshot_dir, index, term)
+            if index <= self.core.snap_index:
+                return  # a leader's snapshot was installed meanwhile; ours is older
+            self.store.record_snapshot(index, term, voters, name)
+            self.core.create_snapshot(index, b"")
+            self.events.emit(
+                "snapshot_taken",
+                index=index,
+                term=term,
+                seconds=round(self.clock() - started, 3),
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("snapshot at %d failed; the log keeps growing until one succeeds", index)
+        finally:
+            self._snapshot_task = None
 
     def _apply(self, e: Entry) -> None:
         try:
@@ -426,6 +475,9 @@ class MeshNode:
             fn(e, result)
 
     def _send(self, m: Message) -> None:
+        if isinstance(m, InstallSnapshot):
+            self._snapshots_out.send(m)  # streamed in chunks from the snapshot file
+            return
         peer = self.peer_by_id(m.dst)
         if peer is None:
             return  # address not learned yet; Raft retries
@@ -496,6 +548,8 @@ class MeshNode:
             self.core.step(m)
             self._schedule_process()
             return None
+        if msg.kind == "snap_chunk":
+            return self._on_snapshot_chunk(msg.payload)
         if msg.kind == "ping":
             self._on_ping(msg.payload)
             return self._ping_payload()
@@ -503,6 +557,20 @@ class MeshNode:
         if handler is not None:
             return handler(msg)
         return None
+
+    def _on_snapshot_chunk(self, payload: dict[str, Any]) -> dict[str, Any]:
+        src = payload.get("src")
+        peer = self.peer_by_id(src) if isinstance(src, str) else None
+        if peer is None and src not in self.core.voters:
+            self.transport.counters["dropped_frames.snapshot_stranger"] += 1
+            return {"ok": False, "error": "not a member"}
+        if peer is not None:
+            self._seen(peer)
+        reply, complete = self._snapshots_in.on_chunk(payload, self.core.term)
+        if complete is not None:
+            self.core.step(complete)
+            self._schedule_process()
+        return reply
 
     def _ping_payload(self) -> dict[str, Any]:
         return {

@@ -13,6 +13,7 @@ import pytest
 
 from mesh.consensus.messages import CONFIG, NOOP, Entry, HardState, Snapshot
 from mesh.storage import RaftStore
+from mesh.storage.raft_store import write_snapshot_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,7 @@ def test_database_uses_wal_and_records_schema_version(store: RaftStore, db_path:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute(
             "SELECT version FROM schema_version WHERE component = 'raft'"
-        ).fetchone() == (1,)
+        ).fetchone() == (2,)
     finally:
         conn.close()
 
@@ -279,3 +280,88 @@ def test_non_json_entry_data_is_refused_before_anything_is_written(store: RaftSt
     with pytest.raises(TypeError):
         store.save(entries=[Entry(term=1, index=2, data={"x": object()})])
     assert store.last_index() == 1
+
+
+# -- snapshot data files ----------------------------------------------------------------------
+
+
+def test_snapshot_data_lives_in_a_file_beside_the_database(store: RaftStore, db_path: Path) -> None:
+    store.save(entries=entries(1, 5))
+    store.save(snapshot=Snapshot(index=3, term=1, voters=("a",), data=b"image-3"))
+    found = store.snapshot_file()
+    assert found is not None
+    index, term, path = found
+    assert (index, term) == (3, 1)
+    assert path.parent == db_path.parent / "snapshots"
+    assert path.read_bytes() == b"image-3"
+    conn = sqlite3.connect(db_path)
+    try:  # the row names the file; the image is not duplicated in the database
+        assert conn.execute("SELECT length(data) FROM raft_snapshot").fetchone() == (0,)
+    finally:
+        conn.close()
+    _, snap, _ = reopen(db_path)
+    assert snap is not None and snap.data == b"image-3"
+
+
+def test_replacing_a_snapshot_deletes_the_old_file(store: RaftStore) -> None:
+    store.save(entries=entries(1, 6))
+    store.save(snapshot=Snapshot(index=2, term=1, voters=("a",), data=b"two"))
+    first = store.snapshot_file()
+    store.save(snapshot=Snapshot(index=4, term=1, voters=("a",), data=b"four"))
+    second = store.snapshot_file()
+    assert first is not None and second is not None
+    assert not first[2].exists()
+    assert second[2].read_bytes() == b"four"
+    assert sorted(p.name for p in second[2].parent.iterdir()) == [second[2].name]
+
+
+def test_record_snapshot_adopts_a_file_written_elsewhere(store: RaftStore, db_path: Path) -> None:
+    # What a forked snapshot writer does: write the file, then the parent records it.
+    store.save(entries=entries(1, 5))
+    name = write_snapshot_file(store.snapshot_dir, 4, 1, b"from-the-child")
+    store.record_snapshot(4, 1, ("a", "b"), name)
+    hs, snap, log = reopen(db_path)
+    assert snap == Snapshot(index=4, term=1, voters=("a", "b"), data=b"from-the-child")
+    assert [e.index for e in log] == [5]
+
+
+def test_leftovers_of_a_crashed_writer_are_removed_on_open(db_path: Path) -> None:
+    s = RaftStore(db_path, sync=False)
+    s.save(entries=entries(1, 3))
+    s.save(snapshot=Snapshot(index=2, term=1, voters=("a",), data=b"kept"))
+    write_snapshot_file(s.snapshot_dir, 3, 1, b"never recorded")
+    (s.snapshot_dir / "snap-1-3.bin.999.tmp").write_bytes(b"half")
+    s.close()
+    s = RaftStore(db_path, sync=False)
+    try:
+        found = s.snapshot_file()
+        assert found is not None
+        assert [p.name for p in s.snapshot_dir.iterdir()] == [found[2].name]
+        assert s.load()[1].data == b"kept"
+    finally:
+        s.close()
+
+
+def test_version_1_database_with_an_inline_snapshot_is_migrated(db_path: Path) -> None:
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.executescript(
+        """
+        CREATE TABLE schema_version (component TEXT PRIMARY KEY, version INTEGER NOT NULL);
+        INSERT INTO schema_version VALUES ('raft', 1);
+        CREATE TABLE raft_hard_state (id INTEGER PRIMARY KEY CHECK (id = 1), term INTEGER NOT NULL,
+            voted_for TEXT, commit_index INTEGER NOT NULL);
+        CREATE TABLE raft_log (idx INTEGER PRIMARY KEY, term INTEGER NOT NULL,
+            kind TEXT NOT NULL, data TEXT NOT NULL);
+        CREATE TABLE raft_snapshot (id INTEGER PRIMARY KEY CHECK (id = 1), idx INTEGER NOT NULL,
+            term INTEGER NOT NULL, voters TEXT NOT NULL, data BLOB NOT NULL);
+        INSERT INTO raft_hard_state VALUES (1, 3, 'a', 7);
+        INSERT INTO raft_snapshot VALUES (1, 5, 2, '["a","b","c"]', X'6F6C64');
+        INSERT INTO raft_log VALUES (6, 3, 'command', '{"op":"set"}');
+        """
+    )
+    conn.close()
+    hs, snap, log = reopen(db_path)
+    assert hs == HardState(term=3, voted_for="a", commit=7)
+    assert snap == Snapshot(index=5, term=2, voters=("a", "b", "c"), data=b"old")
+    assert [e.index for e in log] == [6]
+    assert (db_path.parent / "snapshots" / "snap-2-5.bin").read_bytes() == b"old"

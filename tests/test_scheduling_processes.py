@@ -260,6 +260,38 @@ def test_a_follower_that_missed_compacted_entries_catches_up_through_a_snapshot(
     assert any(e["type"] == "snapshot_taken" for e in leader.events())
 
 
+def test_a_snapshot_larger_than_the_message_limit_reaches_a_follower_in_chunks(
+    cluster_factory,
+) -> None:
+    # 24 schedules carrying 900 KB each: a ~22 MB image, above the 16 MiB frame limit that a
+    # single InstallSnapshot message would have to fit in.
+    cluster = cluster_factory(3, TASKS, config={"raft": {"snapshot_threshold": 16}})
+    leader, follower = _follower(cluster)
+    follower.kill(signal.SIGKILL)
+    blob = "x" * 900_000
+    for i in range(24):
+        body = {
+            "id": f"big-{i}",
+            "task": "record",
+            "trigger": {"type": "interval", "hours": 1},
+            "kwargs": {"blob": blob},
+        }
+        status, reply = leader.request("POST", "/api/schedules", body, timeout=10)
+        assert status == 201, reply
+    deadline = time.monotonic() + 20
+    while not any(e["type"] == "snapshot_taken" for e in leader.events()):
+        assert time.monotonic() < deadline, "the leader never took a snapshot"
+        time.sleep(0.2)
+    follower.restart()
+    cluster.wait_caught_up(follower, timeout=30)
+    sent = [e for e in leader.events() if e["type"] == "snapshot_sent"]
+    assert sent and max(e["bytes"] for e in sent) > 16 * 1024 * 1024
+    assert any(e["type"] == "snapshot_installed" for e in follower.events())
+    status, one = follower.request("GET", "/api/schedules/big-23")
+    assert status == 200 and len(one["kwargs"]["blob"]) == 900_000
+    assert leader.health()["role"] == "leader"  # writing the image never cost it leadership
+
+
 def test_every_trigger_type_round_trips_through_a_follower_and_every_node(cluster_factory) -> None:
     cluster = cluster_factory(3, TASKS)
     _, follower = _follower(cluster)

@@ -315,6 +315,20 @@ class RaftCore:
         self.snap, self.snap_index, self.snap_term = snap, index, term
         return snap
 
+    def snapshot_point(self, index: int) -> tuple[int, tuple[str, ...]]:
+        """``(term, voters)`` a snapshot at applied ``index`` will carry: the driver names and
+        records the snapshot it writes elsewhere before calling ``create_snapshot``."""
+        term = self.term_at(index)
+        if term is None or index > self.applied:
+            raise ValueError(f"no applied entry at {index} to snapshot")
+        return term, tuple(sorted(self._voters_at(index)))
+
+    def drop_snapshot_data(self) -> None:
+        """Forget the current snapshot's bytes once the driver has stored them (they can be tens
+        of megabytes); the driver then sends InstallSnapshot data from its own copy."""
+        if self.snap is not None and self.snap.data:
+            self.snap = attrs.evolve(self.snap, data=b"")
+
     def _flush_appends(self) -> None:
         """Replicate what was proposed since the last batch: one AppendEntries per follower
         however many proposals arrived in between (the driver's loop is the batch)."""

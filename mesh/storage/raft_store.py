@@ -1,7 +1,11 @@
 """Durable Raft state in SQLite: hard state, log entries and the latest snapshot.
 
 One ``save()`` is one transaction (group commit): a whole Ready batch — snapshot, entries, hard
-state — becomes durable at once or not at all. With ``sync=True`` the connection runs
+state — becomes durable at once or not at all. A snapshot's *data* lives in a file beside the
+database (``snapshots/snap-<term>-<index>.bin``, written and fsync'd before the row that names
+it is committed), because it is large: 55 MB at 100,000 schedules. It can then be written by
+another process (``MeshNode`` forks one so the event loop never serializes it) and streamed to a
+lagging follower in chunks. With ``sync=True`` the connection runs
 ``PRAGMA synchronous=FULL``, so SQLite fsyncs the WAL before ``COMMIT`` returns; with
 ``sync=False`` (tests, benchmarks) it runs ``NORMAL``: committed data survives a killed process
 but not a power cut.
@@ -9,8 +13,10 @@ but not a power cut.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +24,8 @@ from mesh.consensus.messages import Entry, HardState, Snapshot
 from mesh.storage.sqlite import connect, ensure_schema
 
 SCHEMA_COMPONENT = "raft"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: snapshot data in a file (column ``file``), no longer inline
+SNAPSHOT_DIR = "snapshots"
 
 _DDL = (
     "CREATE TABLE IF NOT EXISTS raft_hard_state ("
@@ -36,7 +43,8 @@ _DDL = (
     " idx INTEGER NOT NULL,"
     " term INTEGER NOT NULL,"
     " voters TEXT NOT NULL,"
-    " data BLOB NOT NULL)",
+    " data BLOB NOT NULL,"
+    " file TEXT)",
 )
 
 
@@ -51,12 +59,28 @@ class RaftStore:
 
     def __init__(self, path: str | Path, *, sync: bool = True) -> None:
         self.path = Path(path)
+        self.snapshot_dir = self.path.parent / SNAPSHOT_DIR
         self._conn = connect(self.path, synchronous="FULL" if sync else "NORMAL")
         try:
             ensure_schema(self._conn, SCHEMA_COMPONENT, SCHEMA_VERSION, _DDL)
+            self._migrate()
         except BaseException:
             self._conn.close()
             raise
+        self._remove_stale_files(tmp_too=True)
+
+    def _migrate(self) -> None:
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(raft_snapshot)")}
+        if "file" not in columns:  # version 1: the data was inline; move it to a file
+            self._conn.execute("ALTER TABLE raft_snapshot ADD COLUMN file TEXT")
+        row = self._conn.execute(
+            "SELECT idx, term, data FROM raft_snapshot WHERE id = 1 AND file IS NULL"
+        ).fetchone()
+        if row is not None:
+            name = write_snapshot_file(self.snapshot_dir, row[0], row[1], bytes(row[2]))
+            self._conn.execute(
+                "UPDATE raft_snapshot SET file = ?, data = x'' WHERE id = 1", (name,)
+            )
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -69,7 +93,7 @@ class RaftStore:
                 "SELECT term, voted_for, commit_index FROM raft_hard_state WHERE id = 1"
             ).fetchone()
             hard_state = HardState() if row is None else HardState(row[0], row[1], row[2])
-            snapshot = self._read_snapshot()
+            snapshot = self._read_snapshot(with_data=True)
             after = snapshot.index if snapshot is not None else 0
             entries = [
                 Entry(term=term, index=idx, kind=kind, data=json.loads(data))
@@ -81,6 +105,15 @@ class RaftStore:
         finally:
             conn.execute("COMMIT")
         return hard_state, snapshot, entries
+
+    def snapshot_file(self) -> tuple[int, int, Path] | None:
+        """``(index, term, path)`` of the stored snapshot's data file, or None."""
+        row = self._conn.execute(
+            "SELECT idx, term, file FROM raft_snapshot WHERE id = 1"
+        ).fetchone()
+        if row is None or row[2] is None:
+            return None
+        return int(row[0]), int(row[1]), self.snapshot_dir / row[2]
 
     def last_index(self) -> int:
         """Index of the last stored entry; the snapshot's index if the log is empty; else 0."""
@@ -109,7 +142,10 @@ class RaftStore:
         rows = [(e.index, e.term, e.kind, _dumps(e.data)) for e in entries]
         snap_row = None
         if snapshot is not None:
-            snap_row = (snapshot.index, snapshot.term, _dumps(list(snapshot.voters)), snapshot.data)
+            name = write_snapshot_file(
+                self.snapshot_dir, snapshot.index, snapshot.term, snapshot.data
+            )
+            snap_row = (snapshot.index, snapshot.term, _dumps(list(snapshot.voters)), name)
 
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
@@ -124,6 +160,22 @@ class RaftStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        if snap_row is not None:
+            self._remove_stale_files()
+
+    def record_snapshot(self, index: int, term: int, voters: Sequence[str], name: str) -> None:
+        """Make the snapshot already written to ``snapshot_dir/name`` (``write_snapshot_file``)
+        the stored one, and drop the log entries it covers. One transaction."""
+        row = (index, term, _dumps(list(voters)), name)
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._write_snapshot(row)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._remove_stale_files()
 
     def compact(self, upto_index: int) -> None:
         """Delete entries with index <= ``upto_index``; a snapshot must already cover them."""
@@ -148,7 +200,7 @@ class RaftStore:
 
     # -- steps of save(), each inside the caller's transaction ---------------------------------
 
-    def _write_snapshot(self, row: tuple[int, int, str, bytes]) -> None:
+    def _write_snapshot(self, row: tuple[int, int, str, str]) -> None:
         index, term = row[0], row[1]
         conn = self._conn
         stored = conn.execute("SELECT idx, term FROM raft_snapshot WHERE id = 1").fetchone()
@@ -165,8 +217,8 @@ class RaftStore:
         else:
             conn.execute("DELETE FROM raft_log")
         conn.execute(
-            "INSERT OR REPLACE INTO raft_snapshot (id, idx, term, voters, data)"
-            " VALUES (1, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO raft_snapshot (id, idx, term, voters, data, file)"
+            " VALUES (1, ?, ?, ?, x'', ?)",
             row,
         )
 
@@ -192,15 +244,32 @@ class RaftStore:
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _read_snapshot(self) -> Snapshot | None:
+    def _read_snapshot(self, *, with_data: bool = False) -> Snapshot | None:
         row = self._conn.execute(
-            "SELECT idx, term, voters, data FROM raft_snapshot WHERE id = 1"
+            "SELECT idx, term, voters, file FROM raft_snapshot WHERE id = 1"
         ).fetchone()
         if row is None:
             return None
-        return Snapshot(
-            index=row[0], term=row[1], voters=tuple(json.loads(row[2])), data=bytes(row[3])
-        )
+        data = b""
+        if with_data:
+            data = (self.snapshot_dir / row[3]).read_bytes()
+        return Snapshot(index=row[0], term=row[1], voters=tuple(json.loads(row[2])), data=data)
+
+    def _remove_stale_files(self, *, tmp_too: bool = False) -> None:
+        """Delete snapshot files other than the stored one (replaced ones, leftovers of a crash
+        between writing a file and recording it). Files being written are ``*.tmp``: they are
+        removed only on open (``tmp_too``), when no writer of this node can be running."""
+        if not self.snapshot_dir.is_dir():
+            return
+        row = self._conn.execute("SELECT file FROM raft_snapshot WHERE id = 1").fetchone()
+        keep = row[0] if row is not None else None
+        stale = list(self.snapshot_dir.glob("snap-*.bin"))
+        if tmp_too:
+            stale += self.snapshot_dir.glob("snap-*.tmp")
+        for p in stale:
+            if p.name != keep:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
 
     def _snapshot_index(self) -> int:
         row = self._conn.execute("SELECT idx FROM raft_snapshot WHERE id = 1").fetchone()
@@ -215,3 +284,30 @@ def _check_contiguous(entries: Sequence[Entry]) -> None:
     for prev, cur in itertools.pairwise(entries):
         if cur.index != prev.index + 1:
             raise ValueError(f"entries are not contiguous: {prev.index} then {cur.index}")
+
+
+def snapshot_file_name(index: int, term: int) -> str:
+    return f"snap-{term}-{index}.bin"
+
+
+def write_snapshot_file(directory: Path, index: int, term: int, data: bytes) -> str:
+    """Write ``data`` durably as the snapshot file for ``(index, term)``; return its name.
+
+    Written to a ``.tmp`` name unique to this process, fsync'd, renamed into place and the
+    directory fsync'd, so a crash leaves either no file or the whole file. Safe to call from a
+    forked child: it touches no SQLite connection and no lock of the parent.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    name = snapshot_file_name(index, term)
+    tmp = directory / f"{name}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / name)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return name

@@ -1,0 +1,283 @@
+"""Snapshots that never stop the event loop: written by a forked child, streamed in chunks.
+
+A node compacts its log every ``raft.snapshot_threshold`` applied entries. Serializing 100,000
+schedules takes seconds of pure Python, and the leader's event loop must answer heartbeats every
+100 ms, so the image is written the way Redis writes an RDB file: ``fork()`` gives a child an
+exact copy-on-write image of the state machine at the applied index; the child serializes it,
+writes and fsyncs the file, and exits; the parent, which kept serving, records the file and
+compacts its log. Without ``fork`` (Windows) the image is serialized in the loop and written by a
+thread.
+
+A follower too far behind receives the image as ``snap_chunk`` requests of 1 MiB, each
+acknowledged before the next is sent, checked by size and CRC-32, and handed to Raft as one
+InstallSnapshot once complete: the message size limit stays 16 MiB however large the state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import os
+import signal
+import sys
+import traceback
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import attrs
+
+from mesh.consensus.messages import InstallSnapshot, Snapshot
+from mesh.statemachine import StateMachine
+from mesh.storage.raft_store import snapshot_file_name, write_snapshot_file
+
+log = logging.getLogger("mesh.snapshots")
+
+CHUNK_BYTES = 1 << 20
+MAX_SNAPSHOT_BYTES = 8 << 30  # a receiver refuses a transfer announcing more than this
+CHUNK_TIMEOUT = 5.0  # seconds to wait for one chunk's acknowledgement
+
+
+class SnapshotFailed(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- writing
+
+
+async def write_snapshot(sm: StateMachine, directory: Path, index: int, term: int) -> str:
+    """Write the state machine's image as of now (applied ``index``) to a file in ``directory``
+    and return the file's name. The caller's loop keeps running meanwhile."""
+    if not hasattr(os, "fork"):
+        data = sm.snapshot()
+        return await asyncio.to_thread(write_snapshot_file, directory, index, term, data)
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, which never returns
+        _child(sm, directory, index, term)
+    loop = asyncio.get_running_loop()
+    try:
+        _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        raise
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SnapshotFailed(f"snapshot writer (pid {pid}) exited with {code}")
+    return snapshot_file_name(index, term)
+
+
+def _child(sm: StateMachine, directory: Path, index: int, term: int) -> NoReturn:
+    code = 1
+    try:
+        # Signals meant for the node must not be relayed to the parent's loop through the
+        # inherited wakeup fd, and a stop of the node must stop the writer.
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        _die_with_parent()
+        write_snapshot_file(directory, index, term, sm.snapshot())
+        code = 0
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
+            sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+# --------------------------------------------------------------------------- sending
+
+
+class SnapshotSender:
+    """Leader side: one chunked transfer per follower, restarted by Raft when it fails."""
+
+    def __init__(
+        self,
+        *,
+        snapshot_file: Callable[[], tuple[int, int, Path] | None],
+        request: Callable[[str, dict[str, Any]], Any],
+        address_of: Callable[[str], str | None],
+        still_leader: Callable[[int], bool],
+        on_sent: Callable[[str, int, int], None] = lambda _peer, _index, _size: None,
+    ) -> None:
+        self._snapshot_file = snapshot_file
+        self._request = request
+        self._address_of = address_of
+        self._still_leader = still_leader
+        self._on_sent = on_sent
+        self._transfers: dict[str, tuple[int, asyncio.Task[None]]] = {}
+
+    def send(self, m: InstallSnapshot) -> None:
+        """Start streaming ``m.snapshot`` to ``m.dst`` unless that very transfer is running."""
+        running = self._transfers.get(m.dst)
+        if running is not None and not running[1].done():
+            if running[0] == m.snapshot.index:
+                return  # Raft's resend while the transfer is still going
+            running[1].cancel()
+        task = asyncio.get_running_loop().create_task(
+            self._transfer(m), name=f"snapshot-to-{m.dst}"
+        )
+        self._transfers[m.dst] = (m.snapshot.index, task)
+
+    def active(self) -> int:
+        return sum(1 for _, t in self._transfers.values() if not t.done())
+
+    async def close(self) -> None:
+        tasks = [t for _, t in self._transfers.values()]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    async def _transfer(self, m: InstallSnapshot) -> None:
+        snap = m.snapshot
+        found = self._snapshot_file()
+        if found is None or found[:2] != (snap.index, snap.term):
+            return  # replaced meanwhile: Raft asks again with the current one
+        try:
+            # The open file survives its replacement by a newer snapshot (unlink keeps the inode).
+            fd = await asyncio.to_thread(os.open, found[2], os.O_RDONLY)
+            try:
+                await self._stream(m, fd, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            log.warning("snapshot %d to %s: a chunk was not acknowledged", snap.index, m.dst)
+        except Exception:
+            log.exception("snapshot %d to %s failed", snap.index, m.dst)
+
+    async def _stream(self, m: InstallSnapshot, fd: int, size: int) -> None:
+        snap = m.snapshot
+        offset, crc = 0, 0
+        while True:
+            if not self._still_leader(m.term):
+                return
+            address = self._address_of(m.dst)
+            if address is None:
+                return
+            chunk = await asyncio.to_thread(os.pread, fd, CHUNK_BYTES, offset)
+            if not chunk and offset < size:
+                raise SnapshotFailed(f"snapshot file ended at {offset} of {size} bytes")
+            crc = zlib.crc32(chunk, crc)
+            done = offset + len(chunk) >= size
+            payload: dict[str, Any] = {
+                "src": m.src,
+                "term": m.term,
+                "index": snap.index,
+                "snap_term": snap.term,
+                "voters": list(snap.voters),
+                "offset": offset,
+                "size": size,
+                "data": base64.b64encode(chunk).decode("ascii"),
+            }
+            if done:
+                payload["crc"] = crc
+            reply = await self._request(address, payload)
+            if not isinstance(reply, dict) or reply.get("ok") is not True:
+                error = reply.get("error") if isinstance(reply, dict) else reply
+                log.info("snapshot %d to %s refused: %s", snap.index, m.dst, error)
+                return
+            offset += len(chunk)
+            if done:
+                self._on_sent(m.dst, snap.index, size)
+                return
+
+
+# --------------------------------------------------------------------------- receiving
+
+
+@attrs.define
+class _Partial:
+    key: tuple[str, int, int, int]  # (leader, term, index, snapshot term)
+    voters: tuple[str, ...]
+    size: int
+    buf: bytearray = attrs.field(factory=bytearray)
+    crc: int = 0
+
+
+def _nonneg_int(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+class SnapshotReceiver:
+    """Follower side: reassembles one transfer at a time; validates every field of every chunk.
+
+    ``on_chunk`` returns the reply to send and, when the last chunk checked out, the complete
+    InstallSnapshot to step into Raft (which applies its own term rules to it).
+    """
+
+    def __init__(self, node_id: str, *, max_bytes: int = MAX_SNAPSHOT_BYTES) -> None:
+        self.node_id = node_id
+        self.max_bytes = max_bytes
+        self._cur: _Partial | None = None
+
+    @property
+    def receiving(self) -> bool:
+        return self._cur is not None
+
+    def on_chunk(
+        self, p: dict[str, Any], current_term: int
+    ) -> tuple[dict[str, Any], InstallSnapshot | None]:
+        src, voters, data = p.get("src"), p.get("voters"), p.get("data")
+        nums = [p.get(k) for k in ("term", "index", "snap_term", "offset", "size")]
+        if (
+            not isinstance(src, str)
+            or not all(_nonneg_int(n) for n in nums)
+            or not isinstance(voters, list)
+            or not all(isinstance(v, str) for v in voters)
+            or not isinstance(data, str)
+            or ("crc" in p and not _nonneg_int(p["crc"]))
+        ):
+            return {"ok": False, "error": "malformed snapshot chunk"}, None
+        term, index, snap_term, offset, size = nums
+        if term < current_term:
+            return {"ok": False, "error": f"stale term {term} < {current_term}"}, None
+        if size > self.max_bytes:
+            error = f"snapshot of {size} bytes exceeds {self.max_bytes}"
+            return {"ok": False, "error": error}, None
+        key = (src, term, index, snap_term)
+        cur = self._cur
+        if offset == 0 and (cur is None or cur.key != key or cur.size != size):
+            cur = self._cur = _Partial(key, tuple(voters), size)
+        if cur is None or cur.key != key:
+            return {"ok": False, "error": "no transfer in progress at this offset"}, None
+        if offset < len(cur.buf):
+            return {"ok": True, "next": len(cur.buf)}, None  # a duplicate of an acknowledged chunk
+        if offset > len(cur.buf):
+            return {"ok": False, "error": f"gap: expected offset {len(cur.buf)}"}, None
+        try:
+            chunk = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            return {"ok": False, "error": "chunk data is not base64"}, None
+        if len(cur.buf) + len(chunk) > cur.size:
+            self._cur = None
+            return {"ok": False, "error": "chunk runs past the announced size"}, None
+        cur.buf += chunk
+        cur.crc = zlib.crc32(chunk, cur.crc)
+        if len(cur.buf) < cur.size:
+            return {"ok": True, "next": len(cur.buf)}, None
+        self._cur = None
+        if p.get("crc") != cur.crc:
+            return {"ok": False, "error": "checksum mismatch"}, None
+        snapshot = Snapshot(index=index, term=snap_term, voters=cur.voters, data=bytes(cur.buf))
+        msg = InstallSnapshot(src=src, dst=self.node_id, term=term, snapshot=snapshot)
+        return {"ok": True, "next": cur.size, "complete": True}, msg
