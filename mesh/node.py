@@ -22,7 +22,14 @@ import attrs
 
 from mesh.config import Config
 from mesh.consensus.core import ConfigChangeInProgress, NotLeader, RaftCore, RaftSettings
-from mesh.consensus.messages import CONFIG, Entry, InstallSnapshot, Message
+from mesh.consensus.messages import (
+    CONFIG,
+    AppendEntries,
+    AppendResponse,
+    Entry,
+    InstallSnapshot,
+    Message,
+)
 from mesh.membership.discovery import make_discovery
 from mesh.observability.eventlog import EventLog
 from mesh.observability.state_db import StateDB
@@ -35,6 +42,9 @@ log = logging.getLogger("mesh.node")
 
 TICK_SECONDS = 0.05  # timer granularity; idle cost is mostly wakeups (docs/performance.md)
 METRICS_FLUSH_SECONDS = 10.0  # event_metrics rows in broker_state.db are written this often
+# A peer we exchange Raft traffic with is alive without pings; it is still pinged this many ping
+# intervals apart to refresh what only pings carry (its HTTP address, bootstrap flag).
+PING_REFRESH_ROUNDS = 4
 
 
 class _StateDBLogHandler(logging.Handler):
@@ -72,6 +82,7 @@ class Peer:
     leader_id: str | None = None
     bootstrapped: bool = False
     ping_inflight: bool = False
+    pinged_at: float = float("-inf")  # monotonic
 
 
 def raft_settings(config: Config) -> RaftSettings:
@@ -545,6 +556,7 @@ class MeshNode:
                 return None
             if peer is not None:
                 self._seen(peer)
+                self._learn_from_raft(peer, m)
             self.core.step(m)
             self._schedule_process()
             return None
@@ -557,6 +569,15 @@ class MeshNode:
         if handler is not None:
             return handler(msg)
         return None
+
+    def _learn_from_raft(self, peer: Peer, m: Message) -> None:
+        # What a ping would say, from traffic that flows anyway between a leader and followers.
+        if m.term < peer.term:
+            return
+        if isinstance(m, AppendEntries):
+            peer.term, peer.role, peer.leader_id = m.term, "leader", m.src
+        elif isinstance(m, AppendResponse) and m.term == self.core.term and self.core.is_leader:
+            peer.term, peer.role, peer.leader_id = m.term, "follower", self.id
 
     def _on_snapshot_chunk(self, payload: dict[str, Any]) -> dict[str, Any]:
         src = payload.get("src")
@@ -639,10 +660,19 @@ class MeshNode:
             rounds += 1
             if rounds % flush_every == 0:
                 self.statedb.flush_metrics()
+            now = self.clock()
             for peer in list(self.peers.values()):
-                if not peer.ping_inflight:
-                    peer.ping_inflight = True
-                    asyncio.get_running_loop().create_task(self._ping(peer))
+                if peer.ping_inflight:
+                    continue
+                if (
+                    now - peer.last_seen < interval
+                    and peer.http is not None
+                    and now - peer.pinged_at < PING_REFRESH_ROUNDS * interval
+                ):
+                    continue  # heard from it through Raft just now: idle CPU is wakeups
+                peer.ping_inflight = True
+                peer.pinged_at = now
+                asyncio.get_running_loop().create_task(self._ping(peer))
             self._check_liveness()
             self._maybe_bootstrap()
             self._maybe_add_voters()

@@ -330,4 +330,4 @@ def test_state_db_and_raft_store_share_one_file(db_path: Path, clock: FakeClock)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     finally:
         conn.close()
-    assert versions == {"raft": 1, "observability": 1}
+    assert versions == {"raft": 2, "observability": 1}
