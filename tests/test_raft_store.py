@@ -320,7 +320,7 @@ def test_record_snapshot_adopts_a_file_written_elsewhere(store: RaftStore, db_pa
     store.save(entries=entries(1, 5))
     name = write_snapshot_file(store.snapshot_dir, 4, 1, b"from-the-child")
     store.record_snapshot(4, 1, ("a", "b"), name)
-    hs, snap, log = reopen(db_path)
+    _, snap, log = reopen(db_path)
     assert snap == Snapshot(index=4, term=1, voters=("a", "b"), data=b"from-the-child")
     assert [e.index for e in log] == [5]
 
