@@ -73,10 +73,24 @@ async def solo_leader(
 
 @asynccontextmanager
 async def started_store(
-    node: MeshNode, state: SchedulerState, logger: Logger, clock: FakeClock
+    node: MeshNode,
+    state: SchedulerState,
+    logger: Logger,
+    clock: FakeClock,
+    *,
+    pipelined: bool = False,
 ) -> AsyncIterator[ReplicatedDataStore]:
-    """A ``ReplicatedDataStore`` on ``node``, started with a ``LocalEventBroker``."""
-    store = ReplicatedDataStore(propose=node.propose, state=state, term=node.core.term, clock=clock)
+    """A ``ReplicatedDataStore`` on ``node``, started with a ``LocalEventBroker``.
+
+    ``pipelined`` gives it ``propose_nowait`` as the leader's scheduler does: ``add_job`` then
+    returns before its commit and per-job commands share batch entries."""
+    store = ReplicatedDataStore(
+        propose=node.propose,
+        propose_nowait=node.propose_nowait if pipelined else None,
+        state=state,
+        term=node.core.term,
+        clock=clock,
+    )
     started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
 

@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import logging
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +91,9 @@ class HandlerDispatcher:
         self.governors = governors or Governors()
         self.settings = settings or DispatchSettings()
         self.state: SchedulerState | None = None  # set by the node: assignments are recorded
+        # Set per leader term by the scheduling service (ReplicatedDataStore.propose_batched):
+        # assignments made in one loop iteration then share a log entry.
+        self.propose_batched: Callable[[dict[str, Any]], Awaitable[Any]] | None = None
         self._pending: dict[str, _Pending] = {}
         self._cursor: dict[str, itertools.count[int]] = {}
         self._sticky: dict[str, str] = {}  # schedule id → handler id
@@ -172,8 +175,9 @@ class HandlerDispatcher:
         """Commit "job → handler" before dispatching; a leader without a quorum cannot."""
         if self.state is None or job.id not in self.state.jobs:
             return True
+        propose = self.propose_batched or self.node.propose
         return bool(
-            await self.node.propose(
+            await propose(
                 {
                     "op": "assign_job",
                     "job_id": str(job.id),

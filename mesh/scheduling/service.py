@@ -112,6 +112,8 @@ class SchedulingService:
                 term=term,
                 job_handlers=job_handlers,
             )
+            if self.dispatcher is not None:
+                self.dispatcher.propose_batched = store.propose_batched
             executor = MeshJobExecutor(
                 node_id=node.id,
                 term=term,

@@ -173,12 +173,29 @@ class SchedulerState:
     def apply(self, entry: Entry) -> Any:
         if entry.kind != COMMAND or not isinstance(entry.data, dict):
             return None
-        op = entry.data.get("op")
+        return self._apply_command(entry.data, entry)
+
+    def _apply_command(self, c: dict[str, Any], entry: Entry) -> Any:
+        op = c.get("op")
         handler = getattr(self, f"_op_{op}", None)
         if handler is None:
             log.warning("ignoring unknown command %r at index %d", op, entry.index)
             return None
-        return handler(entry.data, entry)
+        return handler(c, entry)
+
+    def _op_batch(self, c: dict[str, Any], e: Entry) -> list[tuple[bool, Any]]:
+        """Several commands in one entry, applied in order: ``(True, result)`` or
+        ``(False, error message)`` each. One failing command does not stop the others."""
+        out: list[tuple[bool, Any]] = []
+        for sub in c["commands"]:
+            try:
+                if not isinstance(sub, dict) or sub.get("op") == "batch":
+                    raise ValueError(f"not a command that can be batched: {sub!r:.80}")
+                out.append((True, self._apply_command(sub, e)))
+            except Exception as exc:
+                log.exception("batched command failed at index %d", e.index)
+                out.append((False, f"{type(exc).__name__}: {exc}"))
+        return out
 
     def snapshot(self) -> bytes:
         return json.dumps(
