@@ -152,6 +152,10 @@ class MeshNode:
         self._last_soft = (self.core.role, self.core.term, self.core.leader_id)
         self._had_quorum: bool | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
+        # Up to 25 % later per node, so that nodes sharing a machine (or a disk) do not all
+        # write their snapshot at the same moment: every node reaches the same index together.
+        base = config.raft.snapshot_threshold
+        self._snapshot_threshold = base + self.rng.randrange(base // 4 + 1) if base else 0
         self._persisted_hs = hs
         self._snapshots_out = SnapshotSender(
             snapshot_file=self.store.snapshot_file,
@@ -431,7 +435,7 @@ class MeshNode:
             for index, fut in self._applied_waiters:
                 if index <= core.applied and not fut.done():
                     fut.set_result(None)
-        threshold = self.config.raft.snapshot_threshold
+        threshold = self._snapshot_threshold
         if (
             threshold
             and core.applied - core.snap_index >= threshold
