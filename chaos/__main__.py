@@ -41,7 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=4.0, help="seconds of faults per run")
     p.add_argument("--out", type=Path, default=Path("chaos-results"))
     p.add_argument("--lan", action="store_true", help="run the network-namespace LAN scenarios")
+    p.add_argument(
+        "--snapshot-threshold",
+        type=int,
+        default=None,
+        help="raft.snapshot_threshold for the nodes (e.g. 50: snapshots and snapshot "
+        "transfers under faults); default: the configuration default",
+    )
     args = p.parse_args(argv)
+    if args.snapshot_threshold is not None and args.snapshot_threshold < 1:
+        p.error("--snapshot-threshold must be at least 1")
     if args.runs < 1:
         p.error("--runs must be at least 1")
 
@@ -65,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             scenario = args.scenario or picker.choice(names)
             nodes = args.nodes or (5 if picker.random() < 1 / 3 else 3)
             report = run_once(
-                scenario, run_seed, tox, nodes=nodes, duration=args.duration, keep=args.out
+                scenario,
+                run_seed,
+                tox,
+                nodes=nodes,
+                duration=args.duration,
+                keep=args.out,
+                snapshot_threshold=args.snapshot_threshold,
             )
             reports.append(report)
             status = "ok" if not report.get("violations") else "VIOLATION"
@@ -73,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"[{k + 1}/{args.runs}] {scenario} seed={run_seed} nodes={nodes} {status} "
                 f"({report['seconds']}s) leaders={report.get('leader_changes')} "
                 f"fires={report.get('fires_checked')} acked={report.get('writes_acked')} "
-                f"unavail={report.get('unavailability_s')}s",
+                f"unavail={report.get('unavailability_s')}s snapshots={report.get('snapshots')}",
                 flush=True,
             )
             for v in report.get("violations") or []:

@@ -82,12 +82,16 @@ def run_once(
     duration: float = 4.0,
     settle: float = 4.0,
     keep: Path | None = None,
+    snapshot_threshold: int | None = None,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     root = Path(tempfile.mkdtemp(prefix=f"chaos-{scenario}-{seed}-"))
     out_dir = root / "fires"
     out_dir.mkdir()
-    cluster = ChaosCluster(root, toxiproxy, nodes=nodes, handlers=handlers)
+    # A small threshold makes every node snapshot several times per run, so followers cut off
+    # by a fault catch up through chunked snapshot transfers rather than log entries.
+    config = {"raft": {"snapshot_threshold": snapshot_threshold}} if snapshot_threshold else None
+    cluster = ChaosCluster(root, toxiproxy, nodes=nodes, handlers=handlers, config=config)
     history = History()
     nemesis = Nemesis(cluster, rng)
     report: dict[str, Any] = {"scenario": scenario, "seed": seed, "nodes": nodes}
@@ -107,6 +111,7 @@ def run_once(
         stop_workload(cluster, schedules)
         time.sleep(0.5)
         report.update(check_run(cluster, nemesis, history, out_dir, schedules, heal_at))
+        report["snapshots"] = _snapshot_events(cluster)
     except Exception as e:  # a run that could not even be checked is a failure, not a crash
         report.setdefault("violations", []).append(f"run failed: {type(e).__name__}: {e}")
         report["logs"] = cluster.tails()
@@ -120,6 +125,23 @@ def run_once(
             report["kept"] = str(dest)
         shutil.rmtree(root, ignore_errors=True)
     return report
+
+
+def _snapshot_events(cluster: ChaosCluster) -> dict[str, int]:
+    """How many snapshots the nodes took, sent and installed (from their event logs)."""
+    counts = {"snapshot_taken": 0, "snapshot_sent": 0, "snapshot_installed": 0}
+    for node in cluster.nodes:
+        path = node.data_dir / "logs" / "events.jsonl"
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                kind = json.loads(line).get("type")
+            except ValueError:
+                continue
+            if kind in counts:
+                counts[kind] += 1
+    return {k.removeprefix("snapshot_"): v for k, v in counts.items()}
 
 
 COLUMNS = [
