@@ -496,6 +496,11 @@ class HandlerProcess:
         if link.node_id is not None:
             self._forget_aliases(link)
         if link.leader_mesh is not None and link.leader_mesh not in self.nodes:
+            if any(n.node_id is None and n.reachable is not False for n in self.nodes.values()):
+                # A node we dial has not said who it is yet: it may be this very leader under
+                # another spelling, and a second DEALER would take our routing id from the
+                # first. Learn from a later reply (every HEARTBEAT_INTERVAL).
+                return
             if not any(n.node_id == link.leader_id for n in self.nodes.values()):
                 self._learn_node(link.leader_mesh, via=link.address)
 
