@@ -295,6 +295,8 @@ class SnapshotReceiver:
         self._cur = None
         if p.get("crc") != cur.crc:
             return {"ok": False, "error": "checksum mismatch"}, None
-        snapshot = Snapshot(index=index, term=snap_term, voters=cur.voters, data=bytes(cur.buf))
+        # The buffer itself, not a copy: an image can be tens of megabytes, and the store, the
+        # state machine (json.loads) and the core all accept a bytearray.
+        snapshot = Snapshot(index=index, term=snap_term, voters=cur.voters, data=cur.buf)
         msg = InstallSnapshot(src=src, dst=self.node_id, term=term, snapshot=snapshot)
         return {"ok": True, "next": cur.size, "complete": True}, msg
