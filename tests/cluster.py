@@ -88,7 +88,35 @@ def _tail(path: Path, lines: int) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(empty)"
 
 
-class NodeProcess:
+class _Child:
+    """What NodeProcess and HandlerProc share: one child process, its state and a graceful stop."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def stop(self, timeout: float = STOP_GRACE_SECONDS) -> int | None:
+        """SIGTERM (a node hands over leadership, a handler drains), then SIGKILL after
+        ``timeout``; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5.0)
+        return self.proc.returncode
+
+
+class NodeProcess(_Child):
     """One ``schedulezero node`` process; survives restarts (same id, ports and data dir)."""
 
     def __init__(
@@ -176,14 +204,6 @@ class NodeProcess:
             )
         self.starts += 1
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
     def kill(self, sig: int = signal.SIGKILL) -> float:
         """Send ``sig``; returns the monotonic time it was sent (for measuring failover)."""
         if not self.running:
@@ -212,19 +232,6 @@ class NodeProcess:
         self.start()
         if wait:
             self.wait_until_serving()
-
-    def stop(self, timeout: float = STOP_GRACE_SECONDS) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5.0)
-        return self.proc.returncode
 
     # ----- HTTP
 
@@ -484,7 +491,7 @@ class Cluster:
         return "\n".join(parts)
 
 
-class HandlerProc:
+class HandlerProc(_Child):
     """One ``schedulezero handler`` process; survives restarts (same handler id and log files).
 
     ``mesh`` lists the node mesh addresses it is given (one is enough: it learns the leader's);
@@ -550,14 +557,6 @@ class HandlerProc:
         self.starts += 1
         return self
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
     def kill(self, sig: int = signal.SIGKILL) -> float:
         """Send ``sig``; returns the monotonic time it was sent. SIGKILL waits for the exit."""
         if not self.running:
@@ -579,19 +578,6 @@ class HandlerProc:
         if self.running:
             raise RuntimeError(f"{self.handler_id} is still running")
         return self.start()
-
-    def stop(self, timeout: float = STOP_GRACE_SECONDS) -> int | None:
-        """SIGTERM (the handler drains), then SIGKILL after ``timeout``; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5.0)
-        return self.proc.returncode
 
     def output_tail(self, lines: int = 25) -> str:
         return (
