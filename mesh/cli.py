@@ -169,7 +169,7 @@ def _cmd_node(ns: argparse.Namespace) -> int:
     config = load_config(args, config_file=ns.config, env=os.environ)
     _setup_logging(config.log_level)
     try:
-        from mesh.node import run_node
+        from mesh.app import run_node
     except ModuleNotFoundError as e:
         if e.name not in ("mesh.node",):
             raise

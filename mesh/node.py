@@ -2,7 +2,13 @@
 
 One asyncio loop owns everything: ticks from a timer, messages from ZeroMQ, durable state in
 SQLite. After every input the node drains the core's Ready batch in the order Raft requires
-(persist, then send, then apply). See docs/consensus.md.
+(persist, then send, then apply), and reacts to the batch's soft state (role, term, leader).
+See docs/consensus.md.
+
+The node is handed its collaborators (log store, transport, discovery, event sink, clock, RNG)
+by the composition root (``mesh.app``); it implements the ``Replica``, ``MessageBus`` and
+``NodeView`` contracts (``mesh.contracts``) the upper layers use. Membership (who is alive, who
+votes) lives in ``mesh.membership``; recording events lives in ``mesh.observability``.
 """
 
 from __future__ import annotations
@@ -12,16 +18,22 @@ import contextlib
 import logging
 import os
 import random
-import signal
-import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 
 from mesh.config import Config
-from mesh.consensus.core import ConfigChangeInProgress, NotLeader, RaftCore, RaftSettings
+from mesh.consensus.core import (
+    ConfigChangeInProgress,
+    NotLeader,
+    RaftCore,
+    RaftSettings,
+    Ready,
+    SoftState,
+)
 from mesh.consensus.messages import (
     CONFIG,
     AppendEntries,
@@ -30,59 +42,27 @@ from mesh.consensus.messages import (
     InstallSnapshot,
     Message,
 )
-from mesh.membership.discovery import make_discovery
-from mesh.observability.eventlog import EventLog
-from mesh.observability.state_db import StateDB
+from mesh.contracts import (
+    EventSink,
+    Incoming,
+    MessageHandler,
+    NoLeader,
+    ProposalFailed,
+    RoleListener,
+)
+from mesh.membership.discovery import Discovery
+from mesh.membership.members import Members, MembershipSettings
+from mesh.membership.voters import bootstrap_voters, voter_to_add
 from mesh.snapshots import CHUNK_TIMEOUT, SnapshotReceiver, SnapshotSender, write_snapshot
-from mesh.statemachine import KVStateMachine, StateMachine
+from mesh.statemachine import StateMachine
 from mesh.storage.raft_store import RaftStore
-from mesh.transport.zmq import Incoming, MeshTransport
+from mesh.transport.zmq import MeshTransport
 
 log = logging.getLogger("mesh.node")
 
 TICK_SECONDS = 0.05  # timer granularity; idle cost is mostly wakeups (docs/performance.md)
-METRICS_FLUSH_SECONDS = 10.0  # event_metrics rows in broker_state.db are written this often
-# A peer we exchange Raft traffic with is alive without pings; it is still pinged this many ping
-# intervals apart to refresh what only pings carry (its HTTP address, bootstrap flag).
-PING_REFRESH_ROUNDS = 4
 
-
-class _StateDBLogHandler(logging.Handler):
-    """Warnings and errors of this node also go to broker_state.db's node_log table."""
-
-    def __init__(self, statedb: StateDB) -> None:
-        super().__init__(logging.WARNING)
-        self.statedb = statedb
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.statedb.log(record.levelname, record.getMessage(), logger=record.name)
-        except Exception:  # the log must never take the node down
-            self.handleError(record)
-
-
-class NoLeader(Exception):
-    """No leader is known (election in progress, or this node cannot see a quorum)."""
-
-
-class ProposalFailed(Exception):
-    """The command may or may not have been committed: leadership changed while it was pending."""
-
-
-@attrs.define
-class Peer:
-    address: str  # mesh address
-    node_id: str | None = None
-    http: str | None = None
-    state: str = "unknown"  # alive | suspect | dead | unknown
-    last_seen: float = -1.0  # monotonic
-    last_seen_wall: float | None = None
-    role: str | None = None
-    term: int = 0
-    leader_id: str | None = None
-    bootstrapped: bool = False
-    ping_inflight: bool = False
-    pinged_at: float = float("-inf")  # monotonic
+__all__ = ["TICK_SECONDS", "MeshNode", "NoLeader", "ProposalFailed", "raft_settings"]
 
 
 def raft_settings(config: Config) -> RaftSettings:
@@ -102,32 +82,35 @@ def raft_settings(config: Config) -> RaftSettings:
     )
 
 
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
 class MeshNode:
     def __init__(
         self,
         config: Config,
         *,
-        state_machine: StateMachine | None = None,
+        store: RaftStore,
+        transport: MeshTransport,
+        discovery: Discovery,
+        events: EventSink,
+        state_machine: StateMachine,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.id = config.node_id
-        self.sm: StateMachine = state_machine or KVStateMachine()
+        self.sm = state_machine
+        self.store = store
+        self.transport = transport
+        self.discovery = discovery
+        self.events = events
         self.clock = clock
         self.wall_clock = wall_clock
         self.rng = rng or random.Random()
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = RaftStore(config.state_db_path)
-        self.statedb = StateDB(config.state_db_path, node_id=self.id)
-        self.events = EventLog(
-            config.eventlog_path,
-            self.id,
-            max_bytes=config.eventlog.max_bytes,
-            backups=config.eventlog.backups,
-        )
-        hs, snap, entries = self.store.load()
+        hs, snap, entries = store.load()
         if snap is not None:
             self.sm.restore(snap.data)
             snap = attrs.evolve(snap, data=b"")  # the file has it; do not hold it in memory
@@ -139,37 +122,48 @@ class MeshNode:
             snapshot=snap,
             entries=entries,
         )
-        self.transport = MeshTransport(self.id, config.mesh, max_frame_bytes=config.max_frame_bytes)
-        self.discovery = make_discovery(config)
-        self.peers: dict[str, Peer] = {}  # by mesh address
+        m = config.membership
+        self.members = Members(
+            self.id,
+            config.advertise_mesh,
+            dialer=transport,
+            events=events,
+            settings=MembershipSettings(
+                ping_interval=m.ping_interval,
+                suspect_after=m.suspect_after,
+                dead_after=m.dead_after,
+                learn_peers=m.learn_peers,
+            ),
+            local_info=self._local_info,
+            clock=clock,
+            wall_clock=wall_clock,
+        )
+        self._soft = self.core.soft_state()
+        self._persisted_hs = hs
         self._waiters: dict[int, tuple[int, asyncio.Future[Any]]] = {}
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._role_listeners: list[Callable[[str, int, str | None], None]] = []
-        self._message_handlers: dict[str, Callable[[Incoming], Any]] = {}
+        self._role_listeners: list[RoleListener] = []
+        self._message_handlers: dict[str, MessageHandler] = {}
         self._apply_listeners: list[Callable[[Entry, Any], None]] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._process_scheduled = False
-        self._last_soft = (self.core.role, self.core.term, self.core.leader_id)
-        self._had_quorum: bool | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
         # Up to 25 % later per node, so that nodes sharing a machine (or a disk) do not all
         # write their snapshot at the same moment: every node reaches the same index together.
         base = config.raft.snapshot_threshold
         self._snapshot_threshold = base + self.rng.randrange(base // 4 + 1) if base else 0
-        self._persisted_hs = hs
         self._snapshots_out = SnapshotSender(
-            snapshot_file=self.store.snapshot_file,
-            request=lambda addr, payload: self.transport.request(
+            snapshot_file=store.snapshot_file,
+            request=lambda addr, payload: transport.request(
                 addr, "snap_chunk", payload, timeout=CHUNK_TIMEOUT
             ),
-            address_of=lambda node_id: p.address if (p := self.peer_by_id(node_id)) else None,
+            address_of=lambda node_id: p.address if (p := self.members.by_id(node_id)) else None,
             still_leader=lambda term: self.core.is_leader and self.core.term == term,
-            on_sent=lambda peer, index, size: self.events.emit(
+            on_sent=lambda peer, index, size: events.emit(
                 "snapshot_sent", peer=peer, index=index, bytes=size
             ),
         )
         self._snapshots_in = SnapshotReceiver(self.id)
-        self._started_at = 0.0
         self._stopping = False
         self.leader_since: float | None = None
 
@@ -178,18 +172,9 @@ class MeshNode:
     async def start(self) -> None:
         self.transport.set_handler(self._on_message)
         await self.transport.start()
-        self.discovery.set_listener(self._on_peers_changed)
+        self.discovery.set_listener(self.members.on_discovered)
         await self.discovery.start()
-        self._on_peers_changed(self.discovery.peers())
-        self._started_at = self.clock()
-        self.statedb.upsert_instance(
-            self.id,
-            pid=os.getpid(),
-            mesh_address=self.config.advertise_mesh,
-            http_address=self.config.advertise_http,
-            state="alive",
-            role=self.core.role,
-        )
+        self.members.on_discovered(self.discovery.peers())
         self.events.emit(
             "node_started",
             pid=os.getpid(),
@@ -198,14 +183,13 @@ class MeshNode:
             term=self.core.term,
             commit_index=self.core.commit,
             last_index=self.core.last_index,
+            role=self.core.role,
         )
-        self._log_handler = _StateDBLogHandler(self.statedb)
-        logging.getLogger("mesh").addHandler(self._log_handler)
         self._process()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._tick_loop(), name="raft-tick"),
-            loop.create_task(self._membership_loop(), name="membership"),
+            loop.create_task(self.members.run(self._after_membership_round), name="membership"),
         ]
 
     async def stop(self, *, transfer: bool = True) -> None:
@@ -214,25 +198,7 @@ class MeshNode:
             return
         self._stopping = True
         if transfer and self.core.is_leader and len(self.core.voters) > 1:
-            target = self.core.transfer_leadership()
-            self._process()
-            if target is not None:
-                stepped_down = asyncio.Event()
-                self.on_role_change(lambda role, _t, _l: role != "leader" and stepped_down.set())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        stepped_down.wait(), 2 * self.config.raft.election_timeout_max
-                    )
-                self.events.emit(
-                    "leadership_transferred",
-                    target=target,
-                    succeeded=not self.core.is_leader,
-                    term=self.core.term,
-                )
-                if not self.core.is_leader:
-                    self.statedb.record_leadership(
-                        self.id, self.core.term, "transferred", detail=f"to {target}"
-                    )
+            await self._hand_over()
         if self._snapshot_task is not None:
             self._tasks.append(self._snapshot_task)
         for t in self._tasks:
@@ -244,68 +210,68 @@ class MeshNode:
         self._fail_waiters(ProposalFailed("node is shutting down"))
         await self.discovery.close()
         await self.transport.close()
-        self.statedb.upsert_instance(
-            self.id,
-            pid=os.getpid(),
-            mesh_address=self.config.advertise_mesh,
-            http_address=self.config.advertise_http,
-            state="stopped",
-            role=None,
-        )
         final = self.core.hard_state()
         if final != self._persisted_hs:  # the commit index skipped by _persist
             self.store.save(hard_state=final)
         self.events.emit("node_stopped", term=self.core.term, commit_index=self.core.commit)
-        logging.getLogger("mesh").removeHandler(self._log_handler)
-        self.statedb.close()
-        self.events.close()
         self.store.close()
 
-    # ------------------------------------------------------------------ public API
+    async def _hand_over(self) -> None:
+        target = self.core.transfer_leadership()
+        self._process()
+        if target is None:
+            return
+        stepped_down = asyncio.Event()
+        self.on_role_change(lambda role, _t, _l: role != "leader" and stepped_down.set())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stepped_down.wait(), 2 * self.config.raft.election_timeout_max)
+        self.events.emit(
+            "leadership_transferred",
+            target=target,
+            succeeded=not self.core.is_leader,
+            term=self.core.term,
+        )
 
-    def on_role_change(self, fn: Callable[[str, int, str | None], None]) -> None:
-        """fn(role, term, leader_id) after every change of role, term or leader."""
-        self._role_listeners.append(fn)
-
-    def handle(self, kind: str, fn: Callable[[Incoming], Any]) -> None:
-        """Route incoming mesh messages of ``kind`` (e.g. from handler processes) to ``fn``."""
-        self._message_handlers[kind] = fn
-
-    def on_apply(self, fn: Callable[[Entry, Any], None]) -> None:
-        self._apply_listeners.append(fn)
+    # ------------------------------------------------------------------ Replica
 
     @property
-    def stopping(self) -> bool:
-        return self._stopping
+    def node_id(self) -> str:
+        return self.id
+
+    @property
+    def role(self) -> str:
+        return self.core.role
+
+    @property
+    def term(self) -> int:
+        return self.core.term
+
+    @property
+    def leader_id(self) -> str | None:
+        return self.core.leader_id
 
     @property
     def is_leader(self) -> bool:
         return self.core.is_leader
 
     @property
-    def leader_id(self) -> str | None:
-        return self.core.leader_id
+    def commit_index(self) -> int:
+        return self.core.commit
 
-    def has_quorum(self) -> bool:
-        voters = self.core.voters
-        if not voters:
-            return False
-        seen = sum(1 for p in self.peers.values() if p.state == "alive" and p.node_id in voters)
-        return seen + (1 if self.id in voters else 0) >= self.core.quorum
+    @property
+    def handing_over(self) -> bool:
+        return self.core.transferee is not None or self._stopping
 
-    def peer_by_id(self, node_id: str) -> Peer | None:
-        for p in self.peers.values():
-            if p.node_id == node_id:
-                return p
-        return None
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
-    def leader_http(self) -> str | None:
-        if self.core.leader_id is None:
-            return None
-        if self.core.leader_id == self.id:
-            return self.config.advertise_http
-        p = self.peer_by_id(self.core.leader_id)
-        return p.http if p else None
+    def on_role_change(self, fn: RoleListener) -> None:
+        """fn(role, term, leader_id) after every change of role, term or leader."""
+        self._role_listeners.append(fn)
+
+    def on_apply(self, fn: Callable[[Entry, Any], None]) -> None:
+        self._apply_listeners.append(fn)
 
     def propose_nowait(self, command: Any) -> asyncio.Future[Any]:
         """Append a command and return at once; the future resolves once it is applied.
@@ -348,6 +314,37 @@ class MeshNode:
                 fut.cancel()
             self._applied_waiters = [w for w in self._applied_waiters if w[1] is not fut]
 
+    # ------------------------------------------------------------------ MessageBus
+
+    def handle(self, kind: str, fn: MessageHandler) -> None:
+        """Route incoming mesh messages of ``kind`` (e.g. from handler processes) to ``fn``."""
+        self._message_handlers[kind] = fn
+
+    def send_to_identity(self, identity: bytes, kind: str, payload: dict[str, Any]) -> bool:
+        return self.transport.send_to_identity(identity, kind, payload)
+
+    # ------------------------------------------------------------------ views
+
+    def address_of(self, node_id: str) -> str | None:
+        """The mesh address of a node (this one's own included), if known."""
+        return self.members.address_of(node_id)
+
+    def mesh_addresses(self) -> list[str]:
+        """This node's mesh address, then every peer's."""
+        return [self.config.advertise_mesh, *sorted(self.members.peers)]
+
+    def has_quorum(self) -> bool:
+        return self.members.has_quorum(self.core.voters, self.core.quorum)
+
+    def leader_http(self) -> str | None:
+        leader = self.core.leader_id
+        if leader is None:
+            return None
+        if leader == self.id:
+            return self.config.advertise_http
+        p = self.members.by_id(leader)
+        return p.http if p else None
+
     def health(self) -> dict[str, Any]:
         return {
             "node_id": self.id,
@@ -362,34 +359,20 @@ class MeshNode:
         }
 
     def cluster(self) -> dict[str, Any]:
-        members = [
-            {
-                "node_id": self.id,
-                "mesh_address": self.config.advertise_mesh,
-                "http_address": self.config.advertise_http,
-                "state": "alive",
-                "role": self.core.role,
-                "last_seen": _iso(self.wall_clock()),
-                "voter": self.id in self.core.voters,
-            }
-        ]
-        for p in sorted(self.peers.values(), key=lambda p: (p.node_id or "~", p.address)):
-            members.append(
-                {
-                    "node_id": p.node_id,
-                    "mesh_address": p.address,
-                    "http_address": p.http,
-                    "state": p.state,
-                    "role": p.role,
-                    "last_seen": _iso(p.last_seen_wall) if p.last_seen_wall else None,
-                    "voter": p.node_id in self.core.voters,
-                }
-            )
+        me = {
+            "node_id": self.id,
+            "mesh_address": self.config.advertise_mesh,
+            "http_address": self.config.advertise_http,
+            "state": "alive",
+            "role": self.core.role,
+            "last_seen": _iso(self.wall_clock()),
+            "voter": self.id in self.core.voters,
+        }
         return {
             "leader_id": self.core.leader_id,
             "term": self.core.term,
             "has_quorum": self.has_quorum(),
-            "members": members,
+            "members": [me, *self.members.to_json(self.core.voters, _iso)],
         }
 
     def metrics(self) -> dict[str, Any]:
@@ -401,7 +384,7 @@ class MeshNode:
             "snapshot_index": self.core.snap_index,
             "is_leader": int(self.core.is_leader),
             "has_quorum": int(self.has_quorum()),
-            "peers_alive": sum(1 for p in self.peers.values() if p.state == "alive"),
+            "peers_alive": sum(1 for p in self.members.peers.values() if p.state == "alive"),
             "transport": dict(self.transport.counters),
         }
 
@@ -431,6 +414,8 @@ class MeshNode:
             core.advance(rd)
             if rd.snapshot is not None:
                 core.drop_snapshot_data()
+            if rd.soft_state is not None:
+                self._on_soft_state(rd.soft_state)
         if self._applied_waiters:
             for index, fut in self._applied_waiters:
                 if index <= core.applied and not fut.done():
@@ -445,22 +430,14 @@ class MeshNode:
             self._snapshot_task = asyncio.get_running_loop().create_task(
                 self._take_snapshot(core.applied), name="snapshot"
             )
-        self._observe_soft_state()
 
-    def _persist(self, rd: Any) -> None:
-        """Write one Ready batch durably, skipping the fsync a lone commit-index change would
-        cost: Raft needs term, vote and entries on disk before answering, not the commit index
-        (a restarted node learns it again from the leader). It is written with the next
-        entries, and on stop; one fsync per write instead of two on every node."""
+    def _persist(self, rd: Ready) -> None:
+        """Write one Ready batch durably when the core says it must be (term, vote, entries or a
+        snapshot changed). A lone commit-index change is skipped: it is written with the next
+        entries, and on stop — one fsync per write instead of two on every node."""
+        if not rd.must_sync:
+            return
         hs = rd.hard_state
-        persisted = self._persisted_hs
-        if hs is not None and not rd.entries and rd.snapshot is None and persisted is not None:
-            if (hs.term, hs.voted_for) == (persisted.term, persisted.voted_for):
-                hs = None
-        if hs is None and (rd.entries or rd.snapshot is not None):
-            current = self.core.hard_state()
-            if current != persisted:
-                hs = current
         self.store.save(hard_state=hs, entries=rd.entries, snapshot=rd.snapshot)
         if hs is not None:
             self._persisted_hs = hs
@@ -477,10 +454,7 @@ class MeshNode:
             self.store.record_snapshot(index, term, voters, name)
             self.core.create_snapshot(index, b"")
             self.events.emit(
-                "snapshot_taken",
-                index=index,
-                term=term,
-                seconds=round(self.clock() - started, 3),
+                "snapshot_taken", index=index, term=term, seconds=round(self.clock() - started, 3)
             )
         except asyncio.CancelledError:
             raise
@@ -515,18 +489,15 @@ class MeshNode:
         if isinstance(m, InstallSnapshot):
             self._snapshots_out.send(m)  # streamed in chunks from the snapshot file
             return
-        peer = self.peer_by_id(m.dst)
-        if peer is None:
+        address = self.members.address_of(m.dst)
+        if address is None:
             return  # address not learned yet; Raft retries
-        self.transport.send(peer.address, "raft", m.to_dict())
+        self.transport.send(address, "raft", m.to_dict())
 
-    def _observe_soft_state(self) -> None:
-        soft = (self.core.role, self.core.term, self.core.leader_id)
-        if soft == self._last_soft:
-            return
-        old_role, old_term, old_leader = self._last_soft
-        self._last_soft = soft
-        role, term, leader = soft
+    def _on_soft_state(self, soft: SoftState) -> None:
+        old_role, old_term, old_leader = self._soft.role, self._soft.term, self._soft.leader_id
+        role, term, leader = soft.role, soft.term, soft.leader_id
+        self._soft = soft
         if term != old_term:
             self.events.emit("term_changed", old_term=old_term, term=term)
         if role == "candidate" and old_role != "candidate":
@@ -534,15 +505,13 @@ class MeshNode:
         if role == "leader" and old_role != "leader":
             self.leader_since = self.clock()
             self.events.emit("leader_elected", term=term, leader=self.id)
-            self.statedb.record_leadership(self.id, term, "elected")
             log.info("%s is leader for term %d", self.id, term)
         elif old_role == "leader" and role != "leader":
             self.leader_since = None
             self.events.emit("stepped_down", term=term, new_leader=leader)
-            self.statedb.record_leadership(self.id, term, "stepped_down", detail=str(leader))
             self._fail_waiters(ProposalFailed("leadership lost while the write was pending"))
         elif leader != old_leader and leader is not None and role != "leader":
-            self.statedb.record_leadership(leader, term, "observed")
+            self.events.emit("leader_observed", leader=leader, term=term)
         for fn in self._role_listeners:
             fn(role, term, leader)
 
@@ -567,59 +536,54 @@ class MeshNode:
 
     def _on_message(self, msg: Incoming) -> dict[str, Any] | None:
         if msg.kind == "raft":
-            try:
-                m = Message.from_dict(msg.payload)
-            except (KeyError, TypeError, ValueError) as e:
-                self.transport.counters["dropped_frames.raft"] += 1
-                log.debug("dropping malformed raft message: %s", e)
-                return None
-            if m.dst != self.id:
-                return None
-            peer = self.peer_by_id(m.src)
-            if peer is None and m.src not in self.core.voters:
-                # Only members speak Raft: a stranger's message could depose the leader.
-                self.transport.counters["dropped_frames.raft_stranger"] += 1
-                return None
-            if peer is not None:
-                self._seen(peer)
-                self._learn_from_raft(peer, m)
-            self.core.step(m)
-            self._schedule_process()
-            return None
+            return self._on_raft(msg.payload)
         if msg.kind == "snap_chunk":
             return self._on_snapshot_chunk(msg.payload)
         if msg.kind == "ping":
-            self._on_ping(msg.payload)
-            return self._ping_payload()
+            self.members.on_ping(msg.payload)
+            return self._local_info()
         handler = self._message_handlers.get(msg.kind)
         if handler is not None:
             return handler(msg)
         return None
 
-    def _learn_from_raft(self, peer: Peer, m: Message) -> None:
-        # What a ping would say, from traffic that flows anyway between a leader and followers.
-        if m.term < peer.term:
+    def _on_raft(self, payload: dict[str, Any]) -> None:
+        try:
+            m = Message.from_dict(payload)
+        except (KeyError, TypeError, ValueError) as e:
+            self.transport.counters["dropped_frames.raft"] += 1
+            log.debug("dropping malformed raft message: %s", e)
             return
-        if isinstance(m, AppendEntries):
-            peer.term, peer.role, peer.leader_id = m.term, "leader", m.src
-        elif isinstance(m, AppendResponse) and m.term == self.core.term and self.core.is_leader:
-            peer.term, peer.role, peer.leader_id = m.term, "follower", self.id
+        if m.dst != self.id:
+            return
+        peer = self.members.heard_from(m.src)
+        if peer is None and m.src not in self.core.voters:
+            # Only members speak Raft: a stranger's message could depose the leader.
+            self.transport.counters["dropped_frames.raft_stranger"] += 1
+            return
+        if peer is not None:
+            # What a ping would say, from traffic that flows anyway between leader and followers.
+            if isinstance(m, AppendEntries):
+                self.members.learn_role(peer, term=m.term, role="leader", leader_id=m.src)
+            elif isinstance(m, AppendResponse) and m.term == self.core.term and self.is_leader:
+                self.members.learn_role(peer, term=m.term, role="follower", leader_id=self.id)
+        self.core.step(m)
+        self._schedule_process()
 
     def _on_snapshot_chunk(self, payload: dict[str, Any]) -> dict[str, Any]:
         src = payload.get("src")
-        peer = self.peer_by_id(src) if isinstance(src, str) else None
+        peer = self.members.heard_from(src) if isinstance(src, str) else None
         if peer is None and src not in self.core.voters:
             self.transport.counters["dropped_frames.snapshot_stranger"] += 1
             return {"ok": False, "error": "not a member"}
-        if peer is not None:
-            self._seen(peer)
         reply, complete = self._snapshots_in.on_chunk(payload, self.core.term)
         if complete is not None:
             self.core.step(complete)
             self._schedule_process()
         return reply
 
-    def _ping_payload(self) -> dict[str, Any]:
+    def _local_info(self) -> dict[str, Any]:
+        """What this node says about itself in pings and ping replies."""
         return {
             "node_id": self.id,
             "mesh": self.config.advertise_mesh,
@@ -630,322 +594,29 @@ class MeshNode:
             "bootstrapped": bool(self.core.voters),
         }
 
-    def _on_ping(self, info: dict[str, Any]) -> None:
-        addr = info.get("mesh")
-        node_id = info.get("node_id")
-        if not isinstance(addr, str) or addr == self.config.advertise_mesh:
-            return
-        # A node is known by its id: the address we reach it at (a static entry, a proxy) may
-        # differ from the one it advertises, and must not get a second, bypassing connection.
-        peer = self.peers.get(addr) or (
-            self.peer_by_id(node_id) if isinstance(node_id, str) else None
+    # ------------------------------------------------------------------ voters
+
+    def _after_membership_round(self) -> None:
+        core = self.core
+        alive = self.members.alive()
+        first = bootstrap_voters(
+            self.id,
+            fresh=not (core.voters or core.last_index or core.term),
+            alive=alive,
+            expect=self.config.bootstrap_expect,
         )
-        if peer is None:
-            if not self.config.membership.learn_peers:
-                return
-            # Someone knows us that we did not know: the peer set is symmetric.
-            peer = self._add_peer(addr)
-        self._update_peer(peer, info)
-
-    def _update_peer(self, peer: Peer, info: dict[str, Any]) -> None:
-        node_id = info.get("node_id")
-        if isinstance(node_id, str) and node_id and node_id != self.id:
-            peer.node_id = node_id
-        if isinstance(info.get("http"), str):
-            peer.http = info["http"]
-        peer.role = info.get("role") if isinstance(info.get("role"), str) else None
-        peer.term = info.get("term") if isinstance(info.get("term"), int) else 0
-        peer.leader_id = info.get("leader_id") if isinstance(info.get("leader_id"), str) else None
-        peer.bootstrapped = bool(info.get("bootstrapped"))
-        self._seen(peer)
-
-    def _seen(self, peer: Peer) -> None:
-        peer.last_seen = self.clock()
-        peer.last_seen_wall = self.wall_clock()
-        if peer.state != "alive":
-            self._set_peer_state(peer, "alive")
-
-    def _on_peers_changed(self, addresses: frozenset[str]) -> None:
-        for addr in addresses:
-            if addr not in self.peers and addr != self.config.advertise_mesh:
-                self._add_peer(addr)
-
-    def _add_peer(self, addr: str) -> Peer:
-        peer = Peer(address=addr)
-        self.peers[addr] = peer
-        self.transport.connect(addr)
-        return peer
-
-    # ------------------------------------------------------------------ membership
-
-    async def _membership_loop(self) -> None:
-        interval = self.config.membership.ping_interval
-        flush_every = max(1, round(METRICS_FLUSH_SECONDS / interval))
-        rounds = 0
-        while True:
-            rounds += 1
-            if rounds % flush_every == 0:
-                self.statedb.flush_metrics()
-            now = self.clock()
-            for peer in list(self.peers.values()):
-                if peer.ping_inflight:
-                    continue
-                if (
-                    now - peer.last_seen < interval
-                    and peer.http is not None
-                    and now - peer.pinged_at < PING_REFRESH_ROUNDS * interval
-                ):
-                    continue  # heard from it through Raft just now: idle CPU is wakeups
-                peer.ping_inflight = True
-                peer.pinged_at = now
-                asyncio.get_running_loop().create_task(self._ping(peer))
-            self._check_liveness()
-            self._maybe_bootstrap()
-            self._maybe_add_voters()
-            self._check_quorum_visibility()
-            await asyncio.sleep(interval)
-
-    async def _ping(self, peer: Peer) -> None:
-        try:
-            reply = await self.transport.request(
-                peer.address,
-                "ping",
-                self._ping_payload(),
-                timeout=self.config.membership.dead_after,
-            )
-            self._update_peer(peer, reply)
-        except TimeoutError:
-            pass
-        except Exception:  # a bad reply must not kill membership
-            log.exception("ping to %s failed", peer.address)
-        finally:
-            peer.ping_inflight = False
-
-    def _check_liveness(self) -> None:
-        now = self.clock()
-        m = self.config.membership
-        for peer in self.peers.values():
-            if peer.last_seen < 0:
-                continue
-            age = now - peer.last_seen
-            state = (
-                "alive" if age <= m.suspect_after else "suspect" if age <= m.dead_after else "dead"
-            )
-            if state != peer.state:
-                self._set_peer_state(peer, state)
-
-    def _set_peer_state(self, peer: Peer, state: str) -> None:
-        old, peer.state = peer.state, state
-        name = {"alive": "peer_up", "suspect": "peer_suspect", "dead": "peer_down"}[state]
-        self.events.emit(name, peer=peer.node_id, address=peer.address, previous=old)
-        self.statedb.count(name)
-        if peer.node_id:
-            self.statedb.upsert_instance(
-                peer.node_id,
-                pid=None,
-                mesh_address=peer.address,
-                http_address=peer.http,
-                state=state,
-                role=peer.role,
-            )
-
-    def _check_quorum_visibility(self) -> None:
-        if not self.core.voters:
-            return
-        has = self.has_quorum()
-        if has != self._had_quorum:
-            if self._had_quorum is not None or not has:
-                alive = sorted(
-                    p.node_id for p in self.peers.values() if p.state == "alive" and p.node_id
-                )
-                self.events.emit(
-                    "quorum_regained" if has else "quorum_lost",
-                    visible=[self.id, *alive],
-                    voters=sorted(self.core.voters),
-                )
-            self._had_quorum = has
-
-    def _maybe_bootstrap(self) -> None:
-        """A brand-new cluster: the smallest node id among ``bootstrap_expect`` fresh nodes writes
-        the first configuration; the others receive it by replication (one writer, no conflict)."""
-        core = self.core
-        if core.voters or core.last_index or core.term:
-            return
-        alive = [p for p in self.peers.values() if p.state == "alive" and p.node_id]
-        if any(p.bootstrapped for p in alive):
-            return  # a cluster exists: its leader will add us
-        ids = sorted({self.id, *(p.node_id for p in alive if p.node_id)})
-        if len(ids) >= self.config.bootstrap_expect and ids[0] == self.id:
-            core.bootstrap(ids)
-            log.info("%s bootstrapped a new cluster with voters %s", self.id, ids)
+        if first is not None:
+            core.bootstrap(first)
+            log.info("%s bootstrapped a new cluster with voters %s", self.id, first)
             self._process()
-
-    def _maybe_add_voters(self) -> None:
-        core = self.core
-        if not core.is_leader or core.pending_conf_index > core.commit:
-            return
-        for p in sorted(self.peers.values(), key=lambda p: p.node_id or ""):
-            if p.state == "alive" and p.node_id and p.node_id not in core.voters:
+        if core.is_leader and core.pending_conf_index <= core.commit:
+            new = voter_to_add(core.voters, alive)
+            if new is not None:
                 try:
-                    core.change_voters(core.voters | {p.node_id})
+                    core.change_voters(core.voters | {new})
                 except (NotLeader, ConfigChangeInProgress):
-                    return
-                log.info("%s adds %s as a voter", self.id, p.node_id)
-                self._process()
-                return
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
-# ---------------------------------------------------------------------- process entry point
-
-
-def build_scheduling(node: MeshNode, state: Any) -> Any:
-    """Attach the handler registry, dispatcher and scheduler service to a node."""
-    import mesh.dispatch.webhook  # noqa: F401  (registers the built-in "webhook" task)
-    from mesh.dispatch import protocol
-    from mesh.dispatch.dispatcher import DispatchSettings, HandlerDispatcher
-    from mesh.dispatch.governors import Governors, GovernorSettings
-    from mesh.dispatch.registry import HandlerRegistry
-    from mesh.scheduling.broker import ZMQEventBroker
-    from mesh.scheduling.service import SchedulingService
-
-    registry = HandlerRegistry()
-
-    def hello(msg: Incoming) -> dict[str, Any]:
-        registry.on_hello(msg.payload)
-        leader = node.leader_id
-        leader_mesh = None
-        if leader == node.id:
-            leader_mesh = node.config.advertise_mesh
-        elif leader is not None and (peer := node.peer_by_id(leader)) is not None:
-            leader_mesh = peer.address
-        return {
-            "node_id": node.id,
-            "leader_id": leader,
-            "term": node.core.term,
-            "leader_mesh": leader_mesh,
-            "nodes": [node.config.advertise_mesh, *sorted(node.peers)],
-        }
-
-    node.handle(protocol.HELLO, hello)
-    d, g = node.config.dispatch, node.config.governors
-    dispatcher = HandlerDispatcher(
-        node,
-        registry,
-        governors=Governors(
-            GovernorSettings(
-                rate=g.rate,
-                task_rates=g.task_rates,
-                handler_rates=g.handler_rates,
-                burst=g.burst,
-                concurrency=g.concurrency,
-                task_concurrency=g.task_concurrency,
-                max_queued_jobs=g.max_queued_jobs,
-            )
-        ),
-        settings=DispatchSettings(
-            max_attempts=d.max_attempts,
-            ack_timeout=d.ack_timeout,
-            default_timeout=d.default_timeout,
-            task_timeouts=d.task_timeouts,
-            no_handler_wait=d.no_handler_wait,
-            redispatch_wait=d.redispatch_wait,
-        ),
-    )
-
-    dispatcher.state = state
-
-    from apscheduler import (
-        ScheduleAdded,
-        ScheduleRemoved,
-        SchedulerStarted,
-        SchedulerStopped,
-        ScheduleUpdated,
-        TaskAdded,
-        TaskRemoved,
-        TaskUpdated,
-    )
-
-    # Schedule and task changes go to every node; per-job events (thousands per second under
-    # load) stay on the leader: their outcomes reach every node through the replicated log.
-    lifecycle = frozenset(
-        {
-            ScheduleAdded,
-            ScheduleUpdated,
-            ScheduleRemoved,
-            TaskAdded,
-            TaskUpdated,
-            TaskRemoved,
-            SchedulerStarted,
-            SchedulerStopped,
-        }
-    )
-
-    def broker(n: MeshNode) -> Any:
-        return ZMQEventBroker(transport=n.transport, peers=sorted(n.peers), remote_events=lifecycle)
-
-    return SchedulingService(node, state, broker_factory=broker, dispatcher=dispatcher)
-
-
-async def serve(config: Config, *, ready: Callable[[MeshNode], None] | None = None) -> None:
-    """Run a node with its scheduler and HTTP API until SIGINT/SIGTERM, then shut down."""
-    from mesh.api.http import HttpServer, create_app
-    from mesh.scheduling.state import SchedulerState
-
-    state = SchedulerState(
-        max_executions=config.history.max_executions, max_results=config.history.max_results
-    )
-    node = MeshNode(config, state_machine=state)
-    service = build_scheduling(node, state)
-    await node.start()
-    http = HttpServer(node, create_app(node, service))
-    try:
-        await http.start()
-    except BaseException:
-        await service.close()
-        await node.stop(transfer=False)
-        raise
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(
-        f"schedulezero node {node.id}: mesh {config.advertise_mesh}, "
-        f"http http://{config.advertise_http}/api/health",
-        flush=True,
-    )
-    if ready:
-        ready(node)
-    await stop.wait()
-    await node.stop(transfer=True)
-    await service.close()
-    await http.stop()
-
-
-def run_node(config: Config) -> int:
-    from mesh.tasks import TaskModuleError, load_task_modules
-
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        load_task_modules(config.tasks)
-    except TaskModuleError as e:
-        print(f"schedulezero: error: --tasks: {e}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(serve(config))
-    except OSError as e:
-        print(f"schedulezero: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        pass
-    return 0
+                    pass
+                else:
+                    log.info("%s adds %s as a voter", self.id, new)
+                    self._process()
+        self.members.check_quorum_visibility(core.voters, core.quorum)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from apscheduler.eventbrokers.local import LocalEventBroker
 
+from mesh.app import build_node
 from mesh.config import load_config
 from mesh.node import MeshNode
 from mesh.scheduling.state import SchedulerState
@@ -59,7 +60,7 @@ async def solo_leader(
         None,
         {},
     )
-    node = MeshNode(config, state_machine=state)
+    node = build_node(config, state_machine=state)
     elected = asyncio.Event()
     node.on_role_change(lambda role, _term, _leader: role == "leader" and elected.set())
     await node.start()

@@ -18,14 +18,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from mesh.api.schema import BadRequest, parse_job_body, parse_schedule_body, schedule_to_json
+from mesh.contracts import NodeView, NoLeader, ProposalFailed, Replica, term_identity
 
 if TYPE_CHECKING:
-    from mesh.node import MeshNode
     from mesh.scheduling.service import SchedulingService
 
 log = logging.getLogger("mesh.api")
 
-NODE_KEY = web.AppKey("node", object)
 MAX_BODY_BYTES = 1024 * 1024
 FORWARDED_HEADER = "X-ScheduleZero-Forwarded-By"
 COMMIT_HEADER = "X-ScheduleZero-Commit-Index"
@@ -42,7 +41,6 @@ def json_error(status: int, message: str, **extra: Any) -> web.Response:
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
     from mesh.dispatch.governors import Backpressure
-    from mesh.node import NoLeader, ProposalFailed
     from mesh.scheduling.service import NotReady, ScheduleExists, UnknownSchedule
 
     try:
@@ -73,13 +71,14 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
 class _NodeCollector:
     """Reads the node's state at scrape time: no bookkeeping on the hot path."""
 
-    def __init__(self, node: MeshNode) -> None:
-        self.node = node
+    def __init__(self, node_id: str, view: NodeView) -> None:
+        self.node_id = node_id
+        self.view = view
 
     def collect(self) -> Any:
-        m = self.node.metrics()
+        m = self.view.metrics()
         labels = ["node_id"]
-        nid = [self.node.id]
+        nid = [self.node_id]
         for name, help_text in (
             ("term", "Current Raft term"),
             ("commit_index", "Highest log index known committed"),
@@ -108,7 +107,7 @@ class _NodeCollector:
 WRITE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
 
 
-def _forwarding_middleware(node: MeshNode) -> Any:
+def _forwarding_middleware(replica: Replica, view: NodeView) -> Any:
     """Writes are the leader's: a follower forwards them and answers with the leader's reply.
 
     Without a leader the write waits up to NO_LEADER_WAIT for an election, then gets 503 — it
@@ -122,23 +121,23 @@ def _forwarding_middleware(node: MeshNode) -> Any:
     async def forward(request: web.Request, handler: Any) -> web.StreamResponse:
         if request.method not in WRITE_METHODS or not request.path.startswith("/api/"):
             return await handler(request)
-        if request.headers.get(FORWARDED_HEADER) and not node.is_leader:
+        if request.headers.get(FORWARDED_HEADER) and not replica.is_leader:
             return json_error(503, "no leader available: leadership moved during forwarding")
         deadline = asyncio.get_running_loop().time() + NO_LEADER_WAIT
-        while not node.is_leader and node.leader_http() is None:
+        while not replica.is_leader and view.leader_http() is None:
             if asyncio.get_running_loop().time() >= deadline:
                 return json_error(503, "no leader available (election in progress or no quorum)")
             await asyncio.sleep(0.05)
-        if node.is_leader:
-            term = node.core.term
+        if replica.is_leader:
+            term = replica.term
             # A bounded number of writes in flight: a burst of hundreds must queue here rather
             # than flood the event loop that also carries the heartbeats.
             async with write_slots:
                 response = await handler(request)
-            response.headers[COMMIT_HEADER] = str(node.core.commit)
-            response.headers[SERVED_BY_HEADER] = f"{node.id}@{term}"
+            response.headers[COMMIT_HEADER] = str(replica.commit_index)
+            response.headers[SERVED_BY_HEADER] = term_identity(replica.node_id, term)
             return response
-        target = node.leader_http()
+        target = view.leader_http()
         body = await request.read()
         if "s" not in session or session["s"].closed:
             session["s"] = aiohttp.ClientSession(
@@ -151,7 +150,7 @@ def _forwarding_middleware(node: MeshNode) -> Any:
                 data=body,
                 headers={
                     "Content-Type": request.headers.get("Content-Type", "application/json"),
-                    FORWARDED_HEADER: node.id,
+                    FORWARDED_HEADER: replica.node_id,
                 },
             ) as resp:
                 payload = await resp.read()
@@ -166,7 +165,7 @@ def _forwarding_middleware(node: MeshNode) -> Any:
         except (aiohttp.ClientError, TimeoutError) as e:
             return json_error(503, f"leader at {target} did not answer: {type(e).__name__}")
         if commit is not None and commit.isdigit() and resp.status < 300:
-            await node.wait_applied(int(commit), timeout=1.0)
+            await replica.wait_applied(int(commit), timeout=1.0)
         return out
 
     async def close(_app: web.Application) -> None:
@@ -186,19 +185,22 @@ async def _json_body(request: web.Request) -> Any:
         raise BadRequest(f"request body is not valid JSON: {e}") from None
 
 
-def create_app(node: MeshNode, service: SchedulingService | None = None) -> web.Application:
-    forward, close_forwarding = _forwarding_middleware(node)
+def create_app(
+    replica: Replica, view: NodeView, service: SchedulingService | None = None
+) -> web.Application:
+    """The API of one node: ``replica`` for writes (forwarded to the leader when this node is
+    not it), ``view`` for the health, cluster and metrics reads, ``service`` for scheduling."""
+    forward, close_forwarding = _forwarding_middleware(replica, view)
     app = web.Application(middlewares=[errors_as_json, forward], client_max_size=MAX_BODY_BYTES)
     app.on_cleanup.append(close_forwarding)
-    app[NODE_KEY] = node
     registry = CollectorRegistry()
-    registry.register(_NodeCollector(node))
+    registry.register(_NodeCollector(replica.node_id, view))
 
     async def health(request: web.Request) -> web.Response:
-        return web.json_response(node.health())
+        return web.json_response(view.health())
 
     async def cluster(request: web.Request) -> web.Response:
-        return web.json_response(node.cluster())
+        return web.json_response(view.cluster())
 
     async def metrics(request: web.Request) -> web.Response:
         body = generate_latest(registry)
@@ -300,13 +302,13 @@ def _add_scheduling_routes(app: web.Application, service: SchedulingService) -> 
 
 
 class HttpServer:
-    def __init__(self, node: MeshNode, app: web.Application | None = None) -> None:
-        self.node = node
-        self.app = app if app is not None else create_app(node)
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
+        self.app = app
+        self.host, self.port = host, port
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        host, port = self.node.config.http_host_port
+        host, port = self.host, self.port
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)

@@ -77,17 +77,39 @@ class RaftSettings:
     max_inflight_entries: int = 8192
 
 
+@attrs.frozen
+class SoftState:
+    """What is not persisted but every driver reacts to (etcd raft's SoftState)."""
+
+    role: str  # follower | precandidate | candidate | leader
+    term: int
+    leader_id: str | None
+
+
 @attrs.define
 class Ready:
+    """One batch of effects, handled by the driver in order: persist (``entries``, ``snapshot``,
+    ``hard_state``; fsync'd when ``must_sync``), send ``messages``, apply ``committed``, then
+    ``advance``. ``soft_state`` is set when role, term or leader changed since the last batch."""
+
     hard_state: HardState | None = None
     entries: list[Entry] = attrs.Factory(list)
     snapshot: Snapshot | None = None
     messages: list[Message] = attrs.Factory(list)
     committed: list[Entry] = attrs.Factory(list)
+    soft_state: SoftState | None = None
+    # Raft must have term, vote and entries on disk before answering anyone; a lone change of
+    # the commit index need not be (a restarted node learns it again from the leader).
+    must_sync: bool = False
 
     def __bool__(self) -> bool:
         return bool(
-            self.hard_state or self.entries or self.snapshot or self.messages or self.committed
+            self.hard_state
+            or self.entries
+            or self.snapshot
+            or self.messages
+            or self.committed
+            or self.soft_state
         )
 
 
@@ -146,6 +168,7 @@ class RaftCore:
         self._pending_snapshot: Snapshot | None = None
         self._append_pending = False
         self._last_hard_state = HardState(self.term, self.voted_for, self.commit)
+        self._last_soft_state = self.soft_state()
 
     # ------------------------------------------------------------------ log helpers
 
@@ -205,7 +228,7 @@ class RaftCore:
     def role(self) -> str:
         return {
             _Phase.FOLLOWER: "follower",
-            _Phase.PRE_CANDIDATE: "candidate",
+            _Phase.PRE_CANDIDATE: "precandidate",
             _Phase.CANDIDATE: "candidate",
             _Phase.LEADER: "leader",
         }[self.phase]
@@ -216,6 +239,9 @@ class RaftCore:
 
     def hard_state(self) -> HardState:
         return HardState(self.term, self.voted_for, self.commit)
+
+    def soft_state(self) -> SoftState:
+        return SoftState(self.role, self.term, self.leader_id)
 
     # ------------------------------------------------------------------ driver API
 
@@ -242,36 +268,31 @@ class RaftCore:
 
     def propose(self, data: Any, *, kind: str = COMMAND) -> tuple[int, int]:
         """Append a command; returns (index, term). Commit is observed via ready().committed."""
-        if self.phase is not _Phase.LEADER or self.transferee is not None:
-            raise NotLeader(None if self.phase is _Phase.LEADER else self.leader_id)
         if kind == CONFIG:
             if self.pending_conf_index > self.commit:
                 raise ConfigChangeInProgress("a membership change is still being committed")
             if self.id not in data["voters"]:
                 raise ValueError("the leader cannot remove itself; transfer leadership first")
-        index = self.last_index + 1
-        self._append([Entry(term=self.term, index=index, kind=kind, data=data)])
+        (placed,) = self._propose([data], kind)
         if kind == CONFIG:
-            self.pending_conf_index = index
-        self.progress[self.id].match = index
-        self.progress[self.id].next = index + 1
-        self._maybe_commit()
-        self._append_pending = True  # sent at the next ready(): one message per batch
-        return index, self.term
+            self.pending_conf_index = placed[0]
+        return placed
 
     def propose_many(self, datas: Sequence[Any]) -> list[tuple[int, int]]:
         """Append several commands at once (one replication round)."""
+        return self._propose(datas, COMMAND)
+
+    def _propose(self, datas: Sequence[Any], kind: str) -> list[tuple[int, int]]:
         if self.phase is not _Phase.LEADER or self.transferee is not None:
             raise NotLeader(None if self.phase is _Phase.LEADER else self.leader_id)
         start = self.last_index + 1
         self._append(
-            Entry(term=self.term, index=start + i, kind=COMMAND, data=d)
-            for i, d in enumerate(datas)
+            Entry(term=self.term, index=start + i, kind=kind, data=d) for i, d in enumerate(datas)
         )
         self.progress[self.id].match = self.last_index
         self.progress[self.id].next = self.last_index + 1
         self._maybe_commit()
-        self._append_pending = True
+        self._append_pending = True  # sent at the next ready(): one message per batch
         return [(start + i, self.term) for i in range(len(datas))]
 
     def change_voters(self, voters: Iterable[str]) -> tuple[int, int]:
@@ -341,25 +362,37 @@ class RaftCore:
                     self._send_append(peer)
 
     def has_ready(self) -> bool:
-        self._flush_appends()
+        """Whether ``ready()`` has anything to hand out; changes nothing."""
         return bool(
             self._msgs
+            or (self._append_pending and self.phase is _Phase.LEADER)
             or self._pending_snapshot
             or self._unstable_from <= self.last_index
             or self.commit > self.applied
             or self.hard_state() != self._last_hard_state
+            or self.soft_state() != self._last_soft_state
         )
 
     def ready(self) -> Ready:
         self._flush_appends()
         rd = Ready()
         hs = self.hard_state()
-        if hs != self._last_hard_state:
-            rd.hard_state = hs
+        last = self._last_hard_state
         if self._pending_snapshot is not None:
             rd.snapshot = self._pending_snapshot
         if self._unstable_from <= self.last_index:
             rd.entries = self.entries_from(max(self._unstable_from, self.snap_index + 1), 1 << 62)
+        rd.must_sync = bool(
+            rd.entries
+            or rd.snapshot is not None
+            or hs.term != last.term
+            or hs.voted_for != last.voted_for
+        )
+        if hs != last or rd.must_sync:
+            rd.hard_state = hs
+        soft = self.soft_state()
+        if soft != self._last_soft_state:
+            rd.soft_state = soft
         rd.messages, self._msgs = self._msgs, []
         start = max(self.applied, self.snap_index) + 1
         if self.commit >= start:
@@ -369,6 +402,8 @@ class RaftCore:
     def advance(self, rd: Ready) -> None:
         if rd.hard_state is not None:
             self._last_hard_state = rd.hard_state
+        if rd.soft_state is not None:
+            self._last_soft_state = rd.soft_state
         if rd.snapshot is not None:
             self._pending_snapshot = None
             self.applied = max(self.applied, rd.snapshot.index)

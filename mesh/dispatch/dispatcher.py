@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -27,16 +27,16 @@ import attrs
 from apscheduler import Job
 from tenacity import wait_exponential
 
+from mesh.contracts import Directory, Incoming, MessageBus, Replica
 from mesh.dispatch import protocol as p
 from mesh.dispatch.governors import Governors
 from mesh.dispatch.registry import HandlerInfo, HandlerRegistry
 from mesh.scheduling.executor import TaskUnavailable
 from mesh.scheduling.state import RemoteJobError, SchedulerState, to_wire
 from mesh.tasks import JobContext
-from mesh.transport.zmq import Incoming
 
 if TYPE_CHECKING:
-    from mesh.node import MeshNode
+    from mesh.scheduling.session import LeaderSession
 
 log = logging.getLogger("mesh.dispatch")
 
@@ -80,32 +80,41 @@ class _Pending:
 class HandlerDispatcher:
     def __init__(
         self,
-        node: MeshNode,
-        registry: HandlerRegistry,
+        replica: Replica,
+        bus: MessageBus,
+        directory: Directory,
+        state: SchedulerState,
         *,
+        registry: HandlerRegistry | None = None,
         governors: Governors | None = None,
         settings: DispatchSettings | None = None,
     ) -> None:
-        self.node = node
-        self.registry = registry
+        self.replica = replica
+        self.bus = bus
+        self.directory = directory
+        self.state = state  # the replica: which handler each job was assigned to
+        self.registry = registry or HandlerRegistry()
         self.governors = governors or Governors()
         self.settings = settings or DispatchSettings()
-        self.state: SchedulerState | None = None  # set by the node: assignments are recorded
-        # Set per leader term by the scheduling service (ReplicatedDataStore.propose_batched):
-        # assignments made in one loop iteration then share a log entry.
-        self.propose_batched: Callable[[dict[str, Any]], Awaitable[Any]] | None = None
         self._pending: dict[str, _Pending] = {}
         self._cursor: dict[str, itertools.count[int]] = {}
         self._sticky: dict[str, str] = {}  # schedule id → handler id
-        node.handle(p.DISPATCH_ACK, self._on_ack)
-        node.handle(p.JOB_RESULT, self._on_result)
+        bus.handle(p.HELLO, self._on_hello)
+        bus.handle(p.DISPATCH_ACK, self._on_ack)
+        bus.handle(p.JOB_RESULT, self._on_result)
 
     # ------------------------------------------------------------------ Dispatcher protocol
 
     def offers(self, task: str) -> bool:
         return self.registry.offers(task)
 
-    async def dispatch(self, job: Job, ctx: JobContext) -> tuple[Any, str]:
+    def check_queue(self, queued_jobs: int) -> None:
+        self.governors.check_queue(queued_jobs)
+
+    def handlers(self) -> list[dict[str, Any]]:
+        return self.registry.to_json()
+
+    async def dispatch(self, job: Job, ctx: JobContext, session: LeaderSession) -> tuple[Any, str]:
         s = self.settings
         backoff = wait_exponential(multiplier=s.backoff_initial, max=s.backoff_max)
         excluded: set[str] = set()
@@ -126,7 +135,7 @@ class HandlerDispatcher:
                     else:
                         handler = await self._choose(job, excluded)
                     with self._reserved(handler):
-                        if not await self._assign(job, handler, ctx):
+                        if not await self._assign(job, handler, session):
                             raise Fenced(
                                 f"job {job.id} no longer belongs to this leader "
                                 f"(term {ctx.fencing_token})"
@@ -168,21 +177,21 @@ class HandlerDispatcher:
     # ------------------------------------------------------------------ assignment
 
     def _assigned_handler(self, job: Job) -> str | None:
-        js = self.state.jobs.get(job.id) if self.state is not None else None
+        js = self.state.jobs.get(job.id)
         return js.handler if js is not None else None
 
-    async def _assign(self, job: Job, handler: HandlerInfo, ctx: JobContext) -> bool:
-        """Commit "job → handler" before dispatching; a leader without a quorum cannot."""
-        if self.state is None or job.id not in self.state.jobs:
+    async def _assign(self, job: Job, handler: HandlerInfo, session: LeaderSession) -> bool:
+        """Commit "job → handler" before dispatching; a leader without a quorum cannot.
+        Assignments made in one loop iteration share a log entry (the session's batch)."""
+        if job.id not in self.state.jobs:
             return True
-        propose = self.propose_batched or self.node.propose
         return bool(
-            await propose(
+            await session.propose_batched(
                 {
                     "op": "assign_job",
                     "job_id": str(job.id),
                     "handler_id": handler.handler_id,
-                    "scheduler_id": f"{self.node.id}@{ctx.fencing_token}",
+                    "scheduler_id": session.identity,
                 }
             )
         )
@@ -307,7 +316,7 @@ class HandlerDispatcher:
         }
         incarnation = handler.incarnation
         try:
-            if not self.node.transport.send_to_identity(handler.identity, p.DISPATCH, payload):
+            if not self.bus.send_to_identity(handler.identity, p.DISPATCH, payload):
                 raise HandlerLost(f"handler {handler.handler_id} is not connected to this node")
             try:
                 ack = await asyncio.wait_for(pending.ack, self.settings.ack_timeout)
@@ -321,7 +330,7 @@ class HandlerDispatcher:
                     f"handler {handler.handler_id} refused the dispatch: {ack.get('reason')}"
                 )
             if ack.get("needs_start"):
-                self.node.transport.send_to_identity(
+                self.bus.send_to_identity(
                     handler.identity, p.DISPATCH_START, {"dispatch_id": dispatch_id, "start": True}
                 )
             result = await self._await_result(handler, incarnation, pending, timeout)
@@ -372,6 +381,18 @@ class HandlerDispatcher:
 
     # ------------------------------------------------------------------ incoming
 
+    def _on_hello(self, msg: Incoming) -> dict[str, Any]:
+        """Every node keeps the handler registry, and tells a handler where the leader is."""
+        self.registry.on_hello(msg.payload)
+        leader = self.replica.leader_id
+        return {
+            "node_id": self.replica.node_id,
+            "leader_id": leader,
+            "term": self.replica.term,
+            "leader_mesh": self.directory.address_of(leader) if leader is not None else None,
+            "nodes": self.directory.mesh_addresses(),
+        }
+
     def _on_ack(self, msg: Incoming) -> None:
         dispatch_id = str(msg.payload.get("dispatch_id"))
         pending = self._pending.get(dispatch_id)
@@ -380,7 +401,7 @@ class HandlerDispatcher:
             return
         if msg.payload.get("needs_start") and msg.identity:
             # We gave up on this dispatch (or never sent it): the handler must not run it.
-            self.node.transport.send_to_identity(
+            self.bus.send_to_identity(
                 msg.identity, p.DISPATCH_START, {"dispatch_id": dispatch_id, "start": False}
             )
 

@@ -9,6 +9,7 @@ through Raft, never through this broker.
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from logging import Logger
@@ -19,16 +20,22 @@ from apscheduler import Event
 from apscheduler.eventbrokers.base import BaseExternalEventBroker
 from attrs.validators import instance_of
 
-from mesh.transport.codec import FrameError, name_to_bytes
-from mesh.transport.zmq import MeshTransport, split_address
+from mesh.config import parse_mesh_address
+from mesh.contracts import Broadcaster
 
 # How much of an undecodable payload goes into the log line that reports it.
 _LOGGED_PAYLOAD_CHARS = 200
 
 
+# Broadcast topics share the wire rule of message kinds (mesh.transport.codec).
+_TOPIC = re.compile(r"[a-z0-9_.-]{1,32}")
+
+
 def _check_transport(_instance: object, _attribute: attrs.Attribute, value: object) -> None:
-    if not isinstance(value, MeshTransport):
-        raise TypeError(f"transport must be a MeshTransport, got {type(value).__name__}")
+    if not isinstance(value, Broadcaster):
+        raise TypeError(
+            f"transport must be a mesh transport (Broadcaster), got {type(value).__name__}"
+        )
     if not value.pub_address:
         raise ValueError(
             "ZMQEventBroker needs a bound transport: a client-only one (bind=None) "
@@ -37,16 +44,14 @@ def _check_transport(_instance: object, _attribute: attrs.Attribute, value: obje
 
 
 def _check_topic(_instance: object, _attribute: attrs.Attribute, value: str) -> None:
-    try:
-        name_to_bytes(value)
-    except FrameError:
-        raise ValueError(f"topic must be 1..32 chars of [a-z0-9_.-], got {value!r}") from None
+    if not _TOPIC.fullmatch(value):
+        raise ValueError(f"topic must be 1..32 chars of [a-z0-9_.-], got {value!r}")
 
 
 def _peer_set(addresses: Iterable[str]) -> set[str]:
     peers = set(addresses)
     for address in peers:
-        split_address(address)  # ValueError for anything that is not tcp://HOST:PORT
+        parse_mesh_address(address)  # ValueError for anything that is not tcp://HOST:PORT
     return peers
 
 
@@ -75,7 +80,7 @@ class ZMQEventBroker(BaseExternalEventBroker):
     back, ignored) and ``ignored_stopped`` (broadcasts that came while the broker was stopped).
     """
 
-    transport: MeshTransport = attrs.field(validator=_check_transport)
+    transport: Broadcaster = attrs.field(validator=_check_transport)
     topic: str = attrs.field(
         kw_only=True, default="apscheduler", validator=[instance_of(str), _check_topic]
     )
@@ -119,7 +124,7 @@ class ZMQEventBroker(BaseExternalEventBroker):
 
     def add_peer(self, address: str) -> None:
         """Receive the broadcasts of the node at mesh ``address`` (idempotent)."""
-        split_address(address)
+        parse_mesh_address(address)
         self._peers.add(address)
         if self._running:
             self._subscribe(address)

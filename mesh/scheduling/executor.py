@@ -8,15 +8,17 @@ is attached) a remote handler process.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
-from uuid import UUID
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from apscheduler import Job
 from apscheduler.abc import JobExecutor
 
-from mesh.scheduling.state import SchedulerState, idempotency_key
+from mesh.scheduling.state import idempotency_key
 from mesh.tasks import REGISTRY, JobContext
+
+if TYPE_CHECKING:
+    from mesh.scheduling.session import LeaderSession
 
 STAND_IN_REF = "mesh.scheduling.executor:remote_task"
 
@@ -31,32 +33,33 @@ class TaskUnavailable(Exception):
 
 
 class Dispatcher(Protocol):
-    def offers(self, task: str) -> bool: ...
+    """What the scheduling layer needs from dispatch (``mesh.dispatch.HandlerDispatcher``)."""
 
-    async def dispatch(self, job: Job, ctx: JobContext) -> tuple[Any, str]:
-        """Run the job on a handler; returns (return value, handler id)."""
+    def offers(self, task: str) -> bool:
+        """Whether any live handler offers ``task``."""
+
+    async def dispatch(self, job: Job, ctx: JobContext, session: LeaderSession) -> tuple[Any, str]:
+        """Run the job on a handler under ``session``'s term; returns (return value, handler id)."""
+
+    def check_queue(self, queued_jobs: int) -> None:
+        """Raise ``Backpressure`` when no more jobs should be queued."""
+
+    def handlers(self) -> list[dict[str, Any]]:
+        """The handlers this node knows, as JSON."""
 
 
 class MeshJobExecutor(JobExecutor):
     def __init__(
         self,
+        session: LeaderSession,
         *,
-        node_id: str,
-        term: int,
-        state: SchedulerState,
-        job_handlers: dict[UUID, str],
         dispatcher: Dispatcher | None = None,
-        on_start: Callable[[Job, JobContext], Awaitable[None] | None] | None = None,
     ) -> None:
-        self.node_id = node_id
-        self.term = term
-        self.state = state
-        self.job_handlers = job_handlers
+        self.session = session
         self.dispatcher = dispatcher
-        self.on_start = on_start
 
     def context_for(self, job: Job) -> JobContext:
-        js = self.state.jobs.get(job.id)
+        js = self.session.state.jobs.get(job.id)
         return JobContext(
             job_id=str(job.id),
             task=job.task_id,
@@ -64,7 +67,7 @@ class MeshJobExecutor(JobExecutor):
             scheduled_fire_time=job.scheduled_fire_time,
             idempotency_key=idempotency_key(job),
             attempt=js.attempts if js is not None else 1,
-            fencing_token=self.term,
+            fencing_token=self.session.fencing_token,
         )
 
     async def run_job(self, func: Callable[..., Any], job: Job) -> Any:
@@ -74,12 +77,13 @@ class MeshJobExecutor(JobExecutor):
         # there; the embedded function is the fallback (and the default with no handlers).
         offered = self.dispatcher is not None and self.dispatcher.offers(job.task_id)
         if task is not None and not offered:
-            self.job_handlers[job.id] = f"embedded:{self.node_id}"
+            self.session.ran_on(job.id, f"embedded:{self.session.node_id}")
             return await task.run(ctx, job.args, job.kwargs)
         if self.dispatcher is not None:
-            value, handler_id = await self.dispatcher.dispatch(job, ctx)
-            self.job_handlers[job.id] = handler_id
+            value, handler_id = await self.dispatcher.dispatch(job, ctx, self.session)
+            self.session.ran_on(job.id, handler_id)
             return value
         raise TaskUnavailable(
-            f"no embedded function or handler offers task {job.task_id!r} on leader {self.node_id}"
+            f"no embedded function or handler offers task {job.task_id!r} on leader "
+            f"{self.session.node_id}"
         )

@@ -21,14 +21,14 @@ from apscheduler import AsyncScheduler, ConflictPolicy, Schedule, TaskDefaults
 from apscheduler.abc import EventBroker
 from apscheduler.eventbrokers.local import LocalEventBroker
 
+from mesh.contracts import Replica
 from mesh.scheduling.executor import STAND_IN_REF, Dispatcher, MeshJobExecutor, remote_task
+from mesh.scheduling.session import LeaderSession
 from mesh.scheduling.state import SchedulerState
-from mesh.scheduling.store import ReplicatedDataStore
 from mesh.tasks import REGISTRY
 
 if TYPE_CHECKING:
     from mesh.api.schema import ScheduleSpec
-    from mesh.node import MeshNode
 
 log = logging.getLogger("mesh.scheduling")
 
@@ -52,24 +52,24 @@ class ScheduleExists(Exception):
 class SchedulingService:
     def __init__(
         self,
-        node: MeshNode,
+        replica: Replica,
         state: SchedulerState,
         *,
         lease_duration: timedelta = timedelta(seconds=30),
-        broker_factory: Callable[[MeshNode], EventBroker] | None = None,
+        broker_factory: Callable[[], EventBroker] = LocalEventBroker,
         dispatcher: Dispatcher | None = None,
     ) -> None:
-        self.node = node
+        self.replica = replica
         self.state = state
         self.lease_duration = lease_duration
-        self.broker_factory = broker_factory or (lambda _node: LocalEventBroker())
+        self.broker_factory = broker_factory
         self.dispatcher = dispatcher
         self.scheduler: AsyncScheduler | None = None
-        self.store: ReplicatedDataStore | None = None
+        self.session: LeaderSession | None = None
         self.term: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
-        node.on_role_change(self._on_role_change)
+        replica.on_role_change(self._on_role_change)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -87,6 +87,7 @@ class SchedulingService:
     def _stop(self) -> None:
         self._ready.clear()
         self.scheduler = None
+        self.session = None
         self.term = None
         if self._task is not None:
             self._task.cancel()
@@ -100,32 +101,16 @@ class SchedulingService:
                 await task
 
     async def _lead(self, term: int) -> None:
-        node = self.node
+        replica = self.replica
         try:
-            cleared = await node.propose({"op": "reset_leases", "term": term})
+            cleared = await replica.propose({"op": "reset_leases", "term": term})
             log.info("term %d: leases reset (%s), starting the scheduler", term, cleared)
-            job_handlers: dict[UUID, str] = {}
-            store = self.store = ReplicatedDataStore(
-                propose=node.propose,
-                propose_nowait=node.propose_nowait,
-                state=self.state,
-                term=term,
-                job_handlers=job_handlers,
-            )
-            if self.dispatcher is not None:
-                self.dispatcher.propose_batched = store.propose_batched
-            executor = MeshJobExecutor(
-                node_id=node.id,
-                term=term,
-                state=self.state,
-                job_handlers=job_handlers,
-                dispatcher=self.dispatcher,
-            )
+            session = self.session = LeaderSession(replica, self.state, term)
             scheduler = AsyncScheduler(
-                data_store=store,
-                event_broker=self.broker_factory(node),
-                identity=f"{node.id}@{term}",
-                job_executors={EXECUTOR: executor},
+                data_store=session.store,
+                event_broker=self.broker_factory(),
+                identity=session.identity,
+                job_executors={EXECUTOR: MeshJobExecutor(session, dispatcher=self.dispatcher)},
                 task_defaults=TaskDefaults(job_executor=EXECUTOR, max_running_jobs=None),
                 lease_duration=self.lease_duration,
                 cleanup_interval=60,
@@ -141,11 +126,10 @@ class SchedulingService:
             raise
         except Exception:
             # Losing leadership mid-write lands here; a node that is still leader retries.
-            handing_over = node.core.transferee is not None or node.stopping
-            if node.is_leader and node.core.term == term and not handing_over:
+            if replica.is_leader and replica.term == term and not replica.handing_over:
                 log.exception("scheduler for term %d failed; restarting it", term)
                 await asyncio.sleep(0.5)
-                if node.is_leader and node.core.term == term and self.term == term:
+                if replica.is_leader and replica.term == term and self.term == term:
                     self._task = asyncio.get_running_loop().create_task(self._lead(term))
             else:
                 log.info("scheduler for term %d stopped: leadership lost or handed over", term)
@@ -168,7 +152,7 @@ class SchedulingService:
         )
 
     async def wait_ready(self, timeout: float) -> AsyncScheduler:
-        if not self.node.is_leader:
+        if not self.replica.is_leader:
             raise NotReady("not the leader")
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
@@ -182,8 +166,7 @@ class SchedulingService:
     # ------------------------------------------------------------------ operations (leader)
 
     def handlers(self) -> list[dict[str, Any]]:
-        registry = getattr(self.dispatcher, "registry", None)
-        return registry.to_json() if registry is not None else []
+        return self.dispatcher.handlers() if self.dispatcher is not None else []
 
     def task_warnings(self, task: str) -> list[str]:
         if task in REGISTRY:
@@ -240,16 +223,17 @@ class SchedulingService:
 
     async def run_now(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> UUID:
         scheduler = await self.wait_ready(READY_WAIT)
-        governors = getattr(self.dispatcher, "governors", None)
-        if governors is not None:
-            governors.check_queue(len(self.state.jobs))
+        if self.dispatcher is not None:
+            self.dispatcher.check_queue(len(self.state.jobs))
         await self._ensure_task(scheduler, task, _task_cap(task))
         job_id = await scheduler.add_job(
             task, args=args, kwargs=kwargs, result_expiration_time=RUN_NOW_RESULT_TTL
         )
         # add_job is pipelined for the schedule loop; an API answer waits for the commit.
-        assert self.store is not None
-        await self.store.flush()
+        session = self.session
+        if session is None:
+            raise NotReady("leadership changed while the request waited")
+        await session.store.flush()
         return job_id
 
 

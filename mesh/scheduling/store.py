@@ -78,8 +78,9 @@ class ReplicatedDataStore(BaseDataStore):
     state: SchedulerState
     term: int
     clock: Callable[[], datetime] = _utcnow
-    # Filled by the job executor: which handler ran a job (recorded in the execution history).
-    job_handlers: dict[UUID, str] = attrs.Factory(dict)
+    # Where a job ran (a handler id), asked once when its result is recorded in the history;
+    # the leader's session answers it from what the job executor told it.
+    runner_of: Callable[[UUID], str | None] = lambda _job_id: None
     # Optional pipelined proposer (MeshNode.propose_nowait): add_job then does not wait.
     propose_nowait: Callable[[dict[str, Any]], asyncio.Future[Any]] | None = None
     _inflight: set[asyncio.Future[Any]] = attrs.field(init=False, factory=set)
@@ -353,7 +354,7 @@ class ReplicatedDataStore(BaseDataStore):
             "scheduler_id": scheduler_id,
             "job_id": str(job.id),
             "result": dump_result(result),
-            "handler_id": self.job_handlers.pop(job.id, None),
+            "handler_id": self.runner_of(job.id),
         }
         released = await self.propose_batched(command)  # jobs finishing together: one entry
         if released:

@@ -34,10 +34,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import attrs
 import zmq
 import zmq.asyncio
 
+from mesh.contracts import BroadcastHandler, Incoming
 from mesh.transport.codec import (
     DEFAULT_MAX_FRAME_BYTES,
     PROTOCOL,
@@ -90,24 +90,7 @@ def pub_address_of(addr: str) -> str:
     return f"tcp://{host}:{port + 1}"
 
 
-@attrs.frozen
-class Incoming:
-    """One valid message received by this process.
-
-    ``identity`` is the sender's ROUTER routing id (its node id) when the message arrived on
-    our ROUTER, ``b""`` when it arrived on a DEALER; ``address`` is then the mesh address that
-    DEALER is connected to (``""`` for ROUTER receipts). Answer with ``MeshTransport.reply``.
-    """
-
-    kind: str
-    payload: dict[str, Any]
-    rid: bytes
-    identity: bytes
-    address: str = ""
-
-
 Handler = Callable[[Incoming], "dict[str, Any] | Awaitable[dict[str, Any] | None] | None"]
-BroadcastHandler = Callable[[str, dict[str, Any]], None]
 
 
 class MeshTransport:

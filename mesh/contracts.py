@@ -1,0 +1,190 @@
+"""The contracts between the layers, in one place (as APScheduler keeps its own in ``abc.py``).
+
+The upper layers (``mesh.api``, ``mesh.scheduling``, ``mesh.dispatch``) depend on these small
+protocols, never on the classes that implement them (``mesh.node.MeshNode``, the ZeroMQ
+transport, the membership table). Only the composition root (``mesh.app``) knows both sides and
+hands each part its collaborators::
+
+    api ──→ scheduling / dispatch ──→ contracts ←── node / consensus / transport / storage
+
+Each protocol is what one consumer needs, no more: a fake that implements it is enough to test
+that consumer (tests/fakes.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+
+__all__ = [
+    "BroadcastHandler",
+    "Broadcaster",
+    "Directory",
+    "EventSink",
+    "Incoming",
+    "MessageBus",
+    "MessageHandler",
+    "NoLeader",
+    "NodeView",
+    "ProposalFailed",
+    "Replica",
+    "RoleListener",
+    "term_identity",
+]
+
+
+class NoLeader(Exception):
+    """No leader is known (election in progress, or this node cannot see a quorum)."""
+
+
+class ProposalFailed(Exception):
+    """The command may or may not have been committed: leadership changed while it was pending."""
+
+
+# fn(role, term, leader_id), called after every change of role, term or leader.
+RoleListener = Callable[[str, int, "str | None"], None]
+
+
+@attrs.frozen
+class Incoming:
+    """One valid message received by this process.
+
+    ``identity`` is the sender's ROUTER routing id (its node or handler id) when the message
+    arrived on our ROUTER, ``b""`` when it arrived on a DEALER; ``address`` is then the mesh
+    address that DEALER is connected to (``""`` for ROUTER receipts).
+    """
+
+    kind: str
+    payload: dict[str, Any]
+    rid: bytes
+    identity: bytes
+    address: str = ""
+
+
+# Called with (topic, payload) for each broadcast received (its return value is ignored).
+BroadcastHandler = Callable[[str, "dict[str, Any]"], Any]
+
+# A message handler may answer a request by returning a JSON-able dict (or None: no answer).
+MessageHandler = Callable[[Incoming], "dict[str, Any] | None"]
+
+
+@runtime_checkable
+class Replica(Protocol):
+    """What scheduling, dispatch and the API need from this node's copy of the replicated log."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def role(self) -> str:
+        """``follower`` | ``precandidate`` | ``candidate`` | ``leader``."""
+
+    @property
+    def term(self) -> int: ...
+
+    @property
+    def leader_id(self) -> str | None: ...
+
+    @property
+    def is_leader(self) -> bool: ...
+
+    @property
+    def commit_index(self) -> int: ...
+
+    @property
+    def handing_over(self) -> bool:
+        """True while this node transfers its leadership away or shuts down: work that fails
+        then must not be restarted here."""
+
+    def propose_nowait(self, command: Any) -> asyncio.Future[Any]:
+        """Append a command and return at once; the future resolves with the state machine's
+        answer once the command is applied. Raises ``NoLeader`` on a non-leader."""
+
+    async def propose(self, command: Any, *, timeout: float = 5.0) -> Any:
+        """Replicate a command and return the state machine's answer once it is applied;
+        ``ProposalFailed`` when that cannot be confirmed."""
+
+    async def wait_applied(self, index: int, timeout: float) -> bool:
+        """Wait until this node has applied ``index``; False on timeout."""
+
+    def on_role_change(self, fn: RoleListener) -> None: ...
+
+
+@runtime_checkable
+class MessageBus(Protocol):
+    """Point-to-point messages with processes that are not Raft voters (handlers)."""
+
+    def handle(self, kind: str, fn: MessageHandler) -> None:
+        """Route incoming messages of ``kind`` to ``fn``."""
+
+    def send_to_identity(self, identity: bytes, kind: str, payload: dict[str, Any]) -> bool:
+        """Send on our ROUTER to the peer connected with routing id ``identity``; False when
+        it could not be queued."""
+
+
+@runtime_checkable
+class Directory(Protocol):
+    """Where the nodes of the mesh are (what a handler needs to be told to find them)."""
+
+    def address_of(self, node_id: str) -> str | None:
+        """The mesh address of a node (this one's own included), if known."""
+
+    def mesh_addresses(self) -> list[str]:
+        """This node's mesh address, then every known peer's."""
+
+
+@runtime_checkable
+class Broadcaster(Protocol):
+    """Best-effort broadcast between nodes (the transport's PUB/SUB), for the event broker."""
+
+    node_id: str
+
+    @property
+    def bound_address(self) -> str:
+        """This node's mesh address (``""`` when it has none)."""
+
+    @property
+    def pub_address(self) -> str:
+        """The address of this node's PUB socket (``""`` when it has none)."""
+
+    def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        """Broadcast ``payload`` on ``topic`` (not delivered to this process)."""
+
+    def subscribe(self, address: str) -> None:
+        """Receive the broadcasts of the node at mesh ``address``."""
+
+    def unsubscribe(self, address: str) -> None: ...
+
+    def set_broadcast_handler(self, fn: BroadcastHandler | None) -> None:
+        """The one function every received broadcast goes to: ``fn(topic, payload)``."""
+
+
+@runtime_checkable
+class NodeView(Protocol):
+    """The read views the HTTP API serves about the node and its cluster."""
+
+    def health(self) -> dict[str, Any]: ...
+
+    def cluster(self) -> dict[str, Any]: ...
+
+    def metrics(self) -> dict[str, Any]: ...
+
+    def leader_http(self) -> str | None:
+        """The HTTP address of the leader (this node's own when it leads), if known."""
+
+
+@runtime_checkable
+class EventSink(Protocol):
+    """Where a part reports what happened (node events: elections, peers, snapshots, ...).
+    Observability subscribes to it; the reporting part does not know who listens."""
+
+    def emit(self, event: str, **fields: Any) -> None: ...
+
+
+def term_identity(node_id: str, term: int) -> str:
+    """``node@term``: who led which term. The scheduler identity of a leader's APScheduler, the
+    ``scheduler_id`` of its job assignments, and the ``X-ScheduleZero-Served-By`` of its writes."""
+    return f"{node_id}@{term}"

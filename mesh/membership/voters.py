@@ -1,0 +1,40 @@
+"""Who votes: the bootstrap rule and the leader's voter policy, as pure functions.
+
+- **Bootstrap.** A brand-new cluster: the smallest node id among ``bootstrap_expect`` fresh nodes
+  writes the first configuration; the others receive it by replication (one writer, no conflict).
+  A node that sees any bootstrapped peer waits to be added instead.
+- **Growth.** The leader adds alive, known nodes that are not voters yet, one at a time (Raft's
+  single-server membership change), in node-id order.
+
+The node calls these every membership round and applies their answer to the Raft core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+
+from mesh.membership.members import Peer
+
+
+def bootstrap_voters(
+    node_id: str, *, fresh: bool, alive: Iterable[Peer], expect: int
+) -> list[str] | None:
+    """The first configuration this node must write now, or None (not fresh, a cluster already
+    exists, too few nodes seen yet, or another node is the one to write it)."""
+    if not fresh:
+        return None
+    peers = [p for p in alive if p.node_id]
+    if any(p.bootstrapped for p in peers):
+        return None  # a cluster exists: its leader will add us
+    ids = sorted({node_id, *(p.node_id for p in peers if p.node_id)})
+    if len(ids) >= expect and ids[0] == node_id:
+        return ids
+    return None
+
+
+def voter_to_add(voters: Collection[str], alive: Iterable[Peer]) -> str | None:
+    """The next alive node the leader should make a voter, if any."""
+    for p in sorted(alive, key=lambda p: p.node_id or ""):
+        if p.node_id and p.node_id not in voters:
+            return p.node_id
+    return None
