@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import http.client
 import json
 import os
 import random
@@ -356,6 +357,8 @@ def wait_until(
         time.sleep(interval)
 
 
+# A server that is down or dying: refused, reset, or cut off in the middle of an answer.
+_NO_ANSWER = (OSError, http.client.HTTPException)
 # Our own requests must never go through an http_proxy from the environment.
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -391,7 +394,7 @@ def get_json(url: str, timeout: float = 1.0) -> Any | None:
     """GET ``url``: its decoded body on 200, else None (also when unreachable)."""
     try:
         status, body, _ = http_request(url, timeout=timeout)
-    except OSError:
+    except _NO_ANSWER:
         return None
     return body if status == 200 else None
 
@@ -416,7 +419,7 @@ def wait_for_http(
             raise error(f"exited with code {proc.returncode} while waiting for {what}{extra}")
         try:
             status, body, _ = http_request(url, timeout=1.0)
-        except OSError:
+        except _NO_ANSWER:
             return None
         return (body,) if status == 200 else None  # a 1-tuple: an empty body counts as an answer
 
