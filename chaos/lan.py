@@ -31,7 +31,8 @@ from typing import Any
 import yaml
 
 from chaos.nemesis import ProcessNemesis
-from chaos.topology import REPO_ROOT, ClusterView, Proc, http
+from chaos.topology import ClusterView, NodeProc, Proc
+from mesh.supervise import child_env
 
 MESH_PORT = 7100
 HTTP_PORT = 8100
@@ -56,7 +57,7 @@ def available() -> str | None:
     return None
 
 
-class LanNode(Proc):
+class LanNode(NodeProc):
     def __init__(self, lan: Lan, index: int) -> None:
         self.lan = lan
         self.index = index
@@ -75,13 +76,6 @@ class LanNode(Proc):
         ]  # fmt: skip
         super().__init__(self.node_id, argv, lan.root / f"{self.node_id}.log", lan.env)
 
-    def health(self, timeout: float = 0.5) -> dict[str, Any] | None:
-        try:
-            status, body, _ = http(self.http + "/api/health", timeout=timeout)
-        except OSError:
-            return None
-        return body if status == 200 and isinstance(body, dict) else None
-
 
 class Lan(ClusterView):
     """N hosts (namespaces) on a bridge, a node and a handler on each. Use as a context manager."""
@@ -92,9 +86,7 @@ class Lan(ClusterView):
         self.subnet = f"10.77.{random.randint(1, 250)}"
         self.root = root or Path(tempfile.mkdtemp(prefix="chaos-lan-"))
         self.config_path = self.root / "mesh.yaml"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULEZERO_")}
-        self.env["PYTHONUNBUFFERED"] = "1"
-        self.env["PYTHONPATH"] = str(REPO_ROOT)
+        self.env = child_env()
         self.nodes: list[LanNode] = []
         self.handlers: list[Proc] = []
         self.blackholes: set[tuple[str, str]] = set()  # (host ns, blocked ip)
