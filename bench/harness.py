@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import http.client
 import json
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import yaml
 
-from mesh.supervise import Child, child_env, free_port, get_json, stop_all, wait_until
+from mesh.supervise import (
+    Child,
+    child_env,
+    free_port,
+    get_json,
+    handler_command,
+    node_command,
+    stop_all,
+    wait_until,
+)
 
 HOST = "127.0.0.1"
 T = TypeVar("T")
@@ -124,30 +132,17 @@ class Node(Proc):
         self.bench_mesh = mesh
         self._http: Http | None = None
 
-    def build_argv(self) -> None:
+    def command(self) -> list[str]:
         m = self.bench_mesh
-        argv = [
-            sys.executable,
-            "-m",
-            "mesh.cli",
-            "node",
-            "--node-id",
+        return node_command(
             self.node_id,
-            "--data-dir",
-            str(self.data_dir),
-            "--mesh",
-            self.mesh_address,
-            "--http",
-            f"{HOST}:{self.http_port}",
-            "--config",
-            str(m.config_path),
-        ]
-        for other in m.nodes:
-            if other is not self:
-                argv += ["--peer", other.mesh_address]
-        for module in m.node_tasks:
-            argv += ["--tasks", module]
-        self.argv = argv
+            data_dir=self.data_dir,
+            mesh=self.mesh_address,
+            http=f"{HOST}:{self.http_port}",
+            config=m.config_path,
+            peers=[other.mesh_address for other in m.nodes if other is not self],
+            tasks=m.node_tasks,
+        )
 
     @property
     def http(self) -> Http:
@@ -173,20 +168,12 @@ class Node(Proc):
 
 class Handler(Proc):
     def __init__(self, mesh: BenchMesh, handler_id: str, concurrency: int) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            "mesh.cli",
-            "handler",
-            "--handler-id",
+        argv = handler_command(
             handler_id,
-            "--concurrency",
-            str(concurrency),
-        ]
-        for node in mesh.nodes:
-            argv += ["--mesh", node.mesh_address]
-        for module in mesh.handler_tasks:
-            argv += ["--tasks", module]
+            mesh=[node.mesh_address for node in mesh.nodes],
+            tasks=mesh.handler_tasks,
+            concurrency=concurrency,
+        )
         super().__init__(handler_id, argv, mesh.root / f"{handler_id}.log", mesh.env)
         self.handler_id = handler_id
 
@@ -214,8 +201,6 @@ class BenchMesh:
         self.config_path = root / "mesh.yaml"
         self.config_path.write_text(yaml.safe_dump(config or {"log_level": "INFO"}))
         self.nodes = [Node(self, f"n{i + 1}") for i in range(nodes)]
-        for n in self.nodes:
-            n.build_argv()
         self.handlers = [Handler(self, f"h{i + 1}", handler_concurrency) for i in range(handlers)]
 
     # ----- lifecycle

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,7 +25,16 @@ import yaml
 from toxiproxy import Toxiproxy
 from toxiproxy.proxy import Proxy
 
-from mesh.supervise import Child, child_env, free_port, get_json, http_request, tail
+from mesh.supervise import (
+    Child,
+    child_env,
+    free_port,
+    get_json,
+    handler_command,
+    http_request,
+    node_command,
+    tail,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -83,30 +91,30 @@ class ChaosNode(NodeProc):
         super().__init__(node_id, [], cluster.root / f"{node_id}.log", cluster.env)
         self.cluster = cluster
 
-    def build_argv(self) -> None:
+    def command(self) -> list[str]:
         c = self.cluster
-        self.argv = [
-            sys.executable, "-m", "mesh.cli", "node",
-            "--node-id", self.node_id, "--data-dir", str(self.data_dir),
-            "--mesh", self.mesh, "--http", f"{HOST}:{self.http_port}",
-            "--config", str(c.config_path), "--bootstrap-expect", str(len(c.nodes)),
-        ]  # fmt: skip
-        for other in c.nodes:
-            if other is not self:
-                self.argv += ["--peer", c.link_address(self.node_id, other.node_id)]
-        for module in c.node_tasks:
-            self.argv += ["--tasks", module]
+        return node_command(
+            self.node_id,
+            data_dir=self.data_dir,
+            mesh=self.mesh,
+            http=f"{HOST}:{self.http_port}",
+            config=c.config_path,
+            # Each peer at the address of the proxy for this link.
+            peers=[c.link_address(self.node_id, o.node_id) for o in c.nodes if o is not self],
+            tasks=c.node_tasks,
+            extra=["--bootstrap-expect", str(len(c.nodes))],
+        )
 
 
 class ChaosHandler(Proc):
     def __init__(self, cluster: ChaosCluster, handler_id: str, concurrency: int = 16) -> None:
         self.handler_id = handler_id
-        argv = [sys.executable, "-m", "mesh.cli", "handler", "--handler-id", handler_id,
-                "--concurrency", str(concurrency)]  # fmt: skip
-        for node in cluster.nodes:
-            argv += ["--mesh", cluster.link_address(handler_id, node.node_id)]
-        for module in cluster.handler_tasks:
-            argv += ["--tasks", module]
+        argv = handler_command(
+            handler_id,
+            mesh=[cluster.link_address(handler_id, node.node_id) for node in cluster.nodes],
+            tasks=cluster.handler_tasks,
+            concurrency=concurrency,
+        )
         super().__init__(handler_id, argv, cluster.root / f"{handler_id}.log", cluster.env)
 
 
@@ -194,8 +202,6 @@ class ChaosCluster(ClusterView):
                 )
                 self.proxies[(src, dst.node_id)] = proxy
                 self._listen[(src, dst.node_id)] = f"tcp://{HOST}:{port}"
-        for node in self.nodes:
-            node.build_argv()
         self.handlers = [ChaosHandler(self, h) for h in handler_ids]
 
     def proxy_name(self, src: str, dst: str) -> str:

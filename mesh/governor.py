@@ -26,7 +26,15 @@ from typing import IO, Any
 import attrs
 
 from mesh.config import ConfigError
-from mesh.supervise import child_env, get_json, http_request, spawn, stop_all
+from mesh.supervise import (
+    child_env,
+    get_json,
+    handler_command,
+    http_request,
+    node_command,
+    spawn,
+    stop_all,
+)
 
 __all__ = [
     "SAMPLE_SCHEDULE",
@@ -291,18 +299,19 @@ def plan_local_mesh(opts: UpOptions, python: str = sys.executable) -> list[Child
     specs: list[ChildSpec] = []
     for i in range(opts.nodes):
         node_id = f"node-{i + 1}"
-        argv = [python, "-m", "mesh.cli", "node", "--node-id", node_id]
-        argv += ["--data-dir", str(opts.data_dir / node_id)]
-        argv += ["--mesh", meshes[i], "--http", f"127.0.0.1:{http_ports[i]}"]
-        argv += ["--discovery", opts.discovery, "--bootstrap-expect", str(opts.nodes)]
-        if opts.discovery == "static":
-            for j, other in enumerate(meshes):
-                if j != i:
-                    argv += ["--peer", other]
-        for module in node_tasks:
-            argv += ["--tasks", module]
+        extra = ["--discovery", opts.discovery, "--bootstrap-expect", str(opts.nodes)]
         if opts.log_level:
-            argv += ["--log-level", opts.log_level]
+            extra += ["--log-level", opts.log_level]
+        argv = node_command(
+            node_id,
+            data_dir=opts.data_dir / node_id,
+            mesh=meshes[i],
+            http=f"127.0.0.1:{http_ports[i]}",
+            peers=[m for j, m in enumerate(meshes) if j != i] if opts.discovery == "static" else (),
+            tasks=node_tasks,
+            extra=extra,
+            python=python,
+        )
         specs.append(ChildSpec(node_id, tuple(argv), "node", f"http://127.0.0.1:{http_ports[i]}"))
 
     if opts.handlers and not _module_available("mesh.dispatch.handler"):
@@ -311,11 +320,9 @@ def plan_local_mesh(opts: UpOptions, python: str = sys.executable) -> list[Child
         log.warning("governor: handlers need --tasks MODULE; starting none")
     else:
         for i in range(opts.handlers):
-            argv = [python, "-m", "mesh.cli", "handler", "--handler-id", f"handler-{i + 1}"]
-            for address in meshes:
-                argv += ["--mesh", address]
-            for module in handler_tasks:
-                argv += ["--tasks", module]
+            argv = handler_command(
+                f"handler-{i + 1}", mesh=meshes, tasks=handler_tasks, python=python
+            )
             specs.append(ChildSpec(f"handler-{i + 1}", tuple(argv), "handler"))
     return specs
 

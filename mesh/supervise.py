@@ -4,6 +4,8 @@
 One way to do each thing:
 
 - :func:`free_port`: a port, or a port pair, to give a child; chosen *below* the ephemeral range.
+- :func:`node_command`, :func:`handler_command`: the command lines of ``schedulezero node`` and
+  ``schedulezero handler`` (``python -m mesh.cli ...``, the checkout's code, not an installed one).
 - :func:`child_env`: a child's environment: unbuffered output, this checkout first on PYTHONPATH,
   and (for harnesses) no ``SCHEDULEZERO_*`` setting leaking in from the developer's shell.
 - :func:`spawn`: ``Popen`` with stdin closed, output to log files or a pipe, its own session (a
@@ -49,8 +51,10 @@ __all__ = [
     "ephemeral_range_start",
     "free_port",
     "get_json",
+    "handler_command",
     "http_request",
     "kill",
+    "node_command",
     "spawn",
     "stop",
     "stop_all",
@@ -110,6 +114,50 @@ def free_port(host: str = "127.0.0.1", *, pair: bool = False, attempts: int = 50
 
 
 # --------------------------------------------------------------------------- spawning
+
+
+def node_command(
+    node_id: str,
+    *,
+    data_dir: Path,
+    mesh: str,
+    http: str,
+    peers: Iterable[str] = (),
+    config: Path | None = None,
+    tasks: Iterable[str] = (),
+    extra: Iterable[str] = (),
+    python: str = sys.executable,
+) -> list[str]:
+    """``schedulezero node``: ``mesh`` is tcp://HOST:PORT, ``http`` HOST:PORT; ``extra`` comes
+    last, so its options win over the ones before."""
+    argv = [python, "-m", "mesh.cli", "node", "--node-id", node_id, "--data-dir", str(data_dir)]
+    argv += ["--mesh", mesh, "--http", http]
+    if config is not None:
+        argv += ["--config", str(config)]
+    for peer in peers:
+        argv += ["--peer", peer]
+    for module in tasks:
+        argv += ["--tasks", module]
+    return argv + list(extra)
+
+
+def handler_command(
+    handler_id: str,
+    *,
+    mesh: Iterable[str],
+    tasks: Iterable[str] = (),
+    concurrency: int | None = None,
+    python: str = sys.executable,
+) -> list[str]:
+    """``schedulezero handler`` dialling every address of ``mesh``."""
+    argv = [python, "-m", "mesh.cli", "handler", "--handler-id", handler_id]
+    if concurrency is not None:
+        argv += ["--concurrency", str(concurrency)]
+    for address in mesh:
+        argv += ["--mesh", address]
+    for module in tasks:
+        argv += ["--tasks", module]
+    return argv
 
 
 def child_env(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -25,7 +24,15 @@ from typing import Any, TypeVar
 import yaml
 
 from mesh import supervise
-from mesh.supervise import Child, child_env, get_json, wait_for_http, wait_until
+from mesh.supervise import (
+    Child,
+    child_env,
+    get_json,
+    handler_command,
+    node_command,
+    wait_for_http,
+    wait_until,
+)
 from tests.netutil import free_port_pair
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -124,27 +131,15 @@ class NodeProcess(_Child):
 
     def command(self) -> list[str]:
         c = self.cluster
-        cmd = [
-            sys.executable,
-            "-m",
-            "mesh.cli",
-            "node",
-            "--node-id",
+        return node_command(
             self.node_id,
-            "--data-dir",
-            str(self.data_dir),
-            "--mesh",
-            self.mesh,
-            "--http",
-            f"{HOST}:{self.http_port}",
-        ]
-        for n in c.nodes:
-            cmd += ["--peer", n.mesh]
-        if c.config_path is not None:
-            cmd += ["--config", str(c.config_path)]
-        cmd += list(c.extra_args)
-        cmd += list(c.node_args.get(self.index, ()))
-        return cmd
+            data_dir=self.data_dir,
+            mesh=self.mesh,
+            http=f"{HOST}:{self.http_port}",
+            peers=[n.mesh for n in c.nodes],
+            config=c.config_path,
+            extra=[*c.extra_args, *c.node_args.get(self.index, ())],
+        )
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for the process to exit; returns its exit code; AssertionError on timeout."""
@@ -421,13 +416,9 @@ class HandlerProc(_Child):
         return f"<handler {self.handler_id} {'running' if self.running else 'stopped'}>"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "mesh.cli", "handler", "--handler-id", self.handler_id]
-        cmd += ["--concurrency", str(self.concurrency)]
-        for address in self.mesh:
-            cmd += ["--mesh", address]
-        for module in self.tasks:
-            cmd += ["--tasks", module]
-        return cmd
+        return handler_command(
+            self.handler_id, mesh=self.mesh, tasks=self.tasks, concurrency=self.concurrency
+        )
 
     def restart(self) -> HandlerProc:
         """Start again with the same handler id (after ``kill`` or ``stop``)."""
