@@ -113,7 +113,7 @@ def free_port(host: str = "127.0.0.1", *, pair: bool = False, attempts: int = 50
     raise RuntimeError(f"no free port found on {host} in {low}-{high}")
 
 
-# --------------------------------------------------------------------------- spawning
+# --------------------------------------------------------------------------- command lines
 
 
 def node_command(
@@ -158,6 +158,9 @@ def handler_command(
     for module in tasks:
         argv += ["--tasks", module]
     return argv
+
+
+# --------------------------------------------------------------------------- spawning
 
 
 def child_env(
