@@ -36,7 +36,7 @@ $(BENCH_STAMP): $(STAMP)
 	@touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(BIN)/schedulezero bench $(BENCH_ARGS)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # make chaos [RUNS=100] [SEED=n] [CHAOS_ARGS=...]: the randomized toxiproxy suite, then the
 # network-namespace LAN scenarios (skipped with a message where namespaces are not permitted).

@@ -21,7 +21,6 @@ import random
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -31,7 +30,8 @@ from typing import Any
 import yaml
 
 from chaos.nemesis import ProcessNemesis
-from chaos.topology import REPO_ROOT, ClusterView, Proc, http
+from chaos.topology import ClusterView, NodeProc, Proc
+from mesh.supervise import child_env, handler_command, node_command
 
 MESH_PORT = 7100
 HTTP_PORT = 8100
@@ -56,7 +56,7 @@ def available() -> str | None:
     return None
 
 
-class LanNode(Proc):
+class LanNode(NodeProc):
     def __init__(self, lan: Lan, index: int) -> None:
         self.lan = lan
         self.index = index
@@ -66,21 +66,16 @@ class LanNode(Proc):
         self.http = f"http://{self.ip}:{HTTP_PORT}"
         self.mesh = f"tcp://{self.ip}:{MESH_PORT}"
         self.data_dir = lan.root / self.node_id
-        argv = [
-            "ip", "netns", "exec", self.ns, sys.executable, "-m", "mesh.cli", "node",
-            "--config", str(lan.config_path), "--node-id", self.node_id,
-            "--data-dir", str(self.data_dir), "--mesh", self.mesh,
-            "--http", f"{self.ip}:{HTTP_PORT}", "--discovery", "mdns",
-            "--bootstrap-expect", str(lan.n),
-        ]  # fmt: skip
+        command = node_command(
+            self.node_id,
+            data_dir=self.data_dir,
+            mesh=self.mesh,
+            http=f"{self.ip}:{HTTP_PORT}",
+            config=lan.config_path,
+            extra=["--discovery", "mdns", "--bootstrap-expect", str(lan.n)],
+        )
+        argv = ["ip", "netns", "exec", self.ns, *command]
         super().__init__(self.node_id, argv, lan.root / f"{self.node_id}.log", lan.env)
-
-    def health(self, timeout: float = 0.5) -> dict[str, Any] | None:
-        try:
-            status, body, _ = http(self.http + "/api/health", timeout=timeout)
-        except OSError:
-            return None
-        return body if status == 200 and isinstance(body, dict) else None
 
 
 class Lan(ClusterView):
@@ -92,9 +87,7 @@ class Lan(ClusterView):
         self.subnet = f"10.77.{random.randint(1, 250)}"
         self.root = root or Path(tempfile.mkdtemp(prefix="chaos-lan-"))
         self.config_path = self.root / "mesh.yaml"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULEZERO_")}
-        self.env["PYTHONUNBUFFERED"] = "1"
-        self.env["PYTHONPATH"] = str(REPO_ROOT)
+        self.env = child_env()
         self.nodes: list[LanNode] = []
         self.handlers: list[Proc] = []
         self.blackholes: set[tuple[str, str]] = set()  # (host ns, blocked ip)
@@ -167,11 +160,12 @@ class Lan(ClusterView):
             node.start()
         if handlers:
             for node in self.nodes:
-                argv = ["ip", "netns", "exec", node.ns, sys.executable, "-m", "mesh.cli",
-                        "handler", "--handler-id", f"h-{node.node_id}",
-                        "--tasks", "chaos.workload_tasks"]  # fmt: skip
-                for other in self.nodes:
-                    argv += ["--mesh", other.mesh]
+                command = handler_command(
+                    f"h-{node.node_id}",
+                    mesh=[other.mesh for other in self.nodes],
+                    tasks=["chaos.workload_tasks"],
+                )
+                argv = ["ip", "netns", "exec", node.ns, *command]
                 h = Proc(f"h-{node.node_id}", argv, self.root / f"h-{node.node_id}.log", self.env)
                 h.start()
                 self.handlers.append(h)

@@ -14,144 +14,107 @@ crosses a partition (see docs/chaos.md; the network-namespace LAN scenarios cut 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 from toxiproxy import Toxiproxy
 from toxiproxy.proxy import Proxy
 
-from mesh.ports import free_port as _free_port
+from mesh.supervise import (
+    Child,
+    child_env,
+    free_port,
+    get_json,
+    handler_command,
+    http_request,
+    node_command,
+    tail,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-_handed_out: set[int] = set()
+http = http_request  # the name runner.py and checker.py use
 
 
-def free_port(pair: bool = False) -> int:
-    """A free port on 127.0.0.1 (with ``pair``, PORT+1 is free too); see mesh.ports."""
-    return _free_port(HOST, pair=pair)
-
-
-def http(
-    url: str, method: str = "GET", body: Any = None, timeout: float = 2.0
-) -> tuple[int, Any, dict]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with _opener.open(req, timeout=timeout) as r:
-            status, raw, headers = r.status, r.read(), dict(r.headers)
-    except urllib.error.HTTPError as e:
-        status, raw, headers = e.code, e.read(), dict(e.headers)
-    text = raw.decode("utf-8", "replace")
-    try:
-        return status, json.loads(text) if text else None, headers
-    except ValueError:
-        return status, text, headers
-
-
-class Proc:
-    """A child process with its output in a log file."""
+class Proc(Child):
+    """A child process with its output in a log file; ``stopped`` while SIGSTOP'ed."""
 
     def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
-        self.name, self.argv, self.log, self.env = name, argv, log, env
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.stopped = False  # SIGSTOP'ed
-
-    def start(self) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.argv,
-                cwd=REPO_ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        super().__init__(name, argv, log=log, env=env, cwd=REPO_ROOT)
         self.stopped = False
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def start(self) -> Self:
+        super().start()
+        self.stopped = False
+        return self
 
     def signal(self, sig: int) -> None:
-        if self.running:
-            assert self.proc is not None
-            self.proc.send_signal(sig)
-            if sig == signal.SIGKILL:
-                self.proc.wait(10)
-            self.stopped = sig == signal.SIGSTOP
-
-    def stop(self, timeout: float = 5.0) -> None:
         if not self.running:
             return
-        assert self.proc is not None
-        if self.stopped:
-            self.proc.send_signal(signal.SIGCONT)
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        if sig == signal.SIGKILL:
+            self.kill()
+        else:
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+        self.stopped = sig == signal.SIGSTOP
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        if self.running and self.stopped:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGCONT)  # paused, it could not act on SIGTERM
+        return super().stop(timeout)
 
 
-class ChaosNode(Proc):
+class NodeProc(Proc):
+    """A node process serving HTTP at ``self.http``."""
+
+    http: str
+
+    def health(self, timeout: float = 0.5) -> dict[str, Any] | None:
+        body = get_json(self.http + "/api/health", timeout=timeout)
+        return body if isinstance(body, dict) else None
+
+
+class ChaosNode(NodeProc):
     def __init__(self, cluster: ChaosCluster, node_id: str) -> None:
         self.node_id = node_id
-        self.mesh_port = free_port(pair=True)
-        self.http_port = free_port(pair=True)
+        self.mesh_port = free_port(HOST, pair=True)
+        self.http_port = free_port(HOST, pair=True)
         self.mesh = f"tcp://{HOST}:{self.mesh_port}"
         self.http = f"http://{HOST}:{self.http_port}"
         self.data_dir = cluster.root / node_id
         super().__init__(node_id, [], cluster.root / f"{node_id}.log", cluster.env)
         self.cluster = cluster
 
-    def build_argv(self) -> None:
+    def command(self) -> list[str]:
         c = self.cluster
-        self.argv = [
-            sys.executable, "-m", "mesh.cli", "node",
-            "--node-id", self.node_id, "--data-dir", str(self.data_dir),
-            "--mesh", self.mesh, "--http", f"{HOST}:{self.http_port}",
-            "--config", str(c.config_path), "--bootstrap-expect", str(len(c.nodes)),
-        ]  # fmt: skip
-        for other in c.nodes:
-            if other is not self:
-                self.argv += ["--peer", c.link_address(self.node_id, other.node_id)]
-        for module in c.node_tasks:
-            self.argv += ["--tasks", module]
-
-    def health(self, timeout: float = 0.5) -> dict[str, Any] | None:
-        try:
-            status, body, _ = http(self.http + "/api/health", timeout=timeout)
-        except OSError:
-            return None
-        return body if status == 200 and isinstance(body, dict) else None
+        return node_command(
+            self.node_id,
+            data_dir=self.data_dir,
+            mesh=self.mesh,
+            http=f"{HOST}:{self.http_port}",
+            config=c.config_path,
+            # Each peer at the address of the proxy for this link.
+            peers=[c.link_address(self.node_id, o.node_id) for o in c.nodes if o is not self],
+            tasks=c.node_tasks,
+            extra=["--bootstrap-expect", str(len(c.nodes))],
+        )
 
 
 class ChaosHandler(Proc):
     def __init__(self, cluster: ChaosCluster, handler_id: str, concurrency: int = 16) -> None:
         self.handler_id = handler_id
-        argv = [sys.executable, "-m", "mesh.cli", "handler", "--handler-id", handler_id,
-                "--concurrency", str(concurrency)]  # fmt: skip
-        for node in cluster.nodes:
-            argv += ["--mesh", cluster.link_address(handler_id, node.node_id)]
-        for module in cluster.handler_tasks:
-            argv += ["--tasks", module]
+        argv = handler_command(
+            handler_id,
+            mesh=[cluster.link_address(handler_id, node.node_id) for node in cluster.nodes],
+            tasks=cluster.handler_tasks,
+            concurrency=concurrency,
+        )
         super().__init__(handler_id, argv, cluster.root / f"{handler_id}.log", cluster.env)
 
 
@@ -187,14 +150,9 @@ class ClusterView:
         return leader if len(agree) > len(self.nodes) // 2 else None
 
     def tails(self, lines: int = 15) -> str:
-        out = []
-        for p in [*self.nodes, *self.handlers]:
-            try:
-                text = p.log.read_text(errors="replace").splitlines()[-lines:]
-            except FileNotFoundError:
-                text = ["(no log)"]
-            out.append(f"--- {p.name}\n" + "\n".join(text))
-        return "\n".join(out)
+        return "\n".join(
+            f"--- {p.name}\n{tail(p.log, lines)}" for p in [*self.nodes, *self.handlers]
+        )
 
 
 class ChaosCluster(ClusterView):
@@ -226,11 +184,7 @@ class ChaosCluster(ClusterView):
             else:
                 conf[key] = value
         self.config_path.write_text(yaml.safe_dump(conf))
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULEZERO_")}
-        self.env["PYTHONUNBUFFERED"] = "1"
-        self.env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), self.env.get("PYTHONPATH")) if p
-        )
+        self.env = child_env()
         self.nodes = [ChaosNode(self, f"n{i + 1}") for i in range(nodes)]
         self.proxies: dict[tuple[str, str], Proxy] = {}
         self._listen: dict[tuple[str, str], str] = {}
@@ -239,7 +193,7 @@ class ChaosCluster(ClusterView):
             for dst in self.nodes:
                 if src == dst.node_id:
                     continue
-                port = free_port()
+                port = free_port(HOST)
                 proxy = toxiproxy.create(
                     upstream=f"{HOST}:{dst.mesh_port}",
                     name=self.proxy_name(src, dst.node_id),
@@ -248,8 +202,6 @@ class ChaosCluster(ClusterView):
                 )
                 self.proxies[(src, dst.node_id)] = proxy
                 self._listen[(src, dst.node_id)] = f"tcp://{HOST}:{port}"
-        for node in self.nodes:
-            node.build_argv()
         self.handlers = [ChaosHandler(self, h) for h in handler_ids]
 
     def proxy_name(self, src: str, dst: str) -> str:

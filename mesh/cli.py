@@ -1,4 +1,4 @@
-"""The ``schedulezero`` command: ``node``, ``handler``, ``up`` and ``bench``.
+"""The ``schedulezero`` command: ``node``, ``handler`` and ``up``.
 
 Any mistake on the command line or in the configuration ends with exit code 2 and exactly one
 line on stderr (``schedulezero: error: ...``); ``--help`` works as usual.
@@ -128,16 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-level", metavar="LEVEL")
     up.add_argument("--no-sample", dest="sample", action="store_false", help="no sample schedule")
     up.set_defaults(func=_cmd_up)
-
-    # Its own options are parsed by mesh.bench (see `schedulezero bench --help`).
-    bench = sub.add_parser(
-        "bench",
-        help="benchmark a local 3-node mesh against APScheduler alone",
-        add_help=False,
-        prefix_chars="\0",
-    )
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -219,12 +209,6 @@ def _cmd_up(ns: argparse.Namespace) -> int:
         log_level=checked.log_level if ns.log_level else None,
     )
     return run_up(opts)
-
-
-def _cmd_bench(ns: argparse.Namespace) -> int:
-    from mesh.bench import main as bench_main
-
-    return bench_main(ns.bench_args)
 
 
 def _fail(message: str) -> int:

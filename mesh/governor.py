@@ -5,24 +5,20 @@ prefixes their output with their name, restarts one that dies unexpectedly after
 grows while it keeps crashing, and on SIGINT/SIGTERM stops them all (SIGTERM, up to 5 s, then
 SIGKILL). ``plan_local_mesh`` turns ``up``'s options into child specs.
 
-Children run in their own process group, so a terminal Ctrl-C reaches only the governor, which
-then stops them in order; on Linux they also get SIGTERM if the governor itself is killed.
+Children are started by mesh.supervise in their own session (and so process group), so a
+terminal Ctrl-C reaches only the governor, which then stops them in order; on Linux they also get
+SIGTERM if the governor itself is killed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import json
 import logging
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -30,6 +26,15 @@ from typing import IO, Any
 import attrs
 
 from mesh.config import ConfigError
+from mesh.supervise import (
+    child_env,
+    get_json,
+    handler_command,
+    http_request,
+    node_command,
+    spawn,
+    stop_all,
+)
 
 __all__ = [
     "SAMPLE_SCHEDULE",
@@ -79,24 +84,6 @@ class _Child:
     gave_up: bool = False
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A preexec function asking Linux to SIGTERM the child when the governor dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return preexec
-
-
 class ProcessGovernor:
     def __init__(
         self,
@@ -124,7 +111,6 @@ class ProcessGovernor:
         self._force = threading.Event()
         self._write_lock = threading.Lock()
         self._readers: list[threading.Thread] = []
-        self._preexec = _parent_death_signal()
         self._on_ready: list[Callable[[ProcessGovernor], None]] = []
 
     # ----- configuration
@@ -214,14 +200,13 @@ class ProcessGovernor:
     def _spawn(self, child: _Child) -> None:
         spec = child.spec
         try:
-            proc = subprocess.Popen(
+            # SIGTERM, not SIGKILL, if the governor dies: a node still hands over leadership.
+            proc = spawn(
                 spec.argv,
-                stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 env=self._env,
-                process_group=0,
-                preexec_fn=self._preexec,
+                death_signal=signal.SIGTERM,
             )
         except OSError as e:
             child.gave_up = True
@@ -247,23 +232,10 @@ class ProcessGovernor:
                 self._output.flush()
 
     def _shutdown(self) -> None:
-        running = [c for c in self._children if c.proc is not None and c.proc.poll() is None]
-        for child in running:
-            assert child.proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                child.proc.send_signal(signal.SIGTERM)
-        deadline = self._clock() + self._stop_timeout
-        while self._clock() < deadline and not self._force.is_set():
-            if all(c.proc is None or c.proc.poll() is not None for c in running):
-                break
-            time.sleep(0.05)
-        for child in running:
-            assert child.proc is not None
-            if child.proc.poll() is None:
-                log.warning("governor: %s did not stop in time; killing it", child.spec.name)
-                with contextlib.suppress(ProcessLookupError):
-                    child.proc.kill()
-            child.proc.wait()
+        procs = {c.proc: c.spec.name for c in self._children if c.proc is not None}
+        # A second Ctrl-C (``_force``) cuts the graceful wait short.
+        for proc in stop_all(procs, self._stop_timeout, hurry=self._force):
+            log.warning("governor: %s did not stop in time; killed it", procs[proc])
         for reader in self._readers:
             reader.join(timeout=1.0)
 
@@ -327,18 +299,19 @@ def plan_local_mesh(opts: UpOptions, python: str = sys.executable) -> list[Child
     specs: list[ChildSpec] = []
     for i in range(opts.nodes):
         node_id = f"node-{i + 1}"
-        argv = [python, "-m", "mesh.cli", "node", "--node-id", node_id]
-        argv += ["--data-dir", str(opts.data_dir / node_id)]
-        argv += ["--mesh", meshes[i], "--http", f"127.0.0.1:{http_ports[i]}"]
-        argv += ["--discovery", opts.discovery, "--bootstrap-expect", str(opts.nodes)]
-        if opts.discovery == "static":
-            for j, other in enumerate(meshes):
-                if j != i:
-                    argv += ["--peer", other]
-        for module in node_tasks:
-            argv += ["--tasks", module]
+        extra = ["--discovery", opts.discovery, "--bootstrap-expect", str(opts.nodes)]
         if opts.log_level:
-            argv += ["--log-level", opts.log_level]
+            extra += ["--log-level", opts.log_level]
+        argv = node_command(
+            node_id,
+            data_dir=opts.data_dir / node_id,
+            mesh=meshes[i],
+            http=f"127.0.0.1:{http_ports[i]}",
+            peers=[m for j, m in enumerate(meshes) if j != i] if opts.discovery == "static" else (),
+            tasks=node_tasks,
+            extra=extra,
+            python=python,
+        )
         specs.append(ChildSpec(node_id, tuple(argv), "node", f"http://127.0.0.1:{http_ports[i]}"))
 
     if opts.handlers and not _module_available("mesh.dispatch.handler"):
@@ -347,30 +320,11 @@ def plan_local_mesh(opts: UpOptions, python: str = sys.executable) -> list[Child
         log.warning("governor: handlers need --tasks MODULE; starting none")
     else:
         for i in range(opts.handlers):
-            argv = [python, "-m", "mesh.cli", "handler", "--handler-id", f"handler-{i + 1}"]
-            for address in meshes:
-                argv += ["--mesh", address]
-            for module in handler_tasks:
-                argv += ["--tasks", module]
+            argv = handler_command(
+                f"handler-{i + 1}", mesh=meshes, tasks=handler_tasks, python=python
+            )
             specs.append(ChildSpec(f"handler-{i + 1}", tuple(argv), "handler"))
     return specs
-
-
-def _child_env() -> dict[str, str]:
-    """Our environment, plus the project on PYTHONPATH so ``-m mesh.cli`` works anywhere."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _get_json(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return json.loads(resp.read() or b"{}")
-    except (OSError, ValueError):
-        return None
 
 
 def _announce_when_ready(governor: ProcessGovernor, *, sample: bool, out: IO[str]) -> None:
@@ -379,8 +333,8 @@ def _announce_when_ready(governor: ProcessGovernor, *, sample: bool, out: IO[str
     leader_url = None
     while leader_url is None and not governor.stopping.wait(0.5):
         for spec in nodes:
-            health = _get_json(f"{spec.http_url}/api/health")
-            if health and health.get("leader_id"):
+            health = get_json(f"{spec.http_url}/api/health")
+            if isinstance(health, dict) and health.get("leader_id"):
                 print(
                     f"mesh ready: leader {health['leader_id']} (term {health.get('term')})",
                     file=out,
@@ -390,27 +344,21 @@ def _announce_when_ready(governor: ProcessGovernor, *, sample: bool, out: IO[str
                 break
     if not sample or leader_url is None:
         return
-    body = json.dumps(SAMPLE_SCHEDULE).encode()
     while not governor.stopping.is_set():
-        request = urllib.request.Request(
-            f"{leader_url}/api/schedules",
-            data=body,
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
         try:
-            with urllib.request.urlopen(request, timeout=5.0):
-                pass
+            status, body, _ = http_request(
+                f"{leader_url}/api/schedules", "POST", SAMPLE_SCHEDULE, timeout=5.0
+            )
+        except OSError:
+            status, body = None, None
+        if status is not None and status < 400:
             print(f"sample schedule {SAMPLE_SCHEDULE['id']!r} created", file=out, flush=True)
             return
-        except urllib.error.HTTPError as e:
-            if e.code == 409:
-                return  # already there from an earlier run
-            if e.code < 500:
-                log.warning("governor: sample schedule refused (%s): %s", e.code, e.read()[:200])
-                return
-        except OSError:
-            pass
+        if status == 409:
+            return  # already there from an earlier run
+        if status is not None and status < 500:
+            log.warning("governor: sample schedule refused (%s): %s", status, str(body)[:200])
+            return
         governor.stopping.wait(1.0)
 
 
@@ -418,7 +366,8 @@ def run_up(opts: UpOptions, out: IO[str] | None = None) -> int:
     """``schedulezero up``: run a local mesh until SIGINT/SIGTERM."""
     out = out if out is not None else sys.stdout
     specs = plan_local_mesh(opts)
-    governor = ProcessGovernor(specs, env=_child_env())
+    # The user's SCHEDULEZERO_* settings apply to the nodes `up` starts.
+    governor = ProcessGovernor(specs, env=child_env(keep_settings=True))
     sample = opts.sample and _module_available(SAMPLE_TASKS_MODULE)
     if opts.sample and not sample:
         log.info("governor: %s is not in this build; no sample schedule", SAMPLE_TASKS_MODULE)

@@ -13,107 +13,82 @@ the test started, whatever happens.
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from mesh import supervise
+from mesh.supervise import (
+    Child,
+    child_env,
+    get_json,
+    handler_command,
+    node_command,
+    wait_for_http,
+    wait_until,
+)
 from tests.netutil import free_port_pair
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 POLL_SECONDS = 0.02
-STOP_GRACE_SECONDS = 5.0
+STOP_GRACE_SECONDS = supervise.STOP_TIMEOUT
 START_TIMEOUT = 15.0
 
 T = TypeVar("T")
-
-# Our own requests must never go through an http_proxy from the environment.
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _find_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PR_SET_PDEATHSIG = 1
-_prctl = _find_prctl()  # resolved here: the child calls it between fork and exec
-
-
-def _die_with_the_test_runner() -> None:
-    """Linux: a node gets SIGKILL when pytest dies, so no orphan keeps its ports."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def http_request(
     url: str, method: str = "GET", body: Any = None, *, timeout: float = 2.0
 ) -> tuple[int, Any]:
     """One HTTP request → ``(status, decoded JSON or text)``; OSError if unreachable."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with _opener.open(req, timeout=timeout) as resp:
-            status, raw, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as e:
-        status, raw, ctype = e.code, e.read(), e.headers.get("Content-Type", "")
-    text = raw.decode("utf-8", "replace")
-    if "json" in ctype and text:
-        return status, json.loads(text)
-    return status, text
+    status, decoded, _ = supervise.http_request(url, method, body, timeout=timeout)
+    return status, decoded
 
 
-def _tail(path: Path, lines: int) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return "(no file)"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+class _Child(Child):
+    """What NodeProcess and HandlerProc add to a supervised child: its stdout and stderr in two
+    files under ``root``, a kill that says what it waited for, and the tails of both files."""
 
+    def __init__(self, name: str, root: Path, env: dict[str, str]) -> None:
+        # In its own session (Ctrl-C on pytest must not race the harness's cleanup) and SIGKILLed
+        # if pytest dies, so that no orphan keeps its ports.
+        self.stdout_path = root / "stdout.log"
+        self.stderr_path = root / "stderr.log"
+        super().__init__(
+            name, log=self.stdout_path, stderr_log=self.stderr_path, env=env, cwd=REPO_ROOT
+        )
+        self.root = root
 
-class _Child:
-    """What NodeProcess and HandlerProc share: one child process, its state and a graceful stop."""
+    def kill(self, sig: int = signal.SIGKILL) -> float:
+        """Send ``sig``; returns the monotonic time it was sent. SIGKILL waits for the exit."""
+        if not self.running:
+            raise RuntimeError(f"{self.name} is not running")
+        assert self.proc is not None
+        if sig != signal.SIGKILL:
+            sent_at = time.monotonic()
+            self.proc.send_signal(sig)
+            return sent_at
+        try:
+            return super().kill()
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{self.name} did not exit after SIGKILL\n{self.output_tail()}"
+            ) from None
 
-    proc: subprocess.Popen[bytes] | None = None
+    def output_tail(self, lines: int = 25) -> str:
+        return (
+            f"== {self.describe()} pid={self.pid} returncode={self.returncode}\n{self.tail(lines)}"
+        )
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    def stop(self, timeout: float = STOP_GRACE_SECONDS) -> int | None:
-        """SIGTERM (a node hands over leadership, a handler drains), then SIGKILL after
-        ``timeout``; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5.0)
-        return self.proc.returncode
+    def describe(self) -> str:
+        return self.name
 
 
 class NodeProcess(_Child):
@@ -129,6 +104,7 @@ class NodeProcess(_Child):
         http_port: int,
         root: Path,
     ) -> None:
+        super().__init__(node_id, root, cluster.env)
         self.cluster = cluster
         self.index = index
         self.node_id = node_id
@@ -136,12 +112,7 @@ class NodeProcess(_Child):
         self.http_port = http_port
         self.mesh = f"tcp://{HOST}:{mesh_port}"
         self.http = f"http://{HOST}:{http_port}"
-        self.root = root
         self.data_dir = root / "data"
-        self.stdout_path = root / "stdout.log"
-        self.stderr_path = root / "stderr.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
 
     def __repr__(self) -> str:
         return f"<node {self.node_id} {'running' if self.running else 'stopped'}>"
@@ -160,60 +131,15 @@ class NodeProcess(_Child):
 
     def command(self) -> list[str]:
         c = self.cluster
-        cmd = [
-            sys.executable,
-            "-m",
-            "mesh.cli",
-            "node",
-            "--node-id",
+        return node_command(
             self.node_id,
-            "--data-dir",
-            str(self.data_dir),
-            "--mesh",
-            self.mesh,
-            "--http",
-            f"{HOST}:{self.http_port}",
-        ]
-        for n in c.nodes:
-            cmd += ["--peer", n.mesh]
-        if c.config_path is not None:
-            cmd += ["--config", str(c.config_path)]
-        cmd += list(c.extra_args)
-        cmd += list(c.node_args.get(self.index, ()))
-        return cmd
-
-    def start(self) -> None:
-        if self.running:
-            raise RuntimeError(f"{self.node_id} is already running")
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
-            banner = f"----- start #{self.starts + 1} at {time.time():.3f}\n".encode()
-            out.write(banner)
-            err.write(banner)
-            out.flush()
-            err.flush()
-            self.proc = subprocess.Popen(
-                self.command(),
-                cwd=REPO_ROOT,
-                env=self.cluster.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,  # Ctrl-C on pytest must not race the harness's cleanup
-                preexec_fn=_die_with_the_test_runner,
-            )
-        self.starts += 1
-
-    def kill(self, sig: int = signal.SIGKILL) -> float:
-        """Send ``sig``; returns the monotonic time it was sent (for measuring failover)."""
-        if not self.running:
-            raise RuntimeError(f"{self.node_id} is not running")
-        assert self.proc is not None
-        sent_at = time.monotonic()
-        self.proc.send_signal(sig)
-        if sig == signal.SIGKILL:
-            self.wait_exit(5.0)
-        return sent_at
+            data_dir=self.data_dir,
+            mesh=self.mesh,
+            http=f"{HOST}:{self.http_port}",
+            peers=[n.mesh for n in c.nodes],
+            config=c.config_path,
+            extra=[*c.extra_args, *c.node_args.get(self.index, ())],
+        )
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for the process to exit; returns its exit code; AssertionError on timeout."""
@@ -242,11 +168,7 @@ class NodeProcess(_Child):
 
     def get_json(self, path: str, *, timeout: float = 1.0) -> Any | None:
         """GET ``path`` and decode JSON; None when unreachable or not 200."""
-        try:
-            status, body = self.request("GET", path, timeout=timeout)
-        except (OSError, ValueError):
-            return None
-        return body if status == 200 else None
+        return get_json(self.http + path, timeout=timeout)
 
     def health(self, *, timeout: float = 1.0) -> dict[str, Any] | None:
         """GET /api/health as a dict, or None when the node does not answer."""
@@ -263,15 +185,17 @@ class NodeProcess(_Child):
         return body if status == 200 and isinstance(body, str) else None
 
     def wait_until_serving(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
-        def check() -> dict[str, Any] | None:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.node_id} exited with code {self.proc.returncode} while starting\n"
-                    f"{self.output_tail()}"
-                )
-            return self.health()
-
-        return self.cluster.wait_for(check, timeout, f"{self.node_id} serving /api/health")
+        """Until /api/health answers; AssertionError (with diagnostics) at once if the node
+        exits meanwhile, or at ``timeout``."""
+        return wait_for_http(
+            self.http + "/api/health",
+            timeout,
+            proc=self.proc,
+            what=f"{self.node_id} serving /api/health",
+            interval=POLL_SECONDS,
+            error=AssertionError,
+            diagnostics=self.cluster.diagnostics,
+        )
 
     # ----- files
 
@@ -289,13 +213,8 @@ class NodeProcess(_Child):
                 continue  # a line cut by SIGKILL
         return out
 
-    def output_tail(self, lines: int = 25) -> str:
-        return (
-            f"== {self.node_id} ({self.mesh}, {self.http}) pid={self.pid} "
-            f"returncode={self.proc.returncode if self.proc else None}\n"
-            f"-- stdout:\n{_tail(self.stdout_path, lines)}\n"
-            f"-- stderr:\n{_tail(self.stderr_path, lines)}"
-        )
+    def describe(self) -> str:
+        return f"{self.node_id} ({self.mesh}, {self.http})"
 
 
 class Cluster:
@@ -326,9 +245,7 @@ class Cluster:
         if config is not None:
             self.config_path = tmp_path / "mesh.yaml"
             self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULEZERO_")}
-        self.env["PYTHONUNBUFFERED"] = "1"
-        self.env.update(env or {})
+        self.env = child_env(env)
         self.nodes: list[NodeProcess] = [
             NodeProcess(
                 self,
@@ -371,25 +288,7 @@ class Cluster:
 
     def stop_all(self, timeout: float = STOP_GRACE_SECONDS) -> None:
         """SIGTERM every running node at once, SIGKILL whatever still runs after ``timeout``."""
-        procs = [n.proc for n in self.nodes if n.proc is not None and n.proc.poll() is None]
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                try:
-                    p.wait(5.0)
-                except subprocess.TimeoutExpired:  # pragma: no cover - the kernel is stuck
-                    pass
+        supervise.stop_all([n.proc for n in self.nodes if n.proc is not None], timeout)
 
     # ----- observation
 
@@ -405,16 +304,14 @@ class Cluster:
         interval: float = POLL_SECONDS,
     ) -> T:
         """Poll ``check`` until it returns something truthy; AssertionError after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = check()
-            if result:
-                return result
-            if time.monotonic() >= deadline:
-                raise AssertionError(
-                    f"timed out after {timeout:.1f}s waiting for {what}\n{self.diagnostics()}"
-                )
-            time.sleep(interval)
+        return wait_until(
+            check,
+            timeout,
+            what,
+            interval=interval,
+            error=AssertionError,
+            diagnostics=self.diagnostics,
+        )
 
     def leader_now(
         self,
@@ -509,69 +406,19 @@ class HandlerProc(_Child):
         concurrency: int = 4,
         env: dict[str, str] | None = None,
     ) -> None:
+        super().__init__(handler_id, root, child_env(env))
         self.handler_id = handler_id
         self.mesh = list(mesh)
         self.tasks = list(tasks)
         self.concurrency = concurrency
-        self.root = root
-        self.stdout_path = root / "stdout.log"
-        self.stderr_path = root / "stderr.log"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULEZERO_")}
-        self.env["PYTHONUNBUFFERED"] = "1"
-        self.env.update(env or {})
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
 
     def __repr__(self) -> str:
         return f"<handler {self.handler_id} {'running' if self.running else 'stopped'}>"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "mesh.cli", "handler", "--handler-id", self.handler_id]
-        cmd += ["--concurrency", str(self.concurrency)]
-        for address in self.mesh:
-            cmd += ["--mesh", address]
-        for module in self.tasks:
-            cmd += ["--tasks", module]
-        return cmd
-
-    def start(self) -> HandlerProc:
-        if self.running:
-            raise RuntimeError(f"{self.handler_id} is already running")
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
-            banner = f"----- start #{self.starts + 1} at {time.time():.3f}\n".encode()
-            out.write(banner)
-            err.write(banner)
-            out.flush()
-            err.flush()
-            self.proc = subprocess.Popen(
-                self.command(),
-                cwd=REPO_ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-                preexec_fn=_die_with_the_test_runner,
-            )
-        self.starts += 1
-        return self
-
-    def kill(self, sig: int = signal.SIGKILL) -> float:
-        """Send ``sig``; returns the monotonic time it was sent. SIGKILL waits for the exit."""
-        if not self.running:
-            raise RuntimeError(f"{self.handler_id} is not running")
-        assert self.proc is not None
-        sent_at = time.monotonic()
-        self.proc.send_signal(sig)
-        if sig == signal.SIGKILL:
-            try:
-                self.proc.wait(5.0)
-            except subprocess.TimeoutExpired:
-                raise AssertionError(
-                    f"{self.handler_id} did not exit after SIGKILL\n{self.output_tail()}"
-                ) from None
-        return sent_at
+        return handler_command(
+            self.handler_id, mesh=self.mesh, tasks=self.tasks, concurrency=self.concurrency
+        )
 
     def restart(self) -> HandlerProc:
         """Start again with the same handler id (after ``kill`` or ``stop``)."""
@@ -579,10 +426,5 @@ class HandlerProc(_Child):
             raise RuntimeError(f"{self.handler_id} is still running")
         return self.start()
 
-    def output_tail(self, lines: int = 25) -> str:
-        return (
-            f"== handler {self.handler_id} pid={self.pid} "
-            f"returncode={self.proc.returncode if self.proc else None}\n"
-            f"-- stdout:\n{_tail(self.stdout_path, lines)}\n"
-            f"-- stderr:\n{_tail(self.stderr_path, lines)}"
-        )
+    def describe(self) -> str:
+        return f"handler {self.handler_id}"

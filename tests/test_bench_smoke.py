@@ -1,6 +1,6 @@
-"""``schedulezero bench`` at a tiny size: it runs real node and handler processes, writes the
-JSON result with every expected key, and stops every process it started. No speed assertions:
-the benchmark measures, the tests only check that it works."""
+"""The benchmark (``python -m bench``) at a tiny size: it runs real node and handler processes,
+writes the JSON result with every expected key, and stops every process it started. No speed
+assertions: the benchmark measures, the tests only check that it works."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mesh.bench import main as bench_main
-from mesh.bench import report
-from mesh.bench.harness import LIVE
-from mesh.bench.stats import percentile, step_should_stop
-from mesh.cli import main as cli_main
+from bench import main as bench_main
+from bench import report
+from bench.harness import LIVE
+from bench.stats import percentile, step_should_stop
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,7 +69,7 @@ def test_every_started_process_is_stopped(tmp_path: Path) -> None:
 
 
 def test_unknown_figure_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["bench", "--only", "speed"]) == 2
+    assert bench_main(["--only", "speed"]) == 2
     assert "unknown figure 'speed'" in capsys.readouterr().err
 
 

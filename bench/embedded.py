@@ -1,4 +1,4 @@
-"""Tasks the benchmark's nodes run embedded (``--tasks mesh.bench.embedded``); no handler offers
+"""Tasks the benchmark's nodes run embedded (``--tasks bench.embedded``); no handler offers
 them, so they run inside the leader.
 
 ``bench_stamp`` appends one JSON line per run to ``path``: the wall-clock time, the fencing token

@@ -1,6 +1,6 @@
 """Tasks the benchmark runs.
 
-``bench_noop`` is offered by the handler processes (``--tasks mesh.bench.tasks``); ``noop`` is the
+``bench_noop`` is offered by the handler processes (``--tasks bench.tasks``); ``noop`` is the
 same trivial coroutine for APScheduler alone (the baseline), so both sides run identical work.
 """
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import attrs
 
-from mesh.bench.harness import SOURCE_ROOT, BenchError, BenchMesh, Node, _pdeathsig, wait_for
-from mesh.bench.stats import parse_time
+from bench.harness import SOURCE_ROOT, BenchError, BenchMesh, Node, wait_for
+from bench.stats import parse_time
+from mesh.supervise import kill, spawn
 
 CREATE_CONCURRENCY = 64  # parallel POSTs when creating many schedules (more made it slower)
 HISTORY_LIMIT = 10_000  # GET /api/executions answers at most this many records
@@ -81,21 +82,25 @@ class Run:
         label = "APScheduler+" + ("memory" if spec["store"] == "memory" else "SQLite")
         self.progress(phase, f"baseline {label} ...")
         t = time.monotonic()
+        # Not in a session of its own: a Ctrl-C on the benchmark ends the baseline with it.
+        proc = spawn(
+            [sys.executable, "-m", "bench.baseline", json.dumps(spec)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=SOURCE_ROOT,
+            own_session=False,
+        )
         try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "mesh.bench.baseline", json.dumps(spec)],
-                cwd=SOURCE_ROOT,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                preexec_fn=_pdeathsig,
-            )
+            raw_out, raw_err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            kill(proc)
+            proc.communicate()
             return {"error": f"{label} baseline did not finish within {timeout:.0f}s"}
-        if proc.returncode != 0 or not proc.stdout.strip():
-            tail = "\n".join(proc.stderr.splitlines()[-5:])
+        stdout, stderr = raw_out.decode(errors="replace"), raw_err.decode(errors="replace")
+        if proc.returncode != 0 or not stdout.strip():
+            tail = "\n".join(stderr.splitlines()[-5:])
             return {"error": f"{label} baseline failed (exit {proc.returncode}): {tail}"}
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = json.loads(stdout.strip().splitlines()[-1])
         self.progress(phase, f"baseline {label} done ({time.monotonic() - t:.1f}s)")
         return result
 

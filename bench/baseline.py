@@ -1,6 +1,6 @@
 """The baselines: APScheduler 4 alone, in one process, with the trivial task.
 
-Run as a child of the benchmark (``python -m mesh.bench.baseline SPEC_JSON``) so that it gets a
+Run as a child of the benchmark (``python -m bench.baseline SPEC_JSON``) so that it gets a
 fresh interpreter and its own CPU accounting; it prints one JSON object as its last line.
 ``SPEC_JSON`` names the store (``memory`` = ``MemoryDataStore``, ``sqlalchemy`` =
 ``SQLAlchemyDataStore`` on an aiosqlite file in ``db``) and the phase with its sizes.
@@ -25,8 +25,8 @@ from apscheduler.abc import DataStore
 from apscheduler.datastores.memory import MemoryDataStore
 from apscheduler.triggers.interval import IntervalTrigger
 
-from mesh.bench.stats import cpu_seconds, rss_mb, summary
-from mesh.bench.tasks import noop
+from bench.stats import cpu_seconds, rss_mb, summary
+from bench.tasks import noop
 
 MAX_CONCURRENT_JOBS = 1000  # as on the mesh's leader (mesh/scheduling/service.py)
 
@@ -112,7 +112,7 @@ async def _fire_step(
 async def run_fires(spec: dict[str, Any]) -> dict[str, Any]:
     """The same ramp as the mesh's: stop when the achieved rate stops growing or lateness
     explodes, but always measure the target step (``target_schedules``)."""
-    from mesh.bench.stats import step_should_stop
+    from bench.stats import step_should_stop
 
     results: list[dict[str, Any]] = []
     releases = Releases()

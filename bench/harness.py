@@ -2,48 +2,40 @@
 processes on 127.0.0.1, each with its own ports, data directory and log file.
 
 Every process started here is registered in ``LIVE``; :func:`stop_everything` ends them all
-(SIGTERM, then SIGKILL after a grace period) and ``mesh.bench.main`` calls it on every way out,
-Ctrl-C included. On Linux a child also gets SIGKILL when the benchmark process dies.
+(SIGTERM, then SIGKILL after a grace period) and ``bench.main`` calls it on every way out,
+Ctrl-C included. On Linux a child also gets SIGKILL when the benchmark process dies
+(see mesh.supervise).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import http.client
 import json
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import yaml
 
-from mesh.ports import free_port
+from mesh.supervise import (
+    Child,
+    child_env,
+    free_port,
+    get_json,
+    handler_command,
+    node_command,
+    stop_all,
+    wait_until,
+)
 
 HOST = "127.0.0.1"
 T = TypeVar("T")
-# Children import the same ``mesh`` package as the benchmark: ``python -m`` puts the working
-# directory first on sys.path, so a checkout run from its own root benchmarks that checkout.
-SOURCE_ROOT = Path(__file__).resolve().parent.parent.parent
+# Children import the same ``mesh`` package as the benchmark: they run in this checkout's root,
+# and ``python -m`` puts the working directory first on sys.path. The nodes and handlers also
+# import the benchmark's task modules (bench.embedded, bench.tasks) from here.
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 LIVE: set[Proc] = set()
-_handed_out: set[int] = set()
-
-
-def _pdeathsig() -> None:
-    """Between fork and exec: die with the benchmark (Linux), so no node outlives it."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def free_port_pair() -> int:
-    """A port P with P+1 free too, outside the ephemeral range (see mesh.ports)."""
-    return free_port(HOST, pair=True)
 
 
 class BenchError(Exception):
@@ -59,104 +51,39 @@ def wait_for(
     diagnostics: Callable[[], str] | None = None,
 ) -> T:
     """Poll ``check`` until it returns something truthy; BenchError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            extra = f"\n{diagnostics()}" if diagnostics is not None else ""
-            raise BenchError(f"timed out after {timeout:.1f}s waiting for {what}{extra}")
-        time.sleep(interval)
+    return wait_until(
+        check, timeout, what, interval=interval, error=BenchError, diagnostics=diagnostics
+    )
 
 
-class Proc:
-    """A child process whose stdout and stderr go to one log file."""
+class Proc(Child):
+    """A child process whose stdout and stderr go to one log file; in ``LIVE`` while started."""
 
     def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> None:
-        self.name, self.argv, self.log, self.env = name, argv, log, env
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started_at = 0.0
+        # Its own session: Ctrl-C reaches only the benchmark, which stops us.
+        super().__init__(name, argv, log=log, env=env, cwd=SOURCE_ROOT)
 
-    def start(self) -> None:
-        if self.running:
-            raise RuntimeError(f"{self.name} is already running")
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as out:
-            out.write(f"----- start at {time.time():.3f}\n".encode())
-            out.flush()
-            self.proc = subprocess.Popen(
-                self.argv,
-                cwd=SOURCE_ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches only the benchmark, which stops us
-                preexec_fn=_pdeathsig,
-            )
-        self.started_at = time.monotonic()
+    def start(self) -> Self:
+        super().start()
         LIVE.add(self)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        return self
 
     def kill(self) -> float:
-        """SIGKILL; returns the wall-clock time it was sent, after the process is gone."""
-        assert self.proc is not None
-        sent = time.time()
-        self.proc.kill()
-        self.proc.wait(10)
-        LIVE.discard(self)
-        return sent
+        try:
+            return super().kill()
+        finally:
+            LIVE.discard(self)
 
     def stop(self, timeout: float = 5.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        LIVE.discard(self)
-        return self.proc.returncode
-
-    def tail(self, lines: int = 15) -> str:
         try:
-            text = self.log.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+            return super().stop(timeout)
+        finally:
+            LIVE.discard(self)
 
 
 def stop_everything(timeout: float = 5.0) -> None:
     """SIGTERM every live process at once, then SIGKILL what is left after ``timeout``."""
-    procs = [p for p in LIVE if p.running]
-    for p in procs:
-        assert p.proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            p.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        assert p.proc is not None
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.proc.wait(max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        assert p.proc is not None
-        if p.proc.poll() is None:
-            p.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.proc.wait(5)
+    stop_all([p.proc for p in LIVE if p.proc is not None], timeout)
     LIVE.clear()
 
 
@@ -197,38 +124,25 @@ class Http:
 class Node(Proc):
     def __init__(self, mesh: BenchMesh, node_id: str) -> None:
         self.node_id = node_id
-        self.mesh_port = free_port_pair()
-        self.http_port = free_port_pair()
+        self.mesh_port = free_port(HOST, pair=True)
+        self.http_port = free_port(HOST, pair=True)
         self.mesh_address = f"tcp://{HOST}:{self.mesh_port}"
         self.data_dir = mesh.root / node_id
         super().__init__(node_id, [], mesh.root / f"{node_id}.log", mesh.env)
         self.bench_mesh = mesh
         self._http: Http | None = None
 
-    def build_argv(self) -> None:
+    def command(self) -> list[str]:
         m = self.bench_mesh
-        argv = [
-            sys.executable,
-            "-m",
-            "mesh.cli",
-            "node",
-            "--node-id",
+        return node_command(
             self.node_id,
-            "--data-dir",
-            str(self.data_dir),
-            "--mesh",
-            self.mesh_address,
-            "--http",
-            f"{HOST}:{self.http_port}",
-            "--config",
-            str(m.config_path),
-        ]
-        for other in m.nodes:
-            if other is not self:
-                argv += ["--peer", other.mesh_address]
-        for module in m.node_tasks:
-            argv += ["--tasks", module]
-        self.argv = argv
+            data_dir=self.data_dir,
+            mesh=self.mesh_address,
+            http=f"{HOST}:{self.http_port}",
+            config=m.config_path,
+            peers=[other.mesh_address for other in m.nodes if other is not self],
+            tasks=m.node_tasks,
+        )
 
     @property
     def http(self) -> Http:
@@ -236,25 +150,14 @@ class Node(Proc):
             self._http = Http(self.http_port)
         return self._http
 
-    def start(self) -> None:
+    def start(self) -> Self:
         if self._http is not None:
             self._http.close()
-        super().start()
+        return super().start()
 
     def get(self, path: str, timeout: float = 2.0) -> Any | None:
         """GET ``path`` on a fresh connection; the decoded body on 200, else None."""
-        conn = http.client.HTTPConnection(HOST, self.http_port, timeout=timeout)
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            raw = resp.read()
-            if resp.status != 200:
-                return None
-            return json.loads(raw) if raw else None
-        except (OSError, http.client.HTTPException, ValueError):
-            return None
-        finally:
-            conn.close()
+        return get_json(f"http://{HOST}:{self.http_port}{path}", timeout=timeout)
 
     def health(self) -> dict[str, Any] | None:
         if not self.running:
@@ -265,20 +168,12 @@ class Node(Proc):
 
 class Handler(Proc):
     def __init__(self, mesh: BenchMesh, handler_id: str, concurrency: int) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            "mesh.cli",
-            "handler",
-            "--handler-id",
+        argv = handler_command(
             handler_id,
-            "--concurrency",
-            str(concurrency),
-        ]
-        for node in mesh.nodes:
-            argv += ["--mesh", node.mesh_address]
-        for module in mesh.handler_tasks:
-            argv += ["--tasks", module]
+            mesh=[node.mesh_address for node in mesh.nodes],
+            tasks=mesh.handler_tasks,
+            concurrency=concurrency,
+        )
         super().__init__(handler_id, argv, mesh.root / f"{handler_id}.log", mesh.env)
         self.handler_id = handler_id
 
@@ -292,26 +187,20 @@ class BenchMesh:
         *,
         nodes: int = 3,
         handlers: int = 2,
-        node_tasks: Sequence[str] = ("mesh.bench.embedded",),
-        handler_tasks: Sequence[str] = ("mesh.bench.tasks",),
+        node_tasks: Sequence[str] = ("bench.embedded",),
+        handler_tasks: Sequence[str] = ("bench.tasks",),
         handler_concurrency: int = 64,
         config: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
-        import os
-
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.node_tasks = tuple(node_tasks)
         self.handler_tasks = tuple(handler_tasks)
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULEZERO_")}
-        self.env["PYTHONUNBUFFERED"] = "1"
-        self.env.update(env or {})
+        self.env = child_env(env)
         self.config_path = root / "mesh.yaml"
         self.config_path.write_text(yaml.safe_dump(config or {"log_level": "INFO"}))
         self.nodes = [Node(self, f"n{i + 1}") for i in range(nodes)]
-        for n in self.nodes:
-            n.build_argv()
         self.handlers = [Handler(self, f"h{i + 1}", handler_concurrency) for i in range(handlers)]
 
     # ----- lifecycle
@@ -367,13 +256,8 @@ class BenchMesh:
             for p in procs
             if p.proc is not None and p.proc.poll() is not None and p in LIVE
         }
-        for p in procs:
-            if p.running:
-                assert p.proc is not None
-                with contextlib.suppress(ProcessLookupError):
-                    p.proc.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.stop(timeout=5.0)
+        stop_all([p.proc for p in procs if p.proc is not None], 5.0)
+        LIVE.difference_update(procs)
         for n in self.nodes:
             if n._http is not None:
                 n._http.close()

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mesh.bench import profile
-from mesh.bench.common import (
+from bench import profile
+from bench.common import (
     HISTORY_LIMIT,
     Run,
     create_schedules,
@@ -20,8 +20,8 @@ from mesh.bench.common import (
     wait_caught_up,
     wait_drained,
 )
-from mesh.bench.harness import BenchError, Node, wait_for
-from mesh.bench.stats import cpu_seconds, parse_time, rss_mb, step_should_stop, summary
+from bench.harness import BenchError, Node, wait_for
+from bench.stats import cpu_seconds, parse_time, rss_mb, step_should_stop, summary
 from mesh.node import TICK_SECONDS
 
 TICKS_PER_SECOND = round(1 / TICK_SECONDS)
@@ -425,7 +425,8 @@ def failover(run: Run) -> dict[str, Any]:
             old_term = h["term"]
             _, offset = _stamps(stamp_path, 0)
             others = mesh.followers(leader)
-            killed_at = leader.kill()
+            killed_at = time.time()  # wall clock: compared with the fires' stamps
+            leader.kill()
             elected_at: float | None = None
             first: dict[str, Any] | None = None
             deadline = time.monotonic() + 15.0

@@ -1,4 +1,4 @@
-"""``schedulezero bench`` / ``make bench``: measure a local 3-node mesh with remote handlers side
+"""``make bench`` (``python -m bench``): measure a local 3-node mesh with remote handlers side
 by side with APScheduler 4 alone (MemoryDataStore, and SQLAlchemyDataStore on aiosqlite).
 
 Figures (see docs/performance.md): sustained fires/s, follower write latency, failover,
@@ -28,13 +28,13 @@ ORDER = ("idle", "write", "fires", "lateness", "failover", "scale")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        print(f"schedulezero bench: error: {message}", file=sys.stderr)
+        print(f"python -m bench: error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="schedulezero bench",
+        prog="python -m bench",
         description="Benchmark a local 3-node mesh with 2 handler processes against "
         "APScheduler 4 alone. Writes bench-results/bench-<timestamp>.json and PNG plots.",
         allow_abbrev=False,
@@ -92,7 +92,7 @@ def _source_info(root: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``schedulezero bench``; returns the exit code."""
+    """Entry point of ``python -m bench``; returns the exit code."""
     try:
         ns = _parser().parse_args(argv)
     except SystemExit as e:
@@ -104,19 +104,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown or not only:
             bad = unknown[0] if unknown else ""
             print(
-                f"schedulezero bench: error: --only: unknown figure {bad!r} "
+                f"python -m bench: error: --only: unknown figure {bad!r} "
                 f"(choose from {','.join(ORDER)})",
                 file=sys.stderr,
             )
             return 2
     if not 0 < ns.scale <= 10:
-        print("schedulezero bench: error: --scale must be in (0, 10]", file=sys.stderr)
+        print("python -m bench: error: --scale must be in (0, 10]", file=sys.stderr)
         return 2
 
-    from mesh.bench import phases, report
-    from mesh.bench.common import Progress, Run
-    from mesh.bench.harness import SOURCE_ROOT, BenchError, stop_everything
-    from mesh.bench.stats import machine_info
+    from bench import phases, report
+    from bench.common import Progress, Run
+    from bench.harness import SOURCE_ROOT, BenchError, stop_everything
+    from bench.stats import machine_info
 
     out_dir = Path(ns.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

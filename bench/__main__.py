@@ -1,5 +1,5 @@
 import sys
 
-from mesh.bench import main
+from bench import main
 
 sys.exit(main())
