@@ -110,8 +110,6 @@ def build_scheduling(node: MeshNode, state: SchedulerState) -> SchedulingService
     )
 
     def broker() -> ZMQEventBroker:
-        # Schedule and task changes go to every node; per-job events (thousands per second
-        # under load) stay on the leader: their outcomes reach every node through the log.
         return ZMQEventBroker(
             transport=node.transport,
             peers=sorted(node.members.peers),

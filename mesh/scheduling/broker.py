@@ -16,12 +16,38 @@ from logging import Logger
 from typing import Any
 
 import attrs
-from apscheduler import Event
+from apscheduler import (
+    Event,
+    ScheduleAdded,
+    ScheduleRemoved,
+    SchedulerStarted,
+    SchedulerStopped,
+    ScheduleUpdated,
+    TaskAdded,
+    TaskRemoved,
+    TaskUpdated,
+)
 from apscheduler.eventbrokers.base import BaseExternalEventBroker
 from attrs.validators import instance_of
 
 from mesh.config import parse_mesh_address
 from mesh.contracts import Broadcaster
+
+# The events a node broadcasts to the others: schedule and task changes. Per-job events
+# (thousands per second under load) stay on the leader: their outcomes reach every node through
+# the replicated log.
+LIFECYCLE_EVENTS: frozenset[type[Event]] = frozenset(
+    {
+        ScheduleAdded,
+        ScheduleUpdated,
+        ScheduleRemoved,
+        TaskAdded,
+        TaskUpdated,
+        TaskRemoved,
+        SchedulerStarted,
+        SchedulerStopped,
+    }
+)
 
 # How much of an undecodable payload goes into the log line that reports it.
 _LOGGED_PAYLOAD_CHARS = 200
