@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ import attrs
 from apscheduler import Job
 from tenacity import wait_exponential
 
+from mesh.config import DispatchConfig
 from mesh.dispatch import protocol as p
 from mesh.dispatch.governors import Governors
 from mesh.dispatch.registry import HandlerInfo, HandlerRegistry
@@ -56,21 +57,6 @@ class Fenced(Exception):
 
 
 @attrs.define
-class DispatchSettings:
-    max_attempts: int = 4  # dispatch attempts per job (first try + retries)
-    ack_timeout: float = 1.0
-    task_timeouts: Mapping[str, float] = attrs.Factory(dict)
-    default_timeout: float | None = None
-    no_handler_wait: float = 30.0
-    # A job re-dispatched by a new leader goes back to the handler it was assigned to, which
-    # answers from its idempotency window; if that handler stays unreachable this long, the job
-    # is retried elsewhere (at-least-once, same idempotency key).
-    redispatch_wait: float = 10.0
-    backoff_initial: float = 0.05
-    backoff_max: float = 1.0
-
-
-@attrs.define
 class _Pending:
     handler: HandlerInfo
     ack: asyncio.Future[dict[str, Any]]
@@ -84,12 +70,12 @@ class HandlerDispatcher:
         registry: HandlerRegistry,
         *,
         governors: Governors | None = None,
-        settings: DispatchSettings | None = None,
+        settings: DispatchConfig | None = None,
     ) -> None:
         self.node = node
         self.registry = registry
         self.governors = governors or Governors()
-        self.settings = settings or DispatchSettings()
+        self.settings = settings or DispatchConfig()  # the config's dispatch section
         self.state: SchedulerState | None = None  # set by the node: assignments are recorded
         # Set per leader term by the scheduling service (ReplicatedDataStore.propose_batched):
         # assignments made in one loop iteration then share a log entry.
