@@ -27,8 +27,8 @@ from mesh.scheduling.store import ReplicatedDataStore
 from mesh.tasks import REGISTRY
 
 if TYPE_CHECKING:
-    from mesh.api.schema import ScheduleSpec
     from mesh.node import MeshNode
+    from mesh.scheduling.spec import ScheduleSpec
 
 log = logging.getLogger("mesh.scheduling")
 
