@@ -109,7 +109,8 @@ def explain(err: msgspec.ValidationError, data: Any, type_: Any) -> Problem:
             pairs = value.items() if isinstance(value, Mapping) else ()
             key, _ = _first_failing(pairs, _value_of(tp))
             path.append(key)
-            value, tp = value[key], _child(tp, key)
+            value = MISSING if key is MISSING else value[key]
+            tp = _child(tp, key)
         elif index:
             path.append(int(index))
             value = value[int(index)] if isinstance(value, list | tuple) else MISSING
@@ -136,7 +137,7 @@ def explain(err: msgspec.ValidationError, data: Any, type_: Any) -> Problem:
         child = _child(tp, name)
         return Problem(path=(*at, name), kind="missing", expected=_description(child) or "")
     if described := _description(tp):
-        if (m := _WRONG_TYPE.match(what)) or _BOUND.match(what) or what.startswith("Invalid"):
+        if _WRONG_TYPE.match(what) or _BOUND.match(what) or what.startswith("Invalid"):
             return Problem(path=at, kind="type", expected=described, value=value)
     if m := _WRONG_TYPE.match(what):
         return Problem(path=at, kind="type", expected=_type_words(m["want"]), value=value)
