@@ -78,35 +78,17 @@ def build_node(
 def build_scheduling(node: MeshNode, state: SchedulerState) -> SchedulingService:
     """The handler dispatcher and the leader-only scheduler service of a node."""
     import mesh.dispatch.webhook  # noqa: F401  (registers the built-in "webhook" task)
-    from mesh.dispatch.dispatcher import DispatchSettings, HandlerDispatcher
-    from mesh.dispatch.governors import Governors, GovernorSettings
+    from mesh.dispatch.dispatcher import HandlerDispatcher
+    from mesh.dispatch.governors import Governors
     from mesh.scheduling.broker import LIFECYCLE_EVENTS, ZMQEventBroker
 
-    d, g = node.config.dispatch, node.config.governors
     dispatcher = HandlerDispatcher(
         node,
         node,
         node,
         state,
-        governors=Governors(
-            GovernorSettings(
-                rate=g.rate,
-                task_rates=g.task_rates,
-                handler_rates=g.handler_rates,
-                burst=g.burst,
-                concurrency=g.concurrency,
-                task_concurrency=g.task_concurrency,
-                max_queued_jobs=g.max_queued_jobs,
-            )
-        ),
-        settings=DispatchSettings(
-            max_attempts=d.max_attempts,
-            ack_timeout=d.ack_timeout,
-            default_timeout=d.default_timeout,
-            task_timeouts=d.task_timeouts,
-            no_handler_wait=d.no_handler_wait,
-            redispatch_wait=d.redispatch_wait,
-        ),
+        governors=Governors(node.config.governors),
+        settings=node.config.dispatch,
     )
 
     def broker() -> ZMQEventBroker:

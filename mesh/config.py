@@ -3,13 +3,17 @@
 Precedence, lowest to highest (each layer replaces, never merges, the values below it; lists such
 as ``peers`` are replaced whole):
 
-1. built-in defaults (the attrs defaults below),
+1. built-in defaults (the field defaults below),
 2. ``SCHEDULEZERO_*`` environment variables,
 3. the YAML config file (``--config FILE``, else ``$SCHEDULEZERO_CONFIG``),
 4. command-line flags.
 
-Every mistake a user can make raises ``ConfigError`` whose message is one line naming the flag,
-environment variable or ``FILE: key`` at fault and what is wrong with it. See docs/configuration.md.
+Every section is a ``msgspec.Struct`` whose field types carry their constraints
+(``msgspec.Meta``); each value a layer gives is checked with ``msgspec.convert`` against the
+type of the field it sets. Every mistake a user can make raises ``ConfigError`` whose message is
+one line naming the flag, environment variable or ``FILE:LINE: key`` at fault and what is wrong
+with it. The sections are also the settings of the parts they configure (``DispatchConfig`` is
+the dispatcher's, ``GovernorConfig`` the governors'). See docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -20,10 +24,14 @@ import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import attrs
+import msgspec
 import yaml
+from msgspec import Meta
+
+from mesh.validation import dotted, explain
 
 __all__ = [
     "DISCOVERY_MODES",
@@ -31,9 +39,12 @@ __all__ = [
     "LOG_LEVELS",
     "Config",
     "ConfigError",
-    "EventLogSettings",
-    "MembershipSettings",
-    "RaftSettings",
+    "DispatchConfig",
+    "EventLogConfig",
+    "GovernorConfig",
+    "HistoryConfig",
+    "MembershipConfig",
+    "RaftConfig",
     "load_config",
     "parse_http_address",
     "parse_mesh_address",
@@ -41,18 +52,14 @@ __all__ = [
 ]
 
 ENV_PREFIX = "SCHEDULEZERO_"
-DISCOVERY_MODES = ("static", "mdns")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_MESH = "tcp://127.0.0.1:7100"
 DEFAULT_HTTP = "127.0.0.1:8100"
 DEFAULT_MDNS_SERVICE = "_schedulezero._tcp.local."
 MDNS_BOOTSTRAP_EXPECT = 3
 MiB = 1024 * 1024
 
-_NODE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
-_MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 _WILDCARDS = ("*", "0.0.0.0")
 
 
@@ -147,80 +154,114 @@ def _default_node_id(mesh: str) -> str:
     return host[: 64 - len(suffix)] + suffix
 
 
+# --------------------------------------------------------------------------- field types
+# A type's ``description`` (when it has one) is what an error says was expected.
+
+Discovery = Literal["static", "mdns"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+DISCOVERY_MODES: tuple[str, ...] = get_args(Discovery)
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
+
+Seconds = Annotated[float, Meta(gt=0)]
+PerSecond = Annotated[float, Meta(gt=0)]
+AtLeastOne = Annotated[int, Meta(ge=1)]
+Name = Annotated[str, Meta(min_length=1, description="a non-empty task or handler name")]
+NodeId = Annotated[
+    str,
+    Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}\Z", description="1-64 characters from A-Z a-z 0-9 _ . -"),
+]
+Module = Annotated[
+    str,
+    Meta(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*\Z",
+        description="a Python module name like 'package.tasks'",
+    ),
+]
+MdnsService = Annotated[
+    str,
+    Meta(
+        pattern=r"^_[A-Za-z0-9-]{1,15}\._(tcp|udp)\.local\.\Z",
+        description="a service type like '_schedulezero._tcp.local.'",
+    ),
+]
+
+
 # --------------------------------------------------------------------------- sections
 
 
-@attrs.frozen(kw_only=True)
-class RaftSettings:
-    """Raft timing and limits; times are in seconds."""
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
 
-    heartbeat_interval: float = 0.1
-    election_timeout_min: float = 0.3
-    election_timeout_max: float = 0.6
-    snapshot_threshold: int = 10_000  # log entries since the last snapshot
-    max_append_entries: int = 512  # entries per AppendEntries message
+
+class RaftConfig(_Section):
+    """Raft timing and limits; times are in seconds (``mesh.node.raft_settings`` makes ticks)."""
+
+    heartbeat_interval: Seconds = 0.1
+    election_timeout_min: Seconds = 0.3
+    election_timeout_max: Seconds = 0.6
+    snapshot_threshold: AtLeastOne = 10_000  # log entries since the last snapshot
+    max_append_entries: AtLeastOne = 512  # entries per AppendEntries message
     check_quorum: bool = True
     pre_vote: bool = True
 
 
-@attrs.frozen(kw_only=True)
-class MembershipSettings:
+class MembershipConfig(_Section):
     """Failure-detector timing (seconds)."""
 
-    ping_interval: float = 0.5
-    suspect_after: float = 1.5
-    dead_after: float = 3.0
+    ping_interval: Seconds = 0.5
+    suspect_after: Seconds = 1.5
+    dead_after: Seconds = 3.0
     # Add a node that pings us but is not in our peer set (so one --peer is enough to join).
     # Off when every link must go through a known address, e.g. a proxy per link in chaos tests.
     learn_peers: bool = True
 
 
-@attrs.frozen(kw_only=True)
-class DispatchSettings:
-    """How the leader hands jobs to handler processes (seconds)."""
+class DispatchConfig(_Section):
+    """How the leader hands jobs to handler processes (seconds); the dispatcher's settings."""
 
-    max_attempts: int = 4  # dispatch attempts per job: first try + retries on other handlers
-    ack_timeout: float = 1.0  # a handler must acknowledge a dispatch within this
-    default_timeout: float | None = None  # per-job run time limit; None = unlimited
-    task_timeouts: dict[str, float] = attrs.Factory(dict)  # task name -> run time limit
-    no_handler_wait: float = 30.0  # jobs without a start deadline wait this long for a handler
-    redispatch_wait: float = 10.0  # a new leader waits this long for a job's assigned handler
+    max_attempts: AtLeastOne = 4  # dispatch attempts per job: first try + retries elsewhere
+    ack_timeout: Seconds = 1.0  # a handler must acknowledge a dispatch within this
+    default_timeout: Seconds | None = None  # per-job run time limit; None = unlimited
+    task_timeouts: dict[Name, Seconds] = {}  # task name -> run time limit
+    no_handler_wait: Seconds = 30.0  # jobs without a start deadline wait this long for a handler
+    # A job re-dispatched by a new leader goes back to the handler it was assigned to, which
+    # answers from its idempotency window; if that handler stays unreachable this long, the job
+    # is retried elsewhere (at-least-once, same idempotency key).
+    redispatch_wait: Seconds = 10.0
+    backoff_initial: Seconds = 0.05  # wait before a retry, doubling up to backoff_max
+    backoff_max: Seconds = 1.0
 
 
-@attrs.frozen(kw_only=True)
-class GovernorSettings:
+class GovernorConfig(_Section):
     """Rate limits (dispatches/s), concurrency limits (jobs in flight) and backpressure."""
 
-    rate: float | None = None
-    task_rates: dict[str, float] = attrs.Factory(dict)
-    handler_rates: dict[str, float] = attrs.Factory(dict)
-    burst: float | None = None  # token-bucket size; default 1 (evenly spaced)
-    concurrency: int | None = None
-    task_concurrency: dict[str, int] = attrs.Factory(dict)
-    max_queued_jobs: int = 10_000  # POST /api/jobs answers 429 beyond this
+    rate: PerSecond | None = None  # whole mesh
+    task_rates: dict[Name, PerSecond] = {}
+    handler_rates: dict[Name, PerSecond] = {}
+    burst: PerSecond | None = None  # token-bucket size; default 1 (evenly spaced)
+    concurrency: AtLeastOne | None = None  # whole mesh
+    task_concurrency: dict[Name, AtLeastOne] = {}
+    max_queued_jobs: AtLeastOne = 10_000  # POST /api/jobs answers 429 beyond this
 
 
-@attrs.frozen(kw_only=True)
-class HistorySettings:
+class HistoryConfig(_Section):
     """Retention of the replicated execution history and run-now results."""
 
-    max_executions: int = 10_000
-    max_results: int = 10_000
+    max_executions: AtLeastOne = 10_000
+    max_results: AtLeastOne = 10_000
 
 
-@attrs.frozen(kw_only=True)
-class EventLogSettings:
+class EventLogConfig(_Section):
     """Rotation of the JSONL event log."""
 
-    max_bytes: int = 10 * MiB
-    backups: int = 5
+    max_bytes: Annotated[int, Meta(ge=1024)] = 10 * MiB
+    backups: Annotated[int, Meta(ge=0)] = 5
 
 
 # --------------------------------------------------------------------------- Config
 
 
-@attrs.frozen(kw_only=True)
-class Config:
+class Config(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a node needs to know at start-up. Build it with ``load_config``.
 
     Fields whose default depends on another field (``node_id``, ``data_dir``,
@@ -229,49 +270,44 @@ class Config:
     """
 
     mesh: str = DEFAULT_MESH
-    advertise_mesh: str = attrs.field(
-        default=attrs.Factory(lambda self: _advertise(self.mesh, "tcp://"), takes_self=True)
-    )
+    advertise_mesh: str | None = None  # default: mesh (the primary IP for a bind-all host)
     http: str = DEFAULT_HTTP
-    advertise_http: str = attrs.field(
-        default=attrs.Factory(lambda self: _advertise(self.http, ""), takes_self=True)
-    )
-    node_id: str = attrs.field(
-        default=attrs.Factory(lambda self: _default_node_id(self.mesh), takes_self=True)
-    )
-    data_dir: Path = attrs.field(
-        default=attrs.Factory(lambda self: Path("data") / self.node_id, takes_self=True),
-        converter=lambda p: Path(p).expanduser(),
-    )
-    peers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    discovery: str = "static"
-    bootstrap_expect: int = attrs.field(
-        default=attrs.Factory(lambda self: self._default_bootstrap_expect(), takes_self=True)
-    )
-    tasks: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    raft: RaftSettings = attrs.Factory(RaftSettings)
-    membership: MembershipSettings = attrs.Factory(MembershipSettings)
-    dispatch: DispatchSettings = attrs.Factory(DispatchSettings)
-    governors: GovernorSettings = attrs.Factory(GovernorSettings)
-    history: HistorySettings = attrs.Factory(HistorySettings)
-    eventlog: EventLogSettings = attrs.Factory(EventLogSettings)
-    max_frame_bytes: int = 16 * MiB
-    log_level: str = "INFO"
-    mdns_service: str = DEFAULT_MDNS_SERVICE
+    advertise_http: str | None = None  # default: http (likewise)
+    node_id: NodeId | None = None  # default: HOSTNAME-MESHPORT
+    data_dir: Path | None = None  # default: data/NODE_ID
+    peers: tuple[str, ...] = ()
+    discovery: Discovery = "static"
+    bootstrap_expect: AtLeastOne | None = None  # default: static: the whole peer list; mdns: 3
+    tasks: tuple[Module, ...] = ()
+    raft: RaftConfig = msgspec.field(default_factory=RaftConfig)
+    membership: MembershipConfig = msgspec.field(default_factory=MembershipConfig)
+    dispatch: DispatchConfig = msgspec.field(default_factory=DispatchConfig)
+    governors: GovernorConfig = msgspec.field(default_factory=GovernorConfig)
+    history: HistoryConfig = msgspec.field(default_factory=HistoryConfig)
+    eventlog: EventLogConfig = msgspec.field(default_factory=EventLogConfig)
+    max_frame_bytes: Annotated[int, Meta(ge=1024)] = 16 * MiB
+    log_level: LogLevel = "INFO"
+    mdns_service: MdnsService = DEFAULT_MDNS_SERVICE
 
-    def __attrs_post_init__(self) -> None:
+    def __post_init__(self) -> None:
+        def derive(name: str, value: Any) -> None:
+            msgspec.structs.force_setattr(self, name, value)
+
+        if self.advertise_mesh is None:
+            derive("advertise_mesh", _advertise(self.mesh, "tcp://"))
+        if self.advertise_http is None:
+            derive("advertise_http", _advertise(self.http, ""))
+        if self.node_id is None:
+            derive("node_id", _default_node_id(self.mesh))
+        derive("data_dir", Path(self.data_dir or Path("data") / self.node_id).expanduser())
         # Our own address in the peer list is dropped, so every node of a cluster can share one
         # identical peer list; duplicates are dropped too (first occurrence wins).
         own = {self.advertise_mesh, self.mesh}
-        peers = tuple(dict.fromkeys(p for p in self.peers if p not in own))
-        object.__setattr__(self, "peers", peers)
+        derive("peers", tuple(dict.fromkeys(p for p in self.peers if p not in own)))
+        if self.bootstrap_expect is None:
+            n = MDNS_BOOTSTRAP_EXPECT if self.discovery == "mdns" else len(self.peers) + 1
+            derive("bootstrap_expect", n)
         _check_relations(self)
-
-    def _default_bootstrap_expect(self) -> int:
-        if self.discovery == "mdns":
-            return MDNS_BOOTSTRAP_EXPECT
-        own = {self.advertise_mesh, self.mesh}
-        return len({p for p in self.peers if p not in own}) + 1
 
     # ----- helpers other modules use
 
@@ -304,15 +340,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able view (for logs and ``/api`` debugging)."""
-
-        def conv(_inst: Any, _field: Any, value: Any) -> Any:
-            if isinstance(value, Path):
-                return str(value)
-            if isinstance(value, tuple):
-                return list(value)
-            return value
-
-        return attrs.asdict(self, value_serializer=conv)
+        return msgspec.to_builtins(self, enc_hook=str)  # str: the one non-JSON type, Path
 
 
 def _advertise(bind: str, scheme: str) -> str:
@@ -367,212 +395,92 @@ def _check_relations(c: Config) -> None:
         )
 
 
-# --------------------------------------------------------------------------- field parsers
-# Each parser takes a value already of the YAML/CLI kind (or text from the environment, see
-# _from_text) and returns the typed value, raising ValueError with the bare reason.
+# --------------------------------------------------------------------------- checking one value
+# A layer's value for one top-level key (for a section: its mapping) is checked by msgspec
+# against that field's type; what a type cannot say (address syntax, ports) is parsed after.
 
 
-def _type_name(v: Any) -> str:
-    return {str: "string", bool: "boolean", int: "integer", float: "number"}.get(
-        type(v), type(v).__name__
-    )
+def _given(tp: Any) -> Any:
+    """A field's type as a layer gives it: a layer's None means "not given", never a value."""
+    rest = tuple(a for a in get_args(tp) if a is not type(None))
+    if get_origin(tp) in (Union, UnionType) and len(rest) == 1:
+        return rest[0]
+    return tp
 
 
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError(f"expected a string, got {_type_name(v)} {v!r}")
-    return v
+_FIELDS: dict[str, Any] = {f.name: _given(f.type) for f in msgspec.structs.fields(Config)}
+# What flags may set: every field but the sections, which only a file sets.
+_TOP = {n for n, tp in _FIELDS.items() if not (isinstance(tp, type) and issubclass(tp, _Section))}
 
 
-def _int_at_least(lo: int) -> Callable[[Any], int]:
-    def parse(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"expected an integer, got {_type_name(v)} {v!r}")
-        if v < lo:
-            raise ValueError(f"must be at least {lo}, got {v}")
-        return v
+class _Invalid(Exception):
+    """A value a layer gave is wrong: where in the value (empty: the value itself), and why.
 
-    return parse
+    ``allowed`` is set when the mistake is an unknown key (the last step of ``path``).
+    """
 
-
-def _positive_float(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise ValueError(f"expected a number of seconds, got {_type_name(v)} {v!r}")
-    if not v > 0:
-        raise ValueError(f"must be greater than 0, got {v}")
-    return float(v)
+    def __init__(
+        self, path: tuple[str | int, ...], reason: str, allowed: tuple[str, ...] | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.path, self.reason, self.allowed = path, reason, allowed
 
 
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError(f"expected true or false, got {_type_name(v)} {v!r}")
-    return v
+def _comma_list(v: Any) -> Any:
+    return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
 
 
-def _node_id(v: Any) -> str:
-    v = _str(v)
-    if not _NODE_ID_RE.fullmatch(v):
-        raise ValueError(f"expected 1-64 characters from A-Z a-z 0-9 _ . -, got {v!r}")
-    return v
+def _address(parse: Callable[..., tuple[str, int]], scheme: str, *, bind: bool) -> Callable:
+    def normalise(v: str) -> str:
+        host, port = parse(v, bind=bind)
+        return f"{scheme}{host}:{port}"
+
+    return normalise
 
 
-def _path(v: Any) -> Path:
-    if isinstance(v, Path):
-        return v
-    if not _str(v):
-        raise ValueError("must not be empty")
-    return Path(v).expanduser()
+_mesh_peer = _address(parse_mesh_address, "tcp://", bind=False)
 
-
-def _mesh_bind(v: Any) -> str:
-    host, port = parse_mesh_address(_str(v), bind=True)
-    return f"tcp://{host}:{port}"
-
-
-def _mesh_peer(v: Any) -> str:
-    host, port = parse_mesh_address(_str(v))
-    return f"tcp://{host}:{port}"
-
-
-def _http_bind(v: Any) -> str:
-    host, port = parse_http_address(_str(v), bind=True)
-    return f"{host}:{port}"
-
-
-def _http_peer(v: Any) -> str:
-    host, port = parse_http_address(_str(v))
-    return f"{host}:{port}"
-
-
-def _list_of(item: Callable[[Any], str]) -> Callable[[Any], tuple[str, ...]]:
-    def parse(v: Any) -> tuple[str, ...]:
-        if isinstance(v, str):
-            v = [p.strip() for p in v.split(",") if p.strip()]
-        if not isinstance(v, list | tuple):
-            raise ValueError(f"expected a list, got {_type_name(v)} {v!r}")
-        return tuple(dict.fromkeys(item(x) for x in v))
-
-    return parse
-
-
-def _module(v: Any) -> str:
-    v = _str(v)
-    if not _MODULE_RE.fullmatch(v):
-        raise ValueError(f"expected a Python module name like 'package.tasks', got {v!r}")
-    return v
-
-
-def _discovery(v: Any) -> str:
-    v = _str(v)
-    if v not in DISCOVERY_MODES:
-        raise ValueError(f"expected one of {', '.join(DISCOVERY_MODES)}, got {v!r}")
-    return v
-
-
-def _log_level(v: Any) -> str:
-    v = _str(v).upper()
-    if v not in LOG_LEVELS:
-        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {v!r}")
-    return v
-
-
-def _mdns_service(v: Any) -> str:
-    v = _str(v)
-    if not re.fullmatch(r"_[A-Za-z0-9-]{1,15}\._(tcp|udp)\.local\.", v):
-        raise ValueError(f"expected a service type like '_schedulezero._tcp.local.', got {v!r}")
-    return v
-
-
-def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    return lambda v: None if v is None else parse(v)
-
-
-def _mapping_of(parse: Callable[[Any], Any]) -> Callable[[Any], dict[str, Any]]:
-    def convert(v: Any) -> dict[str, Any]:
-        if not isinstance(v, dict):
-            raise ValueError(f"expected a mapping of task/handler name to a value, got {v!r}")
-        out = {}
-        for k, item in v.items():
-            if not isinstance(k, str) or not k:
-                raise ValueError(f"keys must be non-empty names, got {k!r}")
-            try:
-                out[k] = parse(item)
-            except ValueError as e:
-                raise ValueError(f"{k}: {e}") from None
-        return out
-
-    return convert
-
-
-_TOP: dict[str, Callable[[Any], Any]] = {
-    "node_id": _node_id,
-    "data_dir": _path,
-    "mesh": _mesh_bind,
+# Applied before msgspec sees the value: a comma-separated string is a list; levels ignore case.
+_BEFORE: dict[str, Callable[[Any], Any]] = {
+    "peers": _comma_list,
+    "tasks": _comma_list,
+    "log_level": lambda v: v.upper() if isinstance(v, str) else v,
+}
+# Applied after: what the type alone cannot check. Raise ValueError with the bare reason.
+_AFTER: dict[str, Callable[[Any], Any]] = {
+    "mesh": _address(parse_mesh_address, "tcp://", bind=True),
     "advertise_mesh": _mesh_peer,
-    "http": _http_bind,
-    "advertise_http": _http_peer,
-    "peers": _list_of(_mesh_peer),
-    "discovery": _discovery,
-    "bootstrap_expect": _int_at_least(1),
-    "tasks": _list_of(_module),
-    "max_frame_bytes": _int_at_least(1024),
-    "log_level": _log_level,
-    "mdns_service": _mdns_service,
+    "http": _address(parse_http_address, "", bind=True),
+    "advertise_http": _address(parse_http_address, "", bind=False),
+    "peers": lambda v: tuple(dict.fromkeys(map(_mesh_peer, v))),
+    "tasks": lambda v: tuple(dict.fromkeys(v)),
 }
-_SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any], Any]]]] = {
-    "raft": (
-        RaftSettings,
-        {
-            "heartbeat_interval": _positive_float,
-            "election_timeout_min": _positive_float,
-            "election_timeout_max": _positive_float,
-            "snapshot_threshold": _int_at_least(1),
-            "max_append_entries": _int_at_least(1),
-            "check_quorum": _bool,
-            "pre_vote": _bool,
-        },
-    ),
-    "membership": (
-        MembershipSettings,
-        {
-            "ping_interval": _positive_float,
-            "suspect_after": _positive_float,
-            "dead_after": _positive_float,
-            "learn_peers": _bool,
-        },
-    ),
-    "dispatch": (
-        DispatchSettings,
-        {
-            "max_attempts": _int_at_least(1),
-            "ack_timeout": _positive_float,
-            "default_timeout": _optional(_positive_float),
-            "task_timeouts": _mapping_of(_positive_float),
-            "no_handler_wait": _positive_float,
-            "redispatch_wait": _positive_float,
-        },
-    ),
-    "governors": (
-        GovernorSettings,
-        {
-            "rate": _optional(_positive_float),
-            "task_rates": _mapping_of(_positive_float),
-            "handler_rates": _mapping_of(_positive_float),
-            "burst": _optional(_positive_float),
-            "concurrency": _optional(_int_at_least(1)),
-            "task_concurrency": _mapping_of(_int_at_least(1)),
-            "max_queued_jobs": _int_at_least(1),
-        },
-    ),
-    "history": (
-        HistorySettings,
-        {"max_executions": _int_at_least(1), "max_results": _int_at_least(1)},
-    ),
-    "eventlog": (
-        EventLogSettings,
-        {"max_bytes": _int_at_least(1024), "backups": _int_at_least(0)},
-    ),
-}
+
+
+def _path_hook(tp: type, v: Any) -> Any:
+    """msgspec's ``dec_hook`` for the one type it does not know, ``Path``."""
+    if v == "":
+        raise ValueError("must not be empty")
+    if tp is Path and isinstance(v, str | Path):
+        return Path(v).expanduser()
+    raise ValueError(f"expected a path, got {v!r}")
+
+
+def _check(key: str, value: Any) -> Any:
+    """``value`` for top-level ``key`` as the field holds it; raises ``_Invalid``."""
+    tp = _FIELDS[key]
+    value = _BEFORE.get(key, lambda v: v)(value)
+    try:
+        checked = msgspec.convert(value, tp, dec_hook=_path_hook)
+    except msgspec.ValidationError as e:
+        problem = explain(e, value, tp)
+        allowed = problem.allowed if problem.kind == "unknown" else None
+        raise _Invalid(problem.path, problem.reason(), allowed) from None
+    try:
+        return _AFTER.get(key, lambda v: v)(checked)
+    except ValueError as e:
+        raise _Invalid((), str(e)) from None
+
 
 # Environment variable → field. Values are text; lists are comma-separated.
 ENV_VARS: dict[str, str] = {
@@ -602,12 +510,12 @@ def _flag(key: str) -> str:
 
 
 def _from_text(key: str, text: str) -> Any:
-    """Environment values are strings; turn numbers into numbers before the common parser."""
+    """Environment values are strings; turn numbers into numbers before they are checked."""
     if key in ("bootstrap_expect", "max_frame_bytes"):
         try:
             return int(text.strip())
         except ValueError:
-            raise ValueError(f"expected an integer, got {text!r}") from None
+            raise _Invalid((), f"expected an integer, got {text!r}") from None
     return text.strip()
 
 
@@ -658,48 +566,37 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     return data, _key_lines(text)
 
 
-def _unknown(where: str, key: Any, known: Iterable[str]) -> ConfigError:
-    close = difflib.get_close_matches(str(key), list(known), n=1)
+def _unknown(where: str, key: str, known: Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rpartition(".")[2], list(known), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"{where}: unknown key {key!r}{hint}")
 
 
-def _parse_file(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def _parse_file(path: Path) -> dict[str, Any]:
     data, lines = _read_yaml(path)
 
-    def where(*keys: str) -> str:
-        line = lines.get(keys)
-        return f"{path}:{line}" if line else str(path)
+    def where(*keys: str | int) -> str:
+        # The line of the deepest key the file has (list items have none of their own).
+        for n in range(len(keys), 0, -1):
+            line = lines.get(tuple(map(str, keys[:n])))
+            if line:
+                return f"{path}:{line}"
+        return str(path)
 
-    top: dict[str, Any] = {}
-    sections: dict[str, dict[str, Any]] = {}
+    given: dict[str, Any] = {}
     for key, value in data.items():
-        if key in _SECTIONS:
-            _, parsers = _SECTIONS[key]
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise ConfigError(
-                    f"{where(key)}: {key}: expected a mapping, got {_type_name(value)} {value!r}"
-                )
-            sec = sections.setdefault(key, {})
-            for sub, subvalue in value.items():
-                if sub not in parsers:
-                    raise _unknown(where(key, str(sub)), f"{key}.{sub}", parsers)
-                try:
-                    sec[sub] = parsers[sub](subvalue)
-                except ValueError as e:
-                    raise ConfigError(f"{where(key, sub)}: {key}.{sub}: {e}") from None
-        elif key in _TOP:
-            if value is None:
-                continue
-            try:
-                top[key] = _TOP[key](value)
-            except ValueError as e:
-                raise ConfigError(f"{where(key)}: {key}: {e}") from None
-        else:
-            raise _unknown(where(str(key)), key, [*_TOP, *_SECTIONS])
-    return top, sections
+        if key not in _FIELDS:
+            raise _unknown(where(str(key)), str(key), _FIELDS)
+        if value is None:
+            continue
+        try:
+            given[key] = _check(key, value)
+        except _Invalid as e:
+            full = (key, *e.path)
+            if e.allowed is not None:
+                raise _unknown(where(*full), dotted(full), e.allowed) from None
+            raise ConfigError(f"{where(*full)}: {dotted(full)}: {e.reason}") from None
+    return given
 
 
 # --------------------------------------------------------------------------- load_config
@@ -717,21 +614,19 @@ def load_config(
     Raises ``ConfigError`` (one line) on any mistake.
     """
     env = {} if env is None else env
-    top: dict[str, Any] = {}
-    sections: dict[str, dict[str, Any]] = {}
+    given: dict[str, Any] = {}
 
     for var, key in ENV_VARS.items():
         if env.get(var, "").strip():  # an empty variable counts as unset
             try:
-                top[key] = _TOP[key](_from_text(key, env[var]))
-            except ValueError as e:
-                raise ConfigError(f"{var}: {e}") from None
+                given[key] = _check(key, _from_text(key, env[var]))
+            except _Invalid as e:
+                raise ConfigError(f"{var}: {e.reason}") from None
 
     if config_file is None and env.get(CONFIG_ENV_VAR):
         config_file = env[CONFIG_ENV_VAR]
     if config_file is not None:
-        file_top, sections = _parse_file(Path(config_file).expanduser())
-        top.update(file_top)
+        given.update(_parse_file(Path(config_file).expanduser()))
 
     for key, value in (args or {}).items():
         if value is None:
@@ -739,9 +634,8 @@ def load_config(
         if key not in _TOP:
             raise ConfigError(f"{_flag(key)}: not a configuration option")
         try:
-            top[key] = _TOP[key](value)
-        except ValueError as e:
-            raise ConfigError(f"{_flag(key)}: {e}") from None
+            given[key] = _check(key, value)
+        except _Invalid as e:
+            raise ConfigError(f"{_flag(key)}: {e.reason}") from None
 
-    built = {name: cls(**sections.get(name, {})) for name, (cls, _) in _SECTIONS.items()}
-    return Config(**top, **built)
+    return Config(**given)

@@ -318,3 +318,18 @@ def test_bad_dispatch_and_governor_settings_name_the_key(tmp_path, yaml_text, ne
     path.write_text(yaml_text)
     with pytest.raises(ConfigError, match=needle):
         load_config({}, path, {})
+
+
+def test_dispatch_backoff_loads_from_yaml_and_defaults_to_the_dispatchers_values(tmp_path) -> None:
+    assert load_config({}, None, {}).dispatch.backoff_initial == 0.05
+    assert load_config({}, None, {}).dispatch.backoff_max == 1.0
+    path = write(tmp_path, "dispatch:\n  backoff_initial: 0.2\n  backoff_max: 4\n")
+    dispatch = load_config({}, path, {}).dispatch
+    assert (dispatch.backoff_initial, dispatch.backoff_max) == (0.2, 4.0)
+
+
+def test_a_bad_value_in_a_mapping_names_its_key_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "governors:\n  task_concurrency:\n    ok: 2\n    send: 0\n")
+    assert error_of({}, path, {}) == (
+        f"{path}:4: governors.task_concurrency.send: must be at least 1, got 0"
+    )

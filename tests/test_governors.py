@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from mesh.dispatch.governors import Backpressure, Governors, GovernorSettings, TokenBucket
+from mesh.config import GovernorConfig
+from mesh.dispatch.governors import Backpressure, Governors, TokenBucket
 
 
 async def test_rate_limit_of_20_per_second_holds_within_10_percent_over_5_seconds() -> None:
@@ -34,7 +35,7 @@ async def test_rate_limit_of_20_per_second_holds_within_10_percent_over_5_second
 
 
 async def test_task_concurrency_limit_is_never_exceeded() -> None:
-    gov = Governors(GovernorSettings(task_concurrency={"t": 3}))
+    gov = Governors(GovernorConfig(task_concurrency={"t": 3}))
     running = peak = 0
 
     async def job() -> None:
@@ -50,7 +51,7 @@ async def test_task_concurrency_limit_is_never_exceeded() -> None:
 
 
 async def test_global_concurrency_limit_spans_tasks() -> None:
-    gov = Governors(GovernorSettings(concurrency=2))
+    gov = Governors(GovernorConfig(concurrency=2))
     running = peak = 0
 
     async def job(task: str) -> None:
@@ -66,7 +67,7 @@ async def test_global_concurrency_limit_spans_tasks() -> None:
 
 
 def test_queue_limit_raises_backpressure() -> None:
-    gov = Governors(GovernorSettings(max_queued_jobs=5))
+    gov = Governors(GovernorConfig(max_queued_jobs=5))
     gov.check_queue(4)
     with pytest.raises(Backpressure, match="retry later"):
         gov.check_queue(5)

@@ -6,6 +6,11 @@ got wrong; ``*_to_json`` turn APScheduler objects back into JSON-able dicts. ``t
 output is accepted by ``parse_trigger`` and describes a trigger with the same fire times, so a
 schedule can be stored or replicated as JSON and rebuilt anywhere. See docs/api.md.
 
+A body is first converted to a ``msgspec.Struct`` below: its field types carry the constraints,
+and their ``Meta(description=...)`` is what an error says a field must be. What a type cannot say
+(cron fields, time zones, ISO dates, intervals, end after start) is checked while building the
+APScheduler trigger.
+
 Two choices differ from APScheduler's own defaults because nodes may run in different local time
 zones: a date-time without an offset is read as UTC, and a cron or calendarinterval trigger
 without ``timezone`` uses UTC (not the machine's local zone).
@@ -14,15 +19,14 @@ without ``timezone`` uses UTC (not the machine's local zone).
 from __future__ import annotations
 
 import json
-import math
-import re
+import sys
 import uuid
-from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import attrs
+import msgspec
 from apscheduler import CoalescePolicy, Schedule
 from apscheduler._validators import valid_metadata
 from apscheduler.abc import Trigger
@@ -30,86 +34,237 @@ from apscheduler.triggers.calendarinterval import CalendarIntervalTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+from msgspec import UNSET, Meta, UnsetType
 
-ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+from mesh.scheduling.spec import ScheduleSpec
+from mesh.validation import Problem, dotted, explain
+
 MAX_TASK_NAME = 200
 # Upper bound for misfire_grace_time and max_jitter: large enough for "run every missed fire
 # time after any outage", small enough that fire time + bound never overflows a datetime.
 MAX_DURATION_SECONDS = 100 * 366 * 24 * 3600
 
-SCHEDULE_FIELDS = (
-    "id",
-    "task",
-    "trigger",
-    "args",
-    "kwargs",
-    "coalesce",
-    "misfire_grace_time",
-    "max_jitter",
-    "paused",
-    "metadata",
-)
-JOB_FIELDS = ("task", "args", "kwargs")
-
 INTERVAL_UNITS = ("weeks", "days", "hours", "minutes", "seconds", "microseconds")
 CRON_FIELDS = tuple(name for name, _ in CronTrigger.FIELDS_MAP)  # year … second
 CRONTAB_FIELDS = ("minute", "hour", "day", "month", "day_of_week")  # order in a crontab line
 CALENDAR_UNITS = ("years", "months", "weeks", "days")
-CALENDAR_TIME = (("hour", 23), ("minute", 59), ("second", 59))
-
-TRIGGER_FIELDS: dict[str, tuple[str, ...]] = {
-    "calendarinterval": (
-        "type",
-        *CALENDAR_UNITS,
-        *(name for name, _ in CALENDAR_TIME),
-        "start_date",
-        "end_date",
-        "timezone",
-    ),
-    "cron": ("type", "expr", *CRON_FIELDS, "start_time", "end_time", "timezone"),
-    "date": ("type", "run_time"),
-    "interval": ("type", *INTERVAL_UNITS, "start_time", "end_time"),
-}
-TRIGGER_TYPES = tuple(sorted(TRIGGER_FIELDS))
+CALENDAR_TIME = ("hour", "minute", "second")
 
 
 class BadRequest(ValueError):
     """Input a user got wrong; the message is one sentence naming the field (becomes HTTP 400)."""
 
 
-@attrs.frozen
-class ScheduleSpec:
-    """A validated schedule body, ready for ``AsyncScheduler.add_schedule``.
+# --- field types: constraints, and in ``description`` what an error says the field must be ---
 
-    ``trigger`` is a fresh APScheduler trigger. Triggers are stateful (``next()`` advances them),
-    so give each scheduler its own: rebuild one from ``to_json()`` rather than sharing it.
-    """
+_NonNegative = Annotated[int, Meta(ge=0)] | Annotated[float, Meta(ge=0, le=sys.float_info.max)]
+Number = Annotated[_NonNegative, Meta(description="a number >= 0")]
+Seconds = Annotated[_NonNegative | None, Meta(description="a number >= 0 (seconds) or null")]
+Id = Annotated[
+    str,
+    Meta(
+        pattern=r"^[A-Za-z0-9_.:-]{1,128}\Z",
+        description="a string of 1 to 128 characters from A-Z a-z 0-9 _ . : -",
+    ),
+]
+TaskName = Annotated[
+    str,
+    Meta(
+        max_length=MAX_TASK_NAME,
+        pattern=r"^(?s:\S(?:.*\S)?)\Z",  # no leading or trailing white space (str.strip's)
+        description=f"a non-empty name of at most {MAX_TASK_NAME} characters without leading "
+        "or trailing spaces",
+    ),
+]
+Flag = Annotated[bool, Meta(description="true or false")]
+Array = Annotated[list[Any], Meta(description="an array")]
+Object = Annotated[dict[str, Any], Meta(description="an object")]
+CoalesceName = Literal["earliest", "latest", "all"]  # CoalescePolicy's member names, in order
+Coalesce = Annotated[
+    CoalesceName, Meta(description="one of " + ", ".join(map(repr, get_args(CoalesceName))))
+]
+DateTimeText = Annotated[
+    str, Meta(description="an ISO-8601 date-time such as '2026-11-23T10:00:00+00:00'")
+]
+DateText = Annotated[str, Meta(description="an ISO-8601 date such as '2026-11-23'")]
+TimeZoneName = Annotated[str, Meta(description="an IANA time zone name such as 'Europe/Berlin'")]
+CronExpr = Annotated[str, Meta(description="a crontab string such as '*/5 * * * *'")]
+CronField = Annotated[int | str, Meta(description="a cron expression string or an integer")]
+Count = Annotated[int, Meta(ge=0, description="an integer >= 0")]
+Hour = Annotated[int, Meta(ge=0, le=23, description="an integer from 0 to 23")]
+MinuteOrSecond = Annotated[int, Meta(ge=0, le=59, description="an integer from 0 to 59")]
 
-    id: str
-    task: str
-    trigger: Trigger
-    args: tuple
-    kwargs: dict
-    coalesce: CoalescePolicy
-    misfire_grace_time: timedelta | None
-    max_jitter: timedelta | None
-    paused: bool
-    metadata: dict
 
-    def to_json(self) -> dict[str, Any]:
-        """The canonical body: ``parse_schedule_body(spec.to_json())`` gives an equal schedule."""
-        return {
-            "id": self.id,
-            "task": self.task,
-            "trigger": trigger_to_json(self.trigger),
-            "args": list(self.args),
-            "kwargs": dict(self.kwargs),
-            "coalesce": self.coalesce.name,
-            "misfire_grace_time": _seconds(self.misfire_grace_time),
-            "max_jitter": _seconds(self.max_jitter),
-            "paused": self.paused,
-            "metadata": self.metadata,
-        }
+# --- bodies ------------------------------------------------------------------------------------
+
+
+class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ScheduleBody(_Body):
+    """POST/PUT /api/schedules."""
+
+    task: TaskName
+    trigger: Annotated[dict[str, Any], Meta(description="an object with a 'type'")]
+    id: Id | UnsetType = UNSET
+    args: Array = []
+    kwargs: Object = {}
+    coalesce: Coalesce = "latest"
+    misfire_grace_time: Seconds = None
+    max_jitter: Seconds = None
+    paused: Flag = False
+    metadata: Object = {}
+
+
+class JobBody(_Body):
+    """POST /api/jobs."""
+
+    task: TaskName
+    args: Array = []
+    kwargs: Object = {}
+
+
+class _TriggerBody(_Body, tag_field="type"):
+    def to_trigger(self, now: datetime) -> Trigger:
+        """The APScheduler trigger; ``now`` fills in an omitted start."""
+        raise NotImplementedError
+
+
+class IntervalTriggerBody(_TriggerBody, tag="interval"):
+    weeks: Number = 0
+    days: Number = 0
+    hours: Number = 0
+    minutes: Number = 0
+    seconds: Number = 0
+    microseconds: Number = 0
+    start_time: DateTimeText | None = None
+    end_time: DateTimeText | None = None
+
+    def to_trigger(self, now: datetime) -> IntervalTrigger:
+        units = {u: getattr(self, u) for u in INTERVAL_UNITS}
+        try:
+            interval = timedelta(**units)
+        except OverflowError:
+            raise BadRequest("trigger: the interval is too long") from None
+        if interval <= timedelta(0):
+            raise BadRequest(
+                "trigger: an interval trigger needs a positive interval "
+                f"(set one of {', '.join(INTERVAL_UNITS)} above 0)"
+            )
+        start, end = _time_range(self.start_time, self.end_time, now)
+        return IntervalTrigger(**units, start_time=start, end_time=end)
+
+
+class CronTriggerBody(_TriggerBody, tag="cron"):
+    expr: CronExpr | UnsetType = UNSET
+    # The fields of CronTrigger.FIELDS_MAP; UNSET (not None) so that a null is refused.
+    year: CronField | UnsetType = UNSET
+    month: CronField | UnsetType = UNSET
+    day: CronField | UnsetType = UNSET
+    week: CronField | UnsetType = UNSET
+    day_of_week: CronField | UnsetType = UNSET
+    hour: CronField | UnsetType = UNSET
+    minute: CronField | UnsetType = UNSET
+    second: CronField | UnsetType = UNSET
+    start_time: DateTimeText | None = None
+    end_time: DateTimeText | None = None
+    timezone: TimeZoneName | None = None
+
+    def to_trigger(self, now: datetime) -> CronTrigger:
+        fields = {name: getattr(self, name) for name in CRON_FIELDS}
+        fields = {name: value for name, value in fields.items() if value is not UNSET}
+        tz = _timezone(self.timezone)
+        start, end = _time_range(self.start_time, self.end_time, now)
+
+        if self.expr is not UNSET:
+            expr = self.expr
+            if fields:
+                raise BadRequest(
+                    f"trigger.expr: cannot be combined with cron fields ({', '.join(fields)}); "
+                    "give either a crontab expression or the fields"
+                )
+            values = expr.split()
+            if len(values) != len(CRONTAB_FIELDS):
+                raise BadRequest(
+                    f"trigger.expr: invalid cron expression {expr!r}: wrong number of fields; "
+                    f"got {len(values)}, expected 5 (minute hour day month day_of_week)"
+                )
+            for name, value in zip(CRONTAB_FIELDS, values, strict=True):
+                problem = _cron_field_problem(name, value)
+                if problem:
+                    raise BadRequest(
+                        f"trigger.expr: invalid cron expression {expr!r} ({name} field: {problem})"
+                    )
+            try:
+                return CronTrigger.from_crontab(expr, start_time=start, end_time=end, timezone=tz)
+            except (ValueError, TypeError, IndexError) as e:  # fields checked above; belt & braces
+                raise BadRequest(f"trigger.expr: invalid cron expression {expr!r} ({e})") from None
+
+        if not fields:
+            raise BadRequest(
+                "trigger: a cron trigger needs 'expr' or at least one of " + ", ".join(CRON_FIELDS)
+            )
+        for name, value in fields.items():
+            problem = _cron_field_problem(name, value)
+            if problem:
+                raise BadRequest(f"trigger.{name}: invalid cron field value ({problem})")
+        try:
+            return CronTrigger(**fields, start_time=start, end_time=end, timezone=tz)
+        except (ValueError, TypeError, IndexError) as e:
+            raise BadRequest(f"trigger: invalid cron trigger ({e})") from None
+
+
+class DateTriggerBody(_TriggerBody, tag="date"):
+    run_time: DateTimeText
+
+    def to_trigger(self, now: datetime) -> DateTrigger:
+        return DateTrigger(run_time=_datetime(self.run_time, "trigger.run_time"))
+
+
+class CalendarIntervalTriggerBody(_TriggerBody, tag="calendarinterval"):
+    years: Count = 0
+    months: Count = 0
+    weeks: Count = 0
+    days: Count = 0
+    hour: Hour = 0
+    minute: MinuteOrSecond = 0
+    second: MinuteOrSecond = 0
+    start_date: DateText | None = None
+    end_date: DateText | None = None
+    timezone: TimeZoneName | None = None
+
+    def to_trigger(self, now: datetime) -> CalendarIntervalTrigger:
+        units = {u: getattr(self, u) for u in CALENDAR_UNITS}
+        if not any(units.values()):
+            raise BadRequest(
+                "trigger: a calendarinterval trigger needs at least one of "
+                f"{', '.join(CALENDAR_UNITS)} above 0"
+            )
+        clock = {name: getattr(self, name) for name in CALENDAR_TIME}
+        tz = _timezone(self.timezone)
+        start = _date(self.start_date, "trigger.start_date") or now.astimezone(tz).date()
+        end = _date(self.end_date, "trigger.end_date")
+        if end is not None and end < start:
+            raise BadRequest("trigger.end_date: must not be earlier than trigger.start_date")
+        try:
+            return CalendarIntervalTrigger(
+                **units, **clock, start_date=start, end_date=end, timezone=tz
+            )
+        except (ValueError, OverflowError) as e:
+            raise BadRequest(f"trigger: invalid calendarinterval trigger ({e})") from None
+
+
+_TRIGGER_BODIES: dict[str, type[_TriggerBody]] = {
+    body.__struct_config__.tag: body
+    for body in (
+        CalendarIntervalTriggerBody,
+        CronTriggerBody,
+        DateTriggerBody,
+        IntervalTriggerBody,
+    )
+}
+TRIGGER_TYPES = tuple(sorted(_TRIGGER_BODIES))
 
 
 # --- parsing ------------------------------------------------------------------------------------
@@ -125,51 +280,36 @@ def parse_schedule_body(
     ``now`` (aware; default: the current time) fills in the trigger's omitted start time.
     """
     _require_object(body, "request body")
-    _reject_unknown_keys(body, SCHEDULE_FIELDS, where="the schedule")
-
+    b = _convert(body, ScheduleBody, where="the schedule")
     if schedule_id is not None:
-        _parse_id(schedule_id, "id")
-        if "id" in body and body["id"] != schedule_id:
-            shown = _show(body["id"], quote="'")
+        _convert(schedule_id, Id, prefix="id")
+        if b.id is not UNSET and b.id != schedule_id:
             raise BadRequest(
-                f"id: the body's id {shown} does not match the id in the URL {schedule_id!r}"
+                f"id: the body's id {b.id!r} does not match the id in the URL {schedule_id!r}"
             )
         sid = schedule_id
-    elif "id" in body:
-        sid = _parse_id(body["id"], "id")
     else:
-        sid = str(uuid.uuid4())
-
-    if "task" not in body:
-        raise BadRequest("task: required (the name of the task to run)")
-    if "trigger" not in body:
-        raise BadRequest("trigger: required (an object with a 'type')")
+        sid = str(uuid.uuid4()) if b.id is UNSET else b.id
 
     return ScheduleSpec(
         id=sid,
-        task=_parse_task(body["task"]),
-        trigger=parse_trigger(body["trigger"], now=now),
-        args=_parse_args(body.get("args", [])),
-        kwargs=_parse_kwargs(body.get("kwargs", {})),
-        coalesce=_parse_coalesce(body.get("coalesce", "latest")),
-        misfire_grace_time=_parse_duration(body.get("misfire_grace_time"), "misfire_grace_time"),
-        max_jitter=_parse_duration(body.get("max_jitter"), "max_jitter"),
-        paused=_parse_bool(body.get("paused", False), "paused"),
-        metadata=_parse_metadata(body.get("metadata", {})),
+        task=b.task,
+        trigger=parse_trigger(b.trigger, now=now),
+        args=tuple(_require_json(b.args, "args")),
+        kwargs=_require_json(b.kwargs, "kwargs"),
+        coalesce=CoalescePolicy[b.coalesce],
+        misfire_grace_time=_duration(b.misfire_grace_time, "misfire_grace_time"),
+        max_jitter=_duration(b.max_jitter, "max_jitter"),
+        paused=b.paused,
+        metadata=_metadata(b.metadata),
     )
 
 
 def parse_job_body(body: Any) -> tuple[str, tuple, dict]:
     """Validate a POST /api/jobs body ``{"task", "args"?, "kwargs"?}`` → (task, args, kwargs)."""
     _require_object(body, "request body")
-    _reject_unknown_keys(body, JOB_FIELDS, where="the job")
-    if "task" not in body:
-        raise BadRequest("task: required (the name of the task to run)")
-    return (
-        _parse_task(body["task"]),
-        _parse_args(body.get("args", [])),
-        _parse_kwargs(body.get("kwargs", {})),
-    )
+    b = _convert(body, JobBody, where="the job")
+    return b.task, tuple(_require_json(b.args, "args")), _require_json(b.kwargs, "kwargs")
 
 
 def parse_trigger(spec: Any, *, now: datetime | None = None) -> Trigger:
@@ -183,91 +323,42 @@ def parse_trigger(spec: Any, *, now: datetime | None = None) -> Trigger:
     if "type" not in spec:
         raise BadRequest(f"trigger.type: required (one of: {', '.join(TRIGGER_TYPES)})")
     kind = spec["type"]
-    if not isinstance(kind, str) or kind not in TRIGGER_FIELDS:
+    if not isinstance(kind, str) or kind not in _TRIGGER_BODIES:
         shown = _show(kind, quote="'")
         raise BadRequest(
             f"trigger.type: unknown trigger type {shown} "
             f"(expected one of: {', '.join(TRIGGER_TYPES)})"
         )
-    _reject_unknown_keys(spec, TRIGGER_FIELDS[kind], where=f"trigger ({kind} trigger)")
+    body = _convert(
+        spec, _TRIGGER_BODIES[kind], prefix="trigger", where=f"trigger ({kind} trigger)"
+    )
     if now is None:
         now = datetime.now(UTC)
     elif now.tzinfo is None:
         raise ValueError("now must be a timezone-aware datetime")
-    return _TRIGGER_PARSERS[kind](spec, now)
+    return body.to_trigger(now)
 
 
-def _parse_interval(spec: dict, now: datetime) -> IntervalTrigger:
-    units = {u: _parse_number(spec[u], f"trigger.{u}") for u in INTERVAL_UNITS if u in spec}
+_T = TypeVar("_T")
+
+
+def _convert(data: Any, tp: type[_T] | Any, *, prefix: str = "", where: str = "") -> _T:
+    """``msgspec.convert``; its error becomes a BadRequest naming the field (under ``prefix``)."""
     try:
-        interval = timedelta(**units)
-    except OverflowError:
-        raise BadRequest("trigger: the interval is too long") from None
-    if interval <= timedelta(0):
-        raise BadRequest(
-            "trigger: an interval trigger needs a positive interval "
-            f"(set one of {', '.join(INTERVAL_UNITS)} above 0)"
-        )
-    start = _parse_optional_datetime(spec, "start_time") or now
-    end = _parse_optional_datetime(spec, "end_time")
-    if end is not None and end <= start:
-        raise BadRequest("trigger.end_time: must be later than trigger.start_time")
-    return IntervalTrigger(**units, start_time=start, end_time=end)
+        return msgspec.convert(data, tp)
+    except msgspec.ValidationError as e:
+        raise _bad_request(explain(e, data, tp), prefix, where) from None
 
 
-def _parse_cron(spec: dict, now: datetime) -> CronTrigger:
-    fields = {name: spec[name] for name in CRON_FIELDS if name in spec}
-    tz = _parse_timezone(spec)
-    start = _parse_optional_datetime(spec, "start_time") or now
-    end = _parse_optional_datetime(spec, "end_time")
-    if end is not None and end <= start:
-        raise BadRequest("trigger.end_time: must be later than trigger.start_time")
-
-    if "expr" in spec:
-        expr = spec["expr"]
-        if fields:
-            raise BadRequest(
-                f"trigger.expr: cannot be combined with cron fields ({', '.join(fields)}); "
-                "give either a crontab expression or the fields"
-            )
-        if not isinstance(expr, str):
-            raise BadRequest(
-                f"trigger.expr: must be a crontab string such as '*/5 * * * *', got {_show(expr)}"
-            )
-        values = expr.split()
-        if len(values) != len(CRONTAB_FIELDS):
-            raise BadRequest(
-                f"trigger.expr: invalid cron expression {expr!r}: wrong number of fields; "
-                f"got {len(values)}, expected 5 (minute hour day month day_of_week)"
-            )
-        for name, value in zip(CRONTAB_FIELDS, values, strict=True):
-            problem = _cron_field_problem(name, value)
-            if problem:
-                raise BadRequest(
-                    f"trigger.expr: invalid cron expression {expr!r} ({name} field: {problem})"
-                )
-        try:
-            return CronTrigger.from_crontab(expr, start_time=start, end_time=end, timezone=tz)
-        except (ValueError, TypeError, IndexError) as e:  # all fields checked above; belt & braces
-            raise BadRequest(f"trigger.expr: invalid cron expression {expr!r} ({e})") from None
-
-    if not fields:
-        raise BadRequest(
-            "trigger: a cron trigger needs 'expr' or at least one of " + ", ".join(CRON_FIELDS)
-        )
-    for name, value in fields.items():
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            raise BadRequest(
-                f"trigger.{name}: must be a cron expression string or an integer, "
-                f"got {_show(value)}"
-            )
-        problem = _cron_field_problem(name, value)
-        if problem:
-            raise BadRequest(f"trigger.{name}: invalid cron field value ({problem})")
-    try:
-        return CronTrigger(**fields, start_time=start, end_time=end, timezone=tz)
-    except (ValueError, TypeError, IndexError) as e:
-        raise BadRequest(f"trigger: invalid cron trigger ({e})") from None
+def _bad_request(p: Problem, prefix: str, where: str) -> BadRequest:
+    if p.kind == "unknown":
+        shown = _show(p.value, quote="'")
+        allowed = ", ".join(sorted(p.allowed))
+        return BadRequest(f"unknown field {shown} in {where} (allowed: {allowed})")
+    path = dotted((prefix, *p.path) if prefix else p.path)
+    if p.kind in ("type", "bound", "choice"):
+        return BadRequest(f"{path}: must be {p.expected}, got {_show(p.value)}")
+    return BadRequest(f"{path}: {p.reason(_show)}")
 
 
 def _cron_field_problem(name: str, value: int | str) -> str | None:
@@ -282,197 +373,61 @@ def _cron_field_problem(name: str, value: int | str) -> str | None:
     return None
 
 
-def _parse_date(spec: dict, now: datetime) -> DateTrigger:
-    if "run_time" not in spec:
-        raise BadRequest("trigger.run_time: required for a date trigger (an ISO-8601 date-time)")
-    return DateTrigger(run_time=_parse_datetime(spec["run_time"], "trigger.run_time"))
-
-
-def _parse_calendarinterval(spec: dict, now: datetime) -> CalendarIntervalTrigger:
-    units = {u: _parse_int(spec[u], f"trigger.{u}", 0, None) for u in CALENDAR_UNITS if u in spec}
-    if not any(units.values()):
-        raise BadRequest(
-            "trigger: a calendarinterval trigger needs at least one of "
-            f"{', '.join(CALENDAR_UNITS)} above 0"
-        )
-    clock = {
-        name: _parse_int(spec[name], f"trigger.{name}", 0, top)
-        for name, top in CALENDAR_TIME
-        if name in spec
-    }
-    tz = _parse_timezone(spec)
-    start = _parse_optional_date(spec, "start_date") or now.astimezone(tz).date()
-    end = _parse_optional_date(spec, "end_date")
-    if end is not None and end < start:
-        raise BadRequest("trigger.end_date: must not be earlier than trigger.start_date")
-    try:
-        return CalendarIntervalTrigger(
-            **units, **clock, start_date=start, end_date=end, timezone=tz
-        )
-    except (ValueError, OverflowError) as e:
-        raise BadRequest(f"trigger: invalid calendarinterval trigger ({e})") from None
-
-
-_TRIGGER_PARSERS: dict[str, Callable[[dict, datetime], Trigger]] = {
-    "calendarinterval": _parse_calendarinterval,
-    "cron": _parse_cron,
-    "date": _parse_date,
-    "interval": _parse_interval,
-}
-
-
-# --- field parsers -------------------------------------------------------------------------------
-
-
-def _parse_id(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        raise BadRequest(
-            f"{path}: must be a string of 1 to 128 characters from A-Z a-z 0-9 _ . : -, "
-            f"got {_show(value)}"
-        )
-    return value
-
-
-def _parse_task(value: Any) -> str:
-    if (
-        not isinstance(value, str)
-        or not value.strip()
-        or value != value.strip()
-        or len(value) > MAX_TASK_NAME
-    ):
-        raise BadRequest(
-            f"task: must be a non-empty name of at most {MAX_TASK_NAME} characters without "
-            f"leading or trailing spaces, got {_show(value)}"
-        )
-    return value
-
-
-def _parse_args(value: Any) -> tuple:
-    if not isinstance(value, list):
-        raise BadRequest(f"args: must be an array, got {_show(value)}")
-    _require_json(value, "args")
-    return tuple(value)
-
-
-def _parse_kwargs(value: Any) -> dict:
-    if not isinstance(value, dict):
-        raise BadRequest(f"kwargs: must be an object, got {_show(value)}")
-    for key in value:
-        if not isinstance(key, str):
-            raise BadRequest(f"kwargs: keys must be strings, got {key!r}")
-    _require_json(value, "kwargs")
-    return dict(value)
-
-
-def _parse_coalesce(value: Any) -> CoalescePolicy:
-    if not isinstance(value, str) or value not in CoalescePolicy.__members__:
-        raise BadRequest(
-            f"coalesce: must be one of {', '.join(map(repr, CoalescePolicy.__members__))}, "
-            f"got {_show(value)}"
-        )
-    return CoalescePolicy[value]
-
-
-def _parse_duration(value: Any, path: str) -> timedelta | None:
-    if value is None:
+def _duration(seconds: float | None, path: str) -> timedelta | None:
+    if seconds is None:
         return None
-    seconds = _parse_number(value, path, or_null=True)
     if seconds > MAX_DURATION_SECONDS:
         raise BadRequest(
-            f"{path}: must be at most {MAX_DURATION_SECONDS} seconds (100 years), got {value}"
+            f"{path}: must be at most {MAX_DURATION_SECONDS} seconds (100 years), got {seconds}"
         )
     return timedelta(seconds=seconds)
 
 
-def _parse_bool(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise BadRequest(f"{path}: must be true or false, got {_show(value)}")
-    return value
-
-
-def _parse_metadata(value: Any) -> dict:
-    if not isinstance(value, dict):
-        raise BadRequest(f"metadata: must be an object, got {_show(value)}")
-    for key in value:
-        if not isinstance(key, str):
-            raise BadRequest(f"metadata: keys must be strings, got {key!r}")
+def _metadata(value: dict[str, Any]) -> dict[str, Any]:
     # The very validator Schedule applies, so anything accepted here is accepted there.
     try:
         valid_metadata(None, attrs.fields(Schedule).metadata, value)
     except ValueError as e:
         raise BadRequest(f"metadata: {e}") from None
-    _require_json(value, "metadata")
-    return value
+    return _require_json(value, "metadata")
 
 
-def _parse_number(value: Any, path: str, *, or_null: bool = False) -> float:
-    """A finite number >= 0. ``True``/``False`` are not numbers."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        expected = "a number >= 0" + (" (seconds) or null" if or_null else "")
-        raise BadRequest(f"{path}: must be {expected}, got {_show(value)}")
-    return value
-
-
-def _parse_int(value: Any, path: str, low: int, high: int | None) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < low
-        or (high is not None and value > high)
-    ):
-        bounds = f"from {low} to {high}" if high is not None else f">= {low}"
-        raise BadRequest(f"{path}: must be an integer {bounds}, got {_show(value)}")
-    return value
-
-
-def _parse_datetime(value: Any, path: str) -> datetime:
+def _datetime(text: str, path: str) -> datetime:
     """ISO-8601 date-time; without an offset it is read as UTC."""
-    example = "'2026-11-23T10:00:00+00:00'"
-    if not isinstance(value, str):
-        raise BadRequest(f"{path}: must be an ISO-8601 date-time such as {example}")
     try:
-        dt = datetime.fromisoformat(value)
+        dt = datetime.fromisoformat(text)
     except ValueError:
         raise BadRequest(
-            f"{path}: must be an ISO-8601 date-time such as {example}, got {_show(value)}"
+            f"{path}: must be an ISO-8601 date-time such as '2026-11-23T10:00:00+00:00', "
+            f"got {_show(text)}"
         ) from None
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
-def _parse_optional_datetime(spec: dict, name: str) -> datetime | None:
-    value = spec.get(name)
-    return None if value is None else _parse_datetime(value, f"trigger.{name}")
+def _time_range(
+    start_text: str | None, end_text: str | None, now: datetime
+) -> tuple[datetime, datetime | None]:
+    start = now if start_text is None else _datetime(start_text, "trigger.start_time")
+    end = None if end_text is None else _datetime(end_text, "trigger.end_time")
+    if end is not None and end <= start:
+        raise BadRequest("trigger.end_time: must be later than trigger.start_time")
+    return start, end
 
 
-def _parse_optional_date(spec: dict, name: str) -> date | None:
-    value = spec.get(name)
-    if value is None:
+def _date(text: str | None, path: str) -> date | None:
+    if text is None:
         return None
-    path = f"trigger.{name}"
-    if not isinstance(value, str):
-        raise BadRequest(f"{path}: must be an ISO-8601 date such as '2026-11-23'")
     try:
-        return date.fromisoformat(value)
+        return date.fromisoformat(text)
     except ValueError:
         raise BadRequest(
-            f"{path}: must be an ISO-8601 date such as '2026-11-23', got {_show(value)}"
+            f"{path}: must be an ISO-8601 date such as '2026-11-23', got {_show(text)}"
         ) from None
 
 
-def _parse_timezone(spec: dict) -> ZoneInfo:
-    name = spec.get("timezone")
+def _timezone(name: str | None) -> ZoneInfo:
     if name is None:
         return ZoneInfo("UTC")
-    if not isinstance(name, str):
-        raise BadRequest(
-            f"trigger.timezone: must be an IANA time zone name such as 'Europe/Berlin', "
-            f"got {_show(name)}"
-        )
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):  # ValueError: not a valid key, e.g. '../x'
@@ -484,23 +439,32 @@ def _parse_timezone(spec: dict) -> ZoneInfo:
 
 def schedule_to_json(schedule: Schedule, *, warnings: list[str] | None = None) -> dict[str, Any]:
     """The schedule as the API shows it; ``warnings`` is included only when given."""
-    out: dict[str, Any] = {
-        "id": schedule.id,
-        "task": schedule.task_id,
-        "trigger": trigger_to_json(schedule.trigger),
-        "args": list(schedule.args),
-        "kwargs": dict(schedule.kwargs),
-        "coalesce": schedule.coalesce.name,
-        "misfire_grace_time": _seconds(schedule.misfire_grace_time),
-        "max_jitter": _seconds(schedule.max_jitter),
-        "paused": schedule.paused,
-        "metadata": schedule.metadata,
-        "next_fire_time": iso(schedule.next_fire_time),
-        "last_fire_time": iso(schedule.last_fire_time),
-    }
+    out = _schedule_json(schedule, schedule.task_id)
+    out["next_fire_time"] = iso(schedule.next_fire_time)
+    out["last_fire_time"] = iso(schedule.last_fire_time)
     if warnings is not None:
         out["warnings"] = list(warnings)
     return out
+
+
+def spec_to_json(spec: ScheduleSpec) -> dict[str, Any]:
+    """The canonical body: ``parse_schedule_body(spec_to_json(spec))`` gives an equal schedule."""
+    return _schedule_json(spec, spec.task)
+
+
+def _schedule_json(s: Schedule | ScheduleSpec, task: str) -> dict[str, Any]:
+    return {
+        "id": s.id,
+        "task": task,
+        "trigger": trigger_to_json(s.trigger),
+        "args": list(s.args),
+        "kwargs": dict(s.kwargs),
+        "coalesce": s.coalesce.name,
+        "misfire_grace_time": _seconds(s.misfire_grace_time),
+        "max_jitter": _seconds(s.max_jitter),
+        "paused": s.paused,
+        "metadata": s.metadata,
+    }
 
 
 def trigger_to_json(trigger: Trigger) -> dict[str, Any]:
@@ -534,7 +498,7 @@ def trigger_to_json(trigger: Trigger) -> dict[str, Any]:
         # A trigger rebuilt from its state keeps the time of day only as ``_time``.
         time_of_day = trigger._time
         out.update(
-            {name: getattr(trigger, name, getattr(time_of_day, name)) for name, _ in CALENDAR_TIME}
+            {name: getattr(trigger, name, getattr(time_of_day, name)) for name in CALENDAR_TIME}
         )
         out["start_date"] = trigger.start_date.isoformat()
         out["end_date"] = trigger.end_date.isoformat() if trigger.end_date else None
@@ -602,21 +566,15 @@ def _require_object(value: Any, what: str) -> None:
         raise BadRequest(f"{what}: must be a JSON object, got {_show(value)}")
 
 
-def _reject_unknown_keys(obj: dict, allowed: tuple[str, ...], *, where: str) -> None:
-    for key in obj:
-        if key not in allowed:
-            shown = _show(key, quote="'")
-            place = f" in {where}" if where else ""
-            raise BadRequest(
-                f"unknown field {shown}{place} (allowed: {', '.join(sorted(allowed))})"
-            )
+_J = TypeVar("_J")
 
 
-def _require_json(value: Any, path: str) -> None:
+def _require_json(value: _J, path: str) -> _J:
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise BadRequest(f"{path}: must contain only JSON values ({e})") from None
+    return value
 
 
 def _show(value: Any, *, quote: str | None = None, limit: int = 60) -> str:

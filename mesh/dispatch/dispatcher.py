@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import logging
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ import attrs
 from apscheduler import Job
 from tenacity import wait_exponential
 
+from mesh.config import DispatchConfig
 from mesh.contracts import Directory, Incoming, MessageBus, Replica
 from mesh.dispatch import protocol as p
 from mesh.dispatch.governors import Governors
@@ -56,21 +57,6 @@ class Fenced(Exception):
 
 
 @attrs.define
-class DispatchSettings:
-    max_attempts: int = 4  # dispatch attempts per job (first try + retries)
-    ack_timeout: float = 1.0
-    task_timeouts: Mapping[str, float] = attrs.Factory(dict)
-    default_timeout: float | None = None
-    no_handler_wait: float = 30.0
-    # A job re-dispatched by a new leader goes back to the handler it was assigned to, which
-    # answers from its idempotency window; if that handler stays unreachable this long, the job
-    # is retried elsewhere (at-least-once, same idempotency key).
-    redispatch_wait: float = 10.0
-    backoff_initial: float = 0.05
-    backoff_max: float = 1.0
-
-
-@attrs.define
 class _Pending:
     handler: HandlerInfo
     ack: asyncio.Future[dict[str, Any]]
@@ -87,7 +73,7 @@ class HandlerDispatcher:
         *,
         registry: HandlerRegistry | None = None,
         governors: Governors | None = None,
-        settings: DispatchSettings | None = None,
+        settings: DispatchConfig | None = None,
     ) -> None:
         self.replica = replica
         self.bus = bus
@@ -95,7 +81,7 @@ class HandlerDispatcher:
         self.state = state  # the replica: which handler each job was assigned to
         self.registry = registry or HandlerRegistry()
         self.governors = governors or Governors()
-        self.settings = settings or DispatchSettings()
+        self.settings = settings or DispatchConfig()  # the config's dispatch section
         self._pending: dict[str, _Pending] = {}
         self._cursor: dict[str, itertools.count[int]] = {}
         self._sticky: dict[str, str] = {}  # schedule id → handler id

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 
-import attrs
+from mesh.config import GovernorConfig
 
 
 class TokenBucket:
@@ -52,24 +52,15 @@ class TokenBucket:
                 await asyncio.sleep((1 - self.tokens) / self.rate)
 
 
-@attrs.define
-class GovernorSettings:
-    rate: float | None = None  # dispatches per second, whole mesh
-    task_rates: Mapping[str, float] = attrs.Factory(dict)
-    handler_rates: Mapping[str, float] = attrs.Factory(dict)
-    concurrency: int | None = None  # jobs in flight, whole mesh
-    task_concurrency: Mapping[str, int] = attrs.Factory(dict)
-    max_queued_jobs: int = 10_000  # run-now jobs beyond this get 429
-    burst: float | None = None  # token bucket size; default 1 (evenly spaced)
-
-
 class Backpressure(Exception):
     """Too many jobs are queued: the caller should retry later (HTTP 429)."""
 
 
 class Governors:
-    def __init__(self, settings: GovernorSettings | None = None) -> None:
-        self.settings = s = settings or GovernorSettings()
+    """The limits of the ``governors`` config section, enforced."""
+
+    def __init__(self, settings: GovernorConfig | None = None) -> None:
+        self.settings = s = settings or GovernorConfig()
         self._global_rate = TokenBucket(s.rate, s.burst) if s.rate else None
         self._task_rates = {t: TokenBucket(r, s.burst) for t, r in s.task_rates.items()}
         self._handler_rates = {h: TokenBucket(r, s.burst) for h, r in s.handler_rates.items()}

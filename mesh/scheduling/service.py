@@ -28,7 +28,7 @@ from mesh.scheduling.state import SchedulerState
 from mesh.tasks import REGISTRY
 
 if TYPE_CHECKING:
-    from mesh.api.schema import ScheduleSpec
+    from mesh.scheduling.spec import ScheduleSpec
 
 log = logging.getLogger("mesh.scheduling")
 
