@@ -1036,7 +1036,7 @@ def parse_toxicity(given: ToxicUpdate, default: float) -> float:
 def parse_new_toxic(body: Any, existing: ToxicCollection) -> Toxic:
     """Validate in toxiproxy's order: body, stream, type, duplicate name, attributes."""
     given = decode_body(body, ToxicBody, "body")
-    stream = given.stream or "downstream"
+    stream = "downstream" if given.stream is None else given.stream  # "" is invalid, as in Go
     toxic_type = given.type or ""
     toxicity = parse_toxicity(given, 1.0)
     if stream.lower() not in DIRECTIONS:

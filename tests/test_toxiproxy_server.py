@@ -643,6 +643,7 @@ def test_invalid_direction(toxiproxy: Toxiproxy, make_upstream: Callable[..., Up
     ("toxic", "error"),
     [
         ({"type": "earthquake"}, "invalid toxic type"),
+        ({"type": "latency", "stream": ""}, "stream was invalid"),
         ({"type": "latency", "attributes": {"latency": "1s"}}, "must be an integer, got string"),
         ({"type": "latency", "attributes": {"latency": 1.5}}, "must be an integer, got number"),
         ({"type": "latency", "attributes": {"latency": -1}}, "must be between 0 and"),
