@@ -70,11 +70,6 @@ def decode(payload: Any, kind: type[T]) -> T:
     return msgspec.convert(payload, kind)
 
 
-def encode(message: msgspec.Struct) -> dict[str, Any]:
-    """The JSON object a message travels as."""
-    return msgspec.to_builtins(message)
-
-
 class Hello(msgspec.Struct, frozen=True, kw_only=True):
     handler_id: Id
     tasks: tuple[str, ...]
@@ -108,7 +103,7 @@ class Dispatch(msgspec.Struct, kw_only=True):
     args: list[Any] | None = None  # None (or absent) means no arguments
     kwargs: dict[str, Any] | None = None
     schedule_id: str | None = None
-    scheduled_fire_time: datetime | None = None  # ISO 8601; a naive one is taken as UTC
+    scheduled_fire_time: datetime | None = None  # RFC 3339; a naive one is taken as UTC
     timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
     def __post_init__(self) -> None:
@@ -134,7 +129,7 @@ class DispatchStart(msgspec.Struct, frozen=True, kw_only=True):
     start: bool
 
 
-class JobError(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class JobError(msgspec.Struct, frozen=True, kw_only=True):
     type: str
     message: str
     timed_out: bool = False  # the dispatch's timeout expired (not an error the task raised)
