@@ -28,8 +28,8 @@ import contextlib
 import ipaddress
 import json
 import logging
-import math
 import random
+import re
 import shutil
 import signal
 import socket
@@ -42,9 +42,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import attrs
+import msgspec
 from aiohttp import web
 
 log = logging.getLogger("chaos.toxiproxy")
@@ -183,6 +184,19 @@ class ToxicKind:
     closes_on_removal: bool = False  # removing it closes the connection (timeout)
     keeps_state: bool = False  # its per-link state survives updates (limit_data)
     minimums: dict[str, int] = attrs.field(factory=dict)
+    # The shape of its "attributes" object: the attributes given, unknown names refused.
+    attributes_type: type[msgspec.Struct] = attrs.field(
+        init=False,
+        default=attrs.Factory(lambda self: _attributes_type(self.attributes), takes_self=True),
+    )
+
+
+Attribute = Annotated[int, msgspec.Meta(ge=0, le=MAX_ATTRIBUTE)]  # int64 in toxiproxy
+
+
+def _attributes_type(names: tuple[str, ...]) -> type[msgspec.Struct]:
+    fields = [(name, Attribute | msgspec.UnsetType, msgspec.UNSET) for name in names]
+    return msgspec.defstruct("Attributes", fields, kw_only=True, forbid_unknown_fields=True)
 
 
 async def _noop(stage: Stage, item: Chunk | None, emit: Emit) -> None:
@@ -357,22 +371,10 @@ class Toxic:
 
 def merge_attributes(kind: ToxicKind, current: dict[str, int], given: Any) -> dict[str, int]:
     """``current`` updated with the ``attributes`` object of a request; ApiError 400 if bad."""
-    if given is None:
-        return dict(current)
-    if not isinstance(given, dict):
-        raise bad_request_body(f"attributes must be an object, got {_json_type(given)}")
-    merged = dict(current)
-    for key, value in given.items():
-        if key not in kind.attributes:
-            known = ", ".join(kind.attributes) or "none"
-            raise bad_request_body(
-                f"unknown attribute {key!r} for toxic type {kind.name} (known: {known})"
-            )
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise bad_request_body(f"attribute {key!r} must be an integer, got {_json_type(value)}")
-        if not 0 <= value <= MAX_ATTRIBUTE:
-            raise bad_request_body(f"attribute {key!r} must be between 0 and {MAX_ATTRIBUTE}")
-        merged[key] = value
+    known = ", ".join(kind.attributes) or "none"
+    unknown_hint = f" for toxic type {kind.name} (known: {known})"
+    attributes = decode_body(given, kind.attributes_type, "attributes", "attribute", unknown_hint)
+    merged = {**current, **msgspec.to_builtins(attributes)}
     for key, minimum in kind.minimums.items():
         if merged[key] < minimum:
             raise bad_request_body(f"attribute {key!r} of a {kind.name} toxic must be >= {minimum}")
@@ -939,67 +941,114 @@ async def read_json(request: web.Request) -> Any:
         raise bad_request_body(f"invalid JSON: {e}") from e
 
 
-def _object(value: Any, what: str = "body") -> dict[str, Any]:
-    if value is None:  # Go decodes null into a struct as "no fields given"
-        return {}
-    if not isinstance(value, dict):
-        raise bad_request_body(f"{what} must be a JSON object, got {_json_type(value)}")
-    return value
+# A null or absent field is Go's zero value: "not given".
+class ProxyBody(msgspec.Struct):
+    """A proxy in ``POST /proxies``, ``/populate`` and ``POST /proxies/{proxy}`` bodies."""
+
+    name: str | None = None
+    listen: str | None = None
+    upstream: str | None = None
+    enabled: bool | None = None
 
 
-def _field(body: dict[str, Any], key: str, kind: type, default: Any) -> Any:
-    value = body.get(key)
-    if value is None:
-        return default
-    if kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if not ok:
-        expected = {str: "string", bool: "boolean", float: "number"}.get(kind, kind.__name__)
-        raise bad_request_body(f"field {key!r} must be a {expected}, got {_json_type(value)}")
-    return value
+class ToxicUpdate(msgspec.Struct):
+    """``POST /proxies/{proxy}/toxics/{toxic}``: what may change on a toxic."""
+
+    toxicity: float | None = None
+    attributes: Any = None  # checked against the toxic's type (merge_attributes)
 
 
-def parse_proxy_spec(body: dict[str, Any], where: str = "") -> ProxySpec:
-    spec = ProxySpec(
-        name=_field(body, "name", str, ""),
-        listen=_field(body, "listen", str, ""),
-        upstream=_field(body, "upstream", str, ""),
-        enabled=_field(body, "enabled", bool, True),
-    )
-    if not spec.name:
+class ToxicBody(ToxicUpdate):
+    """``POST /proxies/{proxy}/toxics``."""
+
+    name: str | None = None
+    type: str | None = None
+    stream: str | None = None
+
+
+T = TypeVar("T")
+
+_EXPECTED = re.compile(r"Expected `(\w+)[^`]*`(, got `)?.*?(?: - at `\$\.(\w+)`)?$")
+_UNKNOWN = re.compile(r"Object contains unknown field `(.*)`")
+_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean"}
+
+
+def decode_body(
+    value: Any, cls: type[T], what: str, item: str = "field", unknown_hint: str = ""
+) -> T:
+    """``value`` (a JSON object, or null for none) as ``cls``; ApiError 400 in our words if not.
+
+    ``what`` names the object, ``item`` its fields: "field 'name' must be a string, got number".
+    """
+    try:
+        return msgspec.convert({} if value is None else value, cls)
+    except msgspec.ValidationError as e:
+        raise bad_request_body(_explain(str(e), value, cls, what, item, unknown_hint)) from None
+
+
+def _explain(message: str, value: Any, cls: type, what: str, item: str, hint: str) -> str:
+    if unknown := _UNKNOWN.match(message):
+        return f"unknown {item} {unknown.group(1)!r}{hint}"
+    expected = _EXPECTED.match(message)
+    if expected is None:  # not a shape this module's types produce; say it as msgspec does
+        return f"{what}: {message}"
+    word, wrong_type, key = expected.groups()
+    if key is None:
+        return f"{what} must be a JSON object, got {_json_type(value)}"
+    if wrong_type:
+        return f"{item} {key!r} must be {_WORDS.get(word, word)}, got {_json_type(value[key])}"
+    low, high = _bounds(cls, key)
+    return f"{item} {key!r} must be between {low} and {high}"
+
+
+def _bounds(cls: type, key: str) -> tuple[Any, Any]:
+    """The ``ge``/``le`` of a field's ``msgspec.Meta``."""
+    field = next(f for f in msgspec.inspect.type_info(cls).fields if f.name == key)
+    types = getattr(field.type, "types", (field.type,))
+    constrained = next(t for t in types if getattr(t, "ge", None) is not None)
+    return constrained.ge, constrained.le
+
+
+def parse_proxy_spec(body: Any, what: str = "body", where: str = "") -> ProxySpec:
+    given = decode_body(body, ProxyBody, what)
+    if not given.name:
         raise missing_field(f"name{where}")
-    if not spec.upstream:
+    if not given.upstream:
         raise missing_field(f"upstream{where}")
+    spec = ProxySpec(
+        name=given.name,
+        listen=given.listen or "",
+        upstream=given.upstream,
+        enabled=True if given.enabled is None else given.enabled,
+    )
     split_host_port(spec.listen or ":0", "listen")
     split_host_port(spec.upstream, "upstream")
     return spec
 
 
-def parse_toxicity(body: dict[str, Any], default: float) -> float:
-    toxicity = float(_field(body, "toxicity", float, default))
-    if not 0.0 <= toxicity <= 1.0 or math.isnan(toxicity):
+def parse_toxicity(given: ToxicUpdate, default: float) -> float:
+    toxicity = default if given.toxicity is None else given.toxicity
+    if not 0.0 <= toxicity <= 1.0:
         raise bad_request_body(f"toxicity must be between 0 and 1, got {toxicity}")
     return toxicity
 
 
-def parse_new_toxic(body: dict[str, Any], existing: ToxicCollection) -> Toxic:
+def parse_new_toxic(body: Any, existing: ToxicCollection) -> Toxic:
     """Validate in toxiproxy's order: body, stream, type, duplicate name, attributes."""
-    stream = _field(body, "stream", str, "downstream")
-    toxic_type = _field(body, "type", str, "")
-    name = _field(body, "name", str, "")
-    toxicity = parse_toxicity(body, 1.0)
+    given = decode_body(body, ToxicBody, "body")
+    stream = "downstream" if given.stream is None else given.stream  # "" is invalid, as in Go
+    toxic_type = given.type or ""
+    toxicity = parse_toxicity(given, 1.0)
     if stream.lower() not in DIRECTIONS:
         raise ApiError("stream was invalid, can be either upstream or downstream", 400)
-    name = name or f"{toxic_type}_{stream}"
+    name = given.name or f"{toxic_type}_{stream}"
     kind = TOXIC_KINDS.get(toxic_type)
     if kind is None:
         raise ApiError("invalid toxic type", 400)
     if existing.find(name) is not None:
         raise ApiError("toxic already exists", 409)
     defaults = dict.fromkeys(kind.attributes, 0)
-    attributes = merge_attributes(kind, defaults, body.get("attributes"))
+    attributes = merge_attributes(kind, defaults, given.attributes)
     return Toxic(name, toxic_type, stream, toxicity, attributes)
 
 
@@ -1022,7 +1071,7 @@ async def proxy_index(request: web.Request) -> web.Response:
 
 
 async def proxy_create(request: web.Request) -> web.Response:
-    spec = parse_proxy_spec(_object(await read_json(request)))
+    spec = parse_proxy_spec(await read_json(request))
     proxy = await _collection(request).create(spec)
     return _json(proxy.to_json(), 201)
 
@@ -1035,7 +1084,7 @@ async def populate(request: web.Request) -> web.Response:
         raise bad_request_body(f"expected a JSON array of proxies, got {_json_type(body)}")
     try:
         specs = [
-            parse_proxy_spec(_object(item, f"proxy {i}"), f" at proxy {i}")
+            parse_proxy_spec(item, f"proxy {i}", f" at proxy {i}")
             for i, item in enumerate(body, start=1)
         ]
     except ApiError as e:
@@ -1056,13 +1105,8 @@ async def proxy_update(request: web.Request) -> web.Response:
     collection = _collection(request)
     name = request.match_info["proxy"]
     collection.get(name)  # 404 before looking at the body, as toxiproxy
-    body = _object(await read_json(request))
-    proxy = await collection.update(
-        name,
-        _field(body, "listen", str, None),
-        _field(body, "upstream", str, None),
-        _field(body, "enabled", bool, None),
-    )
+    given = decode_body(await read_json(request), ProxyBody, "body")
+    proxy = await collection.update(name, given.listen, given.upstream, given.enabled)
     return _json(proxy.to_json())
 
 
@@ -1078,7 +1122,7 @@ async def toxic_index(request: web.Request) -> web.Response:
 
 async def toxic_create(request: web.Request) -> web.Response:
     proxy = _collection(request).get(request.match_info["proxy"])
-    toxic = parse_new_toxic(_object(await read_json(request)), proxy.toxics)
+    toxic = parse_new_toxic(await read_json(request), proxy.toxics)
     proxy.toxics.add(toxic)
     return _json(toxic.to_json())  # 200, not 201: toxiproxy's status for a new toxic
 
@@ -1091,9 +1135,9 @@ async def toxic_show(request: web.Request) -> web.Response:
 async def toxic_update(request: web.Request) -> web.Response:
     proxy = _collection(request).get(request.match_info["proxy"])
     toxic = proxy.toxics.get(request.match_info["toxic"])
-    body = _object(await read_json(request))
-    attributes = merge_attributes(toxic.kind, toxic.attributes, body.get("attributes"))
-    proxy.toxics.update(toxic, attributes, parse_toxicity(body, toxic.toxicity))
+    given = decode_body(await read_json(request), ToxicUpdate, "body")
+    attributes = merge_attributes(toxic.kind, toxic.attributes, given.attributes)
+    proxy.toxics.update(toxic, attributes, parse_toxicity(given, toxic.toxicity))
     return _json(toxic.to_json())
 
 
@@ -1178,7 +1222,7 @@ def load_config(path: str | Path) -> list[ProxySpec]:
         raise ValueError(f"config {path}: expected a JSON array of proxies")
     try:
         return [
-            parse_proxy_spec(_object(item, f"proxy {i}"), f" at proxy {i}")
+            parse_proxy_spec(item, f"proxy {i}", f" at proxy {i}")
             for i, item in enumerate(body, start=1)
         ]
     except ApiError as e:

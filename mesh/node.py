@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import attrs
+import msgspec
 
 from mesh.config import Config
 from mesh.consensus.core import (
@@ -113,7 +113,9 @@ class MeshNode:
         hs, snap, entries = store.load()
         if snap is not None:
             self.sm.restore(snap.data)
-            snap = attrs.evolve(snap, data=b"")  # the file has it; do not hold it in memory
+            snap = msgspec.structs.replace(
+                snap, data=b""
+            )  # the file has it; do not hold it in memory
         self.core = RaftCore(
             self.id,
             settings=raft_settings(config),
@@ -550,7 +552,7 @@ class MeshNode:
     def _on_raft(self, payload: dict[str, Any]) -> None:
         try:
             m = Message.from_dict(payload)
-        except (KeyError, TypeError, ValueError) as e:
+        except msgspec.ValidationError as e:
             self.transport.counters["dropped_frames.raft"] += 1
             log.debug("dropping malformed raft message: %s", e)
             return

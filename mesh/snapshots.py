@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import attrs
+import msgspec
 
-from mesh.consensus.messages import InstallSnapshot, Snapshot
+from mesh.consensus.messages import Index, InstallSnapshot, NodeId, Snapshot
 from mesh.statemachine import StateMachine
 from mesh.storage.raft_store import snapshot_file_name, write_snapshot_file
 
@@ -231,8 +232,18 @@ class _Partial:
     crc: int = 0
 
 
-def _nonneg_int(v: Any) -> bool:
-    return type(v) is int and v >= 0
+class SnapChunk(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``snap_chunk`` request: ``data`` (base64) at ``offset`` of a ``size``-byte image."""
+
+    src: NodeId
+    term: Index
+    index: Index
+    snap_term: Index
+    voters: tuple[str, ...]
+    offset: Index
+    size: Index
+    data: str  # decoded once the transfer checks pass: "not base64" is its own answer
+    crc: Index | None = None  # CRC-32 of the whole image, on the last chunk
 
 
 class SnapshotReceiver:
@@ -254,35 +265,27 @@ class SnapshotReceiver:
     def on_chunk(
         self, p: dict[str, Any], current_term: int
     ) -> tuple[dict[str, Any], InstallSnapshot | None]:
-        src, voters, data = p.get("src"), p.get("voters"), p.get("data")
-        nums = [p.get(k) for k in ("term", "index", "snap_term", "offset", "size")]
-        if (
-            not isinstance(src, str)
-            or not all(_nonneg_int(n) for n in nums)
-            or not isinstance(voters, list)
-            or not all(isinstance(v, str) for v in voters)
-            or not isinstance(data, str)
-            or ("crc" in p and not _nonneg_int(p["crc"]))
-        ):
-            return {"ok": False, "error": "malformed snapshot chunk"}, None
-        term, index, snap_term, offset, size = nums
-        if term < current_term:
-            return {"ok": False, "error": f"stale term {term} < {current_term}"}, None
-        if size > self.max_bytes:
-            error = f"snapshot of {size} bytes exceeds {self.max_bytes}"
+        try:
+            c = msgspec.convert(p, SnapChunk)
+        except msgspec.ValidationError as e:
+            return {"ok": False, "error": f"malformed snapshot chunk: {e}"}, None
+        if c.term < current_term:
+            return {"ok": False, "error": f"stale term {c.term} < {current_term}"}, None
+        if c.size > self.max_bytes:
+            error = f"snapshot of {c.size} bytes exceeds {self.max_bytes}"
             return {"ok": False, "error": error}, None
-        key = (src, term, index, snap_term)
+        key = (c.src, c.term, c.index, c.snap_term)
         cur = self._cur
-        if offset == 0 and (cur is None or cur.key != key or cur.size != size):
-            cur = self._cur = _Partial(key, tuple(voters), size)
+        if c.offset == 0 and (cur is None or cur.key != key or cur.size != c.size):
+            cur = self._cur = _Partial(key, c.voters, c.size)
         if cur is None or cur.key != key:
             return {"ok": False, "error": "no transfer in progress at this offset"}, None
-        if offset < len(cur.buf):
+        if c.offset < len(cur.buf):
             return {"ok": True, "next": len(cur.buf)}, None  # a duplicate of an acknowledged chunk
-        if offset > len(cur.buf):
+        if c.offset > len(cur.buf):
             return {"ok": False, "error": f"gap: expected offset {len(cur.buf)}"}, None
         try:
-            chunk = base64.b64decode(data, validate=True)
+            chunk = base64.b64decode(c.data, validate=True)
         except (binascii.Error, ValueError):
             return {"ok": False, "error": "chunk data is not base64"}, None
         if len(cur.buf) + len(chunk) > cur.size:
@@ -293,10 +296,10 @@ class SnapshotReceiver:
         if len(cur.buf) < cur.size:
             return {"ok": True, "next": len(cur.buf)}, None
         self._cur = None
-        if p.get("crc") != cur.crc:
+        if c.crc != cur.crc:
             return {"ok": False, "error": "checksum mismatch"}, None
         # The buffer itself, not a copy: an image can be tens of megabytes, and the store, the
         # state machine (json.loads) and the core all accept a bytearray.
-        snapshot = Snapshot(index=index, term=snap_term, voters=cur.voters, data=cur.buf)
-        msg = InstallSnapshot(src=src, dst=self.node_id, term=term, snapshot=snapshot)
+        snapshot = Snapshot(index=c.index, term=c.snap_term, voters=cur.voters, data=cur.buf)
+        msg = InstallSnapshot(src=c.src, dst=self.node_id, term=c.term, snapshot=snapshot)
         return {"ok": True, "next": cur.size, "complete": True}, msg

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import tests.fixtures.handler_tasks  # noqa: F401  (registers the tasks)
@@ -33,6 +34,10 @@ from mesh.dispatch.protocol import (
     NOT_STARTED,
     STALE_FENCING_TOKEN,
     UNKNOWN_TASK,
+    DispatchAck,
+    Hello,
+    JobResult,
+    decode,
 )
 from mesh.transport.zmq import Incoming, MeshTransport
 from tests.netutil import free_mesh_address
@@ -66,6 +71,8 @@ class FakeNode:
         self.results: dict[str, list[dict[str, Any]]] = {}
         self.auto_start = True
         self.abandoned: set[str] = set()  # dispatch ids a late ack gets start=false for
+        self.hello_reply: dict[str, Any] | None = None  # overrides the protocol's reply
+        self.malformed: list[str] = []  # handler messages a real node would drop
         self._changed = asyncio.Event()
 
     async def start(self) -> None:
@@ -75,10 +82,20 @@ class FakeNode:
     async def close(self) -> None:
         await self.transport.close()
 
+    def _check(self, payload: dict[str, Any], kind: type[msgspec.Struct]) -> None:
+        # What the handler sends must pass the checks of a real node's receiving end.
+        try:
+            decode(payload, kind)
+        except msgspec.ValidationError as e:
+            self.malformed.append(f"{kind.__name__} {payload}: {e}")
+
     def _on_message(self, incoming: Incoming) -> dict[str, Any] | None:
         self._changed.set()
         if incoming.kind == HELLO:
+            self._check(incoming.payload, Hello)
             self.hellos.append(incoming.payload)
+            if self.hello_reply is not None:
+                return self.hello_reply
             return {
                 "node_id": self.node_id,
                 "leader_id": self.leader_id,
@@ -86,6 +103,7 @@ class FakeNode:
                 "leader_mesh": self.leader_mesh,
             }
         if incoming.kind == DISPATCH_ACK:
+            self._check(incoming.payload, DispatchAck)
             ack = incoming.payload
             self.acks[ack["dispatch_id"]] = ack
             # Like the leader: start what it still wants, cancel what it gave up on.
@@ -99,6 +117,7 @@ class FakeNode:
                     },
                 )
         elif incoming.kind == JOB_RESULT:
+            self._check(incoming.payload, JobResult)
             self.results.setdefault(incoming.payload["dispatch_id"], []).append(incoming.payload)
         return None
 
@@ -175,6 +194,7 @@ async def make_node() -> AsyncIterator[MakeNode]:
     yield factory
     for node in made:
         await node.close()
+    assert not [m for node in made for m in node.malformed]
 
 
 @pytest.fixture
@@ -314,6 +334,47 @@ async def test_malformed_dispatch_is_refused_and_the_handler_carries_on(
     assert (await node.result(node.dispatch("h1", "echo", "still here")))["outcome"] == "success"
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"attempt": 0},
+        {"fencing_token": True},
+        {"fencing_token": -1},
+        {"job_id": ""},
+        {"kwargs": [1]},
+        {"schedule_id": 5},
+        {"scheduled_fire_time": "next tuesday"},
+        {"timeout": 0},
+        {"timeout": "5"},
+    ],
+)
+async def test_a_dispatch_with_a_bad_field_is_refused_as_bad_request(
+    node_and_handler: tuple[FakeNode, HandlerProcess], fields: dict[str, Any]
+) -> None:
+    node, handler = node_and_handler
+    ack = await node.ack(node.dispatch("h1", "echo", **fields))
+    assert (ack["accepted"], ack["reason"]) == (False, BAD_REQUEST)
+    assert handler.counters["bad_requests"] == 1
+
+
+async def test_null_optional_dispatch_fields_mean_empty_or_none(
+    node_and_handler: tuple[FakeNode, HandlerProcess],
+) -> None:
+    node, _ = node_and_handler
+    d = node.dispatch("h1", "context_info", args=None, kwargs=None, scheduled_fire_time=None)
+    info = (await node.result(d))["return_value"]
+    assert (info["schedule_id"], info["scheduled_fire_time"]) == (None, None)
+
+
+async def test_a_naive_scheduled_fire_time_is_taken_as_utc(
+    node_and_handler: tuple[FakeNode, HandlerProcess],
+) -> None:
+    node, _ = node_and_handler
+    d = node.dispatch("h1", "context_info", scheduled_fire_time="2026-01-01T00:00:00")
+    info = (await node.result(d))["return_value"]
+    assert info["scheduled_fire_time"] == "2026-01-01T00:00:00+00:00"
+
+
 async def test_redispatch_of_a_finished_key_returns_the_cached_result(
     node_and_handler: tuple[FakeNode, HandlerProcess], tmp_path: Path
 ) -> None:
@@ -417,6 +478,24 @@ async def test_leader_address_spelled_differently_does_not_open_a_second_dealer(
     await node_hellos(leader, "h1", 3)
     await node_hellos(follower, "h1", 3)
     assert set(handler.nodes) == {leader.address, follower.address}
+
+
+async def test_a_malformed_hello_reply_is_ignored(
+    make_node: MakeNode, make_handler: MakeHandler
+) -> None:
+    leader = await make_node(node_id="leader")
+    node = await make_node()
+    node.hello_reply = {
+        "node_id": 5,
+        "term": "x",
+        "leader_id": "leader",
+        "leader_mesh": leader.address,
+    }
+    handler = await make_handler(node.address)
+    await node_hellos(node, "h1", 3)  # the handler has handled the replies to the first two
+    link = handler.nodes[node.address]
+    assert (link.reachable, link.node_id, link.leader_id) == (None, None, None)
+    assert set(handler.nodes) == {node.address}
 
 
 async def node_hellos(node: FakeNode, handler_id: str, count: int) -> None:
@@ -551,6 +630,20 @@ async def test_an_acknowledged_dispatch_runs_nothing_until_the_leader_starts_it(
     node.transport.send_to_identity(b"h1", DISPATCH_START, {"dispatch_id": d, "start": True})
     assert (await node.result(d))["outcome"] == "success"
     assert path.read_text().splitlines() == ["held"]
+
+
+async def test_a_malformed_start_is_dropped_and_a_valid_one_still_starts_the_dispatch(
+    node_and_handler: tuple[FakeNode, HandlerProcess],
+) -> None:
+    node, handler = node_and_handler
+    node.auto_start = False
+    d = node.dispatch("h1", "echo", "held")
+    await node.ack(d)
+    for bad in ({"dispatch_id": d, "start": "yes"}, {"dispatch_id": d}, {"start": True}):
+        node.transport.send_to_identity(b"h1", DISPATCH_START, bad)
+    node.transport.send_to_identity(b"h1", DISPATCH_START, {"dispatch_id": d, "start": True})
+    assert (await node.result(d))["outcome"] == "success"
+    assert handler.counters["cancelled_starts"] == 0
 
 
 async def test_a_dispatch_the_leader_gave_up_on_never_runs(

@@ -12,10 +12,13 @@ from typing import Any
 
 import pytest
 
-from mesh.consensus.messages import InstallSnapshot, Snapshot
+from mesh.app import build_node
+from mesh.config import Config
+from mesh.consensus.messages import HardState, InstallSnapshot, Snapshot
 from mesh.snapshots import CHUNK_BYTES, SnapshotReceiver, SnapshotSender, write_snapshot
 from mesh.statemachine import KVStateMachine
-from mesh.storage.raft_store import snapshot_file_name, write_snapshot_file
+from mesh.storage.raft_store import RaftStore, snapshot_file_name, write_snapshot_file
+from tests.netutil import free_mesh_address
 
 
 def chunks(data: bytes, *, term: int = 3, index: int = 40, snap_term: int = 2, size=None):
@@ -196,3 +199,23 @@ def test_forked_writer_writes_the_state_as_of_the_fork(tmp_path: Path) -> None:
     assert name == snapshot_file_name(1000, 4)
     assert (tmp_path / name).read_bytes() == expected
     assert list(tmp_path.iterdir()) == [tmp_path / name]
+
+
+async def test_a_node_restarted_with_a_snapshot_on_disk_restores_it(tmp_path: Path) -> None:
+    config = Config(node_id="n1", data_dir=tmp_path / "n1", mesh=free_mesh_address())
+    config.data_dir.mkdir(parents=True)
+    image = json.dumps({"k": "v"}).encode()
+    store = RaftStore(config.state_db_path)
+    store.save(
+        snapshot=Snapshot(index=3, term=1, voters=("n1",), data=image),
+        hard_state=HardState(1, "n1", 3),
+    )
+    store.close()
+    sm = KVStateMachine()
+    node = build_node(config, state_machine=sm)
+    await node.start()
+    try:
+        assert sm.data == {"k": "v"}
+        assert (node.core.snap.index, node.core.snap.data) == (3, b"")  # the file keeps the image
+    finally:
+        await node.stop(transfer=False)

@@ -440,6 +440,33 @@ def test_changing_upstream_sends_new_connections_to_it(
         assert recv_exactly(sock, 6) == b"hello\n"
 
 
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"enabled": "no"}, "bad request body: field 'enabled' must be a boolean, got string"),
+        ({"upstream": 5}, "bad request body: field 'upstream' must be a string, got number"),
+        ("p", "bad request body: body must be a JSON object, got string"),
+    ],
+)
+def test_bad_update_body_is_400_and_changes_nothing(
+    toxiproxy: Toxiproxy, server: ToxiproxyHandle, body: object, error: str
+) -> None:
+    toxiproxy.create(upstream="localhost:3306", name="p")
+    reply = requests.post(api(server, "/proxies/p"), json=body, timeout=5)
+    assert (reply.status_code, reply.json()) == (400, {"error": error, "status": 400})
+    assert toxiproxy.get_proxy("p").enabled is True
+
+
+def test_null_fields_in_an_update_leave_the_proxy_as_it_is(
+    toxiproxy: Toxiproxy, server: ToxiproxyHandle
+) -> None:
+    toxiproxy.create(upstream="localhost:3306", name="p", enabled=False)
+    body = {"upstream": None, "enabled": None, "listen": None}
+    reply = requests.post(api(server, "/proxies/p"), json=body, timeout=5)
+    assert reply.status_code == 200
+    assert (reply.json()["upstream"], reply.json()["enabled"]) == ("localhost:3306", False)
+
+
 def test_update_accepts_patch_like_toxiproxy_2_6(
     toxiproxy: Toxiproxy, server: ToxiproxyHandle
 ) -> None:
@@ -616,6 +643,7 @@ def test_invalid_direction(toxiproxy: Toxiproxy, make_upstream: Callable[..., Up
     ("toxic", "error"),
     [
         ({"type": "earthquake"}, "invalid toxic type"),
+        ({"type": "latency", "stream": ""}, "stream was invalid"),
         ({"type": "latency", "attributes": {"latency": "1s"}}, "must be an integer, got string"),
         ({"type": "latency", "attributes": {"latency": 1.5}}, "must be an integer, got number"),
         ({"type": "latency", "attributes": {"latency": -1}}, "must be between 0 and"),
@@ -630,6 +658,37 @@ def test_bad_toxic_is_400_invalid_toxic(toxiproxy: Toxiproxy, toxic: dict, error
         proxy.add_toxic(**toxic)
     assert error in json.loads(excinfo.value.args[0])["error"]
     assert proxy.toxics() == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"toxicity": "high"}, "field 'toxicity' must be a number, got string"),
+        ({"toxicity": -0.5}, "toxicity must be between 0 and 1, got -0.5"),
+        ({"attributes": [1]}, "attributes must be a JSON object, got array"),
+        ({"attributes": {"latency": None}}, "attribute 'latency' must be an integer, got null"),
+        (
+            {"attributes": {"latency": 2**63}},
+            f"attribute 'latency' must be between 0 and {2**63 - 1}",
+        ),
+        (
+            {"attributes": {"rate": 1}},
+            "unknown attribute 'rate' for toxic type latency (known: latency, jitter)",
+        ),
+    ],
+)
+def test_bad_toxic_update_is_400_and_changes_nothing(
+    toxiproxy: Toxiproxy, server: ToxiproxyHandle, body: dict, error: str
+) -> None:
+    proxy = toxiproxy.create(upstream="localhost:3306", name="p")
+    proxy.add_toxic(type="latency", attributes={"latency": 100})
+    reply = requests.post(api(server, "/proxies/p/toxics/latency_downstream"), json=body, timeout=5)
+    assert (reply.status_code, reply.json()) == (
+        400,
+        {"error": f"bad request body: {error}", "status": 400},
+    )
+    toxic = proxy.get_toxic("latency_downstream")
+    assert (toxic.attributes, toxic.toxicity) == ({"latency": 100, "jitter": 0}, 1.0)
 
 
 def test_updating_a_toxic_merges_attributes_and_sets_toxicity(

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import attrs
+from msgspec.structs import replace
 
 from mesh.consensus.messages import (
     COMMAND,
@@ -348,7 +349,7 @@ class RaftCore:
         """Forget the current snapshot's bytes once the driver has stored them (they can be tens
         of megabytes); the driver then sends InstallSnapshot data from its own copy."""
         if self.snap is not None and self.snap.data:
-            self.snap = attrs.evolve(self.snap, data=b"")
+            self.snap = replace(self.snap, data=b"")
 
     def _flush_appends(self) -> None:
         """Replicate what was proposed since the last batch: one AppendEntries per follower
@@ -683,7 +684,7 @@ class RaftCore:
                 while i > self.commit + 1 and self.term_at(i - 1) == conflict_term:
                     i -= 1
                 hint = i
-            self._send(attrs.evolve(reply, match_index=m.prev_log_index, reject_hint=max(1, hint)))
+            self._send(replace(reply, match_index=m.prev_log_index, reject_hint=max(1, hint)))
             return
         # Log matching: find the first entry that is new or conflicts.
         new_from = None
@@ -699,7 +700,7 @@ class RaftCore:
         last_new = prev_index + len(entries)
         if m.leader_commit > self.commit:
             self.commit = min(m.leader_commit, last_new)
-        self._send(attrs.evolve(reply, success=True, match_index=last_new))
+        self._send(replace(reply, success=True, match_index=last_new))
 
     def _accept_leader(self, leader: str) -> None:
         if self.phase is not _Phase.FOLLOWER:

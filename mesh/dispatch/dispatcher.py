@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import msgspec
 from apscheduler import Job
 from tenacity import wait_exponential
 
@@ -380,19 +381,28 @@ class HandlerDispatcher:
         }
 
     def _on_ack(self, msg: Incoming) -> None:
-        dispatch_id = str(msg.payload.get("dispatch_id"))
-        pending = self._pending.get(dispatch_id)
+        try:
+            ack = p.decode(msg.payload, p.DispatchAck)
+        except msgspec.ValidationError as e:
+            log.debug("dropping malformed dispatch_ack from %r: %s", msg.identity, e)
+            return
+        pending = self._pending.get(ack.dispatch_id)
         if pending is not None and not pending.ack.done():
             pending.ack.set_result(msg.payload)
             return
-        if msg.payload.get("needs_start") and msg.identity:
+        if ack.needs_start and msg.identity:
             # We gave up on this dispatch (or never sent it): the handler must not run it.
             self.bus.send_to_identity(
-                msg.identity, p.DISPATCH_START, {"dispatch_id": dispatch_id, "start": False}
+                msg.identity, p.DISPATCH_START, {"dispatch_id": ack.dispatch_id, "start": False}
             )
 
     def _on_result(self, msg: Incoming) -> None:
-        pending = self._pending.get(str(msg.payload.get("dispatch_id")))
+        try:
+            result = p.decode(msg.payload, p.JobResult)
+        except msgspec.ValidationError as e:
+            log.debug("dropping malformed job_result from %r: %s", msg.identity, e)
+            return
+        pending = self._pending.get(result.dispatch_id)
         if pending is None:
             return  # a late result for an attempt we gave up on, or from a previous leader
         if not pending.ack.done():

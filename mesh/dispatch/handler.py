@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import attrs
+import msgspec
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -47,6 +48,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from mesh.dispatch import protocol
 from mesh.dispatch.protocol import (
     AT_CAPACITY,
     DISPATCH,
@@ -59,6 +61,9 @@ from mesh.dispatch.protocol import (
     STALE_FENCING_TOKEN,
     START_WINDOW,
     UNKNOWN_TASK,
+    DispatchStart,
+    HelloReply,
+    decode,
 )
 from mesh.tasks import REGISTRY, JobContext, TaskDef, TaskModuleError, load_task_modules
 from mesh.transport.zmq import Incoming, MeshTransport, split_address
@@ -153,97 +158,15 @@ class IdempotencyWindow:
 # ---------------------------------------------------------------------------- dispatches
 
 
-class BadDispatch(ValueError):
-    """A dispatch payload that breaks the protocol."""
-
-
-@attrs.frozen
-class Dispatch:
+class Dispatch(protocol.Dispatch, kw_only=True):
     """A validated ``dispatch`` payload plus the node address it arrived from."""
 
-    dispatch_id: str
-    job_id: str
-    task: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    idempotency_key: str
-    fencing_token: int
-    attempt: int
-    schedule_id: str | None
-    scheduled_fire_time: datetime | None
-    timeout: float | None
     address: str
 
 
-def _field(payload: Mapping[str, Any], name: str, types: type) -> Any:
-    if name not in payload:
-        raise BadDispatch(f"missing field {name!r}")
-    value = payload[name]
-    # bool is an int subclass, but a fencing token of true is a sender bug.
-    if isinstance(value, bool) or not isinstance(value, types):
-        raise BadDispatch(f"field {name!r} has type {type(value).__name__}")
-    return value
-
-
 def parse_dispatch(payload: Mapping[str, Any], address: str) -> Dispatch:
-    """Validate a dispatch payload; raises :class:`BadDispatch` naming the first problem.
-
-    ``args``, ``kwargs``, ``schedule_id``, ``scheduled_fire_time`` and ``timeout`` may be
-    absent (empty / None); everything else is required.
-    """
-    dispatch_id = _field(payload, "dispatch_id", str)
-    job_id = _field(payload, "job_id", str)
-    task = _field(payload, "task", str)
-    idempotency_key = _field(payload, "idempotency_key", str)
-    fencing_token = _field(payload, "fencing_token", int)
-    attempt = _field(payload, "attempt", int)
-    if not dispatch_id or not job_id or not task or not idempotency_key:
-        raise BadDispatch("dispatch_id, job_id, task and idempotency_key must be non-empty")
-    if attempt < 1:
-        raise BadDispatch(f"attempt must be at least 1, got {attempt}")
-    args = payload.get("args")
-    kwargs = payload.get("kwargs")
-    if args is None:
-        args = []
-    if kwargs is None:
-        kwargs = {}
-    if not isinstance(args, list):
-        raise BadDispatch(f"field 'args' has type {type(args).__name__}")
-    if not isinstance(kwargs, dict):
-        raise BadDispatch(f"field 'kwargs' has type {type(kwargs).__name__}")
-    schedule_id = payload.get("schedule_id")
-    if schedule_id is not None and not isinstance(schedule_id, str):
-        raise BadDispatch(f"field 'schedule_id' has type {type(schedule_id).__name__}")
-    fire_text = payload.get("scheduled_fire_time")
-    fire_time: datetime | None = None
-    if fire_text is not None:
-        if not isinstance(fire_text, str):
-            raise BadDispatch(f"field 'scheduled_fire_time' has type {type(fire_text).__name__}")
-        try:
-            fire_time = datetime.fromisoformat(fire_text)
-        except ValueError:
-            raise BadDispatch(f"scheduled_fire_time is not ISO 8601: {fire_text!r}") from None
-        if fire_time.tzinfo is None:  # the interface promises an aware datetime
-            fire_time = fire_time.replace(tzinfo=UTC)
-    timeout = payload.get("timeout")
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise BadDispatch(f"timeout must be a positive number or null, got {timeout!r}")
-        timeout = float(timeout)
-    return Dispatch(
-        dispatch_id=dispatch_id,
-        job_id=job_id,
-        task=task,
-        args=args,
-        kwargs=kwargs,
-        idempotency_key=idempotency_key,
-        fencing_token=fencing_token,
-        attempt=attempt,
-        schedule_id=schedule_id,
-        scheduled_fire_time=fire_time,
-        timeout=timeout,
-        address=address,
-    )
+    """Validate a dispatch payload; raises :class:`msgspec.ValidationError` naming the problem."""
+    return msgspec.convert({**payload, "address": address}, Dispatch)
 
 
 class _TaskTimeout(Exception):
@@ -467,14 +390,17 @@ class HandlerProcess:
             log.warning("handler %s: node %s unreachable (%s)", self.handler_id, link.address, exc)
         link.reachable = False
 
-    def _on_hello_reply(self, link: NodeLink, reply: Mapping[str, Any]) -> None:
+    def _on_hello_reply(self, link: NodeLink, payload: Mapping[str, Any]) -> None:
+        try:
+            reply = decode(payload, HelloReply)
+        except msgspec.ValidationError as e:
+            log.debug("handler %s: dropping malformed hello reply: %s", self.handler_id, e)
+            return
         link.last_reply_at = self._clock()
-        node_id, leader_id = reply.get("node_id"), reply.get("leader_id")
-        term, leader_mesh = reply.get("term"), reply.get("leader_mesh")
-        link.node_id = node_id if isinstance(node_id, str) else None
-        link.leader_id = leader_id if isinstance(leader_id, str) and leader_id else None
-        link.term = term if isinstance(term, int) and not isinstance(term, bool) else None
-        link.leader_mesh = leader_mesh if isinstance(leader_mesh, str) and leader_mesh else None
+        link.node_id = reply.node_id
+        link.leader_id = reply.leader_id or None
+        link.term = reply.term
+        link.leader_mesh = reply.leader_mesh or None
         if link.reachable is not True:
             link.reachable = True
             log.info(
@@ -555,7 +481,7 @@ class HandlerProcess:
     def _on_dispatch(self, payload: dict[str, Any], address: str) -> None:
         try:
             d = parse_dispatch(payload, address)
-        except BadDispatch as e:
+        except msgspec.ValidationError as e:
             self.counters["bad_requests"] += 1
             dispatch_id = payload.get("dispatch_id")
             log.warning("handler %s: bad dispatch from %s: %s", self.handler_id, address, e)
@@ -617,8 +543,14 @@ class HandlerProcess:
         self._ack(address, d.dispatch_id, True, None, needs_start=True)
 
     def _on_start(self, payload: dict[str, Any], address: str) -> None:
-        dispatch_id = payload.get("dispatch_id")
-        start = payload.get("start") is True
+        try:
+            msg = decode(payload, DispatchStart)
+        except msgspec.ValidationError as e:
+            log.debug(
+                "handler %s: dropping malformed start from %s: %s", self.handler_id, address, e
+            )
+            return
+        dispatch_id, start = msg.dispatch_id, msg.start
         pending = next(
             (
                 r
@@ -628,7 +560,7 @@ class HandlerProcess:
             None,
         )
         if pending is None:
-            if start and isinstance(dispatch_id, str):
+            if start:
                 # Too late (the window passed, or a newer dispatch took the slot): say so, so
                 # the leader retries elsewhere knowing this handler ran nothing.
                 self.counters["late_starts"] += 1

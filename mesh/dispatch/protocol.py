@@ -4,10 +4,10 @@ A handler process connects a DEALER (routing id = its handler id) to the ROUTER 
 knows. Messages (ZMQ kind → payload):
 
 ``handler_hello``  handler → every node, a request every ``HEARTBEAT_INTERVAL``; the node answers
-    ``{"node_id", "leader_id", "term", "leader_mesh"}``. Payload: ``{"handler_id", "tasks",
-    "concurrency", "pid", "host", "active_jobs", "succeeded", "failed", "avg_ms",
-    "max_fencing_token", "started_at"}``. Every node keeps the registry from these, so
-    ``GET /api/handlers`` answers on every node.
+    ``{"node_id", "leader_id", "term", "leader_mesh", "nodes"}``. Payload: ``{"handler_id",
+    "tasks", "concurrency", "pid", "host", "active_jobs", "succeeded", "failed", "avg_ms",
+    "max_fencing_token", "started_at", "draining"}``. Every node keeps the registry from these,
+    so ``GET /api/handlers`` answers on every node.
 ``dispatch``       leader → handler (ROUTER → DEALER, one-way): ``{"dispatch_id", "job_id",
     "task", "args", "kwargs", "idempotency_key", "fencing_token", "attempt", "schedule_id",
     "scheduled_fire_time", "timeout"}``.
@@ -28,9 +28,19 @@ knows. Messages (ZMQ kind → payload):
     "idempotency_key", "handler_id", "outcome": "success"|"error", "return_value", "error":
     {"type", "message"} | None, "duration_ms", "cached": bool}``. ``cached`` is true when the
     handler answered from its idempotency window instead of running the task again.
+
+Each payload has a :class:`msgspec.Struct` below; the receiving end decodes it with
+:func:`decode`, and a payload that does not match is dropped (a malformed ``dispatch`` that
+names its ``dispatch_id`` is refused with ``bad_request``). On the wire a payload stays a JSON
+object with these keys.
 """
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
 
 HELLO = "handler_hello"
 DISPATCH = "dispatch"
@@ -47,3 +57,91 @@ NOT_STARTED = "not_started"  # job_result outcome: the dispatch expired before i
 STALE_FENCING_TOKEN = "stale_fencing_token"
 AT_CAPACITY = "at_capacity"
 UNKNOWN_TASK = "unknown_task"
+
+Id = Annotated[str, msgspec.Meta(min_length=1)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Term = Annotated[int, msgspec.Meta(ge=0, lt=1 << 62)]  # a term; the fencing token is one
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+def decode(payload: Any, kind: type[T]) -> T:
+    """Validate a received payload as ``kind``; raises :class:`msgspec.ValidationError`."""
+    return msgspec.convert(payload, kind)
+
+
+class Hello(msgspec.Struct, frozen=True, kw_only=True):
+    handler_id: Id
+    tasks: tuple[str, ...]
+    concurrency: Annotated[int, msgspec.Meta(ge=1)] = 1
+    pid: int | None = None
+    host: str | None = None
+    active_jobs: Count = 0
+    succeeded: Count = 0
+    failed: Count = 0
+    avg_ms: float | None = None
+    max_fencing_token: Count = 0
+    started_at: str | None = None  # with pid, tells a restarted handler from its predecessor
+    draining: bool = False
+
+
+class HelloReply(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: Id
+    term: Term
+    leader_id: str | None = None  # None (or empty) while the node knows no leader
+    leader_mesh: str | None = None  # the leader's mesh address, for a handler to dial
+    nodes: tuple[str, ...] = ()
+
+
+class Dispatch(msgspec.Struct, kw_only=True):
+    dispatch_id: Id
+    job_id: Id
+    task: Id
+    idempotency_key: Id
+    fencing_token: Term
+    attempt: Annotated[int, msgspec.Meta(ge=1)]
+    args: list[Any] | None = None  # None (or absent) means no arguments
+    kwargs: dict[str, Any] | None = None
+    schedule_id: str | None = None
+    scheduled_fire_time: datetime | None = None  # RFC 3339; a naive one is taken as UTC
+    timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.args is None:
+            self.args = []
+        if self.kwargs is None:
+            self.kwargs = {}
+        fire = self.scheduled_fire_time
+        if fire is not None and fire.tzinfo is None:  # the task interface promises aware
+            self.scheduled_fire_time = fire.replace(tzinfo=UTC)
+
+
+class DispatchAck(msgspec.Struct, frozen=True, kw_only=True):
+    dispatch_id: Id
+    handler_id: Id
+    accepted: bool
+    reason: str | None = None
+    needs_start: bool = False
+
+
+class DispatchStart(msgspec.Struct, frozen=True, kw_only=True):
+    dispatch_id: Id
+    start: bool
+
+
+class JobError(msgspec.Struct, frozen=True, kw_only=True):
+    type: str
+    message: str
+    timed_out: bool = False  # the dispatch's timeout expired (not an error the task raised)
+
+
+class JobResult(msgspec.Struct, frozen=True, kw_only=True):
+    dispatch_id: Id
+    handler_id: Id
+    outcome: Literal["success", "error", "not_started"]
+    job_id: str | None = None  # absent from a "not_started" result
+    idempotency_key: str | None = None
+    return_value: Any = None
+    error: JobError | None = None
+    duration_ms: float | None = None
+    cached: bool = False

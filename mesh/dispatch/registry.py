@@ -15,8 +15,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import attrs
+import msgspec
 
-from mesh.dispatch.protocol import DEAD_AFTER, SUSPECT_AFTER
+from mesh.dispatch.protocol import DEAD_AFTER, SUSPECT_AFTER, Hello, decode
 
 log = logging.getLogger("mesh.dispatch")
 
@@ -58,24 +59,29 @@ class HandlerRegistry:
     # ------------------------------------------------------------------ heartbeats
 
     def on_hello(self, payload: dict[str, Any]) -> HandlerInfo | None:
-        hid = payload.get("handler_id")
-        tasks = payload.get("tasks")
-        if not isinstance(hid, str) or not hid or not isinstance(tasks, list):
+        """Record a ``handler_hello``; a malformed one is dropped (None)."""
+        try:
+            hello = decode(payload, Hello)
+        except msgspec.ValidationError as e:
+            log.debug("dropping malformed handler hello: %s", e)
             return None
+        hid = hello.handler_id
         info = self.handlers.get(hid)
         if info is None:
             info = self.handlers[hid] = HandlerInfo(handler_id=hid)
         was_alive = self.state(info) == "alive"
-        info.tasks = frozenset(t for t in tasks if isinstance(t, str))
-        conc = payload.get("concurrency")
-        info.concurrency = conc if isinstance(conc, int) and conc > 0 else 1
-        info.pid = payload.get("pid") if isinstance(payload.get("pid"), int) else None
-        info.host = payload.get("host") if isinstance(payload.get("host"), str) else None
+        info.tasks = frozenset(hello.tasks)
+        info.concurrency = hello.concurrency
+        info.pid = hello.pid
+        info.host = hello.host
         info.reported = {
-            k: payload.get(k) for k in ("active_jobs", "succeeded", "failed", "avg_ms")
+            "active_jobs": hello.active_jobs,
+            "succeeded": hello.succeeded,
+            "failed": hello.failed,
+            "avg_ms": hello.avg_ms,
         }
-        info.draining = payload.get("draining") is True
-        incarnation = f"{payload.get('pid')}@{payload.get('started_at')}"
+        info.draining = hello.draining
+        incarnation = f"{hello.pid}@{hello.started_at}"
         if info.incarnation is not None and incarnation != info.incarnation:
             log.info("handler %s restarted (now %s)", hid, incarnation)
             # A new process: its predecessor's failures say nothing about it.
