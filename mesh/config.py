@@ -14,6 +14,9 @@ type of the field it sets. Every mistake a user can make raises ``ConfigError`` 
 one line naming the flag, environment variable or ``FILE:LINE: key`` at fault and what is wrong
 with it. The sections are also the settings of the parts they configure (``DispatchConfig`` is
 the dispatcher's, ``GovernorConfig`` the governors'). See docs/configuration.md.
+
+Why this file is long: every setting a user can give is here with its default, constraint,
+environment name and one-line error, so the whole surface of configuration is in one place.
 """
 
 from __future__ import annotations

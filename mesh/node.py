@@ -27,7 +27,6 @@ import msgspec
 
 from mesh.config import Config
 from mesh.consensus.core import (
-    ConfigChangeInProgress,
     NotLeader,
     RaftCore,
     RaftSettings,
@@ -52,8 +51,8 @@ from mesh.contracts import (
 )
 from mesh.membership.discovery import Discovery
 from mesh.membership.members import Members, MembershipSettings
-from mesh.membership.voters import bootstrap_voters, voter_to_add
-from mesh.snapshots import CHUNK_TIMEOUT, SnapshotReceiver, SnapshotSender, write_snapshot
+from mesh.membership.voters import apply_voter_policy
+from mesh.snapshots import CHUNK_TIMEOUT, SnapshotReceiver, SnapshotSender, compact
 from mesh.statemachine import StateMachine
 from mesh.storage.raft_store import RaftStore
 from mesh.transport.zmq import MeshTransport
@@ -445,23 +444,10 @@ class MeshNode:
             self._persisted_hs = hs
 
     async def _take_snapshot(self, index: int) -> None:
-        """Compact the log up to ``index`` (applied now) without blocking the loop: a forked
-        child writes the image (mesh/snapshots.py); then the file is recorded, one transaction."""
-        started = self.clock()
         try:
-            term, voters = self.core.snapshot_point(index)
-            name = await write_snapshot(self.sm, self.store.snapshot_dir, index, term)
-            if index <= self.core.snap_index:
-                return  # a leader's snapshot was installed meanwhile; ours is older
-            self.store.record_snapshot(index, term, voters, name)
-            self.core.create_snapshot(index, b"")
-            self.events.emit(
-                "snapshot_taken", index=index, term=term, seconds=round(self.clock() - started, 3)
+            await compact(
+                self.core, self.sm, self.store, index, events=self.events, clock=self.clock
             )
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("snapshot at %d failed; the log keeps growing until one succeeds", index)
         finally:
             self._snapshot_task = None
 
@@ -599,26 +585,6 @@ class MeshNode:
     # ------------------------------------------------------------------ voters
 
     def _after_membership_round(self) -> None:
-        core = self.core
-        alive = self.members.alive()
-        first = bootstrap_voters(
-            self.id,
-            fresh=not (core.voters or core.last_index or core.term),
-            alive=alive,
-            expect=self.config.bootstrap_expect,
-        )
-        if first is not None:
-            core.bootstrap(first)
-            log.info("%s bootstrapped a new cluster with voters %s", self.id, first)
+        if apply_voter_policy(self.core, self.members.alive(), self.config.bootstrap_expect):
             self._process()
-        if core.is_leader and core.pending_conf_index <= core.commit:
-            new = voter_to_add(core.voters, alive)
-            if new is not None:
-                try:
-                    core.change_voters(core.voters | {new})
-                except (NotLeader, ConfigChangeInProgress):
-                    pass
-                else:
-                    log.info("%s adds %s as a voter", self.id, new)
-                    self._process()
-        self.members.check_quorum_visibility(core.voters, core.quorum)
+        self.members.check_quorum_visibility(self.core.voters, self.core.quorum)

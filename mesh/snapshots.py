@@ -33,9 +33,11 @@ from typing import Any, NoReturn
 import attrs
 import msgspec
 
+from mesh.consensus.core import RaftCore
 from mesh.consensus.messages import Index, InstallSnapshot, NodeId, Snapshot
+from mesh.contracts import EventSink
 from mesh.statemachine import StateMachine
-from mesh.storage.raft_store import snapshot_file_name, write_snapshot_file
+from mesh.storage.raft_store import RaftStore, snapshot_file_name, write_snapshot_file
 
 log = logging.getLogger("mesh.snapshots")
 
@@ -49,6 +51,33 @@ class SnapshotFailed(Exception):
 
 
 # --------------------------------------------------------------------------- writing
+
+
+async def compact(
+    core: RaftCore,
+    sm: StateMachine,
+    store: RaftStore,
+    index: int,
+    *,
+    events: EventSink,
+    clock: Callable[[], float],
+) -> None:
+    """Compact the log up to ``index`` (applied now) without blocking the loop: a forked child
+    writes the image; then the file is recorded in one transaction and the core drops the
+    entries it covers. A failure is logged: the log keeps growing until a snapshot succeeds."""
+    started = clock()
+    try:
+        term, voters = core.snapshot_point(index)
+        name = await write_snapshot(sm, store.snapshot_dir, index, term)
+        if index <= core.snap_index:
+            return  # a leader's snapshot was installed meanwhile; ours is older
+        store.record_snapshot(index, term, voters, name)
+        core.create_snapshot(index, b"")
+        events.emit("snapshot_taken", index=index, term=term, seconds=round(clock() - started, 3))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("snapshot at %d failed; the log keeps growing until one succeeds", index)
 
 
 async def write_snapshot(sm: StateMachine, directory: Path, index: int, term: int) -> str:

@@ -16,6 +16,9 @@ Features: PreVote (a returning node cannot depose a healthy leader), CheckQuorum
 cannot hear a majority steps down within one election timeout, and followers that heard from a
 leader recently ignore vote requests), leadership transfer (TimeoutNow), snapshots with log
 compaction, single-server membership changes (a change takes effect when appended).
+
+Why this file is long: Raft is one algorithm over one state. As in etcd's raft.go it stays in
+one file, so every transition reads against the paper (docs/consensus.md) without jumping.
 """
 
 from __future__ import annotations

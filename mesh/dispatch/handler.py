@@ -17,6 +17,9 @@ the dispatch came from. Three handler-side rules make re-dispatches safe:
   while this process lives;
 * capacity: at most ``concurrency`` tasks run at once; beyond that, dispatches are refused
   (``at_capacity``) so the leader picks another handler.
+
+Why this file is long: it is a whole program, the handler process, whose three safety rules
+(fencing, the idempotency window, two-phase start) share one job table and must be read together.
 """
 
 from __future__ import annotations

@@ -11,9 +11,13 @@ The node calls these every membership round and applies their answer to the Raft
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+import logging
+from collections.abc import Collection, Iterable, Sequence
 
+from mesh.consensus.core import ConfigChangeInProgress, NotLeader, RaftCore
 from mesh.membership.members import Peer
+
+log = logging.getLogger("mesh.membership")
 
 
 def bootstrap_voters(
@@ -38,3 +42,26 @@ def voter_to_add(voters: Collection[str], alive: Iterable[Peer]) -> str | None:
         if p.node_id and p.node_id not in voters:
             return p.node_id
     return None
+
+
+def apply_voter_policy(core: RaftCore, alive: Sequence[Peer], expect: int) -> bool:
+    """Bootstrap or grow the voter set on ``core`` as the rules above say; True when the core
+    changed (the driver then processes its Ready)."""
+    first = bootstrap_voters(
+        core.id, fresh=not (core.voters or core.last_index or core.term), alive=alive, expect=expect
+    )
+    if first is not None:
+        core.bootstrap(first)
+        log.info("%s bootstrapped a new cluster with voters %s", core.id, first)
+        return True
+    if not core.is_leader or core.pending_conf_index > core.commit:
+        return False
+    new = voter_to_add(core.voters, alive)
+    if new is None:
+        return False
+    try:
+        core.change_voters(core.voters | {new})
+    except (NotLeader, ConfigChangeInProgress):
+        return False
+    log.info("%s adds %s as a voter", core.id, new)
+    return True
