@@ -97,14 +97,17 @@ def _is_free(host: str, port: int) -> bool:
     return True
 
 
-def free_port(host: str = "127.0.0.1", *, pair: bool = False, attempts: int = 500) -> int:
-    """A free port P (with ``pair``, P+1 is free too) outside the ephemeral range."""
-    high = max(12_000, ephemeral_range_start()) - 2
+def free_port(
+    host: str = "127.0.0.1", *, pair: bool = False, span: int = 1, attempts: int = 500
+) -> int:
+    """A free port P outside the ephemeral range; P..P+span-1 are all free (``pair``: span 2)."""
+    span = max(span, 2 if pair else 1)
+    high = max(12_000, ephemeral_range_start()) - span
     low = 10_000 if high > 20_000 else 1_024
     with _port_lock:
         for _ in range(attempts):
             port = _port_rng.randrange(low, high)
-            wanted = (port, port + 1) if pair else (port,)
+            wanted = range(port, port + span)
             if any(p in _handed_out for p in wanted):
                 continue
             if all(_is_free(host, p) for p in wanted):

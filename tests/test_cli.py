@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import io
-import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from mesh.cli import main
 from mesh.governor import ChildSpec, ProcessGovernor, UpOptions, plan_local_mesh
+from mesh.supervise import free_port, get_json, kill, spawn, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else sys.executable
@@ -230,34 +227,13 @@ def test_local_mesh_plan_uses_port_pairs_and_static_peers(tmp_path: Path) -> Non
 # --------------------------------------------------------------------------- schedulezero up
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_block(nodes: int) -> tuple[int, int]:
     """A mesh base port with 2*nodes free ports and an HTTP base with nodes free ports."""
-    rng = random.Random()
-    for _ in range(200):
-        # Below the kernel's ephemeral range (32768+), where outgoing connections take ports.
-        base = rng.randrange(20000, 26000, 2)
-        http = rng.randrange(26000, 32000)
-        ports = [*range(base, base + 2 * nodes), *range(http, http + nodes)]
-        if all(_free(p) for p in ports):
-            return base, http
-    raise RuntimeError("no free port block")
+    return free_port(span=2 * nodes), free_port(span=nodes)
 
 
 def health(url: str) -> dict | None:
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as resp:
-            return json.loads(resp.read())
-    except (OSError, ValueError):
-        return None
+    return get_json(url, timeout=1.0)
 
 
 def node_pids(data_dir: Path) -> dict[str, int]:
@@ -276,16 +252,15 @@ def node_pids(data_dir: Path) -> dict[str, int]:
     return found
 
 
-def start_up(tmp_path: Path, nodes: int = 3) -> tuple[subprocess.Popen[str], list[str]]:
+def start_up(tmp_path: Path, nodes: int = 3) -> tuple[subprocess.Popen[bytes], list[str]]:
     base, http = free_block(nodes)
-    proc = subprocess.Popen(
+    proc = spawn(
         [
             *(PYTHON, "-m", "mesh.cli", "up", "--nodes", str(nodes), "--base-port", str(base)),
             *("--http-base-port", str(http), "--data-dir", str(tmp_path / "up"), "--no-sample"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        text=True,
         cwd=REPO,
         env=clean_env(),
     )
@@ -293,50 +268,43 @@ def start_up(tmp_path: Path, nodes: int = 3) -> tuple[subprocess.Popen[str], lis
     return proc, urls
 
 
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
-
-
-def stop(proc: subprocess.Popen[str], sig: int = signal.SIGINT) -> int:
+def interrupt(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT) -> int:
+    """What a terminal (SIGINT) or a service manager (SIGTERM) does to ``up``; its exit code."""
     if proc.poll() is None:
         proc.send_signal(sig)
     try:
         return proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+        return kill(proc)
 
 
 @pytest.mark.slow
 def test_up_starts_a_mesh_and_stops_it_cleanly_on_sigint(tmp_path: Path) -> None:
     proc, urls = start_up(tmp_path)
     try:
-        assert wait_until(lambda: all(health(u) for u in urls), 30), "nodes never answered"
-        assert wait_until(lambda: any((health(u) or {}).get("leader_id") for u in urls), 15)
+        wait_until(lambda: all(health(u) for u in urls), 30, "every node to answer")
+        wait_until(lambda: any((health(u) or {}).get("leader_id") for u in urls), 15, "a leader")
         assert len(node_pids(tmp_path)) == 3
     finally:
-        code = stop(proc)
-    out = proc.stdout.read() if proc.stdout else ""
+        code = interrupt(proc)
+    out = proc.stdout.read().decode() if proc.stdout else ""
     assert code == 0
     for url in urls:
         assert url in out
-    assert wait_until(lambda: not node_pids(tmp_path), 2), node_pids(tmp_path)
+    wait_until(lambda: not node_pids(tmp_path), 2, "every node process to exit")
 
 
 @pytest.mark.slow
 def test_up_restarts_a_node_that_was_killed(tmp_path: Path) -> None:
     proc, urls = start_up(tmp_path)
     try:
-        assert wait_until(lambda: all(health(u) for u in urls), 30), "nodes never answered"
+        wait_until(lambda: all(health(u) for u in urls), 30, "every node to answer")
         victim = node_pids(tmp_path)["node-2"]
         os.kill(victim, signal.SIGKILL)
-        assert wait_until(lambda: node_pids(tmp_path).get("node-2") not in (None, victim), 10)
-        assert wait_until(lambda: health(urls[1]) is not None, 30)
+        wait_until(
+            lambda: node_pids(tmp_path).get("node-2") not in (None, victim), 10, "a new node-2"
+        )
+        wait_until(lambda: health(urls[1]) is not None, 30, "node-2 to answer again")
     finally:
-        assert stop(proc, signal.SIGTERM) == 0
-    assert wait_until(lambda: not node_pids(tmp_path), 2), node_pids(tmp_path)
+        assert interrupt(proc, signal.SIGTERM) == 0
+    wait_until(lambda: not node_pids(tmp_path), 2, "every node process to exit")
