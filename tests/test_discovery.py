@@ -11,7 +11,6 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from mesh.membership.discovery import (
     choose_interfaces,
     make_discovery,
 )
+from tests.waiting import wait_until_async
 
 REPO = Path(__file__).resolve().parent.parent
 MDNS_GROUP = "224.0.0.251"
@@ -65,15 +65,6 @@ needs_multicast = pytest.mark.skipif(
 def unique_service_type() -> str:
     """A service type of our own, so concurrent test runs never see each other's nodes."""
     return f"_sz{secrets.token_hex(4)}._tcp.local."
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return predicate()
 
 
 # --------------------------------------------------------------------------- static
@@ -175,7 +166,9 @@ async def test_three_mdns_nodes_find_each_other_and_see_one_leave() -> None:
                 n.peers() == frozenset(a for a in addresses if a != n.mesh_address) for n in nodes
             )
 
-        assert await wait_for(all_found, 5.0), [sorted(n.peers()) for n in nodes]
+        await wait_until_async(
+            all_found, 5.0, lambda: f"all to find each other: {[sorted(n.peers()) for n in nodes]}"
+        )
         assert all(log and log[-1] == n.peers() for n, log in zip(nodes, heard, strict=True))
         assert nodes[0].info(addresses[1]) == {
             "node_id": "node-1",
@@ -187,9 +180,11 @@ async def test_three_mdns_nodes_find_each_other_and_see_one_leave() -> None:
 
         await nodes[2].close()
         gone = addresses[2]
-        assert await wait_for(lambda: all(gone not in n.peers() for n in nodes[:2]), 5.0), [
-            sorted(n.peers()) for n in nodes[:2]
-        ]
+        await wait_until_async(
+            lambda: all(gone not in n.peers() for n in nodes[:2]),
+            5.0,
+            lambda: f"{gone} to be gone: {[sorted(n.peers()) for n in nodes[:2]]}",
+        )
         assert nodes[0].peers() == {addresses[1]}
     finally:
         for n in nodes:
@@ -239,11 +234,15 @@ async def test_a_crashed_peer_without_goodbye_leaves_after_its_ttl() -> None:
         assert peer.stdout is not None
         line = await asyncio.wait_for(peer.stdout.readline(), 10)
         assert line.strip() == b"registered"
-        assert await wait_for(lambda: watcher.peers() == {"tcp://127.0.0.1:17500"}, 5.0)
+        await wait_until_async(
+            lambda: watcher.peers() == {"tcp://127.0.0.1:17500"}, 5.0, "the victim to be seen"
+        )
         peer.kill()  # SIGKILL: no goodbye packets
         await peer.wait()
         started = time.monotonic()
-        assert await wait_for(lambda: not watcher.peers(), 15.0), sorted(watcher.peers())
+        await wait_until_async(
+            lambda: not watcher.peers(), 15.0, lambda: f"expiry: {sorted(watcher.peers())}"
+        )
         assert time.monotonic() - started > 1.0  # dropped by expiry, not by a goodbye
     finally:
         if peer.returncode is None:
@@ -312,7 +311,8 @@ async def main():
             break
         await asyncio.sleep(0.05)
     print(",".join(sorted(d.peers())), flush=True)
-    await asyncio.sleep(3)  # stay visible while the other side looks
+    # Stay visible until the test has heard from both sides: it then closes our stdin.
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await d.close()
 
 asyncio.run(main())
@@ -345,6 +345,7 @@ def test_mdns_finds_a_node_in_another_network_namespace() -> None:
         procs = [
             subprocess.Popen(
                 ["ip", "netns", "exec", ns, *script, node_id, ip, service_type],
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -352,9 +353,18 @@ def test_mdns_finds_a_node_in_another_network_namespace() -> None:
             )
             for ns, node_id, ip in ((ns_a, "a", "10.213.0.1"), (ns_b, "b", "10.213.0.2"))
         ]
-        outputs = [p.communicate(timeout=60) for p in procs]
-        assert outputs[0][0].strip() == "tcp://10.213.0.2:7100", outputs[0][1][-2000:]
-        assert outputs[1][0].strip() == "tcp://10.213.0.1:7100", outputs[1][1][-2000:]
+        try:
+            # Each prints what it found (after at most 5 s of looking); both stay up until both
+            # have printed, then communicate() closes their stdin and they leave.
+            found = [p.stdout.readline().strip() for p in procs]  # type: ignore[union-attr]
+            outputs = [p.communicate(timeout=60) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        assert found[0] == "tcp://10.213.0.2:7100", outputs[0][1][-2000:]
+        assert found[1] == "tcp://10.213.0.1:7100", outputs[1][1][-2000:]
     finally:
         subprocess.run(["ip", "netns", "del", ns_a], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns_b], capture_output=True)

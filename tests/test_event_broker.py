@@ -22,7 +22,14 @@ from logging import Logger
 from typing import Any, NamedTuple
 
 import pytest
-from anyio import CancelScope, create_memory_object_stream, fail_after, move_on_after, sleep
+from anyio import (
+    CancelScope,
+    WouldBlock,
+    create_memory_object_stream,
+    fail_after,
+    move_on_after,
+    sleep,
+)
 from apscheduler import AsyncScheduler, Event, JobAdded, ScheduleAdded, TaskAdded
 from apscheduler.abc import EventBroker
 from apscheduler.datastores.memory import MemoryDataStore
@@ -34,8 +41,6 @@ from tests.netutil import free_mesh_address
 # Bound on waiting for a SUB socket to connect (the "slow joiner") or an event to arrive.
 CONNECT_TIMEOUT = 5.0
 DELIVERY_TIMEOUT = 3.0
-# How long a test waits to be confident that something did *not* arrive.
-SILENCE = 0.3
 
 _probe_ids = itertools.count()
 
@@ -46,6 +51,15 @@ def _b64(data: bytes) -> str:
 
 def _fence() -> TaskAdded:
     return TaskAdded(task_id=f"fence-{uuid.uuid4()}")
+
+
+def _nothing_waiting(receive: Any) -> bool:
+    """Whether nothing was delivered to ``receive`` (buffered, or a sender blocked on it)."""
+    try:
+        receive.receive_nowait()
+    except WouldBlock:
+        return True
+    return False
 
 
 async def _receive_until(receive: Any, fence: Event) -> list[Event]:
@@ -191,8 +205,10 @@ async def test_publish_subscribe(route: Route) -> None:
 
 async def test_subscribe_one_shot(route: Route) -> None:
     send, receive = create_memory_object_stream[Event](2)
-    with send, receive:
+    witness_send, witness_receive = create_memory_object_stream[Event](math.inf)
+    with send, receive, witness_send, witness_receive:
         route.subscriber.subscribe(send.send, one_shot=True)
+        route.subscriber.subscribe(witness_send.send_nowait)
         event = ScheduleAdded(
             schedule_id="schedule1",
             task_id="task1",
@@ -205,12 +221,17 @@ async def test_subscribe_one_shot(route: Route) -> None:
             next_fire_time=datetime(2021, 9, 12, 8, 42, 11, 968481, UTC),
         )
         await route.publisher.publish(event)
+        fence = _fence()
+        await route.publisher.publish(fence)
 
         with fail_after(DELIVERY_TIMEOUT):
             received_event = await receive.receive()
 
-        with pytest.raises(TimeoutError), fail_after(SILENCE):
-            await receive.receive()
+        # Deliveries start in publishing order: once the fence reached the other subscriber,
+        # a second delivery to the one-shot subscription would already have been made.
+        witnessed = await _receive_until(witness_receive, fence)
+        assert [e.schedule_id for e in witnessed] == ["schedule1", "schedule2"]
+        assert _nothing_waiting(receive)
 
     assert isinstance(received_event, ScheduleAdded)
     assert received_event.schedule_id == "schedule1"
@@ -226,13 +247,28 @@ async def test_unsubscribe(route: Route) -> None:
             await receive.receive()
 
         subscription.unsubscribe()
-        await route.publisher.publish(Event())
-        with pytest.raises(TimeoutError), fail_after(SILENCE):
-            await receive.receive()
+        witness_send, witness_receive = create_memory_object_stream[Event](math.inf)
+        with witness_send, witness_receive:
+            route.subscriber.subscribe(witness_send.send_nowait)
+            event, fence = Event(), _fence()
+            await route.publisher.publish(event)
+            await route.publisher.publish(fence)
+            # The fence reached a subscriber that is still there, after the event: a delivery
+            # to the removed subscription would have started before it.
+            assert await _receive_until(witness_receive, fence) == [event]
+        assert _nothing_waiting(receive)
 
 
 async def test_publish_no_subscribers(route: Route, caplog: pytest.LogCaptureFixture) -> None:
-    await route.publisher.publish(Event())
+    send, receive = create_memory_object_stream[Event](math.inf)
+    with send, receive:
+        # Only the fence's type is subscribed to: the Event has no subscriber. Once the fence
+        # is delivered, the Event has been handled (and any error logged).
+        route.subscriber.subscribe(send.send_nowait, {TaskAdded})
+        fence = _fence()
+        await route.publisher.publish(Event())
+        await route.publisher.publish(fence)
+        assert await _receive_until(receive, fence) == []
     assert not caplog.text
 
 
@@ -470,17 +506,31 @@ async def test_peer_added_after_start_is_heard(
 
 
 async def test_removed_peer_is_no_longer_heard(
-    brokers: tuple[ZMQEventBroker, ZMQEventBroker],
+    brokers: tuple[ZMQEventBroker, ZMQEventBroker], logger: Logger
 ) -> None:
     a, b = brokers
-    b.remove_peer(a.transport.bound_address)
-    assert b.peers == frozenset()
-    send, receive = create_memory_object_stream[Event](math.inf)
-    with send, receive:
-        b.subscribe(send.send_nowait)
-        await a.publish(Event())
-        with pytest.raises(TimeoutError), fail_after(SILENCE):
-            await receive.receive()
+    # A third broker that still listens to A is the witness: when A's broadcast has reached
+    # it, it has reached every subscriber still connected to A's PUB socket.
+    tc = MeshTransport("node-c", free_mesh_address())
+    await tc.start()
+    try:
+        c = ZMQEventBroker(tc, peers=[a.transport.bound_address])
+        async with started_in_own_task(logger, c):
+            await wait_until_connected(a, c)
+            b.remove_peer(a.transport.bound_address)
+            assert b.peers == frozenset()
+            send, receive = create_memory_object_stream[Event](math.inf)
+            seen_send, seen_receive = create_memory_object_stream[Event](math.inf)
+            with send, receive, seen_send, seen_receive:
+                b.subscribe(send.send_nowait, {Event})  # not the probes and fences (TaskAdded)
+                c.subscribe(seen_send.send_nowait)
+                event, fence = Event(), _fence()
+                await a.publish(event)
+                await a.publish(fence)
+                assert await _receive_until(seen_receive, fence) == [event]
+                assert _nothing_waiting(receive)
+    finally:
+        await tc.close()
 
 
 async def test_node_can_chain_its_own_broadcast_handler(

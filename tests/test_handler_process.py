@@ -41,6 +41,7 @@ from mesh.dispatch.protocol import (
 )
 from mesh.transport.zmq import Incoming, MeshTransport
 from tests.netutil import free_mesh_address
+from tests.waiting import wait_until_async
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TASKS_MODULE = "tests.fixtures.handler_tasks"
@@ -177,6 +178,23 @@ class FakeNode:
         return results[0]
 
 
+async def run_to_the_end(node: FakeNode, path: Path, key: str, **fields: Any) -> dict[str, Any]:
+    """Dispatch ``count_to_file(path)`` to h1 under ``key``, start it, return its result.
+
+    A dispatch that runs to its end after another one shows that the handler judged the other
+    first and had every chance to run it: the tests that check something did *not* run use
+    this instead of waiting a while.
+    """
+    dispatch_id = node.dispatch("h1", "count_to_file", str(path), idempotency_key=key, **fields)
+    ack = await node.ack(dispatch_id)
+    assert ack["accepted"], ack
+    if not node.auto_start:
+        node.transport.send_to_identity(
+            b"h1", DISPATCH_START, {"dispatch_id": dispatch_id, "start": True}
+        )
+    return await node.result(dispatch_id)
+
+
 MakeNode = Callable[..., Awaitable[FakeNode]]
 MakeHandler = Callable[..., Awaitable[HandlerProcess]]
 
@@ -304,14 +322,14 @@ async def test_stale_fencing_token_is_refused_and_does_not_run(
     node, _ = node_and_handler
     await node.result(node.dispatch("h1", "echo", "new leader", fencing_token=5))
     path = tmp_path / "runs.txt"
-    stale = node.dispatch("h1", "count_to_file", str(path), fencing_token=4)
+    stale = node.dispatch("h1", "count_to_file", str(path), fencing_token=4, idempotency_key="old")
     ack = await node.ack(stale)
     assert (ack["accepted"], ack["reason"]) == (False, STALE_FENCING_TOKEN)
-    await asyncio.sleep(0.3)
-    assert not path.exists()
-    assert stale not in node.results
     # The same token as the highest seen is fine (one leader sends many dispatches).
-    assert (await node.ack(node.dispatch("h1", "echo", 1, fencing_token=5)))["accepted"]
+    later = await run_to_the_end(node, path, "later", fencing_token=5)
+    assert later["outcome"] == "success"
+    assert path.read_text().splitlines() == ["later"]
+    assert stale not in node.results
 
 
 async def test_unknown_task_is_refused(node_and_handler: tuple[FakeNode, HandlerProcess]) -> None:
@@ -537,12 +555,7 @@ def _spawn_handler(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes],
 
 
 async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while proc.poll() is None:
-        if loop.time() > deadline:
-            raise AssertionError(f"handler process still running after {timeout}s")
-        await asyncio.sleep(0.05)
+    await wait_until_async(lambda: proc.poll() is not None, timeout, "the handler process to exit")
     return proc.returncode
 
 
@@ -564,7 +577,12 @@ async def test_handler_started_before_the_node_connects_once_it_appears(
         tmp_path, "--mesh", address, "--tasks", TASKS_MODULE, "--handler-id", "early"
     )
     processes.append(proc)
-    await asyncio.sleep(2.0)  # the handler is up and retrying; nothing listens yet
+    # Its first hello timed out (it says so in its log): it is up and retrying, nothing listens.
+    await wait_until_async(
+        lambda: proc.poll() is not None or "not reachable yet" in log_path.read_text(),
+        15.0,
+        lambda: f"the handler to report the node not reachable yet\n{log_path.read_text()}",
+    )
     assert proc.poll() is None, log_path.read_text()
     node = await make_node(address)
     hello = await node.hello_from("early", timeout=6.0)
@@ -625,11 +643,11 @@ async def test_an_acknowledged_dispatch_runs_nothing_until_the_leader_starts_it(
     path = tmp_path / "runs.txt"
     d = node.dispatch("h1", "count_to_file", str(path), idempotency_key="held")
     assert (await node.ack(d))["needs_start"] is True
-    await asyncio.sleep(0.5)
-    assert not path.exists()
+    assert (await run_to_the_end(node, path, "started"))["outcome"] == "success"
+    assert path.read_text().splitlines() == ["started"]
     node.transport.send_to_identity(b"h1", DISPATCH_START, {"dispatch_id": d, "start": True})
     assert (await node.result(d))["outcome"] == "success"
-    assert path.read_text().splitlines() == ["held"]
+    assert path.read_text().splitlines() == ["started", "held"]
 
 
 async def test_a_malformed_start_is_dropped_and_a_valid_one_still_starts_the_dispatch(
@@ -656,8 +674,9 @@ async def test_a_dispatch_the_leader_gave_up_on_never_runs(
     node.abandoned.add(d)
     await node.ack(d)
     await node.wait_for("cancel", lambda: handler.counters["cancelled_starts"] == 1)
-    await asyncio.sleep(0.3)
-    assert not path.exists() and handler.active_jobs == 0
+    assert (await run_to_the_end(node, path, "after"))["outcome"] == "success"
+    assert path.read_text().splitlines() == ["after"]
+    assert handler.active_jobs == 0
 
 
 async def test_a_start_after_the_window_is_answered_not_started_and_runs_nothing(
@@ -675,5 +694,5 @@ async def test_a_start_after_the_window_is_answered_not_started_and_runs_nothing
     node.transport.send_to_identity(b"h1", DISPATCH_START, {"dispatch_id": d, "start": True})
     result = await node.result(d)
     assert result["outcome"] == NOT_STARTED
-    await asyncio.sleep(0.3)
-    assert not path.exists()
+    assert (await run_to_the_end(node, path, "after"))["outcome"] == "success"
+    assert path.read_text().splitlines() == ["after"]

@@ -41,6 +41,26 @@ def _metrics(node: NodeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]],
     return out
 
 
+def _commit_everywhere(cluster: Cluster, leader: NodeProcess, name: str) -> int:
+    """Commit one write through ``leader``, wait until every node has applied it; its index.
+
+    The followers apply it only on AppendEntries from that leader in its term: proof that the
+    leader still leads and replicates at this point (a paused schedule: it never fires).
+    """
+    body = {"id": name, "task": name, "trigger": {"type": "interval", "hours": 1}, "paused": True}
+    status, reply = leader.request("POST", "/api/schedules", body)
+    assert status == 201, reply
+    health = leader.health()
+    assert health is not None, f"{leader.node_id} does not answer /api/health"
+    index = int(health["commit_index"])
+    cluster.wait_for(
+        lambda: all((h := n.health()) and h["applied_index"] >= index for n in cluster.nodes),
+        10,
+        f"every node to apply index {index} ({name})",
+    )
+    return index
+
+
 def _wait_new_leader(
     cluster: Cluster, survivors: list[NodeProcess], old_term: int, since: float, timeout: float
 ) -> tuple[NodeProcess, float]:
@@ -186,8 +206,9 @@ def test_a_graceful_stop_leaves_the_commit_index_on_disk(cluster_factory):
     # A commit-index-only change is not fsync'd on its own (it rides on the next entries); the
     # stop path must still write the final one, so a restart re-applies everything it knew.
     cluster = cluster_factory(3)
-    cluster.wait_for_leader(timeout=10)
-    time.sleep(0.5)  # heartbeats carry the commit index to the followers
+    leader = cluster.wait_for_leader(timeout=10)
+    for follower in (n for n in cluster.nodes if n is not leader):
+        cluster.wait_caught_up(follower)  # the heartbeats brought it the leader's commit index
     cluster.stop_all()
     for n in cluster.nodes:
         stopped = [e for e in n.events() if e["type"] == "node_stopped"]
@@ -220,8 +241,15 @@ def test_five_nodes_keep_a_leader_with_two_dead_and_have_none_with_three_dead(cl
     victim = next(n for n in survivors if n is not new)
     victim.kill(signal.SIGKILL)
     remaining = [n for n in survivors if n is not victim]
-    time.sleep(2.0)
 
+    def campaigning_without_quorum() -> dict | None:
+        # The leader stepped down (CheckQuorum) and each survivor's own election timer has
+        # fired since (role "candidate", PreVote), with only 2 of 5 voters to ask.
+        healths = cluster.healths(remaining)
+        done = all(h and h["role"] == "candidate" and not h["has_quorum"] for h in healths.values())
+        return healths if done else None
+
+    cluster.wait_for(campaigning_without_quorum, 10, "both survivors to campaign without a quorum")
     deadline = time.monotonic() + 0.5
     while time.monotonic() < deadline:
         healths = cluster.healths(remaining)
@@ -345,7 +373,7 @@ def test_malformed_frames_on_the_mesh_port_are_dropped_and_counted_not_fatal(clu
         )
 
     cluster.wait_for(counted, 5, "every malformed message counted in /metrics")
-    time.sleep(1.0)  # longer than an election timeout: a disturbed leader would show by now
+    _commit_everywhere(cluster, leader, "after-garbage")
     after = cluster.healths()
     assert all(n.running for n in cluster.nodes), cluster.diagnostics()
     assert {(h["leader_id"], h["term"]) for h in after.values()} == {
@@ -379,18 +407,19 @@ def test_raft_messages_with_wrongly_typed_fields_are_dropped_without_disturbing_
     ]
 
     _send_raw(leader.mesh, [[b"SZ1", b"raft", b"", json.dumps(p).encode()] for p in payloads])
-    time.sleep(1.0)
 
-    after = cluster.healths()
-    assert {(h["leader_id"], h["term"]) for h in after.values()} == {(leader.node_id, term)}, after
-    dropped = _metrics(leader).get(
-        (
+    def dropped() -> float:
+        key = (
             "mesh_transport_events_total",
             (("kind", "dropped_frames.raft"), ("node_id", leader.node_id)),
-        ),
-        0,
-    )
-    assert dropped == len(payloads)
+        )
+        return _metrics(leader).get(key, 0)
+
+    cluster.wait_for(lambda: dropped() >= len(payloads), 5, "both messages counted as dropped")
+    _commit_everywhere(cluster, leader, "after-bad-fields")
+    after = cluster.healths()
+    assert {(h["leader_id"], h["term"]) for h in after.values()} == {(leader.node_id, term)}, after
+    assert dropped() == len(payloads)
 
 
 def test_broker_state_db_records_instances_leadership_metrics_and_the_raft_log(cluster_factory):

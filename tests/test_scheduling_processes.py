@@ -8,10 +8,10 @@ import json
 import signal
 import time
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests.cluster import Cluster
+from tests.cluster import Cluster, NodeProcess
 
 TASKS = ("--tasks", "tests.fixtures.recorder_tasks")
 
@@ -20,6 +20,30 @@ def _records(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _fires_after(path: Path, moment: datetime) -> list[datetime]:
+    """Fire times recorded in ``path`` later than ``moment``."""
+    fires = (datetime.fromisoformat(r["fire"]) for r in _records(path))
+    return [f for f in fires if f > moment]
+
+
+def _missing_fires(records: list[dict], period: timedelta) -> list[tuple[datetime, datetime]]:
+    """Neighbouring recorded fire times further apart than one period."""
+    times = sorted({datetime.fromisoformat(r["fire"]) for r in records})
+    return [(a, b) for a, b in itertools.pairwise(times) if b - a != period]
+
+
+def _create(node: NodeProcess, schedule_id: str, seconds: float, path: Path, **extra) -> None:
+    body = {
+        "id": schedule_id,
+        "task": "record",
+        "trigger": {"type": "interval", "seconds": seconds},
+        "kwargs": {"path": str(path)},
+        **extra,
+    }
+    status, created = node.request("POST", "/api/schedules", body)
+    assert status == 201, created
 
 
 def _follower(cluster: Cluster, *, not_: tuple = ()):
@@ -47,13 +71,18 @@ def test_schedule_written_to_a_follower_is_on_every_node_fires_on_the_leader_and
         assert status == 200 and got["task"] == "record", (node, got)
     cluster.wait_for(lambda: len(_records(out)) >= 4, 10, "four fires")
     assert {r["pid"] for r in _records(out)} == {leader.pid}
+    witness = tmp_path / "witness.jsonl"
+    _create(follower, "witness", 0.25, witness)
     other = next(n for n in cluster.running() if n not in (leader, follower))
     status, _ = other.request("DELETE", "/api/schedules/every-quarter")
     assert status == 204
-    time.sleep(0.5)  # a fire already dispatched when the delete committed may still land
-    settled = len(_records(out))
-    time.sleep(1.0)
-    assert len(_records(out)) == settled
+    deleted_at = datetime.now(UTC)
+    # Another schedule of the same period fired four times since: the scheduler had as many
+    # chances to fire the deleted one. A fire due before the delete may still land.
+    cluster.wait_for(
+        lambda: len(_fires_after(witness, deleted_at)) >= 4, 10, "four more fires of a witness"
+    )
+    assert _fires_after(out, deleted_at) == []
     for node in cluster.running():
         assert node.request("GET", "/api/schedules/every-quarter")[0] == 404
 
@@ -77,19 +106,38 @@ def test_every_fire_time_runs_exactly_once_across_two_leader_kills(
         },
     )
     assert status == 201, created
+
+    def fired_by(term: int, at_least: int) -> bool:
+        records = _records(out)
+        return len(records) >= at_least and any(r["token"] == term for r in records)
+
     term = 0
     for _ in range(2):
-        cluster.wait_for(lambda: len(_records(out)) >= 4, 10, "fires before the kill")
         leader = cluster.wait_for_leader(newer_than_term=term)
         term = leader.health()["term"]
+        # The fencing token is the leader's term: this leader has fired before it dies.
+        cluster.wait_for(
+            lambda term=term: fired_by(term, 4), 10, f"fires by the leader of term {term}"
+        )
         leader.kill(signal.SIGKILL)
         cluster.wait_for_leader(among=[n for n in cluster.running()], newer_than_term=term)
         leader.restart()
-        time.sleep(1.0)
-    time.sleep(1.0)
-    node = cluster.wait_for_leader()
+    node = cluster.wait_for_leader(newer_than_term=term)
+    term = node.health()["term"]
+    cluster.wait_for(
+        lambda: fired_by(term, 12) and len({r["fire"] for r in _records(out)}) >= 12,
+        20,
+        f"12 fire times, some by the leader of term {term}",
+    )
     assert node.request("DELETE", "/api/schedules/failover")[0] == 204
-    time.sleep(0.5)
+    # A fire in flight when the delete committed may still land: wait until every fire time up
+    # to the last one recorded is there (a fire that never runs fails this wait).
+    period = timedelta(seconds=0.25)
+    cluster.wait_for(
+        lambda: not _missing_fires(_records(out), period),
+        10,
+        "no fire time missing between the first and the last",
+    )
 
     records = _records(out)
     fires = Counter(r["fire"] for r in records)
@@ -98,7 +146,7 @@ def test_every_fire_time_runs_exactly_once_across_two_leader_kills(
     first_attempts = Counter(r["fire"] for r in records if r["attempt"] == 1)
     assert [f for f, n in first_attempts.items() if n > 1] == []
     times = sorted(datetime.fromisoformat(f) for f in fires)
-    gaps = [(a, b) for a, b in itertools.pairwise(times) if b - a != timedelta(seconds=0.25)]
+    gaps = _missing_fires(records, period)
     assert gaps == [], f"missing fire times between {gaps[:3]}"
     assert len({r["token"] for r in records}) >= 3, "fires should come from three leader terms"
     assert len(times) >= 12
@@ -123,27 +171,22 @@ def test_run_now_job_reports_its_result_on_any_node(cluster_factory) -> None:
 def test_pause_and_resume_through_a_follower(cluster_factory, tmp_path: Path) -> None:
     cluster = cluster_factory(3, TASKS)
     _, follower = _follower(cluster)
-    out = tmp_path / "fires.jsonl"
-    follower.request(
-        "POST",
-        "/api/schedules",
-        {
-            "id": "p",
-            "task": "record",
-            "trigger": {"type": "interval", "seconds": 0.2},
-            "kwargs": {"path": str(out)},
-        },
-    )
+    out, witness = tmp_path / "fires.jsonl", tmp_path / "witness.jsonl"
+    _create(follower, "p", 0.2, out)
+    _create(follower, "witness", 0.2, witness)
     cluster.wait_for(lambda: len(_records(out)) >= 2, 10, "fires")
     status, paused = follower.request("POST", "/api/schedules/p/pause")
     assert status == 200 and paused["paused"] is True
-    time.sleep(0.4)
-    settled = len(_records(out))
-    time.sleep(1.0)
-    assert len(_records(out)) == settled
+    paused_at = datetime.now(UTC)
+    # Another schedule of the same period fired five times since: the scheduler had as many
+    # chances to fire the paused one. A fire due before the pause may still land.
+    cluster.wait_for(
+        lambda: len(_fires_after(witness, paused_at)) >= 5, 10, "five more fires of a witness"
+    )
+    assert _fires_after(out, paused_at) == []
     status, resumed = follower.request("POST", "/api/schedules/p/resume")
     assert status == 200 and resumed["paused"] is False
-    cluster.wait_for(lambda: len(_records(out)) > settled, 10, "fires after resume")
+    cluster.wait_for(lambda: _fires_after(out, paused_at), 10, "fires after resume")
 
 
 def test_writes_without_a_quorum_get_503_quickly_and_reads_still_work(cluster_factory) -> None:
@@ -278,10 +321,12 @@ def test_a_snapshot_larger_than_the_message_limit_reaches_a_follower_in_chunks(
         }
         status, reply = leader.request("POST", "/api/schedules", body, timeout=10)
         assert status == 201, reply
-    deadline = time.monotonic() + 20
-    while not any(e["type"] == "snapshot_taken" for e in leader.events()):
-        assert time.monotonic() < deadline, "the leader never took a snapshot"
-        time.sleep(0.2)
+    cluster.wait_for(
+        lambda: any(e["type"] == "snapshot_taken" for e in leader.events()),
+        20,
+        "the leader to take a snapshot",
+        interval=0.2,
+    )
     follower.restart()
     cluster.wait_caught_up(follower, timeout=30)
     sent = [e for e in leader.events() if e["type"] == "snapshot_sent"]

@@ -4,6 +4,11 @@ The server runs in a background thread (as the chaos suite runs it); upstreams a
 TCP servers on 127.0.0.1. Tests marked "ported" are toxiproxy-python's own test suite
 (douglas/toxiproxy-python, test/toxiproxy_test.py and test/toxiproxy_api_test.py), with fixed
 ports replaced by free ones and its no-op ``assert passed, approx(...)`` made real assertions.
+
+Timings are asserted only as behaviour: a toxic delays by *at least* its delay, and without it
+the same exchange is quicker than that delay. How fast the proxy is belongs to the benchmark.
+That a toxic dropped data (rather than delayed it) is shown by an end of stream sent after the
+data through the same link arriving with nothing before it, not by waiting for a while.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from chaos.toxiproxy_server import (
     serve_in_thread,
     start_server,
 )
+from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -54,6 +60,7 @@ class Upstream:
         self.sock = socket.create_server((HOST, 0))
         self.port = self.sock.getsockname()[1]
         self.received: list[bytes] = []  # what recording servers got, recv by recv
+        self.finished = 0  # connections whose serve() has returned (saw the end, or failed)
         self.lock = threading.Lock()
         self.conns: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -78,6 +85,8 @@ class Upstream:
             pass  # resets are part of what these tests provoke
         finally:
             conn.close()
+            with self.lock:
+                self.finished += 1
 
     def record(self, data: bytes) -> None:
         with self.lock:
@@ -104,6 +113,19 @@ def greet_and_record(conn: socket.socket, upstream: Upstream) -> None:
     conn.sendall(b"hello\n")
     while data := conn.recv(65536):
         upstream.record(data)
+
+
+def greet_record_a_line_and_close(conn: socket.socket, upstream: Upstream) -> None:
+    conn.sendall(b"hello\n")
+    upstream.record(conn.makefile("rb").readline())
+
+
+def echo_until_bye(conn: socket.socket, _: Upstream) -> None:
+    """Echoes; closes after echoing data that ends with ``bye``."""
+    while data := conn.recv(65536):
+        conn.sendall(data)
+        if data.endswith(b"bye"):
+            return
 
 
 def record(conn: socket.socket, upstream: Upstream) -> None:
@@ -183,17 +205,6 @@ def round_trip(sock: socket.socket, payload: bytes = b"ping") -> float:
     sock.sendall(payload)
     assert recv_exactly(sock, len(payload)) == payload
     return time.monotonic() - started
-
-
-def nothing_arrives(sock: socket.socket, within: float) -> bool:
-    sock.settimeout(within)
-    try:
-        sock.recv(1)
-    except TimeoutError:
-        return True
-    finally:
-        sock.settimeout(5)
-    return False
 
 
 def connect_to_proxy(host: str, port: str) -> float:
@@ -760,7 +771,7 @@ def test_apply_downstream_toxic(
     proxy_host, proxy_port = proxy.listen.split(":")
     proxy.add_toxic(type="latency", attributes={"latency": 100})
 
-    assert 0.1 <= connect_to_proxy(proxy_host, proxy_port) < 0.4
+    assert connect_to_proxy(proxy_host, proxy_port) >= 0.1
 
 
 def test_apply_upstream_toxic(
@@ -770,7 +781,7 @@ def test_apply_upstream_toxic(
     proxy_host, proxy_port = proxy.listen.split(":")
     proxy.add_toxic(stream="upstream", type="latency", attributes={"latency": 100})
 
-    assert 0.1 <= connect_to_proxy(proxy_host, proxy_port) < 0.4
+    assert connect_to_proxy(proxy_host, proxy_port) >= 0.1
 
 
 def test_apply_prolong_toxics(
@@ -781,7 +792,7 @@ def test_apply_prolong_toxics(
     proxy.add_toxic(stream="upstream", type="latency", attributes={"latency": 100})
     proxy.add_toxic(type="latency", attributes={"latency": 100})
 
-    assert 0.2 <= connect_to_proxy(proxy_host, proxy_port) < 0.5
+    assert connect_to_proxy(proxy_host, proxy_port) >= 0.2
 
 
 def test_multiple_of_same_toxic_type(
@@ -792,7 +803,7 @@ def test_multiple_of_same_toxic_type(
     proxy.add_toxic(type="latency", attributes={"latency": 100})
     proxy.add_toxic(type="latency", attributes={"latency": 100}, name="second_latency_downstream")
 
-    assert 0.2 <= connect_to_proxy(proxy_host, proxy_port) < 0.5
+    assert connect_to_proxy(proxy_host, proxy_port) >= 0.2
 
 
 def test_latency_jitter_stays_within_latency_plus_or_minus_jitter(
@@ -802,7 +813,7 @@ def test_latency_jitter_stays_within_latency_plus_or_minus_jitter(
     proxy.add_toxic(type="latency", attributes={"latency": 100, "jitter": 50})
     with connect(proxy) as sock:
         times = [round_trip(sock) for _ in range(6)]
-    assert all(0.05 <= t < 0.3 for t in times), times
+    assert all(t >= 0.05 for t in times), times
     assert max(times) - min(times) > 0.005, "jitter should vary the delay"
 
 
@@ -811,11 +822,11 @@ def test_latency_added_to_a_live_connection_applies_and_removing_it_lifts_it(
 ) -> None:
     proxy = toxiproxy.create(upstream=make_upstream().address, name="p")
     with connect(proxy) as sock:
-        assert round_trip(sock) < 0.1
+        round_trip(sock)
         proxy.add_toxic(type="latency", attributes={"latency": 200})
         assert round_trip(sock) >= 0.2
         proxy.destroy_toxic("latency_downstream")
-        assert round_trip(sock) < 0.1
+        assert round_trip(sock) < 0.2  # no longer carries the 200 ms
 
 
 def test_updating_latency_on_a_live_connection_takes_effect(
@@ -824,7 +835,7 @@ def test_updating_latency_on_a_live_connection_takes_effect(
     proxy = toxiproxy.create(upstream=make_upstream().address, name="p")
     proxy.add_toxic(type="latency", attributes={"latency": 10})
     with connect(proxy) as sock:
-        assert round_trip(sock) < 0.15
+        assert 0.01 <= round_trip(sock) < 0.25  # the 10 ms, not yet the 250 ms
         APIConsumer.post(
             "/proxies/p/toxics/latency_downstream", json={"attributes": {"latency": 250}}
         )
@@ -839,21 +850,24 @@ def test_bandwidth_bounds_throughput(
     payload = random.randbytes(50_000)  # 0.5 s at 100 KB/s
     with connect(proxy) as sock:
         elapsed = round_trip(sock, payload)
-    assert 0.45 <= elapsed < 1.5
+    assert elapsed >= 0.45
 
 
 def test_timeout_0_blocks_data_and_removing_it_closes_the_connection(
     toxiproxy: Toxiproxy, make_upstream: Callable[..., Upstream]
 ) -> None:
-    proxy = toxiproxy.create(upstream=make_upstream().address, name="p")
-    with connect(proxy) as sock:
-        round_trip(sock)
+    proxy = toxiproxy.create(upstream=make_upstream(echo_until_bye).address, name="p")
+    with connect(proxy) as blocked, connect(proxy) as held:
+        round_trip(blocked)
+        round_trip(held)
         proxy.add_toxic(type="timeout", attributes={"timeout": 0})
-        sock.sendall(b"lost")
-        assert nothing_arrives(sock, 0.3)
+        # The upstream echoes this, then closes: its end of stream passes the toxic after the
+        # echo, so an end of stream with nothing before it shows the echo was dropped.
+        blocked.sendall(b"lost, bye")
+        assert recv_until_eof(blocked) == b""
 
         proxy.destroy_toxic("timeout_downstream")
-        assert sock.recv(1) == b""
+        assert held.recv(1) == b""
 
 
 def test_timeout_closes_the_connection_after_its_delay(
@@ -865,7 +879,7 @@ def test_timeout_closes_the_connection_after_its_delay(
     with connect(proxy) as sock:
         sock.sendall(b"lost")
         assert recv_until_eof(sock) == b""
-    assert 0.28 <= time.monotonic() - started < 1.5
+    assert time.monotonic() - started >= 0.28
 
 
 def test_reset_peer_resets_the_connection_after_its_timeout(
@@ -878,7 +892,7 @@ def test_reset_peer_resets_the_connection_after_its_timeout(
         sock.sendall(b"data")
         with pytest.raises(ConnectionResetError):
             sock.recv(1)
-    assert 0.19 <= time.monotonic() - started < 1.5
+    assert time.monotonic() - started >= 0.19
 
 
 def test_upstream_reset_peer_resets_the_client_too(
@@ -905,9 +919,9 @@ def test_slicer_delivers_every_byte_in_small_slices(
     payload = random.randbytes(3000)
     with connect(proxy) as sock:
         sock.sendall(payload)
-        deadline = time.monotonic() + 5
-        while sum(map(len, recorder.received)) < len(payload) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(
+            lambda: sum(map(len, recorder.received)) >= len(payload), 5, "every byte upstream"
+        )
     assert b"".join(recorder.received) == payload
     assert len(recorder.received) >= 15  # about 30 slices; a few may merge in the socket
 
@@ -939,13 +953,15 @@ def test_slow_close_delays_the_close(
     with connect(proxy) as sock:
         started = time.monotonic()
         assert recv_until_eof(sock) == b"bye"
-        assert time.monotonic() - started < 0.2
+        plain = time.monotonic() - started
 
     proxy.add_toxic(type="slow_close", attributes={"delay": 300})
     with connect(proxy) as sock:
         started = time.monotonic()
         assert recv_until_eof(sock) == b"bye"
-        assert 0.28 <= time.monotonic() - started < 1.5
+        delayed = time.monotonic() - started
+    # Without the toxic the close came before its 300 ms; with it, not before them.
+    assert plain < 0.3 and delayed >= 0.28, (plain, delayed)
 
 
 def test_toxicity_0_never_applies(
@@ -956,7 +972,7 @@ def test_toxicity_0_never_applies(
     proxy.add_toxic(type="latency", attributes={"latency": 1000}, toxicity=0.0)
     for _ in range(5):
         with connect(proxy) as sock:
-            assert round_trip(sock) < 0.5
+            assert round_trip(sock) < 1.0  # the latency toxic would add 1000 ms
 
 
 def test_toxicity_is_decided_per_connection(
@@ -982,20 +998,25 @@ def test_upstream_toxic_affects_only_client_to_server(
     with connect(proxy) as sock:
         assert recv_exactly(sock, 6) == b"hello\n"
         sock.sendall(b"request")
-        time.sleep(0.3)
+        # Our end of stream passes the toxic after the request: once the upstream has seen
+        # it, the request was dropped, not delayed.
+        sock.shutdown(socket.SHUT_WR)
+        wait_until(lambda: greeter.finished == 1, 5, "the upstream to see the end of stream")
     assert greeter.received == []
 
 
 def test_downstream_toxic_affects_only_server_to_client(
     toxiproxy: Toxiproxy, make_upstream: Callable[..., Upstream]
 ) -> None:
-    greeter = make_upstream(greet_and_record)
+    greeter = make_upstream(greet_record_a_line_and_close)
     proxy = toxiproxy.create(upstream=greeter.address, name="p")
     proxy.add_toxic(type="timeout", stream="downstream", attributes={"timeout": 0})
     with connect(proxy) as sock:
-        sock.sendall(b"request")
-        assert nothing_arrives(sock, 0.3)
-    assert b"".join(greeter.received) == b"request"
+        sock.sendall(b"request\n")
+        # The upstream closes after the request: its end of stream passes the toxic after the
+        # greeting, so an end of stream with nothing before it shows the greeting was dropped.
+        assert recv_until_eof(sock) == b""
+    assert greeter.received == [b"request\n"]
 
 
 def test_unreachable_upstream_closes_the_client_connection(toxiproxy: Toxiproxy) -> None:
@@ -1116,10 +1137,10 @@ def test_cli_serves_until_sigterm_and_exits_0() -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
-        while not can_connect_to(HOST, port):
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(
+            lambda: process.poll() is not None or can_connect_to(HOST, port), 10, "the server"
+        )
+        assert process.poll() is None
         assert "version" in requests.get(f"http://{HOST}:{port}/version", timeout=5).json()
     finally:
         process.send_signal(signal.SIGTERM)
