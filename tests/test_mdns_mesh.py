@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import secrets
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import yaml
 
-from tests.cluster import REPO_ROOT, http_request
+from mesh.supervise import (
+    REPO_ROOT,
+    child_env,
+    get_json,
+    node_command,
+    spawn,
+    stop_all,
+    tail,
+    wait_until,
+)
 from tests.netutil import free_port_pair
 from tests.test_discovery import needs_multicast
 
@@ -28,57 +33,27 @@ def test_three_mdns_nodes_without_peers_elect_one_leader(tmp_path: Path) -> None
         for i in range(3):
             mesh, http = free_port_pair("127.0.0.1"), free_port_pair("127.0.0.1")
             https.append(f"http://127.0.0.1:{http}")
-            log = open(tmp_path / f"m{i}.log", "wb")
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "mesh.cli",
-                        "node",
-                        "--config",
-                        str(config),
-                        "--node-id",
-                        f"m{i}",
-                        "--data-dir",
-                        str(tmp_path / f"m{i}"),
-                        "--mesh",
-                        f"tcp://127.0.0.1:{mesh}",
-                        "--http",
-                        f"127.0.0.1:{http}",
-                    ],
-                    cwd=REPO_ROOT,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+            argv = node_command(
+                f"m{i}",
+                data_dir=tmp_path / f"m{i}",
+                mesh=f"tcp://127.0.0.1:{mesh}",
+                http=f"127.0.0.1:{http}",
+                config=config,
             )
-        deadline = time.monotonic() + 20
-        healths: list = []
-        while time.monotonic() < deadline:
-            healths = []
-            for url in https:
-                try:
-                    healths.append(http_request(url + "/api/health", timeout=1)[1])
-                except OSError:
-                    healths.append(None)
+            procs.append(spawn(argv, stdout=tmp_path / f"m{i}.log", cwd=REPO_ROOT, env=child_env()))
+
+        def agreed() -> list | None:
+            healths = [get_json(url + "/api/health") for url in https]
             if all(h and h["leader_id"] and len(h["voters"]) == 3 for h in healths):
                 if len({(h["leader_id"], h["term"]) for h in healths}) == 1:
-                    break
-            time.sleep(0.2)
-        logs = "\n".join(
-            (tmp_path / f"m{i}.log").read_text(errors="replace")[-800:] for i in range(3)
-        )
-        assert all(h and h["voters"] == ["m0", "m1", "m2"] for h in healths), (healths, logs)
-        assert len({(h["leader_id"], h["term"]) for h in healths}) == 1, (healths, logs)
+                    return healths
+            return None
+
+        def logs() -> str:
+            return "\n".join(tail(tmp_path / f"m{i}.log", 10) for i in range(3))
+
+        healths = wait_until(agreed, 20, "one leader agreed by three mDNS nodes", diagnostics=logs)
+        assert all(h["voters"] == ["m0", "m1", "m2"] for h in healths), (healths, logs())
         assert sum(h["role"] == "leader" for h in healths) == 1
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_all(procs)

@@ -14,9 +14,10 @@ fire of another schedule), then asserts the absence.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from mesh import supervise
 
 T = TypeVar("T")
 
@@ -37,15 +38,16 @@ def wait_until(
     *,
     interval: float = INTERVAL,
 ) -> T:
-    """Poll ``condition`` until it is truthy; returns its value, AssertionError at ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(_describe(message, timeout))
-        time.sleep(interval)
+    """Poll ``condition`` until it is truthy; returns its value, AssertionError at ``timeout``.
+    The harness's own poller (``mesh.supervise.wait_until``), failing as a test fails."""
+    return supervise.wait_until(
+        condition,
+        timeout,
+        message if isinstance(message, str) else "the condition",
+        interval=interval,
+        error=AssertionError,
+        diagnostics=None if isinstance(message, str) else message,
+    )
 
 
 async def wait_until_async(
