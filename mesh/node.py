@@ -50,7 +50,7 @@ from mesh.contracts import (
     RoleListener,
 )
 from mesh.membership.discovery import Discovery
-from mesh.membership.members import Members, MembershipSettings
+from mesh.membership.members import Members
 from mesh.membership.voters import apply_voter_policy
 from mesh.snapshots import CHUNK_TIMEOUT, SnapshotReceiver, SnapshotSender, compact
 from mesh.statemachine import StateMachine
@@ -123,18 +123,12 @@ class MeshNode:
             snapshot=snap,
             entries=entries,
         )
-        m = config.membership
         self.members = Members(
             self.id,
             config.advertise_mesh,
             dialer=transport,
             events=events,
-            settings=MembershipSettings(
-                ping_interval=m.ping_interval,
-                suspect_after=m.suspect_after,
-                dead_after=m.dead_after,
-                learn_peers=m.learn_peers,
-            ),
+            settings=config.membership,
             local_info=self._local_info,
             clock=clock,
             wall_clock=wall_clock,

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import attrs
 
+from mesh.config import MembershipConfig
 from mesh.contracts import EventSink
 
 log = logging.getLogger("mesh.membership")
@@ -37,14 +38,6 @@ class Dialer(Protocol):
     async def request(
         self, address: str, kind: str, payload: dict[str, Any], *, timeout: float
     ) -> dict[str, Any]: ...
-
-
-@attrs.define
-class MembershipSettings:
-    ping_interval: float = 0.5
-    suspect_after: float = 1.5
-    dead_after: float = 3.0
-    learn_peers: bool = True  # a ping from an unknown address adds it (the peer set is symmetric)
 
 
 @attrs.define
@@ -71,7 +64,7 @@ class Members:
         *,
         dialer: Dialer,
         events: EventSink,
-        settings: MembershipSettings,
+        settings: MembershipConfig,
         local_info: Callable[[], dict[str, Any]],
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
