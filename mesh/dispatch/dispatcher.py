@@ -169,19 +169,10 @@ class HandlerDispatcher:
 
     async def _assign(self, job: Job, handler: HandlerInfo, session: LeaderSession) -> bool:
         """Commit "job → handler" before dispatching; a leader without a quorum cannot.
-        Assignments made in one loop iteration share a log entry (the session's batch)."""
+        Assignments made in one loop iteration share a log entry (the data store batches)."""
         if job.id not in self.state.jobs:
             return True
-        return bool(
-            await session.propose_batched(
-                {
-                    "op": "assign_job",
-                    "job_id": str(job.id),
-                    "handler_id": handler.handler_id,
-                    "scheduler_id": session.identity,
-                }
-            )
-        )
+        return await session.assign(job.id, handler.handler_id)
 
     async def _wait_for(self, handler_id: str, job: Job) -> HandlerInfo | None:
         """The assigned handler once it is alive (and offers the task), or None after the wait."""

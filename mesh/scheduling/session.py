@@ -8,7 +8,6 @@ the record of which handler ran each job live here and are handed to whoever nee
 
 from __future__ import annotations
 
-from typing import Any
 from uuid import UUID
 
 from mesh.contracts import Replica, term_identity
@@ -44,6 +43,7 @@ class LeaderSession:
         """Where the job ran, once: the data store records it with the job's result."""
         return self._runners.pop(job_id, None)
 
-    async def propose_batched(self, command: dict[str, Any]) -> Any:
-        """Replicate ``command`` in this loop iteration's batch entry (see the data store)."""
-        return await self.store.propose_batched(command)
+    async def assign(self, job_id: UUID, handler_id: str) -> bool:
+        """Commit that the job goes to ``handler_id`` under this term (before dispatching it);
+        False when the job is no longer this leader's."""
+        return await self.store.assign_job(self.identity, job_id, handler_id)

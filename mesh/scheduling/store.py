@@ -381,6 +381,18 @@ class ReplicatedDataStore(BaseDataStore):
                 }
             )
 
+    async def assign_job(self, scheduler_id: str, job_id: UUID, handler_id: str) -> bool:
+        """Commit "job → handler" before the job is dispatched (a mesh extension of the
+        DataStore contract); False when the job is no longer ``scheduler_id``'s. Assignments
+        made in one loop iteration share a log entry."""
+        command = {
+            "op": "assign_job",
+            "job_id": str(job_id),
+            "handler_id": handler_id,
+            "scheduler_id": scheduler_id,
+        }
+        return bool(await self.propose_batched(command))
+
     async def reap_abandoned_jobs(self, scheduler_id: str) -> None:
         now = self.clock()
         for js in list(self.state.jobs.values()):
