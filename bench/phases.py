@@ -1,5 +1,6 @@
-"""The six figures. Each phase starts its own fresh mesh (so no phase inherits another's state),
-measures, stops it, then runs the APScheduler-alone baselines, and returns a JSON-able dict."""
+"""The phases. Each of the six mesh figures starts its own fresh mesh (so no phase inherits
+another's state), measures, stops it, then runs the APScheduler-alone baselines, and returns a
+JSON-able dict. The timing phase (bench/timing.py) measures what unit tests used to assert."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from bench.common import (
 )
 from bench.harness import BenchError, Node, wait_for
 from bench.stats import cpu_seconds, parse_time, rss_mb, step_should_stop, summary
+from bench.timing import timing
 from mesh.node import TICK_SECONDS
 
 TICKS_PER_SECOND = round(1 / TICK_SECONDS)
@@ -575,4 +577,5 @@ PHASES = {
     "lateness": lateness,
     "failover": failover,
     "scale": scale,
+    "timing": timing,
 }

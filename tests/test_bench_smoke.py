@@ -107,3 +107,65 @@ def test_table_states_target_and_ratio() -> None:
     p99 = next(r for r in rows if r["key"] == "write_p99_ms")
     assert (p50["met"], p50["ratio_memory"]) == (True, 4.0)
     assert p99["met"] is False
+
+
+def test_timing_at_tiny_size_gives_every_row_with_its_target(tmp_path: Path) -> None:
+    code = bench_main(
+        ["--quick", "--only", "timing", "--scale", "0.05", "--out", str(tmp_path), "--no-plots"]
+    )
+
+    assert code == 0
+    result = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert result["errors"] == {}
+    timing = result["figures"]["timing"]
+    assert set(timing) == {"token_bucket", "sends", "toxiproxy", "no_handler"}
+    assert timing["token_bucket"]["grants"] > 0
+    assert timing["sends"]["unreachable"]["accepted"] == 0
+    assert timing["sends"]["live"]["accepted"] > 0
+    for part in ("plain", "plain_50kb", "latency", "jitter", "bandwidth"):
+        assert timing["toxiproxy"][part]["count"] >= 1, part
+    assert timing["no_handler"]["status"] == "error"
+    rows = {r["key"]: r for r in result["table"] if r["section"] == "timing"}
+    assert set(rows) == {
+        "timing_bucket_grants",
+        "timing_bucket_max_1s",
+        "timing_sends_unreachable_s",
+        "timing_toxiproxy_plain_s",
+        "timing_toxiproxy_latency_s",
+        "timing_toxiproxy_jitter_max_s",
+        "timing_toxiproxy_bandwidth_s",
+        "timing_no_handler_s",
+    }
+    assert all(_positive(r["mesh"]) for r in rows.values())
+    for key in set(rows) - {"timing_toxiproxy_plain_s"}:
+        assert rows[key]["target"] and isinstance(rows[key]["met"], bool), key
+    for key in ("timing_sends_unreachable_s", "timing_toxiproxy_latency_s"):
+        assert _positive(rows[key]["ratio_baseline"]), key
+
+
+def test_timing_rows_state_targets_and_same_run_baselines() -> None:
+    rows = report.rows(
+        {
+            "timing": {
+                "token_bucket": {
+                    "rate": 20.0,
+                    "workers": 8,
+                    "seconds": 5.0,
+                    "grants": 120,
+                    "expected": 100.0,
+                    "max_in_1s": 21,
+                },
+                "sends": {"count": 1000, "unreachable": {"seconds": 0.2}, "live": {"seconds": 0.1}},
+                "no_handler": {"no_handler_wait_s": 1.0, "ended_after_s": None, "status": None},
+            }
+        }
+    )
+    by_key = {r["key"]: r for r in rows}
+    grants = by_key["timing_bucket_grants"]
+    assert (grants["target"], grants["met"]) == ("90..110", False)
+    assert by_key["timing_bucket_max_1s"]["met"] is True
+    sends = by_key["timing_sends_unreachable_s"]
+    assert (sends["met"], sends["ratio_baseline"]) == (True, 2.0)
+    assert by_key["timing_no_handler_s"]["met"] is False  # never ended: the target is missed
+    text = report.table(rows, {})
+    assert "timing (bounds once asserted by unit tests)" in text and "APS+memory" not in text
