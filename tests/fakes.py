@@ -381,8 +381,9 @@ class FakeHandler:
     """A handler process seen from the leader through a ``FakeBus``.
 
     Each dispatch to it is answered by the next behaviour of its script (``script(...)``), or
-    ``RUN`` when the script is used up. Answers arrive in a later loop iteration, as over the
-    network. A successful job returns its first argument.
+    ``RUN`` when the script is used up; like a real handler it refuses (``at_capacity``) while
+    ``concurrency`` accepted dispatches are unfinished. Answers arrive in a later loop
+    iteration, as over the network. A successful job returns its first argument.
     """
 
     def __init__(
@@ -397,6 +398,7 @@ class FakeHandler:
         self.starts: dict[str, bool] = {}  # dispatch id → the start answer it got
         self.held: dict[str, dict[str, Any]] = {}  # started, not yet finished
         self._script: list[str] = []
+        self._slots: set[str] = set()  # accepted dispatches not finished: at most concurrency
         self._behaviour: dict[str, str] = {}
         bus.on_send(self._on_send)
 
@@ -426,6 +428,7 @@ class FakeHandler:
 
     def finish(self, dispatch_id: str, *, error: str | None = None) -> None:
         d = self.held.pop(dispatch_id)
+        self._slots.discard(dispatch_id)
         payload: dict[str, Any] = {
             "dispatch_id": dispatch_id,
             "handler_id": self.handler_id,
@@ -447,17 +450,22 @@ class FakeHandler:
         loop = asyncio.get_running_loop()
         if msg.kind == p.DISPATCH:
             self.dispatches.append(msg.payload)
-            behaviour = self._script.pop(0) if self._script else RUN
             dispatch_id = msg.payload["dispatch_id"]
+            if len(self._slots) >= self.concurrency:
+                behaviour = BUSY  # as a real handler: every slot is taken
+            else:
+                behaviour = self._script.pop(0) if self._script else RUN
             self._behaviour[dispatch_id] = behaviour
             if behaviour == BUSY:
                 loop.call_soon(lambda: self.ack(dispatch_id, accepted=False, reason=p.AT_CAPACITY))
             elif behaviour != SILENT:
+                self._slots.add(dispatch_id)  # held from the acknowledgement on
                 loop.call_soon(self.ack, dispatch_id)
         elif msg.kind == p.DISPATCH_START:
             dispatch_id, start = msg.payload["dispatch_id"], msg.payload["start"]
             self.starts[dispatch_id] = start
             if not start:
+                self._slots.discard(dispatch_id)
                 return
             self.held[dispatch_id] = next(
                 d for d in self.dispatches if d["dispatch_id"] == dispatch_id
