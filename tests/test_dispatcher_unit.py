@@ -19,7 +19,7 @@ from mesh.config import DispatchConfig
 from mesh.contracts import term_identity
 from mesh.dispatch import protocol as p
 from mesh.dispatch.dispatcher import Fenced, HandlerDispatcher
-from mesh.dispatch.registry import HandlerRegistry
+from mesh.dispatch.registry import CIRCUIT_COOLDOWN, CIRCUIT_FAILURES, HandlerRegistry
 from mesh.scheduling.executor import TaskUnavailable
 from mesh.scheduling.session import LeaderSession
 from mesh.scheduling.state import RemoteJobError, dump_job, idempotency_key
@@ -254,6 +254,40 @@ async def test_a_job_whose_task_no_handler_offers_fails_with_task_unavailable_af
         await leader.dispatch(job)
     assert loop.time() - started >= 0.2
     assert leader.bus.sent_of(p.DISPATCH) == []
+
+
+def cool_down_open_circuit(leader: Leader, handler: FakeHandler) -> None:
+    """Open the handler's circuit, then let its cool-down pass (it heartbeats all along)."""
+    for _ in range(CIRCUIT_FAILURES):
+        leader.registry.record_failure(leader.registry.handlers[handler.handler_id])
+    leader.registry.clock.advance(CIRCUIT_COOLDOWN + 0.1)
+    handler.hello()
+
+
+async def test_after_the_cool_down_one_probe_job_goes_to_the_handler_at_a_time() -> None:
+    leader = Leader(no_handler_wait=0.3)
+    leader.lead()
+    a = leader.handler("a", concurrency=2)
+    cool_down_open_circuit(leader, a)
+    a.script(HOLD)
+    probe = asyncio.create_task(leader.dispatch(await leader.job(value="probe")))
+    await leader.bus.wait_sent(p.DISPATCH_START)
+    with pytest.raises(TaskUnavailable, match="stayed busy or unhealthy"):
+        await leader.dispatch(await leader.job())  # a has a free slot, but the probe is out
+    a.finish_all()
+    assert await probe == ("probe", "a")
+    assert await leader.dispatch(await leader.job(value="closed")) == ("closed", "a")
+
+
+async def test_a_probe_that_ends_in_a_task_error_lets_the_next_job_probe_the_handler() -> None:
+    leader = Leader(no_handler_wait=1.0)
+    leader.lead()
+    a = leader.handler("a")
+    cool_down_open_circuit(leader, a)
+    a.script(FAIL)
+    with pytest.raises(RemoteJobError):
+        await leader.dispatch(await leader.job())
+    assert await leader.dispatch(await leader.job(value="next")) == ("next", "a")
 
 
 # --------------------------------------------------------------------------- hello
