@@ -81,6 +81,7 @@ class FakeReplica:
         self._listeners: list[RoleListener] = []
         self._held = False
         self._failures: list[tuple[BaseException, str | None]] = []
+        self._followers: list[FakeReplica] = []
         self._progress = asyncio.Event()
 
     # ------------------------------------------------------------------ test controls
@@ -108,6 +109,10 @@ class FakeReplica:
                 fut.set_exception(ProposalFailed("leadership lost while the write was pending"))
         self._futures.clear()
         self._notify()
+
+    def replicate_to(self, follower: FakeReplica) -> None:
+        """``follower`` (created empty) applies every entry this replica commits, at once."""
+        self._followers.append(follower)
 
     def set_handing_over(self, value: bool) -> None:
         self._handing_over = value
@@ -291,7 +296,16 @@ class FakeReplica:
                     fut.set_exception(error)
                 else:
                     fut.set_result(result)
+            for follower in self._followers:
+                follower._apply_replicated(entry)
         self._wake()
+
+    def _apply_replicated(self, entry: Entry) -> None:
+        if entry.index != len(self.log) + 1:
+            raise ValueError(f"{self._node_id} cannot follow from index {entry.index}")
+        self.log.append(entry)
+        self.journal.append(("proposed", entry))
+        self._commit_through(entry.index)
 
     def _notify(self) -> None:
         for fn in list(self._listeners):
