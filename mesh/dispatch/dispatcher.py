@@ -227,35 +227,27 @@ class HandlerDispatcher:
         return loop.time() + self.settings.no_handler_wait
 
     def _pick(self, job: Job, excluded: set[str]) -> HandlerInfo | None:
-        reg = self.registry
-        now = reg.clock()
         candidates = [
             h
-            for h in reg.routable(job.task_id)
+            for h in self.registry.routable(job.task_id)
             if h.handler_id not in excluded and h.in_flight < h.concurrency
         ]
         if not candidates:
-            # A handler whose circuit cool-down has passed gets one probe job.
-            for h in reg.handlers.values():
-                if (
-                    job.task_id in h.tasks
-                    and h.handler_id not in excluded
-                    and reg.state(h) == "alive"
-                    and 0 < h.circuit_open_until <= now
-                    and not h.probing
-                ):
-                    h.probing = True
-                    return h
             return None
+        chosen = None
         if job.schedule_id is not None and (job.metadata or {}).get("affinity") == "sticky":
             sticky = self._sticky.get(job.schedule_id)
-            for h in candidates:
-                if h.handler_id == sticky:
-                    return h
-        candidates.sort(key=lambda h: h.handler_id)
-        start = next(self._cursor.setdefault(job.task_id, itertools.count())) % len(candidates)
-        rotated = candidates[start:] + candidates[:start]
-        return min(rotated, key=lambda h: h.in_flight / h.concurrency)
+            chosen = next((h for h in candidates if h.handler_id == sticky), None)
+        if chosen is None:
+            candidates.sort(key=lambda h: h.handler_id)
+            start = next(self._cursor.setdefault(job.task_id, itertools.count())) % len(candidates)
+            rotated = candidates[start:] + candidates[:start]
+            chosen = min(rotated, key=lambda h: h.in_flight / h.concurrency)
+        if chosen.circuit_open_until > 0:
+            # Its circuit's cool-down has passed (else it is not routable): this job is the one
+            # probe, and other jobs skip the handler until the probe's outcome is known.
+            chosen.probing = True
+        return chosen
 
     # ------------------------------------------------------------------ one attempt
 
@@ -264,11 +256,16 @@ class HandlerDispatcher:
         """Count the job against the handler from the moment it is chosen: the assignment
         commit comes first, and jobs choosing meanwhile must see the slot as taken, or they
         pile onto the same handler and it refuses them (``at_capacity``)."""
+        probe = handler.probing  # this job is its circuit's probe (see _pick)
         handler.in_flight += 1
         try:
             yield
         finally:
             handler.in_flight -= 1
+            if probe:
+                # Ended without a verdict on the handler (refused as full, fenced, cancelled, or
+                # the task raised): the next job probes it. record_* give the verdicts.
+                handler.probing = False
             self.registry.notify()
 
     async def _run_on(self, handler: HandlerInfo, job: Job, ctx: JobContext) -> Any:
