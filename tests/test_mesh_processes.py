@@ -244,9 +244,12 @@ def test_five_nodes_keep_a_leader_with_two_dead_and_have_none_with_three_dead(cl
 
     def campaigning_without_quorum() -> dict | None:
         # The leader stepped down (CheckQuorum) and each survivor's own election timer has
-        # fired since (role "candidate", PreVote), with only 2 of 5 voters to ask.
+        # fired since: it runs a pre-vote ("precandidate"), which 2 of 5 voters can never win,
+        # so it never spends a term on a real candidacy.
         healths = cluster.healths(remaining)
-        done = all(h and h["role"] == "candidate" and not h["has_quorum"] for h in healths.values())
+        done = all(
+            h and h["role"] == "precandidate" and not h["has_quorum"] for h in healths.values()
+        )
         return healths if done else None
 
     cluster.wait_for(campaigning_without_quorum, 10, "both survivors to campaign without a quorum")
