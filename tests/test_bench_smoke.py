@@ -40,7 +40,11 @@ def test_write_and_idle_at_tiny_size_give_positive_figures(tmp_path: Path) -> No
     idle = result["figures"]["idle"]
     assert set(idle["nodes"]) == {"n1", "n2", "n3"}
     assert sorted(n["role"] for n in idle["nodes"].values()) == ["follower", "follower", "leader"]
-    assert all(_positive(n["cpu_percent"]) for n in idle["nodes"].values())
+    # /proc counts CPU in 10 ms ticks: over a 1 s window one idle node may read 0, but a mesh of
+    # three that heartbeats cannot use none at all.
+    cpu = [n["cpu_percent"] for n in idle["nodes"].values()]
+    assert all(isinstance(c, int | float) and c >= 0 for c in cpu), cpu
+    assert any(c > 0 for c in cpu), cpu
     assert "cpu_percent" in idle["baseline_memory"]
     keys = {row["key"] for row in result["table"]}
     assert {"write_p50_ms", "write_p99_ms", "idle_max_cpu_percent"} <= keys
