@@ -16,8 +16,9 @@ other end of a ``FakeBus`` (the handler protocol of ``mesh/dispatch/protocol.py`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -33,6 +34,7 @@ from mesh.contracts import (
 from mesh.dispatch import protocol as p
 from mesh.scheduling.state import SchedulerState
 from mesh.statemachine import StateMachine
+from mesh.tasks import REGISTRY, task
 
 WAIT = 2.0  # the default bound of every wait helper below
 
@@ -489,3 +491,25 @@ class FakeHandler:
                 loop.call_soon(self.finish, dispatch_id)
             elif behaviour == FAIL:
                 loop.call_soon(lambda: self.finish(dispatch_id, error="boom"))
+
+
+@contextlib.contextmanager
+def embedded_tasks(echo: str, blocking: str) -> Iterator[asyncio.Event]:
+    """Two embedded ``@mesh.task`` functions for a test: ``echo`` returns its argument,
+    ``blocking`` waits for the yielded event. Unregistered afterwards."""
+    gate = asyncio.Event()
+
+    async def echo_fn(value: Any = None) -> Any:
+        return value
+
+    async def blocking_fn() -> None:
+        await gate.wait()
+
+    task(name=echo)(echo_fn)
+    task(name=blocking)(blocking_fn)
+    try:
+        yield gate
+    finally:
+        gate.set()
+        REGISTRY.pop(echo, None)
+        REGISTRY.pop(blocking, None)

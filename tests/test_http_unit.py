@@ -16,15 +16,13 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
-import mesh
 import mesh.api.http as http
 from mesh.api.http import COMMIT_HEADER, SERVED_BY_HEADER, create_app
 from mesh.config import GovernorConfig
 from mesh.dispatch.dispatcher import HandlerDispatcher
 from mesh.dispatch.governors import Governors
 from mesh.scheduling.service import SchedulingService
-from mesh.tasks import REGISTRY
-from tests.fakes import FakeBus, FakeReplica
+from tests.fakes import FakeBus, FakeReplica, embedded_tasks
 
 WAIT = 5.0
 TASK = "unit_http_echo"
@@ -34,22 +32,8 @@ BLOCKING = "unit_http_blocking"
 @pytest.fixture
 def gate() -> Iterator[asyncio.Event]:
     """Two embedded tasks: ``TASK`` returns its argument, ``BLOCKING`` waits for the gate."""
-    gate = asyncio.Event()
-
-    async def echo(value: Any = None) -> Any:
-        return value
-
-    async def blocking() -> None:
-        await gate.wait()
-
-    mesh.task(name=TASK)(echo)
-    mesh.task(name=BLOCKING)(blocking)
-    try:
+    with embedded_tasks(TASK, BLOCKING) as gate:
         yield gate
-    finally:
-        gate.set()
-        REGISTRY.pop(TASK, None)
-        REGISTRY.pop(BLOCKING, None)
 
 
 @attrs.define

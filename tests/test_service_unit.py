@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from apscheduler import RunState
 
-import mesh
 from mesh.api.schema import parse_schedule_body
 from mesh.config import GovernorConfig
 from mesh.contracts import ProposalFailed
@@ -22,8 +21,7 @@ from mesh.dispatch.dispatcher import HandlerDispatcher
 from mesh.dispatch.governors import Backpressure, Governors
 from mesh.scheduling.service import NotReady, SchedulingService
 from mesh.scheduling.spec import ScheduleSpec
-from mesh.tasks import REGISTRY
-from tests.fakes import FakeBus, FakeReplica
+from tests.fakes import FakeBus, FakeReplica, embedded_tasks
 
 WAIT = 5.0
 TASK = "unit_service_echo"
@@ -32,23 +30,9 @@ BLOCKING = "unit_service_blocking"
 
 @pytest.fixture
 def embedded() -> Iterator[asyncio.Event]:
-    """Two embedded tasks: ``TASK`` returns its argument, ``BLOCKING`` waits for the event."""
-    gate = asyncio.Event()
-
-    async def echo(value: Any) -> Any:
-        return value
-
-    async def blocking() -> None:
-        await gate.wait()
-
-    mesh.task(name=TASK)(echo)
-    mesh.task(name=BLOCKING)(blocking)
-    try:
+    """Two embedded tasks: ``TASK`` returns its argument, ``BLOCKING`` waits for the gate."""
+    with embedded_tasks(TASK, BLOCKING) as gate:
         yield gate
-    finally:
-        gate.set()
-        REGISTRY.pop(TASK, None)
-        REGISTRY.pop(BLOCKING, None)
 
 
 @pytest.fixture
