@@ -7,7 +7,12 @@ from typing import Any
 import pytest
 
 from mesh.dispatch.protocol import DEAD_AFTER, SUSPECT_AFTER
-from mesh.dispatch.registry import CIRCUIT_COOLDOWN, CIRCUIT_FAILURES, HandlerRegistry
+from mesh.dispatch.registry import (
+    CIRCUIT_COOLDOWN,
+    CIRCUIT_FAILURES,
+    HandlerInfo,
+    HandlerRegistry,
+)
 from tests.fakes import ManualClock
 
 
@@ -30,6 +35,15 @@ def clock() -> ManualClock:
 @pytest.fixture
 def registry(clock: ManualClock) -> HandlerRegistry:
     return HandlerRegistry(clock=clock)
+
+
+def open_circuit(registry: HandlerRegistry) -> HandlerInfo:
+    """Handler h1, registered and failed CIRCUIT_FAILURES times in a row: its circuit is open."""
+    info = registry.on_hello(hello())
+    assert info is not None
+    for _ in range(CIRCUIT_FAILURES):
+        registry.record_failure(info)
+    return info
 
 
 def state_of(registry: HandlerRegistry, handler_id: str = "h1") -> str:
@@ -132,10 +146,7 @@ def test_a_success_resets_the_count_of_consecutive_failures(registry: HandlerReg
 def test_an_open_circuit_lets_a_probe_through_after_the_cool_down(
     registry: HandlerRegistry, clock: ManualClock
 ) -> None:
-    info = registry.on_hello(hello())
-    assert info is not None
-    for _ in range(CIRCUIT_FAILURES):
-        registry.record_failure(info)
+    info = open_circuit(registry)
     clock.advance(CIRCUIT_COOLDOWN - 0.01)
     registry.on_hello(hello())  # still heartbeating: alive, but its circuit is open
     assert registry.routable("echo") == []
@@ -146,10 +157,7 @@ def test_an_open_circuit_lets_a_probe_through_after_the_cool_down(
 def test_a_failed_probe_reopens_the_circuit_at_once(
     registry: HandlerRegistry, clock: ManualClock
 ) -> None:
-    info = registry.on_hello(hello())
-    assert info is not None
-    for _ in range(CIRCUIT_FAILURES):
-        registry.record_failure(info)
+    info = open_circuit(registry)
     clock.advance(CIRCUIT_COOLDOWN + 0.01)
     registry.on_hello(hello())
     registry.record_failure(info)  # one failure, not CIRCUIT_FAILURES more
@@ -160,10 +168,7 @@ def test_a_failed_probe_reopens_the_circuit_at_once(
 def test_a_successful_probe_closes_the_circuit(
     registry: HandlerRegistry, clock: ManualClock
 ) -> None:
-    info = registry.on_hello(hello())
-    assert info is not None
-    for _ in range(CIRCUIT_FAILURES):
-        registry.record_failure(info)
+    info = open_circuit(registry)
     clock.advance(CIRCUIT_COOLDOWN + 0.01)
     registry.on_hello(hello())
     registry.record_success(info)
@@ -173,10 +178,7 @@ def test_a_successful_probe_closes_the_circuit(
 
 
 def test_a_restarted_handler_starts_with_a_closed_circuit(registry: HandlerRegistry) -> None:
-    info = registry.on_hello(hello())
-    assert info is not None
-    for _ in range(CIRCUIT_FAILURES):
-        registry.record_failure(info)
+    info = open_circuit(registry)
     registry.on_hello(hello(pid=101, started_at="2024-01-01T00:05:00Z"))
     assert registry.routable("echo") == [info]
     assert state_of(registry) == "alive"
