@@ -34,10 +34,8 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -47,6 +45,8 @@ from typing import Annotated, Any, TypeVar
 import attrs
 import msgspec
 from aiohttp import web
+
+from mesh import supervise
 
 log = logging.getLogger("chaos.toxiproxy")
 
@@ -1329,12 +1329,6 @@ def _answers_toxiproxy(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def ensure_toxiproxy(
     host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, startup_timeout: float = 10.0
 ) -> ToxiproxyHandle:
@@ -1348,27 +1342,26 @@ def ensure_toxiproxy(
     binary = shutil.which("toxiproxy-server")
     if binary is None:
         return serve_in_thread(host, port)
-    port = port or _free_port(host)
-    process = subprocess.Popen(
-        [binary, "-host", host, "-port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port = port or supervise.free_port(host)
+    # Started and stopped like every child of our harnesses: it dies with us, SIGTERM then SIGKILL.
+    process = supervise.spawn([binary, "-host", host, "-port", str(port)])
+    try:
+        supervise.wait_until(
+            lambda: process.poll() is not None or _answers_toxiproxy(host, port),
+            startup_timeout,
+            f"{binary} to answer on {host}:{port}",
+            interval=0.05,
+            error=RuntimeError,
+        )
+        if process.poll() is not None:
+            raise RuntimeError(f"{binary} exited with code {process.returncode} on {host}:{port}")
+    except RuntimeError:
+        supervise.stop(process)
+        raise
 
     def stop() -> None:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        supervise.stop(process)
 
-    deadline = time.monotonic() + startup_timeout
-    while not _answers_toxiproxy(host, port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop()
-            raise RuntimeError(f"{binary} did not start answering on {host}:{port}")
-        time.sleep(0.05)
     return ToxiproxyHandle(host, port, "binary", stop)
 
 
