@@ -32,6 +32,7 @@ __all__ = [
     "ProposalFailed",
     "Replica",
     "RoleListener",
+    "refusal",
     "term_identity",
 ]
 
@@ -52,9 +53,14 @@ RoleListener = Callable[[str, int, "str | None"], None]
 class Incoming:
     """One valid message received by this process.
 
-    ``identity`` is the sender's ROUTER routing id (its node or handler id) when the message
-    arrived on our ROUTER, ``b""`` when it arrived on a DEALER; ``address`` is then the mesh
-    address that DEALER is connected to (``""`` for ROUTER receipts).
+    ``identity`` is who to answer when the message arrived on our ROUTER (``b""`` when it
+    arrived on a DEALER; ``address`` is then the mesh address that DEALER is connected to,
+    ``""`` for ROUTER receipts). Pass it back to ``send_to_identity``.
+
+    ``sender`` and ``sender_role`` are the *authenticated* sender: the name and role of the
+    CURVE certificate of the connection the message came over (our ROUTER: the client's key,
+    checked by ZAP; a DEALER: the server key we dialled with). Both are None on an unencrypted
+    link (no ``--keys``, loopback only), where nothing is authenticated.
     """
 
     kind: str
@@ -62,6 +68,25 @@ class Incoming:
     rid: bytes
     identity: bytes
     address: str = ""
+    sender: str | None = None
+    sender_role: str | None = None
+
+
+def refusal(msg: Incoming, claimed: object, role: str) -> str | None:
+    """Why ``msg`` may not speak as ``claimed`` with ``role``, or None when it may.
+
+    The rule of an authenticated mesh: identity is the key. A message whose claimed sender (a
+    Raft ``src``, a ping's ``node_id``, a hello's ``handler_id``) is not its connection's
+    certificate name, or whose certificate's role may not send it, is refused. Unauthenticated
+    links (``sender is None``) carry nothing to check against.
+    """
+    if msg.sender is None:
+        return None
+    if msg.sender_role != role:
+        return "role"
+    if claimed != msg.sender:
+        return "sender_mismatch"
+    return None
 
 
 # Called with (topic, payload) for each broadcast received (its return value is ignored).
@@ -123,6 +148,10 @@ class MessageBus(Protocol):
     def send_to_identity(self, identity: bytes, kind: str, payload: dict[str, Any]) -> bool:
         """Send on our ROUTER to the peer connected with routing id ``identity``; False when
         it could not be queued."""
+
+    def reject(self, msg: Incoming, reason: str, detail: str = "") -> None:
+        """Count a refused message by ``reason`` (``schedulezero_security_rejected_total``) and
+        log it at most once a minute per peer; the caller then drops it."""
 
 
 @runtime_checkable

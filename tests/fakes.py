@@ -341,12 +341,16 @@ class FakeBus:
         self.handlers: dict[str, MessageHandler] = {}
         self.sent: list[Sent] = []
         self.unreachable: set[bytes] = set()  # identities whose sends are refused
+        self.rejected: list[tuple[Incoming, str]] = []  # (message, reason) refused by the code
         self._listeners: list[Callable[[Sent], None]] = []
         self._rids = itertools.count(1)
         self._changed = asyncio.Event()
 
     def handle(self, kind: str, fn: MessageHandler) -> None:
         self.handlers[kind] = fn
+
+    def reject(self, msg: Incoming, reason: str, detail: str = "") -> None:
+        self.rejected.append((msg, reason))
 
     def send_to_identity(self, identity: bytes, kind: str, payload: dict[str, Any]) -> bool:
         if identity in self.unreachable:
