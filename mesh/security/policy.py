@@ -1,0 +1,75 @@
+"""The safe-default rule for processes started without keys.
+
+Without ``--keys`` nothing on the mesh is authenticated or encrypted. That is acceptable only when
+every address the process binds or dials is loopback (one machine, a developer's laptop, a test):
+such a process starts with one warning. Anything that binds or dials another address refuses to
+start unless the operator says ``--insecure`` (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+log = logging.getLogger("mesh.security")
+
+
+class InsecureStart(ValueError):
+    """Refusing to run unencrypted on a non-loopback address; the message says what to do."""
+
+
+def host_of(address: str) -> str:
+    """The host of ``tcp://HOST:PORT``, ``http://HOST:PORT/...`` or ``HOST:PORT`` (brackets off)."""
+    text = address.strip()
+    if "://" not in text:
+        text = "tcp://" + text
+    host = urlsplit(text).hostname
+    return host or ""
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and names that resolve only to loopback (``localhost``)."""
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    if host in ("localhost", "localhost.localdomain") or host.endswith(".localhost"):
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    ips = {info[4][0] for info in infos}
+    return bool(ips) and all(ipaddress.ip_address(ip.split("%")[0]).is_loopback for ip in ips)
+
+
+def check_unencrypted(addresses: Iterable[str], *, insecure: bool, what: str) -> None:
+    """Allow a process without keys only on loopback, or with ``--insecure``; warn once.
+
+    ``addresses`` are every address the process binds or dials (mesh, PUB, HTTP, peers, nodes).
+    Raises :class:`InsecureStart` naming the first non-loopback address otherwise.
+    """
+    outside = [a for a in addresses if a and not is_loopback(host_of(a))]
+    if outside and not insecure:
+        raise InsecureStart(
+            f"{what} has no CURVE keys and would use the non-loopback address {outside[0]}: "
+            "pass --keys DIR (see `schedulezero keys create`), or --insecure to run "
+            "unauthenticated and unencrypted anyway"
+        )
+    if outside:
+        log.warning(
+            "%s runs WITHOUT authentication or encryption on %s (--insecure): anyone who can "
+            "reach these ports can join, read and change the mesh",
+            what,
+            ", ".join(outside),
+        )
+    else:
+        log.warning(
+            "%s runs without CURVE keys (unencrypted, unauthenticated): allowed because every "
+            "address is loopback; use --keys DIR for anything else",
+            what,
+        )
