@@ -217,6 +217,10 @@ class MembershipConfig(_Section):
     # Add a node that pings us but is not in our peer set (so one --peer is enough to join).
     # Off when every link must go through a known address, e.g. a proxy per link in chaos tests.
     learn_peers: bool = True
+    # The leader makes alive known nodes voters, one at a time. With keys (a secured mesh) only
+    # nodes holding a ``node`` key; never a node removed through DELETE /api/cluster/members.
+    # Off: voters change only through POST/DELETE /api/cluster/members (after bootstrap).
+    auto_join: bool = True
 
 
 class DispatchConfig(_Section):

@@ -25,6 +25,7 @@ __all__ = [
     "Directory",
     "EventSink",
     "Incoming",
+    "MembershipRefused",
     "MessageBus",
     "MessageHandler",
     "NoLeader",
@@ -43,6 +44,15 @@ class NoLeader(Exception):
 
 class ProposalFailed(Exception):
     """The command may or may not have been committed: leadership changed while it was pending."""
+
+
+class MembershipRefused(Exception):
+    """A voter change that cannot be made (unknown node, last voter, ...); ``status`` is the
+    HTTP status that says why (400, 404 or 409)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # fn(role, term, leader_id), called after every change of role, term or leader.
@@ -137,6 +147,16 @@ class Replica(Protocol):
 
     def on_role_change(self, fn: RoleListener) -> None: ...
 
+    async def add_voter(self, node_id: str) -> dict[str, Any]:
+        """Make a known node a voter through the log (a single-server change) and forget that
+        it was removed; returns ``cluster_members()`` once applied. Raises
+        ``MembershipRefused`` or ``NoLeader``."""
+
+    async def remove_voter(self, node_id: str) -> dict[str, Any]:
+        """Remove a voter through the log and mark it removed (automatic growth never adds it
+        back); returns ``cluster_members()`` once applied. A leader removing itself steps down
+        once the change is committed. Raises ``MembershipRefused`` or ``NoLeader``."""
+
 
 @runtime_checkable
 class MessageBus(Protocol):
@@ -200,6 +220,9 @@ class NodeView(Protocol):
     def cluster(self) -> dict[str, Any]: ...
 
     def metrics(self) -> dict[str, Any]: ...
+
+    def cluster_members(self) -> dict[str, Any]:
+        """The voters, the removed nodes and every known peer (GET /api/cluster/members)."""
 
     def leader_http(self) -> str | None:
         """The HTTP address of the leader (this node's own when it leads), if known."""

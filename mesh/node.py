@@ -9,6 +9,10 @@ The node is handed its collaborators (log store, transport, discovery, event sin
 by the composition root (``mesh.app``); it implements the ``Replica``, ``MessageBus`` and
 ``NodeView`` contracts (``mesh.contracts``) the upper layers use. Membership (who is alive, who
 votes) lives in ``mesh.membership``; recording events lives in ``mesh.observability``.
+
+Why this file is long: one node implements three contracts (``Replica`` with the admin voter
+changes, ``MessageBus``, ``NodeView``) and admits every mesh message (identity checks) before
+the core sees it; each part is a thin adapter over the core, membership and snapshots.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import msgspec
 
 from mesh.config import Config
 from mesh.consensus.core import (
+    ConfigChangeInProgress,
     NotLeader,
     RaftCore,
     RaftSettings,
@@ -44,20 +49,26 @@ from mesh.consensus.messages import (
 from mesh.contracts import (
     EventSink,
     Incoming,
+    MembershipRefused,
     MessageHandler,
     NoLeader,
     ProposalFailed,
     RoleListener,
+    refusal,
 )
 from mesh.membership.discovery import Discovery
-from mesh.membership.members import Members
+from mesh.membership.members import Members, node_id_or_none
 from mesh.membership.voters import apply_voter_policy
+from mesh.security.audit import Rejections
 from mesh.snapshots import CHUNK_TIMEOUT, SnapshotReceiver, SnapshotSender, compact
 from mesh.statemachine import StateMachine
 from mesh.storage.raft_store import RaftStore
 from mesh.transport.zmq import MeshTransport
 
 log = logging.getLogger("mesh.node")
+
+# The mesh messages only nodes may send, and where each names its sender.
+_NODE_MESSAGES = {"raft": "src", "snap_chunk": "src", "ping": "node_id"}
 
 TICK_SECONDS = 0.05  # timer granularity; idle cost is mostly wakeups (docs/performance.md)
 
@@ -104,6 +115,8 @@ class MeshNode:
         self.sm = state_machine
         self.store = store
         self.transport = transport
+        # The transport's counter when it has one (the secured transport always does).
+        self.rejections: Rejections = getattr(transport, "rejections", None) or Rejections()
         self.discovery = discovery
         self.events = events
         self.clock = clock
@@ -278,6 +291,9 @@ class MeshNode:
             index, term = self.core.propose(command)
         except NotLeader as e:
             raise NoLeader(str(e)) from e
+        return self._wait_for(index, term)
+
+    def _wait_for(self, index: int, term: int) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters[index] = (term, fut)
         fut.add_done_callback(lambda _f: self._waiters.pop(index, None))
@@ -309,7 +325,63 @@ class MeshNode:
                 fut.cancel()
             self._applied_waiters = [w for w in self._applied_waiters if w[1] is not fut]
 
+    # ------------------------------------------------------------------ voters (admin API)
+
+    async def add_voter(self, node_id: str) -> dict[str, Any]:
+        core = self.core
+        if node_id in core.voters:
+            return self.cluster_members()  # already one: nothing to change
+        if node_id != self.id and self.members.by_id(node_id) is None:
+            raise MembershipRefused(404, f"no known node {node_id!r} (see /api/cluster/members)")
+        if self._secure() and not self._holds_node_key(node_id):
+            raise MembershipRefused(
+                400, f"{node_id!r} holds no node key in this node's key directory"
+            )
+        await self._change_voters(core.voters | {node_id}, core.removed - {node_id})
+        return self.cluster_members()
+
+    async def remove_voter(self, node_id: str) -> dict[str, Any]:
+        core = self.core
+        if node_id not in core.voters:
+            raise MembershipRefused(404, f"{node_id!r} is not a voter")
+        if len(core.voters) == 1:
+            raise MembershipRefused(409, f"{node_id!r} is the last voter; it cannot be removed")
+        await self._change_voters(core.voters - {node_id}, core.removed | {node_id})
+        return self.cluster_members()
+
+    async def _change_voters(self, voters: frozenset[str], removed: frozenset[str]) -> None:
+        try:
+            index, term = self.core.change_voters(voters, removed=removed)
+        except NotLeader as e:
+            raise NoLeader(str(e)) from e
+        except ConfigChangeInProgress as e:
+            raise MembershipRefused(409, f"{e}; retry once it is") from e
+        fut = self._wait_for(index, term)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), 5.0)
+        except TimeoutError as e:
+            fut.cancel()
+            raise ProposalFailed("the membership change was not committed within 5.0s") from e
+
+    def _secure(self) -> bool:
+        return bool(getattr(self.transport, "secure", False))
+
+    def _holds_node_key(self, node_id: str) -> bool:
+        keys = getattr(self.transport, "keys", None)
+        cert = keys.get(node_id) if keys is not None else None
+        return cert is not None and cert.role == "node"
+
+    def _may_vote(self, node_id: str) -> bool:
+        """Whether automatic growth (and bootstrap) may make ``node_id`` a voter: on a secured
+        mesh only a node key holder (every peer is authenticated there)."""
+        return not self._secure() or self._holds_node_key(node_id)
+
     # ------------------------------------------------------------------ MessageBus
+
+    def reject(self, msg: Incoming, reason: str, detail: str = "") -> None:
+        """Count a refused message and log it (at most once a minute per peer); dropped."""
+        peer = msg.sender or msg.identity.decode("utf-8", "replace") or msg.address
+        self.rejections.reject(reason, peer=peer, detail=detail)
 
     def handle(self, kind: str, fn: MessageHandler) -> None:
         """Route incoming mesh messages of ``kind`` (e.g. from handler processes) to ``fn``."""
@@ -339,6 +411,38 @@ class MeshNode:
             return self.config.advertise_http
         p = self.members.by_id(leader)
         return p.http if p else None
+
+    def cluster_members(self) -> dict[str, Any]:
+        """Who votes, who was removed, and every node this one knows."""
+        core = self.core
+        known = [
+            {
+                "node_id": self.id,
+                "mesh_address": self.config.advertise_mesh,
+                "http_address": self.config.advertise_http,
+                "state": "alive",
+            },
+            *(
+                {
+                    "node_id": p.node_id,
+                    "mesh_address": p.address,
+                    "http_address": p.http,
+                    "state": p.state,
+                }
+                for p in sorted(self.members.peers.values(), key=lambda p: p.address)
+            ),
+        ]
+        for m in known:
+            m["voter"] = m["node_id"] in core.voters
+            m["removed"] = m["node_id"] in core.removed
+        return {
+            "leader_id": core.leader_id,
+            "term": core.term,
+            "voters": sorted(core.voters),
+            "removed": sorted(core.removed),
+            "auto_join": self.config.membership.auto_join,
+            "members": known,
+        }
 
     def health(self) -> dict[str, Any]:
         return {
@@ -517,24 +621,29 @@ class MeshNode:
             self._process()
 
     def _on_message(self, msg: Incoming) -> dict[str, Any] | None:
+        field = _NODE_MESSAGES.get(msg.kind)
+        if field is None:
+            handler = self._message_handlers.get(msg.kind)
+            return handler(msg) if handler is not None else None
+        # Identity is the key: only a node's own key may speak for it (contracts.refusal).
+        claimed = msg.payload.get(field)
+        reason = refusal(msg, claimed, "node")
+        if reason is not None:
+            self.reject(msg, reason, f"{msg.kind} claiming to be {str(claimed)[:130]!r}")
+            return None
         if msg.kind == "raft":
-            return self._on_raft(msg.payload)
+            return self._on_raft(msg)
         if msg.kind == "snap_chunk":
-            return self._on_snapshot_chunk(msg.payload)
-        if msg.kind == "ping":
-            self.members.on_ping(msg.payload)
-            return self._local_info()
-        handler = self._message_handlers.get(msg.kind)
-        if handler is not None:
-            return handler(msg)
-        return None
+            return self._on_snapshot_chunk(msg)
+        self.members.on_ping(msg.payload)
+        return self._local_info()
 
-    def _on_raft(self, payload: dict[str, Any]) -> None:
+    def _on_raft(self, msg: Incoming) -> None:
         try:
-            m = Message.from_dict(payload)
+            m = Message.from_dict(msg.payload)
         except msgspec.ValidationError as e:
             self.transport.counters["dropped_frames.raft"] += 1
-            log.debug("dropping malformed raft message: %s", e)
+            self.reject(msg, "malformed", f"raft: {e}")
             return
         if m.dst != self.id:
             return
@@ -542,6 +651,7 @@ class MeshNode:
         if peer is None and m.src not in self.core.voters:
             # Only members speak Raft: a stranger's message could depose the leader.
             self.transport.counters["dropped_frames.raft_stranger"] += 1
+            self.reject(msg, "stranger", f"raft {m.type} from {m.src!r}, not a member")
             return
         if peer is not None:
             # What a ping would say, from traffic that flows anyway between leader and followers.
@@ -552,13 +662,19 @@ class MeshNode:
         self.core.step(m)
         self._schedule_process()
 
-    def _on_snapshot_chunk(self, payload: dict[str, Any]) -> dict[str, Any]:
-        src = payload.get("src")
-        peer = self.members.heard_from(src) if isinstance(src, str) else None
+    def _on_snapshot_chunk(self, msg: Incoming) -> dict[str, Any]:
+        src = node_id_or_none(msg.payload.get("src"))
+        peer = self.members.heard_from(src) if src is not None else None
         if peer is None and src not in self.core.voters:
             self.transport.counters["dropped_frames.snapshot_stranger"] += 1
+            self.reject(msg, "stranger", f"snapshot chunk from {src!r}, not a member")
             return {"ok": False, "error": "not a member"}
-        reply, complete = self._snapshots_in.on_chunk(payload, self.core.term)
+        # Only the leader of our current term may replace our state (SnapshotReceiver).
+        reply, complete = self._snapshots_in.on_chunk(
+            msg.payload, self.core.term, self.core.leader_id
+        )
+        if "reason" in reply:
+            self.reject(msg, reply.pop("reason"), reply["error"])
         if complete is not None:
             self.core.step(complete)
             self._schedule_process()
@@ -579,6 +695,12 @@ class MeshNode:
     # ------------------------------------------------------------------ voters
 
     def _after_membership_round(self) -> None:
-        if apply_voter_policy(self.core, self.members.alive(), self.config.bootstrap_expect):
+        if apply_voter_policy(
+            self.core,
+            self.members.alive(),
+            self.config.bootstrap_expect,
+            auto_join=self.config.membership.auto_join,
+            may_vote=self._may_vote,
+        ):
             self._process()
         self.members.check_quorum_visibility(self.core.voters, self.core.quorum)

@@ -11,6 +11,9 @@ thread.
 A follower too far behind receives the image as ``snap_chunk`` requests of 1 MiB, each
 acknowledged before the next is sent, checked by size and CRC-32, and handed to Raft as one
 InstallSnapshot once complete: the message size limit stays 16 MiB however large the state.
+A chunk is accepted only from the leader of the receiver's current term, at the next offset of
+the transfer, for an image of at most ``MAX_SNAPSHOT_BYTES``: a replayed chunk of an old term, a
+chunk from any other node, or an oversized transfer is refused (and counted by the node).
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ import traceback
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import attrs
 import msgspec
 
 from mesh.consensus.core import RaftCore
-from mesh.consensus.messages import Index, InstallSnapshot, NodeId, Snapshot
+from mesh.consensus.messages import MAX_VOTERS, Index, InstallSnapshot, NodeId, Snapshot
 from mesh.contracts import EventSink
 from mesh.statemachine import StateMachine
 from mesh.storage.raft_store import RaftStore, snapshot_file_name, write_snapshot_file
@@ -42,7 +45,9 @@ from mesh.storage.raft_store import RaftStore, snapshot_file_name, write_snapsho
 log = logging.getLogger("mesh.snapshots")
 
 CHUNK_BYTES = 1 << 20
-MAX_SNAPSHOT_BYTES = 8 << 30  # a receiver refuses a transfer announcing more than this
+# A receiver refuses a transfer announcing more than this: the image is held in memory while it
+# arrives, so the bound is what a forged transfer could make a follower allocate.
+MAX_SNAPSHOT_BYTES = 1 << 30
 CHUNK_TIMEOUT = 5.0  # seconds to wait for one chunk's acknowledgement
 
 
@@ -67,11 +72,11 @@ async def compact(
     entries it covers. A failure is logged: the log keeps growing until a snapshot succeeds."""
     started = clock()
     try:
-        term, voters = core.snapshot_point(index)
+        term, voters, removed = core.snapshot_point(index)
         name = await write_snapshot(sm, store.snapshot_dir, index, term)
         if index <= core.snap_index:
             return  # a leader's snapshot was installed meanwhile; ours is older
-        store.record_snapshot(index, term, voters, name)
+        store.record_snapshot(index, term, voters, name, removed)
         core.create_snapshot(index, b"")
         events.emit("snapshot_taken", index=index, term=term, seconds=round(clock() - started, 3))
     except asyncio.CancelledError:
@@ -232,6 +237,7 @@ class SnapshotSender:
                 "index": snap.index,
                 "snap_term": snap.term,
                 "voters": list(snap.voters),
+                "removed": list(snap.removed),
                 "offset": offset,
                 "size": size,
                 "data": base64.b64encode(chunk).decode("ascii"),
@@ -256,6 +262,7 @@ class SnapshotSender:
 class _Partial:
     key: tuple[str, int, int, int]  # (leader, term, index, snapshot term)
     voters: tuple[str, ...]
+    removed: tuple[str, ...]
     size: int
     buf: bytearray = attrs.field(factory=bytearray)
     crc: int = 0
@@ -268,18 +275,20 @@ class SnapChunk(msgspec.Struct, frozen=True, kw_only=True):
     term: Index
     index: Index
     snap_term: Index
-    voters: tuple[str, ...]
+    voters: Annotated[tuple[NodeId, ...], msgspec.Meta(max_length=MAX_VOTERS)]
     offset: Index
     size: Index
     data: str  # decoded once the transfer checks pass: "not base64" is its own answer
     crc: Index | None = None  # CRC-32 of the whole image, on the last chunk
+    removed: Annotated[tuple[NodeId, ...], msgspec.Meta(max_length=MAX_VOTERS)] = ()
 
 
 class SnapshotReceiver:
     """Follower side: reassembles one transfer at a time; validates every field of every chunk.
 
     ``on_chunk`` returns the reply to send and, when the last chunk checked out, the complete
-    InstallSnapshot to step into Raft (which applies its own term rules to it).
+    InstallSnapshot to step into Raft (which applies its own term rules to it). A refused chunk's
+    reply has ``ok: false``, an ``error`` and a ``reason`` (the rejection counter's label).
     """
 
     def __init__(self, node_id: str, *, max_bytes: int = MAX_SNAPSHOT_BYTES) -> None:
@@ -292,43 +301,57 @@ class SnapshotReceiver:
         return self._cur is not None
 
     def on_chunk(
-        self, p: dict[str, Any], current_term: int
+        self, p: dict[str, Any], current_term: int, leader_id: str | None
     ) -> tuple[dict[str, Any], InstallSnapshot | None]:
+        """One chunk, checked against this node's ``current_term`` and the ``leader_id`` it
+        follows in that term (a chunk of a newer term waits for that leader's AppendEntries,
+        which brings this node to the term; Raft then sends the snapshot again)."""
         try:
             c = msgspec.convert(p, SnapChunk)
         except msgspec.ValidationError as e:
-            return {"ok": False, "error": f"malformed snapshot chunk: {e}"}, None
-        if c.term < current_term:
-            return {"ok": False, "error": f"stale term {c.term} < {current_term}"}, None
+            return _refused("malformed", f"malformed snapshot chunk: {e}"), None
+        if c.term != current_term:
+            which = "stale" if c.term < current_term else "future"
+            error = f"{which} term {c.term}: this node is at term {current_term}"
+            return _refused("snapshot_term", error), None
+        if leader_id is None or c.src != leader_id:
+            error = f"{c.src} is not the leader of term {c.term} (leader: {leader_id or 'unknown'})"
+            return _refused("snapshot_not_leader", error), None
         if c.size > self.max_bytes:
             error = f"snapshot of {c.size} bytes exceeds {self.max_bytes}"
-            return {"ok": False, "error": error}, None
+            return _refused("snapshot_too_large", error), None
         key = (c.src, c.term, c.index, c.snap_term)
         cur = self._cur
         if c.offset == 0 and (cur is None or cur.key != key or cur.size != c.size):
-            cur = self._cur = _Partial(key, c.voters, c.size)
+            cur = self._cur = _Partial(key, c.voters, c.removed, c.size)
         if cur is None or cur.key != key:
-            return {"ok": False, "error": "no transfer in progress at this offset"}, None
+            return _refused("snapshot_offset", "no transfer in progress at this offset"), None
         if c.offset < len(cur.buf):
             return {"ok": True, "next": len(cur.buf)}, None  # a duplicate of an acknowledged chunk
         if c.offset > len(cur.buf):
-            return {"ok": False, "error": f"gap: expected offset {len(cur.buf)}"}, None
+            return _refused("snapshot_offset", f"gap: expected offset {len(cur.buf)}"), None
         try:
             chunk = base64.b64decode(c.data, validate=True)
         except (binascii.Error, ValueError):
-            return {"ok": False, "error": "chunk data is not base64"}, None
+            return _refused("malformed", "chunk data is not base64"), None
         if len(cur.buf) + len(chunk) > cur.size:
             self._cur = None
-            return {"ok": False, "error": "chunk runs past the announced size"}, None
+            return _refused("snapshot_too_large", "chunk runs past the announced size"), None
         cur.buf += chunk
         cur.crc = zlib.crc32(chunk, cur.crc)
         if len(cur.buf) < cur.size:
             return {"ok": True, "next": len(cur.buf)}, None
         self._cur = None
         if c.crc != cur.crc:
-            return {"ok": False, "error": "checksum mismatch"}, None
+            return _refused("snapshot_checksum", "checksum mismatch"), None
         # The buffer itself, not a copy: an image can be tens of megabytes, and the store, the
         # state machine (json.loads) and the core all accept a bytearray.
-        snapshot = Snapshot(index=c.index, term=c.snap_term, voters=cur.voters, data=cur.buf)
+        snapshot = Snapshot(
+            index=c.index, term=c.snap_term, voters=cur.voters, data=cur.buf, removed=cur.removed
+        )
         msg = InstallSnapshot(src=c.src, dst=self.node_id, term=c.term, snapshot=snapshot)
         return {"ok": True, "next": cur.size, "complete": True}, msg
+
+
+def _refused(reason: str, error: str) -> dict[str, Any]:
+    return {"ok": False, "error": error, "reason": reason}

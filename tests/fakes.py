@@ -26,6 +26,7 @@ import attrs
 from mesh.consensus.messages import COMMAND, NOOP, Entry
 from mesh.contracts import (
     Incoming,
+    MembershipRefused,
     MessageHandler,
     NoLeader,
     ProposalFailed,
@@ -71,6 +72,7 @@ class FakeReplica:
         self.mesh_address = mesh_address
         self.http_address = http_address
         self.peers: dict[str, tuple[str, str | None]] = {}  # node id → (mesh, http)
+        self.removed: set[str] = set()  # peers removed as voters (remove_voter)
         self._role = "follower"
         self._term = 0
         self._leader: str | None = None
@@ -213,6 +215,28 @@ class FakeReplica:
     def on_role_change(self, fn: RoleListener) -> None:
         self._listeners.append(fn)
 
+    def _voters(self) -> list[str]:
+        return sorted({self._node_id, *self.peers} - self.removed)
+
+    async def add_voter(self, node_id: str) -> dict[str, Any]:
+        if not self.is_leader:
+            raise NoLeader(f"{self._node_id} is a {self._role}, not the leader")
+        if node_id != self._node_id and node_id not in self.peers:
+            raise MembershipRefused(404, f"no known node {node_id!r}")
+        self.removed.discard(node_id)
+        return self.cluster_members()
+
+    async def remove_voter(self, node_id: str) -> dict[str, Any]:
+        if not self.is_leader:
+            raise NoLeader(f"{self._node_id} is a {self._role}, not the leader")
+        voters = self._voters()
+        if node_id not in voters:
+            raise MembershipRefused(404, f"{node_id!r} is not a voter")
+        if len(voters) == 1:
+            raise MembershipRefused(409, f"{node_id!r} is the last voter")
+        self.removed.add(node_id)
+        return self.cluster_members()
+
     # ------------------------------------------------------------------ Directory
 
     def address_of(self, node_id: str) -> str | None:
@@ -244,7 +268,16 @@ class FakeReplica:
             "applied_index": self._applied,
             "last_index": len(self.log),
             "has_quorum": self._leader is not None,
-            "voters": sorted([self._node_id, *self.peers]),
+            "voters": self._voters(),
+        }
+
+    def cluster_members(self) -> dict[str, Any]:
+        return {
+            "leader_id": self._leader,
+            "term": self._term,
+            "voters": self._voters(),
+            "removed": sorted(self.removed),
+            "members": self.cluster()["members"],
         }
 
     def cluster(self) -> dict[str, Any]:

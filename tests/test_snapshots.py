@@ -49,9 +49,9 @@ def test_receiver_reassembles_a_multi_chunk_snapshot_into_one_install() -> None:
     parts = chunks(data)
     assert len(parts) == 3
     for p in parts[:-1]:
-        reply, msg = rx.on_chunk(p, current_term=3)
+        reply, msg = rx.on_chunk(p, current_term=3, leader_id="n1")
         assert reply["ok"] is True and msg is None
-    reply, msg = rx.on_chunk(parts[-1], current_term=3)
+    reply, msg = rx.on_chunk(parts[-1], current_term=3, leader_id="n1")
     assert reply == {"ok": True, "next": len(data), "complete": True}
     assert msg == InstallSnapshot(
         src="n1",
@@ -66,17 +66,17 @@ def test_a_repeated_chunk_is_acknowledged_and_not_appended_twice() -> None:
     data = os.urandom(CHUNK_BYTES + 10)
     rx = SnapshotReceiver("n2")
     first, last = chunks(data)
-    rx.on_chunk(first, current_term=3)
-    reply, msg = rx.on_chunk(first, current_term=3)
+    rx.on_chunk(first, current_term=3, leader_id="n1")
+    reply, msg = rx.on_chunk(first, current_term=3, leader_id="n1")
     assert reply == {"ok": True, "next": CHUNK_BYTES} and msg is None
-    reply, msg = rx.on_chunk(last, current_term=3)
+    reply, msg = rx.on_chunk(last, current_term=3, leader_id="n1")
     assert msg is not None and msg.snapshot.data == data
 
 
 def test_an_empty_snapshot_is_one_chunk() -> None:
     rx = SnapshotReceiver("n2")
     (only,) = chunks(b"")
-    reply, msg = rx.on_chunk(only, current_term=1)
+    reply, msg = rx.on_chunk(only, current_term=3, leader_id="n1")
     assert reply["ok"] is True and msg is not None and msg.snapshot.data == b""
 
 
@@ -96,7 +96,7 @@ def test_an_empty_snapshot_is_one_chunk() -> None:
 def test_bad_chunks_are_refused_with_a_reason(change: dict[str, Any], error: str) -> None:
     rx = SnapshotReceiver("n2")
     (p,) = chunks(b"abc")
-    reply, msg = rx.on_chunk({**p, **change}, current_term=3)
+    reply, msg = rx.on_chunk({**p, **change}, current_term=3, leader_id="n1")
     assert reply["ok"] is False and error in reply["error"] and msg is None
 
 
@@ -104,14 +104,15 @@ def test_a_gap_a_wrong_checksum_and_an_overrun_are_refused() -> None:
     data = os.urandom(CHUNK_BYTES * 2)
     first, second = chunks(data)
     rx = SnapshotReceiver("n2")
-    reply, _ = rx.on_chunk(second, current_term=3)  # nothing in progress at that offset
+    # Nothing is in progress at that offset.
+    reply, _ = rx.on_chunk(second, current_term=3, leader_id="n1")
     assert reply["ok"] is False
-    rx.on_chunk(first, current_term=3)
-    reply, msg = rx.on_chunk({**second, "crc": second["crc"] ^ 1}, current_term=3)
-    assert reply == {"ok": False, "error": "checksum mismatch"} and msg is None
-    rx.on_chunk(first, current_term=3)
+    rx.on_chunk(first, current_term=3, leader_id="n1")
+    reply, msg = rx.on_chunk({**second, "crc": second["crc"] ^ 1}, current_term=3, leader_id="n1")
+    assert reply["ok"] is False and reply["error"] == "checksum mismatch" and msg is None
+    rx.on_chunk(first, current_term=3, leader_id="n1")
     too_long = base64.b64encode(data[CHUNK_BYTES:] + b"x").decode()
-    reply, msg = rx.on_chunk({**second, "data": too_long}, current_term=3)
+    reply, msg = rx.on_chunk({**second, "data": too_long}, current_term=3, leader_id="n1")
     assert reply["ok"] is False and "past the announced size" in reply["error"] and msg is None
 
 
@@ -119,8 +120,8 @@ def test_chunks_of_another_transfer_do_not_mix() -> None:
     rx = SnapshotReceiver("n2")
     a_first, _ = chunks(os.urandom(CHUNK_BYTES + 1), index=40)
     _, b_second = chunks(os.urandom(CHUNK_BYTES + 1), index=41)
-    rx.on_chunk(a_first, current_term=3)
-    reply, msg = rx.on_chunk(b_second, current_term=3)
+    rx.on_chunk(a_first, current_term=3, leader_id="n1")
+    reply, msg = rx.on_chunk(b_second, current_term=3, leader_id="n1")
     assert reply["ok"] is False and msg is None
 
 
@@ -134,7 +135,7 @@ def test_sender_streams_the_file_to_the_receiver(tmp_path: Path) -> None:
     async def request(address: str, payload: dict[str, Any]) -> dict[str, Any]:
         assert address == "tcp://n2"
         # Through JSON, as on the wire.
-        reply, msg = rx.on_chunk(json.loads(json.dumps(payload)), current_term=3)
+        reply, msg = rx.on_chunk(json.loads(json.dumps(payload)), current_term=3, leader_id="n1")
         if msg is not None:
             installed.append(msg)
         return reply

@@ -17,8 +17,21 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from mesh.api.schema import BadRequest, parse_job_body, parse_schedule_body, schedule_to_json
-from mesh.contracts import NodeView, NoLeader, ProposalFailed, Replica, term_identity
+from mesh.api.schema import (
+    BadRequest,
+    parse_job_body,
+    parse_member_body,
+    parse_schedule_body,
+    schedule_to_json,
+)
+from mesh.contracts import (
+    MembershipRefused,
+    NodeView,
+    NoLeader,
+    ProposalFailed,
+    Replica,
+    term_identity,
+)
 
 if TYPE_CHECKING:
     from mesh.scheduling.service import SchedulingService
@@ -53,6 +66,8 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
         return json_error(e.status, e.reason or e.text or "error")
     except BadRequest as e:
         return json_error(400, str(e))
+    except MembershipRefused as e:
+        return json_error(e.status, str(e))
     except Backpressure as e:
         return json_error(429, str(e))
     except UnknownSchedule as e:
@@ -206,8 +221,24 @@ def create_app(
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
+    # The voter set (docs/api.md). Writes go through the Raft log on the leader (a follower
+    # forwards them, like every write). Anyone who reaches the HTTP port may call them until
+    # issue 12 adds tokens and roles to the HTTP API: bind HTTP to a trusted network.
+    async def members(request: web.Request) -> web.Response:
+        return web.json_response(view.cluster_members())
+
+    async def add_member(request: web.Request) -> web.Response:
+        node_id = parse_member_body(await _json_body(request))
+        return web.json_response(await replica.add_voter(node_id))
+
+    async def remove_member(request: web.Request) -> web.Response:
+        return web.json_response(await replica.remove_voter(request.match_info["node_id"]))
+
     app.router.add_get("/api/health", health)
     app.router.add_get("/api/cluster", cluster)
+    app.router.add_get("/api/cluster/members", members)
+    app.router.add_post("/api/cluster/members", add_member)
+    app.router.add_delete("/api/cluster/members/{node_id}", remove_member)
     app.router.add_get("/metrics", metrics)
     if service is not None:
         _add_scheduling_routes(app, service)

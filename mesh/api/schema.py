@@ -125,6 +125,10 @@ class JobBody(_Body):
     kwargs: Object = {}
 
 
+class MemberBody(_Body):  # POST /api/cluster/members
+    node_id: Id
+
+
 class _TriggerBody(_Body, tag_field="type"):
     def to_trigger(self, now: datetime) -> Trigger:
         """The APScheduler trigger; ``now`` fills in an omitted start."""
@@ -310,6 +314,12 @@ def parse_job_body(body: Any) -> tuple[str, tuple, dict]:
     _require_object(body, "request body")
     b = _convert(body, JobBody, where="the job")
     return b.task, tuple(_require_json(b.args, "args")), _require_json(b.kwargs, "kwargs")
+
+
+def parse_member_body(body: Any) -> str:
+    """Validate a POST /api/cluster/members body ``{"node_id"}`` → the node id."""
+    _require_object(body, "request body")
+    return _convert(body, MemberBody, where="the member").node_id
 
 
 def parse_trigger(spec: Any, *, now: datetime | None = None) -> Trigger:

@@ -154,7 +154,10 @@ class RaftCore:
         self.commit = min(self.commit, self.last_index)
         # The state machine restores from the snapshot; entries after it are re-applied.
         self.applied = self.snap_index
-        self.voters: frozenset[str] = self._voters_at(self.last_index)
+        self.voters: frozenset[str] = frozenset()
+        # Removed through the admin API: auto_join must not add them back (docs/consensus.md).
+        self.removed: frozenset[str] = frozenset()
+        self._set_config(self.last_index)
         self.phase = _Phase.FOLLOWER
         self.leader_id: str | None = None
         self.votes: dict[str, bool] = {}
@@ -204,22 +207,32 @@ class RaftCore:
         lo = start - self.snap_index - 1
         return self.log[lo : lo + limit]
 
-    def _voters_at(self, index: int) -> frozenset[str]:
+    def _config_at(self, index: int) -> tuple[frozenset[str], frozenset[str]]:
+        """``(voters, removed)`` of the configuration in force at ``index``."""
         for e in reversed(self.log):
             if e.index <= index and e.kind == CONFIG:
-                return frozenset(e.data["voters"])
-        return frozenset(self.snap.voters) if self.snap else frozenset()
+                return frozenset(e.data["voters"]), frozenset(e.data.get("removed", ()))
+        if self.snap is None:
+            return frozenset(), frozenset()
+        return frozenset(self.snap.voters), frozenset(self.snap.removed)
+
+    def _voters_at(self, index: int) -> frozenset[str]:
+        return self._config_at(index)[0]
+
+    def _set_config(self, index: int) -> None:
+        self.voters, self.removed = self._config_at(index)
 
     def _truncate_from(self, index: int) -> None:
         del self.log[index - self.snap_index - 1 :]
         self._unstable_from = min(self._unstable_from, index)
-        self.voters = self._voters_at(self.last_index)
+        self._set_config(self.last_index)
 
     def _append(self, entries: Iterable[Entry]) -> None:
         for e in entries:
             self.log.append(e)
             if e.kind == CONFIG:
                 self.voters = frozenset(e.data["voters"])
+                self.removed = frozenset(e.data.get("removed", ()))
                 self._on_voters_changed()
 
     @property
@@ -275,11 +288,17 @@ class RaftCore:
         if kind == CONFIG:
             if self.pending_conf_index > self.commit:
                 raise ConfigChangeInProgress("a membership change is still being committed")
-            if self.id not in data["voters"]:
-                raise ValueError("the leader cannot remove itself; transfer leadership first")
-        (placed,) = self._propose([data], kind)
-        if kind == CONFIG:
-            self.pending_conf_index = placed[0]
+            if not data["voters"]:
+                raise ValueError("a configuration needs at least one voter")
+        if kind != CONFIG:
+            (placed,) = self._propose([data], kind)
+            return placed
+        previous, self.pending_conf_index = self.pending_conf_index, self.last_index + 1
+        try:
+            (placed,) = self._propose([data], kind)
+        except NotLeader:
+            self.pending_conf_index = previous
+            raise
         return placed
 
     def propose_many(self, datas: Sequence[Any]) -> list[tuple[int, int]]:
@@ -299,12 +318,24 @@ class RaftCore:
         self._append_pending = True  # sent at the next ready(): one message per batch
         return [(start + i, self.term) for i in range(len(datas))]
 
-    def change_voters(self, voters: Iterable[str]) -> tuple[int, int]:
-        """Single-server membership change (add or remove exactly one voter)."""
+    def change_voters(
+        self, voters: Iterable[str], *, removed: Iterable[str] | None = None
+    ) -> tuple[int, int]:
+        """Single-server membership change (add or remove exactly one voter); ``removed``
+        replaces the removed set (default: unchanged).
+
+        The leader may remove itself (Raft thesis §4.2.2): it keeps replicating, not counting
+        itself in majorities, and steps down once the change is committed, handing over to the
+        most up-to-date voter.
+        """
         new = frozenset(voters)
         if len(new ^ self.voters) != 1:
             raise ValueError("a membership change must add or remove exactly one voter")
-        return self.propose({"voters": sorted(new)}, kind=CONFIG)
+        gone = self.removed if removed is None else frozenset(removed)
+        data: dict[str, Any] = {"voters": sorted(new)}
+        if gone:
+            data["removed"] = sorted(gone)
+        return self.propose(data, kind=CONFIG)
 
     def transfer_leadership(self, target: str | None = None) -> str | None:
         """Hand leadership to ``target`` (default: the most up-to-date voter); returns it."""
@@ -333,20 +364,26 @@ class RaftCore:
             raise ValueError(f"cannot snapshot unapplied index {index} (applied {self.applied})")
         term = self.term_at(index)
         assert term is not None
+        voters, removed = self._config_at(index)
         snap = Snapshot(
-            index=index, term=term, voters=tuple(sorted(self._voters_at(index))), data=data
+            index=index,
+            term=term,
+            voters=tuple(sorted(voters)),
+            data=data,
+            removed=tuple(sorted(removed)),
         )
         del self.log[: index - self.snap_index]
         self.snap, self.snap_index, self.snap_term = snap, index, term
         return snap
 
-    def snapshot_point(self, index: int) -> tuple[int, tuple[str, ...]]:
-        """``(term, voters)`` a snapshot at applied ``index`` will carry: the driver names and
-        records the snapshot it writes elsewhere before calling ``create_snapshot``."""
+    def snapshot_point(self, index: int) -> tuple[int, tuple[str, ...], tuple[str, ...]]:
+        """``(term, voters, removed)`` a snapshot at applied ``index`` will carry: the driver
+        names and records the snapshot it writes elsewhere before calling ``create_snapshot``."""
         term = self.term_at(index)
         if term is None or index > self.applied:
             raise ValueError(f"no applied entry at {index} to snapshot")
-        return term, tuple(sorted(self._voters_at(index)))
+        voters, removed = self._config_at(index)
+        return term, tuple(sorted(voters)), tuple(sorted(removed))
 
     def drop_snapshot_data(self) -> None:
         """Forget the current snapshot's bytes once the driver has stored them (they can be tens
@@ -727,7 +764,7 @@ class RaftCore:
         else:
             self.log = []
         self.snap, self.snap_index, self.snap_term = snap, snap.index, snap.term
-        self.voters = self._voters_at(self.last_index)
+        self._set_config(self.last_index)
         self.commit = snap.index
         self.applied = min(self.applied, snap.index)
         self._pending_snapshot = snap
@@ -783,6 +820,17 @@ class RaftCore:
         n = matches[self.quorum - 1]
         if n > self.commit and self.term_at(n) == self.term:
             self.commit = n
+            if self.id not in self.voters and self.commit >= self.pending_conf_index:
+                self._step_down_removed()
+
+    def _step_down_removed(self) -> None:
+        """The committed configuration no longer holds this leader: tell the followers the
+        commit index, hand over to the most up-to-date voter, and follow."""
+        self._announce_commit()
+        best = max(self._peers(), key=lambda p: (self.progress[p].match, p), default=None)
+        if best is not None and self.progress[best].match == self.last_index:
+            self._send(TimeoutNow(src=self.id, dst=best, term=self.term))
+        self._become_follower(self.term, None)
 
     def _announce_commit(self) -> None:
         """Tell caught-up followers about a new commit index now, not at the next heartbeat:

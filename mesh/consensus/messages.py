@@ -16,13 +16,20 @@ import msgspec
 
 # Entry kinds
 COMMAND = "command"  # a state-machine command (a JSON-able dict)
-CONFIG = "config"  # a membership change: data = {"voters": [...]}
+CONFIG = "config"  # a membership change: data = {"voters": [...], "removed": [...]}
 NOOP = "noop"  # appended by a new leader to commit entries of earlier terms
 
-# A term or a log index: a plain non-negative int (never a bool or a float), small enough that
-# arithmetic on it stays exact everywhere.
-Index = Annotated[int, msgspec.Meta(ge=0, lt=1 << 62)]
+# A term or a log index: a plain non-negative int (never a bool or a float) below 2**48. A real
+# cluster never gets near (2**48 terms at one election a millisecond is ~9,000 years); a forged
+# huge term would otherwise stop elections for good, because no node could ever exceed it.
+MAX_INDEX = 1 << 48
+Index = Annotated[int, msgspec.Meta(ge=0, lt=MAX_INDEX)]
 NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+MAX_VOTERS = 1024  # node ids in a configuration (voters, removed)
+# Entries in one AppendEntries: raft.max_append_entries (default 512) is what a leader sends; the
+# bound keeps a forged message from making a follower allocate and persist without limit.
+MAX_ENTRIES_PER_MESSAGE = 1 << 16
+NodeIds = Annotated[list[NodeId], msgspec.Meta(max_length=MAX_VOTERS)]
 
 
 class _Wire(msgspec.Struct, frozen=True):
@@ -37,7 +44,10 @@ class _Wire(msgspec.Struct, frozen=True):
 
 
 class _ConfigData(msgspec.Struct):
-    voters: list[str]
+    voters: NodeIds
+    # Nodes removed through the admin API: never added back automatically (auto_join), only by
+    # an explicit add. Absent when empty, so the wire shape of older entries is unchanged.
+    removed: NodeIds = []
 
 
 class Entry(_Wire, frozen=True, rename={"term": "t", "index": "i", "kind": "k", "data": "d"}):
@@ -51,13 +61,14 @@ class Entry(_Wire, frozen=True, rename={"term": "t", "index": "i", "kind": "k", 
             msgspec.convert(self.data, _ConfigData)
 
 
-class Snapshot(_Wire, frozen=True):
+class Snapshot(_Wire, frozen=True, omit_defaults=True):
     """State-machine image covering every entry up to and including ``index``."""
 
     index: Index
     term: Index
-    voters: tuple[str, ...]
+    voters: Annotated[tuple[NodeId, ...], msgspec.Meta(max_length=MAX_VOTERS)]
     data: bytes = b""  # a bytearray too: a received image is handed over without a copy
+    removed: Annotated[tuple[NodeId, ...], msgspec.Meta(max_length=MAX_VOTERS)] = ()
 
 
 class HardState(msgspec.Struct, frozen=True):
@@ -102,7 +113,7 @@ class VoteResponse(Message, tag="vote_resp"):
 class AppendEntries(Message, tag="append"):
     prev_log_index: Index
     prev_log_term: Index
-    entries: tuple[Entry, ...] = ()
+    entries: Annotated[tuple[Entry, ...], msgspec.Meta(max_length=MAX_ENTRIES_PER_MESSAGE)] = ()
     leader_commit: Index = 0
 
 

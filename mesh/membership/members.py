@@ -7,19 +7,29 @@ about themselves; the voter policy (``mesh.membership.voters``) and the node rea
 
 Every change of a peer's state is reported as an event (``peer_up``, ``peer_suspect``,
 ``peer_down``, ``quorum_lost``, ``quorum_regained``) to an ``EventSink``.
+
+Nobody can rewrite what we know of another node. A node's id, mesh and HTTP addresses are
+learned only from the reply to our own ping of an address (what answers there, checked against
+the transport's authenticated name for that address when the mesh is secured). An incoming ping
+only refreshes the entry of the node that sent it (found by its id, never by the address it
+claims) or, when ``learn_peers`` is on, makes an unknown address one we ping. Every field of a
+ping or reply is validated; a bad field is ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, Protocol
 
 import attrs
 
-from mesh.config import MembershipConfig
+from mesh.config import MembershipConfig, parse_http_address
+from mesh.consensus.messages import MAX_INDEX
 from mesh.contracts import EventSink
+from mesh.transport.zmq import split_address
 
 log = logging.getLogger("mesh.membership")
 
@@ -28,6 +38,8 @@ log = logging.getLogger("mesh.membership")
 PING_REFRESH_ROUNDS = 4
 
 _STATE_EVENTS = {"alive": "peer_up", "suspect": "peer_suspect", "dead": "peer_down"}
+ROLES = ("follower", "precandidate", "candidate", "leader")
+_NODE_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 
 
 class Dialer(Protocol):
@@ -38,6 +50,54 @@ class Dialer(Protocol):
     async def request(
         self, address: str, kind: str, payload: dict[str, Any], *, timeout: float
     ) -> dict[str, Any]: ...
+
+    def expect(self, address: str, name: str) -> None:
+        """Hint: the node at ``address`` holds the certificate ``name`` (secured mesh)."""
+
+    def name_at(self, address: str) -> str | None:
+        """The authenticated certificate name of the node at ``address``, once settled."""
+
+
+def node_id_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and _NODE_ID.fullmatch(value) else None
+
+
+def clean_info(info: Any) -> dict[str, Any]:
+    """The valid fields of a ping or ping reply (a peer's word about itself); the rest dropped.
+
+    ``node_id``: 1-128 of A-Z a-z 0-9 _ . -; ``mesh``: ``tcp://HOST:PORT``; ``http``: HOST:PORT
+    (``http://`` tolerated, stored without it); ``term``: an int in [0, 2**48); ``role``: a
+    Raft role; ``leader_id``: a node id; ``bootstrapped``: a bool.
+    """
+    if not isinstance(info, dict):
+        return {}
+    out: dict[str, Any] = {}
+    if (node_id := node_id_or_none(info.get("node_id"))) is not None:
+        out["node_id"] = node_id
+    mesh = info.get("mesh")
+    if isinstance(mesh, str) and len(mesh) <= 300:
+        try:
+            split_address(mesh)
+            out["mesh"] = mesh
+        except ValueError:
+            pass
+    http = info.get("http")
+    if isinstance(http, str) and len(http) <= 300:
+        try:
+            host, port = parse_http_address(http)
+            out["http"] = f"{host}:{port}"
+        except ValueError:
+            pass
+    term = info.get("term")
+    if type(term) is int and 0 <= term < MAX_INDEX:
+        out["term"] = term
+    if info.get("role") in ROLES:
+        out["role"] = info["role"]
+    if (leader := node_id_or_none(info.get("leader_id"))) is not None:
+        out["leader_id"] = leader
+    if isinstance(info.get("bootstrapped"), bool):
+        out["bootstrapped"] = info["bootstrapped"]
+    return out
 
 
 @attrs.define
@@ -114,18 +174,29 @@ class Members:
                 self._add(addr)
 
     def on_ping(self, info: dict[str, Any]) -> None:
-        addr = info.get("mesh")
+        """A ping from ``info["node_id"]`` (authenticated by the node when the mesh is secured).
+
+        It refreshes only that node's entry (liveness, role, term), never its addresses: those
+        come from its replies to our pings. An unknown node's claimed mesh address becomes a peer
+        we ping (``learn_peers``); what answers there tells us who it is.
+        """
+        info = clean_info(info)
         node_id = info.get("node_id")
-        if not isinstance(addr, str) or addr == self.address:
+        if node_id is None or node_id == self.node_id:
             return
         # A node is known by its id: the address we reach it at (a static entry, a proxy) may
         # differ from the one it advertises, and must not get a second, bypassing connection.
-        peer = self.peers.get(addr) or (self.by_id(node_id) if isinstance(node_id, str) else None)
-        if peer is None:
-            if not self.settings.learn_peers:
-                return
-            peer = self._add(addr)  # someone knows us that we did not know
-        self._update(peer, info)
+        peer = self.by_id(node_id)
+        if peer is not None:
+            self._learn_state(peer, info)
+            self._seen(peer)
+            return
+        addr = info.get("mesh")
+        if addr is None or addr == self.address or addr in self.peers:
+            return  # a known address: our own ping of it says who is there
+        if self.settings.learn_peers:
+            self._add(addr)  # someone knows us that we did not know
+            self._expect(addr, node_id)
 
     def heard_from(self, node_id: str) -> Peer | None:
         """A member spoke (Raft traffic): it is alive. None when no peer has that id."""
@@ -172,7 +243,7 @@ class Members:
             reply = await self.dialer.request(
                 peer.address, "ping", self.local_info(), timeout=self.settings.dead_after
             )
-            self._update(peer, reply)
+            self.on_ping_reply(peer, reply)
         except TimeoutError:
             pass
         except Exception:  # a bad reply must not kill membership
@@ -231,17 +302,45 @@ class Members:
         self.dialer.connect(addr)
         return peer
 
-    def _update(self, peer: Peer, info: dict[str, Any]) -> None:
+    def on_ping_reply(self, peer: Peer, reply: Any) -> None:
+        """What the node at ``peer.address`` says about itself, in answer to our ping: the one
+        source of a peer's node id and HTTP address."""
+        info = clean_info(reply)
         node_id = info.get("node_id")
-        if isinstance(node_id, str) and node_id and node_id != self.node_id:
+        if node_id is None or node_id == self.node_id:
+            return
+        name_at = getattr(self.dialer, "name_at", None)
+        authenticated = name_at(peer.address) if name_at is not None else None
+        if authenticated is not None and node_id != authenticated:
+            log.warning(
+                "ignoring the ping reply from %s: it claims %r, its key is %r",
+                peer.address,
+                node_id,
+                authenticated,
+            )
+            return
+        holder = self.by_id(node_id)
+        if holder is not None and holder is not peer:
+            log.debug("%s answers as %s, already known at %s", peer.address, node_id, holder)
+            return
+        if peer.node_id != node_id:
             peer.node_id = node_id
-        if isinstance(info.get("http"), str):
+            self._expect(peer.address, node_id)
+        if "http" in info:
             peer.http = info["http"]
-        peer.role = info.get("role") if isinstance(info.get("role"), str) else None
-        peer.term = info.get("term") if isinstance(info.get("term"), int) else 0
-        peer.leader_id = info.get("leader_id") if isinstance(info.get("leader_id"), str) else None
-        peer.bootstrapped = bool(info.get("bootstrapped"))
+        self._learn_state(peer, info)
         self._seen(peer)
+
+    def _learn_state(self, peer: Peer, info: dict[str, Any]) -> None:
+        peer.role = info.get("role")
+        peer.term = info.get("term", 0)
+        peer.leader_id = info.get("leader_id")
+        peer.bootstrapped = info.get("bootstrapped", False)
+
+    def _expect(self, address: str, node_id: str) -> None:
+        expect = getattr(self.dialer, "expect", None)
+        if expect is not None:
+            expect(address, node_id)
 
     def _seen(self, peer: Peer) -> None:
         peer.last_seen = self.clock()

@@ -3,8 +3,11 @@
 - **Bootstrap.** A brand-new cluster: the smallest node id among ``bootstrap_expect`` fresh nodes
   writes the first configuration; the others receive it by replication (one writer, no conflict).
   A node that sees any bootstrapped peer waits to be added instead.
-- **Growth.** The leader adds alive, known nodes that are not voters yet, one at a time (Raft's
-  single-server membership change), in node-id order.
+- **Growth** (``membership.auto_join``, on by default). The leader adds alive, known nodes that
+  are not voters yet, one at a time (Raft's single-server membership change), in node-id order;
+  never a node removed through the admin API (the configuration's ``removed`` set).
+- **Who may vote.** Both rules consider only nodes ``may_vote`` accepts: on a secured mesh the
+  holders of a ``node`` key. A ping never changes the voter set by itself.
 
 The node calls these every membership round and applies their answer to the Raft core.
 """
@@ -12,7 +15,7 @@ The node calls these every membership round and applies their answer to the Raft
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 from mesh.consensus.core import ConfigChangeInProgress, NotLeader, RaftCore
 from mesh.membership.members import Peer
@@ -36,17 +39,31 @@ def bootstrap_voters(
     return None
 
 
-def voter_to_add(voters: Collection[str], alive: Iterable[Peer]) -> str | None:
+def voter_to_add(
+    voters: Collection[str], alive: Iterable[Peer], removed: Collection[str] = ()
+) -> str | None:
     """The next alive node the leader should make a voter, if any."""
     for p in sorted(alive, key=lambda p: p.node_id or ""):
-        if p.node_id and p.node_id not in voters:
+        if p.node_id and p.node_id not in voters and p.node_id not in removed:
             return p.node_id
     return None
 
 
-def apply_voter_policy(core: RaftCore, alive: Sequence[Peer], expect: int) -> bool:
+def _everyone(_node_id: str) -> bool:
+    return True
+
+
+def apply_voter_policy(
+    core: RaftCore,
+    alive: Sequence[Peer],
+    expect: int,
+    *,
+    auto_join: bool = True,
+    may_vote: Callable[[str], bool] = _everyone,
+) -> bool:
     """Bootstrap or grow the voter set on ``core`` as the rules above say; True when the core
     changed (the driver then processes its Ready)."""
+    alive = [p for p in alive if p.node_id and may_vote(p.node_id)]
     first = bootstrap_voters(
         core.id, fresh=not (core.voters or core.last_index or core.term), alive=alive, expect=expect
     )
@@ -54,9 +71,9 @@ def apply_voter_policy(core: RaftCore, alive: Sequence[Peer], expect: int) -> bo
         core.bootstrap(first)
         log.info("%s bootstrapped a new cluster with voters %s", core.id, first)
         return True
-    if not core.is_leader or core.pending_conf_index > core.commit:
+    if not auto_join or not core.is_leader or core.pending_conf_index > core.commit:
         return False
-    new = voter_to_add(core.voters, alive)
+    new = voter_to_add(core.voters, alive, core.removed)
     if new is None:
         return False
     try:

@@ -54,6 +54,14 @@ def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+def _config_column(voters: Sequence[str], removed: Sequence[str]) -> str:
+    """The ``voters`` column: the voter list, or with removed nodes (the admin API's) an object
+    ``{"voters": [...], "removed": [...]}``."""
+    if not removed:
+        return _dumps(list(voters))
+    return _dumps({"voters": list(voters), "removed": list(removed)})
+
+
 class RaftStore:
     """The node's Raft log store on ``broker_state.db`` (tables ``raft_*``)."""
 
@@ -145,7 +153,8 @@ class RaftStore:
             name = write_snapshot_file(
                 self.snapshot_dir, snapshot.index, snapshot.term, snapshot.data
             )
-            snap_row = (snapshot.index, snapshot.term, _dumps(list(snapshot.voters)), name)
+            config = _config_column(snapshot.voters, snapshot.removed)
+            snap_row = (snapshot.index, snapshot.term, config, name)
 
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
@@ -163,10 +172,12 @@ class RaftStore:
         if snap_row is not None:
             self._remove_stale_files()
 
-    def record_snapshot(self, index: int, term: int, voters: Sequence[str], name: str) -> None:
+    def record_snapshot(
+        self, index: int, term: int, voters: Sequence[str], name: str, removed: Sequence[str] = ()
+    ) -> None:
         """Make the snapshot already written to ``snapshot_dir/name`` (``write_snapshot_file``)
         the stored one, and drop the log entries it covers. One transaction."""
-        row = (index, term, _dumps(list(voters)), name)
+        row = (index, term, _config_column(voters, removed), name)
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -253,7 +264,16 @@ class RaftStore:
         data = b""
         if with_data:
             data = (self.snapshot_dir / row[3]).read_bytes()
-        return Snapshot(index=row[0], term=row[1], voters=tuple(json.loads(row[2])), data=data)
+        config = json.loads(row[2])
+        if isinstance(config, list):  # no removed nodes: the plain voter list
+            config = {"voters": config}
+        return Snapshot(
+            index=row[0],
+            term=row[1],
+            voters=tuple(config["voters"]),
+            data=data,
+            removed=tuple(config.get("removed", ())),
+        )
 
     def _remove_stale_files(self, *, tmp_too: bool = False) -> None:
         """Delete snapshot files other than the stored one (replaced ones, leftovers of a crash
