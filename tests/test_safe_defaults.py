@@ -206,28 +206,24 @@ def test_keys_from_the_environment_are_used(tmp_path: Path) -> None:
     assert f"{key_dir}/n1.key_secret" in line
 
 
-def test_handler_with_keys_needs_a_handler_id(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "mesh.cli", "handler", "--mesh", "tcp://127.0.0.1:7100"]
-        + ["--tasks", "mesh.sample_tasks", "--keys", str(tmp_path)],
+def handler(*args: str) -> subprocess.CompletedProcess[str]:
+    """``schedulezero handler`` with one loopback node address, a task module and ``args``."""
+    return subprocess.run(
+        [sys.executable, "-m", "mesh.cli", "handler", "--mesh", "tcp://127.0.0.1:7100", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
         env=child_env(),
         timeout=60,
     )
+
+
+def test_handler_with_keys_needs_a_handler_id(tmp_path: Path) -> None:
+    result = handler("--tasks", "mesh.sample_tasks", "--keys", str(tmp_path))
     assert "--keys: needs --handler-id" in assert_one_line_error(result)
 
 
 def test_handler_with_a_node_key_refuses_to_start(tmp_path: Path) -> None:
     create_key(tmp_path, "h1", "node")
-    result = subprocess.run(
-        [sys.executable, "-m", "mesh.cli", "handler", "--mesh", "tcp://127.0.0.1:7100"]
-        + ["--tasks", "mesh.sample_tasks", "--handler-id", "h1", "--keys", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=child_env(),
-        timeout=60,
-    )
+    result = handler("--tasks", "mesh.sample_tasks", "--handler-id", "h1", "--keys", str(tmp_path))
     assert "a handler needs a 'handler' key" in assert_one_line_error(result)
