@@ -7,16 +7,20 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from aiohttp.test_utils import TestClient, TestServer
+from zmq.utils import z85
 
 from mesh.api.http import create_app
 from mesh.governor import UpOptions, ensure_keys, plan_local_mesh
-from mesh.security.keys import KeyRing
+from mesh.security.keys import KeyRing, load_certificates
 from mesh.supervise import child_env, free_port, get_json, kill, spawn, wait_until
+from tests.cluster import Cluster
 from tests.fakes import FakeReplica
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,3 +126,32 @@ async def test_metrics_export_security_rejections_by_reason() -> None:
         await client.close()
     assert 'schedulezero_security_rejected_total{node_id="n1",reason="unknown_key"} 3.0' in text
     assert 'schedulezero_security_rejected_total{node_id="n1",reason="role"} 1.0' in text
+
+
+def test_a_secured_cluster_elects_and_counts_an_unknown_key_in_metrics(
+    cluster_factory: Callable[..., Cluster],
+) -> None:
+    cluster = cluster_factory(2, secure=True)
+    leader = cluster.wait_for_leader(20)
+    assert cluster.keys_dir is not None
+    server_key = load_certificates(cluster.keys_dir)[leader.node_id].public
+    stranger_public, stranger_secret = zmq.curve_keypair()  # a key nobody trusts
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.curve_serverkey = z85.encode(server_key)
+        sock.curve_publickey, sock.curve_secretkey = stranger_public, stranger_secret
+        sock.connect(leader.mesh)
+        sock.send(b"{}", zmq.NOBLOCK)
+
+        def refused() -> str | None:
+            text = leader.metrics_text() or ""
+            labels = f'node_id="{leader.node_id}",reason="unknown_key"'
+            return text if f"schedulezero_security_rejected_total{{{labels}}}" in text else None
+
+        cluster.wait_for(refused, 10, "the unknown key to be counted in /metrics")
+        sock.close()
+    finally:
+        ctx.term()
+    assert cluster.leader_now() is leader  # the stranger changed nothing
