@@ -19,6 +19,7 @@ from zmq.utils import z85
 from mesh.config import DISCOVERY_MODES, ConfigError, load_config, parse_mesh_address
 from mesh.membership.discovery import DiscoveryError
 from mesh.security.keys import ROLES, KeyFileError, KeyRing, create_key, load_certificates
+from mesh.security.policy import InsecureStart
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -237,7 +238,8 @@ def _cmd_handler(ns: argparse.Namespace) -> int:
     if checked.security.keys is not None:
         if ns.handler_id is None:
             raise UsageError("--keys: needs --handler-id, the name of the handler's key")
-        security["keys"] = _key_ring(checked.security.keys, ns.handler_id, "handler")
+        _key_ring(checked.security.keys, ns.handler_id, "handler")  # say what is wrong, early
+        security["keys_dir"] = checked.security.keys
     if checked.security.insecure:
         security["insecure"] = True
     try:
@@ -247,10 +249,17 @@ def _cmd_handler(ns: argparse.Namespace) -> int:
             raise
         raise UsageError("handler: not available in this build") from None
     _setup_logging(checked.log_level)
-    # keys/insecure are passed only when set, so a build whose handler predates them still runs.
-    return run_handler(
-        list(dict.fromkeys(ns.mesh)), list(checked.tasks), ns.handler_id, ns.concurrency, **security
-    )
+    # keys_dir/insecure are passed only when set, so a build whose handler predates them runs.
+    try:
+        return run_handler(
+            list(dict.fromkeys(ns.mesh)),
+            list(checked.tasks),
+            ns.handler_id,
+            ns.concurrency,
+            **security,
+        )
+    except (KeyFileError, InsecureStart) as e:  # raised before the handler starts
+        raise UsageError(str(e)) from None
 
 
 def _key_ring(directory: Path, name: str, role: str) -> KeyRing:
