@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import signal
 import stat
 import subprocess
@@ -20,7 +21,7 @@ from mesh.api.http import create_app
 from mesh.governor import UpOptions, ensure_keys, plan_local_mesh
 from mesh.security.keys import KeyRing, load_certificates
 from mesh.supervise import child_env, free_port, get_json, kill, spawn, wait_until
-from tests.cluster import Cluster
+from tests.cluster import Cluster, HandlerProc
 from tests.fakes import FakeReplica
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,3 +156,37 @@ def test_a_secured_cluster_elects_and_counts_an_unknown_key_in_metrics(
     finally:
         ctx.term()
     assert cluster.leader_now() is leader  # the stranger changed nothing
+
+
+def _handler_takes_keys() -> bool:
+    from mesh.dispatch.handler import run_handler
+
+    return "keys_dir" in inspect.signature(run_handler).parameters
+
+
+@pytest.mark.skipif(not _handler_takes_keys(), reason="run_handler has no keys_dir yet (dispatch)")
+def test_a_handler_with_its_key_runs_a_job_of_a_secured_cluster(
+    cluster_factory: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    cluster = cluster_factory(2, secure=True)
+    leader = cluster.wait_for_leader(20)
+    key_dir = cluster.add_key("h1", "handler")
+    for node in cluster.nodes:
+        node.kill(signal.SIGHUP)  # trust the new handler key now, not at the next poll
+    handler = HandlerProc(
+        "h1", [leader.mesh], ["tests.fixtures.handler_tasks"], tmp_path / "h1", keys=key_dir
+    )
+    try:
+        handler.start()
+        status, body = leader.request("POST", "/api/jobs", {"task": "echo", "args": ["hi"]})
+        assert status == 202, body
+
+        def finished() -> dict[str, Any] | None:
+            job = leader.get_json(f"/api/jobs/{body['job_id']}")
+            return job if job and job["status"] not in ("pending", "running") else None
+
+        job = cluster.wait_for(finished, 20, "the job to finish on the handler")
+        assert (job["status"], job["return_value"]) == ("success", "hi"), job
+        assert "without CURVE keys" not in handler.stderr_path.read_text(errors="replace")
+    finally:
+        handler.stop()
