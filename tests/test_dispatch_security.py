@@ -1,0 +1,263 @@
+"""Identity is the key, on both ends of the handler protocol.
+
+Node side: the dispatcher on a ``KeyedBus`` (a FakeBus whose messages arrive as an authenticated
+CURVE transport delivers them: ``sender``/``sender_role`` set from the key of the connection).
+Hellos, acknowledgements and results count only from a ``handler`` key naming itself, answers
+only from the handler the dispatch went to, and malformed ones are refused and counted.
+
+Handler side: a real ``HandlerProcess`` fed ``Incoming`` messages as its transport would hand
+them over; it acts only on ``node`` keys, and without keys it keeps to loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tests.fixtures.handler_tasks  # noqa: F401  (registers the tasks)
+from mesh.contracts import Incoming
+from mesh.dispatch import protocol as p
+from mesh.dispatch.handler import HandlerProcess, run_handler
+from mesh.scheduling.executor import TaskUnavailable
+from mesh.security.keys import KeyFileError, KeyRing, create_key
+from mesh.security.policy import InsecureStart
+from tests.fakes import HOLD, FakeBus
+from tests.netutil import free_mesh_address
+from tests.test_dispatcher_unit import Leader
+
+NOT_LOOPBACK = "tcp://192.0.2.7:7000"  # TEST-NET-1: never loopback, never resolved
+
+
+class KeyedBus(FakeBus):
+    """A FakeBus on an authenticated mesh: a message from routing id X arrives as sent by the
+    ``handler`` key X, unless :meth:`deliver_as` names another key."""
+
+    def deliver(
+        self, kind: str, payload: dict[str, Any], *, identity: bytes = b"", address: str = ""
+    ) -> dict[str, Any] | None:
+        return self.deliver_as(identity.decode(), "handler", kind, payload)
+
+    def deliver_as(
+        self, key: str, role: str, kind: str, payload: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        # As the CURVE transport does: the identity to answer is the key's name.
+        msg = Incoming(kind, payload, b"1", key.encode(), "", sender=key, sender_role=role)
+        return self.handlers[kind](msg)
+
+
+def hello(handler_id: str, tasks: tuple[str, ...] = ("echo",)) -> dict[str, Any]:
+    return {"handler_id": handler_id, "tasks": list(tasks), "pid": 1, "started_at": "t0"}
+
+
+def reasons(bus: FakeBus) -> list[str]:
+    return [reason for _, reason in bus.rejected]
+
+
+# --------------------------------------------------------------------------- node side
+
+
+def test_a_hello_claiming_another_handlers_id_is_refused_and_counted() -> None:
+    bus = KeyedBus()
+    leader = Leader(bus=bus)
+    leader.handler("h1")  # h1's own key
+    answer = bus.deliver_as("h2", "handler", p.HELLO, hello("h1", tasks=("echo", "steal")))
+    assert answer is None  # no registration, and no map of the mesh
+    assert reasons(bus) == ["sender_mismatch"]
+    h1 = leader.registry.handlers["h1"]
+    assert (h1.tasks, h1.identity) == (frozenset({"echo"}), b"h1")
+    assert "h2" not in leader.registry.handlers
+
+
+def test_a_hello_from_a_node_key_is_refused() -> None:
+    bus = KeyedBus()
+    leader = Leader(bus=bus)
+    assert bus.deliver_as("n2", "node", p.HELLO, hello("n2")) is None
+    assert reasons(bus) == ["role"]
+    assert leader.registry.handlers == {}
+    assert not leader.dispatcher.offers("echo")
+
+
+def test_a_hello_from_its_own_handler_key_registers_it_and_is_answered() -> None:
+    bus = KeyedBus()
+    leader = Leader(bus=bus)
+    answer = bus.deliver_as("h1", "handler", p.HELLO, hello("h1"))
+    assert answer is not None and answer["node_id"] == "n1"
+    assert bus.rejected == []
+    assert leader.registry.handlers["h1"].identity == b"h1"
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload"),
+    [
+        (p.HELLO, {"handler_id": "h1", "tasks": "echo"}),
+        (p.HELLO, {"tasks": ["echo"]}),
+        (p.DISPATCH_ACK, {"dispatch_id": "d1", "handler_id": "h1", "accepted": "yes"}),
+        (p.JOB_RESULT, {"dispatch_id": "d1", "handler_id": "h1", "outcome": "maybe"}),
+    ],
+    ids=["hello-tasks-not-a-list", "hello-without-id", "ack-accepted-not-bool", "bad-outcome"],
+)
+def test_a_malformed_message_from_a_handler_is_refused_and_counted(
+    kind: str, payload: dict[str, Any]
+) -> None:
+    bus = KeyedBus()
+    leader = Leader(bus=bus)
+    assert bus.deliver_as("h1", "handler", kind, payload) is None
+    assert reasons(bus) == ["malformed"]
+    assert leader.registry.handlers == {}
+
+
+@pytest.mark.parametrize(
+    ("claimed", "reason"),
+    [("h2", "not_assigned"), ("h1", "sender_mismatch")],
+    ids=["as-itself", "as-the-assigned-handler"],
+)
+async def test_a_result_from_another_handler_than_the_assigned_one_is_refused(
+    claimed: str, reason: str
+) -> None:
+    bus = KeyedBus()
+    leader = Leader(bus=bus)
+    leader.lead()
+    h1 = leader.handler("h1")
+    leader.handler("h2", tasks=("other",))  # a valid handler key, not given this job
+    h1.script(HOLD)
+    running = asyncio.create_task(leader.dispatch(await leader.job(value="real")))
+    [start] = await bus.wait_sent(p.DISPATCH_START, identity=b"h1")
+    forged = {
+        "dispatch_id": start.payload["dispatch_id"],
+        "handler_id": claimed,
+        "outcome": "success",
+        "return_value": "forged",
+    }
+    bus.deliver_as("h2", "handler", p.JOB_RESULT, forged)
+    assert reasons(bus) == [reason]
+    h1.finish_all()
+    assert await running == ("real", "h1")
+
+
+async def test_a_refusal_from_another_handler_than_the_assigned_one_is_ignored() -> None:
+    bus = KeyedBus()
+    leader = Leader(bus=bus, max_attempts=1)
+    leader.lead()
+    leader.handler("h1")
+    leader.handler("h2", tasks=("other",))
+
+    def forge(sent: Any) -> None:
+        # Before h1 can acknowledge (its answers come a loop iteration later): h2 refuses in
+        # its name, which would make the leader give up on h1.
+        if sent.kind == p.DISPATCH and sent.identity == b"h1":
+            ack = {
+                "dispatch_id": sent.payload["dispatch_id"],
+                "handler_id": "h2",
+                "accepted": False,
+                "reason": p.UNKNOWN_TASK,
+            }
+            bus.deliver_as("h2", "handler", p.DISPATCH_ACK, ack)
+
+    bus.on_send(forge)
+    try:
+        assert await leader.dispatch(await leader.job(value="real")) == ("real", "h1")
+    except TaskUnavailable as e:  # the old code: the forged refusal counted
+        pytest.fail(f"a forged refusal ended the job: {e}")
+    assert reasons(bus) == ["not_assigned"]
+
+
+# --------------------------------------------------------------------------- handler side
+
+
+def dispatch_payload(n: int = 1) -> dict[str, Any]:
+    return {
+        "dispatch_id": f"d{n}",
+        "job_id": f"job{n}",
+        "task": "echo",
+        "args": ["x"],
+        "idempotency_key": f"key{n}",
+        "fencing_token": 1,
+        "attempt": 1,
+    }
+
+
+@pytest.fixture
+async def handler() -> Any:
+    """A running handler whose node is not there: messages are handed to it as its transport
+    would hand them over."""
+    h = HandlerProcess("h1", [free_mesh_address()])
+    await h.start()
+    yield h
+    await h.stop(drain_timeout=0)
+
+
+@pytest.mark.parametrize("role", ["handler", "replica"])
+async def test_a_dispatch_from_a_key_that_is_not_a_nodes_is_dropped(
+    handler: HandlerProcess, role: str
+) -> None:
+    address = next(iter(handler.nodes))
+    msg = Incoming(p.DISPATCH, dispatch_payload(), b"", b"", address, "h2", role)
+    handler._on_message(msg)
+    assert handler.active_jobs == 0
+    assert handler.rejections.counts["role"] == 1
+    # The same dispatch from a node key is taken (the rule tells roles apart).
+    handler._on_message(Incoming(p.DISPATCH, dispatch_payload(), b"", b"", address, "n1", "node"))
+    assert handler.active_jobs == 1
+
+
+async def test_a_start_from_a_handler_key_starts_nothing(handler: HandlerProcess) -> None:
+    address = next(iter(handler.nodes))
+    handler._on_message(Incoming(p.DISPATCH, dispatch_payload(), b"", b"", address, "n1", "node"))
+    start = {"dispatch_id": "d1", "start": True}
+    handler._on_message(Incoming(p.DISPATCH_START, start, b"", b"", address, "h2", "handler"))
+    assert handler.rejections.counts["role"] == 1
+    assert handler.succeeded == 0 and not handler._job_tasks
+
+
+async def test_without_keys_a_learned_non_loopback_leader_is_not_dialled(
+    handler: HandlerProcess,
+) -> None:
+    link = next(iter(handler.nodes.values()))
+    reply = {"node_id": "n1", "term": 2, "leader_id": "n2", "leader_mesh": NOT_LOOPBACK}
+    handler._on_hello_reply(link, reply)
+    assert NOT_LOOPBACK not in handler.nodes
+    assert handler.rejections.counts["insecure_address"] == 1
+
+
+async def test_with_insecure_a_learned_non_loopback_leader_is_dialled() -> None:
+    h = HandlerProcess("h1", [free_mesh_address()], insecure=True)
+    try:
+        link = next(iter(h.nodes.values()))
+        reply = {"node_id": "n1", "term": 2, "leader_id": "n2", "leader_mesh": NOT_LOOPBACK}
+        h._on_hello_reply(link, reply)
+        assert NOT_LOOPBACK in h.nodes
+    finally:
+        await h.stop(drain_timeout=0)
+
+
+def test_without_keys_a_non_loopback_node_address_refuses_to_start() -> None:
+    with pytest.raises(InsecureStart, match="handler h1 has no CURVE keys"):
+        HandlerProcess("h1", [NOT_LOOPBACK])
+    HandlerProcess("h1", [NOT_LOOPBACK], insecure=True)  # the operator's explicit choice
+
+
+def test_a_handler_id_that_is_not_its_keys_name_is_refused(tmp_path: Path) -> None:
+    create_key(tmp_path, "h2", "handler")
+    with pytest.raises(ValueError, match="must be the name of its key"):
+        HandlerProcess("h1", [NOT_LOOPBACK], keys=KeyRing(tmp_path, "h2"))
+
+
+def test_a_node_key_cannot_run_a_handler(tmp_path: Path) -> None:
+    create_key(tmp_path, "n1", "node")
+    with pytest.raises(ValueError, match="needs a handler key"):
+        HandlerProcess("n1", [NOT_LOOPBACK], keys=KeyRing(tmp_path, "n1"))
+
+
+def test_run_handler_refuses_keys_without_a_handler_id_and_plaintext_off_loopback(
+    tmp_path: Path,
+) -> None:
+    tasks = ["tests.fixtures.handler_tasks"]
+    with pytest.raises(KeyFileError, match="--keys needs --handler-id"):
+        run_handler([NOT_LOOPBACK], tasks, None, keys_dir=tmp_path)
+    with pytest.raises(KeyFileError, match="no secret key for 'h1'"):
+        run_handler([NOT_LOOPBACK], tasks, "h1", keys_dir=tmp_path)
+    with pytest.raises(InsecureStart):
+        run_handler([NOT_LOOPBACK], tasks, "h1")
