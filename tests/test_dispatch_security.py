@@ -7,26 +7,32 @@ only from the handler the dispatch went to, and malformed ones are refused and c
 
 Handler side: a real ``HandlerProcess`` fed ``Incoming`` messages as its transport would hand
 them over; it acts only on ``node`` keys, and without keys it keeps to loopback.
+
+Over CURVE: the dispatcher on a real secured transport (``TransportBus``), a real handler
+process with its key, and a raw transport holding another handler's key as the attacker.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import tests.fixtures.handler_tasks  # noqa: F401  (registers the tasks)
-from mesh.contracts import Incoming
+from mesh.contracts import Incoming, MessageHandler
 from mesh.dispatch import protocol as p
 from mesh.dispatch.handler import HandlerProcess, run_handler
 from mesh.scheduling.executor import TaskUnavailable
 from mesh.security.keys import KeyFileError, KeyRing, create_key
 from mesh.security.policy import InsecureStart
+from mesh.transport.zmq import MeshTransport
 from tests.fakes import HOLD, FakeBus
 from tests.netutil import free_mesh_address
 from tests.test_dispatcher_unit import Leader
+from tests.waiting import wait_until_async
 
 NOT_LOOPBACK = "tcp://192.0.2.7:7000"  # TEST-NET-1: never loopback, never resolved
 
@@ -261,3 +267,93 @@ def test_run_handler_refuses_keys_without_a_handler_id_and_plaintext_off_loopbac
         run_handler([NOT_LOOPBACK], tasks, "h1", keys_dir=tmp_path)
     with pytest.raises(InsecureStart):
         run_handler([NOT_LOOPBACK], tasks, "h1")
+
+
+# --------------------------------------------------------------------------- over CURVE
+
+
+class TransportBus:
+    """The MessageBus of a node, on a real (secured) transport: what MeshNode does for it."""
+
+    def __init__(self, transport: MeshTransport) -> None:
+        self.transport = transport
+        self.handlers: dict[str, MessageHandler] = {}
+        transport.set_handler(self._on_message)
+
+    def _on_message(self, msg: Incoming) -> dict[str, Any] | None:
+        fn = self.handlers.get(msg.kind)
+        return fn(msg) if fn is not None else None
+
+    def handle(self, kind: str, fn: MessageHandler) -> None:
+        self.handlers[kind] = fn
+
+    def send_to_identity(self, identity: bytes, kind: str, payload: dict[str, Any]) -> bool:
+        return self.transport.send_to_identity(identity, kind, payload)
+
+    def reject(self, msg: Incoming, reason: str, detail: str = "") -> None:
+        self.transport.rejections.reject(reason, msg.sender or "?", detail)
+
+
+@pytest.fixture
+def keydir(tmp_path: Path) -> Path:
+    for name, role in [("n1", "node"), ("n2", "node"), ("h1", "handler"), ("h2", "handler")]:
+        create_key(tmp_path, name, role)
+    return tmp_path
+
+
+@pytest.fixture
+async def closing() -> AsyncIterator[list[Any]]:
+    """Transports and handlers to close after the test, last made first."""
+    made: list[Any] = []
+    yield made
+    for thing in reversed(made):
+        if isinstance(thing, HandlerProcess):
+            await thing.stop(drain_timeout=0)
+        else:
+            await thing.close()
+
+
+async def secured_node(keydir: Path, key: str, closing: list[Any]) -> tuple[Leader, MeshTransport]:
+    """A leader-to-be (replica "n1") whose dispatcher listens on a transport holding ``key``."""
+    transport = MeshTransport(key, free_mesh_address(), keys=KeyRing(keydir, key))
+    closing.append(transport)
+    leader = Leader(bus=TransportBus(transport))  # type: ignore[arg-type]
+    await transport.start()
+    return leader, transport
+
+
+async def test_over_curve_another_key_cannot_take_a_handlers_id_and_the_handler_keeps_its_jobs(
+    keydir: Path, closing: list[Any]
+) -> None:
+    leader, node = await secured_node(keydir, "n1", closing)
+    h1 = HandlerProcess("h1", [node.bound_address], keys=KeyRing(keydir, "h1"))
+    closing.append(h1)
+    await h1.start()
+    await wait_until_async(lambda: "h1" in leader.registry.handlers, 5, "h1 registered")
+
+    thief = MeshTransport("h2", None, keys=KeyRing(keydir, "h2"))
+    closing.append(thief)
+    await thief.start()
+    with pytest.raises(TimeoutError):  # refused: not even a reply
+        await thief.request(node.bound_address, p.HELLO, hello("h1", ("echo", "x")), 1.0)
+    assert node.rejections.counts["sender_mismatch"] == 1
+    assert leader.registry.handlers["h1"].tasks == frozenset(h1.tasks)
+
+    leader.lead()
+    job = await leader.job(value="mine")
+    assert await leader.dispatch(job) == ("mine", "h1")
+
+
+async def test_over_curve_a_hello_reply_naming_another_node_than_its_key_is_refused(
+    keydir: Path, closing: list[Any]
+) -> None:
+    # The node holds key n2 but answers as n1 (its replica's id): a lie about who it is.
+    leader, node = await secured_node(keydir, "n2", closing)
+    h1 = HandlerProcess("h1", [node.bound_address], keys=KeyRing(keydir, "h1"))
+    closing.append(h1)
+    await h1.start()
+    await wait_until_async(
+        lambda: h1.rejections.counts["sender_mismatch"], 5, "the lying reply refused"
+    )
+    [link] = h1.nodes.values()
+    assert link.node_id is None and link.reachable is not True

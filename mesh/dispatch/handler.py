@@ -269,14 +269,10 @@ class HandlerProcess:
         self.concurrency = concurrency
         self.tasks: dict[str, TaskDef] = dict(REGISTRY if tasks is None else tasks)
         self._clock = clock
-        self.transport = (
-            MeshTransport(handler_id, None)
-            if keys is None
-            else MeshTransport(handler_id, None, keys=keys)  # type: ignore[call-arg]
-        )
+        self.transport = MeshTransport(handler_id, None, keys=keys)
         # The transport's audit (it refuses unknown and revoked keys itself), shared so one
         # count and one rate-limited log cover every refusal of this process.
-        self.rejections: Rejections = getattr(self.transport, "rejections", None) or Rejections()
+        self.rejections: Rejections = self.transport.rejections
         self.nodes: dict[str, NodeLink] = {a: NodeLink(a) for a in addresses}
         self.idempotency = IdempotencyWindow(idempotency_window, idempotency_ttl, clock)
         self.counters: collections.Counter[str] = collections.Counter()
@@ -475,10 +471,9 @@ class HandlerProcess:
     def _reply_from_its_key(self, link: NodeLink, reply: HelloReply) -> bool:
         """On CURVE a node is its key: a reply naming another node than the ``node`` key the
         DEALER dialled is refused (it would mislead us about the leader)."""
-        name_at = getattr(self.transport, "name_at", None)
-        if self.keys is None or name_at is None:
+        if self.keys is None:
             return True
-        name = name_at(link.address)
+        name = self.transport.name_at(link.address)
         if name is None:
             return True  # the transport dials node keys only; the name is just not settled
         cert = self.keys.get(name)
