@@ -348,7 +348,7 @@ async def test_over_curve_a_hello_reply_naming_another_node_than_its_key_is_refu
     keydir: Path, closing: list[Any]
 ) -> None:
     # The node holds key n2 but answers as n1 (its replica's id): a lie about who it is.
-    leader, node = await secured_node(keydir, "n2", closing)
+    _, node = await secured_node(keydir, "n2", closing)
     h1 = HandlerProcess("h1", [node.bound_address], keys=KeyRing(keydir, "h1"))
     closing.append(h1)
     await h1.start()
