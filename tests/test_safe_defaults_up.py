@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 import signal
 import stat
 import subprocess
@@ -158,13 +157,6 @@ def test_a_secured_cluster_elects_and_counts_an_unknown_key_in_metrics(
     assert cluster.leader_now() is leader  # the stranger changed nothing
 
 
-def _handler_takes_keys() -> bool:
-    from mesh.dispatch.handler import run_handler
-
-    return "keys_dir" in inspect.signature(run_handler).parameters
-
-
-@pytest.mark.skipif(not _handler_takes_keys(), reason="run_handler has no keys_dir yet (dispatch)")
 def test_a_handler_with_its_key_runs_a_job_of_a_secured_cluster(
     cluster_factory: Callable[..., Cluster], tmp_path: Path
 ) -> None:

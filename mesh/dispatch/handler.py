@@ -528,11 +528,7 @@ class HandlerProcess:
             return
         log.info("handler %s: learned node %s from %s", self.handler_id, address, via)
         self.nodes[address] = NodeLink(address, learned=True)
-        # Which node key to expect there, for a transport that takes the hint (harmless if
-        # wrong); main's transport has no expect() and finds the key by probing every node key.
-        expect = getattr(self.transport, "expect", None)
-        if node_id is not None and expect is not None:
-            expect(address, node_id)
+        # Secured, the transport finds which node key is there by probing (docs/security.md).
         self.transport.connect(address)
         self._start_heartbeat(address)
 
