@@ -7,7 +7,10 @@ Everything else is handed its collaborators through the small contracts of ``mes
   driver (``MeshNode``) on top of them.
 - ``build_scheduling``: the replicated scheduler state, the handler dispatcher (with its
   registry and governors) and the leader-only scheduling service with its event broker.
-- ``serve`` / ``run_node``: a node process — node, scheduling and the HTTP API — until SIGTERM.
+- ``node_keys``: the node's CURVE key ring (``--keys``), or the no-keys rule (loopback only,
+  one warning, unless ``--insecure``) when it has none.
+- ``serve`` / ``run_node``: a node process — node, scheduling and the HTTP API — until SIGTERM;
+  SIGHUP re-reads the key directory.
 """
 
 from __future__ import annotations
@@ -28,11 +31,51 @@ from mesh.observability.recorder import EventBus, Recorder
 from mesh.observability.state_db import StateDB
 from mesh.scheduling.service import SchedulingService
 from mesh.scheduling.state import SchedulerState
+from mesh.security.audit import Rejections
+from mesh.security.keys import KeyFileError, KeyRing
+from mesh.security.policy import InsecureStart, check_unencrypted
 from mesh.statemachine import KVStateMachine, StateMachine
 from mesh.storage.raft_store import RaftStore
 from mesh.transport.zmq import MeshTransport
 
-__all__ = ["build_node", "build_scheduling", "run_node", "serve"]
+__all__ = ["StartRefused", "build_node", "build_scheduling", "node_keys", "run_node", "serve"]
+
+
+class StartRefused(Exception):
+    """The node must not start as configured; ``str(err)`` is one line for the user (exit 2)."""
+
+
+def node_keys(config: Config) -> KeyRing | None:
+    """The node's key ring (``security.keys``), or None when it may run without keys.
+
+    With keys, ``DIR/<node_id>.key_secret`` must exist and be a ``node`` key. Without, every
+    address the node binds or dials must be loopback unless ``security.insecure`` (one warning
+    either way). Raises :class:`StartRefused` otherwise.
+    """
+    what = f"node {config.node_id}"
+    if config.security.keys is not None:
+        try:
+            keys = KeyRing(config.security.keys, config.node_id)
+        except KeyFileError as e:
+            raise StartRefused(f"{what}: {e}") from None
+        if keys.role != "node":
+            raise StartRefused(
+                f"{what}: {keys.directory / (keys.name + '.key')} is a {keys.role!r} key; a node "
+                f"needs a 'node' key (schedulezero keys create {keys.name} --role node)"
+            )
+        return keys
+    addresses = [
+        config.mesh,
+        config.advertise_mesh,
+        config.http,
+        config.advertise_http,
+        *config.peers,
+    ]
+    try:
+        check_unencrypted(addresses, insecure=config.security.insecure, what=what)
+    except InsecureStart as e:
+        raise StartRefused(str(e)) from None
+    return None
 
 
 def build_node(
@@ -42,8 +85,14 @@ def build_node(
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
     rng: random.Random | None = None,
+    keys: KeyRing | None = None,
+    rejections: Rejections | None = None,
 ) -> MeshNode:
-    """A node with its storage, transport, discovery and observability (not started)."""
+    """A node with its storage, transport, discovery and observability (not started).
+
+    ``keys`` makes every mesh socket CURVE (``node_keys``); ``rejections`` is the process's one
+    counter of refused messages (``schedulezero_security_rejected_total``).
+    """
     config.data_dir.mkdir(parents=True, exist_ok=True)
     bus = EventBus()
     bus.subscribe(
@@ -64,7 +113,11 @@ def build_node(
         config,
         store=RaftStore(config.state_db_path),
         transport=MeshTransport(
-            config.node_id, config.mesh, max_frame_bytes=config.max_frame_bytes
+            config.node_id,
+            config.mesh,
+            max_frame_bytes=config.max_frame_bytes,
+            keys=keys,
+            rejections=rejections if rejections is not None else Rejections(),
         ),
         discovery=make_discovery(config),
         events=bus,
@@ -101,14 +154,23 @@ def build_scheduling(node: MeshNode, state: SchedulerState) -> SchedulingService
     return SchedulingService(node, state, broker_factory=broker, dispatcher=dispatcher)
 
 
-async def serve(config: Config, *, ready: Callable[[MeshNode], None] | None = None) -> None:
-    """Run a node with its scheduler and HTTP API until SIGINT/SIGTERM, then shut down."""
+async def serve(
+    config: Config,
+    *,
+    keys: KeyRing | None = None,
+    ready: Callable[[MeshNode], None] | None = None,
+) -> None:
+    """Run a node with its scheduler and HTTP API until SIGINT/SIGTERM, then shut down.
+
+    ``keys`` as ``node_keys(config)`` returned them; SIGHUP then re-reads the key directory (it
+    is also polled every few seconds), so an added or deleted ``.key`` file takes effect.
+    """
     from mesh.api.http import HttpServer, create_app
 
     state = SchedulerState(
         max_executions=config.history.max_executions, max_results=config.history.max_results
     )
-    node = build_node(config, state_machine=state)
+    node = build_node(config, state_machine=state, keys=keys)
     service = build_scheduling(node, state)
     await node.start()
     http = HttpServer(create_app(node, node, service), *config.http_host_port)
@@ -122,8 +184,11 @@ async def serve(config: Config, *, ready: Callable[[MeshNode], None] | None = No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if keys is not None:
+        loop.add_signal_handler(signal.SIGHUP, node.transport.reload_keys)
+    secured = f"CURVE keys in {keys.directory}" if keys is not None else "no keys"
     print(
-        f"schedulezero node {node.id}: mesh {config.advertise_mesh}, "
+        f"schedulezero node {node.id}: mesh {config.advertise_mesh} ({secured}), "
         f"http http://{config.advertise_http}/api/health",
         flush=True,
     )
@@ -148,7 +213,12 @@ def run_node(config: Config) -> int:
         print(f"schedulezero: error: --tasks: {e}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(config))
+        keys = node_keys(config)
+    except StartRefused as e:
+        print(f"schedulezero: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        asyncio.run(serve(config, keys=keys))
     except OSError as e:
         print(f"schedulezero: error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""The ``schedulezero`` command: ``node``, ``handler`` and ``up``.
+"""The ``schedulezero`` command: ``node``, ``handler``, ``up`` and ``keys``.
 
 Any mistake on the command line or in the configuration ends with exit code 2 and exactly one
 line on stderr (``schedulezero: error: ...``); ``--help`` works as usual.
@@ -14,8 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from zmq.utils import z85
+
 from mesh.config import DISCOVERY_MODES, ConfigError, load_config, parse_mesh_address
 from mesh.membership.discovery import DiscoveryError
+from mesh.security.keys import ROLES, KeyFileError, KeyRing, create_key, load_certificates
+from mesh.security.policy import InsecureStart
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -89,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="voters to wait for before the first election of a new cluster",
     )
     node.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    _security_flags(node, "NODE_ID")
     node.set_defaults(func=_cmd_node)
 
     handler = sub.add_parser(
@@ -111,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     handler.add_argument("--handler-id", metavar="ID", help="handler name (default generated)")
     handler.add_argument("--concurrency", type=_int_arg, default=4, metavar="N")
     handler.add_argument("--log-level", default="INFO", metavar="LEVEL")
+    _security_flags(handler, "HANDLER_ID")
     handler.set_defaults(func=_cmd_handler)
 
     up = sub.add_parser(
@@ -128,7 +134,45 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-level", metavar="LEVEL")
     up.add_argument("--no-sample", dest="sample", action="store_false", help="no sample schedule")
     up.set_defaults(func=_cmd_up)
+
+    keys = sub.add_parser(
+        "keys",
+        help="create and list CURVE keys (docs/security.md)",
+        description="CURVE keys of the mesh: DIR/NAME.key (public, with the role) and "
+        "DIR/NAME.key_secret (mode 0600). Give every process that must trust a key a copy of "
+        "its .key file; keep each .key_secret on its own host only.",
+        allow_abbrev=False,
+    )
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    create = keys_sub.add_parser(
+        "create", help="create the key pair of one node, handler or replica", allow_abbrev=False
+    )
+    create.add_argument("name", metavar="NAME", help="the node id, handler id or replica id")
+    create.add_argument("--role", required=True, choices=ROLES, help="what the key may do")
+    create.add_argument("--dir", required=True, metavar="DIR", help="key directory")
+    create.set_defaults(func=_cmd_keys_create)
+    listing = keys_sub.add_parser(
+        "list", help="the public certificates in DIR: name, role, fingerprint", allow_abbrev=False
+    )
+    listing.add_argument("--dir", required=True, metavar="DIR", help="key directory")
+    listing.set_defaults(func=_cmd_keys_list)
     return parser
+
+
+def _security_flags(parser: argparse.ArgumentParser, id_name: str) -> None:
+    parser.add_argument(
+        "--keys",
+        metavar="DIR",
+        help=f"CURVE key directory: DIR/{id_name}.key_secret, trusting DIR/*.key "
+        "($SCHEDULEZERO_KEYS)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="without --keys, run unauthenticated and unencrypted even on non-loopback "
+        "addresses ($SCHEDULEZERO_INSECURE)",
+    )
 
 
 def _setup_logging(level: str) -> None:
@@ -156,6 +200,8 @@ _NODE_KEYS = (
 
 def _cmd_node(ns: argparse.Namespace) -> int:
     args: dict[str, Any] = {key: getattr(ns, key) for key in _NODE_KEYS}
+    args["security.keys"] = ns.keys
+    args["security.insecure"] = ns.insecure
     config = load_config(args, config_file=ns.config, env=os.environ)
     _setup_logging(config.log_level)
     try:
@@ -167,17 +213,35 @@ def _cmd_node(ns: argparse.Namespace) -> int:
     return run_node(config)
 
 
+# The only settings a handler takes from the environment: a node's others are not its own.
+_HANDLER_ENV = ("SCHEDULEZERO_KEYS", "SCHEDULEZERO_INSECURE")
+
+
 def _cmd_handler(ns: argparse.Namespace) -> int:
-    # Reuse the node's validation of module names and ids.
-    config_args = {"tasks": ns.tasks, "log_level": ns.log_level}
+    # Reuse the node's validation of module names, ids and the security settings.
+    config_args: dict[str, Any] = {
+        "tasks": ns.tasks,
+        "log_level": ns.log_level,
+        "security.keys": ns.keys,
+        "security.insecure": ns.insecure,
+    }
     if ns.handler_id is not None:
         config_args["node_id"] = ns.handler_id
+    env = {var: os.environ[var] for var in _HANDLER_ENV if var in os.environ}
     try:
-        checked = load_config(config_args, env={})
+        checked = load_config(config_args, env=env)
     except ConfigError as e:
         raise ConfigError(str(e).replace("--node-id", "--handler-id")) from None
     if ns.concurrency < 1:
         raise UsageError(f"--concurrency: must be at least 1, got {ns.concurrency}")
+    security: dict[str, Any] = {}
+    if checked.security.keys is not None:
+        if ns.handler_id is None:
+            raise UsageError("--keys: needs --handler-id, the name of the handler's key")
+        _key_ring(checked.security.keys, ns.handler_id, "handler")  # say what is wrong, early
+        security["keys_dir"] = checked.security.keys
+    if checked.security.insecure:
+        security["insecure"] = True
     try:
         from mesh.dispatch.handler import run_handler
     except ModuleNotFoundError as e:
@@ -185,9 +249,53 @@ def _cmd_handler(ns: argparse.Namespace) -> int:
             raise
         raise UsageError("handler: not available in this build") from None
     _setup_logging(checked.log_level)
-    return run_handler(
-        list(dict.fromkeys(ns.mesh)), list(checked.tasks), ns.handler_id, ns.concurrency
-    )
+    # keys_dir/insecure are passed only when set, so a build whose handler predates them runs.
+    try:
+        return run_handler(
+            list(dict.fromkeys(ns.mesh)),
+            list(checked.tasks),
+            ns.handler_id,
+            ns.concurrency,
+            **security,
+        )
+    except (KeyFileError, InsecureStart) as e:  # raised before the handler starts
+        raise UsageError(str(e)) from None
+
+
+def _key_ring(directory: Path, name: str, role: str) -> KeyRing:
+    """The key ring of a process named ``name`` that must hold a ``role`` key; UsageError if not."""
+    try:
+        ring = KeyRing(directory, name)
+    except KeyFileError as e:
+        raise UsageError(f"--keys: {e}") from None
+    if ring.role != role:
+        raise UsageError(
+            f"--keys: {directory / (name + '.key')} has role {ring.role!r}; "
+            f"a {role} needs a {role!r} key (schedulezero keys create {name} --role {role})"
+        )
+    return ring
+
+
+def _cmd_keys_create(ns: argparse.Namespace) -> int:
+    try:
+        public, secret = create_key(ns.dir, ns.name, ns.role)
+    except KeyFileError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"--dir: cannot write keys in {ns.dir}: {e.strerror or e}") from None
+    print(f"created {public} (public, {ns.role}) and {secret} (secret, mode 600)")
+    return 0
+
+
+def _cmd_keys_list(ns: argparse.Namespace) -> int:
+    directory = Path(ns.dir)
+    if not directory.is_dir():
+        raise UsageError(f"--dir: {directory} is not a directory")
+    for cert in load_certificates(directory).values():
+        # The public key itself (Z85, as in the .key file) is the fingerprint to compare.
+        secret = "secret" if (directory / f"{cert.name}.key_secret").exists() else "-"
+        print(f"{cert.name}\t{cert.role}\t{z85.encode(cert.public).decode()}\t{secret}")
+    return 0
 
 
 def _cmd_up(ns: argparse.Namespace) -> int:

@@ -8,6 +8,9 @@ as ``peers`` are replaced whole):
 3. the YAML config file (``--config FILE``, else ``$SCHEDULEZERO_CONFIG``),
 4. command-line flags.
 
+Sections are merged key by key across layers: most of their keys only a file sets, but
+``security.keys`` and ``security.insecure`` also have a flag and an environment variable.
+
 Every section is a ``msgspec.Struct`` whose field types carry their constraints
 (``msgspec.Meta``); each value a layer gives is checked with ``msgspec.convert`` against the
 type of the field it sets. Every mistake a user can make raises ``ConfigError`` whose message is
@@ -48,6 +51,7 @@ __all__ = [
     "HistoryConfig",
     "MembershipConfig",
     "RaftConfig",
+    "SecurityConfig",
     "load_config",
     "parse_http_address",
     "parse_mesh_address",
@@ -265,6 +269,15 @@ class EventLogConfig(_Section):
     backups: Annotated[int, Meta(ge=0)] = 5
 
 
+class SecurityConfig(_Section):
+    """CURVE keys of the mesh (docs/security.md): where they are, or leave to run without."""
+
+    # DIR holding this node's NODE_ID.key_secret and the public certificates it trusts (*.key).
+    keys: Path | None = None
+    # Without keys, allow binding or dialling non-loopback addresses (unauthenticated, plaintext).
+    insecure: bool = False
+
+
 # --------------------------------------------------------------------------- Config
 
 
@@ -292,6 +305,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     governors: GovernorConfig = msgspec.field(default_factory=GovernorConfig)
     history: HistoryConfig = msgspec.field(default_factory=HistoryConfig)
     eventlog: EventLogConfig = msgspec.field(default_factory=EventLogConfig)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
     max_frame_bytes: Annotated[int, Meta(ge=1024)] = 16 * MiB
     log_level: LogLevel = "INFO"
     mdns_service: MdnsService = DEFAULT_MDNS_SERVICE
@@ -416,8 +430,12 @@ def _given(tp: Any) -> Any:
 
 
 _FIELDS: dict[str, Any] = {f.name: _given(f.type) for f in msgspec.structs.fields(Config)}
-# What flags may set: every field but the sections, which only a file sets.
-_TOP = {n for n, tp in _FIELDS.items() if not (isinstance(tp, type) and issubclass(tp, _Section))}
+_SECTIONS: dict[str, type[_Section]] = {
+    n: tp for n, tp in _FIELDS.items() if isinstance(tp, type) and issubclass(tp, _Section)
+}
+# What flags may set: every top-level field, and the few section keys named "section.key".
+_TOP = set(_FIELDS) - set(_SECTIONS)
+_NESTED = {"security.keys", "security.insecure"}
 
 
 class _Invalid(Exception):
@@ -474,7 +492,20 @@ def _path_hook(tp: type, v: Any) -> Any:
 
 
 def _check(key: str, value: Any) -> Any:
-    """``value`` for top-level ``key`` as the field holds it; raises ``_Invalid``."""
+    """``value`` for ``key`` (top level, or ``section.key``) as the field holds it; raises
+    ``_Invalid``. A section's value is checked whole and returned as the dict of the keys given.
+    """
+    section, _, name = key.partition(".")
+    if name:
+        checked = _check(section, {name: value})
+        return checked[name]
+    if key in _SECTIONS and isinstance(value, dict):
+        struct = _check_value(key, value)
+        return {k: getattr(struct, k) for k in value}
+    return _check_value(key, value)
+
+
+def _check_value(key: str, value: Any) -> Any:
     tp = _FIELDS[key]
     value = _BEFORE.get(key, lambda v: v)(value)
     try:
@@ -502,6 +533,8 @@ ENV_VARS: dict[str, str] = {
     "SCHEDULEZERO_TASKS": "tasks",
     "SCHEDULEZERO_BOOTSTRAP_EXPECT": "bootstrap_expect",
     "SCHEDULEZERO_LOG_LEVEL": "log_level",
+    "SCHEDULEZERO_KEYS": "security.keys",
+    "SCHEDULEZERO_INSECURE": "security.insecure",
 }
 CONFIG_ENV_VAR = "SCHEDULEZERO_CONFIG"
 
@@ -509,6 +542,8 @@ CONFIG_ENV_VAR = "SCHEDULEZERO_CONFIG"
 FLAGS: dict[str, str] = {
     "peers": "--peer",
     "config": "--config",
+    "security.keys": "--keys",
+    "security.insecure": "--insecure",
 }
 
 
@@ -516,13 +551,21 @@ def _flag(key: str) -> str:
     return FLAGS.get(key, "--" + key.replace("_", "-"))
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _from_text(key: str, text: str) -> Any:
-    """Environment values are strings; turn numbers into numbers before they are checked."""
+    """Environment values are strings; turn numbers and booleans into such before checking."""
     if key in ("bootstrap_expect", "max_frame_bytes"):
         try:
             return int(text.strip())
         except ValueError:
             raise _Invalid((), f"expected an integer, got {text!r}") from None
+    if key == "security.insecure":
+        word = text.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise _Invalid((), f"expected one of {', '.join(_TRUE + _FALSE)}, got {text!r}")
+        return word in _TRUE
     return text.strip()
 
 
@@ -623,26 +666,40 @@ def load_config(
     env = {} if env is None else env
     given: dict[str, Any] = {}
 
+    def put(key: str, value: Any) -> None:
+        # A section merges key by key across layers; anything else is replaced whole.
+        section, _, name = key.partition(".")
+        if name:
+            given.setdefault(section, {})[name] = value
+        elif key in _SECTIONS:
+            given.setdefault(key, {}).update(value)
+        else:
+            given[key] = value
+
     for var, key in ENV_VARS.items():
         if env.get(var, "").strip():  # an empty variable counts as unset
             try:
-                given[key] = _check(key, _from_text(key, env[var]))
+                put(key, _check(key, _from_text(key, env[var])))
             except _Invalid as e:
                 raise ConfigError(f"{var}: {e.reason}") from None
 
     if config_file is None and env.get(CONFIG_ENV_VAR):
         config_file = env[CONFIG_ENV_VAR]
     if config_file is not None:
-        given.update(_parse_file(Path(config_file).expanduser()))
+        for key, value in _parse_file(Path(config_file).expanduser()).items():
+            put(key, value)
 
     for key, value in (args or {}).items():
         if value is None:
             continue
-        if key not in _TOP:
+        if key not in _TOP and key not in _NESTED:
             raise ConfigError(f"{_flag(key)}: not a configuration option")
         try:
-            given[key] = _check(key, value)
+            put(key, _check(key, value))
         except _Invalid as e:
             raise ConfigError(f"{_flag(key)}: {e.reason}") from None
 
+    for name, section in _SECTIONS.items():
+        if name in given:
+            given[name] = section(**given[name])  # every value was checked on its way in
     return Config(**given)

@@ -8,6 +8,10 @@ SIGKILL). ``plan_local_mesh`` turns ``up``'s options into child specs.
 Children are started by mesh.supervise in their own session (and so process group), so a
 terminal Ctrl-C reaches only the governor, which then stops them in order; on Linux they also get
 SIGTERM if the governor itself is killed.
+
+``up`` runs secured: on first run it creates one CURVE key per node and per handler in
+``DATA_DIR/keys`` (mode 0700; ``ensure_keys``), reuses them after, and starts every child with
+``--keys DATA_DIR/keys``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import IO, Any
 import attrs
 
 from mesh.config import ConfigError
+from mesh.security.keys import KeyFileError, create_key
 from mesh.supervise import (
     child_env,
     get_json,
@@ -42,6 +47,7 @@ __all__ = [
     "ChildSpec",
     "ProcessGovernor",
     "UpOptions",
+    "ensure_keys",
     "plan_local_mesh",
     "run_up",
 ]
@@ -254,6 +260,11 @@ class UpOptions:
     sample: bool = True
     discovery: str = "static"
     log_level: str | None = None
+    secure: bool = True  # CURVE keys in data_dir/keys for every child
+
+    @property
+    def keys_dir(self) -> Path | None:
+        return self.data_dir / "keys" if self.secure else None
 
 
 def _module_available(name: str) -> bool:
@@ -309,6 +320,7 @@ def plan_local_mesh(opts: UpOptions, python: str = sys.executable) -> list[Child
             http=f"127.0.0.1:{http_ports[i]}",
             peers=[m for j, m in enumerate(meshes) if j != i] if opts.discovery == "static" else (),
             tasks=node_tasks,
+            keys=opts.keys_dir,
             extra=extra,
             python=python,
         )
@@ -321,10 +333,34 @@ def plan_local_mesh(opts: UpOptions, python: str = sys.executable) -> list[Child
     else:
         for i in range(opts.handlers):
             argv = handler_command(
-                f"handler-{i + 1}", mesh=meshes, tasks=handler_tasks, python=python
+                f"handler-{i + 1}",
+                mesh=meshes,
+                tasks=handler_tasks,
+                keys=opts.keys_dir,
+                python=python,
             )
             specs.append(ChildSpec(f"handler-{i + 1}", tuple(argv), "handler"))
     return specs
+
+
+def ensure_keys(directory: Path, specs: Sequence[ChildSpec]) -> list[str]:
+    """A key for every child (named after it, role = its kind) in ``directory`` (mode 0700),
+    unless it already has one; returns the names created. ConfigError if one is half there."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        directory.chmod(0o700)
+    except OSError as e:
+        raise ConfigError(f"--data-dir: cannot create the key directory {directory}: {e}") from None
+    created = []
+    for spec in specs:
+        if (directory / f"{spec.name}.key_secret").exists():
+            continue  # reused: the child itself checks that it is usable
+        try:
+            create_key(directory, spec.name, spec.kind)
+        except (KeyFileError, OSError) as e:
+            raise ConfigError(f"--data-dir: cannot create the key of {spec.name}: {e}") from None
+        created.append(spec.name)
+    return created
 
 
 def _announce_when_ready(governor: ProcessGovernor, *, sample: bool, out: IO[str]) -> None:
@@ -366,6 +402,10 @@ def run_up(opts: UpOptions, out: IO[str] | None = None) -> int:
     """``schedulezero up``: run a local mesh until SIGINT/SIGTERM."""
     out = out if out is not None else sys.stdout
     specs = plan_local_mesh(opts)
+    if opts.keys_dir is not None:
+        created = ensure_keys(opts.keys_dir, specs)
+        what = f"created {', '.join(created)}" if created else "reused"
+        print(f"CURVE keys: {opts.keys_dir} ({what})", file=out, flush=True)
     # The user's SCHEDULEZERO_* settings apply to the nodes `up` starts.
     governor = ProcessGovernor(specs, env=child_env(keep_settings=True))
     sample = opts.sample and _module_available(SAMPLE_TASKS_MODULE)

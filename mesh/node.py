@@ -485,6 +485,7 @@ class MeshNode:
             "has_quorum": int(self.has_quorum()),
             "peers_alive": sum(1 for p in self.members.peers.values() if p.state == "alive"),
             "transport": dict(self.transport.counters),
+            "security_rejected": dict(self.transport.rejections.counts),
         }
 
     # ------------------------------------------------------------------ the Ready loop

@@ -128,15 +128,18 @@ def node_command(
     peers: Iterable[str] = (),
     config: Path | None = None,
     tasks: Iterable[str] = (),
+    keys: Path | None = None,
     extra: Iterable[str] = (),
     python: str = sys.executable,
 ) -> list[str]:
-    """``schedulezero node``: ``mesh`` is tcp://HOST:PORT, ``http`` HOST:PORT; ``extra`` comes
-    last, so its options win over the ones before."""
+    """``schedulezero node``: ``mesh`` is tcp://HOST:PORT, ``http`` HOST:PORT, ``keys`` the CURVE
+    key directory (``--keys``); ``extra`` comes last, so its options win over the ones before."""
     argv = [python, "-m", "mesh.cli", "node", "--node-id", node_id, "--data-dir", str(data_dir)]
     argv += ["--mesh", mesh, "--http", http]
     if config is not None:
         argv += ["--config", str(config)]
+    if keys is not None:
+        argv += ["--keys", str(keys)]
     for peer in peers:
         argv += ["--peer", peer]
     for module in tasks:
@@ -150,12 +153,15 @@ def handler_command(
     mesh: Iterable[str],
     tasks: Iterable[str] = (),
     concurrency: int | None = None,
+    keys: Path | None = None,
     python: str = sys.executable,
 ) -> list[str]:
-    """``schedulezero handler`` dialling every address of ``mesh``."""
+    """``schedulezero handler`` dialling every address of ``mesh``; ``keys``: ``--keys DIR``."""
     argv = [python, "-m", "mesh.cli", "handler", "--handler-id", handler_id]
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
+    if keys is not None:
+        argv += ["--keys", str(keys)]
     for address in mesh:
         argv += ["--mesh", address]
     for module in tasks:

@@ -9,6 +9,10 @@ says what the nodes were doing.
 Every wait is bounded: helpers raise ``AssertionError`` (with diagnostics) at their timeout and
 never hang. Use the ``cluster_factory`` fixture (tests/conftest.py), which stops every process
 the test started, whatever happens.
+
+``secure=True`` runs the cluster with CURVE keys: one ``node`` key per node is created in
+``tmp_path/keys`` and every node gets ``--keys``; ``Cluster.add_key`` makes keys for handlers
+and other clients (``HandlerProc(..., keys=cluster.keys_dir)``). The default stays unsecured.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, TypeVar
 import yaml
 
 from mesh import supervise
+from mesh.security.keys import create_key
 from mesh.supervise import (
     Child,
     child_env,
@@ -138,6 +143,7 @@ class NodeProcess(_Child):
             http=f"{HOST}:{self.http_port}",
             peers=[n.mesh for n in c.nodes],
             config=c.config_path,
+            keys=c.keys_dir,
             extra=[*c.extra_args, *c.node_args.get(self.index, ())],
         )
 
@@ -222,7 +228,8 @@ class Cluster:
 
     ``extra_args`` go to every node; ``node_args`` maps a node index to more arguments;
     ``config`` (a dict) is written as YAML and passed with ``--config``; ``env`` adds to a copy
-    of the environment from which all ``SCHEDULEZERO_*`` variables were removed.
+    of the environment from which all ``SCHEDULEZERO_*`` variables were removed; ``secure``
+    creates a ``node`` key per node in ``tmp_path/keys`` and starts every node with ``--keys``.
     """
 
     def __init__(
@@ -235,6 +242,7 @@ class Cluster:
         config: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         id_prefix: str = "n",
+        secure: bool = False,
     ) -> None:
         if n < 1:
             raise ValueError("a cluster needs at least one node")
@@ -258,9 +266,23 @@ class Cluster:
             )
             for i in range(n)
         ]
+        self.keys_dir: Path | None = None
+        if secure:
+            self.keys_dir = tmp_path / "keys"
+            for node in self.nodes:
+                self.add_key(node.node_id, "node")
 
     def __len__(self) -> int:
         return len(self.nodes)
+
+    def add_key(self, name: str, role: str) -> Path:
+        """Create (or keep) the key ``name`` in this cluster's key directory; returns it. The
+        running nodes trust it within their key reload interval (or at once on SIGHUP)."""
+        if self.keys_dir is None:
+            raise RuntimeError("this cluster runs without keys (Cluster(..., secure=True))")
+        if not (self.keys_dir / f"{name}.key_secret").exists():
+            create_key(self.keys_dir, name, role)
+        return self.keys_dir
 
     def node(self, i: int) -> NodeProcess:
         return self.nodes[i]
@@ -405,19 +427,25 @@ class HandlerProc(_Child):
         *,
         concurrency: int = 4,
         env: dict[str, str] | None = None,
+        keys: Path | None = None,
     ) -> None:
         super().__init__(handler_id, root, child_env(env))
         self.handler_id = handler_id
         self.mesh = list(mesh)
         self.tasks = list(tasks)
         self.concurrency = concurrency
+        self.keys = keys  # --keys DIR (holding HANDLER_ID.key_secret), or None
 
     def __repr__(self) -> str:
         return f"<handler {self.handler_id} {'running' if self.running else 'stopped'}>"
 
     def command(self) -> list[str]:
         return handler_command(
-            self.handler_id, mesh=self.mesh, tasks=self.tasks, concurrency=self.concurrency
+            self.handler_id,
+            mesh=self.mesh,
+            tasks=self.tasks,
+            concurrency=self.concurrency,
+            keys=self.keys,
         )
 
     def restart(self) -> HandlerProc:

@@ -333,3 +333,48 @@ def test_a_bad_value_in_a_mapping_names_its_key_and_line(tmp_path: Path) -> None
     assert error_of({}, path, {}) == (
         f"{path}:4: governors.task_concurrency.send: must be at least 1, got 0"
     )
+
+
+# --------------------------------------------------------------------------- security
+
+
+def test_security_defaults_to_no_keys_and_not_insecure() -> None:
+    security = load_config({}, None, {}).security
+    assert security.keys is None
+    assert security.insecure is False
+
+
+def test_security_keys_and_insecure_from_file_env_and_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, "security:\n  keys: file-keys\n  insecure: true\n")
+    from_file = load_config({}, path, {}).security
+    assert (from_file.keys, from_file.insecure) == (Path("file-keys"), True)
+    env = {"SCHEDULEZERO_KEYS": "~/env-keys", "SCHEDULEZERO_INSECURE": "yes"}
+    from_env = load_config({}, None, env).security
+    assert (from_env.keys, from_env.insecure) == (Path.home() / "env-keys", True)
+    flags = {"security.keys": "flag-keys", "security.insecure": True}
+    assert load_config(flags, path, env).security.keys == Path("flag-keys")
+
+
+def test_security_keys_merge_across_layers_key_by_key(tmp_path: Path) -> None:
+    # The environment gives the keys, the file only `insecure`: both hold.
+    path = write(tmp_path, "security:\n  insecure: true\n")
+    security = load_config({}, path, {"SCHEDULEZERO_KEYS": "/etc/mesh/keys"}).security
+    assert security.keys == Path("/etc/mesh/keys")
+    assert security.insecure is True
+
+
+@pytest.mark.parametrize(
+    ("args", "file_text", "env", "expected"),
+    [
+        ({}, None, {"SCHEDULEZERO_INSECURE": "maybe"}, "SCHEDULEZERO_INSECURE: expected one of"),
+        ({"security.keys": ""}, None, {}, "--keys: must not be empty"),
+        ({"security.insecure": "x"}, None, {}, "--insecure: expected true or false, got 'x'"),
+        ({}, "security:\n  insecure: sure\n", {}, "node.yaml:2: security.insecure: expected"),
+        ({}, "security:\n  key: k\n", {}, "node.yaml:2: unknown key 'security.key'"),
+    ],
+)
+def test_bad_security_settings_name_their_source(
+    tmp_path: Path, args: dict, file_text: str | None, env: dict, expected: str
+) -> None:
+    path = write(tmp_path, file_text) if file_text is not None else None
+    assert expected in error_of(args, path, env)

@@ -33,11 +33,11 @@ FIRE = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 class Leader:
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, *, bus: FakeBus | None = None, **settings: Any) -> None:
         self.replica = FakeReplica("n1", mesh_address="tcp://127.0.0.1:7100")
         self.replica.add_peer("n2", "tcp://127.0.0.1:7200", "127.0.0.1:8200")
         self.state = self.replica.state_machine
-        self.bus = FakeBus()
+        self.bus = bus or FakeBus()
         self.registry = HandlerRegistry(clock=ManualClock())
         self.dispatcher = HandlerDispatcher(
             self.replica,

@@ -113,6 +113,15 @@ class _NodeCollector:
         for kind, value in sorted(m["transport"].items()):
             c.add_metric([*nid, kind], value)
         yield c
+        # Messages and handshakes refused by the security checks (docs/security.md), by reason.
+        rejected = CounterMetricFamily(
+            "schedulezero_security_rejected",
+            "Messages and connections refused by security checks, by reason",
+            labels=[*labels, "reason"],
+        )
+        for reason, value in sorted(m.get("security_rejected", {}).items()):
+            rejected.add_metric([*nid, reason], value)
+        yield rejected
         for name, value in sorted(m.get("extra", {}).items()):
             g = GaugeMetricFamily(f"mesh_{name}", name.replace("_", " "), labels=labels)
             g.add_metric(nid, value)

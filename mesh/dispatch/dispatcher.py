@@ -10,6 +10,11 @@ job that exceeds its timeout is retried on another handler with the same idempot
 handler deduplicates). A task that raises is not retried: its error is the job's outcome. A job
 whose task no handler offers waits for one until its start deadline (the schedule's misfire grace
 time), or ``no_handler_wait`` for jobs without one, then ends with a clear error.
+
+Trust: on an authenticated mesh a handler is its key. Hellos, acknowledgements and results are
+accepted only from a ``handler`` key whose name is the ``handler_id`` they claim, and an answer
+to a dispatch only from the handler it was sent to; anything else, malformed messages included,
+is refused through ``MessageBus.reject`` (counted, logged at most once a minute per peer).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import msgspec
@@ -29,7 +34,7 @@ from apscheduler import Job
 from tenacity import wait_exponential
 
 from mesh.config import DispatchConfig
-from mesh.contracts import Directory, Incoming, MessageBus, Replica
+from mesh.contracts import Directory, Incoming, MessageBus, Replica, refusal
 from mesh.dispatch import protocol as p
 from mesh.dispatch.governors import Governors
 from mesh.dispatch.registry import HandlerInfo, HandlerRegistry
@@ -43,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("mesh.dispatch")
 
 MAX_BUSY_REFUSALS = 100  # "at capacity" answers a job may get before they count as failures
+
+_FromHandler = TypeVar("_FromHandler", p.Hello, p.DispatchAck, p.JobResult)
 
 
 class HandlerLost(Exception):
@@ -356,9 +363,12 @@ class HandlerDispatcher:
 
     # ------------------------------------------------------------------ incoming
 
-    def _on_hello(self, msg: Incoming) -> dict[str, Any]:
+    def _on_hello(self, msg: Incoming) -> dict[str, Any] | None:
         """Every node keeps the handler registry, and tells a handler where the leader is."""
-        self.registry.on_hello(msg.payload)
+        hello = self._accept(msg, p.Hello)
+        if hello is None:
+            return None  # refused: no registration, and no map of the mesh for a stranger
+        self.registry.record(hello, identity=msg.identity if msg.sender is not None else None)
         leader = self.replica.leader_id
         return {
             "node_id": self.replica.node_id,
@@ -369,12 +379,12 @@ class HandlerDispatcher:
         }
 
     def _on_ack(self, msg: Incoming) -> None:
-        try:
-            ack = p.decode(msg.payload, p.DispatchAck)
-        except msgspec.ValidationError as e:
-            log.debug("dropping malformed dispatch_ack from %r: %s", msg.identity, e)
+        ack = self._accept(msg, p.DispatchAck)
+        if ack is None:
             return
         pending = self._pending.get(ack.dispatch_id)
+        if pending is not None and not self._from_assigned(msg, pending):
+            return
         if pending is not None and not pending.ack.done():
             pending.ack.set_result(msg.payload)
             return
@@ -385,18 +395,48 @@ class HandlerDispatcher:
             )
 
     def _on_result(self, msg: Incoming) -> None:
-        try:
-            result = p.decode(msg.payload, p.JobResult)
-        except msgspec.ValidationError as e:
-            log.debug("dropping malformed job_result from %r: %s", msg.identity, e)
+        result = self._accept(msg, p.JobResult)
+        if result is None:
             return
         pending = self._pending.get(result.dispatch_id)
         if pending is None:
             return  # a late result for an attempt we gave up on, or from a previous leader
+        if not self._from_assigned(msg, pending):
+            return
         if not pending.ack.done():
             pending.ack.set_result({"accepted": True})
         if not pending.result.done():
             pending.result.set_result(msg.payload)
+
+    def _accept(self, msg: Incoming, kind: type[_FromHandler]) -> _FromHandler | None:
+        """The decoded message when it is well-formed and its key may send it (a ``handler``
+        key naming itself as ``handler_id``); otherwise it is counted, logged and None."""
+        try:
+            decoded = p.decode(msg.payload, kind)
+        except msgspec.ValidationError as e:
+            self.bus.reject(msg, "malformed", f"{msg.kind}: {e}")
+            return None
+        reason = refusal(msg, decoded.handler_id, "handler")
+        if reason is not None:
+            self.bus.reject(
+                msg,
+                reason,
+                f"{msg.kind} claiming handler {decoded.handler_id!r} from key {msg.sender!r} "
+                f"(role {msg.sender_role!r})",
+            )
+            return None
+        return decoded
+
+    def _from_assigned(self, msg: Incoming, pending: _Pending) -> bool:
+        """An answer to a dispatch counts only from the handler it was sent to. Unencrypted
+        links authenticate nobody, so there the dispatch id alone identifies the answer."""
+        assigned = pending.handler.handler_id
+        if msg.sender is None or msg.sender == assigned:
+            return True
+        self.bus.reject(
+            msg, "not_assigned", f"{msg.kind} for a dispatch sent to handler {assigned!r}"
+        )
+        return False
 
 
 @attrs.frozen

@@ -18,6 +18,12 @@ the dispatch came from. Three handler-side rules make re-dispatches safe:
 * capacity: at most ``concurrency`` tasks run at once; beyond that, dispatches are refused
   (``at_capacity``) so the leader picks another handler.
 
+Trust: with keys (``keys``, or ``--keys DIR``) the handler's id is the name of its ``handler``
+key and every link is CURVE; it acts only on messages from ``node`` keys (a ``dispatch`` or
+``dispatch_start`` from any other key is counted in ``rejections`` and dropped), and a node's
+hello reply must name the key it answered with. Without keys it runs unencrypted, which
+:func:`mesh.security.policy.check_unencrypted` allows only on loopback unless ``insecure``.
+
 Why this file is long: it is a whole program, the handler process, whose three safety rules
 (fencing, the idempotency window, two-phase start) share one job table and must be read together.
 """
@@ -68,6 +74,9 @@ from mesh.dispatch.protocol import (
     HelloReply,
     decode,
 )
+from mesh.security.audit import Rejections
+from mesh.security.keys import KeyFileError, KeyRing
+from mesh.security.policy import check_unencrypted, host_of, is_loopback
 from mesh.tasks import REGISTRY, JobContext, TaskDef, TaskModuleError, load_task_modules
 from mesh.transport.zmq import Incoming, MeshTransport, split_address
 
@@ -214,7 +223,12 @@ class HandlerProcess:
 
     ``tasks`` defaults to a snapshot of :data:`mesh.tasks.REGISTRY`. ``clock`` (monotonic
     seconds) drives the idempotency TTL and durations. ``counters`` counts ``bad_requests``,
-    ``refused.<reason>``, ``cached_answers``, ``joined``, ``sends_failed``.
+    ``refused.<reason>``, ``cached_answers``, ``joined``, ``sends_failed``; ``rejections``
+    counts messages refused for security reasons (``role``, ``sender_mismatch``).
+
+    ``keys``: this handler's key ring (its own key must be named ``handler_id`` and have the
+    ``handler`` role); every link is then CURVE. Without keys, the node addresses must all be
+    loopback unless ``insecure`` (:class:`~mesh.security.policy.InsecureStart` otherwise).
     """
 
     def __init__(
@@ -227,6 +241,8 @@ class HandlerProcess:
         idempotency_window: int = 10_000,
         idempotency_ttl: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
+        keys: KeyRing | None = None,
+        insecure: bool = False,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -235,11 +251,28 @@ class HandlerProcess:
             raise ValueError("a handler needs at least one mesh address")
         for address in addresses:
             split_address(address)
+        if keys is None:
+            check_unencrypted(addresses, insecure=insecure, what=f"handler {handler_id}")
+        elif keys.name != handler_id:
+            # Identity is the key: nodes refuse a hello whose handler_id is not its key's name.
+            raise ValueError(
+                f"handler id {handler_id!r} must be the name of its key, here {keys.name!r}"
+            )
+        elif keys.role != "handler":
+            raise ValueError(
+                f"key {keys.name!r} has role {keys.role!r}; a handler needs a handler key "
+                f"(schedulezero keys create {keys.name} --role handler --dir {keys.directory})"
+            )
         self.handler_id = handler_id
+        self.keys = keys
+        self.insecure = insecure
         self.concurrency = concurrency
         self.tasks: dict[str, TaskDef] = dict(REGISTRY if tasks is None else tasks)
         self._clock = clock
-        self.transport = MeshTransport(handler_id, None)
+        self.transport = MeshTransport(handler_id, None, keys=keys)
+        # The transport's audit (it refuses unknown and revoked keys itself), shared so one
+        # count and one rate-limited log cover every refusal of this process.
+        self.rejections: Rejections = self.transport.rejections
         self.nodes: dict[str, NodeLink] = {a: NodeLink(a) for a in addresses}
         self.idempotency = IdempotencyWindow(idempotency_window, idempotency_ttl, clock)
         self.counters: collections.Counter[str] = collections.Counter()
@@ -399,6 +432,8 @@ class HandlerProcess:
         except msgspec.ValidationError as e:
             log.debug("handler %s: dropping malformed hello reply: %s", self.handler_id, e)
             return
+        if not self._reply_from_its_key(link, reply):
+            return
         link.last_reply_at = self._clock()
         link.node_id = reply.node_id
         link.leader_id = reply.leader_id or None
@@ -433,6 +468,27 @@ class HandlerProcess:
             if not any(n.node_id == link.leader_id for n in self.nodes.values()):
                 self._learn_node(link.leader_mesh, via=link.address)
 
+    def _reply_from_its_key(self, link: NodeLink, reply: HelloReply) -> bool:
+        """On CURVE a node is its key: a reply naming another node than the ``node`` key the
+        DEALER dialled is refused (it would mislead us about the leader)."""
+        if self.keys is None:
+            return True
+        name = self.transport.name_at(link.address)
+        if name is None:
+            return True  # the transport dials node keys only; the name is just not settled
+        cert = self.keys.get(name)
+        reason = None
+        if cert is None or cert.role != "node":
+            reason = "role"
+        elif reply.node_id != name:
+            reason = "sender_mismatch"
+        if reason is None:
+            return True
+        self.rejections.reject(
+            reason, link.address, f"hello reply naming node {reply.node_id!r} from key {name!r}"
+        )
+        return False
+
     def _forget_aliases(self, link: NodeLink) -> None:
         # Two DEALERs with our routing id on one node would take the identity from each other
         # (ROUTER_HANDOVER) forever; a learned address that turns out to be another spelling of
@@ -463,8 +519,16 @@ class HandlerProcess:
                 "handler %s: node %s named a bad leader address %r", self.handler_id, via, address
             )
             return
+        if self.keys is None and not self.insecure and not is_loopback(host_of(address)):
+            # The loopback-only rule holds for learned addresses too: no unencrypted dialling
+            # out because a reply said so.
+            self.rejections.reject(
+                "insecure_address", via, f"not dialling {address} without keys (no --insecure)"
+            )
+            return
         log.info("handler %s: learned node %s from %s", self.handler_id, address, via)
         self.nodes[address] = NodeLink(address, learned=True)
+        # Secured, the transport finds which node key is there by probing (docs/security.md).
         self.transport.connect(address)
         self._start_heartbeat(address)
 
@@ -473,6 +537,15 @@ class HandlerProcess:
     def _on_message(self, incoming: Incoming) -> None:
         # Sync on purpose: each dispatch is judged (fencing, idempotency, capacity) atomically
         # in arrival order; only the task itself runs as an asyncio task.
+        if incoming.sender is not None and incoming.sender_role != "node":
+            # Only nodes dispatch: a handler or replica key that reached us (a trusted key, so
+            # the transport let it through) must not make us run anything.
+            self.rejections.reject(
+                "role",
+                incoming.sender,
+                f"{incoming.kind} from a {incoming.sender_role!r} key via {incoming.address}",
+            )
+            return
         if incoming.kind == DISPATCH:
             self._on_dispatch(incoming.payload, incoming.address)
         elif incoming.kind == DISPATCH_START:
@@ -769,11 +842,21 @@ def run_handler(
     concurrency: int = 8,
     *,
     drain_timeout: float = 10.0,
+    keys_dir: str | os.PathLike[str] | None = None,
+    insecure: bool = False,
 ) -> int:
     """``schedulezero handler``: import the task modules, run until SIGINT/SIGTERM; exit code.
 
     A module that cannot be imported → one line on stderr, exit 2. A first signal drains
     running jobs (up to ``drain_timeout`` seconds); a second one cancels them at once.
+
+    ``keys_dir`` (``--keys DIR``): run on CURVE as the key ``DIR/<handler_id>.key_secret``; a
+    handler id is then required, since it is the key's name. Without it, ``insecure``
+    (``--insecure``) allows non-loopback node addresses. Raises, before anything starts:
+    :class:`~mesh.security.keys.KeyFileError` (no such key, bad directory, ``keys_dir`` without
+    ``handler_id``), :class:`~mesh.security.policy.InsecureStart` (no keys, a non-loopback
+    address, no ``insecure``), ``ValueError`` (the key is not a ``handler`` key); all are
+    ``ValueError``s with a one-line message, for the CLI to print and exit 2.
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(
@@ -793,8 +876,17 @@ def run_handler(
             flush=True,
         )
         return 2
+    keys = None
+    if keys_dir is not None:
+        if handler_id is None:
+            raise KeyFileError("--keys needs --handler-id: a handler's id is the name of its key")
+        keys = KeyRing(keys_dir, handler_id)
     handler = HandlerProcess(
-        handler_id or default_handler_id(), mesh_addresses, concurrency=concurrency
+        handler_id or default_handler_id(),
+        mesh_addresses,
+        concurrency=concurrency,
+        keys=keys,
+        insecure=insecure,
     )
     return asyncio.run(_serve(handler, drain_timeout))
 

@@ -30,9 +30,14 @@ knows. Messages (ZMQ kind → payload):
     handler answered from its idempotency window instead of running the task again.
 
 Each payload has a :class:`msgspec.Struct` below; the receiving end decodes it with
-:func:`decode`, and a payload that does not match is dropped (a malformed ``dispatch`` that
-names its ``dispatch_id`` is refused with ``bad_request``). On the wire a payload stays a JSON
-object with these keys.
+:func:`decode`, and a payload that does not match is dropped (a node refuses and counts it as
+``malformed``; a malformed ``dispatch`` that names its ``dispatch_id`` is refused with
+``bad_request``). On the wire a payload stays a JSON object with these keys.
+
+Who may send what (an authenticated mesh; identity is the key): ``handler_hello``,
+``dispatch_ack`` and ``job_result`` only a ``handler`` key whose name is the ``handler_id``
+they carry, and an ack or result only the handler its dispatch went to; ``dispatch`` and
+``dispatch_start`` only a ``node`` key. See docs/handlers.md, "Identity is the key".
 """
 
 from __future__ import annotations

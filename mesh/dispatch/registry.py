@@ -3,6 +3,11 @@
 Handlers heartbeat to every node, so every node answers ``GET /api/handlers`` the same way. The
 leader adds its own view for routing: jobs in flight per handler, and a circuit breaker that
 skips a handler after consecutive failures and probes it back in after a cool-down.
+
+On an authenticated mesh a handler id is the name of the handler's key: the dispatcher records a
+hello only after checking that its ``handler_id`` is the key it came with
+(:mod:`mesh.dispatch.dispatcher`), so the registry's keys are authenticated ids and no key can
+take over another handler's entry.
 """
 
 from __future__ import annotations
@@ -44,10 +49,11 @@ class HandlerInfo:
     circuit_open_until: float = 0.0
     probing: bool = False
     draining: bool = False  # shutting down: finishes its jobs, takes no new ones
-
-    @property
-    def identity(self) -> bytes:
-        return self.handler_id.encode()
+    # Where dispatches go (``send_to_identity``): the identity of its latest authenticated hello
+    # (on an unencrypted link, where nothing is authenticated, its DEALER's routing id: its id).
+    identity: bytes = attrs.field(
+        default=attrs.Factory(lambda self: self.handler_id.encode(), takes_self=True)
+    )
 
 
 class HandlerRegistry:
@@ -58,13 +64,18 @@ class HandlerRegistry:
 
     # ------------------------------------------------------------------ heartbeats
 
-    def on_hello(self, payload: dict[str, Any]) -> HandlerInfo | None:
-        """Record a ``handler_hello``; a malformed one is dropped (None)."""
+    def on_hello(self, payload: Any) -> HandlerInfo | None:
+        """Decode and record a ``handler_hello``; a malformed one is dropped (None)."""
         try:
             hello = decode(payload, Hello)
         except msgspec.ValidationError as e:
             log.debug("dropping malformed handler hello: %s", e)
             return None
+        return self.record(hello)
+
+    def record(self, hello: Hello, *, identity: bytes | None = None) -> HandlerInfo:
+        """Record a decoded hello whose sender the caller has checked; ``identity`` (from an
+        authenticated message) becomes where this handler's dispatches go."""
         hid = hello.handler_id
         info = self.handlers.get(hid)
         if info is None:
@@ -89,6 +100,8 @@ class HandlerRegistry:
             info.circuit_open_until = 0.0
             info.probing = False
         info.incarnation = incarnation
+        if identity:
+            info.identity = identity
         info.last_seen = self.clock()
         info.last_seen_wall = time.time()
         if not was_alive:

@@ -1,5 +1,9 @@
 """MeshTransport: every mesh byte a process sends or receives goes through here.
 
+Why this file is long: it is the one owner of every ZeroMQ socket of a process (four socket
+kinds, plain and CURVE, with probing and key reloads); splitting it would spread the socket
+lifecycle rules (readers, close order, routing ids) across modules that must agree on them.
+
 Sockets of one transport (see docs/architecture.md, "Ports"):
 
 * ROUTER bound on the mesh address ``tcp://HOST:PORT``: all point-to-point traffic *into* this
@@ -19,8 +23,28 @@ heartbeats retry on their own schedule, so a dropped message is cheaper than a s
 A DEALER's very first sends after :meth:`connect` therefore fail until the TCP handshake is done;
 :meth:`request` retries within its timeout to absorb that.
 
-The DEALER routing id is ``node_id``, so a ROUTER sees the sender's node id as ``identity``
-and, with ``ROUTER_HANDOVER``, a restarted peer takes over its old routing id at once.
+Unencrypted (no key ring; loopback only, see mesh.security.policy): the DEALER routing id is
+``node_id``, so a ROUTER sees the sender's node id as ``identity`` and, with ``ROUTER_HANDOVER``,
+a restarted peer takes over its old routing id at once. Nothing is authenticated.
+
+Secured (``keys=KeyRing``): every socket is CURVE. Server sockets (ROUTER, PUB) admit only the
+certificates of the key ring (a ZAP handler, mesh.security.zap), and every message received on
+the ROUTER carries its connection's certificate name as ZeroMQ's ``User-Id``: that name is the
+authenticated sender (``Incoming.sender``), whatever the payload claims. Client sockets (DEALER,
+SUB) dial with the server certificate of the node they expect, so what arrives on them comes from
+that node. Routing ids are then secrets: each DEALER picks 16 random bytes, sent only inside the
+encrypted handshake, so no other connection can claim (``ROUTER_HANDOVER``) a route it never saw.
+The transport maps each certificate name to the routing id its latest message came with, and
+sends to that name go there. ``Incoming.identity`` is the sender's name either way.
+
+Which certificate the node at an address holds is learnt, not configured: a DEALER to a new
+address starts as one *probe* per ``node`` certificate of the key ring; only the one dialled
+with the right server key completes the CURVE handshake (the others fail it, harmlessly), and
+with ``IMMEDIATE`` only that one can take a message. It is then kept and the probes closed. A
+wrong hint or a forged mDNS record can therefore never make us talk to the wrong key.
+
+The key ring is re-read every ``RELOAD_SECONDS`` and on :meth:`reload_keys` (SIGHUP): a removed
+certificate's connections are cut, its messages dropped from then on.
 """
 
 from __future__ import annotations
@@ -31,6 +55,7 @@ import functools
 import inspect
 import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,6 +63,9 @@ import zmq
 import zmq.asyncio
 
 from mesh.contracts import BroadcastHandler, Incoming
+from mesh.security.audit import Rejections
+from mesh.security.keys import RELOAD_SECONDS, KeyRing
+from mesh.security.zap import KeyRingAuthenticator
 from mesh.transport.codec import (
     DEFAULT_MAX_FRAME_BYTES,
     PROTOCOL,
@@ -98,7 +126,8 @@ class MeshTransport:
 
     ``counters`` holds: ``sent``, ``received``, ``send_dropped``, ``dropped_frames.<reason>``,
     ``handler_errors``, ``published``, ``request_timeouts``, ``replies_unmatched`` (late replies
-    to requests that already timed out; dropped, never passed to the handler).
+    to requests that already timed out, or replies from another peer than the one asked;
+    dropped, never passed to the handler). Security refusals are counted in ``rejections``.
     """
 
     def __init__(
@@ -110,6 +139,8 @@ class MeshTransport:
         send_hwm: int = 10_000,
         context: zmq.asyncio.Context | None = None,
         max_handler_tasks: int = 1_000,
+        keys: KeyRing | None = None,
+        rejections: Rejections | None = None,
     ) -> None:
         routing_id = node_id.encode("utf-8")
         if not routing_id or len(routing_id) > 255 or routing_id[0] == 0:
@@ -122,7 +153,14 @@ class MeshTransport:
             self._pub_bind: str | None = f"tcp://{host}:{port + 1}"
         else:
             self._bind = self._pub_bind = None
+        if keys is not None and keys.name != node_id:
+            raise ValueError(f"key ring is for {keys.name!r}, not {node_id!r}: identity is the key")
         self.node_id = node_id
+        self.keys = keys
+        self.secure = keys is not None
+        self.rejections = rejections if rejections is not None else Rejections()
+        self._auth: KeyRingAuthenticator | None = None
+        self._key_task: asyncio.Task[None] | None = None
         self._routing_id = routing_id
         self._max_frame_bytes = max_frame_bytes
         self._send_hwm = send_hwm
@@ -138,12 +176,19 @@ class MeshTransport:
 
         self._router: zmq.asyncio.Socket | None = None
         self._pub: zmq.asyncio.Socket | None = None
-        self._sub: zmq.asyncio.Socket | None = None
         self._dealers: dict[str, zmq.asyncio.Socket] = {}
+        # Secured: address -> certificate name of the node there, once learnt (see above).
+        self._names: dict[str, str] = {}
+        # Secured: address -> {candidate certificate name: DEALER} while the name is unknown.
+        self._probes: dict[str, dict[str, zmq.asyncio.Socket]] = {}
+        # Secured ROUTER: certificate name -> routing id of the connection it last spoke over.
+        self._routes: dict[str, bytes] = {}
+        self._subs: dict[str, zmq.asyncio.Socket] = {}  # one SUB per publisher address
+        self._subscriptions: set[str] = set()  # wanted, connected or waiting for a name
         self._readers: dict[zmq.asyncio.Socket, asyncio.Task[None]] = {}
-        self._subscriptions: set[str] = set()
         self._handler_tasks: set[asyncio.Future[Any]] = set()
-        self._pending: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
+        # Requests in flight by (peer address, request id): a reply counts only from the peer asked.
+        self._pending: dict[tuple[str, bytes], asyncio.Future[dict[str, Any]]] = {}
         self._rids = itertools.count(1)
         self._started = False
         self._closed = False
@@ -169,7 +214,11 @@ class MeshTransport:
         try:
             if self._bind is not None:
                 assert self._pub_bind is not None
-                router = self._socket(zmq.ROUTER)
+                if self.keys is not None:
+                    # ZAP must answer before the first client knocks: start it before binding.
+                    self._auth = KeyRingAuthenticator(self._context(), self.keys, self.rejections)
+                    self._auth.start()
+                router = self._server_socket(zmq.ROUTER, "mesh")
                 self._router = router
                 router.setsockopt(zmq.ROUTER_MANDATORY, 1)
                 router.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -177,7 +226,7 @@ class MeshTransport:
                 router.setsockopt(zmq.RCVHWM, self._send_hwm)
                 router.setsockopt(zmq.MAXMSGSIZE, self._max_frame_bytes + 1024)
                 await self._bind_with_retry(router, self._bind)
-                pub = self._socket(zmq.PUB)
+                pub = self._server_socket(zmq.PUB, "pub")
                 self._pub = pub
                 pub.setsockopt(zmq.SNDHWM, self._send_hwm)
                 await self._bind_with_retry(pub, self._pub_bind)
@@ -186,11 +235,19 @@ class MeshTransport:
             raise
         self._started = True
         if self._router is not None:
-            self._spawn_reader(self._router, self._on_router_frames)
+            on_router = self._on_router_frames_secure if self.secure else self._on_router_frames
+            self._spawn_reader(self._router, on_router, copy=not self.secure)
         for address, dealer in self._dealers.items():
-            self._spawn_reader(dealer, functools.partial(self._on_dealer_frames, address))
-        if self._sub is not None:
-            self._spawn_reader(self._sub, self._on_sub_frames)
+            self._spawn_dealer_reader(address, self._names.get(address), dealer)
+        for address, probes in self._probes.items():
+            for name, probe in probes.items():
+                self._spawn_dealer_reader(address, name, probe)
+        for address, sub in self._subs.items():
+            self._spawn_sub_reader(address, sub)
+        if self.keys is not None:
+            self._key_task = asyncio.get_running_loop().create_task(
+                self._key_loop(), name=f"mesh.transport[{self.node_id}].keys"
+            )
 
     async def _bind_with_retry(self, sock: zmq.asyncio.Socket, address: str) -> None:
         # A socket closed a moment ago (node restart in the same process) may still hold the
@@ -218,6 +275,8 @@ class MeshTransport:
         # cancel the caller, or the cancellation would abort close() itself half-way.
         current = asyncio.current_task()
         tasks = [t for t in (*self._readers.values(), *self._handler_tasks) if t is not current]
+        if self._key_task is not None and self._key_task is not current:
+            tasks.append(self._key_task)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -228,23 +287,133 @@ class MeshTransport:
             if not fut.done():
                 fut.set_exception(ConnectionError("transport closed"))
         self._pending.clear()
-        sockets = [self._router, self._pub, self._sub, *self._dealers.values()]
-        self._router = self._pub = self._sub = None
+        probes = [sock for group in self._probes.values() for sock in group.values()]
+        sockets = [self._router, self._pub, *self._subs.values(), *self._dealers.values(), *probes]
+        self._router = self._pub = None
         self._dealers.clear()
+        self._probes.clear()
+        self._subs.clear()
         self._subscriptions.clear()
         for sock in sockets:
             if sock is not None:
                 sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         if self._own_context and self._ctx is not None:
             # term() waits for the I/O thread to release the listening ports.
             self._ctx.term()
 
-    def _socket(self, socket_type: int) -> zmq.asyncio.Socket:
+    def _context(self) -> zmq.asyncio.Context:
         if self._ctx is None:
             self._ctx = zmq.asyncio.Context()
-        sock = self._ctx.socket(socket_type)
+        return self._ctx
+
+    def _socket(self, socket_type: int) -> zmq.asyncio.Socket:
+        sock = self._context().socket(socket_type)
         sock.setsockopt(zmq.LINGER, 0)
         return sock
+
+    def _server_socket(self, socket_type: int, domain: str) -> zmq.asyncio.Socket:
+        sock = self._socket(socket_type)
+        if self.keys is not None:
+            sock.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.keys.secret)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self.keys.public)
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+        return sock
+
+    def _client_socket(self, socket_type: int, server: str | None) -> zmq.asyncio.Socket:
+        """A socket that dials; secured, it completes a handshake only with ``server``'s key."""
+        sock = self._socket(socket_type)
+        if self.keys is not None:
+            cert = self.keys.get(server) if server is not None else None
+            if cert is None:
+                sock.close(linger=0)
+                raise KeyError(f"no trusted certificate named {server!r}")
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.keys.secret)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self.keys.public)
+            sock.setsockopt(zmq.CURVE_SERVERKEY, cert.public)
+        return sock
+
+    # ------------------------------------------------------------------ keys
+
+    def name_at(self, address: str) -> str | None:
+        """The certificate name of the node at ``address``, once a handshake proved it (secured)."""
+        return self._names.get(address)
+
+    def reload_keys(self) -> tuple[set[str], set[str]]:
+        """Re-read the key directory now (SIGHUP); returns (added, removed) certificate names.
+
+        A removed certificate is cut off at once: its routes are forgotten (so nothing more is
+        sent to it), our DEALER and SUB to it are closed, and its messages are dropped from
+        then on by the per-message check. Addresses still being probed get a probe for each
+        added ``node`` certificate.
+        """
+        if self.keys is None or self._closed:
+            return set(), set()
+        added, removed = self.keys.reload()
+        for name in removed:
+            self._routes.pop(name, None)
+        for address, name in list(self._names.items()):
+            if name in removed:
+                self._forget_name(address)
+        for address, probes in self._probes.items():
+            for name in removed & probes.keys():
+                self._close_socket(probes.pop(name))
+            for name in sorted(added):
+                cert = self.keys.get(name)
+                if cert and cert.role == "node" and name != self.node_id and name not in probes:
+                    probes[name] = self._new_dealer(address, name)
+        return added, removed
+
+    async def _key_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_SECONDS)
+            try:
+                self.reload_keys()
+                self._settle_ready_probes()
+            except Exception:  # a bad key file must not stop the reloads
+                log.exception("reloading the key ring failed")
+
+    def _settle_ready_probes(self) -> None:
+        # With IMMEDIATE, a DEALER is writable only once a connection completed its handshake:
+        # the probe that is writable dialled the right key. Lets a SUB waiting for the name of
+        # a node we never sent to get connected.
+        for address, probes in list(self._probes.items()):
+            for name, sock in probes.items():
+                if sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+                    self._settle(address, name)
+                    break
+
+    def _settle(self, address: str, name: str) -> None:
+        """The node at ``address`` holds ``name``: keep that probe, close the others."""
+        probes = self._probes.pop(address, None)
+        if probes is None or name not in probes:
+            return
+        dealer = probes.pop(name)
+        for other in probes.values():
+            self._close_socket(other)
+        self._dealers[address] = dealer
+        self._names[address] = name
+        log.debug("%s: the node at %s holds key %s", self.node_id, address, name)
+        if address in self._subscriptions and address not in self._subs:
+            self._open_sub(address)
+
+    def _forget_name(self, address: str) -> None:
+        self._names.pop(address, None)
+        dealer = self._dealers.pop(address, None)
+        if dealer is not None:
+            self._close_socket(dealer)
+        sub = self._subs.pop(address, None)
+        if sub is not None:
+            self._close_socket(sub)
+
+    def _close_socket(self, sock: zmq.asyncio.Socket) -> None:
+        task = self._readers.pop(sock, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        sock.close(linger=0)
 
     # ------------------------------------------------------------------ handlers
 
@@ -265,16 +434,36 @@ class MeshTransport:
     # ------------------------------------------------------------------ point-to-point
 
     def connect(self, address: str) -> None:
-        """Ensure a DEALER connected to the peer at ``address`` exists (idempotent)."""
-        if address not in self._dealers:
+        """Ensure a DEALER to the peer at ``address`` exists (idempotent).
+
+        Secured, and the node's certificate not yet known: one probe per ``node`` certificate.
+        """
+        if address not in self._dealers and address not in self._probes:
             self._connect(address)
 
-    def _connect(self, address: str) -> zmq.asyncio.Socket:
+    def _connect(self, address: str) -> zmq.asyncio.Socket | None:
         if self._closed:
             raise RuntimeError("MeshTransport is closed")
         split_address(address)
-        dealer = self._socket(zmq.DEALER)
-        dealer.setsockopt(zmq.ROUTING_ID, self._routing_id)
+        if self.keys is None:
+            dealer = self._new_dealer(address, None)
+        else:
+            name = self._names.get(address)
+            if name is None or self.keys.get(name) is None:
+                candidates = [n for n in self.keys.names("node") if n != self.node_id]
+                self._probes[address] = {n: self._new_dealer(address, n) for n in candidates}
+                if not candidates:
+                    log.warning("no node certificate to dial %s with", address)
+                return None
+            dealer = self._new_dealer(address, name)
+        self._dealers[address] = dealer
+        return dealer
+
+    def _new_dealer(self, address: str, server: str | None) -> zmq.asyncio.Socket:
+        dealer = self._client_socket(zmq.DEALER, server)
+        # Secured: an unguessable routing id (see the module docstring); else our node id.
+        routing_id = b"~" + os.urandom(16) if self.secure else self._routing_id
+        dealer.setsockopt(zmq.ROUTING_ID, routing_id)
         dealer.setsockopt(zmq.SNDHWM, self._send_hwm)
         dealer.setsockopt(zmq.RCVHWM, self._send_hwm)
         dealer.setsockopt(zmq.IMMEDIATE, 1)
@@ -282,27 +471,38 @@ class MeshTransport:
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         dealer.setsockopt(zmq.MAXMSGSIZE, self._max_frame_bytes + 1024)
         dealer.connect(address)
-        self._dealers[address] = dealer
         if self._started:
-            self._spawn_reader(dealer, functools.partial(self._on_dealer_frames, address))
+            self._spawn_dealer_reader(address, server, dealer)
         return dealer
 
     def disconnect(self, address: str) -> None:
         """Close the DEALER to ``address``, if any; its requests in flight will time out."""
         dealer = self._dealers.pop(address, None)
-        if dealer is None:
-            return
-        task = self._readers.pop(dealer, None)
-        if task is not None:
-            task.cancel()
-        dealer.close(linger=0)
+        if dealer is not None:
+            self._close_socket(dealer)
+        for probe in self._probes.pop(address, {}).values():
+            self._close_socket(probe)
 
     def send(self, address: str, kind: str, payload: dict[str, Any]) -> bool:
         """Fire-and-forget to the peer at ``address``; False (never a wait) if it can't queue."""
         if self._closed:
             return False
-        dealer = self._dealers.get(address) or self._connect(address)
-        return self._send_frames(dealer, encode(kind, payload))
+        return self._send_to(address, encode(kind, payload))
+
+    def _send_to(self, address: str, frames: list[bytes], *, count_drop: bool = True) -> bool:
+        dealer = self._dealers.get(address)
+        if dealer is None and address not in self._probes:
+            dealer = self._connect(address)
+        if dealer is not None:
+            return self._send_frames(dealer, frames, count_drop=count_drop)
+        # Probing: only the probe that completed its handshake (the right key) takes it.
+        for name, probe in list(self._probes.get(address, {}).items()):
+            if self._send_frames(probe, frames, count_drop=False):
+                self._settle(address, name)
+                return True
+        if count_drop:
+            self.counters["send_dropped"] += 1
+        return False
 
     def send_to_identity(
         self, identity: bytes, kind: str, payload: dict[str, Any], rid: bytes = b""
@@ -314,13 +514,25 @@ class MeshTransport:
         """
         if self._router is None:
             return False
-        return self._send_frames(self._router, [identity, *encode(kind, payload, rid)])
+        routing = self._route(identity)
+        if routing is None:
+            return False
+        return self._send_frames(self._router, [routing, *encode(kind, payload, rid)])
+
+    def _route(self, identity: bytes) -> bytes | None:
+        # Secured, identities are certificate names; the route is their latest connection.
+        if not self.secure:
+            return identity
+        return self._routes.get(identity.decode("utf-8", "replace"))
 
     def reply(self, incoming: Incoming, payload: dict[str, Any]) -> bool:
         """Answer a request that arrived on our ROUTER (kind "reply", same rid)."""
         if not incoming.rid or not incoming.identity or self._router is None:
             return False
-        frames = [incoming.identity, PROTOCOL, _REPLY_KIND_B, incoming.rid, encode_payload(payload)]
+        routing = self._route(incoming.identity)
+        if routing is None:
+            return False
+        frames = [routing, PROTOCOL, _REPLY_KIND_B, incoming.rid, encode_payload(payload)]
         return self._send_frames(self._router, frames)
 
     async def request(
@@ -341,12 +553,13 @@ class MeshTransport:
         deadline = loop.time() + timeout
         rid = b"%x" % next(self._rids)
         frames = encode(kind, payload, rid)
-        dealer = self._dealers.get(address) or self._connect(address)
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self._pending[rid] = fut
+        key = (address, rid)
+        self._pending[key] = fut
         try:
             delay = _REQUEST_RETRY_FIRST
-            while not self._send_frames(dealer, frames, count_drop=False):
+            # disconnect()/reconnect while we wait: _send_to follows the current socket.
+            while not self._send_to(address, frames, count_drop=False):
                 if self._closed:
                     raise ConnectionError("transport closed")
                 remaining = deadline - loop.time()
@@ -354,15 +567,13 @@ class MeshTransport:
                     raise TimeoutError(f"request {kind!r} to {address}: peer not reachable")
                 await asyncio.sleep(min(delay, remaining))
                 delay = min(delay * 2, _REQUEST_RETRY_MAX)
-                # disconnect()/reconnect while we waited: follow the current socket.
-                dealer = self._dealers.get(address) or self._connect(address)
             async with asyncio.timeout_at(deadline):
                 return await fut
         except TimeoutError:
             self.counters["request_timeouts"] += 1
             raise
         finally:
-            self._pending.pop(rid, None)
+            self._pending.pop(key, None)
             if fut.done() and not fut.cancelled():
                 fut.exception()  # close() may have failed it while we were not awaiting it
 
@@ -403,53 +614,65 @@ class MeshTransport:
             raise RuntimeError("MeshTransport is closed")
         if address in self._subscriptions:
             return
-        pub_address = pub_address_of(address)
-        if self._sub is None:
-            sub = self._socket(zmq.SUB)
-            sub.setsockopt(zmq.RCVHWM, self._send_hwm)
-            sub.setsockopt(zmq.RECONNECT_IVL, 100)
-            sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            sub.setsockopt(zmq.MAXMSGSIZE, self._max_frame_bytes + 1024)
-            sub.setsockopt(zmq.SUBSCRIBE, b"")
-            self._sub = sub
-            if self._started:
-                self._spawn_reader(sub, self._on_sub_frames)
-        self._sub.connect(pub_address)
+        pub_address_of(address)  # validates
         self._subscriptions.add(address)
+        if self.keys is None or self._names.get(address) is not None:
+            self._open_sub(address)
+        elif address not in self._dealers and address not in self._probes:
+            # The SUB needs the publisher's key: learn it by probing the node's ROUTER.
+            self._connect(address)
+
+    def _open_sub(self, address: str) -> None:
+        sub = self._client_socket(zmq.SUB, self._names.get(address))
+        sub.setsockopt(zmq.RCVHWM, self._send_hwm)
+        sub.setsockopt(zmq.RECONNECT_IVL, 100)
+        sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sub.setsockopt(zmq.MAXMSGSIZE, self._max_frame_bytes + 1024)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(pub_address_of(address))
+        self._subs[address] = sub
+        if self._started:
+            self._spawn_sub_reader(address, sub)
 
     def unsubscribe(self, address: str) -> None:
         """Stop receiving broadcasts from the node at ``address``."""
-        if address not in self._subscriptions or self._sub is None:
-            return
         self._subscriptions.discard(address)
-        try:
-            self._sub.disconnect(pub_address_of(address))
-        except zmq.ZMQError as exc:  # ENOENT: already gone
-            log.debug("unsubscribe %s: %s", address, exc)
+        sub = self._subs.pop(address, None)
+        if sub is not None:
+            self._close_socket(sub)
 
     # ------------------------------------------------------------------ receiving
 
     def _spawn_reader(
-        self, sock: zmq.asyncio.Socket, on_frames: Callable[[list[bytes]], None]
+        self, sock: zmq.asyncio.Socket, on_frames: Callable[[list[Any]], None], copy: bool = True
     ) -> None:
         task = asyncio.get_running_loop().create_task(
-            self._read_loop(sock, on_frames), name=f"mesh.transport[{self.node_id}].reader"
+            self._read_loop(sock, on_frames, copy), name=f"mesh.transport[{self.node_id}].reader"
         )
         self._readers[sock] = task
 
+    def _spawn_dealer_reader(
+        self, address: str, server: str | None, sock: zmq.asyncio.Socket
+    ) -> None:
+        self._spawn_reader(sock, functools.partial(self._on_dealer_frames, address, server))
+
+    def _spawn_sub_reader(self, address: str, sock: zmq.asyncio.Socket) -> None:
+        self._spawn_reader(sock, functools.partial(self._on_sub_frames, address))
+
     async def _read_loop(
-        self, sock: zmq.asyncio.Socket, on_frames: Callable[[list[bytes]], None]
+        self, sock: zmq.asyncio.Socket, on_frames: Callable[[list[Any]], None], copy: bool
     ) -> None:
         # Await only to wake up, then drain what is already queued with plain non-blocking
         # recvs on a shadow of the same socket: the asyncio wrapper costs a future and several
         # EVENTS checks per message, about 3x a plain recv. Safe because every await re-checks
         # EVENTS before sleeping on the edge-triggered FD.
-        recv_now = zmq.Socket.shadow(sock.underlying).recv_multipart
+        # copy=False (secured ROUTER): zmq.Frame objects, which carry the User-Id property.
+        recv_now = functools.partial(zmq.Socket.shadow(sock.underlying).recv_multipart, copy=copy)
         counters = self.counters
         tasks = self._handler_tasks
         while True:
             try:
-                frames = await sock.recv_multipart()
+                frames = await sock.recv_multipart(copy=copy)
             except zmq.ZMQError as exc:
                 if self._closed or sock.closed:
                     return
@@ -488,7 +711,38 @@ class MeshTransport:
         self.counters["received"] += 1
         self._dispatch(Incoming(kind, payload, rid, frames[0]))
 
-    def _on_dealer_frames(self, address: str, frames: list[bytes]) -> None:
+    def _on_router_frames_secure(self, frames: list[zmq.Frame]) -> None:
+        routing = frames[0].bytes
+        try:
+            user = frames[-1].get("User-Id")
+        except zmq.ZMQError:
+            user = None
+        assert self.keys is not None
+        cert = self.keys.get(user) if user else None
+        if cert is None:
+            # ZAP admitted it, so the key was removed since: revoked, cut off from now on.
+            self.rejections.reject("revoked" if user else "unauthenticated", user or "?")
+            return
+        try:
+            kind, rid, payload = decode([f.bytes for f in frames[1:]], self._max_frame_bytes)
+        except FrameError as err:
+            self._drop(err)
+            return
+        self.counters["received"] += 1
+        self._routes[user] = routing
+        self._dispatch(Incoming(kind, payload, rid, user.encode(), "", user, cert.role))
+
+    def _on_dealer_frames(self, address: str, server: str | None, frames: list[bytes]) -> None:
+        sender = role = None
+        if server is not None:
+            assert self.keys is not None
+            if address in self._probes:
+                self._settle(address, server)  # a message came over it: its handshake worked
+            cert = self.keys.get(server)
+            if cert is None:
+                self.rejections.reject("revoked", server)
+                return
+            sender, role = server, cert.role
         try:
             kind, rid, payload = decode(frames, self._max_frame_bytes)
         except FrameError as err:
@@ -496,15 +750,18 @@ class MeshTransport:
             return
         self.counters["received"] += 1
         if rid and kind == REPLY_KIND:
-            fut = self._pending.pop(rid, None)
+            fut = self._pending.pop((address, rid), None)
             if fut is None:
                 self.counters["replies_unmatched"] += 1
             elif not fut.done():
                 fut.set_result(payload)
             return
-        self._dispatch(Incoming(kind, payload, rid, b"", address))
+        self._dispatch(Incoming(kind, payload, rid, b"", address, sender, role))
 
-    def _on_sub_frames(self, frames: list[bytes]) -> None:
+    def _on_sub_frames(self, address: str, frames: list[bytes]) -> None:
+        if self.keys is not None and self.keys.get(self._names.get(address, "")) is None:
+            self.rejections.reject("revoked", self._names.get(address, address))
+            return
         try:
             if not frames:
                 raise FrameError("shape", "empty broadcast")
