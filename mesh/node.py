@@ -115,8 +115,7 @@ class MeshNode:
         self.sm = state_machine
         self.store = store
         self.transport = transport
-        # The transport's counter when it has one (the secured transport always does).
-        self.rejections: Rejections = getattr(transport, "rejections", None) or Rejections()
+        self.rejections: Rejections = transport.rejections  # one counter per process
         self.discovery = discovery
         self.events = events
         self.clock = clock
@@ -364,10 +363,10 @@ class MeshNode:
             raise ProposalFailed("the membership change was not committed within 5.0s") from e
 
     def _secure(self) -> bool:
-        return bool(getattr(self.transport, "secure", False))
+        return self.transport.secure
 
     def _holds_node_key(self, node_id: str) -> bool:
-        keys = getattr(self.transport, "keys", None)
+        keys = self.transport.keys
         cert = keys.get(node_id) if keys is not None else None
         return cert is not None and cert.role == "node"
 

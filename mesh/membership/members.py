@@ -51,8 +51,8 @@ class Dialer(Protocol):
         self, address: str, kind: str, payload: dict[str, Any], *, timeout: float
     ) -> dict[str, Any]: ...
 
-    def expect(self, address: str, name: str) -> None:
-        """Hint: the node at ``address`` holds the certificate ``name`` (secured mesh)."""
+    # Optional: ``expect(address, name)``, a hint that the node at ``address`` holds the
+    # certificate ``name``, is called when the dialer has it (the transport probes otherwise).
 
     def name_at(self, address: str) -> str | None:
         """The authenticated certificate name of the node at ``address``, once settled."""
