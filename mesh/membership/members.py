@@ -51,9 +51,6 @@ class Dialer(Protocol):
         self, address: str, kind: str, payload: dict[str, Any], *, timeout: float
     ) -> dict[str, Any]: ...
 
-    # Optional: ``expect(address, name)``, a hint that the node at ``address`` holds the
-    # certificate ``name``, is called when the dialer has it (the transport probes otherwise).
-
     def name_at(self, address: str) -> str | None:
         """The authenticated certificate name of the node at ``address``, once settled."""
 
@@ -196,7 +193,6 @@ class Members:
             return  # a known address: our own ping of it says who is there
         if self.settings.learn_peers:
             self._add(addr)  # someone knows us that we did not know
-            self._expect(addr, node_id)
 
     def heard_from(self, node_id: str) -> Peer | None:
         """A member spoke (Raft traffic): it is alive. None when no peer has that id."""
@@ -325,7 +321,6 @@ class Members:
             return
         if peer.node_id != node_id:
             peer.node_id = node_id
-            self._expect(peer.address, node_id)
         if "http" in info:
             peer.http = info["http"]
         self._learn_state(peer, info)
@@ -336,11 +331,6 @@ class Members:
         peer.term = info.get("term", 0)
         peer.leader_id = info.get("leader_id")
         peer.bootstrapped = info.get("bootstrapped", False)
-
-    def _expect(self, address: str, node_id: str) -> None:
-        expect = getattr(self.dialer, "expect", None)
-        if expect is not None:
-            expect(address, node_id)
 
     def _seen(self, peer: Peer) -> None:
         peer.last_seen = self.clock()
