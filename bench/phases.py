@@ -1,6 +1,7 @@
 """The phases. Each of the six mesh figures starts its own fresh mesh (so no phase inherits
 another's state), measures, stops it, then runs the APScheduler-alone baselines, and returns a
-JSON-able dict. The timing phase (bench/timing.py) measures what unit tests used to assert."""
+JSON-able dict. The timing phase (bench/timing.py) measures what unit tests used to assert; the
+curve phase compares meshes with CURVE keys and without."""
 
 from __future__ import annotations
 
