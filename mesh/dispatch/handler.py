@@ -466,7 +466,7 @@ class HandlerProcess:
                 # first. Learn from a later reply (every HEARTBEAT_INTERVAL).
                 return
             if not any(n.node_id == link.leader_id for n in self.nodes.values()):
-                self._learn_node(link.leader_mesh, via=link.address, node_id=link.leader_id)
+                self._learn_node(link.leader_mesh, via=link.address)
 
     def _reply_from_its_key(self, link: NodeLink, reply: HelloReply) -> bool:
         """On CURVE a node is its key: a reply naming another node than the ``node`` key the
@@ -511,7 +511,7 @@ class HandlerProcess:
                 beat.cancel()
             self.transport.disconnect(alias.address)
 
-    def _learn_node(self, address: str, *, via: str, node_id: str | None = None) -> None:
+    def _learn_node(self, address: str, *, via: str) -> None:
         try:
             split_address(address)
         except ValueError:
