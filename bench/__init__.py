@@ -3,8 +3,9 @@ by side with APScheduler 4 alone (MemoryDataStore, and SQLAlchemyDataStore on ai
 
 Figures (see docs/performance.md): sustained fires/s, follower write latency, failover,
 lateness at 1,000 schedules, scale (100,000 schedules: RSS, restart, CPU per tick), idle CPU,
-and timing (token-bucket rate, sends to an unreachable peer, toxiproxy toxics, the no-handler
-wait: bounds that unit tests used to assert).
+timing (token-bucket rate, sends to an unreachable peer, toxiproxy toxics, the no-handler
+wait: bounds that unit tests used to assert), and curve (write latency and fires/s with CURVE
+keys against the same without, in one run). The meshes run with CURVE keys unless --no-keys.
 Results go to ``bench-results/bench-<timestamp>.json`` with PNG plots beside it, and a table is
 printed. Every process started is stopped on the way out, Ctrl-C included.
 """
@@ -25,7 +26,7 @@ from typing import Any, NoReturn
 
 __all__ = ["main"]
 
-ORDER = ("idle", "write", "fires", "lateness", "failover", "scale", "timing")
+ORDER = ("idle", "write", "fires", "lateness", "failover", "scale", "timing", "curve")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         help="sample the leader with py-spy during the 2,000 fires/s step",
     )
     p.add_argument("--keep", action="store_true", help="keep the nodes' data and logs")
+    p.add_argument(
+        "--no-keys",
+        dest="secure",
+        action="store_false",
+        help="run the meshes without CURVE keys (default: with keys; the curve phase runs both)",
+    )
     return p
 
 
@@ -132,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scale=ns.scale,
         baseline=ns.baseline,
         profile=ns.profile,
+        secure=ns.secure,
         progress=progress,
         stem=f"bench-{stamp}",
     )
@@ -144,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "scale": ns.scale,
             "baseline": ns.baseline,
             "profile": ns.profile,
+            "secure": ns.secure,
         },
         "machine": machine_info(),
         "source": _source_info(SOURCE_ROOT),

@@ -47,6 +47,7 @@ class Run:
     scale: float = 1.0
     baseline: bool = True
     profile: bool = False
+    secure: bool = True  # the meshes of every phase but ``curve`` (which runs both) use keys
     stem: str = "bench"  # output files are <out_dir>/<stem>...
     progress: Progress = attrs.Factory(Progress)
     meshes: int = 0
@@ -60,6 +61,7 @@ class Run:
 
     def new_mesh(self, name: str, **kwargs: Any) -> BenchMesh:
         self.meshes += 1
+        kwargs.setdefault("secure", self.secure)
         self.current_mesh = BenchMesh(self.root / f"{self.meshes:02d}-{name}", **kwargs)
         return self.current_mesh
 
@@ -69,7 +71,8 @@ class Run:
         self.progress(
             phase,
             f"mesh up: {len(mesh.nodes)} nodes, {len(mesh.handlers)} handlers, "
-            f"leader {leader.node_id} ({time.monotonic() - t:.1f}s)",
+            f"{'CURVE' if mesh.secure else 'no keys'}, leader {leader.node_id} "
+            f"({time.monotonic() - t:.1f}s)",
         )
         return leader
 

@@ -1,6 +1,9 @@
 """A local mesh for the benchmark: real ``schedulezero node`` and ``schedulezero handler``
 processes on 127.0.0.1, each with its own ports, data directory and log file.
 
+``secure`` (the default, as in production) gives every node and handler its own CURVE key in
+``ROOT/keys`` and starts it with ``--keys``; ``secure=False`` runs without keys (loopback only).
+
 Every process started here is registered in ``LIVE``; :func:`stop_everything` ends them all
 (SIGTERM, then SIGKILL after a grace period) and ``bench.main`` calls it on every way out,
 Ctrl-C included. On Linux a child also gets SIGKILL when the benchmark process dies
@@ -17,6 +20,7 @@ from typing import Any, Self, TypeVar
 
 import yaml
 
+from mesh.security import create_key
 from mesh.supervise import (
     Child,
     child_env,
@@ -142,6 +146,7 @@ class Node(Proc):
             config=m.config_path,
             peers=[other.mesh_address for other in m.nodes if other is not self],
             tasks=m.node_tasks,
+            keys=m.keys_dir,
         )
 
     @property
@@ -173,13 +178,15 @@ class Handler(Proc):
             mesh=[node.mesh_address for node in mesh.nodes],
             tasks=mesh.handler_tasks,
             concurrency=concurrency,
+            keys=mesh.keys_dir,
         )
         super().__init__(handler_id, argv, mesh.root / f"{handler_id}.log", mesh.env)
         self.handler_id = handler_id
 
 
 class BenchMesh:
-    """``nodes`` nodes with static peers plus ``handlers`` handler processes."""
+    """``nodes`` nodes with static peers plus ``handlers`` handler processes; ``secure``: each
+    with its own CURVE key (``ROOT/keys``)."""
 
     def __init__(
         self,
@@ -192,6 +199,7 @@ class BenchMesh:
         handler_concurrency: int = 64,
         config: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        secure: bool = True,
     ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -200,8 +208,17 @@ class BenchMesh:
         self.env = child_env(env)
         self.config_path = root / "mesh.yaml"
         self.config_path.write_text(yaml.safe_dump(config or {"log_level": "INFO"}))
-        self.nodes = [Node(self, f"n{i + 1}") for i in range(nodes)]
-        self.handlers = [Handler(self, f"h{i + 1}", handler_concurrency) for i in range(handlers)]
+        self.secure = secure
+        self.keys_dir: Path | None = root / "keys" if secure else None
+        node_ids = [f"n{i + 1}" for i in range(nodes)]
+        handler_ids = [f"h{i + 1}" for i in range(handlers)]
+        if self.keys_dir is not None:
+            for name in node_ids:
+                create_key(self.keys_dir, name, "node")
+            for name in handler_ids:
+                create_key(self.keys_dir, name, "handler")
+        self.nodes = [Node(self, n) for n in node_ids]
+        self.handlers = [Handler(self, h, handler_concurrency) for h in handler_ids]
 
     # ----- lifecycle
 
@@ -222,7 +239,24 @@ class BenchMesh:
                 diagnostics=self.diagnostics,
             )
         self.wait_writable(leader, timeout)
+        self.check_security()
         return leader
+
+    def check_security(self) -> None:
+        """BenchError unless every node says (its start line) it runs with keys iff ``secure``:
+        a figure labelled secured must come from CURVE links. A handler needs no check: a
+        secured node refuses its handshake unless it holds its own key."""
+        want = "(CURVE keys in " if self.secure else "(no keys)"
+        wrong = [
+            n.name
+            for n in self.nodes
+            if not any(
+                line.startswith(f"schedulezero node {n.node_id}: ") and want in line
+                for line in n.log.read_text(encoding="utf-8", errors="replace").splitlines()
+            )
+        ]
+        if wrong:
+            raise BenchError(f"{wrong} did not report {want!r} at start\n{self.diagnostics()}")
 
     def wait_writable(self, node: Node, timeout: float = 30.0) -> None:
         """Until a schedule write through ``node`` succeeds: the leader's scheduler runs."""

@@ -41,6 +41,8 @@ TARGETS: dict[str, Target] = {
     "timing_toxiproxy_jitter_max_s": ("<", 0.3),
     "timing_toxiproxy_bandwidth_s": ("<", 1.5),
     "timing_no_handler_s": ("<", 10.0),
+    # Issue 11: CURVE may cost at most 15 % of the throughput (secured ÷ plain max fires/s).
+    "curve_fires_ratio": (">=", 0.85),
 }
 
 
@@ -67,8 +69,9 @@ def _ratio(a: Any, b: Any) -> float | None:
 def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per figure: mesh value, target, met, and each baseline with mesh/baseline.
 
-    Rows of the ``timing`` section compare with a baseline measured in the same run
-    (``baseline``, ``ratio_baseline``) instead of APScheduler; ``mesh`` is their value.
+    Rows of the ``timing`` and ``curve`` sections compare with a baseline measured in the same
+    run (``baseline``, ``ratio_baseline``) instead of APScheduler; ``mesh`` is their value (for
+    ``curve``: the mesh with CURVE keys, its baseline the same mesh without).
     """
     out: list[dict[str, Any]] = []
 
@@ -223,7 +226,47 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
     t = figures.get("timing")
     if isinstance(t, dict):
         _timing_rows(t, row)
+    c = figures.get("curve")
+    if isinstance(c, dict) and "ratio" in c:
+        _curve_rows(c, row)
     return out
+
+
+def _curve_rows(c: dict[str, Any], row: Callable[..., None]) -> None:
+    s, p = c["secured"], c["plain"]
+    n = c["rounds"]
+    row(
+        "curve_fires_max",
+        f"fires/s max (ramp; mean of {n} meshes each)",
+        "/s",
+        s["fires_max"],
+        section="curve",
+        baseline=p["fires_max"],
+    )
+    row(
+        "curve_fires_ratio",
+        "  secured ÷ plain (issue 11: CURVE costs ≤ 15 %)",
+        "x",
+        c["ratio"]["fires_max"],
+        section="curve",
+    )
+    row(
+        "curve_cpu_ms_per_fire",
+        "leader CPU per fire at the max",
+        "ms",
+        s["cpu_ms_per_fire"],
+        section="curve",
+        baseline=p["cpu_ms_per_fire"],
+    )
+    for q in ("p50", "p99"):
+        row(
+            f"curve_write_{q}_ms",
+            f"write {q} (POST to follower → 201; {s['write']['count']} each)",
+            "ms",
+            s["write"][q],
+            section="curve",
+            baseline=p["write"][q],
+        )
 
 
 def _timing_rows(t: dict[str, Any], row: Callable[..., None]) -> None:
@@ -326,8 +369,9 @@ def table(table_rows: list[dict[str, Any]], errors: dict[str, str]) -> str:
     their same-run baselines, then one line per failed phase."""
     mesh = [r for r in table_rows if r.get("section", "mesh") == "mesh"]
     timing = [r for r in table_rows if r.get("section") == "timing"]
+    curve = [r for r in table_rows if r.get("section") == "curve"]
     lines: list[str] = []
-    if mesh or not timing:
+    if mesh or not (timing or curve):
         head = ["figure", "unit", "mesh", "target", "met"]
         head += ["APS+memory", "mesh÷", "APS+SQLite", "mesh÷"]
         lines += _columns(
@@ -351,6 +395,15 @@ def table(table_rows: list[dict[str, Any]], errors: dict[str, str]) -> str:
         lines += _columns(
             head,
             [[*_leading(r), _fmt(r["baseline"]), _fmt(r["ratio_baseline"])] for r in timing],
+        )
+    if curve:
+        if lines:
+            lines.append("")
+        head = ["CURVE keys vs none (same run)", "unit", "secured", "target", "met"]
+        head += ["plain", "secured÷plain"]
+        lines += _columns(
+            head,
+            [[*_leading(r), _fmt(r["baseline"]), _fmt(r["ratio_baseline"])] for r in curve],
         )
     for phase, err in errors.items():
         lines.append(f"{phase}: FAILED: {err.splitlines()[0] if err else err}")
@@ -468,6 +521,9 @@ def plots(figures: dict[str, Any], out_dir: Path, stem: str) -> list[str] | None
             "lateness",
             2.0,
         )
+    c = figures.get("curve")
+    if isinstance(c, dict) and "ratio" in c:
+        paths.append(_curve_plot(plt, c, out_dir / f"{stem}-curve.png"))
     fo = figures.get("failover")
     if isinstance(fo, dict) and fo.get("samples_s"):
         cdf(
@@ -478,6 +534,42 @@ def plots(figures: dict[str, Any], out_dir: Path, stem: str) -> list[str] | None
             0.6,
         )
     return paths
+
+
+def _curve_plot(plt: Any, c: dict[str, Any], path: Path) -> str:
+    """Achieved vs offered fires/s and the follower write latency, with keys and without."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    colors = {"plain": "tab:blue", "secured": "tab:red"}
+    for mode, color in colors.items():
+        for k, ramp in enumerate(c[mode]["ramps"]):
+            left.plot(
+                [s["offered"] for s in ramp],
+                [s["achieved"] for s in ramp],
+                marker="o",
+                color=color,
+                alpha=0.8,
+                label=mode if k == 0 else None,
+            )
+        v = sorted(max(x, 1e-3) for x in c[mode]["write_samples_ms"])
+        if v:
+            right.plot(v, [(i + 1) / len(v) for i in range(len(v))], color=color, label=mode)
+    ratio = c["ratio"]["fires_max"]
+    left.set_title(
+        "Fires/s, CURVE keys vs none"
+        + (f" (max secured ÷ plain = {ratio:.2f})" if ratio is not None else "")
+    )
+    left.set_xlabel("offered fires/s")
+    left.set_ylabel("achieved fires/s")
+    right.set_title("Write latency, POST to a follower → 201")
+    right.set_xscale("log")
+    right.set_xlabel("latency (ms, log)")
+    right.set_ylabel("fraction ≤ x")
+    for ax in (left, right):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
 
 
 def _save(fig: Any, path: Path) -> str:

@@ -4,6 +4,7 @@
     python -m chaos --runs 20 --seed 7    # reproducible: run k uses seed 7+k
     python -m chaos --scenario leader_partition --runs 3
     python -m chaos --lan                 # the network-namespace LAN scenarios (root)
+    python -m chaos --no-keys             # without CURVE keys (default: every process has one)
 
 Prints a table per run and a summary; saves JSON and text reports under --out. Exit code 1 if
 any run found a violation (failing runs' data directories are kept under --out).
@@ -42,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("chaos-results"))
     p.add_argument("--lan", action="store_true", help="run the network-namespace LAN scenarios")
     p.add_argument(
+        "--no-keys",
+        dest="keys",
+        action="store_false",
+        help="run the nodes and handlers without CURVE keys (default: a key each; on the LAN "
+        "they then need --insecure, which is given)",
+    )
+    p.add_argument(
         "--snapshot-threshold",
         type=int,
         default=None,
@@ -62,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     from chaos.toxiproxy_server import ensure_toxiproxy
 
     seed = args.seed if args.seed is not None else int(time.time()) % 100_000
-    print(f"chaos: {args.runs} runs, base seed {seed} (rerun with --seed {seed})", flush=True)
+    keys = "CURVE keys" if args.keys else "no keys"
+    print(
+        f"chaos: {args.runs} runs, {keys}, base seed {seed} (rerun with --seed {seed})",
+        flush=True,
+    )
     handle = ensure_toxiproxy("127.0.0.1", 8474)
     reports = []
     try:
@@ -81,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 duration=args.duration,
                 keep=args.out,
                 snapshot_threshold=args.snapshot_threshold,
+                secure=args.keys,
             )
             reports.append(report)
             status = "ok" if not report.get("violations") else "VIOLATION"

@@ -11,6 +11,10 @@ across the bridge, as identical nodes on a LAN would. A partition is made inside
 namespaces with ``ip route add blackhole <peer>/32``: everything (Raft, pings, handler traffic,
 HTTP forwarding) between the two sides stops silently; the observer still sees every host.
 
+Every node and handler has its own CURVE key (``ROOT/keys``) and runs with ``--keys``: on 10.x
+addresses a process without keys refuses to start (exit 2). ``secure=False`` runs them without
+keys and with ``--insecure`` instead, for comparison.
+
 Needs root and iproute2; ``available()`` says why not otherwise, and callers skip.
 """
 
@@ -31,6 +35,7 @@ import yaml
 
 from chaos.nemesis import ProcessNemesis
 from chaos.topology import ClusterView, NodeProc, Proc
+from mesh.security import create_key
 from mesh.supervise import child_env, handler_command, node_command
 
 MESH_PORT = 7100
@@ -72,22 +77,27 @@ class LanNode(NodeProc):
             mesh=self.mesh,
             http=f"{self.ip}:{HTTP_PORT}",
             config=lan.config_path,
-            extra=["--discovery", "mdns", "--bootstrap-expect", str(lan.n)],
+            keys=lan.keys_dir,
+            extra=["--discovery", "mdns", "--bootstrap-expect", str(lan.n), *lan.insecure],
         )
         argv = ["ip", "netns", "exec", self.ns, *command]
         super().__init__(self.node_id, argv, lan.root / f"{self.node_id}.log", lan.env)
 
 
 class Lan(ClusterView):
-    """N hosts (namespaces) on a bridge, a node and a handler on each. Use as a context manager."""
+    """N hosts (namespaces) on a bridge, a node and a handler on each, each with its own CURVE
+    key unless ``secure=False``. Use as a context manager."""
 
-    def __init__(self, n: int = 3, *, root: Path | None = None) -> None:
+    def __init__(self, n: int = 3, *, root: Path | None = None, secure: bool = True) -> None:
         self.n = n
         self.p = f"sz{os.getpid() % 10000}{secrets.token_hex(1)}"
         self.subnet = f"10.77.{random.randint(1, 250)}"
         self.root = root or Path(tempfile.mkdtemp(prefix="chaos-lan-"))
         self.config_path = self.root / "mesh.yaml"
         self.env = child_env()
+        self.secure = secure
+        self.keys_dir: Path | None = self.root / "keys" if secure else None
+        self.insecure = [] if secure else ["--insecure"]  # without keys, 10.x needs it
         self.nodes: list[LanNode] = []
         self.handlers: list[Proc] = []
         self.blackholes: set[tuple[str, str]] = set()  # (host ns, blocked ip)
@@ -97,6 +107,10 @@ class Lan(ClusterView):
 
     def __enter__(self) -> Lan:
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.keys_dir is not None:
+            for i in range(1, self.n + 1):
+                create_key(self.keys_dir, f"host{i}", "node")
+                create_key(self.keys_dir, f"h-host{i}", "handler")
         service = f"_sz{secrets.token_hex(4)}._tcp.local."
         self.config_path.write_text(yaml.safe_dump({"mdns_service": service}))
         try:
@@ -164,8 +178,9 @@ class Lan(ClusterView):
                     f"h-{node.node_id}",
                     mesh=[other.mesh for other in self.nodes],
                     tasks=["chaos.workload_tasks"],
+                    keys=self.keys_dir,
                 )
-                argv = ["ip", "netns", "exec", node.ns, *command]
+                argv = ["ip", "netns", "exec", node.ns, *command, *self.insecure]
                 h = Proc(f"h-{node.node_id}", argv, self.root / f"h-{node.node_id}.log", self.env)
                 h.start()
                 self.handlers.append(h)
@@ -216,16 +231,27 @@ LAN_SCENARIOS = ("leader_partition", "isolate_follower", "majority_minority", "k
 
 
 def run_lan_once(
-    scenario: str, seed: int, *, n: int = 3, duration: float = 4.0, keep: Path | None = None
+    scenario: str,
+    seed: int,
+    *,
+    n: int = 3,
+    duration: float = 4.0,
+    keep: Path | None = None,
+    secure: bool = True,
 ) -> dict[str, Any]:
     from chaos.checker import History, Recorder, check_run
     from chaos.runner import create_workload, stop_workload
     from chaos.scenarios import SCENARIOS
 
     rng = random.Random(seed)
-    report: dict[str, Any] = {"scenario": f"lan:{scenario}", "seed": seed, "nodes": n}
+    report: dict[str, Any] = {
+        "scenario": f"lan:{scenario}",
+        "seed": seed,
+        "nodes": n,
+        "keys": secure,
+    }
     started = time.time()
-    with Lan(n) as lan:
+    with Lan(n, secure=secure) as lan:
         out_dir = lan.root / "fires"
         out_dir.mkdir()
         history = History()
@@ -251,6 +277,7 @@ def run_lan_once(
         finally:
             report["seconds"] = round(time.time() - started, 1)
             lan.close()
+            report["nodes_with_keys"] = lan.nodes_with_keys()
             if report.get("violations") and keep is not None:
                 dest = keep / f"lan-{scenario}-{seed}"
                 shutil.rmtree(dest, ignore_errors=True)
@@ -276,7 +303,9 @@ def main(args: Any) -> int:
             else LAN_SCENARIOS[k % len(LAN_SCENARIOS)]
         )
         n = args.nodes or 3
-        r = run_lan_once(scenario, seed + k, n=n, duration=args.duration, keep=args.out)
+        r = run_lan_once(
+            scenario, seed + k, n=n, duration=args.duration, keep=args.out, secure=args.keys
+        )
         reports.append(r)
         status = "ok" if not r.get("violations") else "VIOLATION"
         print(f"[{k + 1}/{args.runs}] lan:{scenario} seed={seed + k} {status} ({r['seconds']}s)")

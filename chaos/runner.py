@@ -1,8 +1,9 @@
 """Run chaos scenarios against a real mesh and report what the history checker found.
 
-One run: start a ChaosCluster (nodes + handlers behind per-link proxies), create the workload
-schedules, start the recorder (health poller + writer client), inject the scenario's faults,
-heal and restart everything, let it settle, stop the workload, check, stop the cluster.
+One run: start a ChaosCluster (nodes + handlers behind per-link proxies, each with its own
+CURVE key unless ``secure=False``), create the workload schedules, start the recorder (health
+poller + writer client), inject the scenario's faults, heal and restart everything, let it
+settle, stop the workload, check, stop the cluster.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def run_once(
     settle: float = 4.0,
     keep: Path | None = None,
     snapshot_threshold: int | None = None,
+    secure: bool = True,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     root = Path(tempfile.mkdtemp(prefix=f"chaos-{scenario}-{seed}-"))
@@ -91,10 +93,12 @@ def run_once(
     # A small threshold makes every node snapshot several times per run, so followers cut off
     # by a fault catch up through chunked snapshot transfers rather than log entries.
     config = {"raft": {"snapshot_threshold": snapshot_threshold}} if snapshot_threshold else None
-    cluster = ChaosCluster(root, toxiproxy, nodes=nodes, handlers=handlers, config=config)
+    cluster = ChaosCluster(
+        root, toxiproxy, nodes=nodes, handlers=handlers, config=config, secure=secure
+    )
     history = History()
     nemesis = Nemesis(cluster, rng)
-    report: dict[str, Any] = {"scenario": scenario, "seed": seed, "nodes": nodes}
+    report: dict[str, Any] = {"scenario": scenario, "seed": seed, "nodes": nodes, "keys": secure}
     started = time.time()
     try:
         cluster.start()
@@ -117,6 +121,7 @@ def run_once(
         report["logs"] = cluster.tails()
     finally:
         cluster.stop()
+        report["nodes_with_keys"] = cluster.nodes_with_keys()
         report["seconds"] = round(time.time() - started, 1)
         if report.get("violations") and keep is not None:
             dest = keep / f"{scenario}-{seed}"

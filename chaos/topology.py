@@ -10,6 +10,9 @@ Nodes are real ``schedulezero node`` processes with ``membership.learn_peers: fa
 its peers only at their proxy addresses); handlers are real ``schedulezero handler`` processes
 given only proxy addresses. HTTP is not proxied: a follower's forwarding of a write to the leader
 crosses a partition (see docs/chaos.md; the network-namespace LAN scenarios cut HTTP too).
+
+``secure`` (the default) gives every node and handler its own CURVE key in ``ROOT/keys`` and
+starts it with ``--keys``: the proxies carry CURVE connections end to end.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import yaml
 from toxiproxy import Toxiproxy
 from toxiproxy.proxy import Proxy
 
+from mesh.security import create_key
 from mesh.supervise import (
     Child,
     child_env,
@@ -102,6 +106,7 @@ class ChaosNode(NodeProc):
             # Each peer at the address of the proxy for this link.
             peers=[c.link_address(self.node_id, o.node_id) for o in c.nodes if o is not self],
             tasks=c.node_tasks,
+            keys=c.keys_dir,
             extra=["--bootstrap-expect", str(len(c.nodes))],
         )
 
@@ -114,6 +119,7 @@ class ChaosHandler(Proc):
             mesh=[cluster.link_address(handler_id, node.node_id) for node in cluster.nodes],
             tasks=cluster.handler_tasks,
             concurrency=concurrency,
+            keys=cluster.keys_dir,
         )
         super().__init__(handler_id, argv, cluster.root / f"{handler_id}.log", cluster.env)
 
@@ -149,6 +155,19 @@ class ClusterView:
         agree = [h for h in hs if self.agrees(h, leader)]
         return leader if len(agree) > len(self.nodes) // 2 else None
 
+    def nodes_with_keys(self) -> list[str]:
+        """The nodes whose start line (in their log) says they ran with CURVE keys."""
+        out = []
+        for n in self.nodes:
+            try:
+                text = n.log.read_text(encoding="utf-8", errors="replace")
+            except FileNotFoundError:
+                continue
+            banner = f"schedulezero node {n.node_id}: "
+            if any(x.startswith(banner) and "(CURVE keys in " in x for x in text.splitlines()):
+                out.append(n.node_id)
+        return out
+
     def tails(self, lines: int = 15) -> str:
         return "\n".join(
             f"--- {p.name}\n{tail(p.log, lines)}" for p in [*self.nodes, *self.handlers]
@@ -156,7 +175,8 @@ class ClusterView:
 
 
 class ChaosCluster(ClusterView):
-    """N nodes and M handlers, every directed link through its own toxiproxy proxy."""
+    """N nodes and M handlers, every directed link through its own toxiproxy proxy; ``secure``:
+    each with its own CURVE key."""
 
     def __init__(
         self,
@@ -169,6 +189,7 @@ class ChaosCluster(ClusterView):
         handler_tasks: Iterable[str] = ("chaos.workload_tasks",),
         config: dict[str, Any] | None = None,
         prefix: str = "",
+        secure: bool = True,
     ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -185,10 +206,17 @@ class ChaosCluster(ClusterView):
                 conf[key] = value
         self.config_path.write_text(yaml.safe_dump(conf))
         self.env = child_env()
+        handler_ids = [f"h{i + 1}" for i in range(handlers)]
+        self.secure = secure
+        self.keys_dir: Path | None = root / "keys" if secure else None
+        if self.keys_dir is not None:
+            for i in range(nodes):
+                create_key(self.keys_dir, f"n{i + 1}", "node")
+            for h in handler_ids:
+                create_key(self.keys_dir, h, "handler")
         self.nodes = [ChaosNode(self, f"n{i + 1}") for i in range(nodes)]
         self.proxies: dict[tuple[str, str], Proxy] = {}
         self._listen: dict[tuple[str, str], str] = {}
-        handler_ids = [f"h{i + 1}" for i in range(handlers)]
         for src in [n.node_id for n in self.nodes] + handler_ids:
             for dst in self.nodes:
                 if src == dst.node_id:

@@ -51,6 +51,50 @@ def test_write_and_idle_at_tiny_size_give_positive_figures(tmp_path: Path) -> No
     assert result["machine"]["nproc"] >= 1
 
 
+def test_curve_compares_meshes_with_and_without_keys(tmp_path: Path) -> None:
+    code = bench_main(
+        ["--quick", "--only", "curve", "--scale", "0.05", "--out", str(tmp_path), "--no-plots"]
+    )
+
+    assert code == 0
+    result = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert result["errors"] == {}
+    curve = result["figures"]["curve"]
+    assert curve["order"] == ["plain", "secured"]
+    for mode in ("plain", "secured"):
+        figures = curve[mode]
+        assert figures["write"]["statuses"] == {"201": figures["write"]["count"]}, mode
+        assert _positive(figures["write"]["p50"]) and _positive(figures["fires_max"]), mode
+        assert figures["ramps"] and all(s["count"] > 0 for s in figures["ramps"][0]), mode
+    assert (
+        curve["ratio"]["fires_max"] == curve["secured"]["fires_max"] / curve["plain"]["fires_max"]
+    )
+    assert _positive(curve["ratio"]["write_p50"])
+    rows = {r["key"]: r for r in result["table"] if r["section"] == "curve"}
+    assert rows["curve_fires_ratio"]["target"] == ">= 0.85"
+    assert isinstance(rows["curve_fires_ratio"]["met"], bool)
+    assert rows["curve_write_p50_ms"]["baseline"] == curve["plain"]["write"]["p50"]
+
+
+def test_bench_meshes_run_with_keys_unless_told_not_to(tmp_path: Path) -> None:
+    """Each node's start line is checked: a mesh labelled secured that ran without keys (or
+    the reverse) fails its phase instead of giving figures."""
+    from bench.harness import BenchMesh
+
+    for secure in (True, False):
+        mesh = BenchMesh(tmp_path / str(secure), handlers=1, secure=secure)
+        try:
+            mesh.start()
+            logs = " ".join(n.log.read_text() for n in mesh.nodes)
+            assert logs.count("(CURVE keys in ") == (3 if secure else 0)
+        finally:
+            mesh.stop()
+        assert sorted(p.name for p in (mesh.keys_dir or tmp_path / "-").glob("*.key")) == (
+            ["h1.key", "n1.key", "n2.key", "n3.key"] if secure else []
+        )
+    assert not LIVE
+
+
 def test_every_started_process_is_stopped(tmp_path: Path) -> None:
     bench_main(
         [
