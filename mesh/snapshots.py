@@ -304,18 +304,20 @@ class SnapshotReceiver:
         self, p: dict[str, Any], current_term: int, leader_id: str | None
     ) -> tuple[dict[str, Any], InstallSnapshot | None]:
         """One chunk, checked against this node's ``current_term`` and the ``leader_id`` it
-        follows in that term (a chunk of a newer term waits for that leader's AppendEntries,
-        which brings this node to the term; Raft then sends the snapshot again)."""
+        follows in that term, as Raft checks an InstallSnapshot: a stale term is refused; in
+        the current term only the leader we follow may send one (none known yet, e.g. just
+        after a restart: Raft allows one leader per term, and the sender's key is checked by
+        the node); a newer term is accepted like any Raft message of a newer term (the core
+        then follows the sender). The sender is an authenticated ``node`` key either way."""
         try:
             c = msgspec.convert(p, SnapChunk)
         except msgspec.ValidationError as e:
             return _refused("malformed", f"malformed snapshot chunk: {e}"), None
-        if c.term != current_term:
-            which = "stale" if c.term < current_term else "future"
-            error = f"{which} term {c.term}: this node is at term {current_term}"
+        if c.term < current_term:
+            error = f"stale term {c.term}: this node is at term {current_term}"
             return _refused("snapshot_term", error), None
-        if leader_id is None or c.src != leader_id:
-            error = f"{c.src} is not the leader of term {c.term} (leader: {leader_id or 'unknown'})"
+        if c.term == current_term and leader_id is not None and c.src != leader_id:
+            error = f"{c.src} is not the leader of term {c.term} (leader: {leader_id})"
             return _refused("snapshot_not_leader", error), None
         if c.size > self.max_bytes:
             error = f"snapshot of {c.size} bytes exceeds {self.max_bytes}"

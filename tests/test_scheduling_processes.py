@@ -345,7 +345,14 @@ def test_every_trigger_type_round_trips_through_a_follower_and_every_node(cluste
         "cron-fields": {"type": "cron", "hour": "4", "minute": "*/15", "day_of_week": "mon-fri"},
         "interval": {"type": "interval", "minutes": 5, "start_time": "2031-01-01T00:00:00Z"},
         "date": {"type": "date", "run_time": "2031-01-01T00:00:00+00:00"},
-        "calendar": {"type": "calendarinterval", "months": 1, "hour": 4},
+        # A future start: from today, 04:00 has passed after 04:00 UTC and the leader would fire
+        # (and advance) it between the create and the listing.
+        "calendar": {
+            "type": "calendarinterval",
+            "months": 1,
+            "hour": 4,
+            "start_date": "2031-01-01",
+        },
     }
     created = {}
     for sid, trigger in triggers.items():
