@@ -9,7 +9,8 @@ as ``peers`` are replaced whole):
 4. command-line flags.
 
 Sections are merged key by key across layers: most of their keys only a file sets, but
-``security.keys`` and ``security.insecure`` also have a flag and an environment variable.
+``security.keys``, ``security.insecure``, ``security.api_tokens``, ``security.tls_cert`` and
+``security.tls_key`` also have a flag and an environment variable.
 
 Every section is a ``msgspec.Struct`` whose field types carry their constraints
 (``msgspec.Meta``); each value a layer gives is checked with ``msgspec.convert`` against the
@@ -276,6 +277,11 @@ class SecurityConfig(_Section):
     keys: Path | None = None
     # Without keys, allow binding or dialling non-loopback addresses (unauthenticated, plaintext).
     insecure: bool = False
+    # HTTP API tokens file (``schedulezero tokens create``); without it the API binds loopback only.
+    api_tokens: Path | None = None
+    # Serve the HTTP API over TLS with this certificate (chain) and key, both PEM.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 # --------------------------------------------------------------------------- Config
@@ -406,6 +412,11 @@ def _check_relations(c: Config) -> None:
             f"bootstrap_expect ({c.bootstrap_expect}) is larger than the static cluster "
             f"(this node + {len(c.peers)} peers); the first election would never happen"
         )
+    if (c.security.tls_cert is None) != (c.security.tls_key is None):
+        raise ConfigError(
+            "security.tls_cert (--tls-cert) and security.tls_key (--tls-key) go together: "
+            "give both or neither"
+        )
     mesh_host, mesh_port = c.mesh_host_port
     http_host, http_port = c.http_host_port
     if http_port in (mesh_port, mesh_port + 1) and (
@@ -435,7 +446,13 @@ _SECTIONS: dict[str, type[_Section]] = {
 }
 # What flags may set: every top-level field, and the few section keys named "section.key".
 _TOP = set(_FIELDS) - set(_SECTIONS)
-_NESTED = {"security.keys", "security.insecure"}
+_NESTED = {
+    "security.keys",
+    "security.insecure",
+    "security.api_tokens",
+    "security.tls_cert",
+    "security.tls_key",
+}
 
 
 class _Invalid(Exception):
@@ -535,6 +552,9 @@ ENV_VARS: dict[str, str] = {
     "SCHEDULEZERO_LOG_LEVEL": "log_level",
     "SCHEDULEZERO_KEYS": "security.keys",
     "SCHEDULEZERO_INSECURE": "security.insecure",
+    "SCHEDULEZERO_API_TOKENS": "security.api_tokens",
+    "SCHEDULEZERO_TLS_CERT": "security.tls_cert",
+    "SCHEDULEZERO_TLS_KEY": "security.tls_key",
 }
 CONFIG_ENV_VAR = "SCHEDULEZERO_CONFIG"
 
@@ -544,6 +564,9 @@ FLAGS: dict[str, str] = {
     "config": "--config",
     "security.keys": "--keys",
     "security.insecure": "--insecure",
+    "security.api_tokens": "--api-tokens",
+    "security.tls_cert": "--tls-cert",
+    "security.tls_key": "--tls-key",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -17,6 +18,15 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from mesh.api.auth import (
+    CLIENT_HEADER,
+    FORWARDED_BY_HEADER,
+    FORWARDED_KEY,
+    ApiTokens,
+    AuditSink,
+    add_audit_route,
+    auth_middleware,
+)
 from mesh.api.schema import (
     BadRequest,
     parse_job_body,
@@ -39,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mesh.api")
 
 MAX_BODY_BYTES = 1024 * 1024
-FORWARDED_HEADER = "X-ScheduleZero-Forwarded-By"
+FORWARDED_HEADER = FORWARDED_BY_HEADER
 COMMIT_HEADER = "X-ScheduleZero-Commit-Index"
 SERVED_BY_HEADER = "X-ScheduleZero-Served-By"  # "<leader id>@<term>" that committed the write
 NO_LEADER_WAIT = 3.0  # how long a write waits for an election before answering 503
@@ -131,13 +141,19 @@ class _NodeCollector:
 WRITE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
 
 
-def _forwarding_middleware(replica: Replica, view: NodeView) -> Any:
+def _forwarding_middleware(
+    replica: Replica, view: NodeView, client_ssl: ssl.SSLContext | None = None
+) -> Any:
     """Writes are the leader's: a follower forwards them and answers with the leader's reply.
 
     Without a leader the write waits up to NO_LEADER_WAIT for an election, then gets 503 — it
     never hangs. After a forwarded write succeeds, the follower waits (briefly) until it has
     applied that commit index itself, so the client can read its own write from this node.
+
+    The caller's ``Authorization`` goes along, so the leader checks (and audits) the caller's
+    own token and role; ``client_ssl`` (the nodes serve HTTPS) makes the forward HTTPS too.
     """
+    scheme = "https" if client_ssl is not None else "http"
     session: dict[str, aiohttp.ClientSession] = {}
     write_slots = asyncio.Semaphore(MAX_WRITES_IN_FLIGHT)
 
@@ -165,17 +181,22 @@ def _forwarding_middleware(replica: Replica, view: NodeView) -> Any:
         body = await request.read()
         if "s" not in session or session["s"].closed:
             session["s"] = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT)
+                timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT),
+                connector=aiohttp.TCPConnector(ssl=client_ssl if client_ssl else True),
             )
+        headers = {
+            "Content-Type": request.headers.get("Content-Type", "application/json"),
+            FORWARDED_HEADER: replica.node_id,
+            CLIENT_HEADER: request.remote or "",
+        }
+        if authorization := request.headers.get("Authorization"):
+            headers["Authorization"] = authorization
         try:
             async with session["s"].request(
                 request.method,
-                f"http://{target}{request.rel_url}",
+                f"{scheme}://{target}{request.rel_url}",
                 data=body,
-                headers={
-                    "Content-Type": request.headers.get("Content-Type", "application/json"),
-                    FORWARDED_HEADER: replica.node_id,
-                },
+                headers=headers,
             ) as resp:
                 payload = await resp.read()
                 commit = resp.headers.get(COMMIT_HEADER)
@@ -186,6 +207,9 @@ def _forwarding_middleware(replica: Replica, view: NodeView) -> Any:
                 )
                 if served_by := resp.headers.get(SERVED_BY_HEADER):
                     out.headers[SERVED_BY_HEADER] = served_by
+                if challenge := resp.headers.get("WWW-Authenticate"):
+                    out.headers["WWW-Authenticate"] = challenge
+                request[FORWARDED_KEY] = target  # the leader answered, and audited it
         except (aiohttp.ClientError, TimeoutError) as e:
             return json_error(503, f"leader at {target} did not answer: {type(e).__name__}")
         if commit is not None and commit.isdigit() and resp.status < 300:
@@ -210,12 +234,31 @@ async def _json_body(request: web.Request) -> Any:
 
 
 def create_app(
-    replica: Replica, view: NodeView, service: SchedulingService | None = None
+    replica: Replica,
+    view: NodeView,
+    service: SchedulingService | None = None,
+    *,
+    tokens: ApiTokens | None = None,
+    audit: AuditSink | None = None,
+    sensitive_keys: tuple[str, ...] | None = None,
+    client_ssl: ssl.SSLContext | None = None,
 ) -> web.Application:
     """The API of one node: ``replica`` for writes (forwarded to the leader when this node is
-    not it), ``view`` for the health, cluster and metrics reads, ``service`` for scheduling."""
-    forward, close_forwarding = _forwarding_middleware(replica, view)
-    app = web.Application(middlewares=[errors_as_json, forward], client_max_size=MAX_BODY_BYTES)
+    not it), ``view`` for the health, cluster and metrics reads, ``service`` for scheduling.
+
+    ``tokens`` (the tokens file) makes every ``/api/...`` call but health need a bearer token of
+    the right role (mesh.api.auth); ``audit`` records mutations and serves ``GET /api/audit``;
+    ``client_ssl`` is how a follower checks the leader's certificate when the API is HTTPS.
+    """
+    forward, close_forwarding = _forwarding_middleware(replica, view, client_ssl)
+    # Authentication is outermost: it sees every final status (for the audit) and refuses a
+    # caller before anything else, forwarding included, looks at the request.
+    authenticate = auth_middleware(
+        tokens, node_id=replica.node_id, audit=audit, sensitive_keys=sensitive_keys
+    )
+    app = web.Application(
+        middlewares=[authenticate, errors_as_json, forward], client_max_size=MAX_BODY_BYTES
+    )
     app.on_cleanup.append(close_forwarding)
     registry = CollectorRegistry()
     registry.register(_NodeCollector(replica.node_id, view))
@@ -231,8 +274,7 @@ def create_app(
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
     # The voter set (docs/api.md). Writes go through the Raft log on the leader (a follower
-    # forwards them, like every write). Anyone who reaches the HTTP port may call them until
-    # issue 12 adds tokens and roles to the HTTP API: bind HTTP to a trusted network.
+    # forwards them, like every write); with a tokens file they need an admin token.
     async def members(request: web.Request) -> web.Response:
         return web.json_response(view.cluster_members())
 
@@ -249,6 +291,8 @@ def create_app(
     app.router.add_post("/api/cluster/members", add_member)
     app.router.add_delete("/api/cluster/members/{node_id}", remove_member)
     app.router.add_get("/metrics", metrics)
+    if audit is not None:
+        add_audit_route(app, audit)
     if service is not None:
         _add_scheduling_routes(app, service)
     return app
@@ -342,16 +386,26 @@ def _add_scheduling_routes(app: web.Application, service: SchedulingService) -> 
 
 
 class HttpServer:
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.app = app
         self.host, self.port = host, port
+        self.ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         host, port = self.host, self.port
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        site = web.TCPSite(
+            self._runner, host, port, reuse_address=True, ssl_context=self.ssl_context
+        )
         try:
             await site.start()
         except OSError as e:
