@@ -58,7 +58,7 @@ CLIENT_HEADER = "X-ScheduleZero-Client"
 # The id of the node that forwarded a write (mesh.api.http.FORWARDED_HEADER).
 FORWARDED_BY_HEADER = "X-ScheduleZero-Forwarded-By"
 # Set on a request by the forwarding middleware once the leader answered it: the leader audits it.
-FORWARDED_KEY = "mesh.forwarded_to"
+FORWARDED_KEY: web.RequestKey[str] = web.RequestKey("forwarded_to", str)
 
 # Fields of API responses that hold user data (schedule args/kwargs/metadata, job results):
 # ``read`` callers see the values of sensitive keys inside them as "***".
