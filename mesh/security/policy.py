@@ -81,7 +81,8 @@ def check_open_http(address: str, *, insecure: bool, what: str) -> None:
     ``address`` is the HTTP bind address (HOST:PORT). Raises :class:`InsecureStart` otherwise.
     """
     if is_loopback(host_of(address)):
-        log.warning(
+        # INFO, not a second warning: a laptop or test node says "no keys" once (above).
+        log.info(
             "%s serves its HTTP API without tokens: allowed because it binds loopback (%s); "
             "anyone on this host can call it. Use --api-tokens FILE for anything else",
             what,
