@@ -205,8 +205,8 @@ def _security_flags(parser: argparse.ArgumentParser, id_name: str) -> None:
         "--insecure",
         action="store_true",
         default=None,
-        help="without --keys, run unauthenticated and unencrypted even on non-loopback "
-        "addresses ($SCHEDULEZERO_INSECURE)",
+        help="without --keys (or, for a node's HTTP API, without --api-tokens), run "
+        "unauthenticated even on non-loopback addresses ($SCHEDULEZERO_INSECURE)",
     )
 
 
