@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import attrs
 from aiohttp import web
 
-from mesh.security.redact import DEFAULT_SENSITIVE_KEYS, redact
+from mesh.security.redact import DEFAULT_SENSITIVE_KEYS, MASK, redact
 
 log = logging.getLogger("mesh.api.auth")
 
@@ -284,7 +284,7 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
 def _redacted(value: Any, names: tuple[str, ...], depth: int = 0) -> Any:
     """``value`` with sensitive keys masked inside every user-data field, at any depth."""
     if depth > 64:
-        return value
+        return MASK  # fail closed rather than recurse without end
     if isinstance(value, dict):
         return {
             k: redact(v, names) if k in USER_DATA_FIELDS else _redacted(v, names, depth + 1)
