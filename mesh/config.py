@@ -208,6 +208,10 @@ class RaftConfig(_Section):
     election_timeout_max: Seconds = 0.6
     snapshot_threshold: AtLeastOne = 10_000  # log entries since the last snapshot
     max_append_entries: AtLeastOne = 512  # entries per AppendEntries message
+    # Bytes of entries per AppendEntries (at least one entry is sent), and the largest entry a
+    # write may make (larger: 413). Both stay below max_frame_bytes (docs/consensus.md).
+    max_append_bytes: Annotated[int, Meta(ge=1024)] = 4 * MiB
+    max_entry_bytes: Annotated[int, Meta(ge=1024)] = 8 * MiB
     check_quorum: bool = True
     pre_vote: bool = True
 
@@ -378,6 +382,9 @@ def _advertise(bind: str, scheme: str) -> str:
     return f"{scheme}{host}:{port}"
 
 
+_ENVELOPE_BYTES = 64 * 1024  # room in a frame for an AppendEntries' own fields
+
+
 def _check_relations(c: Config) -> None:
     """Checks that involve more than one field; messages name the keys."""
     r, m = c.raft, c.membership
@@ -390,6 +397,13 @@ def _check_relations(c: Config) -> None:
         raise ConfigError(
             f"raft.heartbeat_interval ({r.heartbeat_interval}) must be less than "
             f"raft.election_timeout_min ({r.election_timeout_min})"
+        )
+    largest = max(r.max_append_bytes, r.max_entry_bytes)
+    if largest + _ENVELOPE_BYTES > c.max_frame_bytes:
+        # An AppendEntries holds at most max(budget, one entry) plus its envelope.
+        raise ConfigError(
+            f"raft.max_append_bytes and raft.max_entry_bytes ({largest}) plus "
+            f"{_ENVELOPE_BYTES} bytes must fit in max_frame_bytes ({c.max_frame_bytes})"
         )
     if m.ping_interval >= m.suspect_after:
         raise ConfigError(

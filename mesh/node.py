@@ -32,6 +32,7 @@ import msgspec
 from mesh.config import Config
 from mesh.consensus.core import (
     ConfigChangeInProgress,
+    EntryTooLarge,
     NotLeader,
     RaftCore,
     RaftSettings,
@@ -53,6 +54,7 @@ from mesh.contracts import (
     MessageHandler,
     NoLeader,
     ProposalFailed,
+    ProposalTooLarge,
     RoleListener,
     refusal,
 )
@@ -89,6 +91,8 @@ def raft_settings(config: Config) -> RaftSettings:
         pre_vote=r.pre_vote,
         check_quorum=r.check_quorum,
         max_append_entries=r.max_append_entries,
+        max_append_bytes=r.max_append_bytes,
+        max_entry_bytes=r.max_entry_bytes,
     )
 
 
@@ -290,6 +294,8 @@ class MeshNode:
             index, term = self.core.propose(command)
         except NotLeader as e:
             raise NoLeader(str(e)) from e
+        except EntryTooLarge as e:
+            raise ProposalTooLarge(str(e)) from None
         return self._wait_for(index, term)
 
     def _wait_for(self, index: int, term: int) -> asyncio.Future[Any]:
