@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from mesh.config import Config
 from mesh.membership.discovery import make_discovery
-from mesh.node import MeshNode
+from mesh.node import EXIT_NODE_FAILED, MeshNode
 from mesh.observability.eventlog import EventLog
 from mesh.observability.recorder import EventBus, Recorder
 from mesh.observability.state_db import StateDB
@@ -38,11 +38,28 @@ from mesh.statemachine import KVStateMachine, StateMachine
 from mesh.storage.raft_store import RaftStore
 from mesh.transport.zmq import MeshTransport
 
-__all__ = ["StartRefused", "build_node", "build_scheduling", "node_keys", "run_node", "serve"]
+__all__ = [
+    "NodeFailed",
+    "StartRefused",
+    "build_node",
+    "build_scheduling",
+    "node_keys",
+    "run_node",
+    "serve",
+]
+
+log = logging.getLogger("mesh.app")
+
+# How long a failed node may take to close its sockets before the process exits regardless.
+FAILED_SHUTDOWN_SECONDS = 5.0
 
 
 class StartRefused(Exception):
     """The node must not start as configured; ``str(err)`` is one line for the user (exit 2)."""
+
+
+class NodeFailed(Exception):
+    """The node stopped after an internal fault (``MeshNode.failure``): exit status 70."""
 
 
 def node_keys(config: Config) -> KeyRing | None:
@@ -194,7 +211,21 @@ async def serve(
     )
     if ready:
         ready(node)
-    await stop.wait()
+    stopped = asyncio.ensure_future(stop.wait())
+    failed = asyncio.ensure_future(node.failed.wait())
+    await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    failed.cancel()
+    if node.failure is not None:
+        # Close what can be closed, bounded: nothing must keep a failed node's process alive.
+        try:
+            async with asyncio.timeout(FAILED_SHUTDOWN_SECONDS):
+                await http.stop()
+                await service.close()
+                await node.stop(transfer=False)
+        except Exception:
+            log.exception("shutting down the failed node %s", node.id)
+        raise NodeFailed(f"{type(node.failure).__name__}: {node.failure}")
     await node.stop(transfer=True)
     await service.close()
     await http.stop()
@@ -219,6 +250,14 @@ def run_node(config: Config) -> int:
         return 2
     try:
         asyncio.run(serve(config, keys=keys))
+    except NodeFailed as e:
+        print(
+            f"schedulezero: fatal: node {config.node_id} stopped after an internal fault ({e}); "
+            f"exit status {EXIT_NODE_FAILED}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_NODE_FAILED
     except OSError as e:
         print(f"schedulezero: error: {e}", file=sys.stderr)
         return 2

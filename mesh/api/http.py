@@ -29,6 +29,7 @@ from mesh.contracts import (
     NodeView,
     NoLeader,
     ProposalFailed,
+    ProposalTooLarge,
     Replica,
     term_identity,
 )
@@ -66,6 +67,8 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
         return json_error(e.status, e.reason or e.text or "error")
     except BadRequest as e:
         return json_error(400, str(e))
+    except ProposalTooLarge as e:
+        return json_error(413, str(e))
     except MembershipRefused as e:
         return json_error(e.status, str(e))
     except Backpressure as e:
