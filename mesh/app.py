@@ -183,6 +183,7 @@ async def serve(
     is also polled every few seconds), so an added or deleted ``.key`` file takes effect.
     """
     from mesh.api.http import HttpServer, create_app
+    from mesh.api.limits import ApiLimits
 
     state = SchedulerState(
         max_executions=config.history.max_executions, max_results=config.history.max_results
@@ -190,7 +191,15 @@ async def serve(
     node = build_node(config, state_machine=state, keys=keys)
     service = build_scheduling(node, state)
     await node.start()
-    http = HttpServer(create_app(node, node, service), *config.http_host_port)
+    a = config.api
+    limits = ApiLimits(
+        max_body_bytes=a.max_body_bytes,
+        max_connections=a.max_connections,
+        header_timeout=a.header_timeout,
+        body_timeout=a.body_timeout,
+        max_json_depth=a.max_json_depth,
+    )
+    http = HttpServer(create_app(node, node, service, limits=limits), *config.http_host_port)
     try:
         await http.start()
     except BaseException:

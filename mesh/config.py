@@ -273,6 +273,16 @@ class EventLogConfig(_Section):
     backups: Annotated[int, Meta(ge=0)] = 5
 
 
+class ApiConfig(_Section):
+    """What one HTTP client may cost a node (docs/api.md, "Limits")."""
+
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = MiB  # larger bodies: 413
+    max_connections: AtLeastOne = 1024  # beyond: 503 and closed
+    header_timeout: Seconds = 10.0  # a request head must arrive within this (slowloris)
+    body_timeout: Seconds = 30.0  # the whole body must arrive within this: 408
+    max_json_depth: Annotated[int, Meta(ge=2, le=1000)] = 64  # deeper bodies: 400
+
+
 class SecurityConfig(_Section):
     """CURVE keys of the mesh (docs/security.md): where they are, or leave to run without."""
 
@@ -310,6 +320,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     history: HistoryConfig = msgspec.field(default_factory=HistoryConfig)
     eventlog: EventLogConfig = msgspec.field(default_factory=EventLogConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     max_frame_bytes: Annotated[int, Meta(ge=1024)] = 16 * MiB
     log_level: LogLevel = "INFO"
     mdns_service: MdnsService = DEFAULT_MDNS_SERVICE

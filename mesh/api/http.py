@@ -7,7 +7,6 @@ in middlewares: every error is JSON ``{"error": "..."}`` with a 4xx/5xx status, 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -17,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from mesh.api.limits import LIMITS_KEY, ApiLimits, body_limits, limit_connections, loads
 from mesh.api.schema import (
     BadRequest,
     parse_job_body,
@@ -46,6 +46,7 @@ SERVED_BY_HEADER = "X-ScheduleZero-Served-By"  # "<leader id>@<term>" that commi
 NO_LEADER_WAIT = 3.0  # how long a write waits for an election before answering 503
 FORWARD_TIMEOUT = 10.0
 MAX_WRITES_IN_FLIGHT = 32
+LINGER_SECONDS = 1.0
 
 
 def json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -203,22 +204,26 @@ def _forwarding_middleware(replica: Replica, view: NodeView) -> Any:
 
 
 async def _json_body(request: web.Request) -> Any:
-    raw = await request.read()
-    if not raw:
-        raise BadRequest("request body is empty; expected a JSON object")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    return loads(await request.read(), request.app[LIMITS_KEY].max_json_depth)
 
 
 def create_app(
-    replica: Replica, view: NodeView, service: SchedulingService | None = None
+    replica: Replica,
+    view: NodeView,
+    service: SchedulingService | None = None,
+    *,
+    limits: ApiLimits | None = None,
 ) -> web.Application:
     """The API of one node: ``replica`` for writes (forwarded to the leader when this node is
-    not it), ``view`` for the health, cluster and metrics reads, ``service`` for scheduling."""
+    not it), ``view`` for the health, cluster and metrics reads, ``service`` for scheduling;
+    ``limits`` bound what one request may cost (``mesh.api.limits``)."""
+    limits = limits or ApiLimits()
     forward, close_forwarding = _forwarding_middleware(replica, view)
-    app = web.Application(middlewares=[errors_as_json, forward], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[errors_as_json, body_limits(limits), forward],
+        client_max_size=limits.max_body_bytes,
+    )
+    app[LIMITS_KEY] = limits
     app.on_cleanup.append(close_forwarding)
     registry = CollectorRegistry()
     registry.register(_NodeCollector(replica.node_id, view))
@@ -345,15 +350,28 @@ def _add_scheduling_routes(app: web.Application, service: SchedulingService) -> 
 
 
 class HttpServer:
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(
+        self, app: web.Application, host: str, port: int, *, limits: ApiLimits | None = None
+    ) -> None:
         self.app = app
         self.host, self.port = host, port
+        self.limits = limits or app.get(LIMITS_KEY) or ApiLimits()
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         host, port = self.host, self.port
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # The keep-alive timer runs from the moment a connection opens and partial data does not
+        # reset it: it is the header timeout (mesh.api.limits). After an answer to a request
+        # whose body did not all arrive (408, 413), the rest is drained for at most LINGER_SECONDS.
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            keepalive_timeout=self.limits.header_timeout,
+            lingering_time=LINGER_SECONDS,
+        )
         await self._runner.setup()
+        assert self._runner.server is not None
+        limit_connections(self._runner.server, self.limits.max_connections)
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         try:
             await site.start()
