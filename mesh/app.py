@@ -122,6 +122,7 @@ def build_node(
                 config.node_id,
                 max_bytes=config.eventlog.max_bytes,
                 backups=config.eventlog.backups,
+                sensitive_keys=config.security.sensitive_keys,
             ),
             statedb=StateDB(config.state_db_path, node_id=config.node_id),
         )
@@ -247,6 +248,9 @@ def run_node(config: Config) -> int:
         level=getattr(logging, config.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from mesh.observability.logredact import install
+
+    install(config.security.sensitive_keys)
     try:
         load_task_modules(config.tasks)
     except TaskModuleError as e:

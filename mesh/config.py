@@ -37,6 +37,7 @@ import msgspec
 import yaml
 from msgspec import Meta
 
+from mesh.security.redact import DEFAULT_SENSITIVE_KEYS
 from mesh.validation import dotted, explain
 
 __all__ = [
@@ -290,6 +291,8 @@ class SecurityConfig(_Section):
     keys: Path | None = None
     # Without keys, allow binding or dialling non-loopback addresses (unauthenticated, plaintext).
     insecure: bool = False
+    # Keys whose values are masked ("***") in logs and the event log (any depth, any case).
+    sensitive_keys: tuple[Annotated[str, Meta(min_length=1)], ...] = DEFAULT_SENSITIVE_KEYS
 
 
 # --------------------------------------------------------------------------- Config
