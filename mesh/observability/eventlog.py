@@ -40,6 +40,7 @@ SNAPSHOT_TAKEN = "snapshot_taken"
 SNAPSHOT_INSTALLED = "snapshot_installed"
 CONFIG_CHANGED = "config_changed"
 FRAME_DROPPED = "frame_dropped"
+NODE_FAILED = "node_failed"  # an internal fault stops the node; the process exits 70
 
 EVENT_TYPES = frozenset(
     {
@@ -59,6 +60,7 @@ EVENT_TYPES = frozenset(
         SNAPSHOT_INSTALLED,
         CONFIG_CHANGED,
         FRAME_DROPPED,
+        NODE_FAILED,
     }
 )
 
