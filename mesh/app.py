@@ -31,7 +31,7 @@ import attrs
 from mesh.api.auth import ApiTokens, TokenFileError
 from mesh.config import Config
 from mesh.membership.discovery import make_discovery
-from mesh.node import MeshNode
+from mesh.node import EXIT_NODE_FAILED, MeshNode
 from mesh.observability.eventlog import EventLog
 from mesh.observability.recorder import EventBus, Recorder
 from mesh.observability.state_db import AuditLog, StateDB
@@ -46,6 +46,7 @@ from mesh.transport.zmq import MeshTransport
 
 __all__ = [
     "HttpSecurity",
+    "NodeFailed",
     "StartRefused",
     "build_node",
     "build_scheduling",
@@ -55,9 +56,18 @@ __all__ = [
     "serve",
 ]
 
+log = logging.getLogger("mesh.app")
+
+# How long a failed node may take to close its sockets before the process exits regardless.
+FAILED_SHUTDOWN_SECONDS = 5.0
+
 
 class StartRefused(Exception):
     """The node must not start as configured; ``str(err)`` is one line for the user (exit 2)."""
+
+
+class NodeFailed(Exception):
+    """The node stopped after an internal fault (``MeshNode.failure``): exit status 70."""
 
 
 def node_keys(config: Config) -> KeyRing | None:
@@ -169,6 +179,7 @@ def build_node(
                 config.node_id,
                 max_bytes=config.eventlog.max_bytes,
                 backups=config.eventlog.backups,
+                sensitive_keys=config.security.sensitive_keys,
             ),
             statedb=StateDB(config.state_db_path, node_id=config.node_id),
         )
@@ -234,6 +245,7 @@ async def serve(
     if http_sec is None:
         http_sec = http_security(config)
     from mesh.api.http import HttpServer, create_app
+    from mesh.api.limits import ApiLimits
 
     state = SchedulerState(
         max_executions=config.history.max_executions, max_results=config.history.max_results
@@ -242,15 +254,23 @@ async def serve(
     service = build_scheduling(node, state)
     await node.start()
     audit = AuditLog(config.state_db_path)
+    a = config.api
+    limits = ApiLimits(
+        max_body_bytes=a.max_body_bytes,
+        max_connections=a.max_connections,
+        header_timeout=a.header_timeout,
+        body_timeout=a.body_timeout,
+        max_json_depth=a.max_json_depth,
+    )
     app = create_app(
         node,
         node,
         service,
         tokens=http_sec.tokens,
         audit=audit,
-        # security.sensitive_keys when the config has it (docs/security.md), else the defaults.
-        sensitive_keys=getattr(config.security, "sensitive_keys", None),
+        sensitive_keys=config.security.sensitive_keys,
         client_ssl=http_sec.client_ssl,
+        limits=limits,
     )
     app.on_cleanup.append(lambda _app: _close(audit))
     http = HttpServer(app, *config.http_host_port, ssl_context=http_sec.server_ssl)
@@ -275,7 +295,21 @@ async def serve(
     )
     if ready:
         ready(node)
-    await stop.wait()
+    stopped = asyncio.ensure_future(stop.wait())
+    failed = asyncio.ensure_future(node.failed.wait())
+    await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    failed.cancel()
+    if node.failure is not None:
+        # Close what can be closed, bounded: nothing must keep a failed node's process alive.
+        try:
+            async with asyncio.timeout(FAILED_SHUTDOWN_SECONDS):
+                await http.stop()
+                await service.close()
+                await node.stop(transfer=False)
+        except Exception:
+            log.exception("shutting down the failed node %s", node.id)
+        raise NodeFailed(f"{type(node.failure).__name__}: {node.failure}")
     await node.stop(transfer=True)
     await service.close()
     await http.stop()
@@ -292,6 +326,9 @@ def run_node(config: Config) -> int:
         level=getattr(logging, config.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from mesh.observability.logredact import install
+
+    install(config.security.sensitive_keys)
     try:
         load_task_modules(config.tasks)
     except TaskModuleError as e:
@@ -305,6 +342,14 @@ def run_node(config: Config) -> int:
         return 2
     try:
         asyncio.run(serve(config, keys=keys, http_sec=http_sec))
+    except NodeFailed as e:
+        print(
+            f"schedulezero: fatal: node {config.node_id} stopped after an internal fault ({e}); "
+            f"exit status {EXIT_NODE_FAILED}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_NODE_FAILED
     except OSError as e:
         print(f"schedulezero: error: {e}", file=sys.stderr)
         return 2

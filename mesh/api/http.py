@@ -7,7 +7,6 @@ in middlewares: every error is JSON ``{"error": "..."}`` with a 4xx/5xx status, 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from mesh.api.auth import (
     add_audit_route,
     auth_middleware,
 )
+from mesh.api.limits import LIMITS_KEY, ApiLimits, body_limits, limit_connections, loads
 from mesh.api.schema import (
     BadRequest,
     parse_job_body,
@@ -39,6 +39,7 @@ from mesh.contracts import (
     NodeView,
     NoLeader,
     ProposalFailed,
+    ProposalTooLarge,
     Replica,
     term_identity,
 )
@@ -48,13 +49,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mesh.api")
 
-MAX_BODY_BYTES = 1024 * 1024
 FORWARDED_HEADER = FORWARDED_BY_HEADER
 COMMIT_HEADER = "X-ScheduleZero-Commit-Index"
 SERVED_BY_HEADER = "X-ScheduleZero-Served-By"  # "<leader id>@<term>" that committed the write
 NO_LEADER_WAIT = 3.0  # how long a write waits for an election before answering 503
 FORWARD_TIMEOUT = 10.0
 MAX_WRITES_IN_FLIGHT = 32
+LINGER_SECONDS = 1.0
 
 
 def json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -72,10 +73,13 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
         if e.status < 400:
             raise
         if e.status == 413:
-            return json_error(413, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
+            limit = request.app[LIMITS_KEY].max_body_bytes if LIMITS_KEY in request.app else None
+            return json_error(413, f"request body too large (limit {limit} bytes)")
         return json_error(e.status, e.reason or e.text or "error")
     except BadRequest as e:
         return json_error(400, str(e))
+    except ProposalTooLarge as e:
+        return json_error(413, str(e))
     except MembershipRefused as e:
         return json_error(e.status, str(e))
     except Backpressure as e:
@@ -224,13 +228,7 @@ def _forwarding_middleware(
 
 
 async def _json_body(request: web.Request) -> Any:
-    raw = await request.read()
-    if not raw:
-        raise BadRequest("request body is empty; expected a JSON object")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    return loads(await request.read(), request.app[LIMITS_KEY].max_json_depth)
 
 
 def create_app(
@@ -242,14 +240,17 @@ def create_app(
     audit: AuditSink | None = None,
     sensitive_keys: tuple[str, ...] | None = None,
     client_ssl: ssl.SSLContext | None = None,
+    limits: ApiLimits | None = None,
 ) -> web.Application:
     """The API of one node: ``replica`` for writes (forwarded to the leader when this node is
     not it), ``view`` for the health, cluster and metrics reads, ``service`` for scheduling.
 
     ``tokens`` (the tokens file) makes every ``/api/...`` call but health need a bearer token of
     the right role (mesh.api.auth); ``audit`` records mutations and serves ``GET /api/audit``;
-    ``client_ssl`` is how a follower checks the leader's certificate when the API is HTTPS.
+    ``client_ssl`` is how a follower checks the leader's certificate when the API is HTTPS;
+    ``limits`` bound what one request may cost (``mesh.api.limits``).
     """
+    limits = limits or ApiLimits()
     forward, close_forwarding = _forwarding_middleware(replica, view, client_ssl)
     # Authentication is outermost: it sees every final status (for the audit) and refuses a
     # caller before anything else, forwarding included, looks at the request.
@@ -257,8 +258,10 @@ def create_app(
         tokens, node_id=replica.node_id, audit=audit, sensitive_keys=sensitive_keys
     )
     app = web.Application(
-        middlewares=[authenticate, errors_as_json, forward], client_max_size=MAX_BODY_BYTES
+        middlewares=[authenticate, errors_as_json, body_limits(limits), forward],
+        client_max_size=limits.max_body_bytes,
     )
+    app[LIMITS_KEY] = limits
     app.on_cleanup.append(close_forwarding)
     registry = CollectorRegistry()
     registry.register(_NodeCollector(replica.node_id, view))
@@ -393,16 +396,28 @@ class HttpServer:
         port: int,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        limits: ApiLimits | None = None,
     ) -> None:
         self.app = app
         self.host, self.port = host, port
         self.ssl_context = ssl_context
+        self.limits = limits or app.get(LIMITS_KEY) or ApiLimits()
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         host, port = self.host, self.port
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # The keep-alive timer runs from the moment a connection opens and partial data does not
+        # reset it: it is the header timeout (mesh.api.limits). After an answer to a request
+        # whose body did not all arrive (408, 413), the rest is drained for at most LINGER_SECONDS.
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            keepalive_timeout=self.limits.header_timeout,
+            lingering_time=LINGER_SECONDS,
+        )
         await self._runner.setup()
+        assert self._runner.server is not None
+        limit_connections(self._runner.server, self.limits.max_connections)
         site = web.TCPSite(
             self._runner, host, port, reuse_address=True, ssl_context=self.ssl_context
         )
