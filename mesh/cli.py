@@ -216,6 +216,10 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Job arguments appear in handler logs too: mask sensitive keys as a node's logs do.
+    from mesh.observability.logredact import install
+
+    install()
 
 
 _NODE_KEYS = (
@@ -272,14 +276,10 @@ def _cmd_handler(ns: argparse.Namespace) -> int:
         raise ConfigError(str(e).replace("--node-id", "--handler-id")) from None
     if ns.concurrency < 1:
         raise UsageError(f"--concurrency: must be at least 1, got {ns.concurrency}")
-    security: dict[str, Any] = {}
     if checked.security.keys is not None:
         if ns.handler_id is None:
             raise UsageError("--keys: needs --handler-id, the name of the handler's key")
         _key_ring(checked.security.keys, ns.handler_id, "handler")  # say what is wrong, early
-        security["keys_dir"] = checked.security.keys
-    if checked.security.insecure:
-        security["insecure"] = True
     try:
         from mesh.dispatch.handler import run_handler
     except ModuleNotFoundError as e:
@@ -287,14 +287,14 @@ def _cmd_handler(ns: argparse.Namespace) -> int:
             raise
         raise UsageError("handler: not available in this build") from None
     _setup_logging(checked.log_level)
-    # keys_dir/insecure are passed only when set, so a build whose handler predates them runs.
     try:
         return run_handler(
             list(dict.fromkeys(ns.mesh)),
             list(checked.tasks),
             ns.handler_id,
             ns.concurrency,
-            **security,
+            keys_dir=checked.security.keys,
+            insecure=checked.security.insecure,
         )
     except (KeyFileError, InsecureStart) as e:  # raised before the handler starts
         raise UsageError(str(e)) from None
