@@ -167,7 +167,8 @@ def build_node(
     ``keys`` makes every mesh socket CURVE (``node_keys``); ``rejections`` is the process's one
     counter of refused messages (``schedulezero_security_rejected_total``).
     """
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    # The Raft log holds schedules' secrets as given: a new data directory is private (0700).
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     bus = EventBus()
     bus.subscribe(
         Recorder(

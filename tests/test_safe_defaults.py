@@ -149,6 +149,8 @@ def test_without_keys_on_loopback_a_node_starts_with_exactly_one_warning(
     assert len(warnings) == 1, warnings
     assert NO_KEYS_WARNING in warnings[0]
     assert "(no keys)" in node.out()
+    # The Raft log keeps schedules' secrets as given: the data directory it made is private.
+    assert (node.root / "data").stat().st_mode & 0o777 == 0o700
 
 
 # --------------------------------------------------------------------------- with keys
