@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from mesh.api.openapi import openapi_document
 from mesh.api.schema import (
     BadRequest,
     parse_job_body,
@@ -249,6 +250,13 @@ def create_app(
     app.router.add_post("/api/cluster/members", add_member)
     app.router.add_delete("/api/cluster/members/{node_id}", remove_member)
     app.router.add_get("/metrics", metrics)
+
+    document = openapi_document(scheduling=service is not None)
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app.router.add_get("/api/openapi.json", openapi)
     if service is not None:
         _add_scheduling_routes(app, service)
     return app
