@@ -26,9 +26,9 @@ from msgspec import UNSET, Meta, UnsetType
 
 from mesh.api.schema import (
     CalendarIntervalTriggerBody,
-    Id,
     CronTriggerBody,
     DateTriggerBody,
+    Id,
     IntervalTriggerBody,
     JobBody,
     MemberBody,
