@@ -346,19 +346,22 @@ _PATH_PARAMS = {
 @functools.cache
 def _document(scheduling: bool) -> dict[str, Any]:
     ops = [op for op in OPERATIONS if scheduling or not op.scheduling]
-    structs: list[Any] = [Error, Trigger]
+    structs: list[Any] = [Error]
     structs += [op.body for op in ops if op.body is not None]
     structs += [a for op in ops for a in op.answers.values() if isinstance(a, type)]
+    if ScheduleBody in structs:
+        structs.append(Trigger)
     refs, schemas = msgspec.json.schema_components(structs, ref_template=REF)
     ref_of = dict(zip(structs, refs, strict=True))
-    schemas["Trigger"] = ref_of[Trigger]
-    # The handlers take ``trigger`` as an object and parse it themselves (for clearer errors);
-    # what they accept is exactly the tagged union of the trigger bodies.
-    trigger = schemas["ScheduleBody"]["properties"]["trigger"]
-    schemas["ScheduleBody"]["properties"]["trigger"] = {
-        "$ref": REF.format(name="Trigger"),
-        "description": trigger.get("description", ""),
-    }
+    if ScheduleBody in structs:
+        # The handlers take ``trigger`` as an object and parse it themselves (for clearer
+        # errors); what they accept is exactly the tagged union of the trigger bodies.
+        schemas["Trigger"] = ref_of[Trigger]
+        trigger = schemas["ScheduleBody"]["properties"]["trigger"]
+        schemas["ScheduleBody"]["properties"]["trigger"] = {
+            "$ref": REF.format(name="Trigger"),
+            "description": trigger.get("description", ""),
+        }
     paths: dict[str, dict[str, Any]] = {}
     for op in ops:
         paths.setdefault(op.path, {})[op.method] = _operation(op, ref_of)
