@@ -192,3 +192,12 @@ def _body_is_negative(case: Any) -> bool:
         if "body" in str(location).lower():
             return getattr(info, "mode", None) == GenerationMode.NEGATIVE
     return False
+
+
+def test_date_texts_carry_their_format() -> None:
+    schemas = openapi_document()["components"]["schemas"]
+    start = schemas["IntervalTriggerBody"]["properties"]["start_time"]["anyOf"][0]
+    assert start["format"] == "date-time"
+    assert schemas["DateTriggerBody"]["properties"]["run_time"]["format"] == "date-time"
+    end = schemas["CalendarIntervalTriggerBody"]["properties"]["end_date"]["anyOf"][0]
+    assert end["format"] == "date"

@@ -27,6 +27,8 @@ from msgspec import UNSET, Meta, UnsetType
 from mesh.api.schema import (
     CalendarIntervalTriggerBody,
     CronTriggerBody,
+    DateText,
+    DateTimeText,
     DateTriggerBody,
     Id,
     IntervalTriggerBody,
@@ -367,6 +369,7 @@ def _document(scheduling: bool) -> dict[str, Any]:
         paths.setdefault(op.path, {})[op.method] = _operation(op, ref_of)
     _rewrite_patterns(schemas)
     _rewrite_patterns(paths)
+    _add_formats(schemas)
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -475,3 +478,23 @@ def _rewrite_patterns(node: Any) -> None:
     elif isinstance(node, list):
         for item in node:
             _rewrite_patterns(item)
+
+
+# --- formats --------------------------------------------------------------------------------------
+
+# schema.py's date texts are plain strings to msgspec (the trigger builders parse them, for a
+# clearer error); the document names their format, so that generators send real dates too.
+FORMATS = {"date-time": DateTimeText, "date": DateText}
+
+
+def _add_formats(node: Any) -> None:
+    plain = {fmt: msgspec.json.schema(tp) for fmt, tp in FORMATS.items()}
+    if isinstance(node, dict):
+        for fmt, schema in plain.items():
+            if node == schema:
+                node["format"] = fmt
+        for value in node.values():
+            _add_formats(value)
+    elif isinstance(node, list):
+        for item in node:
+            _add_formats(item)

@@ -83,19 +83,10 @@ CoalesceName = Literal["earliest", "latest", "all"]  # CoalescePolicy's member n
 Coalesce = Annotated[
     CoalesceName, Meta(description="one of " + ", ".join(map(repr, get_args(CoalesceName))))
 ]
-# ``format`` is for the OpenAPI document (mesh/api/openapi.py) only: msgspec does not check it;
-# the trigger builders parse these with datetime.fromisoformat and date.fromisoformat.
 DateTimeText = Annotated[
-    str,
-    Meta(
-        description="an ISO-8601 date-time such as '2026-11-23T10:00:00+00:00'",
-        extra_json_schema={"format": "date-time"},
-    ),
+    str, Meta(description="an ISO-8601 date-time such as '2026-11-23T10:00:00+00:00'")
 ]
-DateText = Annotated[
-    str,
-    Meta(description="an ISO-8601 date such as '2026-11-23'", extra_json_schema={"format": "date"}),
-]
+DateText = Annotated[str, Meta(description="an ISO-8601 date such as '2026-11-23'")]
 TimeZoneName = Annotated[str, Meta(description="an IANA time zone name such as 'Europe/Berlin'")]
 CronExpr = Annotated[str, Meta(description="a crontab string such as '*/5 * * * *'")]
 CronField = Annotated[int | str, Meta(description="a cron expression string or an integer")]
