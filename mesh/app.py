@@ -9,6 +9,8 @@ Everything else is handed its collaborators through the small contracts of ``mes
   registry and governors) and the leader-only scheduling service with its event broker.
 - ``node_keys``: the node's CURVE key ring (``--keys``), or the no-keys rule (loopback only,
   one warning, unless ``--insecure``) when it has none.
+- ``http_security``: the HTTP API's tokens file (``--api-tokens``) or the same loopback rule for
+  an API without tokens, and the TLS contexts (``--tls-cert/--tls-key``).
 - ``serve`` / ``run_node``: a node process — node, scheduling and the HTTP API — until SIGTERM;
   SIGHUP re-reads the key directory.
 """
@@ -19,30 +21,53 @@ import asyncio
 import logging
 import random
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
 
+import attrs
+
+from mesh.api.auth import ApiTokens, TokenFileError
 from mesh.config import Config
 from mesh.membership.discovery import make_discovery
-from mesh.node import MeshNode
+from mesh.node import EXIT_NODE_FAILED, MeshNode
 from mesh.observability.eventlog import EventLog
 from mesh.observability.recorder import EventBus, Recorder
-from mesh.observability.state_db import StateDB
+from mesh.observability.state_db import AuditLog, StateDB
 from mesh.scheduling.service import SchedulingService
 from mesh.scheduling.state import SchedulerState
 from mesh.security.audit import Rejections
 from mesh.security.keys import KeyFileError, KeyRing
-from mesh.security.policy import InsecureStart, check_unencrypted
+from mesh.security.policy import InsecureStart, check_open_http, check_unencrypted
 from mesh.statemachine import KVStateMachine, StateMachine
 from mesh.storage.raft_store import RaftStore
 from mesh.transport.zmq import MeshTransport
 
-__all__ = ["StartRefused", "build_node", "build_scheduling", "node_keys", "run_node", "serve"]
+__all__ = [
+    "HttpSecurity",
+    "NodeFailed",
+    "StartRefused",
+    "build_node",
+    "build_scheduling",
+    "http_security",
+    "node_keys",
+    "run_node",
+    "serve",
+]
+
+log = logging.getLogger("mesh.app")
+
+# How long a failed node may take to close its sockets before the process exits regardless.
+FAILED_SHUTDOWN_SECONDS = 5.0
 
 
 class StartRefused(Exception):
     """The node must not start as configured; ``str(err)`` is one line for the user (exit 2)."""
+
+
+class NodeFailed(Exception):
+    """The node stopped after an internal fault (``MeshNode.failure``): exit status 70."""
 
 
 def node_keys(config: Config) -> KeyRing | None:
@@ -78,6 +103,55 @@ def node_keys(config: Config) -> KeyRing | None:
     return None
 
 
+@attrs.frozen
+class HttpSecurity:
+    """Who may call the node's HTTP API, and over what: see :func:`http_security`."""
+
+    tokens: ApiTokens | None = None
+    server_ssl: ssl.SSLContext | None = None  # serve HTTPS
+    client_ssl: ssl.SSLContext | None = None  # how a follower checks the leader (forwarding)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.server_ssl is not None else "http"
+
+
+def http_security(config: Config) -> HttpSecurity:
+    """The tokens file and TLS contexts of the node's HTTP API; raises :class:`StartRefused`.
+
+    Without ``security.api_tokens`` the API may bind only loopback unless ``security.insecure``
+    (the rule of :func:`node_keys`, for HTTP). With TLS, a follower forwarding a write checks the
+    leader's certificate against the system CAs and the certificates in ``--tls-cert`` (so one
+    self-signed certificate shared by every node, or certificates from one CA, both work); each
+    node's certificate must name the host of its ``advertise_http``.
+    """
+    what = f"node {config.node_id}"
+    sec = config.security
+    tokens = None
+    if sec.api_tokens is not None:
+        try:
+            tokens = ApiTokens(sec.api_tokens)
+        except TokenFileError as e:
+            raise StartRefused(f"{what}: --api-tokens: {e}") from None
+    else:
+        try:
+            check_open_http(config.http, insecure=sec.insecure, what=what)
+        except InsecureStart as e:
+            raise StartRefused(str(e)) from None
+    if sec.tls_cert is None or sec.tls_key is None:
+        return HttpSecurity(tokens)
+    try:
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(sec.tls_cert, sec.tls_key)
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        client.load_verify_locations(cafile=sec.tls_cert)
+    except (OSError, ssl.SSLError, ValueError) as e:
+        raise StartRefused(
+            f"{what}: --tls-cert {sec.tls_cert} / --tls-key {sec.tls_key}: cannot use them: {e}"
+        ) from None
+    return HttpSecurity(tokens, server, client)
+
+
 def build_node(
     config: Config,
     *,
@@ -105,6 +179,7 @@ def build_node(
                 config.node_id,
                 max_bytes=config.eventlog.max_bytes,
                 backups=config.eventlog.backups,
+                sensitive_keys=config.security.sensitive_keys,
             ),
             statedb=StateDB(config.state_db_path, node_id=config.node_id),
         )
@@ -158,14 +233,19 @@ async def serve(
     config: Config,
     *,
     keys: KeyRing | None = None,
+    http_sec: HttpSecurity | None = None,
     ready: Callable[[MeshNode], None] | None = None,
 ) -> None:
     """Run a node with its scheduler and HTTP API until SIGINT/SIGTERM, then shut down.
 
     ``keys`` as ``node_keys(config)`` returned them; SIGHUP then re-reads the key directory (it
     is also polled every few seconds), so an added or deleted ``.key`` file takes effect.
+    ``http_sec`` as ``http_security(config)`` returned it (computed here when not given).
     """
+    if http_sec is None:
+        http_sec = http_security(config)
     from mesh.api.http import HttpServer, create_app
+    from mesh.api.limits import ApiLimits
 
     state = SchedulerState(
         max_executions=config.history.max_executions, max_results=config.history.max_results
@@ -173,7 +253,27 @@ async def serve(
     node = build_node(config, state_machine=state, keys=keys)
     service = build_scheduling(node, state)
     await node.start()
-    http = HttpServer(create_app(node, node, service), *config.http_host_port)
+    audit = AuditLog(config.state_db_path)
+    a = config.api
+    limits = ApiLimits(
+        max_body_bytes=a.max_body_bytes,
+        max_connections=a.max_connections,
+        header_timeout=a.header_timeout,
+        body_timeout=a.body_timeout,
+        max_json_depth=a.max_json_depth,
+    )
+    app = create_app(
+        node,
+        node,
+        service,
+        tokens=http_sec.tokens,
+        audit=audit,
+        sensitive_keys=config.security.sensitive_keys,
+        client_ssl=http_sec.client_ssl,
+        limits=limits,
+    )
+    app.on_cleanup.append(lambda _app: _close(audit))
+    http = HttpServer(app, *config.http_host_port, ssl_context=http_sec.server_ssl)
     try:
         await http.start()
     except BaseException:
@@ -187,17 +287,36 @@ async def serve(
     if keys is not None:
         loop.add_signal_handler(signal.SIGHUP, node.transport.reload_keys)
     secured = f"CURVE keys in {keys.directory}" if keys is not None else "no keys"
+    tokens = "API tokens" if http_sec.tokens is not None else "no API tokens"
     print(
         f"schedulezero node {node.id}: mesh {config.advertise_mesh} ({secured}), "
-        f"http http://{config.advertise_http}/api/health",
+        f"http {http_sec.scheme}://{config.advertise_http}/api/health ({tokens})",
         flush=True,
     )
     if ready:
         ready(node)
-    await stop.wait()
+    stopped = asyncio.ensure_future(stop.wait())
+    failed = asyncio.ensure_future(node.failed.wait())
+    await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    failed.cancel()
+    if node.failure is not None:
+        # Close what can be closed, bounded: nothing must keep a failed node's process alive.
+        try:
+            async with asyncio.timeout(FAILED_SHUTDOWN_SECONDS):
+                await http.stop()
+                await service.close()
+                await node.stop(transfer=False)
+        except Exception:
+            log.exception("shutting down the failed node %s", node.id)
+        raise NodeFailed(f"{type(node.failure).__name__}: {node.failure}")
     await node.stop(transfer=True)
     await service.close()
     await http.stop()
+
+
+async def _close(audit: AuditLog) -> None:
+    audit.close()
 
 
 def run_node(config: Config) -> int:
@@ -207,6 +326,9 @@ def run_node(config: Config) -> int:
         level=getattr(logging, config.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from mesh.observability.logredact import install
+
+    install(config.security.sensitive_keys)
     try:
         load_task_modules(config.tasks)
     except TaskModuleError as e:
@@ -214,11 +336,20 @@ def run_node(config: Config) -> int:
         return 2
     try:
         keys = node_keys(config)
+        http_sec = http_security(config)
     except StartRefused as e:
         print(f"schedulezero: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
     try:
-        asyncio.run(serve(config, keys=keys))
+        asyncio.run(serve(config, keys=keys, http_sec=http_sec))
+    except NodeFailed as e:
+        print(
+            f"schedulezero: fatal: node {config.node_id} stopped after an internal fault ({e}); "
+            f"exit status {EXIT_NODE_FAILED}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_NODE_FAILED
     except OSError as e:
         print(f"schedulezero: error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""The ``schedulezero`` command: ``node``, ``handler``, ``up`` and ``keys``.
+"""The ``schedulezero`` command: ``node``, ``handler``, ``up``, ``keys`` and ``tokens``.
 
 Any mistake on the command line or in the configuration ends with exit code 2 and exactly one
 line on stderr (``schedulezero: error: ...``); ``--help`` works as usual.
@@ -16,6 +16,8 @@ from typing import Any, NoReturn
 
 from zmq.utils import z85
 
+from mesh.api.auth import ROLES as API_ROLES
+from mesh.api.auth import TokenFileError, create_token
 from mesh.config import DISCOVERY_MODES, ConfigError, load_config, parse_mesh_address
 from mesh.membership.discovery import DiscoveryError
 from mesh.security.keys import ROLES, KeyFileError, KeyRing, create_key, load_certificates
@@ -94,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
     _security_flags(node, "NODE_ID")
+    node.add_argument(
+        "--api-tokens",
+        metavar="FILE",
+        help="HTTP API tokens file (schedulezero tokens create); without it the API binds "
+        "loopback only ($SCHEDULEZERO_API_TOKENS)",
+    )
+    node.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="serve HTTPS: certificate chain, PEM ($SCHEDULEZERO_TLS_CERT)",
+    )
+    node.add_argument(
+        "--tls-key", metavar="FILE", help="serve HTTPS: private key, PEM ($SCHEDULEZERO_TLS_KEY)"
+    )
     node.set_defaults(func=_cmd_node)
 
     handler = sub.add_parser(
@@ -156,6 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--dir", required=True, metavar="DIR", help="key directory")
     listing.set_defaults(func=_cmd_keys_list)
+
+    tokens = sub.add_parser(
+        "tokens",
+        help="create HTTP API tokens (docs/security.md)",
+        description="HTTP API bearer tokens. The tokens file stores only a hash of each token; "
+        "give every node the same file (--api-tokens FILE). Running nodes re-read it when it "
+        "changes.",
+        allow_abbrev=False,
+    )
+    tokens_sub = tokens.add_subparsers(dest="tokens_command", metavar="ACTION", required=True)
+    tcreate = tokens_sub.add_parser(
+        "create",
+        help="add a token to FILE (created mode 0600) and print it on stdout",
+        allow_abbrev=False,
+    )
+    tcreate.add_argument("name", metavar="NAME", help="who uses the token (shown in the audit)")
+    tcreate.add_argument("--role", required=True, choices=API_ROLES, help="what it may do")
+    tcreate.add_argument("--file", required=True, metavar="FILE", help="tokens file")
+    tcreate.set_defaults(func=_cmd_tokens_create)
     return parser
 
 
@@ -170,8 +205,8 @@ def _security_flags(parser: argparse.ArgumentParser, id_name: str) -> None:
         "--insecure",
         action="store_true",
         default=None,
-        help="without --keys, run unauthenticated and unencrypted even on non-loopback "
-        "addresses ($SCHEDULEZERO_INSECURE)",
+        help="without --keys (or, for a node's HTTP API, without --api-tokens), run "
+        "unauthenticated even on non-loopback addresses ($SCHEDULEZERO_INSECURE)",
     )
 
 
@@ -202,6 +237,9 @@ def _cmd_node(ns: argparse.Namespace) -> int:
     args: dict[str, Any] = {key: getattr(ns, key) for key in _NODE_KEYS}
     args["security.keys"] = ns.keys
     args["security.insecure"] = ns.insecure
+    args["security.api_tokens"] = ns.api_tokens
+    args["security.tls_cert"] = ns.tls_cert
+    args["security.tls_key"] = ns.tls_key
     config = load_config(args, config_file=ns.config, env=os.environ)
     _setup_logging(config.log_level)
     try:
@@ -295,6 +333,17 @@ def _cmd_keys_list(ns: argparse.Namespace) -> int:
         # The public key itself (Z85, as in the .key file) is the fingerprint to compare.
         secret = "secret" if (directory / f"{cert.name}.key_secret").exists() else "-"
         print(f"{cert.name}\t{cert.role}\t{z85.encode(cert.public).decode()}\t{secret}")
+    return 0
+
+
+def _cmd_tokens_create(ns: argparse.Namespace) -> int:
+    try:
+        token = create_token(ns.file, ns.name, ns.role)
+    except TokenFileError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"--file: cannot write {ns.file}: {e.strerror or e}") from None
+    print(token)  # the token and nothing else: `TOKEN=$(schedulezero tokens create ...)`
     return 0
 
 

@@ -9,7 +9,8 @@ as ``peers`` are replaced whole):
 4. command-line flags.
 
 Sections are merged key by key across layers: most of their keys only a file sets, but
-``security.keys`` and ``security.insecure`` also have a flag and an environment variable.
+``security.keys``, ``security.insecure``, ``security.api_tokens``, ``security.tls_cert`` and
+``security.tls_key`` also have a flag and an environment variable.
 
 Every section is a ``msgspec.Struct`` whose field types carry their constraints
 (``msgspec.Meta``); each value a layer gives is checked with ``msgspec.convert`` against the
@@ -37,6 +38,7 @@ import msgspec
 import yaml
 from msgspec import Meta
 
+from mesh.security.redact import DEFAULT_SENSITIVE_KEYS
 from mesh.validation import dotted, explain
 
 __all__ = [
@@ -208,6 +210,10 @@ class RaftConfig(_Section):
     election_timeout_max: Seconds = 0.6
     snapshot_threshold: AtLeastOne = 10_000  # log entries since the last snapshot
     max_append_entries: AtLeastOne = 512  # entries per AppendEntries message
+    # Bytes of entries per AppendEntries (at least one entry is sent), and the largest entry a
+    # write may make (larger: 413). Both stay below max_frame_bytes (docs/consensus.md).
+    max_append_bytes: Annotated[int, Meta(ge=1024)] = 4 * MiB
+    max_entry_bytes: Annotated[int, Meta(ge=1024)] = 8 * MiB
     check_quorum: bool = True
     pre_vote: bool = True
 
@@ -269,6 +275,16 @@ class EventLogConfig(_Section):
     backups: Annotated[int, Meta(ge=0)] = 5
 
 
+class ApiConfig(_Section):
+    """What one HTTP client may cost a node (docs/api.md, "Limits")."""
+
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = MiB  # larger bodies: 413
+    max_connections: AtLeastOne = 1024  # beyond: 503 and closed
+    header_timeout: Seconds = 10.0  # a request head must arrive within this (slowloris)
+    body_timeout: Seconds = 30.0  # the whole body must arrive within this: 408
+    max_json_depth: Annotated[int, Meta(ge=2, le=1000)] = 64  # deeper bodies: 400
+
+
 class SecurityConfig(_Section):
     """CURVE keys of the mesh (docs/security.md): where they are, or leave to run without."""
 
@@ -276,6 +292,13 @@ class SecurityConfig(_Section):
     keys: Path | None = None
     # Without keys, allow binding or dialling non-loopback addresses (unauthenticated, plaintext).
     insecure: bool = False
+    # HTTP API tokens file (``schedulezero tokens create``); without it the API binds loopback only.
+    api_tokens: Path | None = None
+    # Serve the HTTP API over TLS with this certificate (chain) and key, both PEM.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Keys whose values are masked ("***") in logs and the event log (any depth, any case).
+    sensitive_keys: tuple[Annotated[str, Meta(min_length=1)], ...] = DEFAULT_SENSITIVE_KEYS
 
 
 # --------------------------------------------------------------------------- Config
@@ -306,6 +329,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     history: HistoryConfig = msgspec.field(default_factory=HistoryConfig)
     eventlog: EventLogConfig = msgspec.field(default_factory=EventLogConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     max_frame_bytes: Annotated[int, Meta(ge=1024)] = 16 * MiB
     log_level: LogLevel = "INFO"
     mdns_service: MdnsService = DEFAULT_MDNS_SERVICE
@@ -378,6 +402,9 @@ def _advertise(bind: str, scheme: str) -> str:
     return f"{scheme}{host}:{port}"
 
 
+_ENVELOPE_BYTES = 64 * 1024  # room in a frame for an AppendEntries' own fields
+
+
 def _check_relations(c: Config) -> None:
     """Checks that involve more than one field; messages name the keys."""
     r, m = c.raft, c.membership
@@ -390,6 +417,13 @@ def _check_relations(c: Config) -> None:
         raise ConfigError(
             f"raft.heartbeat_interval ({r.heartbeat_interval}) must be less than "
             f"raft.election_timeout_min ({r.election_timeout_min})"
+        )
+    largest = max(r.max_append_bytes, r.max_entry_bytes)
+    if largest + _ENVELOPE_BYTES > c.max_frame_bytes:
+        # An AppendEntries holds at most max(budget, one entry) plus its envelope.
+        raise ConfigError(
+            f"raft.max_append_bytes and raft.max_entry_bytes ({largest}) plus "
+            f"{_ENVELOPE_BYTES} bytes must fit in max_frame_bytes ({c.max_frame_bytes})"
         )
     if m.ping_interval >= m.suspect_after:
         raise ConfigError(
@@ -405,6 +439,11 @@ def _check_relations(c: Config) -> None:
         raise ConfigError(
             f"bootstrap_expect ({c.bootstrap_expect}) is larger than the static cluster "
             f"(this node + {len(c.peers)} peers); the first election would never happen"
+        )
+    if (c.security.tls_cert is None) != (c.security.tls_key is None):
+        raise ConfigError(
+            "security.tls_cert (--tls-cert) and security.tls_key (--tls-key) go together: "
+            "give both or neither"
         )
     mesh_host, mesh_port = c.mesh_host_port
     http_host, http_port = c.http_host_port
@@ -435,7 +474,13 @@ _SECTIONS: dict[str, type[_Section]] = {
 }
 # What flags may set: every top-level field, and the few section keys named "section.key".
 _TOP = set(_FIELDS) - set(_SECTIONS)
-_NESTED = {"security.keys", "security.insecure"}
+_NESTED = {
+    "security.keys",
+    "security.insecure",
+    "security.api_tokens",
+    "security.tls_cert",
+    "security.tls_key",
+}
 
 
 class _Invalid(Exception):
@@ -535,6 +580,9 @@ ENV_VARS: dict[str, str] = {
     "SCHEDULEZERO_LOG_LEVEL": "log_level",
     "SCHEDULEZERO_KEYS": "security.keys",
     "SCHEDULEZERO_INSECURE": "security.insecure",
+    "SCHEDULEZERO_API_TOKENS": "security.api_tokens",
+    "SCHEDULEZERO_TLS_CERT": "security.tls_cert",
+    "SCHEDULEZERO_TLS_KEY": "security.tls_key",
 }
 CONFIG_ENV_VAR = "SCHEDULEZERO_CONFIG"
 
@@ -544,6 +592,9 @@ FLAGS: dict[str, str] = {
     "config": "--config",
     "security.keys": "--keys",
     "security.insecure": "--insecure",
+    "security.api_tokens": "--api-tokens",
+    "security.tls_cert": "--tls-cert",
+    "security.tls_key": "--tls-key",
 }
 
 

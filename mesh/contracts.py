@@ -31,6 +31,7 @@ __all__ = [
     "NoLeader",
     "NodeView",
     "ProposalFailed",
+    "ProposalTooLarge",
     "Replica",
     "RoleListener",
     "refusal",
@@ -44,6 +45,11 @@ class NoLeader(Exception):
 
 class ProposalFailed(Exception):
     """The command may or may not have been committed: leadership changed while it was pending."""
+
+
+class ProposalTooLarge(ValueError):
+    """The command is larger than one log entry may be (``raft.max_entry_bytes``); nothing was
+    written. The API answers 413."""
 
 
 class MembershipRefused(Exception):

@@ -32,6 +32,7 @@ import msgspec
 from mesh.config import Config
 from mesh.consensus.core import (
     ConfigChangeInProgress,
+    EntryTooLarge,
     NotLeader,
     RaftCore,
     RaftSettings,
@@ -53,6 +54,7 @@ from mesh.contracts import (
     MessageHandler,
     NoLeader,
     ProposalFailed,
+    ProposalTooLarge,
     RoleListener,
     refusal,
 )
@@ -72,7 +74,18 @@ _NODE_MESSAGES = {"raft": "src", "snap_chunk": "src", "ping": "node_id"}
 
 TICK_SECONDS = 0.05  # timer granularity; idle cost is mostly wakeups (docs/performance.md)
 
-__all__ = ["TICK_SECONDS", "MeshNode", "NoLeader", "ProposalFailed", "raft_settings"]
+# Exit status of a node stopped by an internal fault (BSD EX_SOFTWARE): a supervisor restarts it
+# from its durable state, which is always consistent (one transaction per Ready batch).
+EXIT_NODE_FAILED = 70
+
+__all__ = [
+    "EXIT_NODE_FAILED",
+    "TICK_SECONDS",
+    "MeshNode",
+    "NoLeader",
+    "ProposalFailed",
+    "raft_settings",
+]
 
 
 def raft_settings(config: Config) -> RaftSettings:
@@ -89,6 +102,8 @@ def raft_settings(config: Config) -> RaftSettings:
         pre_vote=r.pre_vote,
         check_quorum=r.check_quorum,
         max_append_entries=r.max_append_entries,
+        max_append_bytes=r.max_append_bytes,
+        max_entry_bytes=r.max_entry_bytes,
     )
 
 
@@ -173,6 +188,12 @@ class MeshNode:
         self._snapshots_in = SnapshotReceiver(self.id)
         self._stopping = False
         self.leader_since: float | None = None
+        # Set when the Ready loop, the tick loop or a background task failed (a save raised: disk
+        # full, a database locked past its busy timeout, a value JSON cannot hold). The node then
+        # does nothing more: its memory may be ahead of its disk. The process must exit
+        # (``mesh.app.serve`` waits on ``failed``) rather than live on as a zombie.
+        self.failure: BaseException | None = None
+        self.failed = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -198,13 +219,42 @@ class MeshNode:
             loop.create_task(self._tick_loop(), name="raft-tick"),
             loop.create_task(self.members.run(self._after_membership_round), name="membership"),
         ]
+        for t in self._tasks:
+            t.add_done_callback(self._on_task_done)
+
+    def _on_task_done(self, task: asyncio.Task[Any]) -> None:
+        # A background loop of the node must run until stop(): one that ended otherwise failed.
+        if task.cancelled() or self._stopping:
+            return
+        exc = task.exception()
+        self._fail(exc or RuntimeError("the task returned"), f"task {task.get_name()}")
+
+    def _fail(self, exc: BaseException, where: str) -> None:
+        """Stop the node for good after an internal fault, loudly: one critical log line that
+        says what failed and that the process exits, an event, and ``failed`` set."""
+        if self.failure is not None:
+            return
+        self.failure = exc
+        log.critical(
+            "FATAL: %s failed on node %s: %s: %s; the node stops and the process exits with "
+            "status %d so that a supervisor restarts it from its durable state",
+            where,
+            self.id,
+            type(exc).__name__,
+            exc,
+            EXIT_NODE_FAILED,
+            exc_info=exc,
+        )
+        with contextlib.suppress(Exception):
+            self.events.emit("node_failed", where=where, error=f"{type(exc).__name__}: {exc}")
+        self.failed.set()
 
     async def stop(self, *, transfer: bool = True) -> None:
         """Stop the node; a leader first hands leadership to the most up-to-date follower."""
         if self._stopping:
             return
         self._stopping = True
-        if transfer and self.core.is_leader and len(self.core.voters) > 1:
+        if transfer and self.failure is None and self.core.is_leader and len(self.core.voters) > 1:
             await self._hand_over()
         if self._snapshot_task is not None:
             self._tasks.append(self._snapshot_task)
@@ -218,7 +268,8 @@ class MeshNode:
         await self.discovery.close()
         await self.transport.close()
         final = self.core.hard_state()
-        if final != self._persisted_hs:  # the commit index skipped by _persist
+        # The commit index skipped by _persist; after a failure memory is not to be trusted.
+        if final != self._persisted_hs and self.failure is None:
             self.store.save(hard_state=final)
         self.events.emit("node_stopped", term=self.core.term, commit_index=self.core.commit)
         self.store.close()
@@ -290,6 +341,8 @@ class MeshNode:
             index, term = self.core.propose(command)
         except NotLeader as e:
             raise NoLeader(str(e)) from e
+        except EntryTooLarge as e:
+            raise ProposalTooLarge(str(e)) from None
         return self._wait_for(index, term)
 
     def _wait_for(self, index: int, term: int) -> asyncio.Future[Any]:
@@ -497,6 +550,14 @@ class MeshNode:
 
     def _process(self) -> None:
         self._process_scheduled = False
+        if self.failure is not None:
+            return  # a failed node neither persists, sends nor applies anything more
+        try:
+            self._drain_ready()
+        except Exception as e:  # called from loop callbacks: nothing above would see it
+            self._fail(e, "the Ready loop (persist, send, apply)")
+
+    def _drain_ready(self) -> None:
         core = self.core
         while core.has_ready():
             rd = core.ready()
@@ -617,6 +678,8 @@ class MeshNode:
                 next_at = self.clock()
                 delay = 0
             await asyncio.sleep(max(0.0, delay))
+            if self.failure is not None:
+                return
             self.core.tick()
             self._process()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -26,6 +27,7 @@ from mesh.api.openapi import documented_routes, ecma_pattern, openapi_document
 from mesh.api.schema import BadRequest, parse_job_body, parse_member_body, parse_schedule_body
 from mesh.dispatch.dispatcher import HandlerDispatcher
 from mesh.dispatch.governors import Governors
+from mesh.observability.state_db import AuditLog
 from mesh.scheduling.service import SchedulingService
 from tests.fakes import FakeBus, FakeReplica
 
@@ -51,9 +53,15 @@ def served_routes(app: web.Application) -> set[tuple[str, str]]:
     }
 
 
-def test_every_route_is_documented_and_every_documented_route_is_served(service: Any) -> None:
+def test_every_route_is_documented_and_every_documented_route_is_served(
+    service: Any, tmp_path: Path
+) -> None:
     replica, svc = service
-    served = served_routes(create_app(replica, replica, svc))
+    audit = AuditLog(tmp_path / "state.db")
+    try:
+        served = served_routes(create_app(replica, replica, svc, audit=audit))
+    finally:
+        audit.close()
     assert served == documented_routes(), (
         f"served but not documented: {sorted(served - documented_routes())}; "
         f"documented but not served: {sorted(documented_routes() - served)}"
@@ -66,9 +74,10 @@ def test_every_route_is_documented_and_every_documented_route_is_served(service:
 def test_a_node_without_scheduling_documents_only_what_it_serves() -> None:
     replica = FakeReplica("n1")
     served = served_routes(create_app(replica, replica, None))
-    assert served == documented_routes(scheduling=False)
-    paths = openapi_document(scheduling=False)["paths"]
-    assert "/api/schedules" not in paths and "/api/health" in paths
+    assert served == documented_routes(scheduling=False, audit=False)
+    paths = openapi_document(scheduling=False, audit=False)["paths"]
+    assert "/api/schedules" not in paths and "/api/audit" not in paths
+    assert "/api/health" in paths
 
 
 async def test_the_node_serves_the_document(service: Any) -> None:
@@ -77,7 +86,7 @@ async def test_the_node_serves_the_document(service: Any) -> None:
         resp = await client.get("/api/openapi.json")
         assert resp.status == 200
         assert resp.content_type == "application/json"
-        assert await resp.json() == openapi_document()
+        assert await resp.json() == openapi_document(audit=False)
 
 
 def test_the_document_is_valid_openapi_and_every_operation_loads() -> None:
@@ -115,11 +124,12 @@ def test_errors_roles_and_the_bearer_scheme_are_declared() -> None:
             assert {"401", "403"} <= set(op["responses"]), (method, path)
             roles[method.upper(), path] = op["x-required-role"]
             if "requestBody" in op:
-                assert {"400", "413", "503"} <= set(op["responses"]), (method, path)
+                assert {"400", "408", "413", "503"} <= set(op["responses"]), (method, path)
     assert roles["GET", "/api/schedules"] == "read"
     assert roles["POST", "/api/schedules"] == "operate"
     assert roles["POST", "/api/cluster/members"] == "admin"
     assert roles["DELETE", "/api/cluster/members/{node_id}"] == "admin"
+    assert roles["GET", "/api/audit"] == "admin"
     assert "409" in paths["/api/schedules"]["post"]["responses"]
     assert "404" in paths["/api/schedules/{id}"]["get"]["responses"]
 

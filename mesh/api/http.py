@@ -7,8 +7,8 @@ in middlewares: every error is JSON ``{"error": "..."}`` with a 4xx/5xx status, 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import ssl
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -17,6 +17,16 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from mesh.api.auth import (
+    CLIENT_HEADER,
+    FORWARDED_BY_HEADER,
+    FORWARDED_KEY,
+    ApiTokens,
+    AuditSink,
+    add_audit_route,
+    auth_middleware,
+)
+from mesh.api.limits import LIMITS_KEY, ApiLimits, body_limits, limit_connections, loads
 from mesh.api.openapi import openapi_document
 from mesh.api.schema import (
     BadRequest,
@@ -30,6 +40,7 @@ from mesh.contracts import (
     NodeView,
     NoLeader,
     ProposalFailed,
+    ProposalTooLarge,
     Replica,
     term_identity,
 )
@@ -39,13 +50,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mesh.api")
 
-MAX_BODY_BYTES = 1024 * 1024
-FORWARDED_HEADER = "X-ScheduleZero-Forwarded-By"
+FORWARDED_HEADER = FORWARDED_BY_HEADER
 COMMIT_HEADER = "X-ScheduleZero-Commit-Index"
 SERVED_BY_HEADER = "X-ScheduleZero-Served-By"  # "<leader id>@<term>" that committed the write
 NO_LEADER_WAIT = 3.0  # how long a write waits for an election before answering 503
 FORWARD_TIMEOUT = 10.0
 MAX_WRITES_IN_FLIGHT = 32
+LINGER_SECONDS = 1.0
 
 
 def json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -63,10 +74,13 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
         if e.status < 400:
             raise
         if e.status == 413:
-            return json_error(413, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
+            limit = request.app[LIMITS_KEY].max_body_bytes if LIMITS_KEY in request.app else None
+            return json_error(413, f"request body too large (limit {limit} bytes)")
         return json_error(e.status, e.reason or e.text or "error")
     except BadRequest as e:
         return json_error(400, str(e))
+    except ProposalTooLarge as e:
+        return json_error(413, str(e))
     except MembershipRefused as e:
         return json_error(e.status, str(e))
     except Backpressure as e:
@@ -132,13 +146,19 @@ class _NodeCollector:
 WRITE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
 
 
-def _forwarding_middleware(replica: Replica, view: NodeView) -> Any:
+def _forwarding_middleware(
+    replica: Replica, view: NodeView, client_ssl: ssl.SSLContext | None = None
+) -> Any:
     """Writes are the leader's: a follower forwards them and answers with the leader's reply.
 
     Without a leader the write waits up to NO_LEADER_WAIT for an election, then gets 503 — it
     never hangs. After a forwarded write succeeds, the follower waits (briefly) until it has
     applied that commit index itself, so the client can read its own write from this node.
+
+    The caller's ``Authorization`` goes along, so the leader checks (and audits) the caller's
+    own token and role; ``client_ssl`` (the nodes serve HTTPS) makes the forward HTTPS too.
     """
+    scheme = "https" if client_ssl is not None else "http"
     session: dict[str, aiohttp.ClientSession] = {}
     write_slots = asyncio.Semaphore(MAX_WRITES_IN_FLIGHT)
 
@@ -166,17 +186,22 @@ def _forwarding_middleware(replica: Replica, view: NodeView) -> Any:
         body = await request.read()
         if "s" not in session or session["s"].closed:
             session["s"] = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT)
+                timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT),
+                connector=aiohttp.TCPConnector(ssl=client_ssl if client_ssl else True),
             )
+        headers = {
+            "Content-Type": request.headers.get("Content-Type", "application/json"),
+            FORWARDED_HEADER: replica.node_id,
+            CLIENT_HEADER: request.remote or "",
+        }
+        if authorization := request.headers.get("Authorization"):
+            headers["Authorization"] = authorization
         try:
             async with session["s"].request(
                 request.method,
-                f"http://{target}{request.rel_url}",
+                f"{scheme}://{target}{request.rel_url}",
                 data=body,
-                headers={
-                    "Content-Type": request.headers.get("Content-Type", "application/json"),
-                    FORWARDED_HEADER: replica.node_id,
-                },
+                headers=headers,
             ) as resp:
                 payload = await resp.read()
                 commit = resp.headers.get(COMMIT_HEADER)
@@ -187,6 +212,9 @@ def _forwarding_middleware(replica: Replica, view: NodeView) -> Any:
                 )
                 if served_by := resp.headers.get(SERVED_BY_HEADER):
                     out.headers[SERVED_BY_HEADER] = served_by
+                if challenge := resp.headers.get("WWW-Authenticate"):
+                    out.headers["WWW-Authenticate"] = challenge
+                request[FORWARDED_KEY] = target  # the leader answered, and audited it
         except (aiohttp.ClientError, TimeoutError) as e:
             return json_error(503, f"leader at {target} did not answer: {type(e).__name__}")
         if commit is not None and commit.isdigit() and resp.status < 300:
@@ -201,22 +229,40 @@ def _forwarding_middleware(replica: Replica, view: NodeView) -> Any:
 
 
 async def _json_body(request: web.Request) -> Any:
-    raw = await request.read()
-    if not raw:
-        raise BadRequest("request body is empty; expected a JSON object")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    return loads(await request.read(), request.app[LIMITS_KEY].max_json_depth)
 
 
 def create_app(
-    replica: Replica, view: NodeView, service: SchedulingService | None = None
+    replica: Replica,
+    view: NodeView,
+    service: SchedulingService | None = None,
+    *,
+    tokens: ApiTokens | None = None,
+    audit: AuditSink | None = None,
+    sensitive_keys: tuple[str, ...] | None = None,
+    client_ssl: ssl.SSLContext | None = None,
+    limits: ApiLimits | None = None,
 ) -> web.Application:
     """The API of one node: ``replica`` for writes (forwarded to the leader when this node is
-    not it), ``view`` for the health, cluster and metrics reads, ``service`` for scheduling."""
-    forward, close_forwarding = _forwarding_middleware(replica, view)
-    app = web.Application(middlewares=[errors_as_json, forward], client_max_size=MAX_BODY_BYTES)
+    not it), ``view`` for the health, cluster and metrics reads, ``service`` for scheduling.
+
+    ``tokens`` (the tokens file) makes every ``/api/...`` call but health need a bearer token of
+    the right role (mesh.api.auth); ``audit`` records mutations and serves ``GET /api/audit``;
+    ``client_ssl`` is how a follower checks the leader's certificate when the API is HTTPS;
+    ``limits`` bound what one request may cost (``mesh.api.limits``).
+    """
+    limits = limits or ApiLimits()
+    forward, close_forwarding = _forwarding_middleware(replica, view, client_ssl)
+    # Authentication is outermost: it sees every final status (for the audit) and refuses a
+    # caller before anything else, forwarding included, looks at the request.
+    authenticate = auth_middleware(
+        tokens, node_id=replica.node_id, audit=audit, sensitive_keys=sensitive_keys
+    )
+    app = web.Application(
+        middlewares=[authenticate, errors_as_json, body_limits(limits), forward],
+        client_max_size=limits.max_body_bytes,
+    )
+    app[LIMITS_KEY] = limits
     app.on_cleanup.append(close_forwarding)
     registry = CollectorRegistry()
     registry.register(_NodeCollector(replica.node_id, view))
@@ -232,8 +278,7 @@ def create_app(
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
     # The voter set (docs/api.md). Writes go through the Raft log on the leader (a follower
-    # forwards them, like every write). Anyone who reaches the HTTP port may call them until
-    # issue 12 adds tokens and roles to the HTTP API: bind HTTP to a trusted network.
+    # forwards them, like every write); with a tokens file they need an admin token.
     async def members(request: web.Request) -> web.Response:
         return web.json_response(view.cluster_members())
 
@@ -251,12 +296,14 @@ def create_app(
     app.router.add_delete("/api/cluster/members/{node_id}", remove_member)
     app.router.add_get("/metrics", metrics)
 
-    document = openapi_document(scheduling=service is not None)
+    document = openapi_document(scheduling=service is not None, audit=audit is not None)
 
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(document)
 
     app.router.add_get("/api/openapi.json", openapi)
+    if audit is not None:
+        add_audit_route(app, audit)
     if service is not None:
         _add_scheduling_routes(app, service)
     return app
@@ -350,16 +397,38 @@ def _add_scheduling_routes(app: web.Application, service: SchedulingService) -> 
 
 
 class HttpServer:
-    def __init__(self, app: web.Application, host: str, port: int) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        limits: ApiLimits | None = None,
+    ) -> None:
         self.app = app
         self.host, self.port = host, port
+        self.ssl_context = ssl_context
+        self.limits = limits or app.get(LIMITS_KEY) or ApiLimits()
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         host, port = self.host, self.port
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # The keep-alive timer runs from the moment a connection opens and partial data does not
+        # reset it: it is the header timeout (mesh.api.limits). After an answer to a request
+        # whose body did not all arrive (408, 413), the rest is drained for at most LINGER_SECONDS.
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            keepalive_timeout=self.limits.header_timeout,
+            lingering_time=LINGER_SECONDS,
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        assert self._runner.server is not None
+        limit_connections(self._runner.server, self.limits.max_connections)
+        site = web.TCPSite(
+            self._runner, host, port, reuse_address=True, ssl_context=self.ssl_context
+        )
         try:
             await site.start()
         except OSError as e:

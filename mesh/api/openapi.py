@@ -163,6 +163,25 @@ class HandlerList(msgspec.Struct):
     handlers: list[Handler]
 
 
+class AuditEntry(msgspec.Struct):
+    """One recorded mutation: who (token name and role), what, when, from where."""
+
+    id: int
+    ts: Timestamp
+    node_id: str
+    received_by: str
+    token: Annotated[str | None, Meta(description="the token's name (null: no tokens)")]
+    role: str | None
+    method: str
+    path: str
+    status: int
+
+
+class AuditPage(msgspec.Struct):
+    audit: list[AuditEntry]
+    next_after: Annotated[int | None, Meta(description="pass as ?after= for the next page")]
+
+
 class OpenAPIDocument(msgspec.Struct):
     """This document."""
 
@@ -180,6 +199,7 @@ ERRORS = {
     401: ("Unauthorized", "missing or bad token (with tokens configured)"),
     403: ("Forbidden", "the token's role is too low, or the node is read-only"),
     404: ("NotFound", "no such schedule, job or node"),
+    408: ("RequestTimeout", "the request body did not arrive in time"),
     409: ("Conflict", "the id exists already, or a membership change is in progress"),
     413: ("TooLarge", "request body too large"),
     429: ("TooManyRequests", "too many jobs queued; retry later"),
@@ -200,6 +220,7 @@ class Operation:
     errors: tuple[int, ...] = ()
     query: tuple[dict[str, Any], ...] = ()
     scheduling: bool = False  # served only by a node with a scheduling service
+    audit: bool = False  # served only by a node with an audit log
 
 
 def _id_param(name: str, description: str, schema: dict[str, Any] | None = None) -> dict:
@@ -212,7 +233,7 @@ def _id_param(name: str, description: str, schema: dict[str, Any] | None = None)
     }
 
 
-WRITE_ERRORS = (400, 413, 503)
+WRITE_ERRORS = (400, 408, 413, 503)
 OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/api/health", "this node's role, term and leader", {200: Health}, role=None),
     Operation("get", "/api/cluster", "the leader, the term and every node known", {200: Cluster}),
@@ -238,6 +259,29 @@ OPERATIONS: tuple[Operation, ...] = (
         "get", "/metrics", "Prometheus metrics", {200: "text/plain; version=0.0.4"}, role=None
     ),
     Operation("get", "/api/openapi.json", "this document", {200: OpenAPIDocument}),
+    Operation(
+        "get",
+        "/api/audit",
+        "the mutations recorded on this node, oldest first",
+        {200: AuditPage},
+        role="admin",
+        errors=(400,),
+        query=(
+            {
+                "name": "limit",
+                "in": "query",
+                "description": "at most this many (default 100)",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+            },
+            {
+                "name": "after",
+                "in": "query",
+                "description": "entries with an id above this one",
+                "schema": {"type": "integer", "minimum": 0},
+            },
+        ),
+        audit=True,
+    ),
     Operation("get", "/api/handlers", "the handlers", {200: HandlerList}, scheduling=True),
     Operation("get", "/api/schedules", "every schedule", {200: ScheduleList}, scheduling=True),
     Operation(
@@ -345,9 +389,13 @@ _PATH_PARAMS = {
 }
 
 
+def _served(op: Operation, scheduling: bool, audit: bool) -> bool:
+    return (scheduling or not op.scheduling) and (audit or not op.audit)
+
+
 @functools.cache
-def _document(scheduling: bool) -> dict[str, Any]:
-    ops = [op for op in OPERATIONS if scheduling or not op.scheduling]
+def _document(scheduling: bool, audit: bool) -> dict[str, Any]:
+    ops = [op for op in OPERATIONS if _served(op, scheduling, audit)]
     structs: list[Any] = [Error]
     structs += [op.body for op in ops if op.body is not None]
     structs += [a for op in ops for a in op.answers.values() if isinstance(a, type)]
@@ -438,15 +486,16 @@ def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def openapi_document(*, scheduling: bool = True) -> dict[str, Any]:
-    """The OpenAPI document of a node's API (a fresh copy); ``scheduling=False`` leaves out the
-    routes served only by a node with a scheduling service."""
-    return copy.deepcopy(_document(scheduling))
+def openapi_document(*, scheduling: bool = True, audit: bool = True) -> dict[str, Any]:
+    """The OpenAPI document of a node's API (a fresh copy); ``scheduling=False`` and
+    ``audit=False`` leave out the routes served only by a node with a scheduling service or an
+    audit log."""
+    return copy.deepcopy(_document(scheduling, audit))
 
 
-def documented_routes(*, scheduling: bool = True) -> set[tuple[str, str]]:
+def documented_routes(*, scheduling: bool = True, audit: bool = True) -> set[tuple[str, str]]:
     """``(METHOD, path)`` of every operation the document describes."""
-    return {(op.method.upper(), op.path) for op in OPERATIONS if scheduling or not op.scheduling}
+    return {(op.method.upper(), op.path) for op in OPERATIONS if _served(op, scheduling, audit)}
 
 
 # --- regular expressions: Python's re → ECMA-262 --------------------------------------------------

@@ -24,6 +24,7 @@ one file, so every transition reads against the paper (docs/consensus.md) withou
 from __future__ import annotations
 
 import enum
+import json
 import random
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -67,6 +68,23 @@ class ConfigChangeInProgress(Exception):
     """Only one membership change may be uncommitted at a time."""
 
 
+class EntryTooLarge(ValueError):
+    """A proposed entry is larger than ``RaftSettings.max_entry_bytes``; nothing was appended."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"the command is {size} bytes as a log entry; the limit is {limit} bytes")
+        self.size, self.limit = size, limit
+
+
+_wire_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def entry_bytes(e: Entry) -> int:
+    """The size of ``e`` as it travels in an AppendEntries (the transport's compact JSON, ASCII
+    escaped): what the byte budgets count, so a batch never outgrows the frame limit."""
+    return len(_wire_json(e.to_dict()))
+
+
 @attrs.define
 class RaftSettings:
     """Timings are in ticks; the driver chooses the tick length."""
@@ -77,6 +95,11 @@ class RaftSettings:
     pre_vote: bool = True
     check_quorum: bool = True
     max_append_entries: int = 512
+    # Bytes of entries in one AppendEntries (at least one entry is always sent), and the largest
+    # entry a proposal may make: together they keep every message below the transport's frame
+    # limit (16 MiB), which a receiver enforces by dropping the whole message.
+    max_append_bytes: int = 4 * 1024 * 1024
+    max_entry_bytes: int = 8 * 1024 * 1024
     # In replicate state the leader keeps at most this many unacknowledged entries in flight.
     max_inflight_entries: int = 8192
 
@@ -176,6 +199,8 @@ class RaftCore:
         self._append_pending = False
         self._last_hard_state = HardState(self.term, self.voted_for, self.commit)
         self._last_soft_state = self.soft_state()
+        # index -> (term, entry_bytes): sized once, not at every (re)send to a lagging follower.
+        self._sizes: dict[int, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------ log helpers
 
@@ -309,9 +334,16 @@ class RaftCore:
         if self.phase is not _Phase.LEADER or self.transferee is not None:
             raise NotLeader(None if self.phase is _Phase.LEADER else self.leader_id)
         start = self.last_index + 1
-        self._append(
+        entries = [
             Entry(term=self.term, index=start + i, kind=kind, data=d) for i, d in enumerate(datas)
-        )
+        ]
+        limit = self.settings.max_entry_bytes
+        for e in entries:  # all or nothing: a batch with one oversized entry appends none
+            size = entry_bytes(e)
+            if size > limit:
+                raise EntryTooLarge(size, limit)
+            self._sizes[e.index] = (e.term, size)
+        self._append(entries)
         self.progress[self.id].match = self.last_index
         self.progress[self.id].next = self.last_index + 1
         self._maybe_commit()
@@ -374,6 +406,7 @@ class RaftCore:
         )
         del self.log[: index - self.snap_index]
         self.snap, self.snap_index, self.snap_term = snap, index, term
+        self._forget_sizes(index)
         return snap
 
     def snapshot_point(self, index: int) -> tuple[int, tuple[str, ...], tuple[str, ...]]:
@@ -764,6 +797,7 @@ class RaftCore:
         else:
             self.log = []
         self.snap, self.snap_index, self.snap_term = snap, snap.index, snap.term
+        self._forget_sizes(snap.index)
         self._set_config(self.last_index)
         self.commit = snap.index
         self.applied = min(self.applied, snap.index)
@@ -860,7 +894,7 @@ class RaftCore:
             return  # pipeline full: wait for acknowledgements
         prev = pr.next - 1
         prev_term = self.term_at(prev)
-        entries = tuple(self.entries_from(pr.next, s.max_append_entries))
+        entries = self._budgeted(self.entries_from(pr.next, s.max_append_entries))
         self._send(
             AppendEntries(
                 src=self.id,
@@ -875,6 +909,27 @@ class RaftCore:
         pr.commit_sent = self.commit
         if entries and not pr.probing:
             pr.next = entries[-1].index + 1
+
+    def _budgeted(self, entries: list[Entry]) -> tuple[Entry, ...]:
+        """The longest prefix of ``entries`` within ``max_append_bytes`` (at least one entry)."""
+        budget = self.settings.max_append_bytes
+        total = 0
+        for n, e in enumerate(entries):
+            cached = self._sizes.get(e.index)
+            if cached is not None and cached[0] == e.term:
+                size = cached[1]
+            else:
+                size = entry_bytes(e)
+                self._sizes[e.index] = (e.term, size)
+            total += size
+            if total > budget and n > 0:
+                return tuple(entries[:n])
+        return tuple(entries)
+
+    def _forget_sizes(self, upto: int) -> None:
+        """Drop the cached sizes of entries compacted into a snapshot."""
+        if self._sizes and min(self._sizes) <= upto:
+            self._sizes = {i: v for i, v in self._sizes.items() if i > upto}
 
     def _send_snapshot(self, peer: str, pr: _Progress) -> None:
         if self.snap is None or pr.snapshot_wait > 0:

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from mesh.security.redact import DEFAULT_SENSITIVE_KEYS, redact
+
 logger = logging.getLogger(__name__)
 
 # The event types the node emits (see docs/observability.md). emit() accepts any type.
@@ -38,6 +40,7 @@ SNAPSHOT_TAKEN = "snapshot_taken"
 SNAPSHOT_INSTALLED = "snapshot_installed"
 CONFIG_CHANGED = "config_changed"
 FRAME_DROPPED = "frame_dropped"
+NODE_FAILED = "node_failed"  # an internal fault stops the node; the process exits 70
 
 EVENT_TYPES = frozenset(
     {
@@ -57,6 +60,7 @@ EVENT_TYPES = frozenset(
         SNAPSHOT_INSTALLED,
         CONFIG_CHANGED,
         FRAME_DROPPED,
+        NODE_FAILED,
     }
 )
 
@@ -111,8 +115,11 @@ class EventLog:
         max_bytes: int = 10 * 1024 * 1024,
         backups: int = 5,
         clock: Callable[[], float] = time.time,
+        sensitive_keys: tuple[str, ...] = DEFAULT_SENSITIVE_KEYS,
     ) -> None:
         self.path = Path(path)
+        # Values of these keys, at any depth of a field, are written as "***" (security.md).
+        self.sensitive_keys = sensitive_keys
         self.node_id = node_id
         self.max_bytes = max_bytes
         self.backups = backups
@@ -129,7 +136,7 @@ class EventLog:
         for key, value in fields.items():
             # The envelope wins; a colliding field (e.g. node=<peer>) is kept as "node_".
             record[f"{key}_" if key in _RESERVED else key] = value
-        data = (to_json(record) + "\n").encode("utf-8")
+        data = (to_json(redact(record, self.sensitive_keys)) + "\n").encode("utf-8")
         with self._lock:
             if self._closed:
                 logger.debug("event %s emitted after close; dropped", type)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mesh.observability.eventlog import EventLog
+from mesh.observability.logredact import RedactingFilter
 from mesh.observability.state_db import StateDB
 
 log = logging.getLogger("mesh.observability")
@@ -82,6 +83,8 @@ class Recorder:
         self.eventlog = eventlog
         self.statedb = statedb
         self._log_handler = _StateDBLogHandler(statedb)
+        # It runs before the root logger's handlers: it needs its own filter.
+        self._log_handler.addFilter(RedactingFilter(eventlog.sensitive_keys))
         self._task: asyncio.Task[None] | None = None
 
     def _start(self) -> None:

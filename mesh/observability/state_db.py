@@ -214,3 +214,85 @@ class StateDB:
 
     def _now(self) -> str:
         return iso_utc(self._clock())
+
+
+# --------------------------------------------------------------------------- audit trail
+
+AUDIT_COMPONENT = "audit"
+AUDIT_SCHEMA_VERSION = 1
+AUDIT_COLUMNS = (
+    "ts",
+    "node_id",
+    "received_by",
+    "token",
+    "role",
+    "method",
+    "path",
+    "schedule_id",
+    "client",
+    "peer",
+    "status",
+)
+_AUDIT_DDL = (
+    # AUTOINCREMENT: ids are never reused after old rows are trimmed, so an ``after`` cursor a
+    # reader holds stays meaningful.
+    "CREATE TABLE IF NOT EXISTS audit_log ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " ts TEXT NOT NULL,"
+    " node_id TEXT NOT NULL,"
+    " received_by TEXT NOT NULL,"
+    " token TEXT,"
+    " role TEXT,"
+    " method TEXT NOT NULL,"
+    " path TEXT NOT NULL,"
+    " schedule_id TEXT,"
+    " client TEXT NOT NULL,"
+    " peer TEXT NOT NULL,"
+    " status INTEGER NOT NULL)",
+)
+
+
+class AuditLog:
+    """The HTTP API's audit trail on this node (table ``audit_log`` in ``broker_state.db``).
+
+    One row per mutation this node answered itself (docs/security.md): the leader's rows cover
+    every write it executed, including those a follower forwarded. Kept local rather than
+    replicated through Raft: a refused request (401/403, no quorum) must be recorded without a
+    quorum, and a flood of bad requests must not grow the replicated log. At most ``keep`` rows
+    are kept (the oldest are dropped first), so such a flood cannot fill the disk either.
+    """
+
+    def __init__(self, path: str | Path, *, keep: int = 100_000) -> None:
+        self.keep = keep
+        self._since_trim = 0
+        self._conn = connect(Path(path), synchronous="NORMAL")
+        self._conn.row_factory = sqlite3.Row
+        try:
+            ensure_schema(self._conn, AUDIT_COMPONENT, AUDIT_SCHEMA_VERSION, _AUDIT_DDL)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def record(self, entry: dict[str, Any]) -> int:
+        """Append one entry (keys: ``AUDIT_COLUMNS``); returns its id."""
+        cur = self._conn.execute(
+            f"INSERT INTO audit_log ({', '.join(AUDIT_COLUMNS)})"
+            f" VALUES ({', '.join('?' * len(AUDIT_COLUMNS))})",
+            tuple(entry.get(c) for c in AUDIT_COLUMNS),
+        )
+        row_id = int(cur.lastrowid or 0)
+        self._since_trim += 1
+        if self._since_trim >= max(1, self.keep // 100):
+            self._since_trim = 0
+            self._conn.execute("DELETE FROM audit_log WHERE id <= ?", (row_id - self.keep,))
+        return row_id
+
+    def page(self, *, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """Entries with an id above ``after``, oldest first, at most ``limit``."""
+        rows = self._conn.execute(
+            "SELECT * FROM audit_log WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def close(self) -> None:
+        self._conn.close()

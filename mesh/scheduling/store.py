@@ -18,6 +18,7 @@ proposal first flushes the pending batch, so the log keeps the order the schedul
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,6 +49,7 @@ from apscheduler._events import (
 )
 from apscheduler.datastores.base import BaseDataStore
 
+from mesh.contracts import ProposalTooLarge
 from mesh.scheduling.state import (
     SchedulerState,
     dump_job,
@@ -62,6 +64,8 @@ from mesh.scheduling.state import (
 
 Proposer = Callable[[dict[str, Any]], Awaitable[Any]]
 BATCH_WAIT_TIMEOUT = 5.0  # seconds a batched release waits for its commit (as MeshNode.propose)
+
+log = logging.getLogger("mesh.scheduling")
 
 
 class BatchedCommandFailed(Exception):
@@ -118,8 +122,10 @@ class ReplicatedDataStore(BaseDataStore):
 
     def _flush_batch(self) -> None:
         batch, self._batch = self._batch, []
-        if not batch:
-            return
+        if batch:
+            self._propose_batch(batch)
+
+    def _propose_batch(self, batch: list[tuple[dict[str, Any], asyncio.Future[Any]]]) -> None:
         try:
             if self.propose_nowait is None:
                 raise RuntimeError("batched commands need a pipelined proposer")
@@ -127,10 +133,18 @@ class ReplicatedDataStore(BaseDataStore):
                 entry = self.propose_nowait(batch[0][0])
             else:
                 entry = self.propose_nowait({"op": "batch", "commands": [c for c, _ in batch]})
+        except ProposalTooLarge as exc:
+            if len(batch) == 1:
+                _fail_all(batch, exc)
+                return
+            # Too many large commands for one log entry (raft.max_entry_bytes): halve the batch,
+            # in log order, until each part fits; only a command too large alone fails.
+            half = len(batch) // 2
+            self._propose_batch(batch[:half])
+            self._propose_batch(batch[half:])
+            return
         except Exception as exc:  # NoLeader: every queued command fails the same way
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
+            _fail_all(batch, exc)
             return
         entry.add_done_callback(lambda f: _distribute(f, batch))
 
@@ -218,7 +232,7 @@ class ReplicatedDataStore(BaseDataStore):
         return [_copy_schedule(self.state.schedules[sid]) for sid in got]
 
     async def release_schedules(self, scheduler_id: str, results: Sequence[ScheduleResult]) -> None:
-        await self._drain_inflight()
+        await self._drain_inflight(raise_errors=False)
         if not results:
             return
         released = await self._propose(
@@ -292,11 +306,22 @@ class ReplicatedDataStore(BaseDataStore):
         """Wait until every pipelined add_job so far is committed and applied."""
         await self._drain_inflight()
 
-    async def _drain_inflight(self) -> None:
+    async def _drain_inflight(self, *, raise_errors: bool = True) -> None:
         # Futures leave the set only once done, so every caller waits for all that were
         # pending when it asked (a schedule batch, or one API request's job).
-        if self._inflight:
+        if not self._inflight:
+            return
+        if raise_errors:
             await asyncio.gather(*list(self._inflight))
+            return
+        # The schedule loop must survive one job it could not add (e.g. too large for a log
+        # entry): an exception here would stop APScheduler while this node stays leader.
+        outcomes = await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, ProposalTooLarge):
+                log.error("a job was not added: %s", outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
 
     async def get_jobs(self, ids: Iterable[UUID] | None = None) -> list[Job]:
         await self._drain_inflight()  # read your own pipelined writes
@@ -413,6 +438,12 @@ class ReplicatedDataStore(BaseDataStore):
         ]
         if finished:
             await self.remove_schedules(finished, finished=True)
+
+
+def _fail_all(batch: list[tuple[dict[str, Any], asyncio.Future[Any]]], exc: Exception) -> None:
+    for _, fut in batch:
+        if not fut.done():
+            fut.set_exception(exc)
 
 
 def _distribute(

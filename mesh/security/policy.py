@@ -73,3 +73,31 @@ def check_unencrypted(addresses: Iterable[str], *, insecure: bool, what: str) ->
             "address is loopback; use --keys DIR for anything else",
             what,
         )
+
+
+def check_open_http(address: str, *, insecure: bool, what: str) -> None:
+    """The same rule for an HTTP API without a tokens file: loopback only, or ``--insecure``.
+
+    ``address`` is the HTTP bind address (HOST:PORT). Raises :class:`InsecureStart` otherwise.
+    """
+    if is_loopback(host_of(address)):
+        # INFO, not a second warning: a laptop or test node says "no keys" once (above).
+        log.info(
+            "%s serves its HTTP API without tokens: allowed because it binds loopback (%s); "
+            "anyone on this host can call it. Use --api-tokens FILE for anything else",
+            what,
+            address,
+        )
+        return
+    if not insecure:
+        raise InsecureStart(
+            f"{what} would serve its HTTP API on the non-loopback address {address} without "
+            "API tokens: pass --api-tokens FILE (see `schedulezero tokens create`), or "
+            "--insecure to let anyone who reaches it call every endpoint"
+        )
+    log.warning(
+        "%s serves its HTTP API on %s WITHOUT tokens (--insecure): anyone who reaches it can "
+        "read and change every schedule",
+        what,
+        address,
+    )
