@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install run test lint format bench chaos clean
+.PHONY: install run test lint format bench chaos fuzz clean
 
 install: $(STAMP)
 
@@ -46,6 +46,14 @@ LAN_RUNS ?= 5
 chaos: install
 	$(BIN)/python -m chaos --runs $(RUNS) $(if $(SEED),--seed $(SEED)) $(CHAOS_ARGS)
 	$(BIN)/python -m chaos --lan --runs $(LAN_RUNS) $(if $(SEED),--seed $(SEED))
+
+# make fuzz [FUZZ_REQUESTS=5000] [FUZZ_SECONDS=900] [SEED=n]: the long schema-driven fuzz
+# campaign against a live 3-node mesh (docs/testing.md); make test runs a short one.
+FUZZ_REQUESTS ?= 5000
+FUZZ_SECONDS ?= 900
+fuzz: install
+	$(BIN)/python -m tests.fuzz_api --requests $(FUZZ_REQUESTS) --seconds $(FUZZ_SECONDS) \
+		$(if $(SEED),--seed $(SEED))
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

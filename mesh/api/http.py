@@ -27,6 +27,7 @@ from mesh.api.auth import (
     auth_middleware,
 )
 from mesh.api.limits import LIMITS_KEY, ApiLimits, body_limits, limit_connections, loads
+from mesh.api.openapi import openapi_document
 from mesh.api.schema import (
     BadRequest,
     parse_job_body,
@@ -294,6 +295,13 @@ def create_app(
     app.router.add_post("/api/cluster/members", add_member)
     app.router.add_delete("/api/cluster/members/{node_id}", remove_member)
     app.router.add_get("/metrics", metrics)
+
+    document = openapi_document(scheduling=service is not None, audit=audit is not None)
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app.router.add_get("/api/openapi.json", openapi)
     if audit is not None:
         add_audit_route(app, audit)
     if service is not None:

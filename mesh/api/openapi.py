@@ -1,0 +1,549 @@
+"""The API's OpenAPI 3.1 document (``GET /api/openapi.json``).
+
+Request bodies are the very ``msgspec.Struct`` classes the handlers parse with
+(:mod:`mesh.api.schema`), turned into JSON Schema by ``msgspec.json.schema_components``: a field
+added to a body appears here without anyone editing this file. Response shapes are the Structs
+below; nothing parses with them, so the fuzz test (tests/test_fuzz_api.py) checks every answer
+of a live mesh against them. The route list, :data:`OPERATIONS`, is checked against the aiohttp
+router by tests/test_openapi.py, so an endpoint cannot be added without being described here.
+
+OpenAPI 3.1 because its schemas are JSON Schema 2020-12, which is what msgspec emits (``null``
+as a type, ``anyOf`` with a discriminator), so no conversion is needed but one: regular
+expressions, written for Python's ``re`` in schema.py, are rewritten to ECMA-262 (the dialect
+JSON Schema names) by :func:`ecma_pattern`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+from typing import Annotated, Any, Literal
+
+import attrs
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from mesh.api.schema import (
+    CalendarIntervalTriggerBody,
+    CronTriggerBody,
+    DateText,
+    DateTimeText,
+    DateTriggerBody,
+    Id,
+    IntervalTriggerBody,
+    JobBody,
+    MemberBody,
+    ScheduleBody,
+)
+
+OPENAPI_VERSION = "3.1.0"
+API_VERSION = "1"
+REF = "#/components/schemas/{name}"
+Role = Literal["read", "operate", "admin"]
+
+# --- response shapes (documentation only; checked against live answers by the fuzz test) ----
+
+Timestamp = Annotated[str, Meta(description="ISO-8601 date-time with offset")]
+
+
+class Error(msgspec.Struct):
+    """Every 4xx/5xx answer."""
+
+    error: Annotated[str, Meta(description="one sentence saying what went wrong")]
+
+
+class Health(msgspec.Struct):
+    node_id: str
+    role: Annotated[str, Meta(description="leader, follower, precandidate or candidate")]
+    term: int
+    leader_id: str | None
+    commit_index: int
+
+
+class ClusterMember(msgspec.Struct):
+    node_id: str | None
+    mesh_address: str
+    http_address: str | None
+    state: str
+    role: str | None
+    last_seen: Timestamp | None
+    voter: bool
+
+
+class Cluster(msgspec.Struct):
+    leader_id: str | None
+    term: int
+    members: list[ClusterMember]
+
+
+class KnownNode(msgspec.Struct):
+    node_id: str | None
+    mesh_address: str
+    http_address: str | None
+    state: str
+    voter: bool
+    removed: bool
+
+
+class Members(msgspec.Struct):
+    """The voter set and every node this one knows."""
+
+    leader_id: str | None
+    term: int
+    voters: list[str]
+    removed: list[str]
+    members: list[KnownNode]
+
+
+class Schedule(msgspec.Struct):
+    """A schedule as the API shows it (docs/api.md, "A schedule in responses")."""
+
+    id: str
+    task: str
+    trigger: Annotated[
+        dict[str, Any], Meta(description="the trigger's configuration, with its 'type'")
+    ]
+    args: list[Any]
+    kwargs: dict[str, Any]
+    coalesce: str
+    misfire_grace_time: float | None
+    max_jitter: float | None
+    paused: bool
+    metadata: dict[str, Any]
+    next_fire_time: Timestamp | None
+    last_fire_time: Timestamp | None
+    warnings: list[str] | UnsetType = UNSET
+
+
+class ScheduleList(msgspec.Struct):
+    schedules: list[Schedule]
+
+
+class JobAccepted(msgspec.Struct):
+    job_id: Annotated[str, Meta(description="a UUID")]
+    warnings: list[str] | UnsetType = UNSET
+
+
+class JobStatus(msgspec.Struct):
+    job_id: str
+    status: Annotated[str, Meta(description="pending, running, or the outcome once finished")]
+    task: str
+    schedule_id: str | None
+
+
+class Execution(msgspec.Struct):
+    job_id: str
+    schedule_id: str | None
+    task: str
+    scheduled_fire_time: Timestamp | None
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    handler_id: str | None
+    outcome: str
+    term: int | None
+
+
+class ExecutionList(msgspec.Struct):
+    executions: list[Execution]
+
+
+class Handler(msgspec.Struct):
+    handler_id: str
+    tasks: list[str]
+    state: str
+    active_jobs: int
+    succeeded: int
+    failed: int
+    avg_ms: float | None
+    last_seen: Timestamp
+
+
+class HandlerList(msgspec.Struct):
+    handlers: list[Handler]
+
+
+class AuditEntry(msgspec.Struct):
+    """One recorded mutation: who (token name and role), what, when, from where."""
+
+    id: int
+    ts: Timestamp
+    node_id: str
+    received_by: str
+    token: Annotated[str | None, Meta(description="the token's name (null: no tokens)")]
+    role: str | None
+    method: str
+    path: str
+    status: int
+
+
+class AuditPage(msgspec.Struct):
+    audit: list[AuditEntry]
+    next_after: Annotated[int | None, Meta(description="pass as ?after= for the next page")]
+
+
+class OpenAPIDocument(msgspec.Struct):
+    """This document."""
+
+    openapi: str
+    info: dict[str, Any]
+    paths: dict[str, Any]
+
+
+Trigger = IntervalTriggerBody | CronTriggerBody | DateTriggerBody | CalendarIntervalTriggerBody
+
+# --- the operations ------------------------------------------------------------------------------
+
+ERRORS = {
+    400: ("BadRequest", "bad input; the message names the field"),
+    401: ("Unauthorized", "missing or bad token (with tokens configured)"),
+    403: ("Forbidden", "the token's role is too low, or the node is read-only"),
+    404: ("NotFound", "no such schedule, job or node"),
+    408: ("RequestTimeout", "the request body did not arrive in time"),
+    409: ("Conflict", "the id exists already, or a membership change is in progress"),
+    413: ("TooLarge", "request body too large"),
+    429: ("TooManyRequests", "too many jobs queued; retry later"),
+    503: ("Unavailable", "no leader or quorum, or the write was not confirmed (it may apply)"),
+}
+
+
+@attrs.frozen
+class Operation:
+    """One method on one path: what it takes, what it answers, which role it needs."""
+
+    method: str
+    path: str
+    summary: str
+    answers: dict[int, Any]  # status -> a Struct (JSON), str (another media type), None (empty)
+    body: Any = None  # the request body's Struct
+    role: Role | None = "read"  # None: open, even with tokens configured
+    errors: tuple[int, ...] = ()
+    query: tuple[dict[str, Any], ...] = ()
+    scheduling: bool = False  # served only by a node with a scheduling service
+    audit: bool = False  # served only by a node with an audit log
+
+
+def _id_param(name: str, description: str, schema: dict[str, Any] | None = None) -> dict:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
+
+
+WRITE_ERRORS = (400, 408, 413, 503)
+OPERATIONS: tuple[Operation, ...] = (
+    Operation("get", "/api/health", "this node's role, term and leader", {200: Health}, role=None),
+    Operation("get", "/api/cluster", "the leader, the term and every node known", {200: Cluster}),
+    Operation("get", "/api/cluster/members", "the voters", {200: Members}),
+    Operation(
+        "post",
+        "/api/cluster/members",
+        "make a known node a voter (through the Raft log)",
+        {200: Members},
+        body=MemberBody,
+        role="admin",
+        errors=(*WRITE_ERRORS, 404, 409),
+    ),
+    Operation(
+        "delete",
+        "/api/cluster/members/{node_id}",
+        "remove a voter (through the Raft log)",
+        {200: Members},
+        role="admin",
+        errors=(503, 404, 409),
+    ),
+    Operation(
+        "get", "/metrics", "Prometheus metrics", {200: "text/plain; version=0.0.4"}, role=None
+    ),
+    Operation("get", "/api/openapi.json", "this document", {200: OpenAPIDocument}),
+    Operation(
+        "get",
+        "/api/audit",
+        "the mutations recorded on this node, oldest first",
+        {200: AuditPage},
+        role="admin",
+        errors=(400,),
+        query=(
+            {
+                "name": "limit",
+                "in": "query",
+                "description": "at most this many (default 100)",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+            },
+            {
+                "name": "after",
+                "in": "query",
+                "description": "entries with an id above this one",
+                "schema": {"type": "integer", "minimum": 0},
+            },
+        ),
+        audit=True,
+    ),
+    Operation("get", "/api/handlers", "the handlers", {200: HandlerList}, scheduling=True),
+    Operation("get", "/api/schedules", "every schedule", {200: ScheduleList}, scheduling=True),
+    Operation(
+        "post",
+        "/api/schedules",
+        "create a schedule (an omitted id gets a random UUID)",
+        {201: Schedule},
+        body=ScheduleBody,
+        role="operate",
+        errors=(*WRITE_ERRORS, 409),
+        scheduling=True,
+    ),
+    Operation(
+        "get",
+        "/api/schedules/{id}",
+        "one schedule",
+        {200: Schedule},
+        errors=(404,),
+        scheduling=True,
+    ),
+    Operation(
+        "put",
+        "/api/schedules/{id}",
+        "replace a schedule (the body's id may be omitted)",
+        {200: Schedule},
+        body=ScheduleBody,
+        role="operate",
+        errors=(*WRITE_ERRORS, 404),
+        scheduling=True,
+    ),
+    Operation(
+        "delete",
+        "/api/schedules/{id}",
+        "delete a schedule",
+        {204: None},
+        role="operate",
+        errors=(503, 404),
+        scheduling=True,
+    ),
+    Operation(
+        "post",
+        "/api/schedules/{id}/pause",
+        "pause a schedule",
+        {200: Schedule},
+        role="operate",
+        errors=(503, 404),
+        scheduling=True,
+    ),
+    Operation(
+        "post",
+        "/api/schedules/{id}/resume",
+        "resume a schedule",
+        {200: Schedule},
+        role="operate",
+        errors=(503, 404),
+        scheduling=True,
+    ),
+    Operation(
+        "post",
+        "/api/jobs",
+        "run a task now",
+        {202: JobAccepted},
+        body=JobBody,
+        role="operate",
+        errors=(*WRITE_ERRORS, 429),
+        scheduling=True,
+    ),
+    Operation(
+        "get",
+        "/api/jobs/{job_id}",
+        "a job's status and result",
+        {200: JobStatus},
+        errors=(400, 404),
+        scheduling=True,
+    ),
+    Operation(
+        "get",
+        "/api/executions",
+        "the latest executions, newest first",
+        {200: ExecutionList},
+        errors=(400,),
+        query=(
+            {
+                "name": "schedule_id",
+                "in": "query",
+                "description": "only this schedule's executions",
+                "schema": {"type": "string"},
+            },
+            {
+                "name": "limit",
+                "in": "query",
+                "description": "at most this many (default 100)",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 10_000},
+            },
+        ),
+        scheduling=True,
+    ),
+)
+
+_ID = msgspec.json.schema(Id)
+_PATH_PARAMS = {
+    "node_id": _id_param("node_id", "a voter's node id", _ID),
+    "id": _id_param("id", "a schedule id", _ID),
+    "job_id": _id_param("job_id", "a job id (a UUID)", {"type": "string", "format": "uuid"}),
+}
+
+
+def _served(op: Operation, scheduling: bool, audit: bool) -> bool:
+    return (scheduling or not op.scheduling) and (audit or not op.audit)
+
+
+@functools.cache
+def _document(scheduling: bool, audit: bool) -> dict[str, Any]:
+    ops = [op for op in OPERATIONS if _served(op, scheduling, audit)]
+    structs: list[Any] = [Error]
+    structs += [op.body for op in ops if op.body is not None]
+    structs += [a for op in ops for a in op.answers.values() if isinstance(a, type)]
+    if ScheduleBody in structs:
+        structs.append(Trigger)
+    refs, schemas = msgspec.json.schema_components(structs, ref_template=REF)
+    ref_of = dict(zip(structs, refs, strict=True))
+    if ScheduleBody in structs:
+        # The handlers take ``trigger`` as an object and parse it themselves (for clearer
+        # errors); what they accept is exactly the tagged union of the trigger bodies.
+        schemas["Trigger"] = ref_of[Trigger]
+        trigger = schemas["ScheduleBody"]["properties"]["trigger"]
+        schemas["ScheduleBody"]["properties"]["trigger"] = {
+            "$ref": REF.format(name="Trigger"),
+            "description": trigger.get("description", ""),
+        }
+    paths: dict[str, dict[str, Any]] = {}
+    for op in ops:
+        paths.setdefault(op.path, {})[op.method] = _operation(op, ref_of)
+    _rewrite_patterns(schemas)
+    _rewrite_patterns(paths)
+    _add_formats(schemas)
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "ScheduleZero Mesh",
+            "version": API_VERSION,
+            "description": "Every node serves this API; writes are forwarded to the leader "
+            "(docs/api.md). Errors are JSON {'error': '...'}. With a tokens file, every "
+            "/api/ request but /api/health needs a Bearer token of the role named in "
+            "x-required-role (read < operate < admin).",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "responses": {
+                name: _json_response(description, {"$ref": REF.format(name="Error")})
+                | ({"headers": _WWW_AUTHENTICATE} if status == 401 else {})
+                for status, (name, description) in ERRORS.items()
+            },
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+_WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}
+
+
+def _operation(op: Operation, ref_of: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "operationId": op.method + re.sub(r"[^A-Za-z0-9]+", "_", op.path).rstrip("_"),
+        "summary": op.summary,
+    }
+    params = [copy.deepcopy(_PATH_PARAMS[name]) for name in re.findall(r"\{(\w+)\}", op.path)]
+    params += op.query
+    if params:
+        out["parameters"] = params
+    if op.body is not None:
+        out["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": ref_of[op.body]}},
+        }
+    responses: dict[str, Any] = {}
+    for status, shape in op.answers.items():
+        if shape is None:
+            responses[str(status)] = {"description": "done"}
+        elif isinstance(shape, str):
+            responses[str(status)] = {
+                "description": "OK",
+                "content": {shape.split(";")[0]: {"schema": {"type": "string"}}},
+            }
+        else:
+            responses[str(status)] = _json_response("OK", ref_of[shape])
+    errors = set(op.errors)
+    if op.role is None:
+        out["security"] = []
+    else:
+        out["x-required-role"] = op.role
+        errors |= {401, 403}
+    for status in sorted(errors):
+        responses[str(status)] = {"$ref": f"#/components/responses/{ERRORS[status][0]}"}
+    out["responses"] = responses
+    return out
+
+
+def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def openapi_document(*, scheduling: bool = True, audit: bool = True) -> dict[str, Any]:
+    """The OpenAPI document of a node's API (a fresh copy); ``scheduling=False`` and
+    ``audit=False`` leave out the routes served only by a node with a scheduling service or an
+    audit log."""
+    return copy.deepcopy(_document(scheduling, audit))
+
+
+def documented_routes(*, scheduling: bool = True, audit: bool = True) -> set[tuple[str, str]]:
+    """``(METHOD, path)`` of every operation the document describes."""
+    return {(op.method.upper(), op.path) for op in OPERATIONS if _served(op, scheduling, audit)}
+
+
+# --- regular expressions: Python's re → ECMA-262 --------------------------------------------------
+
+
+def ecma_pattern(pattern: str) -> str:
+    """``pattern`` (Python ``re``) in ECMA-262 with the same meaning, for the constructs
+    schema.py uses: ``\\Z`` (end of text: ECMA's ``$`` without the multiline flag) and a
+    dot-all group ``(?s:...)`` (its dots become ``[\\s\\S]``). Any other Python-only construct
+    raises ValueError, so a new one is noticed (tests/test_openapi.py builds the document)."""
+    out = pattern.replace(r"\Z", "$")
+    out = re.sub(r"\(\?s:((?:[^()]|\((?!\?)[^()]*\)|\(\?:[^()]*\))*)\)", _dotall, out)
+    if "(?" in out.replace("(?:", "").replace("(?!", "").replace("(?=", "") or r"\A" in out:
+        raise ValueError(f"no ECMA-262 rewrite for the pattern {pattern!r}")
+    return out
+
+
+def _dotall(m: re.Match[str]) -> str:
+    return "(?:" + re.sub(r"(?<!\\)\.", r"[\\s\\S]", m.group(1)) + ")"
+
+
+def _rewrite_patterns(node: Any) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "pattern" and isinstance(value, str):
+                node[key] = ecma_pattern(value)
+            else:
+                _rewrite_patterns(value)
+    elif isinstance(node, list):
+        for item in node:
+            _rewrite_patterns(item)
+
+
+# --- formats --------------------------------------------------------------------------------------
+
+# schema.py's date texts are plain strings to msgspec (the trigger builders parse them, for a
+# clearer error); the document names their format, so that generators send real dates too.
+FORMATS = {"date-time": DateTimeText, "date": DateText}
+
+
+def _add_formats(node: Any) -> None:
+    plain = {fmt: msgspec.json.schema(tp) for fmt, tp in FORMATS.items()}
+    if isinstance(node, dict):
+        for fmt, schema in plain.items():
+            if node == schema:
+                node["format"] = fmt
+        for value in node.values():
+            _add_formats(value)
+    elif isinstance(node, list):
+        for item in node:
+            _add_formats(item)
