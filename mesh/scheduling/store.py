@@ -54,6 +54,7 @@ from mesh.scheduling.state import (
     dump_result,
     dump_schedule,
     dump_task,
+    json_result,
     load_job,
     load_schedule,
     load_task,
@@ -349,6 +350,7 @@ class ReplicatedDataStore(BaseDataStore):
         return jobs
 
     async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
+        result = json_result(result)  # NaN, Infinity, a set...: recorded as an error outcome
         command = {
             "op": "release_job",
             "scheduler_id": scheduler_id,
