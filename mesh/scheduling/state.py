@@ -191,6 +191,7 @@ class SchedulerState:
         self.executions: deque[dict[str, Any]] = deque(maxlen=self.max_executions)
         self.fires_recorded = 0
         self.fires_deduplicated = 0
+        self.fires_skipped = 0  # missed fire times over the coalesce "all" catch-up cap
         self._running: dict[str, int] = {}  # task id → jobs currently leased
 
     # ------------------------------------------------------------------ StateMachine
@@ -239,7 +240,7 @@ class SchedulerState:
                 "results": [dump_result(r) for r in self.results.values()],
                 "fired": self.fired,
                 "executions": list(self.executions),
-                "counters": [self.fires_recorded, self.fires_deduplicated],
+                "counters": [self.fires_recorded, self.fires_deduplicated, self.fires_skipped],
             },
             separators=(",", ":"),
         ).encode()
@@ -267,7 +268,8 @@ class SchedulerState:
             self.results[res.job_id] = res
         self.fired = dict(d["fired"])
         self.executions.extend(d["executions"])
-        self.fires_recorded, self.fires_deduplicated = d["counters"]
+        counters = [*d["counters"], 0]  # snapshots before fires_skipped have two
+        self.fires_recorded, self.fires_deduplicated, self.fires_skipped = counters[:3]
         self._recount_running()
 
     # ------------------------------------------------------------------ queries
@@ -415,6 +417,7 @@ class SchedulerState:
                 acquired_until=None,
             )
             self._put_schedule(new)
+            self.fires_skipped += r.get("skipped", 0)
             released.append(s.id)
         return released
 

@@ -48,6 +48,7 @@ from apscheduler._events import (
 )
 from apscheduler.datastores.base import BaseDataStore
 
+from mesh.scheduling.catchup import catch_up
 from mesh.scheduling.state import (
     SchedulerState,
     dump_job,
@@ -87,6 +88,8 @@ class ReplicatedDataStore(BaseDataStore):
     _inflight: set[asyncio.Future[Any]] = attrs.field(init=False, factory=set)
     _tasks: set[asyncio.Task[None]] = attrs.field(init=False, factory=set)
     _batch: list[tuple[dict[str, Any], asyncio.Future[Any]]] = attrs.field(init=False, factory=list)
+    # Missed fire times the catch-up cap skipped, per schedule, until its release records them.
+    _skipped: dict[str, int] = attrs.field(init=False, factory=dict)
 
     # ------------------------------------------------------------------ proposing
 
@@ -216,7 +219,13 @@ class ReplicatedDataStore(BaseDataStore):
                 "until": (now + lease_duration).isoformat(),
             }
         )
-        return [_copy_schedule(self.state.schedules[sid]) for sid in got]
+        schedules = [_copy_schedule(self.state.schedules[sid]) for sid in got]
+        for s in schedules:
+            # Far behind the clock (a start in the past, an outage): fast-forward the copy so
+            # APScheduler's loop visits a bounded number of fire times (catchup module doc).
+            if skipped := catch_up(s, now):
+                self._skipped[s.id] = skipped
+        return schedules
 
     async def release_schedules(self, scheduler_id: str, results: Sequence[ScheduleResult]) -> None:
         await self._drain_inflight()
@@ -234,6 +243,7 @@ class ReplicatedDataStore(BaseDataStore):
                         "next_fire_time": r.next_fire_time.isoformat()
                         if r.next_fire_time
                         else None,
+                        **_skipped_field(self._skipped.pop(r.schedule_id, 0)),
                     }
                     for r in results
                 ],
@@ -441,6 +451,10 @@ def _distribute(
             fut.set_exception(exc)
         else:
             fut.set_result(entry.result())
+
+
+def _skipped_field(skipped: int) -> dict[str, int]:
+    return {"skipped": skipped} if skipped else {}
 
 
 def _copy_schedule(s: Schedule) -> Schedule:
