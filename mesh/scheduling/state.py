@@ -321,9 +321,18 @@ class SchedulerState:
                 }
         return None
 
-    def execution_history(self, schedule_id: str | None, limit: int) -> list[dict[str, Any]]:
+    def execution_history(
+        self, schedule_id: str | None, limit: int, *, after: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first, at most ``limit``; with ``after`` (a job id) only the records older than
+        that job's (LookupError if it is not in the history)."""
+        records: Iterable[dict[str, Any]] = reversed(self.executions)
+        if after is not None:
+            records = iter(records)
+            if not any(ex["job_id"] == after for ex in records):
+                raise LookupError(after)
         out = []
-        for ex in reversed(self.executions):
+        for ex in records:
             if schedule_id is None or ex["schedule_id"] == schedule_id:
                 out.append(ex)
                 if len(out) >= limit:
