@@ -173,7 +173,7 @@ def test_user_data_nested_deeper_than_32_levels_is_refused(mesh: Mesh, field: st
 
 @pytest.mark.parametrize(
     "query",
-    ["limit=%C2%B2", "limit=0", "limit=10001", "limit=-1", "limit=1&limit=2", "colour=red", "after="],
+    ["limit=%C2%B2", "limit=0", "limit=10001", "limit=-1", "limit=1&limit=2", "x=1", "after="],
 )
 def test_a_bad_query_parameter_is_a_400(mesh: Mesh, query: str) -> None:
     for path in ("/api/executions", "/api/schedules", "/api/handlers"):
