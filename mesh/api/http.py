@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 import aiohttp
@@ -319,8 +321,11 @@ def _add_scheduling_routes(app: web.Application, service: SchedulingService) -> 
         return s
 
     async def list_schedules(request: web.Request) -> web.Response:
-        items = [schedule_to_json(s) for _, s in sorted(state.schedules.items())]
-        return web.json_response({"schedules": items})
+        limit, after, _ = _page_query(request, default_limit=MAX_PAGE)
+        ids = sorted(i for i in state.schedules if after is None or i > after)
+        page, nxt = _page(ids, limit, key=str)
+        items = [schedule_to_json(state.schedules[i]) for i in page]
+        return web.json_response({"schedules": items, "next": nxt})
 
     async def get_schedule(request: web.Request) -> web.Response:
         return web.json_response(schedule_to_json(schedule_or_404(request.match_info["id"])))
@@ -369,18 +374,25 @@ def _add_scheduling_routes(app: web.Application, service: SchedulingService) -> 
         return web.json_response(status)
 
     async def executions(request: web.Request) -> web.Response:
-        q = request.query
-        unknown = set(q) - {"schedule_id", "limit"}
-        if unknown:
-            raise BadRequest(f"unknown query parameter {sorted(unknown)[0]!r}")
-        limit_raw = q.get("limit", "100")
-        if not limit_raw.isdigit() or not 1 <= int(limit_raw) <= 10_000:
-            raise BadRequest(f"limit must be an integer from 1 to 10000, got {limit_raw!r}")
-        items = state.execution_history(q.get("schedule_id") or None, int(limit_raw))
-        return web.json_response({"executions": items})
+        limit, after, extra = _page_query(
+            request, default_limit=100, max_limit=MAX_EXECUTIONS_PAGE, extra=("schedule_id",)
+        )
+        schedule_id = extra.get("schedule_id") or None
+        try:
+            items = state.execution_history(schedule_id, limit + 1, after=after)
+        except LookupError:
+            raise BadRequest(
+                f"after: no execution of job {after!r} in the history (it may have expired)"
+            ) from None
+        page, nxt = _page(items, limit, key=lambda ex: ex["job_id"])
+        return web.json_response({"executions": page, "next": nxt})
 
     async def handlers(request: web.Request) -> web.Response:
-        return web.json_response({"handlers": service.handlers()})
+        limit, after, _ = _page_query(request, default_limit=MAX_PAGE)
+        listed = sorted(service.handlers(), key=lambda h: str(h.get("handler_id")))
+        listed = [h for h in listed if after is None or str(h.get("handler_id")) > after]
+        page, nxt = _page(listed, limit, key=lambda h: str(h.get("handler_id")))
+        return web.json_response({"handlers": page, "next": nxt})
 
     r = app.router
     r.add_get("/api/handlers", handlers)
@@ -394,6 +406,58 @@ def _add_scheduling_routes(app: web.Application, service: SchedulingService) -> 
     r.add_post("/api/jobs", run_job)
     r.add_get("/api/jobs/{job_id}", job_status)
     r.add_get("/api/executions", executions)
+
+
+# --- pagination (docs/api.md "Pages") ---------------------------------------------------------
+
+MAX_PAGE = 1000  # items per page of /api/schedules and /api/handlers (also their default)
+MAX_EXECUTIONS_PAGE = 10_000  # /api/executions: the whole history fits in one page
+MAX_CURSOR = 200  # characters of an ``after`` cursor (ids are at most 128, UUIDs 36)
+_DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() also takes "²"
+
+
+def _page_query(
+    request: web.Request,
+    *,
+    default_limit: int,
+    max_limit: int = MAX_PAGE,
+    extra: tuple[str, ...] = (),
+) -> tuple[int, str | None, dict[str, str]]:
+    """``(limit, after, {other allowed parameter: value})`` of a list request, or BadRequest:
+    an unknown or repeated parameter, a ``limit`` that is not an integer from 1 to
+    ``max_limit``, a cursor or value longer than ``MAX_CURSOR`` characters."""
+    q = request.query
+    allowed = {"limit", "after", *extra}
+    for name in q:
+        if name not in allowed:
+            raise BadRequest(
+                f"unknown query parameter {name[:40]!r} (allowed: {', '.join(sorted(allowed))})"
+            )
+        if len(q.getall(name)) > 1:
+            raise BadRequest(f"query parameter {name!r} given more than once")
+        if len(q[name]) > MAX_CURSOR:
+            raise BadRequest(f"{name}: at most {MAX_CURSOR} characters")
+    raw = q.get("limit")
+    limit = default_limit
+    if raw is not None:
+        if not _DIGITS.fullmatch(raw) or not 1 <= int(raw) <= max_limit:
+            raise BadRequest(f"limit must be an integer from 1 to {max_limit}, got {raw[:40]!r}")
+        limit = int(raw)
+    after = q.get("after")
+    if after == "":
+        raise BadRequest("after: must not be empty (the 'next' of the previous page)")
+    return limit, after, {name: q[name] for name in extra if name in q}
+
+
+_I = TypeVar("_I")
+
+
+def _page(items: list[_I], limit: int, *, key: Callable[[_I], str]) -> tuple[list[_I], str | None]:
+    """The first ``limit`` items and the cursor of the next page (None: this is the last)."""
+    if len(items) <= limit:
+        return items, None
+    page = items[:limit]
+    return page, key(page[-1])
 
 
 class HttpServer:

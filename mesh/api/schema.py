@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, Literal, TypeVar, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -36,6 +36,7 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from msgspec import UNSET, Meta, UnsetType
 
+from mesh.scheduling.codec import MAX_USER_DEPTH, NotPlainJSON, plain
 from mesh.scheduling.spec import ScheduleSpec
 from mesh.validation import Problem, dotted, explain
 
@@ -43,6 +44,15 @@ MAX_TASK_NAME = 200
 # Upper bound for misfire_grace_time and max_jitter: large enough for "run every missed fire
 # time after any outage", small enough that fire time + bound never overflows a datetime.
 MAX_DURATION_SECONDS = 100 * 366 * 24 * 3600
+# Date-times a trigger may name. Outside this range APScheduler's arithmetic overflows a
+# datetime (year 9999) on the leader, or searches centuries for a cron match.
+MIN_YEAR, MAX_YEAR = 1900, 9000
+# A cron or calendarinterval trigger must fire within this many years of its start (or of now,
+# when it starts in the past); otherwise it is refused as never firing. The search is bounded
+# by this window: about 10 ms of CPU for a cron date that does not exist (31 April).
+FIRE_SEARCH_YEARS = 100
+# How deep args, kwargs and metadata may nest (codec.MAX_USER_DEPTH, documented in docs/api.md).
+MAX_DEPTH = MAX_USER_DEPTH
 
 INTERVAL_UNITS = ("weeks", "days", "hours", "minutes", "seconds", "microseconds")
 CRON_FIELDS = tuple(name for name, _ in CronTrigger.FIELDS_MAP)  # year … second
@@ -90,7 +100,14 @@ DateText = Annotated[str, Meta(description="an ISO-8601 date such as '2026-11-23
 TimeZoneName = Annotated[str, Meta(description="an IANA time zone name such as 'Europe/Berlin'")]
 CronExpr = Annotated[str, Meta(description="a crontab string such as '*/5 * * * *'")]
 CronField = Annotated[int | str, Meta(description="a cron expression string or an integer")]
-Count = Annotated[int, Meta(ge=0, description="an integer >= 0")]
+
+
+def _count(most: int) -> Any:
+    return Annotated[int, Meta(ge=0, le=most, description=f"an integer from 0 to {most}")]
+
+
+# Calendar intervals up to 100 years, so a fire date never leaves the years a date can hold.
+Years, Months, Weeks, Days = _count(100), _count(1200), _count(5218), _count(36524)
 Hour = Annotated[int, Meta(ge=0, le=23, description="an integer from 0 to 23")]
 MinuteOrSecond = Annotated[int, Meta(ge=0, le=59, description="an integer from 0 to 59")]
 
@@ -156,6 +173,11 @@ class IntervalTriggerBody(_TriggerBody, tag="interval"):
                 "trigger: an interval trigger needs a positive interval "
                 f"(set one of {', '.join(INTERVAL_UNITS)} above 0)"
             )
+        if interval > timedelta(seconds=MAX_DURATION_SECONDS):
+            raise BadRequest(
+                f"trigger: the interval must be at most {MAX_DURATION_SECONDS} seconds "
+                f"(100 years), got {interval.total_seconds():.0f}"
+            )
         start, end = _time_range(self.start_time, self.end_time, now)
         return IntervalTrigger(**units, start_time=start, end_time=end)
 
@@ -201,9 +223,12 @@ class CronTriggerBody(_TriggerBody, tag="cron"):
                         f"trigger.expr: invalid cron expression {expr!r} ({name} field: {problem})"
                     )
             try:
-                return CronTrigger.from_crontab(expr, start_time=start, end_time=end, timezone=tz)
+                trigger = CronTrigger.from_crontab(
+                    expr, start_time=start, end_time=end, timezone=tz
+                )
             except (ValueError, TypeError, IndexError) as e:  # fields checked above; belt & braces
                 raise BadRequest(f"trigger.expr: invalid cron expression {expr!r} ({e})") from None
+            return _must_fire(trigger, start, now)
 
         if not fields:
             raise BadRequest(
@@ -214,9 +239,10 @@ class CronTriggerBody(_TriggerBody, tag="cron"):
             if problem:
                 raise BadRequest(f"trigger.{name}: invalid cron field value ({problem})")
         try:
-            return CronTrigger(**fields, start_time=start, end_time=end, timezone=tz)
+            trigger = CronTrigger(**fields, start_time=start, end_time=end, timezone=tz)
         except (ValueError, TypeError, IndexError) as e:
             raise BadRequest(f"trigger: invalid cron trigger ({e})") from None
+        return _must_fire(trigger, start, now)
 
 
 class DateTriggerBody(_TriggerBody, tag="date"):
@@ -227,10 +253,10 @@ class DateTriggerBody(_TriggerBody, tag="date"):
 
 
 class CalendarIntervalTriggerBody(_TriggerBody, tag="calendarinterval"):
-    years: Count = 0
-    months: Count = 0
-    weeks: Count = 0
-    days: Count = 0
+    years: Years = 0
+    months: Months = 0
+    weeks: Weeks = 0
+    days: Days = 0
     hour: Hour = 0
     minute: MinuteOrSecond = 0
     second: MinuteOrSecond = 0
@@ -252,11 +278,12 @@ class CalendarIntervalTriggerBody(_TriggerBody, tag="calendarinterval"):
         if end is not None and end < start:
             raise BadRequest("trigger.end_date: must not be earlier than trigger.start_date")
         try:
-            return CalendarIntervalTrigger(
+            trigger = CalendarIntervalTrigger(
                 **units, **clock, start_date=start, end_date=end, timezone=tz
             )
         except (ValueError, OverflowError) as e:
             raise BadRequest(f"trigger: invalid calendarinterval trigger ({e})") from None
+        return _must_fire(trigger, datetime.combine(start, time(0), tz), now)
 
 
 _TRIGGER_BODIES: dict[str, type[_TriggerBody]] = {
@@ -350,6 +377,7 @@ def parse_trigger(spec: Any, *, now: datetime | None = None) -> Trigger:
 
 
 _T = TypeVar("_T")
+_Fires = TypeVar("_Fires", CronTrigger, CalendarIntervalTrigger)
 
 
 def _convert(data: Any, tp: type[_T] | Any, *, prefix: str = "", where: str = "") -> _T:
@@ -369,6 +397,24 @@ def _bad_request(p: Problem, prefix: str, where: str) -> BadRequest:
     if p.kind in ("type", "bound", "choice"):
         return BadRequest(f"{path}: must be {p.expected}, got {_show(p.value)}")
     return BadRequest(f"{path}: {p.reason(_show)}")
+
+
+def _must_fire(trigger: _Fires, start: datetime, now: datetime) -> _Fires:
+    """``trigger``, or BadRequest when a bounded search finds no fire time: from its start to
+    FIRE_SEARCH_YEARS after its start or now, whichever is later."""
+    probe = type(trigger).__new__(type(trigger))
+    probe.__setstate__(trigger.__getstate__())  # next() advances a trigger: search a copy
+    horizon = max(start, now) + timedelta(days=FIRE_SEARCH_YEARS * 365)
+    if isinstance(probe, CronTrigger):
+        probe.end_time = min(probe.end_time or horizon, horizon)
+    else:
+        probe.end_date = min(probe.end_date or horizon.date(), horizon.date())
+    if probe.next() is None:
+        raise BadRequest(
+            f"trigger: never fires (no fire time from {start.date().isoformat()} to "
+            f"{horizon.date().isoformat()}); check the dates, e.g. 30 February does not exist"
+        )
+    return trigger
 
 
 def _cron_field_problem(name: str, value: int | str) -> str | None:
@@ -394,12 +440,13 @@ def _duration(seconds: float | None, path: str) -> timedelta | None:
 
 
 def _metadata(value: dict[str, Any]) -> dict[str, Any]:
+    _require_json(value, "metadata")  # first: the depth bound protects the recursive check
     # The very validator Schedule applies, so anything accepted here is accepted there.
     try:
         valid_metadata(None, attrs.fields(Schedule).metadata, value)
     except ValueError as e:
         raise BadRequest(f"metadata: {e}") from None
-    return _require_json(value, "metadata")
+    return value
 
 
 def _datetime(text: str, path: str) -> datetime:
@@ -411,7 +458,15 @@ def _datetime(text: str, path: str) -> datetime:
             f"{path}: must be an ISO-8601 date-time such as '2026-11-23T10:00:00+00:00', "
             f"got {_show(text)}"
         ) from None
+    _check_year(dt.year, path, text)
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+def _check_year(year: int, path: str, text: str) -> None:
+    if not MIN_YEAR <= year <= MAX_YEAR:
+        raise BadRequest(
+            f"{path}: must be in the years {MIN_YEAR} to {MAX_YEAR}, got {_show(text)}"
+        )
 
 
 def _time_range(
@@ -428,11 +483,13 @@ def _date(text: str | None, path: str) -> date | None:
     if text is None:
         return None
     try:
-        return date.fromisoformat(text)
+        d = date.fromisoformat(text)
     except ValueError:
         raise BadRequest(
             f"{path}: must be an ISO-8601 date such as '2026-11-23', got {_show(text)}"
         ) from None
+    _check_year(d.year, path, text)
+    return d
 
 
 def _timezone(name: str | None) -> ZoneInfo:
@@ -581,9 +638,9 @@ _J = TypeVar("_J")
 
 def _require_json(value: _J, path: str) -> _J:
     try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise BadRequest(f"{path}: must contain only JSON values ({e})") from None
+        plain(value, max_depth=MAX_DEPTH)
+    except NotPlainJSON as e:
+        raise BadRequest(f"{path}: must be plain JSON ({e})") from None
     return value
 
 

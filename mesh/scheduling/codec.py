@@ -6,6 +6,12 @@ ISO strings, timedeltas as seconds, UUIDs as strings, enums by name, other objec
 unchanged. The serializer itself can only go to and from ``bytes``; walking the values directly
 skips one ``json.dumps`` and one ``json.loads`` per command and caches the class lookups, which
 is most of what replicating a schedule used to cost (see docs/performance.md).
+
+User data (a schedule's or job's ``args``, ``kwargs`` and ``metadata``, a job's return value)
+never goes through ``to_wire``/``from_wire``: it is plain JSON, checked by :func:`plain` and
+stored as it is, so a caller's ``{"_apscheduler_json": ...}`` stays a dict and never names a
+class to import. Only the fields our own code fills (triggers, dates, enums) are decoded, and
+only into classes of APScheduler itself (``ALLOWED_MODULES``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,12 @@ from uuid import UUID
 from apscheduler._marshalling import callable_from_ref, marshal_object, marshal_timezone
 
 MAGIC_KEY = "_apscheduler_json"
+# The objects the log may rebuild: APScheduler's triggers and their parts. Nothing a caller
+# writes reaches from_wire, so this is defence in depth, not the rule that keeps user data out.
+ALLOWED_MODULES = ("apscheduler.",)
+# How deep user data may nest (lists and objects): deep enough for any real payload, shallow
+# enough that walking it (here, in json, in msgspec) never approaches the recursion limit.
+MAX_USER_DEPTH = 32
 
 _PRIMITIVES = (str, int, float, bool, type(None))
 _classes: dict[str, type] = {}
@@ -96,6 +108,8 @@ def object_hook(d: dict[str, Any]) -> Any:
     ref, state = d[MAGIC_KEY]
     cls = _classes.get(ref)
     if cls is None:
+        if not isinstance(ref, str) or not ref.startswith(ALLOWED_MODULES):
+            raise ValueError(f"refusing to rebuild {ref!r}: not an APScheduler class")
         cls = callable_from_ref(ref)
         if not isinstance(cls, type):
             raise TypeError(f"{ref} is not a class")
@@ -105,6 +119,47 @@ def object_hook(d: dict[str, Any]) -> Any:
     return instance
 
 
-def loads(data: bytes | str) -> Any:
-    """Parse JSON whose objects are in wire form, rebuilding them in the same pass."""
-    return json.loads(data, object_hook=object_hook)
+class NotPlainJSON(ValueError):
+    """User data that is not plain JSON (see :func:`plain`)."""
+
+
+def plain(value: Any, *, max_depth: int = MAX_USER_DEPTH) -> Any:
+    """``value`` as plain JSON (tuples become lists), or :class:`NotPlainJSON`.
+
+    Plain JSON is what ``json.dumps(..., allow_nan=False)`` writes: objects with string keys,
+    arrays, strings, finite numbers, booleans and null, nested at most ``max_depth`` levels.
+    Walked without recursion, so no input can exhaust the stack.
+    """
+    out: list[Any] = [None]
+    # (container to fill, key or index, value, depth)
+    stack: list[tuple[Any, Any, Any, int]] = [(out, 0, value, 0)]
+    while stack:
+        parent, slot, v, depth = stack.pop()
+        t = type(v)
+        if t is str or t is bool or v is None:
+            parent[slot] = v
+        elif t is int:
+            parent[slot] = v
+        elif t is float:
+            if v != v or v in (_INF, -_INF):
+                raise NotPlainJSON(f"{v!r} is not a JSON number")
+            parent[slot] = v
+        elif t is dict or t is list or t is tuple:
+            if depth >= max_depth:
+                raise NotPlainJSON(f"nested deeper than {max_depth} levels")
+            if t is dict:
+                new: Any = {}
+                for k, item in v.items():
+                    if type(k) is not str:
+                        raise NotPlainJSON(f"object key {k!r} is not a string")
+                    stack.append((new, k, item, depth + 1))
+            else:
+                new = [None] * len(v)
+                stack.extend((new, i, item, depth + 1) for i, item in enumerate(v))
+            parent[slot] = new
+        else:
+            raise NotPlainJSON(f"a {t.__name__} is not a JSON value")
+    return out[0]
+
+
+_INF = float("inf")

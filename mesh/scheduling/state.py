@@ -27,8 +27,7 @@ import attrs
 from apscheduler import Job, JobOutcome, JobResult, Schedule, Task
 
 from mesh.consensus.messages import COMMAND, Entry
-from mesh.scheduling import codec
-from mesh.scheduling.codec import from_wire, to_wire
+from mesh.scheduling.codec import NotPlainJSON, from_wire, plain, to_wire
 
 log = logging.getLogger("mesh.scheduling.state")
 
@@ -43,30 +42,44 @@ def _fields(obj: Any) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in attrs.fields(type(obj))}
 
 
+# Fields that hold a caller's data: stored as plain JSON and never decoded (codec module doc).
+USER_FIELDS = frozenset({"args", "kwargs", "metadata"})
+
+
+def _dump(obj: Any, skip: str | None = None) -> dict[str, Any]:
+    return {
+        k: plain(v) if k in USER_FIELDS else to_wire(v)
+        for k, v in _fields(obj).items()
+        if k != skip
+    }
+
+
+def _load(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if k in USER_FIELDS else from_wire(v) for k, v in d.items()}
+
+
 def dump_task(t: Task) -> dict[str, Any]:
-    d = _fields(t)
-    d.pop("running_jobs", None)
-    return to_wire(d)
+    return _dump(t, skip="running_jobs")
 
 
 def load_task(d: dict[str, Any]) -> Task:
-    return Task(**from_wire(d))
+    return Task(**_load(d))
 
 
 def dump_schedule(s: Schedule) -> dict[str, Any]:
-    return to_wire(_fields(s))
+    return _dump(s)
 
 
 def load_schedule(d: dict[str, Any]) -> Schedule:
-    return Schedule(**from_wire(d))
+    return Schedule(**_load(d))
 
 
 def dump_job(j: Job) -> dict[str, Any]:
-    return to_wire(_fields(j))
+    return _dump(j)
 
 
 def load_job(d: dict[str, Any]) -> Job:
-    fields = from_wire(d)
+    fields = _load(d)
     fields["id"] = UUID(fields["id"])
     return Job(**fields)
 
@@ -86,10 +99,6 @@ def dump_result(r: JobResult) -> dict[str, Any]:
         exc = {"type": type(r.exception).__name__, "message": str(r.exception)}
         if isinstance(r.exception, RemoteJobError):
             exc = {"type": r.exception.type_name, "message": r.exception.message}
-    try:
-        value = to_wire(r.return_value)
-    except Exception:
-        value = repr(r.return_value)
     return {
         "job_id": str(r.job_id),
         "outcome": r.outcome.name,
@@ -97,7 +106,7 @@ def dump_result(r: JobResult) -> dict[str, Any]:
         "finished_at": _iso(r.finished_at),
         "expires_at": _iso(r.expires_at),
         "exception": exc,
-        "return_value": value,
+        "return_value": plain(r.return_value),
     }
 
 
@@ -110,8 +119,24 @@ def load_result(d: dict[str, Any]) -> JobResult:
         finished_at=d["finished_at"],
         expires_at=d["expires_at"],
         exception=RemoteJobError(exc["type"], exc["message"]) if exc else None,
-        return_value=from_wire(d.get("return_value")),
+        return_value=d.get("return_value"),
     )
+
+
+def json_result(r: JobResult) -> JobResult:
+    """``r``, or when its return value is not plain JSON (NaN, Infinity, a set, nesting too
+    deep...) an ``error`` outcome saying so: the log holds only plain JSON, and a value it
+    cannot hold must not stop the leader from recording that the job ran."""
+    try:
+        plain(r.return_value)
+    except NotPlainJSON as e:
+        return attrs.evolve(
+            r,
+            outcome=JobOutcome.error,
+            return_value=None,
+            exception=RemoteJobError("ValueError", f"return value is not plain JSON: {e}"),
+        )
+    return r
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -166,6 +191,7 @@ class SchedulerState:
         self.executions: deque[dict[str, Any]] = deque(maxlen=self.max_executions)
         self.fires_recorded = 0
         self.fires_deduplicated = 0
+        self.fires_skipped = 0  # missed fire times over the coalesce "all" catch-up cap
         self._running: dict[str, int] = {}  # task id → jobs currently leased
 
     # ------------------------------------------------------------------ StateMachine
@@ -214,7 +240,7 @@ class SchedulerState:
                 "results": [dump_result(r) for r in self.results.values()],
                 "fired": self.fired,
                 "executions": list(self.executions),
-                "counters": [self.fires_recorded, self.fires_deduplicated],
+                "counters": [self.fires_recorded, self.fires_deduplicated, self.fires_skipped],
             },
             separators=(",", ":"),
         ).encode()
@@ -223,29 +249,27 @@ class SchedulerState:
         self._reset()
         if not data:
             return
-        # One parse rebuilds the triggers and other objects in place (codec.object_hook), so the
-        # records below are already decoded: a restart with 100k schedules is mostly this line.
-        d = codec.loads(data)
+        # Plain JSON first; then only our own fields are decoded (user data stays opaque).
+        d = json.loads(data)
         for t in d["tasks"]:
-            task = Task(**t)
+            task = load_task(t)
             self.tasks[task.id] = task
-        schedules = [Schedule(**s) for s in d["schedules"]]
+        schedules = [load_schedule(s) for s in d["schedules"]]
         for s in schedules:
             self.schedules[s.id] = s
         self._due = sorted(
             (s.next_fire_time.timestamp(), s.id) for s in schedules if s.next_fire_time is not None
         )
         for j in d["jobs"]:
-            fields = j["job"]
-            fields["id"] = UUID(fields["id"])
-            job = Job(**fields)
+            job = load_job(j["job"])
             self.jobs[job.id] = JobState(job, j["attempts"], j["term"], j.get("handler"))
         for r in d["results"]:
             res = load_result(r)
             self.results[res.job_id] = res
         self.fired = dict(d["fired"])
         self.executions.extend(d["executions"])
-        self.fires_recorded, self.fires_deduplicated = d["counters"]
+        counters = [*d["counters"], 0]  # snapshots before fires_skipped have two
+        self.fires_recorded, self.fires_deduplicated, self.fires_skipped = counters[:3]
         self._recount_running()
 
     # ------------------------------------------------------------------ queries
@@ -297,9 +321,18 @@ class SchedulerState:
                 }
         return None
 
-    def execution_history(self, schedule_id: str | None, limit: int) -> list[dict[str, Any]]:
+    def execution_history(
+        self, schedule_id: str | None, limit: int, *, after: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first, at most ``limit``; with ``after`` (a job id) only the records older than
+        that job's (LookupError if it is not in the history)."""
+        records: Iterable[dict[str, Any]] = reversed(self.executions)
+        if after is not None:
+            records = iter(records)
+            if not any(ex["job_id"] == after for ex in records):
+                raise LookupError(after)
         out = []
-        for ex in reversed(self.executions):
+        for ex in records:
             if schedule_id is None or ex["schedule_id"] == schedule_id:
                 out.append(ex)
                 if len(out) >= limit:
@@ -393,6 +426,7 @@ class SchedulerState:
                 acquired_until=None,
             )
             self._put_schedule(new)
+            self.fires_skipped += r.get("skipped", 0)
             released.append(s.id)
         return released
 

@@ -50,12 +50,14 @@ from apscheduler._events import (
 from apscheduler.datastores.base import BaseDataStore
 
 from mesh.contracts import ProposalTooLarge
+from mesh.scheduling.catchup import catch_up
 from mesh.scheduling.state import (
     SchedulerState,
     dump_job,
     dump_result,
     dump_schedule,
     dump_task,
+    json_result,
     load_job,
     load_schedule,
     load_task,
@@ -90,6 +92,8 @@ class ReplicatedDataStore(BaseDataStore):
     _inflight: set[asyncio.Future[Any]] = attrs.field(init=False, factory=set)
     _tasks: set[asyncio.Task[None]] = attrs.field(init=False, factory=set)
     _batch: list[tuple[dict[str, Any], asyncio.Future[Any]]] = attrs.field(init=False, factory=list)
+    # Missed fire times the catch-up cap skipped, per schedule, until its release records them.
+    _skipped: dict[str, int] = attrs.field(init=False, factory=dict)
 
     # ------------------------------------------------------------------ proposing
 
@@ -229,7 +233,13 @@ class ReplicatedDataStore(BaseDataStore):
                 "until": (now + lease_duration).isoformat(),
             }
         )
-        return [_copy_schedule(self.state.schedules[sid]) for sid in got]
+        schedules = [_copy_schedule(self.state.schedules[sid]) for sid in got]
+        for s in schedules:
+            # Far behind the clock (a start in the past, an outage): fast-forward the copy so
+            # APScheduler's loop visits a bounded number of fire times (catchup module doc).
+            if skipped := catch_up(s, now):
+                self._skipped[s.id] = skipped
+        return schedules
 
     async def release_schedules(self, scheduler_id: str, results: Sequence[ScheduleResult]) -> None:
         await self._drain_inflight(raise_errors=False)
@@ -247,6 +257,7 @@ class ReplicatedDataStore(BaseDataStore):
                         "next_fire_time": r.next_fire_time.isoformat()
                         if r.next_fire_time
                         else None,
+                        **_skipped_field(self._skipped.pop(r.schedule_id, 0)),
                     }
                     for r in results
                 ],
@@ -374,6 +385,7 @@ class ReplicatedDataStore(BaseDataStore):
         return jobs
 
     async def release_job(self, scheduler_id: str, job: Job, result: JobResult) -> None:
+        result = json_result(result)  # NaN, Infinity, a set...: recorded as an error outcome
         command = {
             "op": "release_job",
             "scheduler_id": scheduler_id,
@@ -470,6 +482,10 @@ def _distribute(
             fut.set_exception(exc)
         else:
             fut.set_result(entry.result())
+
+
+def _skipped_field(skipped: int) -> dict[str, int]:
+    return {"skipped": skipped} if skipped else {}
 
 
 def _copy_schedule(s: Schedule) -> Schedule:
