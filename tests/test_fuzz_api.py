@@ -41,15 +41,6 @@ def test_the_campaign_sent_requests_to_every_operation(campaign: Campaign) -> No
     assert len(report.by_operation) >= 15, campaign.summary()
 
 
-# Causes found by this campaign and owned by the `schedinput` branch (issue 12), which refuses
-# them: a calendarinterval trigger of {"days": 22268312} is accepted (201), APScheduler's next
-# fire time overflows ("OverflowError: date value out of range", then its own UnboundLocalError
-# crashes the leader's scheduler), and every schedule write while that scheduler restarts answers
-# 500 ("RuntimeError: The scheduler has not been initialized yet") instead of 503.
-@pytest.mark.xfail(
-    reason="5xx from out-of-range trigger values (schedinput) until that branch is merged",
-    strict=False,
-)
 def test_no_fuzzed_request_gets_a_server_error_or_no_answer(campaign: Campaign) -> None:
     report = campaign.report
     bad = report.of_kind("server error") + report.of_kind("no answer")

@@ -160,14 +160,20 @@ def nested(depth: int) -> Any:
 
 
 @pytest.mark.parametrize("field", ["args", "kwargs", "metadata"])
-def test_user_data_nested_deeper_than_32_levels_is_refused(mesh: Mesh, field: str) -> None:
-    deep = nested(700)
+@pytest.mark.parametrize("depth", [40, 700])
+def test_user_data_nested_deeper_than_32_levels_is_refused(
+    mesh: Mesh, field: str, depth: int
+) -> None:
+    deep = nested(depth)
     value = {"deep": deep} if field != "args" else [deep]
     body = {"task": "t", "trigger": {"type": "interval", "hours": 1}, field: value}
-    assert_refused(*post(mesh.follower, "/api/schedules", body), field, "32")
+    # Within the body's 64 levels the schema names the field and its bound; deeper, the HTTP
+    # layer refuses the whole body while parsing it (api.max_json_depth).
+    expect = (field, "32") if depth < 64 else ("nested too deeply", "64")
+    assert_refused(*post(mesh.follower, "/api/schedules", body), *expect)
     if field != "metadata":
         job = {"task": "t", field: value}
-        assert_refused(*post(mesh.follower, "/api/jobs", job), field, "32")
+        assert_refused(*post(mesh.follower, "/api/jobs", job), *expect)
     mesh.assert_leader_steady()
 
 

@@ -118,6 +118,7 @@ class Schedule(msgspec.Struct):
 
 class ScheduleList(msgspec.Struct):
     schedules: list[Schedule]
+    next: Annotated[str | None, Meta(description="`after` of the next page; null: last page")]
 
 
 class JobAccepted(msgspec.Struct):
@@ -146,6 +147,7 @@ class Execution(msgspec.Struct):
 
 class ExecutionList(msgspec.Struct):
     executions: list[Execution]
+    next: Annotated[str | None, Meta(description="`after` of the next page; null: last page")]
 
 
 class Handler(msgspec.Struct):
@@ -161,6 +163,7 @@ class Handler(msgspec.Struct):
 
 class HandlerList(msgspec.Struct):
     handlers: list[Handler]
+    next: Annotated[str | None, Meta(description="`after` of the next page; null: last page")]
 
 
 class AuditEntry(msgspec.Struct):
@@ -234,6 +237,22 @@ def _id_param(name: str, description: str, schema: dict[str, Any] | None = None)
 
 
 WRITE_ERRORS = (400, 408, 413, 503)
+# limit/after of the paged lists (docs/api.md "Pages"); /api/executions has its own limit bound.
+_PAGE_QUERY: tuple[dict[str, Any], ...] = (
+    {
+        "name": "limit",
+        "in": "query",
+        "description": "at most this many (default and maximum 1000)",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+    },
+    {
+        "name": "after",
+        "in": "query",
+        "description": "the `next` of the previous page",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+    },
+)
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation("get", "/api/health", "this node's role, term and leader", {200: Health}, role=None),
     Operation("get", "/api/cluster", "the leader, the term and every node known", {200: Cluster}),
@@ -282,8 +301,24 @@ OPERATIONS: tuple[Operation, ...] = (
         ),
         audit=True,
     ),
-    Operation("get", "/api/handlers", "the handlers", {200: HandlerList}, scheduling=True),
-    Operation("get", "/api/schedules", "every schedule", {200: ScheduleList}, scheduling=True),
+    Operation(
+        "get",
+        "/api/handlers",
+        "the handlers, a page at a time",
+        {200: HandlerList},
+        errors=(400,),
+        query=_PAGE_QUERY,
+        scheduling=True,
+    ),
+    Operation(
+        "get",
+        "/api/schedules",
+        "every schedule, a page at a time",
+        {200: ScheduleList},
+        errors=(400,),
+        query=_PAGE_QUERY,
+        scheduling=True,
+    ),
     Operation(
         "post",
         "/api/schedules",
@@ -376,6 +411,7 @@ OPERATIONS: tuple[Operation, ...] = (
                 "description": "at most this many (default 100)",
                 "schema": {"type": "integer", "minimum": 1, "maximum": 10_000},
             },
+            _PAGE_QUERY[1],
         ),
         scheduling=True,
     ),

@@ -161,6 +161,10 @@ class SchedulingService:
         scheduler = self.scheduler
         if scheduler is None:  # leadership was lost while we waited
             raise NotReady("leadership changed while the request waited")
+        if not getattr(scheduler, "_services_initialized", True):
+            # Between a scheduler crash and its restart APScheduler raises RuntimeError on every
+            # call: that is "not ready yet" (503), not a server error.
+            raise NotReady("the leader's scheduler is restarting")
         return scheduler
 
     # ------------------------------------------------------------------ operations (leader)
