@@ -97,7 +97,10 @@ class Lan(ClusterView):
         self.env = child_env()
         self.secure = secure
         self.keys_dir: Path | None = self.root / "keys" if secure else None
-        self.insecure = [] if secure else ["--insecure"]  # without keys, 10.x needs it
+        # Without keys the mesh on 10.x needs --insecure. With keys the mesh is CURVE, but the
+        # nodes' HTTP API on 10.x has no tokens file (the checker reads it without tokens), which
+        # needs --insecure too: what is under test here is the mesh, not HTTP authentication.
+        self.insecure = ["--insecure"]
         self.nodes: list[LanNode] = []
         self.handlers: list[Proc] = []
         self.blackholes: set[tuple[str, str]] = set()  # (host ns, blocked ip)

@@ -1,5 +1,9 @@
 """Translation between the HTTP API's JSON bodies and APScheduler objects.
 
+Why this file is long: it holds both directions of that translation (body -> trigger and
+trigger -> JSON), with every bound a body must respect; they must stay symmetric, which is
+easiest to check when they sit side by side.
+
 Pure functions, no I/O: ``parse_*`` turn already-decoded JSON into validated values and raise
 :class:`BadRequest` (one sentence, starting with the offending field's path) on anything a user
 got wrong; ``*_to_json`` turn APScheduler objects back into JSON-able dicts. ``trigger_to_json``
