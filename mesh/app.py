@@ -45,7 +45,7 @@ from mesh.security.policy import InsecureStart, check_open_http, check_unencrypt
 from mesh.statemachine import KVStateMachine, StateMachine
 from mesh.storage.raft_store import RaftStore
 from mesh.transport.zmq import MeshTransport
-from mesh.zones.feed import FeedServer
+from mesh.zones.feed import FeedServer, FeedSettings
 from mesh.zones.filter import zone_filters
 
 __all__ = [
@@ -248,6 +248,10 @@ def build_feed(node: MeshNode, state: SchedulerState, keys: KeyRing | None) -> F
         snapshot=state.snapshot,
         certificate=keys.get if keys is not None else None,
         filters=zone_filters(node.config.zones),
+        settings=FeedSettings(
+            window_entries=node.config.feed.window_entries,
+            window_bytes=node.config.feed.window_bytes,
+        ),
     )
     node.on_apply(feed.on_apply)
     return feed

@@ -49,6 +49,7 @@ __all__ = [
     "ConfigError",
     "DispatchConfig",
     "EventLogConfig",
+    "FeedConfig",
     "GovernorConfig",
     "HistoryConfig",
     "MembershipConfig",
@@ -322,6 +323,14 @@ class ZoneConfig(_Section):
     sensitive_keys: tuple[Annotated[str, Meta(min_length=1)], ...] = DEFAULT_SENSITIVE_KEYS
 
 
+class FeedConfig(_Section):
+    """The change feed a voter serves to read-only replicas (docs/zones.md): how many recent
+    changes it keeps so that a replica back from a short absence resumes without a snapshot."""
+
+    window_entries: AtLeastOne = 10_000
+    window_bytes: Annotated[int, Meta(ge=1024)] = 64 * MiB
+
+
 # --------------------------------------------------------------------------- Config
 
 
@@ -353,6 +362,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     # Zone name -> its filter; a replica whose zone is not here gets every kind dropped.
     zones: dict[ZoneName, ZoneConfig] = {}
+    feed: FeedConfig = msgspec.field(default_factory=FeedConfig)
     max_frame_bytes: Annotated[int, Meta(ge=1024)] = 16 * MiB
     log_level: LogLevel = "INFO"
     mdns_service: MdnsService = DEFAULT_MDNS_SERVICE
