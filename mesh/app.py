@@ -11,8 +11,10 @@ Everything else is handed its collaborators through the small contracts of ``mes
   one warning, unless ``--insecure``) when it has none.
 - ``http_security``: the HTTP API's tokens file (``--api-tokens``) or the same loopback rule for
   an API without tokens, and the TLS contexts (``--tls-cert/--tls-key``).
-- ``serve`` / ``run_node``: a node process — node, scheduling and the HTTP API — until SIGTERM;
-  SIGHUP re-reads the key directory.
+- ``build_feed``: the change feed the node serves to read-only replicas, filtered per zone
+  (``mesh.zones``).
+- ``serve`` / ``run_node``: a node process — node, scheduling, the replicas' feed and the HTTP
+  API — until SIGTERM; SIGHUP re-reads the key directory.
 """
 
 from __future__ import annotations
@@ -43,11 +45,14 @@ from mesh.security.policy import InsecureStart, check_open_http, check_unencrypt
 from mesh.statemachine import KVStateMachine, StateMachine
 from mesh.storage.raft_store import RaftStore
 from mesh.transport.zmq import MeshTransport
+from mesh.zones.feed import FeedServer, FeedSettings
+from mesh.zones.filter import zone_filters
 
 __all__ = [
     "HttpSecurity",
     "NodeFailed",
     "StartRefused",
+    "build_feed",
     "build_node",
     "build_scheduling",
     "http_security",
@@ -230,6 +235,28 @@ def build_scheduling(node: MeshNode, state: SchedulerState) -> SchedulingService
     return SchedulingService(node, state, broker_factory=broker, dispatcher=dispatcher)
 
 
+def build_feed(node: MeshNode, state: SchedulerState, keys: KeyRing | None) -> FeedServer:
+    """The change feed of a voter (not started), on the node's message bus and apply listener.
+
+    Built before the node starts, so that the entries it applies at start are in the window.
+    Each replica is served the filter of its certificate's zone (``zones`` in the config).
+    """
+    feed = FeedServer(
+        node,
+        node,
+        applied_index=lambda: node.core.applied,
+        snapshot=state.snapshot,
+        certificate=keys.get if keys is not None else None,
+        filters=zone_filters(node.config.zones),
+        settings=FeedSettings(
+            window_entries=node.config.feed.window_entries,
+            window_bytes=node.config.feed.window_bytes,
+        ),
+    )
+    node.on_apply(feed.on_apply)
+    return feed
+
+
 async def serve(
     config: Config,
     *,
@@ -253,7 +280,9 @@ async def serve(
     )
     node = build_node(config, state_machine=state, keys=keys)
     service = build_scheduling(node, state)
+    feed = build_feed(node, state, keys)
     await node.start()
+    await feed.start()
     audit = AuditLog(config.state_db_path)
     a = config.api
     limits = ApiLimits(
@@ -278,6 +307,7 @@ async def serve(
     try:
         await http.start()
     except BaseException:
+        await feed.close()
         await service.close()
         await node.stop(transfer=False)
         raise
@@ -306,11 +336,13 @@ async def serve(
         try:
             async with asyncio.timeout(FAILED_SHUTDOWN_SECONDS):
                 await http.stop()
+                await feed.close()
                 await service.close()
                 await node.stop(transfer=False)
         except Exception:
             log.exception("shutting down the failed node %s", node.id)
         raise NodeFailed(f"{type(node.failure).__name__}: {node.failure}")
+    await feed.close()
     await node.stop(transfer=True)
     await service.close()
     await http.stop()

@@ -20,7 +20,14 @@ from mesh.api.auth import ROLES as API_ROLES
 from mesh.api.auth import TokenFileError, create_token
 from mesh.config import DISCOVERY_MODES, ConfigError, load_config, parse_mesh_address
 from mesh.membership.discovery import DiscoveryError
-from mesh.security.keys import ROLES, KeyFileError, KeyRing, create_key, load_certificates
+from mesh.security.keys import (
+    ROLES,
+    KeyFileError,
+    KeyRing,
+    check_zone,
+    create_key,
+    load_certificates,
+)
 from mesh.security.policy import InsecureStart
 
 __all__ = ["UsageError", "build_parser", "main"]
@@ -166,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name", metavar="NAME", help="the node id, handler id or replica id")
     create.add_argument("--role", required=True, choices=ROLES, help="what the key may do")
     create.add_argument("--dir", required=True, metavar="DIR", help="key directory")
+    create.add_argument(
+        "--zone",
+        metavar="ZONE",
+        help="a replica's zone: the voters serve it that zone's filter (docs/zones.md)",
+    )
     create.set_defaults(func=_cmd_keys_create)
     listing = keys_sub.add_parser(
         "list", help="the public certificates in DIR: name, role, fingerprint", allow_abbrev=False
@@ -315,13 +327,21 @@ def _key_ring(directory: Path, name: str, role: str) -> KeyRing:
 
 
 def _cmd_keys_create(ns: argparse.Namespace) -> int:
+    if ns.zone is not None:
+        if ns.role != "replica":
+            raise UsageError(f"--zone: only a replica key has a zone (this is a {ns.role} key)")
+        try:
+            check_zone(ns.zone)
+        except KeyFileError as e:
+            raise UsageError(f"--zone: {e}") from None
     try:
-        public, secret = create_key(ns.dir, ns.name, ns.role)
+        public, secret = create_key(ns.dir, ns.name, ns.role, zone=ns.zone)
     except KeyFileError as e:
         raise UsageError(str(e)) from None
     except OSError as e:
         raise UsageError(f"--dir: cannot write keys in {ns.dir}: {e.strerror or e}") from None
-    print(f"created {public} (public, {ns.role}) and {secret} (secret, mode 600)")
+    what = f"{ns.role}, zone {ns.zone}" if ns.zone is not None else ns.role
+    print(f"created {public} (public, {what}) and {secret} (secret, mode 600)")
     return 0
 
 

@@ -49,11 +49,13 @@ __all__ = [
     "ConfigError",
     "DispatchConfig",
     "EventLogConfig",
+    "FeedConfig",
     "GovernorConfig",
     "HistoryConfig",
     "MembershipConfig",
     "RaftConfig",
     "SecurityConfig",
+    "ZoneConfig",
     "load_config",
     "parse_http_address",
     "parse_mesh_address",
@@ -301,6 +303,34 @@ class SecurityConfig(_Section):
     sensitive_keys: tuple[Annotated[str, Meta(min_length=1)], ...] = DEFAULT_SENSITIVE_KEYS
 
 
+# What a zone filter can drop (mesh.zones.filter.DROP_KINDS).
+DropKind = Literal["args", "kwargs", "results", "errors", "metadata"]
+DROP_KINDS: tuple[str, ...] = get_args(DropKind)
+ZoneName = Annotated[
+    str,
+    Meta(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z",
+        description="a zone name: 1-64 characters from A-Z a-z 0-9 _ . -",
+    ),
+]
+
+
+class ZoneConfig(_Section):
+    """What the voters let through to the replicas of one zone (docs/zones.md). ``drop``
+    defaults to every kind: a zone lets a kind through only when its config says so."""
+
+    drop: tuple[DropKind, ...] = DROP_KINDS
+    sensitive_keys: tuple[Annotated[str, Meta(min_length=1)], ...] = DEFAULT_SENSITIVE_KEYS
+
+
+class FeedConfig(_Section):
+    """The change feed a voter serves to read-only replicas (docs/zones.md): how many recent
+    changes it keeps so that a replica back from a short absence resumes without a snapshot."""
+
+    window_entries: AtLeastOne = 10_000
+    window_bytes: Annotated[int, Meta(ge=1024)] = 64 * MiB
+
+
 # --------------------------------------------------------------------------- Config
 
 
@@ -330,6 +360,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     eventlog: EventLogConfig = msgspec.field(default_factory=EventLogConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    # Zone name -> its filter; a replica whose zone is not here gets every kind dropped.
+    zones: dict[ZoneName, ZoneConfig] = {}
+    feed: FeedConfig = msgspec.field(default_factory=FeedConfig)
     max_frame_bytes: Annotated[int, Meta(ge=1024)] = 16 * MiB
     log_level: LogLevel = "INFO"
     mdns_service: MdnsService = DEFAULT_MDNS_SERVICE

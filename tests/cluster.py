@@ -275,13 +275,14 @@ class Cluster:
     def __len__(self) -> int:
         return len(self.nodes)
 
-    def add_key(self, name: str, role: str) -> Path:
+    def add_key(self, name: str, role: str, *, zone: str | None = None) -> Path:
         """Create (or keep) the key ``name`` in this cluster's key directory; returns it. The
-        running nodes trust it within their key reload interval (or at once on SIGHUP)."""
+        running nodes trust it within their key reload interval (or at once on SIGHUP).
+        ``zone``: a replica key's zone (``keys create --zone``)."""
         if self.keys_dir is None:
             raise RuntimeError("this cluster runs without keys (Cluster(..., secure=True))")
         if not (self.keys_dir / f"{name}.key_secret").exists():
-            create_key(self.keys_dir, name, role)
+            create_key(self.keys_dir, name, role, zone=zone)
         return self.keys_dir
 
     def node(self, i: int) -> NodeProcess:

@@ -130,3 +130,50 @@ def test_the_real_command_refuses_without_a_traceback(tmp_path: Path) -> None:
         [sys.executable, "-m", "mesh.cli", *args], capture_output=True, text=True, cwd=REPO
     )
     assert "already exists" in assert_one_line_error(again.returncode, again.stderr)
+
+
+def test_create_with_zone_records_the_zone_of_a_replica_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = keys(
+        capsys, "create", "r1", "--role", "replica", "--zone", "dmz", "--dir", str(tmp_path)
+    )
+    assert code == 0, err
+    assert "zone dmz" in out
+    assert load_certificates(tmp_path)["r1"].zone == "dmz"
+    assert KeyRing(tmp_path, "r1").zone == "dmz"
+
+
+def test_a_key_created_without_zone_has_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert keys(capsys, "create", "r1", "--role", "replica", "--dir", str(tmp_path))[0] == 0
+    assert load_certificates(tmp_path)["r1"].zone is None
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--role", "handler", "--zone", "dmz"), "--zone: only a replica key has a zone"),
+        (("--role", "node", "--zone", "dmz"), "--zone: only a replica key has a zone"),
+        (("--role", "replica", "--zone", 'a"b'), "--zone: invalid zone"),
+        (("--role", "replica", "--zone", ""), "--zone: invalid zone"),
+    ],
+)
+def test_create_refuses_a_zone_it_cannot_bind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], needle: str
+) -> None:
+    code, _out, err = keys(capsys, "create", "k1", *args, "--dir", str(tmp_path))
+    assert needle in assert_one_line_error(code, err)
+    assert not list(tmp_path.glob("k1.*"))
+
+
+def test_a_zone_on_a_non_replica_certificate_is_ignored(tmp_path: Path) -> None:
+    # Edited by hand: a zone means nothing on a node key, and a bad zone is read as none
+    # (the strictest filter), never as some other zone.
+    from mesh.security.keys import create_key
+
+    public, _ = create_key(tmp_path, "n1", "node")
+    text = public.read_text().replace('role = "node"\n', 'role = "node"\n    zone = "dmz"\n')
+    public.write_text(text)
+    assert load_certificates(tmp_path)["n1"].zone is None

@@ -2,7 +2,8 @@
 
 A key is a pair of pyzmq ``zmq.auth`` certificate files (ZPL text):
 
-* ``DIR/NAME.key``: the public key, with ``role`` metadata (``node``, ``handler`` or ``replica``);
+* ``DIR/NAME.key``: the public key, with ``role`` metadata (``node``, ``handler`` or ``replica``)
+  and, for a replica, its ``zone`` (the zone filter the voters apply to it, docs/zones.md);
 * ``DIR/NAME.key_secret``: the same plus the secret key, mode 0600.
 
 ``NAME`` is the identity: a node id, handler id or replica id *is* the name of its certificate.
@@ -31,6 +32,8 @@ ROLES = ("node", "handler", "replica")
 RELOAD_SECONDS = 2.0
 # Certificate names are identities (node ids, handler ids): kept to a safe file-name alphabet.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+# Zone names (a replica certificate's ``zone``, the keys of the voters' ``zones`` config).
+ZONE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 _MAX_CERT_BYTES = 64 * 1024
 _ZPL_LINE = re.compile(r'^\s*([A-Za-z0-9_\-]+)\s*=\s*"?([^"]*?)"?\s*$')
 
@@ -47,20 +50,42 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_zone(zone: str) -> str:
+    if not isinstance(zone, str) or ZONE_RE.fullmatch(zone) is None:
+        raise KeyFileError(
+            f"invalid zone {zone!r}: use 1-64 of A-Z a-z 0-9 _ . - (not starting with . - _)"
+        )
+    return zone
+
+
 @attrs.frozen
 class Certificate:
-    """A trusted public key: its name (the identity), role and the 32-byte CURVE public key."""
+    """A trusted public key: its name (the identity), role and the 32-byte CURVE public key.
+
+    ``zone`` is a replica's zone (``zone`` metadata), None when the certificate names none:
+    the voters then serve it their strictest filter (docs/zones.md).
+    """
 
     name: str
     role: str
     public: bytes
+    zone: str | None = None
 
 
-def create_key(directory: str | os.PathLike[str], name: str, role: str) -> tuple[Path, Path]:
-    """Write ``DIR/NAME.key`` and ``DIR/NAME.key_secret`` (0600); refuse to overwrite either."""
+def create_key(
+    directory: str | os.PathLike[str], name: str, role: str, *, zone: str | None = None
+) -> tuple[Path, Path]:
+    """Write ``DIR/NAME.key`` and ``DIR/NAME.key_secret`` (0600); refuse to overwrite either.
+
+    ``zone`` (replica keys only) is written as ``zone`` metadata in both files.
+    """
     check_name(name)
     if role not in ROLES:
         raise KeyFileError(f"invalid role {role!r}: one of {', '.join(ROLES)}")
+    if zone is not None:
+        check_zone(zone)
+        if role != "replica":
+            raise KeyFileError(f"only a replica key has a zone, not a {role} key")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     public, secret = d / f"{name}.key", d / f"{name}.key_secret"
@@ -70,8 +95,13 @@ def create_key(directory: str | os.PathLike[str], name: str, role: str) -> tuple
     public_key, secret_key = zmq.curve_keypair()
     # The ZPL layout of zmq.auth (which zmq.auth.load_certificate reads), with the role in both
     # files: pyzmq's own writer puts metadata in the secret file only, unquoted.
-    body = f'metadata\n    role = "{role}"\ncurve\n    public-key = "{public_key.decode()}"\n'
-    banner = f"#   ScheduleZero Mesh CURVE certificate for {name} (role {role})\n"
+    zone_line = f'    zone = "{zone}"\n' if zone is not None else ""
+    body = (
+        f'metadata\n    role = "{role}"\n{zone_line}'
+        f'curve\n    public-key = "{public_key.decode()}"\n'
+    )
+    in_zone = f", zone {zone}" if zone is not None else ""
+    banner = f"#   ScheduleZero Mesh CURVE certificate for {name} (role {role}{in_zone})\n"
     _write(public, banner + body, 0o644)
     _write(secret, banner + body + f'    secret-key = "{secret_key.decode()}"\n', 0o600)
     return public, secret
@@ -136,7 +166,12 @@ def load_certificates(directory: str | os.PathLike[str]) -> dict[str, Certificat
         if role not in ROLES:
             log.warning("ignoring certificate %s: role %r is not one of %s", path, role, ROLES)
             continue
-        certs[name] = Certificate(name, role, public)
+        zone = meta.get("zone")
+        if zone is not None and (role != "replica" or ZONE_RE.fullmatch(zone) is None):
+            # Read as no zone: a replica is then served the strictest filter, never a laxer one.
+            log.warning("certificate %s: ignoring zone %r (invalid, or not a replica)", path, zone)
+            zone = None
+        certs[name] = Certificate(name, role, public, zone)
     return certs
 
 
@@ -188,6 +223,7 @@ class KeyRing:
                 f"{secret_path}: a process must trust its own public certificate"
             )
         self.role = own.role
+        self.zone = own.zone  # a replica's zone; None for other keys
 
     def reload(self, *, force: bool = False) -> tuple[set[str], set[str]]:
         """Read the directory again if it changed; returns (added, removed) names."""

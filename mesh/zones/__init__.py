@@ -1,0 +1,7 @@
+"""Zones: what a read-only replica in a zone may see of the mesh (docs/zones.md).
+
+- ``mesh.zones.filter``: the zone filter, one pure function over the scheduler state's snapshot
+  and commands (drop whole kinds of user data, mask sensitive keys at any depth);
+- ``mesh.zones.feed``: the voters' change feed (``FeedServer``): a filtered snapshot, then every
+  applied change in order, pushed to the replicas that subscribe with a ``replica`` key.
+"""
