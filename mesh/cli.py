@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -303,14 +304,22 @@ def _cmd_node(ns: argparse.Namespace) -> int:
     return run_node(config)
 
 
+# Zone names, as the keys' zone metadata and the voters' ``zones`` config spell them.
+_ZONE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+
 def _cmd_replica(ns: argparse.Namespace) -> int:
     from mesh.zones.replica_app import ReplicaOptions, run_replica
 
-    for flag, value in (("--node-id", ns.node_id), ("--zone", ns.zone)):
-        try:
-            check_name(value)
-        except KeyFileError as e:
-            raise UsageError(f"{flag}: {e}") from None
+    try:
+        check_name(ns.node_id)
+    except KeyFileError as e:
+        raise UsageError(f"--node-id: {e}") from None
+    if _ZONE_RE.fullmatch(ns.zone) is None:
+        raise UsageError(
+            f"--zone: invalid zone {ns.zone!r}: use 1-64 of A-Z a-z 0-9 _ . - "
+            "(not starting with . - _)"
+        )
     try:
         host, port = parse_http_address(ns.http, bind=True)
     except ValueError as e:
