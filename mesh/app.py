@@ -272,7 +272,7 @@ async def serve(
     """
     if http_sec is None:
         http_sec = http_security(config)
-    from mesh.api.http import HttpServer, create_app
+    from mesh.api.http import READ_ONLY_NODE, HttpServer, create_app
     from mesh.api.limits import ApiLimits
 
     state = SchedulerState(
@@ -301,6 +301,7 @@ async def serve(
         sensitive_keys=config.security.sensitive_keys,
         client_ssl=http_sec.client_ssl,
         limits=limits,
+        read_only=READ_ONLY_NODE if a.read_only else None,
     )
     app.on_cleanup.append(lambda _app: _close(audit))
     http = HttpServer(app, *config.http_host_port, ssl_context=http_sec.server_ssl)

@@ -1,4 +1,5 @@
-"""The ``schedulezero`` command: ``node``, ``handler``, ``up``, ``keys`` and ``tokens``.
+"""The ``schedulezero`` command: ``node``, ``replica``, ``handler``, ``up``, ``keys`` and
+``tokens``.
 
 Any mistake on the command line or in the configuration ends with exit code 2 and exactly one
 line on stderr (``schedulezero: error: ...``); ``--help`` works as usual.
@@ -18,12 +19,19 @@ from zmq.utils import z85
 
 from mesh.api.auth import ROLES as API_ROLES
 from mesh.api.auth import TokenFileError, create_token
-from mesh.config import DISCOVERY_MODES, ConfigError, load_config, parse_mesh_address
+from mesh.config import (
+    DISCOVERY_MODES,
+    ConfigError,
+    load_config,
+    parse_http_address,
+    parse_mesh_address,
+)
 from mesh.membership.discovery import DiscoveryError
 from mesh.security.keys import (
     ROLES,
     KeyFileError,
     KeyRing,
+    check_name,
     check_zone,
     create_key,
     load_certificates,
@@ -118,6 +126,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-key", metavar="FILE", help="serve HTTPS: private key, PEM ($SCHEDULEZERO_TLS_KEY)"
     )
     node.set_defaults(func=_cmd_node)
+
+    replica = sub.add_parser(
+        "replica",
+        help="run a read-only replica that follows its zone's change feed (docs/zones.md)",
+        description="Run a read-only replica: it follows the zone-filtered change feed of any "
+        "voter among --upstream, keeps a durable copy in --data-dir and serves every GET of the "
+        "API from it; every mutation answers 403.",
+        allow_abbrev=False,
+    )
+    replica.add_argument(
+        "--node-id", required=True, metavar="ID", help="the replica's name (its key's name)"
+    )
+    replica.add_argument(
+        "--upstream",
+        dest="upstreams",
+        action="append",
+        required=True,
+        type=_mesh_arg,
+        metavar="tcp://HOST:PORT",
+        help="a voter's mesh address (repeatable; the replica fails over between them)",
+    )
+    replica.add_argument(
+        "--zone", required=True, metavar="NAME", help="the zone of the replica's key"
+    )
+    replica.add_argument("--http", required=True, metavar="HOST:PORT", help="HTTP API bind address")
+    replica.add_argument("--data-dir", metavar="DIR", help="local copy (default ./data/ID)")
+    replica.add_argument("--log-level", default="INFO", metavar="LEVEL")
+    _security_flags(replica, "ID")
+    replica.add_argument(
+        "--api-tokens",
+        metavar="FILE",
+        help="HTTP API tokens file; without it the API binds loopback only unless --insecure",
+    )
+    replica.set_defaults(func=_cmd_replica)
 
     handler = sub.add_parser(
         "handler",
@@ -265,6 +307,45 @@ def _cmd_node(ns: argparse.Namespace) -> int:
             raise
         raise UsageError("node: not available in this build") from None
     return run_node(config)
+
+
+def _cmd_replica(ns: argparse.Namespace) -> int:
+    from mesh.zones.replica_app import ReplicaOptions, run_replica
+
+    try:
+        check_name(ns.node_id)
+    except KeyFileError as e:
+        raise UsageError(f"--node-id: {e}") from None
+    try:
+        check_zone(ns.zone)
+    except KeyFileError as e:
+        raise UsageError(f"--zone: {e}") from None
+    try:
+        host, port = parse_http_address(ns.http, bind=True)
+    except ValueError as e:
+        raise UsageError(f"--http: {e}") from None
+    # The node's checks of the level and the paths (an empty one is refused).
+    checked = load_config(
+        {
+            "log_level": ns.log_level,
+            "data_dir": ns.data_dir,
+            "security.keys": ns.keys,
+            "security.api_tokens": ns.api_tokens,
+        },
+        env={},
+    )
+    opts = ReplicaOptions(
+        replica_id=ns.node_id,
+        zone=ns.zone,
+        upstreams=tuple(dict.fromkeys(ns.upstreams)),
+        http=f"{host}:{port}",
+        data_dir=checked.data_dir if ns.data_dir else Path("data") / ns.node_id,
+        keys=checked.security.keys,
+        insecure=bool(ns.insecure),
+        api_tokens=checked.security.api_tokens,
+    )
+    _setup_logging(checked.log_level)
+    return run_replica(opts)
 
 
 # The only settings a handler takes from the environment: a node's others are not its own.

@@ -285,6 +285,9 @@ class ApiConfig(_Section):
     header_timeout: Seconds = 10.0  # a request head must arrive within this (slowloris)
     body_timeout: Seconds = 30.0  # the whole body must arrive within this: 408
     max_json_depth: Annotated[int, Meta(ge=2, le=1000)] = 64  # deeper bodies: 400
+    # Every mutation (POST, PUT, DELETE, PATCH under /api/) answers 403: e.g. a node that serves
+    # a public dashboard while writes go to the admin zone (docs/zones.md).
+    read_only: bool = False
 
 
 class SecurityConfig(_Section):

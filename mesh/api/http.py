@@ -146,6 +146,21 @@ class _NodeCollector:
 
 
 WRITE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
+# The 403 of a node whose config says ``api.read_only: true`` (a replica has its own message).
+READ_ONLY_NODE = "read-only node: send writes to an admin node"
+
+
+def refuse_writes(message: str) -> Any:
+    """A read-only API: every mutation under ``/api/`` answers 403 ``{"error": message}``
+    before its body is read, forwarded or looked at (docs/zones.md)."""
+
+    @web.middleware
+    async def read_only(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method in WRITE_METHODS and request.path.startswith("/api/"):
+            return json_error(403, message)
+        return await handler(request)
+
+    return read_only
 
 
 def _forwarding_middleware(
@@ -244,6 +259,7 @@ def create_app(
     sensitive_keys: tuple[str, ...] | None = None,
     client_ssl: ssl.SSLContext | None = None,
     limits: ApiLimits | None = None,
+    read_only: str | None = None,
 ) -> web.Application:
     """The API of one node: ``replica`` for writes (forwarded to the leader when this node is
     not it), ``view`` for the health, cluster and metrics reads, ``service`` for scheduling.
@@ -251,7 +267,8 @@ def create_app(
     ``tokens`` (the tokens file) makes every ``/api/...`` call but health need a bearer token of
     the right role (mesh.api.auth); ``audit`` records mutations and serves ``GET /api/audit``;
     ``client_ssl`` is how a follower checks the leader's certificate when the API is HTTPS;
-    ``limits`` bound what one request may cost (``mesh.api.limits``).
+    ``limits`` bound what one request may cost (``mesh.api.limits``); ``read_only`` (the
+    message) makes every mutation answer 403 with it (``refuse_writes``).
     """
     limits = limits or ApiLimits()
     forward, close_forwarding = _forwarding_middleware(replica, view, client_ssl)
@@ -260,8 +277,11 @@ def create_app(
     authenticate = auth_middleware(
         tokens, node_id=replica.node_id, audit=audit, sensitive_keys=sensitive_keys
     )
+    # A read-only API refuses a write after authentication (a caller without a valid token
+    # still gets 401, and the refusal is audited) and before anything reads its body.
+    refusing = [refuse_writes(read_only)] if read_only is not None else []
     app = web.Application(
-        middlewares=[authenticate, errors_as_json, body_limits(limits), forward],
+        middlewares=[authenticate, errors_as_json, *refusing, body_limits(limits), forward],
         client_max_size=limits.max_body_bytes,
     )
     app[LIMITS_KEY] = limits
