@@ -115,8 +115,8 @@ async def test_reads_are_served_from_the_local_copy(
     assert [(s["id"], s["args"]) for s in body["schedules"]] == [("a", ["x"]), ("b", [])]
     assert (await call("GET", url + "/api/schedules/b"))[1]["id"] == "b"
     assert (await call("GET", url + "/api/schedules/zz"))[0] == 404
-    assert await call("GET", url + "/api/executions") == (200, {"executions": []})
-    assert await call("GET", url + "/api/handlers") == (200, {"handlers": []})
+    assert await call("GET", url + "/api/executions") == (200, {"executions": [], "next": None})
+    assert await call("GET", url + "/api/handlers") == (200, {"handlers": [], "next": None})
     job = "00000000-0000-0000-0000-000000000001"
     assert (await call("GET", f"{url}/api/jobs/{job}"))[0] == 404
     cluster = (await call("GET", url + "/api/cluster"))[1]

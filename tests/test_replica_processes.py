@@ -59,7 +59,7 @@ def test_a_read_only_node_refuses_mutations_and_serves_reads(
     assert node.request("DELETE", "/api/schedules/s1") == (403, READ_ONLY_NODE)
     assert node.request("POST", "/api/jobs", {"task": "report"}) == (403, READ_ONLY_NODE)
     assert node.request("DELETE", "/api/cluster/members/n0") == (403, READ_ONLY_NODE)
-    assert node.request("GET", "/api/schedules") == (200, {"schedules": []})
+    assert node.request("GET", "/api/schedules") == (200, {"schedules": [], "next": None})
     assert node.request("GET", "/api/cluster/members")[0] == 200
     health = node.health()
     assert health is not None and health["role"] == "leader"
