@@ -140,7 +140,13 @@ def http_security(config: Config) -> HttpSecurity:
             raise StartRefused(f"{what}: --api-tokens: {e}") from None
     else:
         try:
-            check_open_http(config.http, insecure=sec.insecure, what=what)
+            check_open_http(
+                config.http,
+                insecure=sec.insecure,
+                what=what,
+                anonymous_reads=sec.anonymous_reads,
+                read_only=config.api.read_only,
+            )
         except InsecureStart as e:
             raise StartRefused(str(e)) from None
     if sec.tls_cert is None or sec.tls_key is None:
@@ -302,6 +308,7 @@ async def serve(
         client_ssl=http_sec.client_ssl,
         limits=limits,
         read_only=READ_ONLY_NODE if a.read_only else None,
+        anonymous_reads=config.security.anonymous_reads,
     )
     app.on_cleanup.append(lambda _app: _close(audit))
     http = HttpServer(app, *config.http_host_port, ssl_context=http_sec.server_ssl)
@@ -320,6 +327,8 @@ async def serve(
         loop.add_signal_handler(signal.SIGHUP, node.transport.reload_keys)
     secured = f"CURVE keys in {keys.directory}" if keys is not None else "no keys"
     tokens = "API tokens" if http_sec.tokens is not None else "no API tokens"
+    if config.security.anonymous_reads:
+        tokens += ", anonymous reads"
     print(
         f"schedulezero node {node.id}: mesh {config.advertise_mesh} ({secured}), "
         f"http {http_sec.scheme}://{config.advertise_http}/api/health ({tokens})",

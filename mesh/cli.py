@@ -157,7 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     replica.add_argument(
         "--api-tokens",
         metavar="FILE",
-        help="HTTP API tokens file; without it the API binds loopback only unless --insecure",
+        help="HTTP API tokens file; without it the API binds loopback only unless --insecure "
+        "or --anonymous-reads",
+    )
+    replica.add_argument(
+        "--anonymous-reads",
+        action="store_true",
+        help="serve GETs without a token, as a 'read' caller (sensitive values masked); "
+        "without --api-tokens the API may then bind any address (docs/zones.md)",
     )
     replica.set_defaults(func=_cmd_replica)
 
@@ -343,6 +350,7 @@ def _cmd_replica(ns: argparse.Namespace) -> int:
         keys=checked.security.keys,
         insecure=bool(ns.insecure),
         api_tokens=checked.security.api_tokens,
+        anonymous_reads=ns.anonymous_reads,
     )
     _setup_logging(checked.log_level)
     return run_replica(opts)

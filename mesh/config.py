@@ -299,6 +299,10 @@ class SecurityConfig(_Section):
     insecure: bool = False
     # HTTP API tokens file (``schedulezero tokens create``); without it the API binds loopback only.
     api_tokens: Path | None = None
+    # GETs without a token are served as a ``read`` caller (redacted); writes still need their
+    # token. Without api_tokens only on a read-only API, which may then bind any address
+    # (docs/zones.md, "Who may read").
+    anonymous_reads: bool = False
     # Serve the HTTP API over TLS with this certificate (chain) and key, both PEM.
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -91,6 +91,9 @@ class Caller:
 
 
 ANONYMOUS = Caller(None, None)  # no tokens file: loopback-only, every right (docs/security.md)
+# ``security.anonymous_reads``: a caller without a token who only reads. A ``read`` caller, so
+# everything a read token's holder sees masked it sees masked too.
+ANONYMOUS_READER = Caller(None, "read")
 
 
 def hash_token(token: str) -> str:
@@ -334,11 +337,20 @@ def auth_middleware(
     node_id: str,
     audit: AuditSink | None = None,
     sensitive_keys: Iterable[str] | None = None,
+    anonymous_reads: bool = False,
 ) -> Any:
     """The outermost middleware: authenticate, check the role, audit mutations, redact reads.
 
     ``tokens=None`` (no tokens file) lets every request through as :data:`ANONYMOUS` (the node
     then binds loopback only, see mesh.app); mutations are still audited.
+
+    ``anonymous_reads`` (``security.anonymous_reads``): a request that needs only ``read`` and
+    carries no token is served as :data:`ANONYMOUS_READER` (redacted like any ``read`` caller).
+    A token that is sent is still checked (a wrong one: 401), and everything that needs more
+    than ``read`` still needs its token. Without a tokens file every caller is the anonymous
+    reader, whatever it sends: a GET that needs more (``/api/audit``) answers 403, and a
+    mutation goes on to the read-only middleware, which ``create_app`` requires in that case
+    (mesh.security.policy refuses the combination on a writable node) and which answers 403.
     """
     names = tuple(sensitive_keys) if sensitive_keys is not None else DEFAULT_SENSITIVE_KEYS
 
@@ -349,8 +361,18 @@ def auth_middleware(
             return await handler(request)
         caller: Caller | None = ANONYMOUS
         response: web.StreamResponse | None = None
-        if tokens is not None:
-            token = bearer_token(request)
+        token = bearer_token(request)
+        if tokens is None and anonymous_reads:
+            caller = ANONYMOUS_READER
+            if needed != "read" and request.method in SAFE_METHODS:
+                response = _error(
+                    403,
+                    f"this API serves anonymous reads only: {request.method} {request.path} "
+                    f"needs {needed!r}",
+                )
+        elif anonymous_reads and token is None and needed == "read":
+            caller = ANONYMOUS_READER
+        elif tokens is not None:
             caller = tokens.authenticate(token) if token else None
             if caller is None:
                 why = "missing" if token is None else "invalid"

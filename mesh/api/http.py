@@ -260,6 +260,7 @@ def create_app(
     client_ssl: ssl.SSLContext | None = None,
     limits: ApiLimits | None = None,
     read_only: str | None = None,
+    anonymous_reads: bool = False,
 ) -> web.Application:
     """The API of one node: ``replica`` for writes (forwarded to the leader when this node is
     not it), ``view`` for the health, cluster and metrics reads, ``service`` for scheduling.
@@ -268,14 +269,23 @@ def create_app(
     the right role (mesh.api.auth); ``audit`` records mutations and serves ``GET /api/audit``;
     ``client_ssl`` is how a follower checks the leader's certificate when the API is HTTPS;
     ``limits`` bound what one request may cost (``mesh.api.limits``); ``read_only`` (the
-    message) makes every mutation answer 403 with it (``refuse_writes``).
+    message) makes every mutation answer 403 with it (``refuse_writes``); ``anonymous_reads``
+    serves reads without a token (``mesh.api.auth.auth_middleware``; without ``tokens`` only on
+    a read-only API).
     """
+    if anonymous_reads and tokens is None and read_only is None:
+        # Every caller would then be anonymous, and nothing would refuse its writes.
+        raise ValueError("anonymous reads without a tokens file need a read-only API")
     limits = limits or ApiLimits()
     forward, close_forwarding = _forwarding_middleware(replica, view, client_ssl)
     # Authentication is outermost: it sees every final status (for the audit) and refuses a
     # caller before anything else, forwarding included, looks at the request.
     authenticate = auth_middleware(
-        tokens, node_id=replica.node_id, audit=audit, sensitive_keys=sensitive_keys
+        tokens,
+        node_id=replica.node_id,
+        audit=audit,
+        sensitive_keys=sensitive_keys,
+        anonymous_reads=anonymous_reads,
     )
     # A read-only API refuses a write after authentication (a caller without a valid token
     # still gets 401, and the refusal is audited) and before anything reads its body.

@@ -75,11 +75,40 @@ def check_unencrypted(addresses: Iterable[str], *, insecure: bool, what: str) ->
         )
 
 
-def check_open_http(address: str, *, insecure: bool, what: str) -> None:
+def check_open_http(
+    address: str,
+    *,
+    insecure: bool,
+    what: str,
+    anonymous_reads: bool = False,
+    read_only: bool = False,
+) -> None:
     """The same rule for an HTTP API without a tokens file: loopback only, or ``--insecure``.
 
     ``address`` is the HTTP bind address (HOST:PORT). Raises :class:`InsecureStart` otherwise.
+
+    One exception, asked for explicitly: ``anonymous_reads`` on a ``read_only`` API (a replica,
+    or ``api.read_only``) may bind any address, because nothing can be changed through it and
+    every caller is a ``read`` caller (redacted). ``anonymous_reads`` without tokens on a
+    writable API is refused wherever it binds, ``--insecure`` or not: its writes would need no
+    token, the opposite of what the setting asks for.
     """
+    if anonymous_reads:
+        if not read_only:
+            raise InsecureStart(
+                f"{what}: anonymous reads without API tokens need a read-only API "
+                "(api.read_only: true, or a replica): here every write would need no token; "
+                "pass --api-tokens FILE so that writes need one"
+            )
+        log.log(
+            logging.INFO if is_loopback(host_of(address)) else logging.WARNING,
+            "%s serves its read-only HTTP API on %s to anyone who reaches it, without tokens "
+            "(anonymous reads): every read is a 'read' caller's (sensitive values masked), "
+            "every write answers 403",
+            what,
+            address,
+        )
+        return
     if is_loopback(host_of(address)):
         # INFO, not a second warning: a laptop or test node says "no keys" once (above).
         log.info(

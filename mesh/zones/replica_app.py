@@ -66,6 +66,7 @@ class ReplicaOptions:
     keys: Path | None = None
     insecure: bool = False
     api_tokens: Path | None = None
+    anonymous_reads: bool = False  # GETs need no token (docs/zones.md, "Who may read")
 
     @property
     def http_host_port(self) -> tuple[str, int]:
@@ -119,7 +120,8 @@ def replica_keys(opts: ReplicaOptions) -> KeyRing | None:
 
 def replica_tokens(opts: ReplicaOptions) -> ApiTokens | None:
     """The HTTP API's tokens file, or None: then the API binds loopback only, unless
-    ``--insecure`` (the node's rule, mesh.security.policy)."""
+    ``--insecure`` or ``--anonymous-reads`` (the node's rule, mesh.security.policy: a replica's
+    API is read-only)."""
     what = f"replica {opts.replica_id}"
     if opts.api_tokens is not None:
         try:
@@ -127,7 +129,13 @@ def replica_tokens(opts: ReplicaOptions) -> ApiTokens | None:
         except TokenFileError as e:
             raise ReplicaStartRefused(f"--api-tokens: {e}") from None
     try:
-        check_open_http(opts.http, insecure=opts.insecure, what=what)
+        check_open_http(
+            opts.http,
+            insecure=opts.insecure,
+            what=what,
+            anonymous_reads=opts.anonymous_reads,
+            read_only=True,
+        )
     except InsecureStart as e:
         raise ReplicaStartRefused(str(e)) from None
     return None
@@ -292,7 +300,14 @@ async def serve_replica(
     follower.load()
     node = ReplicaNode(opts, follower, transport)
     service = SchedulingService(node, state)  # its read paths only: it never leads here
-    app = create_app(node, node, service, tokens=tokens, read_only=READ_ONLY_REPLICA)
+    app = create_app(
+        node,
+        node,
+        service,
+        tokens=tokens,
+        read_only=READ_ONLY_REPLICA,
+        anonymous_reads=opts.anonymous_reads,
+    )
     http = HttpServer(app, *opts.http_host_port)
     try:
         await http.start()
@@ -309,10 +324,13 @@ async def serve_replica(
         if keys is not None:
             loop.add_signal_handler(signal.SIGHUP, transport.reload_keys)
     secured = f"CURVE keys in {keys.directory}" if keys is not None else "no keys"
+    access = "API tokens" if tokens is not None else "no API tokens"
+    if opts.anonymous_reads:
+        access += ", anonymous reads"
     print(
         f"schedulezero replica {opts.replica_id}: zone {opts.zone}, upstreams "
         f"{', '.join(opts.upstreams)} ({secured}), http http://{opts.http}/api/health "
-        f"(read-only, {'API tokens' if tokens is not None else 'no API tokens'})",
+        f"(read-only, {access})",
         flush=True,
     )
     if ready is not None:
