@@ -119,10 +119,16 @@ def check_open_http(
         )
         return
     if not insecure:
+        public = (
+            "; or, since this API is read-only, serve anonymous reads explicitly "
+            "(security.anonymous_reads, or --anonymous-reads for a replica)"
+            if read_only
+            else ""
+        )
         raise InsecureStart(
             f"{what} would serve its HTTP API on the non-loopback address {address} without "
             "API tokens: pass --api-tokens FILE (see `schedulezero tokens create`), or "
-            "--insecure to let anyone who reaches it call every endpoint"
+            f"--insecure to let anyone who reaches it call every endpoint{public}"
         )
     log.warning(
         "%s serves its HTTP API on %s WITHOUT tokens (--insecure): anyone who reaches it can "
