@@ -7,7 +7,10 @@ same node in the same term and answer at once.
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,6 +56,22 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         yield Mesh(cluster, canary)
     finally:
         cluster.stop_all()
+
+
+def post_raw(node: NodeProcess, path: str, raw: bytes) -> tuple[int, Any]:
+    """POST bytes as they are (a body json.dumps itself could not produce)."""
+    req = urllib.request.Request(
+        node.http + path, data=raw, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        text = e.read()
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, {"error": text.decode(errors="replace")}
 
 
 def post(node: NodeProcess, path: str, body: Any) -> tuple[int, Any]:
@@ -174,6 +193,17 @@ def test_user_data_nested_deeper_than_32_levels_is_refused(
     if field != "metadata":
         job = {"task": "t", field: value}
         assert_refused(*post(mesh.follower, "/api/jobs", job), *expect)
+    mesh.assert_leader_steady()
+
+
+def test_a_body_nested_5000_deep_is_a_400_on_every_route(mesh: Mesh) -> None:
+    # The issue's probe: a RecursionError anywhere on the request's path (parsing, the audit
+    # record looking for a schedule id) was a 500.
+    raw = b"[" * 5000 + b"]" * 5000
+    for node in (mesh.follower, mesh.leader):
+        for path in ("/api/schedules", "/api/jobs"):
+            status, body = post_raw(node, path, raw)
+            assert status == 400 and "nested too deeply" in body["error"], (path, body)
     mesh.assert_leader_steady()
 
 

@@ -307,7 +307,7 @@ def redact_for_reader(response: web.StreamResponse, names: tuple[str, ...]) -> N
         return
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return
     response.body = json.dumps(_redacted(data, names)).encode()
 
@@ -324,7 +324,7 @@ def _schedule_id(request: web.Request, response: web.StreamResponse | None, raw:
         if isinstance(source, bytes | bytearray) and source:
             try:
                 data = json.loads(source)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested too deep to look into
                 continue
             if isinstance(data, dict) and isinstance(data.get("id"), str):
                 return data["id"][:200]
