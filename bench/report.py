@@ -665,21 +665,24 @@ def _curve_plot(plt: Any, c: dict[str, Any], path: Path) -> str:
 def _replica_plot(plt: Any, r: dict[str, Any], path: Path) -> str:
     """Commit → visible on the replica per offered rate; reads/s on the replica vs a follower."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    colors = {}
     for key, via, style in (("steps", "follower", "-"), ("steps_via_leader", "leader", ":")):
         for s in r.get(key, []):
             v = sorted(max(x, 0.1) for x in s["visible_samples_ms"])
             if v:
+                color = colors.setdefault(s["offered"], f"C{len(colors)}")
                 left.plot(
                     v,
                     [(i + 1) / len(v) for i in range(len(v))],
                     ls=style,
-                    label=f"via {via}: {s['offered']}/s offered ({s['achieved']:.0f}/s committed)",
+                    color=color,
+                    label=f"via {via}: {s['offered']}/s offered ({s['achieved']:.0f}/s done)",
                 )
     left.axvline(1000, ls="--", color="red", lw=0.8, label="1 s")
     left.set_xscale("log")
-    left.set_xlabel("commit (leader's 201) → visible on the replica (ms, log)")
+    left.set_xlabel("leader's answer → visible on the replica (ms, log; 0 drawn at 0.1)")
     left.set_ylabel("fraction ≤ x")
-    left.set_title(f"Replica lag under writes (zone {r['zone']})")
+    left.set_title(f"Replica lag under writes ({r['schedules']} schedules, zone {r['zone']})")
     left.legend(fontsize=8)
     left.grid(alpha=0.3, which="both")
     names = ["replica", "follower"]
