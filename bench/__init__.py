@@ -4,8 +4,10 @@ by side with APScheduler 4 alone (MemoryDataStore, and SQLAlchemyDataStore on ai
 Figures (see docs/performance.md): sustained fires/s, follower write latency, failover,
 lateness at 1,000 schedules, scale (100,000 schedules: RSS, restart, CPU per tick), idle CPU,
 timing (token-bucket rate, sends to an unreachable peer, toxiproxy toxics, the no-handler
-wait: bounds that unit tests used to assert), and curve (write latency and fires/s with CURVE
-keys against the same without, in one run). The meshes run with CURVE keys unless --no-keys.
+wait: bounds that unit tests used to assert), curve (write latency and fires/s with CURVE
+keys against the same without, in one run), and replica (a read-only replica's lag at 250 to
+1,000 changes/s, and its reads against a follower voter's with the voters' request counts).
+The meshes run with CURVE keys unless --no-keys.
 Results go to ``bench-results/bench-<timestamp>.json`` with PNG plots beside it, and a table is
 printed. Every process started is stopped on the way out, Ctrl-C included.
 """
@@ -26,7 +28,17 @@ from typing import Any, NoReturn
 
 __all__ = ["main"]
 
-ORDER = ("idle", "write", "fires", "lateness", "failover", "scale", "timing", "curve")
+ORDER = (
+    "idle",
+    "write",
+    "fires",
+    "lateness",
+    "failover",
+    "scale",
+    "timing",
+    "curve",
+    "replica",
+)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -125,7 +126,39 @@ class Http:
             self._conn = None
 
 
-class Node(Proc):
+class _Served(Proc):
+    """A child with an HTTP API on ``HOST:http_port`` (a node or a replica)."""
+
+    http_port: int
+    _http: Http | None = None
+
+    @property
+    def http(self) -> Http:
+        if self._http is None:
+            self._http = Http(self.http_port)
+        return self._http
+
+    def start(self) -> Self:
+        if self._http is not None:
+            self._http.close()
+        return super().start()
+
+    def close_http(self) -> None:
+        if self._http is not None:
+            self._http.close()
+
+    def get(self, path: str, timeout: float = 2.0) -> Any | None:
+        """GET ``path`` on a fresh connection; the decoded body on 200, else None."""
+        return get_json(f"http://{HOST}:{self.http_port}{path}", timeout=timeout)
+
+    def health(self) -> dict[str, Any] | None:
+        if not self.running:
+            return None
+        body = self.get("/api/health", timeout=1.0)
+        return body if isinstance(body, dict) else None
+
+
+class Node(_Served):
     def __init__(self, mesh: BenchMesh, node_id: str) -> None:
         self.node_id = node_id
         self.mesh_port = free_port(HOST, pair=True)
@@ -134,7 +167,6 @@ class Node(Proc):
         self.data_dir = mesh.root / node_id
         super().__init__(node_id, [], mesh.root / f"{node_id}.log", mesh.env)
         self.bench_mesh = mesh
-        self._http: Http | None = None
 
     def command(self) -> list[str]:
         m = self.bench_mesh
@@ -149,26 +181,30 @@ class Node(Proc):
             keys=m.keys_dir,
         )
 
-    @property
-    def http(self) -> Http:
-        if self._http is None:
-            self._http = Http(self.http_port)
-        return self._http
 
-    def start(self) -> Self:
-        if self._http is not None:
-            self._http.close()
-        return super().start()
+class Replica(_Served):
+    """A ``schedulezero replica`` of ``zone`` with every node of the mesh as ``--upstream``,
+    ``first`` (when set) first: it follows the first that answers (docs/zones.md)."""
 
-    def get(self, path: str, timeout: float = 2.0) -> Any | None:
-        """GET ``path`` on a fresh connection; the decoded body on 200, else None."""
-        return get_json(f"http://{HOST}:{self.http_port}{path}", timeout=timeout)
+    def __init__(self, mesh: BenchMesh, replica_id: str, zone: str) -> None:
+        self.replica_id, self.zone = replica_id, zone
+        self.http_port = free_port(HOST, pair=True)
+        self.data_dir = mesh.root / replica_id
+        self.bench_mesh = mesh
+        self.first: Node | None = None
+        super().__init__(replica_id, [], mesh.root / f"{replica_id}.log", mesh.env)
 
-    def health(self) -> dict[str, Any] | None:
-        if not self.running:
-            return None
-        body = self.get("/api/health", timeout=1.0)
-        return body if isinstance(body, dict) else None
+    def command(self) -> list[str]:
+        m = self.bench_mesh
+        argv = [sys.executable, "-m", "mesh.cli", "replica", "--node-id", self.replica_id]
+        argv += ["--zone", self.zone, "--http", f"{HOST}:{self.http_port}"]
+        argv += ["--data-dir", str(self.data_dir)]
+        if m.keys_dir is not None:
+            argv += ["--keys", str(m.keys_dir)]
+        upstreams = sorted(m.nodes, key=lambda n: n is not self.first)
+        for node in upstreams:
+            argv += ["--upstream", node.mesh_address]
+        return argv
 
 
 class Handler(Proc):
@@ -219,6 +255,16 @@ class BenchMesh:
                 create_key(self.keys_dir, name, "handler")
         self.nodes = [Node(self, n) for n in node_ids]
         self.handlers = [Handler(self, h, handler_concurrency) for h in handler_ids]
+        self.replicas: list[Replica] = []
+
+    def add_replica(self, replica_id: str, zone: str) -> Replica:
+        """A replica (not started) with its own key of ``zone``: call before :meth:`start`,
+        so that the nodes load its key when they start."""
+        if self.keys_dir is not None:
+            create_key(self.keys_dir, replica_id, "replica", zone=zone)
+        replica = Replica(self, replica_id, zone)
+        self.replicas.append(replica)
+        return replica
 
     # ----- lifecycle
 
@@ -283,7 +329,7 @@ class BenchMesh:
         return {h.get("handler_id") for h in body.get("handlers", []) if h.get("state") == "alive"}
 
     def stop(self) -> None:
-        procs = [*self.handlers, *self.nodes]
+        procs = [*self.replicas, *self.handlers, *self.nodes]
         # Who had already exited on their own (and how), for the report of a failed phase.
         self.exited_before_stop = {
             p.name: p.proc.returncode
@@ -292,9 +338,8 @@ class BenchMesh:
         }
         stop_all([p.proc for p in procs if p.proc is not None], 5.0)
         LIVE.difference_update(procs)
-        for n in self.nodes:
-            if n._http is not None:
-                n._http.close()
+        for n in [*self.nodes, *self.replicas]:
+            n.close_http()
 
     # ----- observation
 
@@ -332,7 +377,7 @@ class BenchMesh:
 
     def diagnostics(self) -> str:
         parts = []
-        for p in [*self.nodes, *self.handlers]:
+        for p in [*self.nodes, *self.handlers, *self.replicas]:
             code = p.proc.returncode if p.proc is not None else None
             parts.append(f"== {p.name} running={p.running} code={code}\n{p.tail()}")
         return "\n".join(parts)

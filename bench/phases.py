@@ -1,7 +1,8 @@
 """The phases. Each of the six mesh figures starts its own fresh mesh (so no phase inherits
 another's state), measures, stops it, then runs the APScheduler-alone baselines, and returns a
 JSON-able dict. The timing phase (bench/timing.py) measures what unit tests used to assert; the
-curve phase compares meshes with CURVE keys and without."""
+curve phase compares meshes with CURVE keys and without; the replica phase (bench/replica.py)
+measures a read-only replica."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from bench.common import (
     wait_drained,
 )
 from bench.harness import BenchError, Node, wait_for
+from bench.replica import replica
 from bench.stats import cpu_seconds, parse_time, rss_mb, step_should_stop, summary
 from bench.timing import timing
 from mesh.node import TICK_SECONDS
@@ -686,4 +688,5 @@ PHASES = {
     "scale": scale,
     "timing": timing,
     "curve": curve,
+    "replica": replica,
 }

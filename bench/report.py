@@ -17,6 +17,7 @@ _MEETS: dict[str, Callable[..., bool]] = {
     "<=": operator.le,
     "<": operator.lt,
     "in": lambda v, low, high: low <= v <= high,
+    "==": operator.eq,
 }
 
 # figure key → target: the mesh figures' from issue 6; the timing figures' are the bounds the
@@ -43,6 +44,8 @@ TARGETS: dict[str, Target] = {
     "timing_no_handler_s": ("<", 10.0),
     # Issue 11: CURVE may cost at most 15 % of the throughput (secured ÷ plain max fires/s).
     "curve_fires_ratio": (">=", 0.85),
+    # Issue 13: a replica's reads never reach the voters.
+    "replica_voter_requests": ("==", 0.0),
 }
 
 
@@ -229,7 +232,80 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
     c = figures.get("curve")
     if isinstance(c, dict) and "ratio" in c:
         _curve_rows(c, row)
+    r = figures.get("replica")
+    if isinstance(r, dict) and "steps" in r:
+        _replica_rows(r, row)
     return out
+
+
+def _replica_rows(r: dict[str, Any], row: Callable[..., None]) -> None:
+    """Issue 13: the replica's lag stays under 1 s at 1,000 changes/s (a target on each step's
+    max), and its reads leave the voters' request counts where they were. The lag rows are for
+    a replica following a follower voter; their baseline, the same following the leader."""
+    via_leader = {s["offered"]: s for s in r.get("steps_via_leader", [])}
+    for s in r["steps"]:
+        k, v = f"replica_{s['offered']}", s["visible_ms"]
+        other = via_leader.get(s["offered"], {})
+        row(
+            f"{k}_committed",
+            f"changes/s at {s['offered']}/s offered (PUT to the leader; baseline: via leader)",
+            "/s",
+            s["achieved"],
+            section="replica",
+            baseline=other.get("achieved"),
+        )
+        for q in ("p50", "p99", "max"):
+            row(
+                f"{k}_visible_{q}_ms",
+                f"  commit → visible on the replica, {q}",
+                "ms",
+                v[q],
+                section="replica",
+                baseline=_get(other, "visible_ms", q),
+                target=("<", 1000.0) if q == "max" else None,
+            )
+        row(
+            f"{k}_pause_max_ms",
+            "  the replica's longest pause (no /api/health answer)",
+            "ms",
+            s["pause_max_ms"],
+            section="replica",
+            baseline=other.get("pause_max_ms"),
+        )
+    row(
+        "replica_health_lag_max_s",
+        "replica /api/health lag_seconds, max over every step",
+        "s",
+        r["max_health_lag_s"],
+        section="replica",
+        target=("<", 1.0),
+    )
+    rep, fol = r["reads"]["replica"], r["reads"]["follower"]
+    row(
+        "replica_reads_per_s",
+        f"GET /api/schedules/{{id}} per s, {rep['clients']} clients (baseline: a follower)",
+        "/s",
+        rep["gets_per_s"],
+        section="replica",
+        baseline=fol["gets_per_s"],
+    )
+    for q in ("p50", "p99"):
+        row(
+            f"replica_read_{q}_ms",
+            f"  read latency {q}",
+            "ms",
+            rep["latency_ms"][q],
+            section="replica",
+            baseline=fol["latency_ms"][q],
+        )
+    row(
+        "replica_voter_requests",
+        "voters' API requests meanwhile (baseline: while the follower served)",
+        "",
+        sum(rep["voter_requests"].values()),
+        section="replica",
+        baseline=sum(fol["voter_requests"].values()),
+    )
 
 
 def _curve_rows(c: dict[str, Any], row: Callable[..., None]) -> None:
@@ -370,8 +446,9 @@ def table(table_rows: list[dict[str, Any]], errors: dict[str, str]) -> str:
     mesh = [r for r in table_rows if r.get("section", "mesh") == "mesh"]
     timing = [r for r in table_rows if r.get("section") == "timing"]
     curve = [r for r in table_rows if r.get("section") == "curve"]
+    others = [r for r in table_rows if r.get("section", "mesh") != "mesh"]
     lines: list[str] = []
-    if mesh or not (timing or curve):
+    if mesh or not others:
         head = ["figure", "unit", "mesh", "target", "met"]
         head += ["APS+memory", "mesh÷", "APS+SQLite", "mesh÷"]
         lines += _columns(
@@ -404,6 +481,16 @@ def table(table_rows: list[dict[str, Any]], errors: dict[str, str]) -> str:
         lines += _columns(
             head,
             [[*_leading(r), _fmt(r["baseline"]), _fmt(r["ratio_baseline"])] for r in curve],
+        )
+    replica = [r for r in table_rows if r.get("section") == "replica"]
+    if replica:
+        if lines:
+            lines.append("")
+        head = ["read-only replica (lag: following a follower)", "unit", "replica", "target"]
+        head += ["met", "baseline", "replica÷"]
+        lines += _columns(
+            head,
+            [[*_leading(r), _fmt(r["baseline"]), _fmt(r["ratio_baseline"])] for r in replica],
         )
     for phase, err in errors.items():
         lines.append(f"{phase}: FAILED: {err.splitlines()[0] if err else err}")
@@ -524,6 +611,9 @@ def plots(figures: dict[str, Any], out_dir: Path, stem: str) -> list[str] | None
     c = figures.get("curve")
     if isinstance(c, dict) and "ratio" in c:
         paths.append(_curve_plot(plt, c, out_dir / f"{stem}-curve.png"))
+    r = figures.get("replica")
+    if isinstance(r, dict) and "steps" in r:
+        paths.append(_replica_plot(plt, r, out_dir / f"{stem}-replica.png"))
     fo = figures.get("failover")
     if isinstance(fo, dict) and fo.get("samples_s"):
         cdf(
@@ -567,6 +657,52 @@ def _curve_plot(plt: Any, c: dict[str, Any], path: Path) -> str:
     for ax in (left, right):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def _replica_plot(plt: Any, r: dict[str, Any], path: Path) -> str:
+    """Commit → visible on the replica per offered rate; reads/s on the replica vs a follower."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    colors = {}
+    for key, via, style in (("steps", "follower", "-"), ("steps_via_leader", "leader", ":")):
+        for s in r.get(key, []):
+            v = sorted(max(x, 0.1) for x in s["visible_samples_ms"])
+            if v:
+                color = colors.setdefault(s["offered"], f"C{len(colors)}")
+                left.plot(
+                    v,
+                    [(i + 1) / len(v) for i in range(len(v))],
+                    ls=style,
+                    color=color,
+                    label=f"via {via}: {s['offered']}/s offered ({s['achieved']:.0f}/s done)",
+                )
+    left.axvline(1000, ls="--", color="red", lw=0.8, label="1 s")
+    left.set_xscale("log")
+    left.set_xlabel("leader's answer → visible on the replica (ms, log; 0 drawn at 0.1)")
+    left.set_ylabel("fraction ≤ x")
+    left.set_title(f"Replica lag under writes ({r['schedules']} schedules, zone {r['zone']})")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3, which="both")
+    names = ["replica", "follower"]
+    reads = [r["reads"][n] for n in names]
+    bars = right.bar(
+        [f"{n} {x['target']}" for n, x in zip(names, reads, strict=True)],
+        [x["gets_per_s"] for x in reads],
+        color=["tab:green", "tab:blue"],
+    )
+    for bar, x in zip(bars, reads, strict=True):
+        right.annotate(
+            f"voters' requests: {sum(x['voter_requests'].values())}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    right.set_ylabel("GET /api/schedules/{id} per s")
+    right.set_title(f"Reads, {reads[0]['clients']} clients")
+    right.grid(alpha=0.3, axis="y")
     out = _save(fig, path)
     plt.close(fig)
     return out

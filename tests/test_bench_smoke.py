@@ -217,3 +217,36 @@ def test_timing_rows_state_targets_and_same_run_baselines() -> None:
     assert by_key["timing_no_handler_s"]["met"] is False  # never ended: the target is missed
     text = report.table(rows, {})
     assert "timing (bounds once asserted by unit tests)" in text and "APS+memory" not in text
+
+
+def test_replica_phase_measures_lag_and_reads_that_never_reach_the_voters(tmp_path: Path) -> None:
+    code = bench_main(
+        ["--quick", "--only", "replica", "--scale", "0.05", "--out", str(tmp_path), "--no-plots"]
+    )
+
+    assert code == 0
+    result = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert result["errors"] == {}
+    fig = result["figures"]["replica"]
+    via_follower, via_leader = fig["steps"], fig["steps_via_leader"]
+    assert [s["offered"] for s in via_follower] == [s["offered"] for s in via_leader] != []
+    for step in via_follower + via_leader:
+        assert step["statuses"] == {"200": step["writes"]}, step["statuses"]
+        # Every answered write was seen applied on the replica, through its own health poll.
+        assert step["visible_ms"]["count"] == step["writes"] and step["visible_ms"]["unseen"] == 0
+        assert step["visible_ms"]["max"] >= 0 and step["probe_ms"]["count"] >= 1
+        assert step["replica_counters"]["changes"] >= step["writes"]
+    assert {s["upstream_node"] for s in via_follower}.isdisjoint(
+        {s["upstream_node"] for s in via_leader}
+    )
+    replica, follower = fig["reads"]["replica"], fig["reads"]["follower"]
+    assert replica["statuses"] == {"200": replica["ok"]} and replica["ok"] > 0
+    assert replica["target_counted"] == replica["ok"]
+    assert replica["voter_requests"] == {"n1": 0, "n2": 0, "n3": 0}
+    # The same reads on a voter move its counter by exactly as many: the zero above is a count.
+    assert follower["voter_requests"][follower["target"]] == follower["ok"] > 0
+    assert sum(follower["voter_requests"].values()) == follower["ok"]
+    rows = {r["key"]: r for r in result["table"] if r["section"] == "replica"}
+    assert rows["replica_voter_requests"]["met"] is True
+    assert rows["replica_voter_requests"]["baseline"] == follower["ok"]
+    assert not LIVE

@@ -7,6 +7,7 @@ in middlewares: every error is JSON ``{"error": "..."}`` with a 4xx/5xx status, 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
 import ssl
@@ -143,6 +144,33 @@ class _NodeCollector:
             g = GaugeMetricFamily(f"mesh_{name}", name.replace("_", " "), labels=labels)
             g.add_metric(nid, value)
             yield g
+
+
+class _RequestCounter:
+    """``schedulezero_http_requests_total{node_id, method, route}``: every request this API
+    answered, by its route's template (bounded labels; ``unmatched`` for an unknown path). It
+    shows, e.g., that a replica's reads never reach the voters (docs/zones.md)."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        self.counts[(request.method, route)] += 1
+        return await handler(request)
+
+    def collect(self) -> Any:
+        c = CounterMetricFamily(
+            "schedulezero_http_requests",
+            "HTTP requests answered by this node's API, by method and route",
+            labels=["node_id", "method", "route"],
+        )
+        for (method, route), value in sorted(self.counts.items()):
+            c.add_metric([self.node_id, method, route], value)
+        yield c
 
 
 WRITE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
@@ -290,14 +318,23 @@ def create_app(
     # A read-only API refuses a write after authentication (a caller without a valid token
     # still gets 401, and the refusal is audited) and before anything reads its body.
     refusing = [refuse_writes(read_only)] if read_only is not None else []
+    requests = _RequestCounter(replica.node_id)
     app = web.Application(
-        middlewares=[authenticate, errors_as_json, *refusing, body_limits(limits), forward],
+        middlewares=[
+            requests.middleware,
+            authenticate,
+            errors_as_json,
+            *refusing,
+            body_limits(limits),
+            forward,
+        ],
         client_max_size=limits.max_body_bytes,
     )
     app[LIMITS_KEY] = limits
     app.on_cleanup.append(close_forwarding)
     registry = CollectorRegistry()
     registry.register(_NodeCollector(replica.node_id, view))
+    registry.register(requests)
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response(view.health())
