@@ -16,7 +16,8 @@ its ``replica`` key and asks for its zone's feed (docs/zones.md, "The feed proto
 the seqs or a bad snapshot makes it subscribe again with ``after`` = what it applied; an upstream
 silent for ``HEARTBEAT_TIMEOUT`` makes it move to the next ``--upstream``. :class:`ReplicaStore`
 keeps the last applied state and its seq in ``DATA_DIR/replica.db``, written every
-``SAVE_INTERVAL`` and on stop, so a restarted replica serves its copy at once and resumes.
+``SAVE_INTERVAL`` (longer for a large state: ``SAVE_BUDGET``) and on stop, so a restarted replica
+serves its copy at once and resumes.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ HEARTBEAT_TIMEOUT = 2.0  # an upstream silent this long is left for the next one
 ACK_INTERVAL = 0.5
 SUBSCRIBE_TIMEOUT = 2.0
 SAVE_INTERVAL = 2.0  # the durable copy is at most this old (plus one write) after a crash
+# Serialising the copy runs on the event loop (the state must not change under it) and pauses
+# reads and the feed for its duration: the interval grows so it takes at most 1/SAVE_BUDGET of
+# the loop's time (tens of ms at 2,000 schedules, every 2 s; ~0.5 s at 10,000, every ~25 s).
+SAVE_BUDGET = 50
 RESUBSCRIBE_PAUSE = 0.1  # between two subscriptions to one upstream (a storm of gaps)
 ROUND_PAUSE = 0.5  # after every upstream failed once, before trying the first again
 MAX_SNAPSHOT_BYTES = 2 * 1024**3
@@ -210,6 +215,7 @@ class FeedFollower:
         self._beats: collections.deque[tuple[int, float]] = collections.deque(maxlen=MAX_HEARTBEATS)
         self._resubscribe = asyncio.Event()
         self._saved_seq = -1
+        self.last_save_seconds = 0.0  # how long the last copy took to serialise (loop time)
         self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -263,7 +269,9 @@ class FeedFollower:
         """Write the state as applied now to the durable copy (if it changed)."""
         if self.store is None or self.applied == self._saved_seq:
             return
+        started = self.clock()
         seq, snapshot = self.applied, self.state.snapshot()  # one consistent pair
+        self.last_save_seconds = self.clock() - started
         try:
             await asyncio.to_thread(self.store.save, self.zone, seq, snapshot)
         except sqlite3.Error:
@@ -562,5 +570,5 @@ class FeedFollower:
 
     async def _save_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.save_interval)
+            await asyncio.sleep(max(self.save_interval, SAVE_BUDGET * self.last_save_seconds))
             await self.save()
