@@ -12,6 +12,7 @@ import logging
 import re
 import ssl
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
@@ -47,6 +48,7 @@ from mesh.contracts import (
     Replica,
     term_identity,
 )
+from mesh.scheduling.state import OUTCOMES
 
 if TYPE_CHECKING:
     from mesh.scheduling.service import SchedulingService
@@ -442,11 +444,20 @@ def _add_scheduling_routes(app: web.Application, service: SchedulingService) -> 
 
     async def executions(request: web.Request) -> web.Response:
         limit, after, extra = _page_query(
-            request, default_limit=100, max_limit=MAX_EXECUTIONS_PAGE, extra=("schedule_id",)
+            request,
+            default_limit=100,
+            max_limit=MAX_EXECUTIONS_PAGE,
+            extra=("schedule_id", "outcome", "since"),
         )
         schedule_id = extra.get("schedule_id") or None
+        outcome = extra.get("outcome")
+        if outcome is not None and outcome not in OUTCOMES:
+            raise BadRequest(f"outcome: {outcome[:40]!r} is not one of {', '.join(OUTCOMES)}")
+        since = _since_query(extra["since"]) if "since" in extra else None
         try:
-            items = state.execution_history(schedule_id, limit + 1, after=after)
+            items = state.execution_history(
+                schedule_id, limit + 1, after=after, outcome=outcome, since=since
+            )
         except LookupError:
             raise BadRequest(
                 f"after: no execution of job {after!r} in the history (it may have expired)"
@@ -514,6 +525,30 @@ def _page_query(
     if after == "":
         raise BadRequest("after: must not be empty (the 'next' of the previous page)")
     return limit, after, {name: q[name] for name in extra if name in q}
+
+
+# RFC 3339's date-time, the offset optional (then UTC). ASCII digits only, like _DIGITS.
+_DATE_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})?"
+)
+
+
+def _since_query(raw: str) -> datetime:
+    """The aware datetime of a ``since`` parameter, or BadRequest saying what is wrong."""
+    if not _DATE_TIME.fullmatch(raw):
+        hint = ""
+        if " " in raw.strip():
+            hint = " (a '+' in a URL query reads as a space: write it %2B, or use Z)"
+        raise BadRequest(
+            f"since: not an ISO-8601 date-time such as 2024-05-01T12:00:00Z, got {raw[:40]!r}"
+            + hint
+        )
+    try:  # the shape is right; the values may not be (month 13, hour 24, offset 25:00)
+        at = datetime.fromisoformat(raw.upper())
+    except ValueError as e:
+        raise BadRequest(f"since: {raw[:40]!r} is not a valid date-time ({e})") from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 _I = TypeVar("_I")

@@ -36,6 +36,7 @@ from mesh.api.schema import (
     MemberBody,
     ScheduleBody,
 )
+from mesh.scheduling.state import OUTCOMES
 
 OPENAPI_VERSION = "3.1.0"
 API_VERSION = "1"
@@ -404,6 +405,20 @@ OPERATIONS: tuple[Operation, ...] = (
                 "in": "query",
                 "description": "only this schedule's executions",
                 "schema": {"type": "string"},
+            },
+            {
+                "name": "outcome",
+                "in": "query",
+                "description": "only the executions with this outcome",
+                "schema": {"type": "string", "enum": list(OUTCOMES)},
+            },
+            {
+                "name": "since",
+                "in": "query",
+                "description": "only the executions whose scheduled fire time (for a run-now job:"
+                " its start, else its finish) is at or after this ISO-8601 date-time (no offset:"
+                " UTC)",
+                "schema": {"type": "string", "format": "date-time"},
             },
             {
                 "name": "limit",

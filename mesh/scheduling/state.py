@@ -19,7 +19,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -33,6 +33,8 @@ log = logging.getLogger("mesh.scheduling.state")
 
 DEFAULT_MAX_EXECUTIONS = 10_000
 DEFAULT_MAX_RESULTS = 10_000
+# The outcomes an execution record can hold: APScheduler's (the records store ``outcome.name``).
+OUTCOMES: tuple[str, ...] = tuple(o.name for o in JobOutcome)
 
 
 # --------------------------------------------------------------------------- wire codecs
@@ -322,10 +324,18 @@ class SchedulerState:
         return None
 
     def execution_history(
-        self, schedule_id: str | None, limit: int, *, after: str | None = None
+        self,
+        schedule_id: str | None,
+        limit: int,
+        *,
+        after: str | None = None,
+        outcome: str | None = None,
+        since: datetime | None = None,
     ) -> list[dict[str, Any]]:
-        """Newest first, at most ``limit``; with ``after`` (a job id) only the records older than
-        that job's (LookupError if it is not in the history)."""
+        """Newest first, at most ``limit`` records matching every filter given: ``schedule_id``,
+        ``outcome`` (one of ``OUTCOMES``), ``since`` (an aware datetime: ``record_time`` at or
+        after it). With ``after`` (a job id) only the records older than that job's, whether or
+        not that one matches (LookupError if it is not in the history)."""
         records: Iterable[dict[str, Any]] = reversed(self.executions)
         if after is not None:
             records = iter(records)
@@ -333,10 +343,17 @@ class SchedulerState:
                 raise LookupError(after)
         out = []
         for ex in records:
-            if schedule_id is None or ex["schedule_id"] == schedule_id:
-                out.append(ex)
-                if len(out) >= limit:
-                    break
+            if schedule_id is not None and ex["schedule_id"] != schedule_id:
+                continue
+            if outcome is not None and ex["outcome"] != outcome:
+                continue
+            if since is not None:
+                at = record_time(ex)
+                if at is None or at < since:
+                    continue
+            out.append(ex)
+            if len(out) >= limit:
+                break
         return out
 
     # ------------------------------------------------------------------ schedule index
@@ -533,6 +550,17 @@ class SchedulerState:
         for jid in expired:
             del self.results[jid]
         return len(expired)
+
+
+def record_time(ex: dict[str, Any]) -> datetime | None:
+    """When an execution record happened, for ``since``: its scheduled fire time; a run-now job
+    has none, so its start, or its finish when it never started (missed its deadline, or was
+    abandoned before a handler took it). Naive texts (none are written) count as UTC."""
+    text = ex.get("scheduled_fire_time") or ex.get("started_at") or ex.get("finished_at")
+    if not text:
+        return None
+    at = datetime.fromisoformat(text)
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def ids(values: Iterable[UUID]) -> list[str]:
