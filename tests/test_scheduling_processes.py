@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 from tests.cluster import Cluster, NodeProcess
 
@@ -166,6 +167,21 @@ def test_run_now_job_reports_its_result_on_any_node(cluster_factory) -> None:
     assert job["return_value"] == 42
     status, hist = follower.request("GET", "/api/executions?limit=5")
     assert status == 200 and any(e["job_id"] == body["job_id"] for e in hist["executions"])
+    # Filtered on a follower: a run-now job's time is its start, and since is inclusive.
+    [record] = [e for e in hist["executions"] if e["job_id"] == body["job_id"]]
+    started = datetime.fromisoformat(record["started_at"])
+    later = quote((started + timedelta(microseconds=1)).isoformat(), safe="")
+
+    def listed(query: str) -> bool:
+        status, page = follower.request("GET", f"/api/executions?{query}")
+        assert status == 200, (query, page)
+        return any(e["job_id"] == body["job_id"] for e in page["executions"])
+
+    assert listed(f"outcome=success&since={quote(record['started_at'], safe='')}")
+    assert not listed("outcome=error")
+    assert not listed(f"since={later}")
+    status, err = follower.request("GET", "/api/executions?outcome=done")
+    assert status == 400 and "success" in err["error"], err
 
 
 def test_pause_and_resume_through_a_follower(cluster_factory, tmp_path: Path) -> None:
