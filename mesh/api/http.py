@@ -140,10 +140,46 @@ class _NodeCollector:
         for reason, value in sorted(m.get("security_rejected", {}).items()):
             rejected.add_metric([*nid, reason], value)
         yield rejected
+        yield from _feed_metrics(m.get("feed"), nid)
+        # The replicated scheduling counters: the same on every node that applied the same log.
+        for name, value in sorted(m.get("scheduling", {}).items()):
+            c = CounterMetricFamily(
+                f"schedulezero_{name}", SCHEDULING_COUNTERS.get(name, name), labels=labels
+            )
+            c.add_metric(nid, value)
+            yield c
         for name, value in sorted(m.get("extra", {}).items()):
             g = GaugeMetricFamily(f"mesh_{name}", name.replace("_", " "), labels=labels)
             g.add_metric(nid, value)
             yield g
+
+
+SCHEDULING_COUNTERS = {
+    "fires_recorded": "Fire times of schedules recorded as jobs (replicated)",
+    "fires_deduplicated": "Fire times proposed again and dropped: their job exists (replicated)",
+    "fires_skipped": 'Missed fire times skipped by the coalesce "all" catch-up cap (replicated)',
+}
+
+
+def _feed_metrics(feed: dict[str, Any] | None, nid: list[str]) -> Any:
+    """A voter's change feed (docs/zones.md, "Counters"); nothing on a node without one."""
+    if feed is None:
+        return
+    g = GaugeMetricFamily(
+        "schedulezero_feed_subscribers",
+        "Replicas currently subscribed to this voter's change feed",
+        labels=["node_id"],
+    )
+    g.add_metric(nid, feed["subscribers"])
+    yield g
+    c = CounterMetricFamily(
+        "schedulezero_feed_events",
+        "Change feed events by kind (subscriptions, messages sent, refusals, drops, ...)",
+        labels=["node_id", "kind"],
+    )
+    for kind, value in sorted(feed["events"].items()):
+        c.add_metric([*nid, kind], value)
+    yield c
 
 
 class _RequestCounter:
