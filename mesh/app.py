@@ -13,6 +13,8 @@ Everything else is handed its collaborators through the small contracts of ``mes
   an API without tokens, and the TLS contexts (``--tls-cert/--tls-key``).
 - ``build_feed``: the change feed the node serves to read-only replicas, filtered per zone
   (``mesh.zones``).
+- ``VoterView``: what the HTTP API reads about a voter — the node's views, with the counters of
+  the parts composed around it (the replicas' feed, the replicated scheduling counters).
 - ``serve`` / ``run_node``: a node process — node, scheduling, the replicas' feed and the HTTP
   API — until SIGTERM; SIGHUP re-reads the key directory.
 """
@@ -27,6 +29,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -52,6 +55,7 @@ __all__ = [
     "HttpSecurity",
     "NodeFailed",
     "StartRefused",
+    "VoterView",
     "build_feed",
     "build_node",
     "build_scheduling",
@@ -263,6 +267,46 @@ def build_feed(node: MeshNode, state: SchedulerState, keys: KeyRing | None) -> F
     return feed
 
 
+@attrs.frozen
+class VoterView:
+    """The ``NodeView`` a voter's API serves: the node's own views, and in ``metrics()`` the
+    counters of the parts built around the node, which the node itself does not know (it never
+    imports the layers above it): ``feed`` (the replicas' change feed, docs/zones.md) and
+    ``scheduling`` (the replicated fire counters of the scheduler state, docs/scheduling.md).
+    """
+
+    node: MeshNode
+    feed: FeedServer
+    state: SchedulerState
+
+    def health(self) -> dict[str, Any]:
+        return self.node.health()
+
+    def cluster(self) -> dict[str, Any]:
+        return self.node.cluster()
+
+    def cluster_members(self) -> dict[str, Any]:
+        return self.node.cluster_members()
+
+    def leader_http(self) -> str | None:
+        return self.node.leader_http()
+
+    def metrics(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            **self.node.metrics(),
+            "feed": {
+                "subscribers": len(self.feed.subscriptions),
+                "events": dict(self.feed.counters),
+            },
+            "scheduling": {
+                "fires_recorded": s.fires_recorded,
+                "fires_deduplicated": s.fires_deduplicated,
+                "fires_skipped": s.fires_skipped,
+            },
+        }
+
+
 async def serve(
     config: Config,
     *,
@@ -300,7 +344,7 @@ async def serve(
     )
     app = create_app(
         node,
-        node,
+        VoterView(node, feed, state),
         service,
         tokens=http_sec.tokens,
         audit=audit,

@@ -35,7 +35,14 @@ ZONES = {
     "open": {"drop": [], "sensitive_keys": []},  # the control: lets the secret through
 }
 # replica key name -> the zone in its certificate (None: a key without zone metadata)
-REPLICAS = {"r-dmz": "dmz", "r-dmz2": "dmz", "r-far": "dmz", "r-open": "open", "r-x": "nowhere"}
+REPLICAS = {
+    "r-dmz": "dmz",
+    "r-dmz2": "dmz",
+    "r-far": "dmz",
+    "r-open": "open",
+    "r-x": "nowhere",
+    "r-metrics": "dmz",
+}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +100,22 @@ def rejected(node: NodeProcess) -> Counter[str]:
             if s.name == REJECTED:
                 out[s.labels["reason"]] += int(s.value)
     return out
+
+
+def feed_metrics(node: NodeProcess) -> tuple[float | None, Counter[str]]:
+    """``schedulezero_feed_subscribers`` (None if absent) and ``schedulezero_feed_events_total``
+    by kind, as ``node``'s ``/metrics`` says now."""
+    text = node.metrics_text()
+    assert text is not None, f"{node.node_id} does not answer /metrics"
+    subscribers = None
+    events: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "schedulezero_feed_subscribers":
+                subscribers = s.value
+            elif s.name == "schedulezero_feed_events_total":
+                events[s.labels["kind"]] += int(s.value)
+    return subscribers, events
 
 
 class RecordingTransport(MeshTransport):
@@ -257,6 +280,34 @@ async def test_a_zone_that_drops_nothing_does_receive_the_planted_secret(cluster
         await r.until(lambda: sid in r.schedule_ids_in_changes(), 10, f"the change for {sid}")
         assert SECRET.encode() in b"".join(r.transport.raw)
         assert SECRET.encode() in r.image()
+
+
+async def test_metrics_show_the_subscriber_and_count_what_the_feed_sent_it(
+    cluster: Cluster,
+) -> None:
+    leader = cluster.wait_for_leader(10)
+    node = [n for n in cluster.nodes if n is not leader][-1]  # not the other tests' follower()
+    # A subscriber left by another test is dropped after the feed's ack timeout (10 s).
+    async with asyncio.timeout(20):
+        while (subscribers := feed_metrics(node)[0]) != 0:
+            assert subscribers is not None, "no schedulezero_feed_subscribers in /metrics"
+            await asyncio.sleep(0.2)
+    _, before = feed_metrics(node)
+    async with ScriptedReplica(cluster, "r-metrics", node) as r:
+        reply = await r.subscribe("dmz", 0)
+        assert reply["ok"] is True and reply["mode"] == "snapshot", reply
+        await r.until(r.has_snapshot, 10, "the whole snapshot")
+        created = [create_schedule(cluster) for _ in range(3)]
+        await r.until(
+            lambda: set(created) <= r.schedule_ids_in_changes(), 10, f"changes for {created}"
+        )
+        subscribers, after = feed_metrics(node)
+    assert subscribers == 1
+    assert after["subscribed.snapshot"] == before["subscribed.snapshot"] + 1
+    # Counted when sent, so at least what arrived (a heartbeat may be on its way).
+    assert after["sent.feed_snapshot"] - before["sent.feed_snapshot"] >= len(r.parts) >= 1
+    assert after["sent.feed_change"] - before["sent.feed_change"] >= len(r.changes) >= 3
+    assert after["sent.feed_heartbeat"] - before["sent.feed_heartbeat"] >= len(r.heartbeats)
 
 
 # ---------------------------------------------------------------------------- who may subscribe

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster import Cluster, NodeProcess
 
@@ -78,6 +79,18 @@ def post(node: NodeProcess, path: str, body: Any) -> tuple[int, Any]:
     return node.request("POST", path, body, timeout=10.0)
 
 
+def fire_counters(node: NodeProcess) -> dict[str, float]:
+    """The replicated ``schedulezero_fires_*_total`` counters in ``node``'s ``/metrics``."""
+    text = node.metrics_text()
+    assert text is not None, f"{node.node_id} does not answer /metrics"
+    return {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("schedulezero_fires_") and s.name.endswith("_total")
+    }
+
+
 def finished_job(mesh: Mesh, job_id: str) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
         job = mesh.follower.get_json(f"/api/jobs/{job_id}")
@@ -121,6 +134,7 @@ def test_an_interval_of_one_second_started_a_year_ago_never_stalls_the_leader(
 ) -> None:
     start = (datetime.now(UTC) - timedelta(days=365)).isoformat()
     sid = f"year-ago-{coalesce}"
+    before = fire_counters(mesh.leader)
     status, body = post(
         mesh.follower,
         "/api/schedules",
@@ -147,6 +161,25 @@ def test_an_interval_of_one_second_started_a_year_ago_never_stalls_the_leader(
     # "all" runs at most the latest 100 missed fire times (docs/scheduling.md), plus the
     # fires of the few seconds the test took.
     assert len(history["executions"]) <= 100 + 30, len(history["executions"])
+    # The skipped ones are counted, in the replicated counter every voter exports alike.
+    skipped = "schedulezero_fires_skipped_total"
+    after = fire_counters(mesh.leader)
+    assert set(after) == {
+        "schedulezero_fires_recorded_total",
+        "schedulezero_fires_deduplicated_total",
+        skipped,
+    }
+    missed = 365 * 86400
+    if coalesce == "all":
+        assert missed - 200 <= after[skipped] - before[skipped] <= missed, (before, after)
+    else:
+        assert after[skipped] == before[skipped]  # "latest" runs one: nothing is skipped
+    assert after["schedulezero_fires_recorded_total"] > before["schedulezero_fires_recorded_total"]
+
+    def replicated() -> bool:
+        return fire_counters(mesh.follower)[skipped] == fire_counters(mesh.leader)[skipped]
+
+    mesh.cluster.wait_for(replicated, 10.0, "the follower's fires_skipped to equal the leader's")
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ in middlewares: every error is JSON ``{"error": "..."}`` with a 4xx/5xx status, 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import re
 import ssl
@@ -19,7 +18,6 @@ from uuid import UUID
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from mesh.api.auth import (
     CLIENT_HEADER,
@@ -31,6 +29,7 @@ from mesh.api.auth import (
     auth_middleware,
 )
 from mesh.api.limits import LIMITS_KEY, ApiLimits, body_limits, limit_connections, loads
+from mesh.api.metrics import NodeCollector, RequestCounter
 from mesh.api.openapi import openapi_document
 from mesh.api.schema import (
     BadRequest,
@@ -101,78 +100,6 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         return json_error(500, "internal error (see the node's log)")
-
-
-class _NodeCollector:
-    """Reads the node's state at scrape time: no bookkeeping on the hot path."""
-
-    def __init__(self, node_id: str, view: NodeView) -> None:
-        self.node_id = node_id
-        self.view = view
-
-    def collect(self) -> Any:
-        m = self.view.metrics()
-        labels = ["node_id"]
-        nid = [self.node_id]
-        for name, help_text in (
-            ("term", "Current Raft term"),
-            ("commit_index", "Highest log index known committed"),
-            ("applied_index", "Highest log index applied to the state machine"),
-            ("last_index", "Last log index"),
-            ("snapshot_index", "Index covered by the latest snapshot"),
-            ("is_leader", "1 if this node is the leader"),
-            ("has_quorum", "1 if this node sees a majority of voters"),
-            ("peers_alive", "Peers currently considered alive"),
-        ):
-            g = GaugeMetricFamily(f"mesh_{name}", help_text, labels=labels)
-            g.add_metric(nid, m[name])
-            yield g
-        c = CounterMetricFamily(
-            "mesh_transport_events", "Transport counters by kind", labels=[*labels, "kind"]
-        )
-        for kind, value in sorted(m["transport"].items()):
-            c.add_metric([*nid, kind], value)
-        yield c
-        # Messages and handshakes refused by the security checks (docs/security.md), by reason.
-        rejected = CounterMetricFamily(
-            "schedulezero_security_rejected",
-            "Messages and connections refused by security checks, by reason",
-            labels=[*labels, "reason"],
-        )
-        for reason, value in sorted(m.get("security_rejected", {}).items()):
-            rejected.add_metric([*nid, reason], value)
-        yield rejected
-        for name, value in sorted(m.get("extra", {}).items()):
-            g = GaugeMetricFamily(f"mesh_{name}", name.replace("_", " "), labels=labels)
-            g.add_metric(nid, value)
-            yield g
-
-
-class _RequestCounter:
-    """``schedulezero_http_requests_total{node_id, method, route}``: every request this API
-    answered, by its route's template (bounded labels; ``unmatched`` for an unknown path). It
-    shows, e.g., that a replica's reads never reach the voters (docs/zones.md)."""
-
-    def __init__(self, node_id: str) -> None:
-        self.node_id = node_id
-        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
-
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        self.counts[(request.method, route)] += 1
-        return await handler(request)
-
-    def collect(self) -> Any:
-        c = CounterMetricFamily(
-            "schedulezero_http_requests",
-            "HTTP requests answered by this node's API, by method and route",
-            labels=["node_id", "method", "route"],
-        )
-        for (method, route), value in sorted(self.counts.items()):
-            c.add_metric([self.node_id, method, route], value)
-        yield c
 
 
 WRITE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
@@ -320,7 +247,7 @@ def create_app(
     # A read-only API refuses a write after authentication (a caller without a valid token
     # still gets 401, and the refusal is audited) and before anything reads its body.
     refusing = [refuse_writes(read_only)] if read_only is not None else []
-    requests = _RequestCounter(replica.node_id)
+    requests = RequestCounter(replica.node_id)
     app = web.Application(
         middlewares=[
             requests.middleware,
@@ -335,7 +262,7 @@ def create_app(
     app[LIMITS_KEY] = limits
     app.on_cleanup.append(close_forwarding)
     registry = CollectorRegistry()
-    registry.register(_NodeCollector(replica.node_id, view))
+    registry.register(NodeCollector(replica.node_id, view))
     registry.register(requests)
 
     async def health(request: web.Request) -> web.Response:
