@@ -1,0 +1,235 @@
+"""A small synchronous client of a node's HTTP API (docs/api.md), used by the CLI's client
+commands (docs/cli.md) and usable from scripts.
+
+Standard library only (urllib, ssl): a client needs nothing the node's dependencies would add.
+Every failure is an :class:`ApiError` carrying one line to show: the API's ``{"error"}`` message
+with its status, or why the node could not be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_URL", "ApiClient", "ApiError", "ClientConfigError"]
+
+DEFAULT_URL = "http://127.0.0.1:8100"
+DEFAULT_TIMEOUT = 30.0  # a write waits for a majority; the API answers 503 well before this
+MAX_PAGES = 100_000  # a server whose `next` never ends must not loop us forever
+
+
+class ApiError(Exception):
+    """The API refused a call (``status`` is its HTTP code) or could not be reached
+    (``status`` is None). ``str(error)`` is one line."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(" ".join(message.split()))
+        self.status = status
+
+
+class ClientConfigError(ValueError):
+    """The client itself is misconfigured (a bad URL, an unreadable CA file)."""
+
+
+class ApiClient:
+    """Calls on one node: ``url`` is its base (``http[s]://HOST:PORT``), ``token`` a bearer
+    token (docs/security.md), ``cacert`` a PEM file of the CA to trust for HTTPS."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        token: str | None = None,
+        cacert: str | Path | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ClientConfigError(f"--url: expected http://HOST:PORT or https://..., got {url!r}")
+        self.url = url.rstrip("/")
+        self.token = token or None
+        self.timeout = timeout
+        handlers: list[Any] = [urllib.request.ProxyHandler({})]  # the API is never proxied
+        if cacert is not None:
+            try:
+                context = ssl.create_default_context(cafile=str(cacert))
+            except (OSError, ssl.SSLError) as e:
+                raise ClientConfigError(f"--cacert: cannot load {cacert}: {e}") from None
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        self._opener = urllib.request.build_opener(*handlers)
+
+    # ------------------------------------------------------------------ transport
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        query: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """One call; the decoded JSON answer (None for an empty one), or ApiError."""
+        url = self.url + path  # ids in it are quoted by the callers (_segment)
+        params = {k: str(v) for k, v in (query or {}).items() if v is not None}
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method)
+        req.add_header("Accept", "application/json")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.token is not None:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                status, raw = resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        except urllib.error.URLError as e:
+            raise ApiError(f"cannot reach {self.url}: {_reason(e.reason)}") from None
+        except (OSError, ValueError) as e:  # a reset connection, a timeout, a bad port
+            raise ApiError(f"cannot reach {self.url}: {_reason(e)}") from None
+        decoded = _decode(raw)
+        if status >= 400:
+            raise ApiError(f"{status}: {_error_message(status, decoded)}", status)
+        return decoded
+
+    def pages(
+        self, path: str, key: str, query: Mapping[str, Any] | None = None, *, limit: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        """The items under ``key`` of a list endpoint, following ``next`` page after page
+        (docs/api.md "Pages"); at most ``limit`` items when it is positive."""
+        params = dict(query or {})
+        seen = 0
+        for _ in range(MAX_PAGES):
+            page = self.request("GET", path, query=params)
+            if not isinstance(page, dict) or not isinstance(page.get(key), list):
+                raise ApiError(f"unexpected answer from GET {path}: no {key!r} list")
+            for item in page[key]:
+                yield item
+                seen += 1
+                if limit and seen >= limit:
+                    return
+            nxt = page.get("next")
+            if not nxt or nxt == params.get("after"):
+                return
+            params["after"] = nxt
+
+    # ------------------------------------------------------------------ schedules
+
+    def schedules(self) -> list[dict[str, Any]]:
+        return list(self.pages("/api/schedules", "schedules"))
+
+    def schedule(self, schedule_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/api/schedules/{_segment(schedule_id)}")
+
+    def create_schedule(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/api/schedules", dict(body))
+
+    def replace_schedule(self, schedule_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self.request("PUT", f"/api/schedules/{_segment(schedule_id)}", dict(body))
+
+    def apply_schedule(self, body: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Create the schedule, or replace it when its id exists: ``("created"|"replaced",
+        schedule)``. A body without an id can only be created."""
+        schedule_id = body.get("id")
+        if not isinstance(schedule_id, str) or not schedule_id:
+            return "created", self.create_schedule(body)
+        try:
+            self.schedule(schedule_id)
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            try:
+                return "created", self.create_schedule(body)
+            except ApiError as e2:
+                if e2.status != 409:  # 409: created meanwhile by someone else; replace it
+                    raise
+        return "replaced", self.replace_schedule(schedule_id, body)
+
+    def pause(self, schedule_id: str, note: str | None = None) -> dict[str, Any]:
+        body = {"note": note} if note is not None else None
+        return self.request("POST", f"/api/schedules/{_segment(schedule_id)}/pause", body)
+
+    def resume(self, schedule_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/api/schedules/{_segment(schedule_id)}/resume")
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        self.request("DELETE", f"/api/schedules/{_segment(schedule_id)}")
+
+    def trigger(self, schedule_id: str) -> Any:
+        return self.request("POST", f"/api/schedules/{_segment(schedule_id)}/trigger")
+
+    def backfill(self, schedule_id: str, start: str, end: str) -> Any:
+        body = {"start": start, "end": end}
+        return self.request("POST", f"/api/schedules/{_segment(schedule_id)}/backfill", body)
+
+    # ------------------------------------------------------------------ the rest
+
+    def executions(
+        self,
+        *,
+        schedule_id: str | None = None,
+        outcome: str | None = None,
+        since: str | None = None,
+        limit: int = 0,
+    ) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {"schedule_id": schedule_id, "outcome": outcome, "since": since}
+        if limit:
+            query["limit"] = limit  # one page holds them all when the server allows it
+        return list(self.pages("/api/executions", "executions", query, limit=limit))
+
+    def handlers(self) -> list[dict[str, Any]]:
+        return list(self.pages("/api/handlers", "handlers"))
+
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "/api/health")
+
+    def cluster(self) -> dict[str, Any]:
+        return self.request("GET", "/api/cluster")
+
+    def members(self) -> dict[str, Any]:
+        return self.request("GET", "/api/cluster/members")
+
+    def add_member(self, node_id: str) -> Any:
+        return self.request("POST", "/api/cluster/members", {"node_id": node_id})
+
+    def remove_member(self, node_id: str) -> Any:
+        return self.request("DELETE", f"/api/cluster/members/{_segment(node_id)}")
+
+
+def _segment(value: str) -> str:
+    # An id is one path segment: "/" and "?" inside it must not change the route.
+    return urllib.parse.quote(value, safe="")
+
+
+def _decode(raw: bytes) -> Any:
+    if not raw:
+        return None
+    text = raw.decode("utf-8", "replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _error_message(status: int, decoded: Any) -> str:
+    if isinstance(decoded, dict) and isinstance(decoded.get("error"), str):
+        return decoded["error"]
+    if isinstance(decoded, str) and decoded.strip():
+        return decoded.strip().splitlines()[0][:200]
+    return {404: "Not Found", 405: "Method Not Allowed"}.get(status, "no error message")
+
+
+def _reason(reason: Any) -> str:
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return f"certificate not trusted ({reason.verify_message}); give --cacert FILE"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason) or type(reason).__name__
