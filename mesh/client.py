@@ -13,11 +13,19 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_URL", "ApiClient", "ApiError", "ClientConfigError"]
+__all__ = [
+    "DEFAULT_URL",
+    "ApiClient",
+    "ApiError",
+    "ClientConfigError",
+    "describe_trigger",
+    "format_table",
+    "short_time",
+]
 
 DEFAULT_URL = "http://127.0.0.1:8100"
 DEFAULT_TIMEOUT = 30.0  # a write waits for a majority; the API answers 503 well before this
@@ -233,3 +241,112 @@ def _reason(reason: Any) -> str:
     if isinstance(reason, OSError) and reason.strerror:
         return reason.strerror
     return str(reason) or type(reason).__name__
+
+
+# --------------------------------------------------------------------------- presentation
+# How the CLI shows API objects to people (``-o table``); scripts should use ``-o json``.
+
+_INTERVAL_UNITS = (
+    ("weeks", "w"),
+    ("days", "d"),
+    ("hours", "h"),
+    ("minutes", "m"),
+    ("seconds", "s"),
+)
+_CALENDAR_UNITS = ("years", "months", "weeks", "days")
+
+
+def describe_trigger(trigger: Any) -> str:
+    """A trigger's JSON (docs/api.md) in a few words: ``every 1h 30m``, ``cron */5 * * * *
+    (Europe/Berlin)``, ``once at 2026-11-23 10:00:00+00:00``, ``every 1 month at 10:00:00``."""
+    if not isinstance(trigger, dict):
+        return "?"
+    kind = trigger.get("type")
+    if kind == "interval":
+        parts = [
+            f"{_number(trigger[unit])}{short}"
+            for unit, short in _INTERVAL_UNITS
+            if trigger.get(unit)
+        ]
+        text = "every " + " ".join(parts) if parts else "interval"
+        if trigger.get("end_time"):
+            text += f" until {short_time(trigger['end_time'])}"
+        return text
+    if kind == "cron":
+        if trigger.get("expr"):
+            text = f"cron {trigger['expr']}"
+        else:
+            fields = ("year", "month", "day", "week", "day_of_week", "hour", "minute", "second")
+            text = "cron " + " ".join(f"{f}={trigger[f]}" for f in fields if f in trigger)
+        zone = trigger.get("timezone")
+        return f"{text} ({zone})" if zone else text
+    if kind == "date":
+        return f"once at {short_time(trigger.get('run_time'))}"
+    if kind == "calendarinterval":
+        parts = [
+            f"{trigger[u]} {u[:-1] if trigger[u] == 1 else u}"
+            for u in _CALENDAR_UNITS
+            if trigger.get(u)
+        ]
+        clock = ":".join(f"{int(trigger.get(f) or 0):02d}" for f in ("hour", "minute", "second"))
+        zone = trigger.get("timezone")
+        text = f"every {' '.join(parts) or '?'} at {clock}"
+        return f"{text} ({zone})" if zone else text
+    if kind == "unsupported":
+        return str(trigger.get("description") or trigger.get("class") or "unsupported")
+    return str(kind or "?")
+
+
+def short_time(value: Any) -> str:
+    """An ISO-8601 time from the API, to the second, with its offset (``-`` for none)."""
+    if not value:
+        return "-"
+    text = str(value)
+    date, sep, rest = text.partition("T")
+    if not sep:
+        return text
+    clock, offset = rest, ""
+    for mark in ("+", "-", "Z"):
+        if mark in rest:
+            clock, found, tail = rest.partition(mark)
+            offset = found + tail
+            break
+    clock = clock.split(".")[0]
+    return f"{date} {clock}{'Z' if offset in ('Z', '+00:00') else offset}"
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Rows as fixed-width columns under upper-case headers; long cells are cut with ``…``."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [[h.upper() for h in headers], *cells]
+    ]
+    return "\n".join(lines)
+
+
+MAX_CELL = 60
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        text = "-"
+    elif isinstance(value, bool):
+        text = "yes" if value else "no"
+    elif isinstance(value, list | tuple):
+        text = ",".join(str(v) for v in value) or "-"
+    elif isinstance(value, dict):
+        text = ",".join(f"{k}={v}" for k, v in value.items()) or "-"
+    else:
+        text = str(value)
+    text = " ".join(text.split())  # one line per row, whatever the data holds
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
