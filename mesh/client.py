@@ -246,28 +246,36 @@ def _reason(reason: Any) -> str:
 # --------------------------------------------------------------------------- presentation
 # How the CLI shows API objects to people (``-o table``); scripts should use ``-o json``.
 
-_INTERVAL_UNITS = (
-    ("weeks", "w"),
-    ("days", "d"),
-    ("hours", "h"),
-    ("minutes", "m"),
-    ("seconds", "s"),
-)
+_INTERVAL_UNITS = {  # the API's unit: (its short form, its seconds)
+    "weeks": ("w", 604_800),
+    "days": ("d", 86_400),
+    "hours": ("h", 3_600),
+    "minutes": ("m", 60),
+    "seconds": ("s", 1),
+}
 _CALENDAR_UNITS = ("years", "months", "weeks", "days")
 
 
 def describe_trigger(trigger: Any) -> str:
     """A trigger's JSON (docs/api.md) in a few words: ``every 1h 30m``, ``cron */5 * * * *
-    (Europe/Berlin)``, ``once at 2026-11-23 10:00:00+00:00``, ``every 1 month at 10:00:00``."""
+    (Europe/Berlin)``, ``once at 2026-11-23 10:00:00Z``, ``every 1 month at 10:00:00``."""
     if not isinstance(trigger, dict):
         return "?"
     kind = trigger.get("type")
     if kind == "interval":
-        parts = [
-            f"{_number(trigger[unit])}{short}"
-            for unit, short in _INTERVAL_UNITS
-            if trigger.get(unit)
-        ]
+        # Normalised ("minutes": 90 reads "every 1h 30m"), largest unit first.
+        try:
+            left = sum(
+                float(trigger.get(unit) or 0) * size for unit, (_, size) in _INTERVAL_UNITS.items()
+            )
+        except (TypeError, ValueError, OverflowError):
+            return "interval ?"
+        parts = []
+        for short, size in _INTERVAL_UNITS.values():
+            count = left // size if short != "s" else left
+            if count:
+                parts.append(f"{_number(round(count, 6))}{short}")
+                left -= count * size
         text = "every " + " ".join(parts) if parts else "interval"
         if trigger.get("end_time"):
             text += f" until {short_time(trigger['end_time'])}"
