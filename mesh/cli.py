@@ -634,7 +634,9 @@ def _cmd_schedules_get(ns: argparse.Namespace) -> int:
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key + ':':<{width + 1}} {'-' if value is None else value}")
+        if value is None or isinstance(value, bool):
+            value = "-" if value is None else "yes" if value else "no"
+        print(f"{key + ':':<{width + 1}} {value}")
     return 0
 
 
