@@ -562,6 +562,16 @@ def _add_client_commands(sub: Any) -> None:
 
     leaf(sub, "handlers", "the handlers and their state", _cmd_handlers)
 
+    jobs = sub.add_parser("jobs", help="run a task once now, show a job", allow_abbrev=False)
+    jactions = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+    run_job = leaf(jactions, "run", "run TASK once now; prints the job id", _cmd_jobs_run)
+    run_job.add_argument("task", metavar="TASK")
+    run_job.add_argument("--args", type=_json_arg(list), default=[], metavar="JSON")
+    run_job.add_argument("--kwargs", type=_json_arg(dict), default={}, metavar="JSON")
+    leaf(jactions, "get", "a job's status and result", _cmd_jobs_get).add_argument(
+        "job_id", metavar="JOB_ID"
+    )
+
     cluster = sub.add_parser("cluster", help="the mesh: leader, members, voters")
     cactions = cluster.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
     leaf(cactions, "status", "leader, term, quorum and members", _cmd_cluster_status)
@@ -572,6 +582,19 @@ def _add_client_commands(sub: Any) -> None:
     leaf(cactions, "remove-member", "remove a voter (admin)", _cmd_remove_member).add_argument(
         "node_id", metavar="ID"
     )
+
+
+def _json_arg(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not JSON: {text[:40]!r}") from None
+        if not isinstance(value, kind):
+            raise argparse.ArgumentTypeError(f"expected a JSON {kind.__name__}, got {text[:40]!r}")
+        return value
+
+    return parse
 
 
 def _client(ns: argparse.Namespace) -> ApiClient:
@@ -808,6 +831,29 @@ def _cmd_handlers(ns: argparse.Namespace) -> int:
         for h in items
     ]
     print(format_table(columns, rows))
+    return 0
+
+
+def _cmd_jobs_run(ns: argparse.Namespace) -> int:
+    answer = _client(ns).run_job(ns.task, ns.args, ns.kwargs)
+    for warning in answer.get("warnings") or []:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    if ns.output == "json":
+        _print_json(answer)
+    else:
+        print(answer.get("job_id"))  # alone, for `JOB=$(schedulezero jobs run ...)`
+    return 0
+
+
+def _cmd_jobs_get(ns: argparse.Namespace) -> int:
+    status = _client(ns).job(ns.job_id)
+    if ns.output == "json" or not isinstance(status, dict):
+        _print_json(status)
+        return 0
+    width = max((len(k) for k in status), default=0)
+    for key, value in status.items():
+        shown = value if isinstance(value, str) else json.dumps(value)
+        print(f"{key + ':':<{width + 1}} {shown}")
     return 0
 
 

@@ -180,6 +180,16 @@ class ApiClient:
 
     # ------------------------------------------------------------------ the rest
 
+    def run_job(
+        self, task: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Run ``task`` once now: ``{"job_id", "warnings"?}``."""
+        body = {"task": task, "args": list(args), "kwargs": dict(kwargs or {})}
+        return self.request("POST", "/api/jobs", body)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/api/jobs/{_segment(job_id)}")
+
     def executions(
         self,
         *,

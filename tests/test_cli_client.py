@@ -284,6 +284,26 @@ def test_executions_of_a_schedule_are_listed_with_limit_and_outcome(
     ApiClient(mesh.leader.http, token=mesh.tokens["operate"]).delete_schedule("beat")
 
 
+def test_jobs_run_prints_the_job_id_and_jobs_get_its_result(
+    mesh: Mesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    operate = on(mesh.follower, mesh.tokens["operate"])
+    code, out, err = run(capsys, "jobs", "run", "add", "--args", "[1, 2]", *operate)
+    assert code == 0, err
+    job_id = out.strip()
+
+    def finished() -> dict[str, Any] | None:
+        code, out, err = run(capsys, "jobs", "get", job_id, "-o", "json", *operate)
+        assert code == 0, err
+        status = json.loads(out)
+        return status if status.get("outcome") else None
+
+    status = mesh.cluster.wait_for(finished, WAIT, f"job {job_id} of add(1, 2) to finish")
+    assert status["outcome"] == "success" and status["return_value"] == 3, status
+    code, _, err = run(capsys, "jobs", "run", "add", "--args", "{}", *operate)
+    assert code == 2 and "--args: expected a JSON list" in one_error_line(err)
+
+
 def test_handlers_lists_the_running_handler(mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:
     read = on(mesh.follower, mesh.tokens["read"])
 
