@@ -59,6 +59,7 @@ RING_SIZE = 1000  # events kept for Last-Event-ID resume
 HEARTBEAT_SECONDS = 15.0
 WRITE_TIMEOUT = 10.0
 POLL_SECONDS = 1.0  # the handler (and replica leader) diff
+LEFT_CHECK_SECONDS = 1.0  # how often a quiet stream checks that its client is still there
 RESUME_SECONDS = 60.0  # after the last client left, events are still kept this long
 _COMMAND = "command"  # mesh.consensus.messages.COMMAND (the api layer does not import it)
 
@@ -385,7 +386,7 @@ class EventHub:
             await response.prepare(request)
             async with asyncio.timeout(self.write_timeout):
                 await response.write(b"retry: 2000\n\n" + b"".join(first))
-            await self._stream(client, response)
+            await self._stream(client, request, response)
         except (ConnectionError, TimeoutError):
             pass  # the client left, or stopped reading: its stream ends here
         finally:
@@ -395,11 +396,21 @@ class EventHub:
                 self._stop_polling()
         return response
 
-    async def _stream(self, client: _Client, response: web.StreamResponse) -> None:
+    async def _stream(
+        self, client: _Client, request: web.Request, response: web.StreamResponse
+    ) -> None:
+        last_write = self.clock()
         while True:
+            # Wake at least every LEFT_CHECK_SECONDS: a client that hung up frees its slot then,
+            # not only at the next heartbeat's failed write.
+            wait = min(self.heartbeat - (self.clock() - last_write), LEFT_CHECK_SECONDS)
             try:
-                event = await asyncio.wait_for(client.queue.get(), self.heartbeat)
+                event = await asyncio.wait_for(client.queue.get(), max(wait, 0.0))
             except TimeoutError:
+                if request.transport is None or request.transport.is_closing():
+                    return
+                if self.clock() - last_write < self.heartbeat:
+                    continue
                 chunk = b": keep-alive\n\n"
             else:
                 if event is None:  # dropped as too slow, or the node shuts down
@@ -407,6 +418,7 @@ class EventHub:
                 chunk = event.frame(self.boot, client.masked, self.names)
             async with asyncio.timeout(self.write_timeout):
                 await response.write(chunk)
+            last_write = self.clock()
 
     def _start_polling(self) -> None:
         if self._poller is None:
