@@ -26,9 +26,12 @@ from mesh.api.auth import create_token
 from mesh.api.events import EventHub
 from mesh.api.http import HttpServer, create_app
 from mesh.api.limits import ApiLimits
+from mesh.zones.replica_app import ReplicaNode
 from tests.cluster import Cluster, NodeProcess
 from tests.fakes import FakeReplica
+from tests.feedfake import FakeFeed, add_schedule_command
 from tests.netutil import free_port_pair
+from tests.test_replica_api import replica  # noqa: F401  (fixture: a replica in this loop)
 
 WAIT = 15.0
 SECRET = "hunter2-do-not-show"
@@ -246,24 +249,24 @@ def test_clients_beyond_the_limit_get_503_and_a_freed_slot_serves_again(
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[str, FakeReplica, EventHub]]:
     """A real HTTP server with short limits; its hub with a 0.2 s heartbeat and small bounds."""
-    replica = FakeReplica("n1")
-    replica.become_leader()
+    fake = FakeReplica("n1")
+    fake.become_leader()
     hub = EventHub(
-        replica,
-        replica,
-        replica.state_machine,
+        fake,
+        fake,
+        fake.state_machine,
         heartbeat=0.2,
         queue_size=5,
         ring_size=8,
         write_timeout=1.0,
     )
     limits = ApiLimits(header_timeout=0.5, body_timeout=0.5)
-    app = create_app(replica, replica, None, limits=limits, events=hub)
+    app = create_app(fake, fake, None, limits=limits, events=hub)
     port = free_port_pair("127.0.0.1")
     server = HttpServer(app, "127.0.0.1", port)
     await server.start()
     try:
-        yield f"http://127.0.0.1:{port}", replica, hub
+        yield f"http://127.0.0.1:{port}", fake, hub
     finally:
         await server.stop()
 
@@ -358,3 +361,20 @@ async def test_last_event_id_resumes_and_an_unknown_one_resets(
         async with session.get(f"{url}/api/events", headers={"Last-Event-ID": one_id}) as resp:
             frames = await read_frames(resp, 3, timeout=2)
             assert "event: reset" in frames[1], frames
+
+
+# --------------------------------------------------------------------------- a replica
+
+
+async def test_a_replica_streams_the_changes_its_feed_applies(
+    replica: tuple[ReplicaNode, FakeFeed, str],  # noqa: F811  (the fixture imported above)
+) -> None:
+    _, feed, url = replica
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/api/events") as resp:
+        assert resp.status == 200
+        _, hello = await read_frames(resp, 2, timeout=2)
+        assert '"role": "replica"' in hello and '"schedules": 2' in hello
+        feed.log.append(add_schedule_command("c"))
+        frames = await read_frames(resp, 1, timeout=5)
+        assert "event: schedule" in frames[0] and '"id": "c"' in frames[0], frames
+        assert '"action": "added"' in frames[0]
