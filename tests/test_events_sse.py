@@ -378,3 +378,22 @@ async def test_a_replica_streams_the_changes_its_feed_applies(
         frames = await read_frames(resp, 1, timeout=5)
         assert "event: schedule" in frames[0] and '"id": "c"' in frames[0], frames
         assert '"action": "added"' in frames[0]
+
+
+async def test_stopping_the_server_ends_open_streams_at_once() -> None:
+    fake = FakeReplica("n1")
+    hub = EventHub(fake, fake, fake.state_machine)  # the default 15 s heartbeat
+    port = free_port_pair("127.0.0.1")
+    server = HttpServer(create_app(fake, fake, None, events=hub), "127.0.0.1", port)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            resp = await session.get(f"http://127.0.0.1:{port}/api/events")
+            await read_frames(resp, 2, timeout=2)
+            started = time.monotonic()
+            await asyncio.wait_for(server.stop(), 5)
+            assert time.monotonic() - started < 2.0
+            assert not hub.clients
+            resp.close()
+    finally:
+        await server.stop()
