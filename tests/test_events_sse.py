@@ -397,3 +397,25 @@ async def test_stopping_the_server_ends_open_streams_at_once() -> None:
             resp.close()
     finally:
         await server.stop()
+
+
+def test_a_job_run_shows_as_queued_running_and_its_execution(cluster_factory: Any) -> None:
+    cluster = cluster_factory(1, ("--tasks", "mesh.sample_tasks"))
+    node = cluster.wait_for_leader(timeout=WAIT)
+    stream = Stream(node.http)
+    try:
+        stream.until(lambda e: e["event"] == "hello", timeout=5)
+        status, body = post(node, "/api/jobs", {"task": "add", "args": [2, 3]})
+        assert status == 202, body
+        job_id = body["job_id"]
+
+        def of_job(kind: str) -> Callable[[Event], bool]:
+            return lambda e: e["event"] == kind and e["data"]["job_id"] == job_id
+
+        assert stream.until(of_job("job"))["data"]["action"] == "queued"
+        execution = stream.until(of_job("execution"))["data"]
+        assert execution["task"] == "add" and execution["outcome"] == "success"
+        running = [e for e in stream.seen if of_job("job")(e) and e["data"]["action"] == "running"]
+        assert running and running[0]["data"]["attempt"] == 1
+    finally:
+        stream.close()
