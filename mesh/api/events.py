@@ -349,7 +349,7 @@ class EventHub:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if set(request.query) - {"last_event_id"}:
-            raise web.HTTPBadRequest(reason="GET /api/events takes no query parameters")
+            raise web.HTTPBadRequest(reason="the only query parameter is last_event_id")
         if len(self.clients) >= self.max_clients:
             self.counters["clients_refused"] += 1
             return web.json_response(
