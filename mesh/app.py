@@ -322,6 +322,7 @@ async def serve(
     """
     if http_sec is None:
         http_sec = http_security(config)
+    from mesh.api.events import EventHub
     from mesh.api.http import READ_ONLY_NODE, HttpServer, create_app
     from mesh.api.limits import ApiLimits
 
@@ -331,6 +332,14 @@ async def serve(
     node = build_node(config, state_machine=state, keys=keys)
     service = build_scheduling(node, state)
     feed = build_feed(node, state, keys)
+    view = VoterView(node, feed, state)
+    # GET /api/events: subscribed before the node starts, like the feed.
+    events = EventHub(
+        node, view, state, handlers=service.handlers, sensitive_keys=config.security.sensitive_keys
+    )
+    node.on_apply(events.on_apply)
+    if isinstance(node.events, EventBus):
+        node.events.subscribe(events.node_event)
     await node.start()
     await feed.start()
     audit = AuditLog(config.state_db_path)
@@ -344,7 +353,7 @@ async def serve(
     )
     app = create_app(
         node,
-        VoterView(node, feed, state),
+        view,
         service,
         tokens=http_sec.tokens,
         audit=audit,
@@ -353,6 +362,7 @@ async def serve(
         limits=limits,
         read_only=READ_ONLY_NODE if a.read_only else None,
         anonymous_reads=config.security.anonymous_reads,
+        events=events,
     )
     app.on_cleanup.append(lambda _app: _close(audit))
     http = HttpServer(app, *config.http_host_port, ssl_context=http_sec.server_ssl)

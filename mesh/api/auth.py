@@ -94,6 +94,9 @@ ANONYMOUS = Caller(None, None)  # no tokens file: loopback-only, every right (do
 # ``security.anonymous_reads``: a caller without a token who only reads. A ``read`` caller, so
 # everything a read token's holder sees masked it sees masked too.
 ANONYMOUS_READER = Caller(None, "read")
+# Who the middleware let through, for handlers that redact themselves (a streamed response's
+# body is not there to rewrite afterwards: mesh.api.events).
+CALLER_KEY: web.RequestKey[Caller] = web.RequestKey("caller", Caller)
 
 
 def hash_token(token: str) -> str:
@@ -388,6 +391,8 @@ def auth_middleware(
                     f"{request.method} {request.path} needs {needed!r}",
                 )
         if response is None:
+            if caller is not None:
+                request[CALLER_KEY] = caller
             response = await handler(request)
             if caller is not None and caller.role == "read":
                 redact_for_reader(response, names)

@@ -28,6 +28,7 @@ from mesh.api.auth import (
     add_audit_route,
     auth_middleware,
 )
+from mesh.api.events import EventHub
 from mesh.api.limits import LIMITS_KEY, ApiLimits, body_limits, limit_connections, loads
 from mesh.api.metrics import NodeCollector, RequestCounter
 from mesh.api.openapi import openapi_document
@@ -218,6 +219,7 @@ def create_app(
     limits: ApiLimits | None = None,
     read_only: str | None = None,
     anonymous_reads: bool = False,
+    events: EventHub | None = None,
 ) -> web.Application:
     """The API of one node: ``replica`` for writes (forwarded to the leader when this node is
     not it), ``view`` for the health, cluster and metrics reads, ``service`` for scheduling.
@@ -228,7 +230,8 @@ def create_app(
     ``limits`` bound what one request may cost (``mesh.api.limits``); ``read_only`` (the
     message) makes every mutation answer 403 with it (``refuse_writes``); ``anonymous_reads``
     serves reads without a token (``mesh.api.auth.auth_middleware``; without ``tokens`` only on
-    a read-only API).
+    a read-only API). ``events`` serves ``GET /api/events`` (mesh.api.events); a node with
+    ``service`` and no hub gets one fed only by its own diffs (no apply or bus events).
     """
     if anonymous_reads and tokens is None and read_only is None:
         # Every caller would then be anonymous, and nothing would refuse its writes.
@@ -304,6 +307,18 @@ def create_app(
         add_audit_route(app, audit)
     if service is not None:
         _add_scheduling_routes(app, service)
+        if events is None:
+            events = EventHub(
+                replica,
+                view,
+                service.state,
+                handlers=service.handlers,
+                sensitive_keys=sensitive_keys,
+                diff_leader=True,
+            )
+    if events is not None:
+        app.router.add_get("/api/events", events.handle)
+        app.on_shutdown.append(events.close)  # before the server waits for open streams
     return app
 
 

@@ -207,7 +207,11 @@ ERRORS = {
     409: ("Conflict", "the id exists already, or a membership change is in progress"),
     413: ("TooLarge", "request body too large"),
     429: ("TooManyRequests", "too many jobs queued; retry later"),
-    503: ("Unavailable", "no leader or quorum, or the write was not confirmed (it may apply)"),
+    503: (
+        "Unavailable",
+        "no leader or quorum, or the write was not confirmed (it may apply), or too many event "
+        "streams",
+    ),
 }
 
 
@@ -279,6 +283,22 @@ OPERATIONS: tuple[Operation, ...] = (
         "get", "/metrics", "Prometheus metrics", {200: "text/plain; version=0.0.4"}, role=None
     ),
     Operation("get", "/api/openapi.json", "this document", {200: OpenAPIDocument}),
+    Operation(
+        "get",
+        "/api/events",
+        "live changes as Server-Sent Events (docs/api.md, Events); a stream that stays open",
+        {200: "text/event-stream"},
+        errors=(400, 503),
+        query=(
+            {
+                "name": "last_event_id",
+                "in": "query",
+                "description": "resume after this event id (as the Last-Event-ID header)",
+                "schema": {"type": "string", "maxLength": 200},
+            },
+        ),
+        scheduling=True,
+    ),
     Operation(
         "get",
         "/api/audit",

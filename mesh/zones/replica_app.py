@@ -23,6 +23,8 @@ from typing import Any
 import attrs
 
 from mesh.api.auth import ApiTokens, TokenFileError
+from mesh.api.events import EventHub
+from mesh.consensus.messages import Entry
 from mesh.contracts import MembershipRefused, NoLeader, RoleListener
 from mesh.scheduling.service import SchedulingService
 from mesh.scheduling.state import SchedulerState
@@ -279,6 +281,24 @@ class ReplicaNode:
         }
 
 
+class _ObservedState(SchedulerState):
+    """The replica's copy, telling ``GET /api/events`` (``hub``) of every change the feed
+    applies to it, as a voter's apply listener does."""
+
+    hub: EventHub | None = None
+
+    def apply(self, entry: Entry) -> Any:
+        result = super().apply(entry)
+        if self.hub is not None:
+            self.hub.on_apply(entry, result)
+        return result
+
+    def restore(self, data: bytes) -> None:
+        super().restore(data)
+        if self.hub is not None:
+            self.hub.resync("snapshot installed")
+
+
 async def serve_replica(
     opts: ReplicaOptions,
     *,
@@ -292,7 +312,7 @@ async def serve_replica(
     from mesh.api.http import HttpServer, create_app
 
     opts.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    state = SchedulerState()
+    state = _ObservedState()
     store = ReplicaStore(opts.data_dir / REPLICA_DB)
     transport = MeshTransport(opts.replica_id, None, keys=keys, rejections=Rejections())
     follower = FeedFollower(opts.replica_id, opts.zone, opts.upstreams, state, transport, store)
@@ -300,6 +320,8 @@ async def serve_replica(
     follower.load()
     node = ReplicaNode(opts, follower, transport)
     service = SchedulingService(node, state)  # its read paths only: it never leads here
+    # Leader and term come with the feed's heartbeats: compared once a second (diff_leader).
+    state.hub = events = EventHub(node, node, state, handlers=service.handlers, diff_leader=True)
     app = create_app(
         node,
         node,
@@ -307,6 +329,7 @@ async def serve_replica(
         tokens=tokens,
         read_only=READ_ONLY_REPLICA,
         anonymous_reads=opts.anonymous_reads,
+        events=events,
     )
     http = HttpServer(app, *opts.http_host_port)
     try:
