@@ -1,5 +1,9 @@
 """The API's OpenAPI 3.1 document (``GET /api/openapi.json``).
 
+Why this file is long: most of it is one declarative table, an entry per operation of the API,
+with the response shapes it names; kept in one place so a route and its documentation are
+reviewed together (tests/test_openapi.py checks they cover each other).
+
 Request bodies are the very ``msgspec.Struct`` classes the handlers parse with
 (:mod:`mesh.api.schema`), turned into JSON Schema by ``msgspec.json.schema_components``: a field
 added to a body appears here without anyone editing this file. Response shapes are the Structs
