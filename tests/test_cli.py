@@ -16,6 +16,7 @@ import pytest
 from mesh.cli import main
 from mesh.governor import ChildSpec, ProcessGovernor, UpOptions, plan_local_mesh
 from mesh.supervise import free_port, get_json, kill, spawn, wait_until
+from tests.clierrors import process_error
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else sys.executable
@@ -38,90 +39,81 @@ def schedulezero(*args: str, env: dict[str, str] | None = None, timeout: float =
     )
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("schedulezero: error: ")
-    return lines[0]
-
-
 # --------------------------------------------------------------------------- one-line errors
 
 
 def test_unknown_flag_is_one_line_and_exit_2() -> None:
-    line = assert_one_line_error(schedulezero("node", "--bogus"))
+    line = process_error(schedulezero("node", "--bogus"))
     assert line == "schedulezero: error: unrecognized arguments: --bogus"
 
 
 def test_unknown_command_is_one_line_and_exit_2() -> None:
-    line = assert_one_line_error(schedulezero("nod"))
+    line = process_error(schedulezero("nod"))
     assert "invalid choice: 'nod'" in line
 
 
 def test_missing_command_is_one_line_and_exit_2() -> None:
-    assert_one_line_error(schedulezero())
+    process_error(schedulezero())
 
 
 def test_bad_mesh_address_names_the_flag() -> None:
-    line = assert_one_line_error(schedulezero("node", "--mesh", "foo"))
+    line = process_error(schedulezero("node", "--mesh", "foo"))
     assert line == "schedulezero: error: --mesh: expected tcp://HOST:PORT, got 'foo'"
 
 
 def test_bad_discovery_choice_names_the_flag() -> None:
-    line = assert_one_line_error(schedulezero("node", "--discovery", "dns"))
+    line = process_error(schedulezero("node", "--discovery", "dns"))
     assert line.startswith("schedulezero: error: --discovery: invalid choice: 'dns'")
 
 
 def test_non_integer_flag_names_the_flag() -> None:
-    line = assert_one_line_error(schedulezero("node", "--bootstrap-expect", "x"))
+    line = process_error(schedulezero("node", "--bootstrap-expect", "x"))
     assert line == "schedulezero: error: --bootstrap-expect: expected an integer, got 'x'"
 
 
 def test_config_file_with_unknown_key_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("mesh: tcp://127.0.0.1:7100\nraft:\n  heartbeat: 1\n")
-    line = assert_one_line_error(schedulezero("node", "--config", str(path)))
+    line = process_error(schedulezero("node", "--config", str(path)))
     assert str(path) in line and "unknown key 'raft.heartbeat'" in line
 
 
 def test_config_file_with_yaml_syntax_error_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("peers: [tcp://127.0.0.1:7102\nhttp: x\n")
-    line = assert_one_line_error(schedulezero("node", "--config", str(path)))
+    line = process_error(schedulezero("node", "--config", str(path)))
     assert "invalid YAML" in line and str(path) in line
 
 
 def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "missing.yaml"
-    line = assert_one_line_error(schedulezero("node", "--config", str(path)))
+    line = process_error(schedulezero("node", "--config", str(path)))
     assert line == f"schedulezero: error: {path}: config file not found"
 
 
 def test_bad_environment_variable_is_one_line() -> None:
     env = clean_env(SCHEDULEZERO_HTTP="nowhere")
-    line = assert_one_line_error(schedulezero("node", env=env))
+    line = process_error(schedulezero("node", env=env))
     assert line == "schedulezero: error: SCHEDULEZERO_HTTP: expected HOST:PORT, got 'nowhere'"
 
 
 def test_handler_with_bad_mesh_address_is_one_line() -> None:
-    line = assert_one_line_error(schedulezero("handler", "--mesh", "x", "--tasks", "app"))
+    line = process_error(schedulezero("handler", "--mesh", "x", "--tasks", "app"))
     assert line == "schedulezero: error: --mesh: expected tcp://HOST:PORT, got 'x'"
 
 
 def test_handler_without_required_flags_is_one_line() -> None:
-    line = assert_one_line_error(schedulezero("handler"))
+    line = process_error(schedulezero("handler"))
     assert "--mesh" in line and "--tasks" in line
 
 
 def test_up_with_colliding_ports_is_one_line() -> None:
-    line = assert_one_line_error(schedulezero("up", "--http-base-port", "7101"))
+    line = process_error(schedulezero("up", "--http-base-port", "7101"))
     assert line.startswith("schedulezero: error: --http-base-port: HTTP port 7101 collides")
 
 
 def test_up_with_zero_nodes_is_one_line() -> None:
-    line = assert_one_line_error(schedulezero("up", "--nodes", "0"))
+    line = process_error(schedulezero("up", "--nodes", "0"))
     assert line == "schedulezero: error: --nodes: must be at least 1, got 0"
 
 

@@ -12,6 +12,7 @@ from zmq.utils import z85
 
 from mesh.cli import main
 from mesh.security.keys import KeyRing, load_certificates
+from tests.clierrors import one_line_error
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,15 +21,6 @@ def keys(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
     code = main(["keys", *args])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def assert_one_line_error(code: int, err: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("schedulezero: error: ")
-    return lines[0]
 
 
 def mode(path: Path) -> int:
@@ -64,7 +56,7 @@ def test_create_refuses_to_overwrite_an_existing_key(
     assert keys(capsys, "create", "h1", "--role", "handler", "--dir", str(tmp_path))[0] == 0
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     code, out, err = keys(capsys, "create", "h1", "--role", "node", "--dir", str(tmp_path))
-    line = assert_one_line_error(code, err)
+    line = one_line_error(code, err)
     assert "already exists" in line
     assert out == ""
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
@@ -83,7 +75,7 @@ def test_create_with_bad_input_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], needle: str
 ) -> None:
     code, _, err = keys(capsys, *args, "--dir", str(tmp_path / "keys"))
-    assert needle in assert_one_line_error(code, err)
+    assert needle in one_line_error(code, err)
     assert not list(tmp_path.glob("keys/*"))
 
 
@@ -93,7 +85,7 @@ def test_create_in_an_unwritable_place_is_one_line_and_exit_2(
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     code, _, err = keys(capsys, "create", "n1", "--role", "node", "--dir", str(blocker / "keys"))
-    assert "cannot write keys" in assert_one_line_error(code, err)
+    assert "cannot write keys" in one_line_error(code, err)
 
 
 def test_list_shows_name_role_and_public_key(
@@ -117,7 +109,7 @@ def test_list_of_a_missing_directory_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, _, err = keys(capsys, "list", "--dir", str(tmp_path / "nope"))
-    assert "is not a directory" in assert_one_line_error(code, err)
+    assert "is not a directory" in one_line_error(code, err)
 
 
 def test_the_real_command_refuses_without_a_traceback(tmp_path: Path) -> None:
@@ -129,7 +121,7 @@ def test_the_real_command_refuses_without_a_traceback(tmp_path: Path) -> None:
     again = subprocess.run(
         [sys.executable, "-m", "mesh.cli", *args], capture_output=True, text=True, cwd=REPO
     )
-    assert "already exists" in assert_one_line_error(again.returncode, again.stderr)
+    assert "already exists" in one_line_error(again.returncode, again.stderr)
 
 
 def test_create_with_zone_records_the_zone_of_a_replica_key(
@@ -164,7 +156,7 @@ def test_create_refuses_a_zone_it_cannot_bind(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], needle: str
 ) -> None:
     code, _out, err = keys(capsys, "create", "k1", *args, "--dir", str(tmp_path))
-    assert needle in assert_one_line_error(code, err)
+    assert needle in one_line_error(code, err)
     assert not list(tmp_path.glob("k1.*"))
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from mesh.security.keys import Certificate, create_key
 from mesh.supervise import Child, child_env, free_port, wait_for_http
+from tests.clierrors import process_error
 from tests.cluster import REPO_ROOT
 from tests.conftest import ClusterFactory
 from tests.feedfake import FakeFeed, FeedLog, add_schedule_command, add_task_command
@@ -37,13 +38,6 @@ def schedulezero(*args: str, timeout: float = 30) -> subprocess.CompletedProcess
         env=child_env(),
         timeout=timeout,
     )
-
-
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("schedulezero: error: "), result.stderr
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- api.read_only
@@ -79,19 +73,19 @@ def test_a_writable_node_still_takes_writes(cluster_factory: ClusterFactory) -> 
 def test_bad_replica_flags_exit_2_with_one_line(tmp_path: Path) -> None:
     up = free_mesh_address()
     base = ["replica", "--node-id", "r1", "--zone", "dmz", "--data-dir", str(tmp_path / "d")]
-    line = one_line_error(schedulezero(*base, "--http", "127.0.0.1:1"))
+    line = process_error(schedulezero(*base, "--http", "127.0.0.1:1"))
     assert "--upstream" in line
-    line = one_line_error(schedulezero(*base, "--upstream", up, "--http", "nonsense"))
+    line = process_error(schedulezero(*base, "--upstream", up, "--http", "nonsense"))
     assert "--http" in line
-    line = one_line_error(schedulezero(*base, "--upstream", "udp://x:1", "--http", "127.0.0.1:1"))
+    line = process_error(schedulezero(*base, "--upstream", "udp://x:1", "--http", "127.0.0.1:1"))
     assert "--upstream" in line
     bad_zone = ["replica", "--node-id", "r1", "--zone", "../etc", "--upstream", up]
-    line = one_line_error(schedulezero(*bad_zone, "--http", "127.0.0.1:1"))
+    line = process_error(schedulezero(*bad_zone, "--http", "127.0.0.1:1"))
     assert "--zone" in line
 
 
 def test_a_replica_without_keys_dialling_another_host_is_refused(tmp_path: Path) -> None:
-    line = one_line_error(
+    line = process_error(
         schedulezero(
             "replica",
             "--node-id",
@@ -115,9 +109,9 @@ def test_a_replica_needs_a_replica_key_for_its_zone(tmp_path: Path) -> None:
     create_key(keys, "r1", "replica")  # no zone: the strictest filter, not "dmz"
     common = ["--upstream", free_mesh_address(), "--http", "127.0.0.1:1", "--keys", str(keys)]
     common += ["--data-dir", str(tmp_path / "d"), "--zone", "dmz"]
-    line = one_line_error(schedulezero("replica", "--node-id", "n1", *common))
+    line = process_error(schedulezero("replica", "--node-id", "n1", *common))
     assert "'node'" in line and "replica" in line
-    line = one_line_error(schedulezero("replica", "--node-id", "r1", *common))
+    line = process_error(schedulezero("replica", "--node-id", "r1", *common))
     assert "--zone dmz" in line and "no zone" in line
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from mesh.security.keys import create_key
 from mesh.supervise import child_env, node_command, spawn, stop, wait_for_http
+from tests.clierrors import process_error
 from tests.netutil import free_port_pair
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,15 +81,6 @@ def nodes(tmp_path: Path) -> Iterator[list[Node]]:
         node.stop()
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("schedulezero: error: ")
-    return lines[0]
-
-
 def warnings_in(log: str) -> list[str]:
     return [line for line in log.splitlines() if " WARNING " in line]
 
@@ -109,7 +101,7 @@ def test_without_keys_a_non_loopback_address_refuses_to_start(
     tmp_path: Path, mesh_host: str, extra: tuple[str, ...], address: str
 ) -> None:
     node = Node(tmp_path, *extra, mesh_host=mesh_host)
-    line = assert_one_line_error(node.run_to_exit())
+    line = process_error(node.run_to_exit())
     assert f"non-loopback address {address}" in line
     assert "--keys DIR" in line and "--insecure" in line
     assert not (node.root / "data" / "broker_state.db").exists()  # refused before starting
@@ -159,20 +151,20 @@ def test_without_keys_on_loopback_a_node_starts_with_exactly_one_warning(
 def test_keys_dir_without_the_nodes_secret_key_refuses_to_start(tmp_path: Path) -> None:
     key_dir = tmp_path / "keys"
     create_key(key_dir, "someone-else", "node")
-    line = assert_one_line_error(Node(tmp_path, "--keys", str(key_dir)).run_to_exit())
+    line = process_error(Node(tmp_path, "--keys", str(key_dir)).run_to_exit())
     assert "no secret key for 'n1'" in line
     assert "schedulezero keys create n1" in line
 
 
 def test_keys_dir_that_does_not_exist_refuses_to_start(tmp_path: Path) -> None:
-    line = assert_one_line_error(Node(tmp_path, "--keys", str(tmp_path / "nope")).run_to_exit())
+    line = process_error(Node(tmp_path, "--keys", str(tmp_path / "nope")).run_to_exit())
     assert "does not exist" in line
 
 
 def test_a_node_with_a_handler_key_refuses_to_start(tmp_path: Path) -> None:
     key_dir = tmp_path / "keys"
     create_key(key_dir, "n1", "handler")
-    line = assert_one_line_error(Node(tmp_path, "--keys", str(key_dir)).run_to_exit())
+    line = process_error(Node(tmp_path, "--keys", str(key_dir)).run_to_exit())
     assert "'handler' key" in line and "--role node" in line
 
 
@@ -180,7 +172,7 @@ def test_a_secret_key_readable_by_others_refuses_to_start(tmp_path: Path) -> Non
     key_dir = tmp_path / "keys"
     _, secret = create_key(key_dir, "n1", "node")
     os.chmod(secret, 0o644)
-    line = assert_one_line_error(Node(tmp_path, "--keys", str(key_dir)).run_to_exit())
+    line = process_error(Node(tmp_path, "--keys", str(key_dir)).run_to_exit())
     assert "readable by others" in line
 
 
@@ -202,9 +194,7 @@ def test_keys_from_the_environment_are_used(tmp_path: Path) -> None:
     key_dir = tmp_path / "keys"
     key_dir.mkdir()
     # The variable is read: the node looks for its key there and says it is missing.
-    line = assert_one_line_error(
-        Node(tmp_path).run_to_exit(env={"SCHEDULEZERO_KEYS": str(key_dir)})
-    )
+    line = process_error(Node(tmp_path).run_to_exit(env={"SCHEDULEZERO_KEYS": str(key_dir)}))
     assert f"{key_dir}/n1.key_secret" in line
 
 
@@ -222,10 +212,10 @@ def handler(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_handler_with_keys_needs_a_handler_id(tmp_path: Path) -> None:
     result = handler("--tasks", "mesh.sample_tasks", "--keys", str(tmp_path))
-    assert "--keys: needs --handler-id" in assert_one_line_error(result)
+    assert "--keys: needs --handler-id" in process_error(result)
 
 
 def test_handler_with_a_node_key_refuses_to_start(tmp_path: Path) -> None:
     create_key(tmp_path, "h1", "node")
     result = handler("--tasks", "mesh.sample_tasks", "--handler-id", "h1", "--keys", str(tmp_path))
-    assert "a handler needs a 'handler' key" in assert_one_line_error(result)
+    assert "a handler needs a 'handler' key" in process_error(result)

@@ -13,6 +13,7 @@ import pytest
 from mesh.api.auth import ApiTokens, hash_token
 from mesh.cli import main
 from mesh.config import load_config
+from tests.clierrors import one_line_error
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,15 +22,6 @@ def tokens(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, st
     code = main(["tokens", *args])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def assert_one_line_error(code: int, err: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("schedulezero: error: ")
-    return lines[0]
 
 
 def test_create_prints_the_token_and_nothing_else_and_stores_only_its_hash(
@@ -88,7 +80,7 @@ def test_create_refuses_bad_arguments_with_one_line(
 ) -> None:
     path = tmp_path / "tokens.json"
     code, out, err = tokens(capsys, "create", *args, "--file", str(path))
-    assert expected in assert_one_line_error(code, err)
+    assert expected in one_line_error(code, err)
     assert out == "" and not path.exists()
 
 
@@ -99,7 +91,7 @@ def test_create_refuses_a_name_that_exists_and_leaves_the_file_alone(
     assert tokens(capsys, "create", "ci", "--role", "read", "--file", str(path))[0] == 0
     before = path.read_bytes()
     code, out, err = tokens(capsys, "create", "ci", "--role", "admin", "--file", str(path))
-    assert "exists" in assert_one_line_error(code, err)
+    assert "exists" in one_line_error(code, err)
     assert out == "" and path.read_bytes() == before
 
 
@@ -109,7 +101,7 @@ def test_create_refuses_to_rewrite_a_broken_file(
     path = tmp_path / "tokens.json"
     path.write_text("{not json")
     code, out, err = tokens(capsys, "create", "ci", "--role", "read", "--file", str(path))
-    assert "not valid JSON" in assert_one_line_error(code, err)
+    assert "not valid JSON" in one_line_error(code, err)
     assert out == "" and path.read_text() == "{not json"
 
 
@@ -132,4 +124,4 @@ def test_a_tls_cert_without_a_key_is_one_line_exit_2(
 ) -> None:
     code = main(["node", "--data-dir", str(tmp_path / "d"), "--tls-cert", str(tmp_path / "c")])
     _, err = capsys.readouterr()
-    assert "--tls-key" in assert_one_line_error(code, err)
+    assert "--tls-key" in one_line_error(code, err)
