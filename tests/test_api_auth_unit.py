@@ -15,7 +15,6 @@ from typing import Any
 
 import attrs
 import pytest
-from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from mesh.api.auth import (
@@ -31,6 +30,7 @@ from mesh.api.http import create_app
 from mesh.dispatch.dispatcher import HandlerDispatcher
 from mesh.observability.state_db import AuditLog
 from mesh.scheduling.service import SchedulingService
+from tests.apierrors import error_of
 from tests.fakes import FakeBus, FakeReplica, ManualClock, embedded_tasks
 
 WAIT = 5.0
@@ -115,14 +115,6 @@ def schedule(schedule_id: str = "s1", **extra: Any) -> dict[str, Any]:
         "paused": True,
         **extra,
     }
-
-
-async def error_of(resp: ClientResponse, status: int) -> str:
-    assert resp.status == status, await resp.text()
-    assert resp.content_type == "application/json"
-    body = await resp.json()
-    assert set(body) == {"error"}
-    return str(body["error"])
 
 
 # --------------------------------------------------------------------------- the role table

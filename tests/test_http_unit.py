@@ -13,7 +13,6 @@ from typing import Any
 
 import attrs
 import pytest
-from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 import mesh.api.http as http
@@ -22,6 +21,7 @@ from mesh.config import GovernorConfig
 from mesh.dispatch.dispatcher import HandlerDispatcher
 from mesh.dispatch.governors import Governors
 from mesh.scheduling.service import SchedulingService
+from tests.apierrors import error_of
 from tests.fakes import FakeBus, FakeReplica, embedded_tasks
 
 WAIT = 5.0
@@ -81,14 +81,6 @@ def schedule(schedule_id: str = "s1") -> dict[str, Any]:
         "trigger": {"type": "interval", "hours": 1},
         "paused": True,
     }
-
-
-async def error_of(resp: ClientResponse, status: int) -> str:
-    assert resp.status == status, await resp.text()
-    assert resp.content_type == "application/json"
-    body = await resp.json()
-    assert set(body) == {"error"}
-    return str(body["error"])
 
 
 # --------------------------------------------------------------------------- errors
