@@ -343,6 +343,8 @@ async def serve(
     await node.start()
     await feed.start()
     audit = AuditLog(config.state_db_path)
+    # The dashboard reads the leadership history the node's recorder writes (its own connection).
+    history = StateDB(config.state_db_path, node_id=config.node_id)
     a = config.api
     limits = ApiLimits(
         max_body_bytes=a.max_body_bytes,
@@ -363,8 +365,9 @@ async def serve(
         read_only=READ_ONLY_NODE if a.read_only else None,
         anonymous_reads=config.security.anonymous_reads,
         events=events,
+        leadership=history.leadership_history,
     )
-    app.on_cleanup.append(lambda _app: _close(audit))
+    app.on_cleanup.append(lambda _app: _close(audit, history))
     http = HttpServer(app, *config.http_host_port, ssl_context=http_sec.server_ssl)
     try:
         await http.start()
@@ -412,8 +415,9 @@ async def serve(
     await http.stop()
 
 
-async def _close(audit: AuditLog) -> None:
+async def _close(audit: AuditLog, history: StateDB) -> None:
     audit.close()
+    history.close()
 
 
 def run_node(config: Config) -> int:

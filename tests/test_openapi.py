@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from mesh.api import schema as api_schema
+from mesh.api.auth import required_role
 from mesh.api.http import create_app
 from mesh.api.openapi import documented_routes, ecma_pattern, openapi_document
 from mesh.api.schema import BadRequest, parse_job_body, parse_member_body, parse_schedule_body
@@ -114,12 +115,15 @@ def test_errors_roles_and_the_bearer_scheme_are_declared() -> None:
         "scheme": "bearer",
     }
     paths = document["paths"]
-    for path in ("/api/health", "/metrics"):
-        assert paths[path]["get"]["security"] == []  # open, even with tokens
+    # Open, even with tokens: the health check, the metrics and the dashboard's own files.
+    open_paths = ("/api/health", "/metrics", "/", "/dashboard/{name}")
+    for path in open_paths:
+        assert paths[path]["get"]["security"] == []
+        assert required_role("GET", path.replace("{name}", "app.js")) is None
     roles = {}
     for path, ops in paths.items():
         for method, op in ops.items():
-            if path in ("/api/health", "/metrics"):
+            if path in open_paths:
                 continue
             assert {"401", "403"} <= set(op["responses"]), (method, path)
             roles[method.upper(), path] = op["x-required-role"]

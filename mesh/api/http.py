@@ -28,6 +28,7 @@ from mesh.api.auth import (
     add_audit_route,
     auth_middleware,
 )
+from mesh.api.dashboard import add_dashboard_routes
 from mesh.api.events import EventHub
 from mesh.api.limits import LIMITS_KEY, ApiLimits, body_limits, limit_connections, loads
 from mesh.api.metrics import NodeCollector, RequestCounter
@@ -36,6 +37,7 @@ from mesh.api.schema import (
     BadRequest,
     parse_job_body,
     parse_member_body,
+    parse_pause_body,
     parse_schedule_body,
     schedule_to_json,
 )
@@ -220,6 +222,7 @@ def create_app(
     read_only: str | None = None,
     anonymous_reads: bool = False,
     events: EventHub | None = None,
+    leadership: Callable[[int], list[dict[str, Any]]] | None = None,
 ) -> web.Application:
     """The API of one node: ``replica`` for writes (forwarded to the leader when this node is
     not it), ``view`` for the health, cluster and metrics reads, ``service`` for scheduling.
@@ -232,6 +235,8 @@ def create_app(
     serves reads without a token (``mesh.api.auth.auth_middleware``; without ``tokens`` only on
     a read-only API). ``events`` serves ``GET /api/events`` (mesh.api.events); a node with
     ``service`` and no hub gets one fed only by its own diffs (no apply or bus events).
+    ``leadership(limit)`` gives the node's recent leadership events, newest first, for the
+    dashboard's overview (mesh.api.dashboard).
     """
     if anonymous_reads and tokens is None and read_only is None:
         # Every caller would then be anonymous, and nothing would refuse its writes.
@@ -305,6 +310,14 @@ def create_app(
     app.router.add_get("/api/openapi.json", openapi)
     if audit is not None:
         add_audit_route(app, audit)
+    add_dashboard_routes(
+        app,
+        view,
+        service.state if service is not None else None,
+        handlers=service.handlers if service is not None else list,
+        leadership=leadership,
+        read_only=read_only is not None,
+    )
     if service is not None:
         _add_scheduling_routes(app, service)
         if events is None:
@@ -332,8 +345,13 @@ def _add_scheduling_routes(app: web.Application, service: SchedulingService) -> 
         return s
 
     async def list_schedules(request: web.Request) -> web.Response:
-        limit, after, _ = _page_query(request, default_limit=MAX_PAGE)
-        ids = sorted(i for i in state.schedules if after is None or i > after)
+        limit, after, extra = _page_query(request, default_limit=MAX_PAGE, extra=("q", "paused"))
+        match = _schedule_filter(extra.get("q"), extra.get("paused"))
+        ids = sorted(
+            i
+            for i, s in state.schedules.items()
+            if (after is None or i > after) and (match is None or match(s))
+        )
         page, nxt = _page(ids, limit, key=str)
         items = [schedule_to_json(state.schedules[i]) for i in page]
         return web.json_response({"schedules": items, "next": nxt})
@@ -358,7 +376,11 @@ def _add_scheduling_routes(app: web.Application, service: SchedulingService) -> 
         return web.Response(status=204)
 
     async def pause(request: web.Request) -> web.Response:
-        s = await service.set_paused(request.match_info["id"], True)
+        raw = await request.read()  # the body is optional: {"note"}
+        note = None
+        if raw.strip():
+            note = parse_pause_body(loads(raw, request.app[LIMITS_KEY].max_json_depth))
+        s = await service.set_paused(request.match_info["id"], True, note=note)
         return web.json_response(schedule_to_json(s))
 
     async def resume(request: web.Request) -> web.Response:
@@ -426,6 +448,24 @@ def _add_scheduling_routes(app: web.Application, service: SchedulingService) -> 
     r.add_post("/api/jobs", run_job)
     r.add_get("/api/jobs/{job_id}", job_status)
     r.add_get("/api/executions", executions)
+
+
+def _schedule_filter(q: str | None, paused: str | None) -> Callable[[Any], bool] | None:
+    """The ``q`` (a case-insensitive part of the id or the task) and ``paused`` (true/false)
+    filters of ``GET /api/schedules``, as one predicate; None when neither is given."""
+    if paused not in (None, "true", "false"):
+        raise BadRequest(f"paused: must be true or false, got {paused[:40]!r}")
+    if not q and paused is None:
+        return None
+    text = q.casefold() if q else None
+    want = None if paused is None else paused == "true"
+
+    def match(s: Any) -> bool:
+        if want is not None and s.paused != want:
+            return False
+        return text is None or text in s.id.casefold() or text in s.task_id.casefold()
+
+    return match
 
 
 # --- pagination (docs/api.md "Pages") ---------------------------------------------------------

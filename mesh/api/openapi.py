@@ -38,6 +38,7 @@ from mesh.api.schema import (
     IntervalTriggerBody,
     JobBody,
     MemberBody,
+    PauseBody,
     ScheduleBody,
 )
 from mesh.scheduling.state import OUTCOMES
@@ -190,6 +191,81 @@ class AuditPage(msgspec.Struct):
     next_after: Annotated[int | None, Meta(description="pass as ?after= for the next page")]
 
 
+class WhoAmI(msgspec.Struct):
+    """The caller, and what it may do on this node (the dashboard hides the rest)."""
+
+    name: Annotated[str | None, Meta(description="the token's name (null: no token)")]
+    role: Annotated[str | None, Meta(description="read, operate or admin (null: no tokens)")]
+    may_operate: bool
+    may_admin: bool
+    read_only: Annotated[bool, Meta(description="this node refuses every write (403)")]
+    node_id: str
+    node_role: str
+    zone: str | None
+
+
+class RunningJob(msgspec.Struct):
+    job_id: str
+    schedule_id: str | None
+    task: str
+    scheduled_fire_time: Timestamp | None
+    attempt: int
+    term: int | None
+    handler_id: str | None
+
+
+class NextFire(msgspec.Struct):
+    schedule_id: str
+    task: str
+    next_fire_time: Timestamp
+    trigger: dict[str, Any]
+
+
+class ActivityBucket(msgspec.Struct):
+    start: Timestamp
+    fires: int
+    succeeded: int
+    failed: int
+    lateness_p50_ms: float | None
+    lateness_max_ms: float | None
+
+
+class Activity(msgspec.Struct):
+    bucket_seconds: int
+    buckets: Annotated[list[ActivityBucket], Meta(description="oldest first")]
+
+
+class LeadershipEvent(msgspec.Struct):
+    ts: Timestamp
+    node_id: str
+    term: int
+    event: Annotated[str, Meta(description="elected, stepped_down, transferred or observed")]
+    detail: str
+
+
+class Overview(msgspec.Struct):
+    """The dashboard's overview in one answer (its size does not grow with the schedules)."""
+
+    node_id: str
+    role: str | None
+    leader_id: str | None
+    term: int
+    commit_index: int
+    has_quorum: bool | None
+    read_only: bool
+    now: Timestamp
+    schedules: int
+    paused: int
+    jobs_pending: int
+    jobs_running: int
+    handlers: int
+    running: Annotated[list[RunningJob], Meta(description="at most 50")]
+    next_fires: Annotated[list[NextFire], Meta(description="at most 20, soonest first")]
+    activity: Annotated[Activity, Meta(description="the last ten minutes, by finish time")]
+    leadership: Annotated[list[LeadershipEvent], Meta(description="newest first, at most 20")]
+    members: list[dict[str, Any]]
+
+
 class OpenAPIDocument(msgspec.Struct):
     """This document."""
 
@@ -228,6 +304,7 @@ class Operation:
     summary: str
     answers: dict[int, Any]  # status -> a Struct (JSON), str (another media type), None (empty)
     body: Any = None  # the request body's Struct
+    body_required: bool = True
     role: Role | None = "read"  # None: open, even with tokens configured
     errors: tuple[int, ...] = ()
     query: tuple[dict[str, Any], ...] = ()
@@ -287,6 +364,24 @@ OPERATIONS: tuple[Operation, ...] = (
         "get", "/metrics", "Prometheus metrics", {200: "text/plain; version=0.0.4"}, role=None
     ),
     Operation("get", "/api/openapi.json", "this document", {200: OpenAPIDocument}),
+    Operation("get", "/", "the dashboard (docs/dashboard.md)", {200: "text/html"}, role=None),
+    Operation(
+        "get",
+        "/dashboard/{name}",
+        "a file of the dashboard (script, style, icon)",
+        {200: "application/octet-stream"},
+        role=None,
+        errors=(404,),
+    ),
+    Operation("get", "/api/whoami", "the caller's role and what it may do here", {200: WhoAmI}),
+    Operation(
+        "get",
+        "/api/overview",
+        "the dashboard's overview: counts, next fires, running jobs, activity, leaders",
+        {200: Overview},
+        errors=(400,),
+        scheduling=True,
+    ),
     Operation(
         "get",
         "/api/events",
@@ -338,10 +433,25 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "get",
         "/api/schedules",
-        "every schedule, a page at a time",
+        "every schedule, a page at a time (by id)",
         {200: ScheduleList},
         errors=(400,),
-        query=_PAGE_QUERY,
+        query=(
+            *_PAGE_QUERY,
+            {
+                "name": "q",
+                "in": "query",
+                "description": "only the schedules whose id or task contains this text"
+                " (case-insensitive)",
+                "schema": {"type": "string", "maxLength": 200},
+            },
+            {
+                "name": "paused",
+                "in": "query",
+                "description": "only the paused (true) or the active (false) schedules",
+                "schema": {"type": "string", "enum": ["true", "false"]},
+            },
+        ),
         scheduling=True,
     ),
     Operation(
@@ -384,10 +494,12 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "post",
         "/api/schedules/{id}/pause",
-        "pause a schedule",
+        "pause a schedule; the optional note is shown with it until it is resumed",
         {200: Schedule},
+        body=PauseBody,
+        body_required=False,
         role="operate",
-        errors=(503, 404),
+        errors=(*WRITE_ERRORS, 404),
         scheduling=True,
     ),
     Operation(
@@ -460,6 +572,7 @@ _ID = msgspec.json.schema(Id)
 _PATH_PARAMS = {
     "node_id": _id_param("node_id", "a voter's node id", _ID),
     "id": _id_param("id", "a schedule id", _ID),
+    "name": _id_param("name", "a file name", {"type": "string", "pattern": "^[a-z0-9_.-]+$"}),
     "job_id": _id_param("job_id", "a job id (a UUID)", {"type": "string", "format": "uuid"}),
 }
 
@@ -531,7 +644,7 @@ def _operation(op: Operation, ref_of: dict[Any, dict[str, Any]]) -> dict[str, An
         out["parameters"] = params
     if op.body is not None:
         out["requestBody"] = {
-            "required": True,
+            "required": op.body_required,
             "content": {"application/json": {"schema": ref_of[op.body]}},
         }
     responses: dict[str, Any] = {}

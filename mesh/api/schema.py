@@ -150,6 +150,24 @@ class MemberBody(_Body):  # POST /api/cluster/members
     node_id: Id
 
 
+MAX_PAUSE_NOTE = 1000  # characters
+
+
+class PauseBody(_Body):
+    """POST /api/schedules/{id}/pause (the body is optional)."""
+
+    note: (
+        Annotated[
+            str,
+            Meta(
+                max_length=MAX_PAUSE_NOTE,
+                description="why it is paused: shown with the schedule until it is resumed",
+            ),
+        ]
+        | None
+    ) = None
+
+
 class _TriggerBody(_Body, tag_field="type"):
     def to_trigger(self, now: datetime) -> Trigger:
         """The APScheduler trigger; ``now`` fills in an omitted start."""
@@ -351,6 +369,13 @@ def parse_member_body(body: Any) -> str:
     """Validate a POST /api/cluster/members body ``{"node_id"}`` → the node id."""
     _require_object(body, "request body")
     return _convert(body, MemberBody, where="the member").node_id
+
+
+def parse_pause_body(body: Any) -> str | None:
+    """Validate a pause body ``{"note"?}`` → the note (None: no note, or only blanks)."""
+    _require_object(body, "request body")
+    note = _convert(body, PauseBody, where="the pause").note
+    return (note.strip() or None) if note is not None else None
 
 
 def parse_trigger(spec: Any, *, now: datetime | None = None) -> Trigger:

@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import attrs
 from apscheduler import AsyncScheduler, ConflictPolicy, Schedule, TaskDefaults
 from apscheduler.abc import EventBroker
 from apscheduler.eventbrokers.local import LocalEventBroker
@@ -34,6 +35,8 @@ log = logging.getLogger("mesh.scheduling")
 
 EXECUTOR = "mesh"
 RUN_NOW_RESULT_TTL = timedelta(hours=1)
+# The metadata key of a paused schedule's note (POST /api/schedules/{id}/pause {"note"}).
+PAUSE_NOTE = "pause_note"
 READY_WAIT = 4.0  # a new leader's scheduler starts within a commit; allow for a loaded machine
 
 
@@ -215,13 +218,33 @@ class SchedulingService:
             raise UnknownSchedule(schedule_id)
         await scheduler.remove_schedule(schedule_id)
 
-    async def set_paused(self, schedule_id: str, paused: bool) -> Schedule:
+    async def set_paused(
+        self, schedule_id: str, paused: bool, *, note: str | None = None
+    ) -> Schedule:
+        """Pause (with an optional ``note``, kept in the schedule's metadata under
+        :data:`PAUSE_NOTE` while it is paused) or resume a schedule. Resuming drops the note."""
         scheduler = await self.wait_ready(READY_WAIT)
         if schedule_id not in self.state.schedules:
             raise UnknownSchedule(schedule_id)
+        schedule = await scheduler.get_schedule(schedule_id)
+        metadata = dict(schedule.metadata)
         if paused:
-            await scheduler.pause_schedule(schedule_id)
+            if note:
+                metadata[PAUSE_NOTE] = note
+            else:
+                metadata.pop(PAUSE_NOTE, None)
+            if metadata != schedule.metadata or not schedule.paused:
+                # What AsyncScheduler.pause_schedule does, with the note in the same commit.
+                await scheduler.data_store.add_schedule(
+                    attrs.evolve(schedule, paused=True, metadata=metadata),
+                    ConflictPolicy.replace,
+                )
         else:
+            if PAUSE_NOTE in metadata:
+                del metadata[PAUSE_NOTE]
+                await scheduler.data_store.add_schedule(
+                    attrs.evolve(schedule, metadata=metadata), ConflictPolicy.replace
+                )
             await scheduler.unpause_schedule(schedule_id)
         return self.state.schedules[schedule_id]
 

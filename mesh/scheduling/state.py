@@ -296,6 +296,17 @@ class SchedulerState:
                 return s.next_fire_time
         return None
 
+    def upcoming(self, limit: int) -> list[Schedule]:
+        """The next ``limit`` schedules to fire (not paused), soonest first."""
+        out: list[Schedule] = []
+        for _, sid in self._due:
+            if len(out) >= limit:
+                break
+            s = self.schedules[sid]
+            if not s.paused:
+                out.append(s)
+        return out
+
     def schedules_by_task(self, task_id: str) -> list[Schedule]:
         return [s for s in self.schedules.values() if s.task_id == task_id]
 
