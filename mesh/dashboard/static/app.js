@@ -371,7 +371,7 @@
     const region = $('toast');
     const item = el('div', { class: `toast toast-${kind || 'ok'}` },
       el('span', { class: 'toast-text' }, String(message)),
-      el('button', { type: 'button', class: 'toast-close', 'aria-label': 'Dismiss', onclick: () => item.remove() }, '×'));
+      el('button', { type: 'button', class: 'toast-close', 'aria-label': 'Dismiss', title: 'Dismiss', onclick: () => item.remove() }));
     region.appendChild(item);
     while (region.children.length > 5) region.firstChild.remove();
     setTimeout(() => item.remove(), kind === 'error' ? 10000 : 5000);
@@ -452,12 +452,26 @@
       banner.textContent = `This is a read-only ${role}${zone ? ` (zone ${zone})` : ''}: writes go to an admin node.`;
       banner.hidden = false;
     };
-    show(null);
+    show(who.zone || null);
+    if (who.zone === undefined) {
+      try {
+        const health = await api('/api/health');
+        if (health && health.zone) show(health.zone);
+      } catch (e) {
+        /* the banner without a zone is fine */
+      }
+    }
+  }
+
+  /** The header from GET /api/health (needs no token): node, role, leader, term. */
+  async function refreshHealth() {
     try {
-      const health = await api('/api/health');
-      if (health && health.zone) show(health.zone);
+      const h = await api('/api/health');
+      if (h.node_id && !app.who) $('node-name').textContent = h.node_id;
+      if (h.role && !app.who) setNodeRole(h.role);
+      setLeader(h.leader_id === undefined ? null : h.leader_id, h.term);
     } catch (e) {
-      /* the banner without a zone is fine */
+      /* the live stream or the pages will say what is wrong */
     }
   }
 
@@ -487,7 +501,7 @@
   function setLeader(leaderId, term) {
     if (leaderId !== undefined) app.leaderId = leaderId;
     if (term !== undefined && term !== null) app.term = term;
-    const leaderText = app.leaderId ? String(app.leaderId) : 'none (election)';
+    const leaderText = app.leaderId === undefined ? '…' : app.leaderId ? String(app.leaderId) : 'none (election)';
     for (const node of document.querySelectorAll('.js-leader')) node.textContent = leaderText;
     for (const node of document.querySelectorAll('.js-term')) {
       node.textContent = app.term === undefined ? '…' : String(app.term);
@@ -598,9 +612,7 @@
           }
         }
       } finally {
-        try {
-          reader.cancel();
-        } catch (e) { /* already closed */ }
+        reader.cancel().catch(() => { /* already closed or aborted */ });
       }
     },
 
@@ -1295,8 +1307,16 @@
     }
 
     async function bulk(action) {
-      const ids = [...selected];
-      if (!ids.length) return;
+      const wantPaused = action === 'pause';
+      const ids = [...selected].filter((id) => {
+        const row = rows.get(id);
+        return !row || !!row.schedule.paused !== wantPaused;
+      });
+      const skipped = selected.size - ids.length;
+      if (!ids.length) {
+        toast(`the selected schedules are already ${wantPaused ? 'paused' : 'active'}`, 'warn');
+        return;
+      }
       let note = '';
       if (action === 'pause') {
         note = await askPauseNote(`Pause ${ids.length} schedule${ids.length === 1 ? '' : 's'}.`);
@@ -1315,7 +1335,7 @@
         }
       }
       const verb = action === 'pause' ? 'paused' : 'resumed';
-      if (done) toast(`${verb} ${done} schedule${done === 1 ? '' : 's'}`);
+      if (done) toast(`${verb} ${done} schedule${done === 1 ? '' : 's'}${skipped ? ` (${skipped} already ${verb})` : ''}`);
       if (failures.length) toast(`${failures.length} failed: ${failures.slice(0, 3).join('; ')}`, 'error');
       selected.clear();
       for (const row of rows.values()) row.tr.querySelector('.row-check').checked = false;
@@ -2045,6 +2065,7 @@
     });
     window.addEventListener('online', () => live.restart());
     setInterval(tick, 250);
+    refreshHealth();
     refreshWhoami();
     renderRoute(true);
     live.start();
