@@ -38,6 +38,7 @@ ORDER = (
     "timing",
     "curve",
     "replica",
+    "dashboard",
 )
 
 

@@ -23,6 +23,7 @@ from bench.common import (
     wait_caught_up,
     wait_drained,
 )
+from bench.dashboard import dashboard
 from bench.harness import BenchError, Node, wait_for
 from bench.replica import replica
 from bench.stats import cpu_seconds, parse_time, rss_mb, step_should_stop, summary
@@ -689,4 +690,5 @@ PHASES = {
     "timing": timing,
     "curve": curve,
     "replica": replica,
+    "dashboard": dashboard,
 }

@@ -250,3 +250,39 @@ def test_replica_phase_measures_lag_and_reads_that_never_reach_the_voters(tmp_pa
     assert rows["replica_voter_requests"]["met"] is True
     assert rows["replica_voter_requests"]["baseline"] == follower["ok"]
     assert not LIVE
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")
+def test_dashboard_phase_times_the_api_the_naive_listing_and_the_browser(tmp_path: Path) -> None:
+    pytest.importorskip("playwright.sync_api")
+    code = bench_main(
+        ["--quick", "--only", "dashboard", "--scale", "0.05", "--out", str(tmp_path), "--no-plots"]
+    )
+
+    assert code == 0
+    result = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert result["errors"] == {}
+    fig = result["figures"]["dashboard"]
+    pool = fig["schedules"]
+    for side in ("follower", "leader"):
+        api = fig["api"][side]
+        for key in ("overview", "schedules_page", "search", "search_all"):
+            assert api[key]["ms"]["count"] >= 5 and _positive(api[key]["ms"]["p50"]), (side, key)
+        assert api["search"]["matched"] == 10
+        # The naive listing saw every schedule (the pool and the harness's write probe).
+        assert api["naive"]["schedules"] == api["overview"]["schedules_counted"] >= pool
+        assert api["naive"]["bytes"] > api["overview"]["bytes"]
+    for page in ("overview", "schedules"):
+        loads = fig["browser"][page]
+        assert loads["loads"] >= 2 and _positive(loads["ms"]["max"]), page
+        assert "/api/events" not in loads["api_answers_before_render"]
+    assert "/api/overview" in fig["browser"]["overview"]["api_answers_before_render"]
+    assert "/api/schedules?limit=50" in fig["browser"]["schedules"]["api_answers_before_render"]
+    rows = {r["key"]: r for r in result["table"] if r["section"] == "dashboard"}
+    assert rows["dashboard_browser_overview_max_ms"]["target"] == "< 1000"
+    assert isinstance(rows["dashboard_browser_overview_max_ms"]["met"], bool)
+    assert (
+        rows["dashboard_overview_p50_ms"]["baseline"]
+        == fig["api"]["follower"]["naive"]["ms"]["p50"]
+    )
+    assert not LIVE
