@@ -702,8 +702,8 @@
     const page = app.page;
     if (!page) return;
     if (kind === 'hello' || kind === 'reset' || kind === 'resync') {
-      if (kind !== 'hello' || page.helloSeen) page.refresh();
-      page.helloSeen = true;
+      // A new stream (or lost events): what is shown may have missed changes.
+      if (kind !== 'reset') page.refresh();
       return;
     }
     if (page.onEvent) page.onEvent(kind, d);
@@ -912,7 +912,7 @@
       const t = table('members-table', ['Node', 'Role', 'State', ['Last seen', 'num']], 'Members');
       for (const m of rows) {
         t.tbody.appendChild(el('tr', { dataset: { nodeId: m.node_id } },
-          el('td', null, code(m.node_id), m.node_id === app.leaderId ? el('span', { class: 'crown', title: 'leader' }, ' ★') : null),
+          el('td', { class: 'nowrap' }, code(m.node_id), m.node_id === app.leaderId ? el('span', { class: 'crown', title: 'leader' }, ' ★') : null),
           el('td', null, badge(m.role)),
           el('td', null, badge(m.state)),
           el('td', { class: 'num nowrap' }, relEl(m.last_seen))));
@@ -1996,7 +1996,7 @@
       for (const id of ids) {
         const m = byId.get(id);
         t.tbody.appendChild(el('tr', { dataset: { nodeId: id } },
-          el('td', null, code(id), id === cluster.leader_id ? el('span', { class: 'crown', title: 'leader' }, ' ★') : null),
+          el('td', { class: 'nowrap' }, code(id), id === cluster.leader_id ? el('span', { class: 'crown', title: 'leader' }, ' ★') : null),
           el('td', null, m.role ? badge(m.role) : '–'),
           el('td', null, m.state ? badge(m.state) : '–'),
           el('td', null, m.voter === undefined ? '–' : m.voter ? 'yes' : 'no'),
@@ -2066,7 +2066,6 @@
     }
     const main = clear($('main'));
     const page = ROUTES[route]();
-    page.helloSeen = false;
     app.page = page;
     document.title = `${page.title} · ScheduleZero Mesh`;
     page.mount(main);
