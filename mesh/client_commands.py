@@ -165,8 +165,10 @@ _SCHEDULE_COLUMNS = ("id", "task", "trigger", "next fire", "paused")
 
 def _schedule_row(s: dict[str, Any]) -> list[Any]:
     paused: Any = bool(s.get("paused"))
-    if paused and s.get("note"):
-        paused = f"yes: {s['note']}"
+    metadata = s.get("metadata")
+    note = metadata.get("pause_note") if isinstance(metadata, dict) else None
+    if paused and note:
+        paused = f"yes: {note}"
     return [
         s.get("id"),
         s.get("task"),

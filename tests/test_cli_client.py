@@ -227,9 +227,13 @@ def test_pause_with_a_note_resume_and_delete(
 
     code, out, err = run(capsys, "schedules", "pause", "cycle", "--note", "maintenance", *operate)
     assert (code, out.strip()) == (0, "paused cycle"), err
-    assert json.loads(run(capsys, "schedules", "get", "cycle", "-o", "json", *operate)[1])["paused"]
+    got = json.loads(run(capsys, "schedules", "get", "cycle", "-o", "json", *operate)[1])
+    assert got["paused"] is True
+    assert got["metadata"]["pause_note"] == "maintenance"
+    assert "yes: maintenance" in run(capsys, "schedules", "get", "cycle", *operate)[1]
     code, out, _ = run(capsys, "schedules", "resume", "cycle", "-o", "json", *operate)
     assert code == 0 and json.loads(out)["paused"] is False
+    assert "pause_note" not in json.loads(out)["metadata"]
 
     assert run(capsys, "schedules", "delete", "cycle", *operate)[:2] == (0, "deleted cycle\n")
     code, _, err = run(capsys, "schedules", "get", "cycle", *operate)

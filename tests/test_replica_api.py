@@ -178,3 +178,19 @@ async def test_a_stopped_replica_leaves_its_copy_in_replica_db(tmp_path: Path) -
         assert store.load(ZONE) == (2, log.state.snapshot())
     finally:
         store.close()
+
+
+async def test_the_dashboard_is_served_read_only_on_a_replica(
+    replica: tuple[ReplicaNode, FakeFeed, str],
+) -> None:
+    _, _, url = replica
+    status, page = await call("GET", url + "/")
+    assert status == 200 and "<html" in page.lower()
+    status, me = await call("GET", url + "/api/whoami")
+    assert status == 200
+    assert (me["node_role"], me["zone"], me["read_only"]) == ("replica", ZONE, True)
+    assert (me["may_operate"], me["may_admin"]) == (False, False)
+    status, overview = await call("GET", url + "/api/overview")
+    assert status == 200
+    assert (overview["role"], overview["read_only"], overview["schedules"]) == ("replica", True, 2)
+    assert overview["leadership"] == []
