@@ -412,9 +412,12 @@ def run_up(opts: UpOptions, out: IO[str] | None = None) -> int:
     if opts.sample and not sample:
         log.info("governor: %s is not in this build; no sample schedule", SAMPLE_TASKS_MODULE)
     governor.on_ready(lambda g: _announce_when_ready(g, sample=sample, out=out))
+    urls = [spec.http_url for spec in specs if spec.http_url]
     for spec in specs:
         if spec.http_url:
             print(f"{spec.name}: {spec.http_url}/api/health", file=out, flush=True)
+    if urls:
+        print(f"dashboard: {urls[0]}/ (any node serves it)", file=out, flush=True)
     print("press Ctrl-C to stop", file=out, flush=True)
     code = governor.run()
     print("stopped", file=out, flush=True)

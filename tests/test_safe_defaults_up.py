@@ -107,6 +107,7 @@ def test_up_runs_its_nodes_with_keys(tmp_path: Path) -> None:
             kill(proc)
     out = proc.stdout.read().decode() if proc.stdout else ""
     assert f"CURVE keys: {data_dir / 'keys'} (created node-1, node-2)" in out
+    assert f"dashboard: http://127.0.0.1:{http}/ (any node serves it)" in out
 
 
 class RejectingReplica(FakeReplica):

@@ -336,6 +336,7 @@
       if (e.name === 'AbortError') throw e;
       throw new ApiError(0, `cannot reach the node (${e.message || 'network error'})`);
     }
+    noteServerDate(res.headers.get('Date'));
     const text = await res.text();
     let data = null;
     if (text) {
@@ -353,6 +354,16 @@
       throw new ApiError(res.status, message);
     }
     return data;
+  }
+
+  /** A coarse clock offset (1 s resolution) from an answer's Date header, used until
+   * /api/overview's "now" gives a precise one; ignored when within 2 s of the local clock. */
+  function noteServerDate(header) {
+    if (app.preciseClock || !header) return;
+    const server = Date.parse(header);
+    if (Number.isNaN(server)) return;
+    const offset = server + 500 - Date.now();
+    app.clockOffset = Math.abs(offset) > 2000 ? offset : 0;
   }
 
   function query(params) {
@@ -497,10 +508,16 @@
     applyPermissions();
   }
 
-  /** Leader and term shown everywhere at once (header, overview cards, cluster page). */
-  function setLeader(leaderId, term) {
-    if (leaderId !== undefined) app.leaderId = leaderId;
-    if (term !== undefined && term !== null) app.term = term;
+  /** Leader and term shown everywhere at once (header, overview cards, cluster page). An answer
+   * older than what is shown (a lower term, e.g. a fetch that started before a leader event) is
+   * ignored unless forced (hello: a new stream's truth). Always repaints. */
+  function setLeader(leaderId, term, force) {
+    const known = term !== undefined && term !== null;
+    const stale = !force && known && app.term !== undefined && term < app.term;
+    if (!stale) {
+      if (leaderId !== undefined) app.leaderId = leaderId;
+      if (known) app.term = term;
+    }
     const leaderText = app.leaderId === undefined ? '…' : app.leaderId ? String(app.leaderId) : 'none (election)';
     for (const node of document.querySelectorAll('.js-leader')) node.textContent = leaderText;
     for (const node of document.querySelectorAll('.js-term')) {
@@ -673,7 +690,7 @@
   function handleEvent(kind, data) {
     const d = data && typeof data === 'object' ? data : {};
     if (kind === 'hello') {
-      setLeader(d.leader_id, d.term);
+      setLeader(d.leader_id, d.term, true);
       if (d.node_id) $('node-name').textContent = d.node_id;
       if (d.role) setNodeRole(d.role);
     } else if (kind === 'leader') {
@@ -685,8 +702,8 @@
     const page = app.page;
     if (!page) return;
     if (kind === 'hello' || kind === 'reset' || kind === 'resync') {
-      if (kind !== 'hello' || page.helloSeen) page.refresh();
-      page.helloSeen = true;
+      // A new stream (or lost events): what is shown may have missed changes.
+      if (kind !== 'reset') page.refresh();
       return;
     }
     if (page.onEvent) page.onEvent(kind, d);
@@ -789,7 +806,10 @@
       try {
         const data = await api('/api/overview', { signal: controller.signal });
         const now = parseTime(data.now);
-        if (now !== null) app.clockOffset = now - Date.now();
+        if (now !== null) {
+          app.clockOffset = now - Date.now();
+          app.preciseClock = true;
+        }
         render(data);
       } catch (e) {
         if (e.name === 'AbortError') return;
@@ -809,8 +829,7 @@
     }
 
     function render(d) {
-      app.leaderId = d.leader_id;
-      app.term = d.term;
+      setLeader(d.leader_id, d.term);
       const quorum = d.has_quorum
         ? el('span', { id: 'quorum', class: 'ok-text' }, 'yes')
         : el('span', { id: 'quorum', class: 'bad-text' }, 'no');
@@ -893,7 +912,7 @@
       const t = table('members-table', ['Node', 'Role', 'State', ['Last seen', 'num']], 'Members');
       for (const m of rows) {
         t.tbody.appendChild(el('tr', { dataset: { nodeId: m.node_id } },
-          el('td', null, code(m.node_id), m.node_id === app.leaderId ? el('span', { class: 'crown', title: 'leader' }, ' ★') : null),
+          el('td', { class: 'nowrap' }, code(m.node_id), m.node_id === app.leaderId ? el('span', { class: 'crown', title: 'leader' }, ' ★') : null),
           el('td', null, badge(m.role)),
           el('td', null, badge(m.state)),
           el('td', { class: 'num nowrap' }, relEl(m.last_seen))));
@@ -1013,8 +1032,11 @@
     fillFireCells(next, last, s.next_fire_time, s.last_fire_time);
     return el('tr', { dataset: { scheduleId: s.id }, class: s.paused ? 'is-paused' : null },
       el('td', { class: 'check-col' },
-        el('input', { type: 'checkbox', class: 'row-check', 'aria-label': `select ${s.id}`, checked: !!checked })),
-      el('td', null, el('code', { class: 'mono sched-id' }, s.id)),
+        el('input', { type: 'checkbox', class: 'row-check', id: `select-${s.id}`, checked: !!checked }),
+        el('label', { for: `select-${s.id}`, class: 'visually-hidden' }, `select ${s.id}`)),
+      el('td', null, el('a', {
+        href: `#/executions?schedule=${encodeURIComponent(s.id)}`, class: 'id-link', title: `executions of ${s.id}`,
+      }, el('code', { class: 'mono sched-id' }, s.id))),
       el('td', null, s.task),
       el('td', { class: 'trigger-cell' }, describeTrigger(s.trigger)),
       next,
@@ -1062,11 +1084,12 @@
           page.refresh();
         },
       }, el('option', { value: 'all' }, 'all'), el('option', { value: 'active' }, 'active'), el('option', { value: 'paused' }, 'paused'));
-      selectAll = el('input', { type: 'checkbox', id: 'schedule-select-all', 'aria-label': 'select all shown schedules', onchange: onSelectAll });
+      selectAll = el('input', { type: 'checkbox', id: 'schedule-select-all', onchange: onSelectAll });
       const t = table('schedules-table', [
         ['', 'check-col'], 'Id', 'Task', 'Trigger', 'Next fire', 'Last fire', 'State', ['Actions', 'actions'],
       ], 'Schedules');
-      t.table.querySelector('th.check-col').appendChild(selectAll);
+      t.table.querySelector('th.check-col').append(selectAll,
+        el('label', { for: 'schedule-select-all', class: 'visually-hidden' }, 'select all shown schedules'));
       tbody = t.tbody;
       tbody.addEventListener('click', onTableClick);
       tbody.addEventListener('change', onRowCheck);
@@ -1335,7 +1358,7 @@
         }
       }
       const verb = action === 'pause' ? 'paused' : 'resumed';
-      if (done) toast(`${verb} ${done} schedule${done === 1 ? '' : 's'}${skipped ? ` (${skipped} already ${verb})` : ''}`);
+      if (done) toast(`${verb} ${done} schedule${done === 1 ? '' : 's'}${skipped ? ` (${skipped} already ${wantPaused ? 'paused' : 'active'})` : ''}`);
       if (failures.length) toast(`${failures.length} failed: ${failures.slice(0, 3).join('; ')}`, 'error');
       selected.clear();
       for (const row of rows.values()) row.tr.querySelector('.row-check').checked = false;
@@ -1566,7 +1589,9 @@
         : null;
       if (slot) {
         slot.textContent = message;
-        const input = slot.parentElement.querySelector('input, select, textarea');
+        const input = name === 'trigger'
+          ? document.querySelector('#schedule-form .trigger-part:not([hidden]) input')
+          : slot.parentElement.querySelector('input, select, textarea');
         if (input) {
           input.setAttribute('aria-invalid', 'true');
           if (!input.readOnly) input.focus();
@@ -1625,7 +1650,7 @@
 
   function executionsPage() {
     const page = { title: 'Executions' };
-    const filter = { schedule: '', outcome: '', since: 0 };
+    const filter = { schedule: routeParams().get('schedule') || '', outcome: '', since: 0 };
     const seen = new Set();
     let tbody = null;
     let moreButton = null;
@@ -1638,7 +1663,7 @@
 
     page.mount = (main) => {
       const scheduleInput = el('input', {
-        type: 'search', id: 'exec-schedule', placeholder: 'schedule id', autocomplete: 'off', spellcheck: 'false',
+        type: 'search', id: 'exec-schedule', placeholder: 'schedule id', autocomplete: 'off', spellcheck: 'false', value: filter.schedule || null,
         oninput: (ev) => {
           filter.schedule = ev.target.value.trim();
           reload();
@@ -1971,7 +1996,7 @@
       for (const id of ids) {
         const m = byId.get(id);
         t.tbody.appendChild(el('tr', { dataset: { nodeId: id } },
-          el('td', null, code(id), id === cluster.leader_id ? el('span', { class: 'crown', title: 'leader' }, ' ★') : null),
+          el('td', { class: 'nowrap' }, code(id), id === cluster.leader_id ? el('span', { class: 'crown', title: 'leader' }, ' ★') : null),
           el('td', null, m.role ? badge(m.role) : '–'),
           el('td', null, m.state ? badge(m.state) : '–'),
           el('td', null, m.voter === undefined ? '–' : m.voter ? 'yes' : 'no'),
@@ -2021,9 +2046,17 @@
     return m && ROUTES[m[1]] ? m[1] : 'overview';
   }
 
+  /** The parameters after "?" in the hash: #/executions?schedule=nightly. */
+  function routeParams() {
+    const hash = location.hash || '';
+    const at = hash.indexOf('?');
+    return new URLSearchParams(at < 0 ? '' : hash.slice(at + 1));
+  }
+
   function renderRoute(force) {
     const route = currentRoute();
-    if (!force && route === app.route && app.page) return;
+    if (!force && location.hash === app.hash && app.page) return;
+    app.hash = location.hash;
     if (app.page && app.page.unmount) app.page.unmount();
     app.route = route;
     for (const name of Object.keys(ROUTES)) {
@@ -2033,7 +2066,6 @@
     }
     const main = clear($('main'));
     const page = ROUTES[route]();
-    page.helloSeen = false;
     app.page = page;
     document.title = `${page.title} · ScheduleZero Mesh`;
     page.mount(main);
