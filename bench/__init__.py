@@ -5,8 +5,10 @@ Figures (see docs/performance.md): sustained fires/s, follower write latency, fa
 lateness at 1,000 schedules, scale (100,000 schedules: RSS, restart, CPU per tick), idle CPU,
 timing (token-bucket rate, sends to an unreachable peer, toxiproxy toxics, the no-handler
 wait: bounds that unit tests used to assert), curve (write latency and fires/s with CURVE
-keys against the same without, in one run), and replica (a read-only replica's lag at 250 to
-1,000 changes/s, and its reads against a follower voter's with the voters' request counts).
+keys against the same without, in one run), replica (a read-only replica's lag at 250 to
+1,000 changes/s, and its reads against a follower voter's with the voters' request counts),
+and dashboard (the dashboard's reads with 10,000 schedules against fetching every schedule,
+and its pages' load times in headless Chromium).
 The meshes run with CURVE keys unless --no-keys.
 Results go to ``bench-results/bench-<timestamp>.json`` with PNG plots beside it, and a table is
 printed. Every process started is stopped on the way out, Ctrl-C included.

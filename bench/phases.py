@@ -2,7 +2,8 @@
 another's state), measures, stops it, then runs the APScheduler-alone baselines, and returns a
 JSON-able dict. The timing phase (bench/timing.py) measures what unit tests used to assert; the
 curve phase compares meshes with CURVE keys and without; the replica phase (bench/replica.py)
-measures a read-only replica."""
+measures a read-only replica; the dashboard phase (bench/dashboard.py) the dashboard's reads and
+page loads."""
 
 from __future__ import annotations
 
