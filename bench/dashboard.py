@@ -63,13 +63,17 @@ API_BUDGET_S = 120.0  # per node, the API samples and the naive rounds each
 _WATCH = """
 (() => {
   const want = %s;
+  const firsts = {};  // when the overview's rows, and its leader id, first showed
   const done = () => {
     if (document.documentElement && document.documentElement.dataset.benchRendered) return true;
     let ok = false;
     if (want.page === 'overview') {
       const leader = document.getElementById('leader-id');
-      ok = !!leader && leader.textContent.trim() === want.leader &&
-        document.querySelectorAll('#next-fires-table tbody tr[data-schedule-id]').length > 0;
+      const named = !!leader && leader.textContent.trim() === want.leader;
+      const rows = document.querySelectorAll('#next-fires-table tbody tr[data-schedule-id]').length;
+      if (rows && firsts.rows === undefined) firsts.rows = performance.now();
+      if (named && firsts.leader === undefined) firsts.leader = performance.now();
+      ok = named && rows > 0;
     } else {
       ok = document.querySelectorAll('#schedules-table tr[data-schedule-id]').length >= want.rows;
     }
@@ -77,6 +81,7 @@ _WATCH = """
     const at = performance.now();
     window.__benchRendered = {
       at_ms: at,
+      firsts,
       resources: performance.getEntriesByType('resource').map((e) => ({
         name: e.name, bytes: e.encodedBodySize, start_ms: e.startTime, end_ms: e.responseEnd,
       })),
@@ -336,8 +341,14 @@ def _load(browser: Any, base: str, page_name: str, want: dict[str, Any]) -> dict
             "api": sorted(_path(r["name"]) for r in resources if "/api/" in r["name"]),
             # Where the time went: the script loaded, then the page's data answered.
             "script_ms": _end(resources, "/dashboard/app.js"),
+            # The request whose answer was rendered (the last one sent before the render).
             "data_requested_ms": _end(resources, data, "start_ms"),
             "data_ms": _end(resources, data),
+            "firsts_ms": rendered.get("firsts") or {},
+            "timeline": [
+                {"path": _path(r["name"]), "start_ms": r["start_ms"], "end_ms": r["end_ms"]}
+                for r in resources
+            ],
             "heap_mb": metrics.get("JSHeapUsedSize", 0.0) / 2**20 or None,
             "nodes": metrics.get("Nodes"),
         }
@@ -363,6 +374,8 @@ def _loads_summary(loads: list[dict[str, Any]]) -> dict[str, Any]:
         "api_answers_before_render": first["api"],
         "bytes_before_render": first["bytes"],
         "dom_nodes": first["nodes"],
+        "timeline": first["timeline"],
+        "firsts_ms": first["firsts_ms"],  # of the first load: what it fetched before the render
     }
 
 
