@@ -141,8 +141,11 @@
     return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
   }
 
-  function relativeText(ms) {
+  /** "in 4.2 s" / "3 s ago"; a countdown that reached its time says "due" (the leader fires it
+   *  and the page gets the next time from the fired event). */
+  function relativeText(ms, countdown) {
     const diff = (ms - serverNow()) / 1000;
+    if (countdown && diff <= 0) return 'due';
     if (Math.abs(diff) < 0.05) return 'now';
     return diff > 0 ? `in ${spanText(diff)}` : `${spanText(diff)} ago`;
   }
@@ -151,12 +154,12 @@
   function relEl(iso, cls) {
     const ms = parseTime(iso);
     if (ms === null) return el('span', { class: 'muted' }, '–');
-    return el('span', { class: `rel ${cls || ''}`.trim(), title: String(iso), dataset: { at: String(ms) } }, relativeText(ms));
+    return el('span', { class: `rel ${cls || ''}`.trim(), title: String(iso), dataset: { at: String(ms) } }, relativeText(ms, cls === 'countdown'));
   }
 
   function tick() {
     for (const node of document.querySelectorAll('.rel[data-at]')) {
-      const text = relativeText(Number(node.dataset.at));
+      const text = relativeText(Number(node.dataset.at), node.classList.contains('countdown'));
       if (node.textContent !== text) node.textContent = text;
     }
   }
@@ -1029,7 +1032,7 @@
   function scheduleRow(s, checked) {
     const next = el('td', { class: 'nowrap next-cell' });
     const last = el('td', { class: 'nowrap last-cell' });
-    fillFireCells(next, last, s.next_fire_time, s.last_fire_time);
+    fillFireCells(next, last, s.next_fire_time, s.last_fire_time, s.paused);
     return el('tr', { dataset: { scheduleId: s.id }, class: s.paused ? 'is-paused' : null },
       el('td', { class: 'check-col' },
         el('input', { type: 'checkbox', class: 'row-check', id: `select-${s.id}`, checked: !!checked }),
@@ -1049,9 +1052,10 @@
         actionButton('delete', 'Delete', s.id, 'btn-ghost btn-danger-text')));
   }
 
-  function fillFireCells(next, last, nextIso, lastIso) {
+  function fillFireCells(next, last, nextIso, lastIso, paused) {
     clear(next);
-    if (nextIso) next.append(relEl(nextIso, 'countdown'), el('br'), el('span', { class: 'muted small' }, timeEl(nextIso)));
+    if (paused) next.appendChild(el('span', { class: 'muted' }, 'paused'));
+    else if (nextIso) next.append(relEl(nextIso, 'countdown'), el('br'), el('span', { class: 'muted small' }, timeEl(nextIso)));
     else next.appendChild(el('span', { class: 'muted' }, 'never'));
     clear(last).appendChild(timeEl(lastIso));
   }
@@ -1268,7 +1272,7 @@
         const row = rows.get(d.id);
         if (!row) return;
         row.schedule = Object.assign({}, row.schedule, { next_fire_time: d.next_fire_time, last_fire_time: d.last_fire_time });
-        fillFireCells(row.tr.querySelector('.next-cell'), row.tr.querySelector('.last-cell'), d.next_fire_time, d.last_fire_time);
+        fillFireCells(row.tr.querySelector('.next-cell'), row.tr.querySelector('.last-cell'), d.next_fire_time, d.last_fire_time, row.schedule.paused);
       }
     };
 
