@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install run test lint format bench chaos fuzz clean
+.PHONY: install run test lint format bench chaos fuzz screenshots clean
 
 install: $(STAMP)
 
@@ -54,6 +54,11 @@ FUZZ_SECONDS ?= 900
 fuzz: install
 	$(BIN)/python -m tests.fuzz_api --requests $(FUZZ_REQUESTS) --seconds $(FUZZ_SECONDS) \
 		$(if $(SEED),--seed $(SEED))
+
+# make screenshots: the dashboard's pages, taken in headless Chromium from a live 3-node mesh
+# with handlers and a dozen schedules, into docs/img (shown by docs/dashboard.md and the README).
+screenshots: install
+	$(BIN)/python -m tests.dashboard_screenshots docs/img
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -11,13 +11,16 @@ SIGTERM if the governor itself is killed.
 
 ``up`` runs secured: on first run it creates one CURVE key per node and per handler in
 ``DATA_DIR/keys`` (mode 0700; ``ensure_keys``), reuses them after, and starts every child with
-``--keys DATA_DIR/keys``.
+``--keys DATA_DIR/keys``. It also creates an API tokens file ``DATA_DIR/tokens.json`` with one
+``admin`` token, whose value it writes to ``DATA_DIR/admin.token`` (mode 0600; ``ensure_token``)
+and prints the path of: the nodes start with ``--api-tokens``, as in production.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -29,6 +32,7 @@ from typing import IO, Any
 
 import attrs
 
+from mesh.api.auth import TokenFileError, create_token, load_tokens
 from mesh.config import ConfigError
 from mesh.security.keys import KeyFileError, create_key
 from mesh.supervise import (
@@ -48,6 +52,7 @@ __all__ = [
     "ProcessGovernor",
     "UpOptions",
     "ensure_keys",
+    "ensure_token",
     "plan_local_mesh",
     "run_up",
 ]
@@ -57,6 +62,8 @@ log = logging.getLogger("mesh.governor")
 # A child exiting with this code rejected its configuration; restarting cannot help.
 EXIT_CONFIG_ERROR = 2
 
+TOKEN_NAME = "up-admin"  # the admin token ``up`` creates in DATA_DIR/tokens.json
+TOKEN_FILE_NAME = "admin.token"
 SAMPLE_TASKS_MODULE = "mesh.sample_tasks"
 SAMPLE_SCHEDULE: dict[str, Any] = {
     "id": "sample-heartbeat",
@@ -266,6 +273,15 @@ class UpOptions:
     def keys_dir(self) -> Path | None:
         return self.data_dir / "keys" if self.secure else None
 
+    @property
+    def tokens_file(self) -> Path | None:
+        return self.data_dir / "tokens.json" if self.secure else None
+
+    @property
+    def token_file(self) -> Path:
+        """Where the admin token's value is kept (mode 0600)."""
+        return self.data_dir / TOKEN_FILE_NAME
+
 
 def _module_available(name: str) -> bool:
     try:
@@ -311,6 +327,8 @@ def plan_local_mesh(opts: UpOptions, python: str = sys.executable) -> list[Child
     for i in range(opts.nodes):
         node_id = f"node-{i + 1}"
         extra = ["--discovery", opts.discovery, "--bootstrap-expect", str(opts.nodes)]
+        if opts.tokens_file is not None:
+            extra += ["--api-tokens", str(opts.tokens_file)]
         if opts.log_level:
             extra += ["--log-level", opts.log_level]
         argv = node_command(
@@ -363,7 +381,33 @@ def ensure_keys(directory: Path, specs: Sequence[ChildSpec]) -> list[str]:
     return created
 
 
-def _announce_when_ready(governor: ProcessGovernor, *, sample: bool, out: IO[str]) -> None:
+def ensure_token(opts: UpOptions) -> tuple[str, bool]:
+    """``(token, created)``: the admin token of ``opts.tokens_file``, created with its value in
+    ``opts.token_file`` (0600) on first run and read back after. ConfigError if only one of the
+    two files is there (or either is unusable): nothing is overwritten."""
+    tokens, holder = opts.tokens_file, opts.token_file
+    assert tokens is not None
+    if tokens.exists() or holder.exists():
+        try:
+            token = holder.read_text("utf-8").strip()
+            load_tokens(tokens)
+        except (OSError, TokenFileError) as e:
+            raise ConfigError(
+                f"{opts.data_dir}: {tokens.name} and {holder.name} belong together and one is "
+                f"missing or unusable ({e}); remove both to have new ones made"
+            ) from None
+        return token, False
+    opts.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = create_token(tokens, TOKEN_NAME, "admin")
+    fd = os.open(holder, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(token + "\n")
+    return token, True
+
+
+def _announce_when_ready(
+    governor: ProcessGovernor, *, sample: bool, out: IO[str], token: str | None = None
+) -> None:
     """Report the leader once one is elected, then create the sample schedule (best effort)."""
     nodes = [s for s in governor.specs if s.kind == "node" and s.http_url]
     leader_url = None
@@ -383,7 +427,7 @@ def _announce_when_ready(governor: ProcessGovernor, *, sample: bool, out: IO[str
     while not governor.stopping.is_set():
         try:
             status, body, _ = http_request(
-                f"{leader_url}/api/schedules", "POST", SAMPLE_SCHEDULE, timeout=5.0
+                f"{leader_url}/api/schedules", "POST", SAMPLE_SCHEDULE, timeout=5.0, token=token
             )
         except OSError:
             status, body = None, None
@@ -406,18 +450,28 @@ def run_up(opts: UpOptions, out: IO[str] | None = None) -> int:
         created = ensure_keys(opts.keys_dir, specs)
         what = f"created {', '.join(created)}" if created else "reused"
         print(f"CURVE keys: {opts.keys_dir} ({what})", file=out, flush=True)
+    token = None
+    if opts.tokens_file is not None:
+        token, made = ensure_token(opts)
+        print(
+            f"API token (admin): {opts.token_file} ({'created' if made else 'reused'}); "
+            f"export SCHEDULEZERO_TOKEN=$(cat {opts.token_file})",
+            file=out,
+            flush=True,
+        )
     # The user's SCHEDULEZERO_* settings apply to the nodes `up` starts.
     governor = ProcessGovernor(specs, env=child_env(keep_settings=True))
     sample = opts.sample and _module_available(SAMPLE_TASKS_MODULE)
     if opts.sample and not sample:
         log.info("governor: %s is not in this build; no sample schedule", SAMPLE_TASKS_MODULE)
-    governor.on_ready(lambda g: _announce_when_ready(g, sample=sample, out=out))
+    governor.on_ready(lambda g: _announce_when_ready(g, sample=sample, out=out, token=token))
     urls = [spec.http_url for spec in specs if spec.http_url]
     for spec in specs:
         if spec.http_url:
             print(f"{spec.name}: {spec.http_url}/api/health", file=out, flush=True)
     if urls:
-        print(f"dashboard: {urls[0]}/ (any node serves it)", file=out, flush=True)
+        paste = " (paste the API token into its token field)" if token else ""
+        print(f"dashboard: {urls[0]}/ (any node serves it){paste}", file=out, flush=True)
     print("press Ctrl-C to stop", file=out, flush=True)
     code = governor.run()
     print("stopped", file=out, flush=True)

@@ -430,13 +430,21 @@ class HttpReply(NamedTuple):
 
 
 def http_request(
-    url: str, method: str = "GET", body: Any = None, *, timeout: float = 2.0
+    url: str,
+    method: str = "GET",
+    body: Any = None,
+    *,
+    timeout: float = 2.0,
+    token: str | None = None,
 ) -> HttpReply:
-    """One HTTP request with an optional JSON body; OSError if the server is unreachable."""
+    """One HTTP request with an optional JSON body and bearer ``token``; OSError if the server
+    is unreachable."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
         with _opener.open(req, timeout=timeout) as resp:
             status, raw, message = resp.status, resp.read(), resp.headers

@@ -1,5 +1,6 @@
 """``schedulezero up`` runs secured: a CURVE key per child in DATA_DIR/keys, every child with
-``--keys``; and ``/metrics`` exports what the security checks refused."""
+``--keys``, an admin API token in DATA_DIR (every node with ``--api-tokens``); and ``/metrics``
+exports what the security checks refused."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import zmq
 from aiohttp.test_utils import TestClient, TestServer
 from zmq.utils import z85
 
+from mesh.api.auth import ApiTokens
 from mesh.api.http import create_app
-from mesh.governor import UpOptions, ensure_keys, plan_local_mesh
+from mesh.config import ConfigError
+from mesh.governor import UpOptions, ensure_keys, ensure_token, plan_local_mesh
 from mesh.security.keys import KeyRing, load_certificates
-from mesh.supervise import child_env, free_port, get_json, kill, spawn, wait_until
+from mesh.supervise import child_env, free_port, get_json, http_request, kill, spawn, wait_until
 from tests.cluster import Cluster, HandlerProc
 from tests.fakes import FakeReplica
 
@@ -53,6 +56,31 @@ def test_up_creates_one_key_per_child_with_its_role_and_reuses_them(tmp_path: Pa
     assert {p.name: p.read_bytes() for p in key_dir.iterdir()} == before
 
 
+def test_up_creates_an_admin_token_once_and_every_node_checks_tokens(tmp_path: Path) -> None:
+    opts = options(tmp_path, nodes=2)
+    token, created = ensure_token(opts)
+    assert created
+    assert stat.S_IMODE(opts.token_file.stat().st_mode) == 0o600
+    assert opts.token_file.read_text().strip() == token
+    assert opts.tokens_file is not None
+    caller = ApiTokens(opts.tokens_file).authenticate(token)
+    assert caller is not None and (caller.name, caller.role) == ("up-admin", "admin")
+    assert ensure_token(opts) == (token, False)  # second run: the same token
+    for spec in plan_local_mesh(opts):
+        argv = list(spec.argv)
+        assert argv[argv.index("--api-tokens") + 1] == str(opts.tokens_file)
+
+
+def test_up_refuses_a_token_file_without_its_tokens_file(tmp_path: Path) -> None:
+    opts = options(tmp_path)
+    ensure_token(opts)
+    assert opts.tokens_file is not None
+    opts.tokens_file.unlink()
+    with pytest.raises(ConfigError, match="remove both"):
+        ensure_token(opts)
+    assert opts.token_file.exists()  # nothing was overwritten
+
+
 def node_argv(data_dir: Path) -> dict[str, list[str]]:
     """Command lines of the node processes started with our data directory, by node id."""
     found = {}
@@ -76,7 +104,7 @@ def test_up_runs_its_nodes_with_keys(tmp_path: Path) -> None:
     data_dir = tmp_path / "up"
     proc = spawn(
         [
-            *(sys.executable, "-m", "mesh.cli", "up", "--nodes", "2", "--no-sample"),
+            *(sys.executable, "-m", "mesh.cli", "up", "--nodes", "2"),
             *("--base-port", str(base), "--http-base-port", str(http), "--data-dir", str(data_dir)),
         ],
         stdout=subprocess.PIPE,
@@ -99,6 +127,11 @@ def test_up_runs_its_nodes_with_keys(tmp_path: Path) -> None:
             "node-2.key",
             "node-2.key_secret",
         ]
+        # The API checks tokens; up's own token created the sample schedule.
+        api = f"http://127.0.0.1:{http}/api/schedules/sample-heartbeat"
+        token = (data_dir / "admin.token").read_text().strip()
+        assert http_request(api)[0] == 401
+        wait_until(lambda: http_request(api, token=token)[0] == 200, 20, "the sample schedule")
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -107,6 +140,9 @@ def test_up_runs_its_nodes_with_keys(tmp_path: Path) -> None:
             kill(proc)
     out = proc.stdout.read().decode() if proc.stdout else ""
     assert f"CURVE keys: {data_dir / 'keys'} (created node-1, node-2)" in out
+    token_file = data_dir / "admin.token"
+    assert f"API token (admin): {token_file} (created)" in out
+    assert "sample schedule 'sample-heartbeat' created" in out
     assert f"dashboard: http://127.0.0.1:{http}/ (any node serves it)" in out
 
 

@@ -1,10 +1,10 @@
 """The dashboard (``GET /``, docs/dashboard.md) and the two reads made for it.
 
-- ``GET /`` and ``GET /dashboard/<file>``: the page, its script and its style, shipped in the
-  package (``mesh/dashboard/static``) and read once at start: no CDN, no build step, works
-  offline. They are open paths (no token: the page holds no data; every read it then makes
-  sends the token the user typed) and carry a strict Content-Security-Policy (no inline script,
-  no other origin), so that a value shown on the page can never run as code.
+- ``GET /`` and ``GET /dashboard/<file>``: the page, its script (ES modules) and its style,
+  shipped in the package (``mesh/dashboard/static``) and read once at start: no CDN, no build
+  step, works offline. They are open paths (no token: the page holds no data; every read it
+  then makes sends the token the user typed) and carry a strict Content-Security-Policy (no
+  inline script, no other origin), so that a value shown on the page can never run as code.
 - ``GET /api/whoami``: the caller's role and whether this node takes writes, so the page shows
   only the actions that would be allowed.
 - ``GET /api/overview``: one answer for the overview page, whatever the number of schedules:

@@ -1,0 +1,59 @@
+/* The pause (with a note) and delete confirmation dialogs of index.html, as promises. */
+import { $ } from './dom.js';
+
+const dialogs = {
+  pause: { resolve: null },
+  delete: { resolve: null },
+};
+
+/** Opens the pause dialog; resolves with the note ('' for none) or null when cancelled. */
+export function askPauseNote(text) {
+  const dialog = $('pause-dialog');
+  $('pause-text').textContent = text;
+  $('pause-note').value = '';
+  return new Promise((resolve) => {
+    dialogs.pause.resolve = resolve;
+    dialog.showModal();
+    $('pause-note').focus();
+  });
+}
+
+export function askDelete(text) {
+  const dialog = $('delete-dialog');
+  $('delete-text').textContent = text;
+  return new Promise((resolve) => {
+    dialogs.delete.resolve = resolve;
+    dialog.showModal();
+    $('delete-confirm').focus();
+  });
+}
+
+export function setupDialogs() {
+  const finish = (name, dialog, value) => {
+    const resolve = dialogs[name].resolve;
+    dialogs[name].resolve = null;
+    if (dialog.open) dialog.close();
+    if (resolve) resolve(value);
+  };
+  const pause = $('pause-dialog');
+  $('pause-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    finish('pause', pause, $('pause-note').value.trim());
+  });
+  pause.addEventListener('close', () => finish('pause', pause, null));
+  const del = $('delete-dialog');
+  $('delete-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    finish('delete', del, true);
+  });
+  del.addEventListener('close', () => finish('delete', del, false));
+  for (const button of document.querySelectorAll('.js-dialog-cancel')) {
+    button.addEventListener('click', () => button.closest('dialog').close());
+  }
+  // A click on the backdrop (outside the dialog's box) closes it too.
+  for (const dialog of document.querySelectorAll('dialog')) {
+    dialog.addEventListener('click', (ev) => {
+      if (ev.target === dialog) dialog.close();
+    });
+  }
+}
