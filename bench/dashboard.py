@@ -41,7 +41,7 @@ from bench.harness import HOST, BenchError, Node
 from bench.stats import summary
 
 PREFIX = "dash-"
-PAGE = 50  # the schedules page's page size (mesh/dashboard/static/app.js)
+PAGE = 50  # the schedules page's page size (mesh/dashboard/static/page-schedules.js)
 NAIVE_PAGE = 1000  # the API's largest page (mesh.api.http.MAX_PAGE)
 NEXT_FIRES = 20  # the overview's next fires (mesh.api.dashboard.NEXT_FIRES)
 WARMUP = 5
