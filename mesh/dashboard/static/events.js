@@ -14,6 +14,25 @@ export const live = {
   lastId: null,
   controller: null,
   generation: 0,
+  // performance.now() when the current stream's answer arrived. The node registers a stream
+  // before it answers, so data fetched after this moment misses no event of the stream.
+  connectedAt: null,
+  waiting: [], // resolvers of whenConnected()
+
+  /** Resolves once a stream is answered, or after ``timeoutMs`` (a refused or slow stream
+   *  must not keep the page empty). */
+  whenConnected(timeoutMs) {
+    if (this.connectedAt !== null) return Promise.resolve();
+    return new Promise((resolve) => {
+      this.waiting.push(resolve);
+      setTimeout(resolve, timeoutMs);
+    });
+  },
+
+  connected() {
+    this.connectedAt = performance.now();
+    for (const resolve of this.waiting.splice(0)) resolve();
+  },
 
   setStatus(state) {
     const node = $('live-status');
@@ -29,6 +48,7 @@ export const live = {
 
   stop() {
     this.generation += 1;
+    this.connectedAt = null;
     if (this.controller) this.controller.abort();
     this.controller = null;
   },
@@ -59,6 +79,7 @@ export const live = {
           return;
         }
         if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
+        this.connected();
         this.setStatus('live');
         await this.read(res.body, generation, () => { gotFrame = true; });
       } catch (e) {
@@ -184,8 +205,10 @@ function handleEvent(kind, data) {
   const page = app.page;
   if (!page) return;
   if (kind === 'hello' || kind === 'reset' || kind === 'resync') {
-    // A new stream (or lost events): what is shown may have missed changes.
-    if (kind !== 'reset') page.refresh();
+    // A new stream (or lost events): what is shown may have missed changes, unless the page
+    // fetched its data after this stream was registered (then nothing fell in between).
+    const fresh = kind === 'hello' && live.connectedAt !== null && app.mountedAt >= live.connectedAt;
+    if (kind !== 'reset' && !fresh) page.refresh();
     return;
   }
   if (page.onEvent) page.onEvent(kind, d);

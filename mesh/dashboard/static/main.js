@@ -30,10 +30,18 @@ import { setupDialogs } from './dialogs.js';
 import { scheduleForm } from './schedule-form.js';
 import { renderRoute } from './router.js';
 
+/** Wait (briefly) for the event stream, then mount the page: its data is then fetched once,
+ *  after the stream was registered, so no change can fall between the two. */
+const STREAM_WAIT_MS = 1500;
+
+function renderWhenLive() {
+  live.whenConnected(STREAM_WAIT_MS).then(() => renderRoute(true));
+}
+
 /** After a token change (and its whoami): reopen the event stream, re-render the page. */
 function restart() {
   live.restart();
-  renderRoute(true);
+  renderWhenLive();
 }
 
 function start() {
@@ -63,8 +71,8 @@ function start() {
   setInterval(tick, 250);
   refreshHealth();
   refreshWhoami();
-  renderRoute(true);
   live.start();
+  renderWhenLive();
 }
 
 if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', start);

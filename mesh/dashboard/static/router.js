@@ -47,6 +47,7 @@ export function renderRoute(force) {
   const page = ROUTES[route](routeParams());
   app.page = page;
   document.title = `${page.title} · ScheduleZero Mesh`;
+  app.mountedAt = performance.now(); // the page fetches its data now (see events.js, hello)
   page.mount(main);
   setLeader(undefined, undefined);
 }

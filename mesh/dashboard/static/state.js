@@ -12,6 +12,8 @@ export const app = {
   clockOffset: 0, // server time - local time, ms
   page: null, // the mounted page object
   route: null,
+  hash: null, // location.hash the page was mounted for
+  mountedAt: -1, // performance.now() when the page was mounted (and fetched its data)
   eventLog: [], // newest first, ≤ EVENT_LOG_SIZE
   leaderId: undefined,
   term: undefined,
