@@ -240,6 +240,11 @@ class EventHub:
         elif op == "release_schedules":
             for sid in result or ():
                 self._schedule("fired", sid, whole=False)
+        elif op == "fire_round" and isinstance(result, dict):
+            for sid in result.get("schedules", ()):
+                self._schedule("fired", sid, whole=False)
+            for jid in result.get("jobs", ()):
+                self._job("queued", jid)
         elif op == "add_job" and result is True:
             self._job("queued", c["job"]["id"])
         elif op == "acquire_jobs":

@@ -24,6 +24,7 @@ from apscheduler.eventbrokers.local import LocalEventBroker
 
 from mesh.contracts import Replica
 from mesh.scheduling.executor import STAND_IN_REF, Dispatcher, MeshJobExecutor, remote_task
+from mesh.scheduling.loop import MeshScheduler
 from mesh.scheduling.session import LeaderSession
 from mesh.scheduling.state import SchedulerState
 from mesh.tasks import REGISTRY
@@ -109,7 +110,7 @@ class SchedulingService:
             cleared = await replica.propose({"op": "reset_leases", "term": term})
             log.info("term %d: leases reset (%s), starting the scheduler", term, cleared)
             session = self.session = LeaderSession(replica, self.state, term)
-            scheduler = AsyncScheduler(
+            scheduler = MeshScheduler(
                 data_store=session.store,
                 event_broker=self.broker_factory(),
                 identity=session.identity,

@@ -458,6 +458,37 @@ class SchedulerState:
             released.append(s.id)
         return released
 
+    def _op_fire_round(self, c: dict[str, Any], e: Entry) -> dict[str, list[str]]:
+        """A round of fires (mesh.scheduling.rounds): each schedule that is as the round found
+        it (same next fire time, not paused, not leased) moves on and gets its jobs; one that
+        changed in between (replaced, paused, deleted, fired by another round) is left alone."""
+        fired: list[str] = []
+        added: list[str] = []
+        for r in c["schedules"]:
+            s = self.schedules.get(r["schedule_id"])
+            if (
+                s is None
+                or s.paused
+                or s.acquired_by is not None
+                or s.next_fire_time is None
+                or s.next_fire_time != _dt(r["fired_from"])
+            ):
+                continue
+            self._put_schedule(
+                attrs.evolve(
+                    s,
+                    trigger=from_wire(r["trigger"]),
+                    last_fire_time=_dt(r["last_fire_time"]),
+                    next_fire_time=_dt(r["next_fire_time"]),
+                )
+            )
+            self.fires_skipped += r.get("skipped", 0)
+            fired.append(s.id)
+            for job in r["jobs"]:
+                if self._op_add_job({"job": job}, e):
+                    added.append(job["id"])
+        return {"schedules": fired, "jobs": added}
+
     def _op_extend_leases(self, c: dict[str, Any], _e: Entry) -> None:
         until = _dt(c["until"])
         for sid in c.get("schedule_ids", ()):

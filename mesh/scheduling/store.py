@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -51,6 +52,7 @@ from apscheduler.datastores.base import BaseDataStore
 
 from mesh.contracts import ProposalTooLarge
 from mesh.scheduling.catchup import catch_up
+from mesh.scheduling.rounds import Fired, plan_round, round_command
 from mesh.scheduling.state import (
     SchedulerState,
     dump_job,
@@ -269,6 +271,42 @@ class ReplicatedDataStore(BaseDataStore):
             await self._event_broker.publish(
                 ScheduleUpdated(schedule_id=sid, task_id=r.task_id, next_fire_time=r.next_fire_time)
             )
+
+    async def fire_round(
+        self, scheduler_id: str, limit: int, *, rng: random.Random | None = None
+    ) -> tuple[int, datetime]:
+        """Fire the due schedules (at most ``limit``) in one ``fire_round`` entry (a mesh
+        extension of the DataStore contract, mesh.scheduling.rounds); returns how many were
+        due and the time the round was planned at."""
+        now = self.clock()
+        due = self.state.due_schedule_ids(now, limit)
+        if not due:
+            return 0, now
+        fired = plan_round([_copy_schedule(self.state.schedules[sid]) for sid in due], now, rng=rng)
+        if fired:
+            await self._commit_round(scheduler_id, fired)
+        return len(due), now
+
+    async def _commit_round(self, scheduler_id: str, fired: list[Fired]) -> None:
+        try:
+            applied = await self._propose(round_command(scheduler_id, fired, to_wire, dump_job))
+        except ProposalTooLarge:
+            if len(fired) == 1:
+                log.error(
+                    "schedule %r: its fire does not fit in a log entry (raft.max_entry_bytes); "
+                    "it is skipped this round",
+                    fired[0].schedule.id,
+                )
+                return
+            half = len(fired) // 2  # too large together: in two entries, in order
+            await self._commit_round(scheduler_id, fired[:half])
+            await self._commit_round(scheduler_id, fired[half:])
+            return
+        added = set(applied["jobs"])
+        for f in fired:
+            for job in f.jobs:
+                if str(job.id) in added:
+                    await self._publish_job_added(job)
 
     async def get_next_schedule_run_time(self) -> datetime | None:
         return self.state.next_fire_time()

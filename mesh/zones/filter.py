@@ -140,6 +140,19 @@ def _job_cmd(c: dict[str, Any], f: ZoneFilter) -> dict[str, Any]:
     return {**c, "job": _call(c.get("job"), f)}
 
 
+def _round_cmd(c: dict[str, Any], f: ZoneFilter) -> dict[str, Any]:
+    rows = c.get("schedules")
+    if not isinstance(rows, list):
+        return {**c, "schedules": []}
+    out = []
+    for r in rows:
+        if not isinstance(r, dict):
+            continue
+        jobs = r.get("jobs")
+        out.append({**r, "jobs": [_call(j, f) for j in jobs] if isinstance(jobs, list) else []})
+    return {**c, "schedules": out}
+
+
 def _release_job_cmd(c: dict[str, Any], f: ZoneFilter) -> dict[str, Any]:
     return {**c, "result": _result(c.get("result"), f)}
 
@@ -168,6 +181,7 @@ _OPS = {
     "remove_schedules": _as_is,
     "acquire_schedules": _as_is,
     "release_schedules": _as_is,  # the advanced trigger and fire times: no user data
+    "fire_round": _round_cmd,  # advanced triggers (as release_schedules) and jobs (as add_job)
     "extend_leases": _as_is,
     "acquire_jobs": _as_is,
     "assign_job": _as_is,
