@@ -639,7 +639,7 @@ class MeshNode:
         address = self.members.address_of(m.dst)
         if address is None:
             return  # address not learned yet; Raft retries
-        self.transport.send(address, "raft", m.to_dict())
+        self.transport.send_json(address, "raft", m.to_json())
 
     def _on_soft_state(self, soft: SoftState) -> None:
         old_role, old_term, old_leader = self._soft.role, self._soft.term, self._soft.leader_id

@@ -24,7 +24,6 @@ one file, so every transition reads against the paper (docs/consensus.md) withou
 from __future__ import annotations
 
 import enum
-import json
 import random
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -76,13 +75,10 @@ class EntryTooLarge(ValueError):
         self.size, self.limit = size, limit
 
 
-_wire_json = json.JSONEncoder(separators=(",", ":")).encode
-
-
 def entry_bytes(e: Entry) -> int:
-    """The size of ``e`` as it travels in an AppendEntries (the transport's compact JSON, ASCII
-    escaped): what the byte budgets count, so a batch never outgrows the frame limit."""
-    return len(_wire_json(e.to_dict()))
+    """The size of ``e`` as it travels in an AppendEntries (compact UTF-8 JSON, ``to_json``):
+    what the byte budgets count, so a batch never outgrows the frame limit."""
+    return len(e.to_json())
 
 
 @attrs.define

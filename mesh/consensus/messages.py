@@ -32,10 +32,18 @@ MAX_ENTRIES_PER_MESSAGE = 1 << 16
 NodeIds = Annotated[list[NodeId], msgspec.Meta(max_length=MAX_VOTERS)]
 
 
+_json = msgspec.json.Encoder()
+
+
 class _Wire(msgspec.Struct, frozen=True):
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able dict this travels as (bytes as base64)."""
         return msgspec.to_builtins(self)
+
+    def to_json(self) -> bytes:
+        """``to_dict()`` as compact UTF-8 JSON, encoded in one pass (no intermediate dicts):
+        what a Raft message travels as, and what an entry's size is counted in."""
+        return _json.encode(self)
 
     @classmethod
     def from_dict(cls, d: Any) -> Any:

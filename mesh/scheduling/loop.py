@@ -28,6 +28,8 @@ from mesh.scheduling.rounds import ROUND_LIMIT
 log = logging.getLogger("mesh.scheduling.loop")
 
 RETRY_SECONDS = 0.5  # a schedule that was due but could not fire is tried again after this
+MAX_BACKLOG = ROUND_LIMIT  # queued, not yet started jobs above which no new round is fired
+BACKLOG_WAIT = 0.01
 
 
 class MeshScheduler(AsyncScheduler):
@@ -53,6 +55,12 @@ class MeshScheduler(AsyncScheduler):
             task_status.started()
             await self.get_next_event(SchedulerStarted)
             while self._state is RunState.started:
+                if store.state.pending_jobs() >= MAX_BACKLOG:
+                    # The job side is behind: fire later, and let the schedules' coalesce
+                    # policy merge what is missed meanwhile, as APScheduler's loop would when it
+                    # cannot keep up (a queue growing without bound helps nobody).
+                    await anyio.sleep(BACKLOG_WAIT)
+                    continue
                 due, planned_at = await store.fire_round(
                     self.identity, ROUND_LIMIT, rng=self.round_rng
                 )

@@ -310,6 +310,10 @@ class SchedulerState:
     def schedules_by_task(self, task_id: str) -> list[Schedule]:
         return [s for s in self.schedules.values() if s.task_id == task_id]
 
+    def pending_jobs(self) -> int:
+        """Jobs queued and not leased to a runner yet."""
+        return len(self.jobs) - sum(self._running.values())
+
     def running_jobs(self, task_id: str) -> int:
         return self._running.get(task_id, 0)
 

@@ -73,6 +73,16 @@ def encode_payload(payload: dict[str, Any]) -> bytes:
     return _dumps(payload).encode("utf-8")
 
 
+def encode_json(kind: str, body: bytes, rid: bytes = b"") -> list[bytes]:
+    """The frames of one message whose payload is already JSON (a JSON object, UTF-8): for
+    senders that encode their own structs in one pass (Raft messages)."""
+    if len(rid) > MAX_RID_BYTES:
+        raise FrameError("shape", f"rid is {len(rid)} bytes, max {MAX_RID_BYTES}")
+    if not body.startswith(b"{"):
+        raise TypeError("payload must be a JSON object")
+    return [PROTOCOL, name_to_bytes(kind), rid, body]
+
+
 def encode(kind: str, payload: dict[str, Any], rid: bytes = b"") -> list[bytes]:
     """Build the four frames of one message.
 

@@ -72,6 +72,7 @@ from mesh.transport.codec import (
     FrameError,
     decode,
     encode,
+    encode_json,
     encode_payload,
     name_from_bytes,
     name_to_bytes,
@@ -488,6 +489,12 @@ class MeshTransport:
         if self._closed:
             return False
         return self._send_to(address, encode(kind, payload))
+
+    def send_json(self, address: str, kind: str, body: bytes) -> bool:
+        """``send`` with a payload already encoded as a JSON object (``codec.encode_json``)."""
+        if self._closed:
+            return False
+        return self._send_to(address, encode_json(kind, body))
 
     def _send_to(self, address: str, frames: list[bytes], *, count_drop: bool = True) -> bool:
         dealer = self._dealers.get(address)
