@@ -224,7 +224,7 @@ class HandlerDispatcher:
                 )
             # Woken by a handler arriving, recovering or finishing a job; polled as a fallback
             # for circuits whose cool-down ends.
-            await self.registry.changed(min(remaining, 0.25))
+            await self.registry.changed(min(remaining, 0.25), job.task_id)
 
     def _wait_deadline(self, job: Job) -> float:
         loop = asyncio.get_running_loop()
@@ -273,7 +273,7 @@ class HandlerDispatcher:
                 # Ended without a verdict on the handler (refused as full, fenced, cancelled, or
                 # the task raised): the next job probes it. record_* give the verdicts.
                 handler.probing = False
-            self.registry.notify()
+            self.registry.notify(handler)
 
     async def _run_on(self, handler: HandlerInfo, job: Job, ctx: JobContext) -> Any:
         loop = asyncio.get_running_loop()

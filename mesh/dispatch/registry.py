@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -60,7 +61,8 @@ class HandlerRegistry:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.handlers: dict[str, HandlerInfo] = {}
-        self._changed = asyncio.Event()
+        # Jobs waiting for a handler, oldest first: (the task they need, their wake-up).
+        self._waiters: deque[tuple[str | None, asyncio.Future[None]]] = deque()
 
     # ------------------------------------------------------------------ heartbeats
 
@@ -108,17 +110,43 @@ class HandlerRegistry:
             self.notify()
         return info
 
-    def notify(self) -> None:
-        """Wake everything waiting for a handler (arrival, freed capacity, recovery)."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+    def notify(self, freed: HandlerInfo | None = None) -> None:
+        """Wake the jobs waiting for a handler: all of them (a handler arrived or recovered), or
+        for capacity ``freed`` on one handler, as many as it has free slots, oldest first, of
+        those whose task it offers. Waking every waiter for every finished job made a queue of
+        n jobs cost n wake-ups per job (each then found the one slot taken)."""
+        if freed is None:
+            budget = len(self._waiters)
+        else:
+            budget = max(0, freed.concurrency - freed.in_flight)
+        if not budget:
+            return
+        kept: deque[tuple[str | None, asyncio.Future[None]]] = deque()
+        while self._waiters and budget:
+            task, fut = self._waiters.popleft()
+            if fut.done():
+                continue  # timed out
+            if freed is not None and task is not None and task not in freed.tasks:
+                kept.append((task, fut))
+                continue
+            fut.set_result(None)
+            budget -= 1
+        kept.extend(self._waiters)
+        self._waiters = kept
 
-    async def changed(self, timeout: float) -> None:
-        event = self._changed
+    async def changed(self, timeout: float, task: str | None = None) -> None:
+        """Until ``notify`` wakes this waiter (for ``task``: capacity on a handler offering it)
+        or ``timeout`` seconds pass."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((task, fut))
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await fut
         except TimeoutError:
             pass
+        finally:
+            if not fut.done():
+                fut.cancel()
 
     # ------------------------------------------------------------------ queries
 
