@@ -9,8 +9,12 @@ import pytest
 
 from mesh.api import schema
 from mesh.contracts import ProposalTooLarge
+from tests import test_http_unit as unit
 from tests.apierrors import error_of
-from tests.test_http_unit import SERVED_BY_HEADER, TASK, WAIT, gate, nodes  # noqa: F401
+
+# The fixtures of tests/test_http_unit.py: ``nodes`` makes a FakeReplica node served over HTTP.
+gate, nodes = unit.gate, unit.nodes
+SERVED_BY_HEADER, TASK, WAIT = unit.SERVED_BY_HEADER, unit.TASK, unit.WAIT
 
 BULK = "/api/schedules/bulk"
 
