@@ -215,7 +215,8 @@ class ReplicatedDataStore(BaseDataStore):
         """``add_schedule`` for many (a mesh extension of the DataStore contract): their
         commands go in as few ``batch`` entries as fit in ``raft.max_entry_bytes`` (usually
         one), and each schedule's outcome (``added``, ``updated``, ``unchanged``, ``conflict``)
-        is returned in order. Events are published as ``add_schedule`` does."""
+        is returned in order. One ScheduleAdded/ScheduleUpdated event is published: the
+        written schedule's with the earliest next fire time."""
         commands = [
             {
                 "op": "add_schedule",
@@ -226,12 +227,25 @@ class ReplicatedDataStore(BaseDataStore):
         ]
         self._flush_batch()  # log order = call order
         outcomes = await self._propose_all(commands)
-        for s, outcome in zip(schedules, outcomes, strict=True):
-            if outcome in ("added", "updated"):
-                event = ScheduleUpdated if outcome == "updated" else ScheduleAdded
-                await self._event_broker.publish(
-                    event(schedule_id=s.id, task_id=s.task_id, next_fire_time=s.next_fire_time)
+        # One event for the lot, from the written schedule that fires first: that is what wakes
+        # the scheduler's loop (it then reads the next fire time from the state). Nothing else
+        # consumes these events (docs/event-broker.md), and one per schedule cost about a
+        # third of a bulk write.
+        written = [
+            (s, outcome)
+            for s, outcome in zip(schedules, outcomes, strict=True)
+            if outcome in ("added", "updated")
+        ]
+        if written:
+            first, outcome = min(written, key=lambda w: _fire_order(w[0]))
+            event = ScheduleUpdated if outcome == "updated" else ScheduleAdded
+            await self._event_broker.publish(
+                event(
+                    schedule_id=first.id,
+                    task_id=first.task_id,
+                    next_fire_time=first.next_fire_time,
                 )
+            )
         return outcomes
 
     async def _propose_all(self, commands: list[dict[str, Any]]) -> list[Any]:
@@ -527,6 +541,12 @@ def _distribute(
             fut.set_exception(exc)
         else:
             fut.set_result(entry.result())
+
+
+def _fire_order(s: Schedule) -> tuple[bool, float]:
+    """Sorts schedules by next fire time, those that never fire last."""
+    t = s.next_fire_time
+    return (t is None, t.timestamp() if t is not None else 0.0)
 
 
 def _skipped_field(skipped: int) -> dict[str, int]:
