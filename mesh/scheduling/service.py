@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -235,7 +236,9 @@ class SchedulingService:
             tasks[name] = await scheduler.configure_task(name)  # as add_schedule; no write now
         outcomes: list[BulkOutcome] = []
         to_write: list[Schedule] = []
+        pause = _Pauses()
         for spec in specs:
+            await pause()  # thousands of schedules must not hold up the heartbeats
             schedule = _new_schedule(spec, tasks[spec.task])
             old = self.state.schedules.get(spec.id)
             if old is not None and not replace:
@@ -245,8 +248,9 @@ class SchedulingService:
             else:
                 outcomes.append(BulkOutcome(spec.id, "", schedule.next_fire_time))
                 to_write.append(schedule)
-        # No await between the checks above and the proposal below: nothing changes the state
-        # in between (the conflict is checked again where the commands apply).
+        # A schedule changed meanwhile (the loop above lets others run) is still consistent:
+        # the conflict is checked again where the commands apply, and an "unchanged" one was
+        # unchanged when looked at (as if this request had come first).
         policy = ConflictPolicy.replace if replace else ConflictPolicy.exception
         written = iter(await session.store.add_schedules(to_write, policy))
         for i, outcome in enumerate(outcomes):
@@ -307,6 +311,20 @@ class SchedulingService:
             raise NotReady("leadership changed while the request waited")
         await session.store.flush()
         return job_id
+
+
+class _Pauses:
+    """Awaited in a long loop: lets the event loop run (heartbeats, other requests) every
+    ``every`` seconds of work."""
+
+    def __init__(self, every: float = 0.005) -> None:
+        self.every = every
+        self.since = time.monotonic()
+
+    async def __call__(self) -> None:
+        if time.monotonic() - self.since > self.every:
+            await asyncio.sleep(0)
+            self.since = time.monotonic()
 
 
 @attrs.frozen

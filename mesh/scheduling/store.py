@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -66,6 +67,7 @@ from mesh.scheduling.state import (
 
 Proposer = Callable[[dict[str, Any]], Awaitable[Any]]
 BATCH_WAIT_TIMEOUT = 5.0  # seconds a batched release waits for its commit (as MeshNode.propose)
+YIELD_EVERY = 0.005  # add_schedules lets the event loop run this often while encoding
 
 log = logging.getLogger("mesh.scheduling")
 
@@ -217,14 +219,19 @@ class ReplicatedDataStore(BaseDataStore):
         one), and each schedule's outcome (``added``, ``updated``, ``unchanged``, ``conflict``)
         is returned in order. One ScheduleAdded/ScheduleUpdated event is published: the
         written schedule's with the earliest next fire time."""
-        commands = [
-            {
-                "op": "add_schedule",
-                "schedule": dump_schedule(s),
-                "conflict_policy": conflict_policy.name,
-            }
-            for s in schedules
-        ]
+        commands = []
+        since = time.monotonic()
+        for s in schedules:
+            commands.append(
+                {
+                    "op": "add_schedule",
+                    "schedule": dump_schedule(s),
+                    "conflict_policy": conflict_policy.name,
+                }
+            )
+            if time.monotonic() - since > YIELD_EVERY:  # let the heartbeats out
+                await asyncio.sleep(0)
+                since = time.monotonic()
         self._flush_batch()  # log order = call order
         outcomes = await self._propose_all(commands)
         # One event for the lot, from the written schedule that fires first: that is what wakes
