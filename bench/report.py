@@ -198,7 +198,8 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
         row(
             "scale_create_bulk_per_s",
             f"create {n} more with POST /api/schedules/bulk"
-            f" ({_get(sc, 'create_bulk', 'per_request')} per request, one at a time)",
+            f" ({_get(sc, 'create_bulk', 'per_request')} per request,"
+            f" {_get(sc, 'create_bulk', 'concurrency')} in flight)",
             "/s",
             _get(sc, "create_bulk", "per_s"),
         )
