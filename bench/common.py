@@ -201,6 +201,84 @@ def create_schedules(
     }
 
 
+BULK_PER_REQUEST = 1000  # schedules per POST /api/schedules/bulk (the API takes up to 5,000)
+# Bulk requests in flight: two let the leader parse one while the other replicates.
+BULK_CONCURRENCY = 2
+
+
+def create_schedules_bulk(
+    node: Node,
+    bodies: Sequence[dict[str, Any]],
+    *,
+    per_request: int = BULK_PER_REQUEST,
+    concurrency: int = BULK_CONCURRENCY,
+    deadline_s: float = 600.0,
+) -> dict[str, Any]:
+    """``POST /api/schedules/bulk`` the bodies to ``node``, ``per_request`` at a time,
+    ``concurrency`` requests in flight; 503s are retried (bounded; a retry is idempotent).
+
+    Returns ``{"created", "seconds", "per_s", "requests", "request_s_max", "statuses",
+    "retries"}`` (``created`` counts created and updated); stops at ``deadline_s``.
+    """
+    import aiohttp
+
+    statuses: dict[str, int] = {}
+    retries = 0
+    created = 0
+    slowest = 0.0
+    url = f"http://127.0.0.1:{node.http_port}/api/schedules/bulk"
+    chunks = [bodies[i : i + per_request] for i in range(0, len(bodies), per_request)]
+
+    async def main() -> None:
+        stop_at = time.monotonic() + deadline_s
+        queue = list(reversed(chunks))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+            async def worker() -> None:
+                while queue and time.monotonic() < stop_at:
+                    await send(session, queue.pop())
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    async def send(session: Any, chunk: Sequence[dict[str, Any]]) -> None:
+        nonlocal retries, created, slowest
+        payload = {"schedules": list(chunk), "replace": True}
+        answer: Any = None
+        status = 0
+        for attempt in range(5):
+            t = time.perf_counter()
+            try:
+                async with session.post(url, json=payload) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+            except (aiohttp.ClientError, TimeoutError):
+                status, raw = 0, b""
+            slowest = max(slowest, time.perf_counter() - t)
+            if status not in (0, 503) and status < 500:
+                answer = json.loads(raw) if status == 200 else None
+                break
+            retries += 1
+            await asyncio.sleep(0.2 * (attempt + 1))
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+        if isinstance(answer, dict):
+            created += int(answer.get("created", 0)) + int(answer.get("updated", 0))
+
+    t = time.perf_counter()
+    asyncio.run(main())
+    seconds = time.perf_counter() - t
+    return {
+        "created": created,
+        "seconds": seconds,
+        "per_s": created / seconds if seconds > 0 else None,
+        "requests": len(chunks),
+        "per_request": per_request,
+        "concurrency": concurrency,
+        "request_s_max": slowest,
+        "statuses": statuses,
+        "retries": retries,
+    }
+
+
 def executions(node: Node, limit: int = HISTORY_LIMIT) -> list[dict[str, Any]]:
     body = node.get(f"/api/executions?limit={limit}", timeout=30.0)
     if not isinstance(body, dict):

@@ -14,9 +14,11 @@ from typing import Any
 
 from bench import profile
 from bench.common import (
+    BULK_PER_REQUEST,
     HISTORY_LIMIT,
     Run,
     create_schedules,
+    create_schedules_bulk,
     executions,
     far_future_body,
     interval_bodies,
@@ -559,6 +561,19 @@ def scale(run: Run) -> dict[str, Any]:
         out["restart_s"] = time.monotonic() - t
         out["restarted_rss_mb"] = rss_mb(follower.pid)
         run.progress("scale", f"follower restart → caught up in {out['restart_s']:.2f}s")
+        # The same number again, created in bulk (after the figures above, which are about n).
+        leader = mesh.wait_leader(timeout=20)
+        run.progress(
+            "scale", f"creating {n} more with POST /api/schedules/bulk, {BULK_PER_REQUEST} each"
+        )
+        bulk = create_schedules_bulk(leader, [far_future_body(f"b{i}", i) for i in range(n)])
+        out["create_bulk"] = bulk
+        run.progress(
+            "scale",
+            f"bulk: created {bulk['created']} in {bulk['seconds']:.1f}s "
+            f"({bulk['per_s'] or 0:.0f}/s vs {created['per_s'] or 0:.0f}/s one per POST; "
+            f"slowest request {bulk['request_s_max']:.2f}s); statuses {bulk['statuses']}",
+        )
     finally:
         mesh.stop()
     if run.baseline:

@@ -35,6 +35,8 @@ TARGETS: dict[str, Target] = {
     "lateness_p99_ms": ("<=", 20.0),
     "scale_max_rss_mb": ("<=", 400.0),
     "scale_restart_s": ("<=", 10.0),
+    # The performance issue: creating schedules in bulk (POST /api/schedules/bulk).
+    "scale_create_bulk_per_s": (">=", 5000.0),
     "idle_max_cpu_percent": ("<=", 1.0),
     "timing_bucket_max_1s": ("<=", 21.0),
     "timing_sends_unreachable_s": ("<", 0.5),
@@ -186,6 +188,20 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
             "s",
             _get(sc, "create", "seconds"),
             _get(sc, "baseline_memory", "create_s"),
+        )
+        row(
+            "scale_create_per_s",
+            f"create {n} schedules, one per POST (64 parallel)",
+            "/s",
+            _get(sc, "create", "per_s"),
+        )
+        row(
+            "scale_create_bulk_per_s",
+            f"create {n} more with POST /api/schedules/bulk"
+            f" ({_get(sc, 'create_bulk', 'per_request')} per request,"
+            f" {_get(sc, 'create_bulk', 'concurrency')} in flight)",
+            "/s",
+            _get(sc, "create_bulk", "per_s"),
         )
         row(
             "scale_max_rss_mb",

@@ -9,6 +9,7 @@ with its status, or why the node could not be reached.
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import urllib.error
 import urllib.parse
@@ -30,6 +31,10 @@ __all__ = [
 DEFAULT_URL = "http://127.0.0.1:8100"
 DEFAULT_TIMEOUT = 30.0  # a write waits for a majority; the API answers 503 well before this
 MAX_PAGES = 100_000  # a server whose `next` never ends must not loop us forever
+# apply_schedules: bodies per POST /api/schedules/bulk, and roughly the most JSON bytes in one
+# (the API takes at most 5,000 and api.max_body_bytes, 1 MiB by default).
+BULK_CHUNK = 1000
+BULK_CHUNK_BYTES = 768 * 1024
 
 
 class ApiError(Exception):
@@ -160,6 +165,42 @@ class ApiClient:
                 if e2.status != 409:  # 409: created meanwhile by someone else; replace it
                     raise
         return "replaced", self.replace_schedule(schedule_id, body)
+
+    def bulk_schedules(
+        self, bodies: Sequence[Mapping[str, Any]], *, replace: bool = True
+    ) -> dict[str, Any]:
+        """One ``POST /api/schedules/bulk`` (docs/api.md, "Many at once"): the API's answer
+        ``{"created", "updated", "unchanged", "conflicts", "schedules", "warnings"?}``."""
+        body = {"schedules": [dict(b) for b in bodies], "replace": replace}
+        return self.request("POST", "/api/schedules/bulk", body)
+
+    def apply_schedules(
+        self,
+        bodies: Sequence[Mapping[str, Any]],
+        *,
+        chunk: int = BULK_CHUNK,
+        chunk_bytes: int = BULK_CHUNK_BYTES,
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Create or replace every body with ``POST /api/schedules/bulk``, at most ``chunk``
+        bodies and about ``chunk_bytes`` of JSON per request: ``(index of the request's first
+        body, the API's answer)`` per request, in order. An ApiError stops it (the requests
+        before are in; a 400's ``schedules[N]`` is renumbered to count from the first body)."""
+        start = 0
+        while start < len(bodies):
+            end, size = start, 0
+            while end < len(bodies) and end - start < chunk:
+                size += len(json.dumps(bodies[end])) + 2
+                if size > chunk_bytes and end > start:
+                    break
+                end += 1
+            try:
+                answer = self.bulk_schedules(bodies[start:end])
+            except ApiError as e:
+                if start and e.status == 400:
+                    raise ApiError(_renumber(str(e), start), e.status) from None
+                raise
+            yield start, answer
+            start = end
 
     def pause(self, schedule_id: str, note: str | None = None) -> dict[str, Any]:
         body = {"note": note} if note is not None else None
@@ -368,3 +409,8 @@ def _number(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def _renumber(message: str, offset: int) -> str:
+    """``schedules[N]`` in a bulk request's error → ``schedules[N + offset]``."""
+    return re.sub(r"\bschedules\[(\d+)\]", lambda m: f"schedules[{int(m[1]) + offset}]", message)

@@ -126,16 +126,49 @@ def test_apply_from_yaml_on_stdin_creates_then_replaces_through_a_follower(
         ["created", "apply-b"],
     ]
 
+    # A list goes in one POST /api/schedules/bulk: what did not change is not written.
     docs[0]["trigger"] = {"type": "interval", "minutes": 5}
     code, out, err = run(capsys, "schedules", "apply", "-f", "-", stdin=yaml.safe_dump(docs))
     assert code == 0, err
     assert [line.split()[:2] for line in out.splitlines()] == [
         ["replaced", "apply-a"],
-        ["replaced", "apply-b"],
+        ["unchanged", "apply-b"],
     ]
     code, out, _ = run(capsys, "schedules", "get", "apply-a", "-o", "json")
     assert code == 0
     assert json.loads(out)["trigger"]["minutes"] == 5
+
+    docs.append({"task": "heartbeat", "trigger": {"type": "interval", "seconds": -1}})
+    code, out, err = run(
+        capsys, "schedules", "apply", "-f", "-", "-o", "json", stdin=yaml.safe_dump(docs)
+    )
+    assert (code, out) == (1, "")
+    assert one_error_line(err).startswith("400: schedules[2].trigger.seconds: must be")
+    code, out, err = run(
+        capsys, "schedules", "apply", "-f", "-", "-o", "json", stdin=json.dumps(docs[:2])
+    )
+    assert code == 0, err
+    answer = json.loads(out)
+    assert (answer["created"], answer["updated"], answer["unchanged"]) == (0, 0, 2)
+    assert [s["id"] for s in answer["schedules"]] == ["apply-a", "apply-b"]
+
+
+def test_schedules_created_in_bulk_through_a_follower_fire(mesh: Mesh) -> None:
+    client = ApiClient(mesh.follower.http, token=mesh.tokens["operate"])
+    ids = [f"bulk-fire-{i}" for i in range(3)]
+    bodies = [body(sid, trigger={"type": "interval", "seconds": 0.3}) for sid in ids]
+    bodies += [body(f"bulk-idle-{i}", paused=True) for i in range(20)]
+    answer = client.bulk_schedules(bodies)
+    assert answer["created"] == 23, answer
+    assert [s["outcome"] for s in answer["schedules"]] == ["created"] * 23
+
+    def all_fired() -> bool:
+        done = {ex["schedule_id"] for ex in client.executions(limit=500)}
+        return set(ids) <= done
+
+    mesh.cluster.wait_for(all_fired, WAIT, "an execution of every bulk-created schedule")
+    for b in bodies:
+        client.delete_schedule(b["id"])
 
 
 def test_create_from_a_json_file_refuses_an_existing_id_with_the_apis_409_message(

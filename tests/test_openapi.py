@@ -25,7 +25,13 @@ from mesh.api import schema as api_schema
 from mesh.api.auth import required_role
 from mesh.api.http import create_app
 from mesh.api.openapi import documented_routes, ecma_pattern, openapi_document
-from mesh.api.schema import BadRequest, parse_job_body, parse_member_body, parse_schedule_body
+from mesh.api.schema import (
+    BadRequest,
+    parse_bulk_body,
+    parse_job_body,
+    parse_member_body,
+    parse_schedule_body,
+)
 from mesh.dispatch.dispatcher import HandlerDispatcher
 from mesh.dispatch.governors import Governors
 from mesh.observability.state_db import AuditLog
@@ -99,7 +105,8 @@ def test_the_document_is_valid_openapi_and_every_operation_loads() -> None:
 def test_request_bodies_are_the_parsers_structs() -> None:
     """A field added to a body Struct appears in the document with nobody editing it."""
     schemas = openapi_document()["components"]["schemas"]
-    for struct in (api_schema.ScheduleBody, api_schema.JobBody, api_schema.MemberBody):
+    structs = (api_schema.ScheduleBody, api_schema.BulkBody, api_schema.JobBody)
+    for struct in (*structs, api_schema.MemberBody):
         fields = {f.encode_name for f in msgspec.structs.fields(struct)}
         assert set(schemas[struct.__name__]["properties"]) == fields
         assert schemas[struct.__name__]["additionalProperties"] is False
@@ -134,6 +141,7 @@ def test_errors_roles_and_the_bearer_scheme_are_declared() -> None:
     assert roles["POST", "/api/cluster/members"] == "admin"
     assert roles["DELETE", "/api/cluster/members/{node_id}"] == "admin"
     assert roles["GET", "/api/audit"] == "admin"
+    assert roles["POST", "/api/schedules/bulk"] == "operate"
     assert "409" in paths["/api/schedules"]["post"]["responses"]
     assert "404" in paths["/api/schedules/{id}"]["get"]["responses"]
 
@@ -153,6 +161,7 @@ def test_python_patterns_are_rewritten_for_ecma_262() -> None:
 
 PARSERS = {
     ("POST", "/api/schedules"): parse_schedule_body,
+    ("POST", "/api/schedules/bulk"): parse_bulk_body,
     ("POST", "/api/jobs"): parse_job_body,
     ("POST", "/api/cluster/members"): parse_member_body,
 }

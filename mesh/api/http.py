@@ -28,6 +28,7 @@ from mesh.api.auth import (
     add_audit_route,
     auth_middleware,
 )
+from mesh.api.bulk import add_bulk_route
 from mesh.api.dashboard import add_dashboard_routes
 from mesh.api.events import EventHub
 from mesh.api.limits import LIMITS_KEY, ApiLimits, body_limits, limit_connections, loads
@@ -440,6 +441,7 @@ def _add_scheduling_routes(app: web.Application, service: SchedulingService) -> 
     r.add_get("/api/handlers", handlers)
     r.add_get("/api/schedules", list_schedules)
     r.add_post("/api/schedules", create_schedule)
+    add_bulk_route(app, service)  # before /api/schedules/{id}: "bulk" is not an id here
     r.add_get("/api/schedules/{id}", get_schedule)
     r.add_put("/api/schedules/{id}", replace_schedule)
     r.add_delete("/api/schedules/{id}", delete_schedule)

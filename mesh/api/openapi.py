@@ -29,6 +29,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from mesh.api.schema import (
+    BulkBody,
     CalendarIntervalTriggerBody,
     CronTriggerBody,
     DateText,
@@ -125,6 +126,23 @@ class Schedule(msgspec.Struct):
 class ScheduleList(msgspec.Struct):
     schedules: list[Schedule]
     next: Annotated[str | None, Meta(description="`after` of the next page; null: last page")]
+
+
+class BulkItem(msgspec.Struct):
+    id: str
+    outcome: Annotated[str, Meta(description="created, updated, unchanged or conflict")]
+    next_fire_time: Timestamp | None
+
+
+class BulkResult(msgspec.Struct):
+    """What POST /api/schedules/bulk did, once committed (docs/api.md, "Many at once")."""
+
+    created: int
+    updated: int
+    unchanged: Annotated[int, Meta(description="the id exists with the same definition")]
+    conflicts: Annotated[list[str], Meta(description="ids left as they were (replace: false)")]
+    schedules: Annotated[list[BulkItem], Meta(description="one per item, in order")]
+    warnings: list[str] | UnsetType = UNSET
 
 
 class JobAccepted(msgspec.Struct):
@@ -462,6 +480,17 @@ OPERATIONS: tuple[Operation, ...] = (
         body=ScheduleBody,
         role="operate",
         errors=(*WRITE_ERRORS, 409),
+        scheduling=True,
+    ),
+    Operation(
+        "post",
+        "/api/schedules/bulk",
+        "create, or create and replace, many schedules in one commit (all items valid, or "
+        "nothing written)",
+        {200: BulkResult},
+        body=BulkBody,
+        role="operate",
+        errors=WRITE_ERRORS,
         scheduling=True,
     ),
     Operation(

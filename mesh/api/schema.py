@@ -23,6 +23,7 @@ without ``timezone`` uses UTC (not the machine's local zone).
 from __future__ import annotations
 
 import json
+import re
 import sys
 import uuid
 from datetime import UTC, date, datetime, time, timedelta
@@ -136,6 +137,19 @@ class ScheduleBody(_Body):
     max_jitter: Seconds = None
     paused: Flag = False
     metadata: Object = {}
+
+
+MAX_BULK = 5000  # schedules per POST /api/schedules/bulk
+
+
+class BulkBody(_Body):
+    """POST /api/schedules/bulk: each item is a POST /api/schedules body."""
+
+    schedules: Annotated[
+        list[ScheduleBody],
+        Meta(max_length=MAX_BULK, description=f"an array of at most {MAX_BULK} schedule bodies"),
+    ]
+    replace: Flag = True
 
 
 class JobBody(_Body):
@@ -356,6 +370,81 @@ def parse_schedule_body(
         paused=b.paused,
         metadata=_metadata(b.metadata),
     )
+
+
+class BulkRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A validated POST /api/schedules/bulk body."""
+
+    specs: list[ScheduleSpec]
+    replace: bool
+    # Ids whose trigger leaves its start (``start_time``, ``start_date``) to the default: a
+    # re-apply compares them with the stored start (mesh.api.bulk).
+    default_start: frozenset[str] = frozenset()
+
+
+class _BulkEnvelope(_Body):
+    schedules: Annotated[list[Any], Meta(description="an array of schedule bodies")]
+    replace: Flag = True
+
+
+def parse_bulk_envelope(body: Any) -> tuple[list[Any], bool]:
+    """The outer POST /api/schedules/bulk body → (the raw items, replace); the items are
+    checked one by one with :func:`parse_bulk_item`."""
+    _require_object(body, "request body")
+    b = _convert(body, _BulkEnvelope, where="the bulk request")
+    if len(b.schedules) > MAX_BULK:
+        raise BadRequest(
+            f"schedules: at most {MAX_BULK} schedules per request, got {len(b.schedules)} "
+            "(send them in several requests)"
+        )
+    return b.schedules, b.replace
+
+
+def parse_bulk_item(index: int, item: Any, *, now: datetime) -> tuple[ScheduleSpec, bool]:
+    """``schedules[index]`` → (its spec, whether its trigger's start is left to the default);
+    a BadRequest names the item: ``schedules[3].trigger.seconds: ...``."""
+    where = f"schedules[{index}]"
+    try:
+        spec = parse_schedule_body(item, now=now)
+    except BadRequest as e:
+        raise BadRequest(_within(where, str(e))) from None
+    trigger = item["trigger"]
+    start = "start_date" if trigger.get("type") == "calendarinterval" else "start_time"
+    return spec, trigger.get("type") != "date" and trigger.get(start) is None
+
+
+def check_bulk_ids(specs: list[ScheduleSpec]) -> None:
+    """BadRequest when two items of a bulk request have the same id."""
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        first = seen.setdefault(spec.id, i)
+        if first != i:
+            raise BadRequest(f"schedules[{i}].id: {spec.id!r} is also the id of schedules[{first}]")
+
+
+def parse_bulk_body(body: Any, *, now: datetime | None = None) -> BulkRequest:
+    """Validate a whole POST /api/schedules/bulk body at once (the handler does the same in
+    steps, letting the event loop run between items)."""
+    items, replace = parse_bulk_envelope(body)
+    now = now or datetime.now(UTC)
+    specs, default_start = [], set()
+    for i, item in enumerate(items):
+        spec, default = parse_bulk_item(i, item, now=now)
+        specs.append(spec)
+        if default:
+            default_start.add(spec.id)
+    check_bulk_ids(specs)
+    return BulkRequest(specs=specs, replace=replace, default_start=frozenset(default_start))
+
+
+def _within(where: str, message: str) -> str:
+    """A schedule body's error message, as the error of the item ``where``."""
+    head, sep, rest = message.partition(": ")
+    if sep and head == "request body":
+        return f"{where}: {rest}"
+    if sep and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", head):
+        return f"{where}.{message}"
+    return f"{where}: {message}"
 
 
 def parse_job_body(body: Any) -> tuple[str, tuple, dict]:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from datetime import timedelta
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import attrs
-from apscheduler import AsyncScheduler, ConflictPolicy, Schedule, TaskDefaults
+from apscheduler import AsyncScheduler, ConflictPolicy, Schedule, Task, TaskDefaults
+from apscheduler._utils import merge_metadata
 from apscheduler.abc import EventBroker
 from apscheduler.eventbrokers.local import LocalEventBroker
 
@@ -213,6 +215,53 @@ class SchedulingService:
             raise ScheduleExists(spec.id) from None
         return self.state.schedules[spec.id]
 
+    async def put_schedules(
+        self,
+        specs: Sequence[ScheduleSpec],
+        *,
+        replace: bool,
+        unchanged: Callable[[Schedule, Schedule], bool] | None = None,
+    ) -> list[BulkOutcome]:
+        """Create (``replace=False``: an existing id is a conflict, left as it is) or create and
+        replace many schedules in as few log entries as fit (usually one); each spec's
+        :class:`BulkOutcome`, in order. ``unchanged(new, old)`` says that an existing schedule
+        already has the new definition: it is then not written at all (its next fire time and
+        lease stay). Each distinct task is configured first, once."""
+        scheduler = await self.wait_ready(READY_WAIT)
+        session = self.session
+        if session is None:
+            raise NotReady("leadership changed while the request waited")
+        tasks = {}
+        for name in sorted({spec.task for spec in specs}):
+            await self._ensure_task(scheduler, name, _task_cap(name))
+            tasks[name] = await scheduler.configure_task(name)  # as add_schedule; no write now
+        outcomes: list[BulkOutcome] = []
+        to_write: list[Schedule] = []
+        pause = _Pauses()
+        for spec in specs:
+            await pause()  # thousands of schedules must not hold up the heartbeats
+            schedule = _new_schedule(spec, tasks[spec.task])
+            old = self.state.schedules.get(spec.id)
+            if old is not None and not replace:
+                outcomes.append(BulkOutcome(spec.id, "conflict", old.next_fire_time))
+            elif old is not None and unchanged is not None and unchanged(schedule, old):
+                outcomes.append(BulkOutcome(spec.id, "unchanged", old.next_fire_time))
+            else:
+                outcomes.append(BulkOutcome(spec.id, "", schedule.next_fire_time))
+                to_write.append(schedule)
+        # A schedule changed meanwhile (the loop above lets others run) is still consistent:
+        # the conflict is checked again where the commands apply, and an "unchanged" one was
+        # unchanged when looked at (as if this request had come first).
+        policy = ConflictPolicy.replace if replace else ConflictPolicy.exception
+        written = iter(await session.store.add_schedules(to_write, policy))
+        for i, outcome in enumerate(outcomes):
+            if not outcome.outcome:
+                result = next(written)
+                outcomes[i] = attrs.evolve(
+                    outcome, outcome={"added": "created"}.get(result, result)
+                )
+        return outcomes
+
     async def remove_schedule(self, schedule_id: str) -> None:
         scheduler = await self.wait_ready(READY_WAIT)
         if schedule_id not in self.state.schedules:
@@ -263,6 +312,52 @@ class SchedulingService:
             raise NotReady("leadership changed while the request waited")
         await session.store.flush()
         return job_id
+
+
+class _Pauses:
+    """Awaited in a long loop: lets the event loop run (heartbeats, other requests) every
+    ``every`` seconds of work."""
+
+    def __init__(self, every: float = 0.005) -> None:
+        self.every = every
+        self.since = time.monotonic()
+
+    async def __call__(self) -> None:
+        if time.monotonic() - self.since > self.every:
+            await asyncio.sleep(0)
+            self.since = time.monotonic()
+
+
+@attrs.frozen
+class BulkOutcome:
+    """What ``put_schedules`` did with one schedule: ``outcome`` is ``created``, ``updated``,
+    ``unchanged`` or ``conflict``; ``next_fire_time`` the schedule's (the existing one's for
+    ``unchanged`` and ``conflict``)."""
+
+    id: str
+    outcome: str
+    next_fire_time: datetime | None
+
+
+def _new_schedule(spec: ScheduleSpec, task: Task) -> Schedule:
+    """The Schedule ``AsyncScheduler.add_schedule`` builds for ``spec`` (APScheduler 4.0.0a6:
+    the task's executor and metadata, its first fire time from the trigger)."""
+    schedule = Schedule(
+        id=spec.id,
+        task_id=task.id,
+        trigger=spec.trigger,
+        args=tuple(spec.args),
+        kwargs=dict(spec.kwargs),
+        paused=spec.paused,
+        coalesce=spec.coalesce,
+        misfire_grace_time=spec.misfire_grace_time,
+        metadata=merge_metadata(task.metadata, spec.metadata),
+        max_jitter=spec.max_jitter,
+        job_executor=task.job_executor,
+        job_result_expiration_time=0,
+    )
+    schedule.next_fire_time = spec.trigger.next()
+    return schedule
 
 
 def _task_cap(task: str) -> int | None:
