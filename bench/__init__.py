@@ -218,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["elapsed_s"] = time.monotonic() - t_start
     results["interrupted"] = interrupted
     results["table"] = report.rows(results["figures"])
+    results["notes"] = report.notes(results["figures"])
     json_path = out_dir / f"bench-{stamp}.json"
     if ns.plots:
         plots = report.plots(results["figures"], out_dir, f"bench-{stamp}")
@@ -226,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["plots"] = plots or []
     json_path.write_text(json.dumps(results, indent=1), encoding="utf-8")
     print()
-    print(report.table(results["table"], results["errors"]))
+    print(report.table(results["table"], results["errors"], results["notes"]))
     prof = results["figures"].get("fires", {}).get("profile")
     if isinstance(prof, dict) and prof.get("self"):
         print(

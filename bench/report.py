@@ -11,6 +11,14 @@ from mesh.node import TICK_SECONDS
 
 Target = tuple[str, float] | tuple[str, float, float]  # ("<=", x) ... or ("in", low, high)
 
+# The APScheduler baselines of the main table, in its column order.
+BASELINES = ("baseline_memory", "baseline_sqlalchemy", "baseline_postgres")
+BASELINE_NAMES = {
+    "baseline_memory": "APScheduler+memory",
+    "baseline_sqlalchemy": "APScheduler+SQLite",
+    "baseline_postgres": "APScheduler+PostgreSQL x3",
+}
+
 # comparison of a target → whether a value meets it
 _MEETS: dict[str, Callable[..., bool]] = {
     ">=": operator.ge,
@@ -85,6 +93,7 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
         mesh: Any,
         memory: Any = None,
         sqlite: Any = None,
+        postgres: Any = None,
         *,
         section: str = "mesh",
         baseline: Any = None,
@@ -107,6 +116,8 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
                 "ratio_memory": _ratio(mesh, memory),
                 "sqlite": sqlite,
                 "ratio_sqlite": _ratio(mesh, sqlite),
+                "postgres": postgres,
+                "ratio_postgres": _ratio(mesh, postgres),
                 "baseline": baseline,
                 "ratio_baseline": _ratio(mesh, baseline),
             }
@@ -115,6 +126,7 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
     f = figures.get("fires")
     if isinstance(f, dict) and "summary" in f:
         s = f["summary"]
+        pg = s.get("baseline_postgres", {})
         row(
             "fires_at_2000",
             f"fires/s at {s['target_offered']:.0f} offered",
@@ -122,6 +134,7 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
             s["mesh"]["at_target"],
             s["baseline_memory"]["at_target"],
             s["baseline_sqlalchemy"]["at_target"],
+            pg.get("at_target"),
         )
         row(
             "fires_max",
@@ -130,6 +143,7 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
             s["mesh"]["max"],
             s["baseline_memory"]["max"],
             s["baseline_sqlalchemy"]["max"],
+            pg.get("max"),
         )
         row(
             "fires_ratio_memory",
@@ -137,6 +151,24 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
             "x",
             _ratio(s["mesh"]["max"], s["baseline_memory"]["max"]),
         )
+        low = {k: _get(s, k, "low") or {} for k in ("mesh", *BASELINES)}
+        if low["mesh"] or low["baseline_postgres"]:
+            offered = next(v["offered"] for v in low.values() if v)
+            row(
+                "fires_low_achieved",
+                f"fires/s at {offered:.0f} offered (ramp)",
+                "/s",
+                low["mesh"].get("achieved"),
+                *(low[k].get("achieved") for k in BASELINES),
+            )
+            for q in ("p50", "p99"):
+                row(
+                    f"fires_low_lateness_{q}_ms",
+                    f"  lateness {q} at {offered:.0f} fires/s offered",
+                    "ms",
+                    low["mesh"].get(f"lateness_{q}_ms"),
+                    *(low[k].get(f"lateness_{q}_ms") for k in BASELINES),
+                )
     w = figures.get("write")
     if isinstance(w, dict) and "follower" in w:
         for q in ("p50", "p99"):
@@ -176,6 +208,7 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
                 la["mesh"][q],
                 _get(la, "baseline_memory", q),
                 _get(la, "baseline_sqlalchemy", q),
+                _get(la, "baseline_postgres", q),
             )
     sc = figures.get("scale")
     if isinstance(sc, dict) and "max_rss_mb" in sc:
@@ -528,9 +561,26 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def table(table_rows: list[dict[str, Any]], errors: dict[str, str]) -> str:
+def notes(figures: dict[str, Any]) -> list[str]:
+    """One line per baseline that did not run (PostgreSQL missing...) or failed, per phase."""
+    out = []
+    for phase, fig in figures.items():
+        if not isinstance(fig, dict):
+            continue
+        for key, name in BASELINE_NAMES.items():
+            res = fig.get(key)
+            if isinstance(res, dict) and res.get("skipped"):
+                out.append(f"{phase}: {name} baseline skipped: {res['skipped']}")
+            elif isinstance(res, dict) and res.get("error"):
+                out.append(f"{phase}: {name} baseline failed: {res['error'].splitlines()[0]}")
+    return out
+
+
+def table(
+    table_rows: list[dict[str, Any]], errors: dict[str, str], note_lines: list[str] | None = None
+) -> str:
     """The rows as text: the mesh figures against APScheduler, then the timing figures against
-    their same-run baselines, then one line per failed phase."""
+    their same-run baselines, then one line per skipped baseline and per failed phase."""
     mesh = [r for r in table_rows if r.get("section", "mesh") == "mesh"]
     timing = [r for r in table_rows if r.get("section") == "timing"]
     curve = [r for r in table_rows if r.get("section") == "curve"]
@@ -539,6 +589,9 @@ def table(table_rows: list[dict[str, Any]], errors: dict[str, str]) -> str:
     if mesh or not others:
         head = ["figure", "unit", "mesh", "target", "met"]
         head += ["APS+memory", "mesh÷", "APS+SQLite", "mesh÷"]
+        with_pg = any(r.get("postgres") is not None for r in mesh)
+        if with_pg:
+            head += ["APS+PGx3", "mesh÷"]
         lines += _columns(
             head,
             [
@@ -548,6 +601,7 @@ def table(table_rows: list[dict[str, Any]], errors: dict[str, str]) -> str:
                     _fmt(r["ratio_memory"]),
                     _fmt(r["sqlite"]),
                     _fmt(r["ratio_sqlite"]),
+                    *([_fmt(r.get("postgres")), _fmt(r.get("ratio_postgres"))] if with_pg else []),
                 ]
                 for r in mesh
             ],
@@ -590,6 +644,8 @@ def table(table_rows: list[dict[str, Any]], errors: dict[str, str]) -> str:
             head,
             [[*_leading(r), _fmt(r["baseline"]), _fmt(r["ratio_baseline"])] for r in dash],
         )
+    for note in note_lines or []:
+        lines.append(note)
     for phase, err in errors.items():
         lines.append(f"{phase}: FAILED: {err.splitlines()[0] if err else err}")
     return "\n".join(lines)
@@ -630,6 +686,7 @@ def plots(figures: dict[str, Any], out_dir: Path, stem: str) -> list[str] | None
         "mesh": "mesh (3 nodes, 2 handlers)",
         "baseline_memory": "APScheduler + memory",
         "baseline_sqlalchemy": "APScheduler + SQLite",
+        "baseline_postgres": "APScheduler + PostgreSQL, 3 schedulers",
     }
 
     f = figures.get("fires")
@@ -701,6 +758,9 @@ def plots(figures: dict[str, Any], out_dir: Path, stem: str) -> list[str] | None
                 "mesh": la["mesh"].get("samples_ms", []),
                 "APScheduler + memory": _get(la, "baseline_memory", "samples_ms") or [],
                 "APScheduler + SQLite": _get(la, "baseline_sqlalchemy", "samples_ms") or [],
+                "APScheduler + PostgreSQL, 3 schedulers": (
+                    _get(la, "baseline_postgres", "samples_ms") or []
+                ),
             },
             "lateness (ms, log)",
             "lateness",
