@@ -1,8 +1,11 @@
 """``make bench`` (``python -m bench``): measure a local 3-node mesh with remote handlers side
-by side with APScheduler 4 alone (MemoryDataStore, and SQLAlchemyDataStore on aiosqlite).
+by side with APScheduler 4 alone (MemoryDataStore, and SQLAlchemyDataStore on aiosqlite) and,
+in fires and lateness, 3 APScheduler processes sharing a PostgreSQL cluster the benchmark starts
+(skipped, with the reason, without PostgreSQL).
 
 Figures (see docs/performance.md): sustained fires/s, follower write latency, failover,
-lateness at 1,000 schedules, scale (100,000 schedules: RSS, restart, CPU per tick), idle CPU,
+lateness at 1,000 schedules, scale (100,000 schedules: RSS, restart, CPU per tick; full runs
+then 1,000,000 created in bulk), idle CPU,
 timing (token-bucket rate, sends to an unreachable peer, toxiproxy toxics, the no-handler
 wait: bounds that unit tests used to assert), curve (write latency and fires/s with CURVE
 keys against the same without, in one run), replica (a read-only replica's lag at 250 to
