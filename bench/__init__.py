@@ -1,8 +1,11 @@
 """``make bench`` (``python -m bench``): measure a local 3-node mesh with remote handlers side
-by side with APScheduler 4 alone (MemoryDataStore, and SQLAlchemyDataStore on aiosqlite).
+by side with APScheduler 4 alone (MemoryDataStore, and SQLAlchemyDataStore on aiosqlite) and,
+in fires and lateness, 3 APScheduler processes sharing a PostgreSQL cluster the benchmark starts
+(skipped, with the reason, without PostgreSQL).
 
 Figures (see docs/performance.md): sustained fires/s, follower write latency, failover,
-lateness at 1,000 schedules, scale (100,000 schedules: RSS, restart, CPU per tick), idle CPU,
+lateness at 1,000 schedules, scale (100,000 schedules: RSS, restart, CPU per tick; full runs
+then 1,000,000 created in bulk), idle CPU,
 timing (token-bucket rate, sends to an unreachable peer, toxiproxy toxics, the no-handler
 wait: bounds that unit tests used to assert), curve (write latency and fires/s with CURVE
 keys against the same without, in one run), replica (a read-only replica's lag at 250 to
@@ -218,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["elapsed_s"] = time.monotonic() - t_start
     results["interrupted"] = interrupted
     results["table"] = report.rows(results["figures"])
+    results["notes"] = report.notes(results["figures"])
     json_path = out_dir / f"bench-{stamp}.json"
     if ns.plots:
         plots = report.plots(results["figures"], out_dir, f"bench-{stamp}")
@@ -226,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["plots"] = plots or []
     json_path.write_text(json.dumps(results, indent=1), encoding="utf-8")
     print()
-    print(report.table(results["table"], results["errors"]))
+    print(report.table(results["table"], results["errors"], results["notes"]))
     prof = results["figures"].get("fires", {}).get("profile")
     if isinstance(prof, dict) and prof.get("self"):
         print(

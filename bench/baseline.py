@@ -3,7 +3,15 @@
 Run as a child of the benchmark (``python -m bench.baseline SPEC_JSON``) so that it gets a
 fresh interpreter and its own CPU accounting; it prints one JSON object as its last line.
 ``SPEC_JSON`` names the store (``memory`` = ``MemoryDataStore``, ``sqlalchemy`` =
-``SQLAlchemyDataStore`` on an aiosqlite file in ``db``) and the phase with its sizes.
+``SQLAlchemyDataStore`` on an aiosqlite file in ``db``, ``postgres`` = ``SQLAlchemyDataStore``
+on asyncpg at ``dsn``) and the phase with its sizes.
+
+With ``postgres`` the baseline is the high-availability deployment: ``schedulers`` (3)
+``AsyncScheduler`` processes share the database, with APScheduler's ``PsycopgEventBroker``
+(LISTEN/NOTIFY on ``conninfo``) between them. This process is the first of them and runs the
+phase (it adds the schedules); it starts the others (``phase: member``) once its own scheduler
+has created the tables. Every scheduler acquires schedules and runs jobs. Each member appends
+the jobs *it* released to a JSON-lines file that this process reads after each step.
 
 Jobs run on APScheduler's ``AsyncJobExecutor`` (the default for coroutine functions). Fires and
 lateness are read from ``JobReleased`` events: ``started_at - scheduled_start`` is the same
@@ -13,15 +21,20 @@ lateness are read from ``JobReleased`` events: ``started_at - scheduled_start`` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from apscheduler import AsyncScheduler, JobReleased
-from apscheduler.abc import DataStore
+from apscheduler.abc import DataStore, EventBroker
 from apscheduler.datastores.memory import MemoryDataStore
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -36,11 +49,29 @@ def _store(spec: dict[str, Any]) -> DataStore:
         return MemoryDataStore()
     from apscheduler.datastores.sqlalchemy import SQLAlchemyDataStore
 
+    if spec["store"] == "postgres":
+        return SQLAlchemyDataStore(spec["dsn"])
     return SQLAlchemyDataStore(f"sqlite+aiosqlite:///{spec['db']}")
 
 
+def _broker(spec: dict[str, Any]) -> EventBroker | None:
+    if spec["store"] != "postgres" or spec.get("broker") == "none":
+        return None  # LocalEventBroker
+    # psycopg's broker, not AsyncpgEventBroker: the latter's notify callback fails with
+    # anyio >= 4.5 (NoEventLoopError); psycopg's iterates notifications in the event loop.
+    from apscheduler.eventbrokers.psycopg import PsycopgEventBroker
+
+    return PsycopgEventBroker(spec["conninfo"])
+
+
 def _scheduler(spec: dict[str, Any]) -> AsyncScheduler:
-    return AsyncScheduler(data_store=_store(spec), max_concurrent_jobs=MAX_CONCURRENT_JOBS)
+    kwargs: dict[str, Any] = {}
+    broker = _broker(spec)
+    if broker is not None:
+        kwargs["event_broker"] = broker
+    return AsyncScheduler(
+        data_store=_store(spec), max_concurrent_jobs=MAX_CONCURRENT_JOBS, **kwargs
+    )
 
 
 def _at(ts: float) -> datetime:
@@ -53,16 +84,113 @@ def far_future_trigger(i: int) -> IntervalTrigger:
 
 
 class Releases:
-    """Collects ``JobReleased`` events: receive time, lateness, schedule id."""
+    """Collects ``JobReleased`` events of one scheduler: release time (the event's timestamp),
+    lateness, schedule id. With an event broker a scheduler also hears the other schedulers'
+    releases; only its own are kept (the others' come from their files, see :meth:`merged`)."""
 
-    def __init__(self) -> None:
-        self.items: list[tuple[float, float | None, str | None]] = []
+    def __init__(self, identity: str | None = None, sink: Any = None) -> None:
+        self.identity = identity
+        self.sink = sink  # a member's JSON-lines file
+        self.own: list[tuple[float, float | None, str | None]] = []
+        self.files: list[Path] = []
 
     def __call__(self, event: JobReleased) -> None:
+        if self.identity is not None and event.scheduler_id != self.identity:
+            return
         late = None
         if event.started_at is not None and event.scheduled_start is not None:
             late = (event.started_at - event.scheduled_start).total_seconds()
-        self.items.append((time.time(), late, event.schedule_id))
+        item = (event.timestamp.timestamp(), late, event.schedule_id)
+        self.own.append(item)
+        if self.sink is not None:
+            self.sink.write(json.dumps(item) + "\n")
+
+    @property
+    def items(self) -> list[tuple[float, float | None, str | None]]:
+        """Every scheduler's releases: this one's and what the members wrote so far."""
+        out = list(self.own)
+        for path in self.files:
+            with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:
+                for line in f:
+                    with contextlib.suppress(ValueError):
+                        t, late, sid = json.loads(line)
+                        out.append((t, late, sid))
+        return out
+
+
+MEMBER_READY_S = 60.0
+FLUSH_S = 0.1  # a member flushes its releases file this often
+
+
+@contextlib.asynccontextmanager
+async def _schedulers(spec: dict[str, Any], releases: Releases) -> AsyncIterator[AsyncScheduler]:
+    """This process's scheduler, started, with ``releases`` subscribed; with ``postgres`` also
+    the other ``schedulers - 1`` member processes, ready, and stopped on the way out."""
+    async with _scheduler(spec) as sched:
+        releases.identity = sched.identity
+        sched.subscribe(releases, {JobReleased})
+        await sched.start_in_background()
+        members: list[subprocess.Popen[bytes]] = []
+        try:
+            if spec["store"] == "postgres":
+                members = await _start_members(spec, releases)
+            yield sched
+        finally:
+            _stop_members(members)
+
+
+async def _start_members(spec: dict[str, Any], releases: Releases) -> list[subprocess.Popen[bytes]]:
+    from mesh.supervise import spawn
+
+    work = Path(spec["work"])
+    members = []
+    for k in range(1, spec.get("schedulers", 3)):
+        path = work / f"member-{k}.jsonl"
+        ready = work / f"member-{k}.ready"
+        member = {**spec, "phase": "member", "out": str(path), "ready": str(ready)}
+        proc = spawn(
+            [sys.executable, "-m", "bench.baseline", json.dumps(member)],
+            stdout=work / f"member-{k}.log",
+            stderr=work / f"member-{k}.log",
+            cwd=Path.cwd(),
+            own_session=False,
+        )
+        members.append(proc)
+        releases.files.append(path)
+    deadline = time.monotonic() + MEMBER_READY_S
+    for k, proc in enumerate(members, start=1):
+        while not (work / f"member-{k}.ready").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop_members(members)
+                log = (work / f"member-{k}.log").read_text(errors="replace")
+                raise RuntimeError(f"scheduler member {k} did not start: {log[-600:]}")
+            await asyncio.sleep(0.05)
+    return members
+
+
+def _stop_members(members: list[subprocess.Popen[bytes]]) -> None:
+    from mesh.supervise import stop_all
+
+    stop_all(members, 20.0)
+
+
+async def run_member(spec: dict[str, Any]) -> dict[str, Any]:
+    """One more scheduler on the shared database until SIGTERM; writes its releases."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    with open(spec["out"], "w", encoding="utf-8") as sink:  # noqa: ASYNC230 - small, local
+        releases = Releases(sink=sink)
+        async with _scheduler(spec) as sched:
+            releases.identity = sched.identity
+            sched.subscribe(releases, {JobReleased})
+            await sched.start_in_background()
+            Path(spec["ready"]).write_text(sched.identity, encoding="utf-8")  # noqa: ASYNC240
+            while not stop.is_set():
+                sink.flush()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), FLUSH_S)
+        sink.flush()
+    return {"released": len(releases.own)}
 
 
 async def _add_interval_schedules(
@@ -90,7 +218,7 @@ async def _fire_step(
     ws, we = t0 + warmup, t0 + warmup + window
     created = await _add_interval_schedules(sched, f"f{k}-", n, interval, t0, we + 0.01)
     created_late = time.time() > ws
-    await asyncio.sleep(max(0.0, we - time.time()) + 0.3)
+    await asyncio.sleep(max(0.0, we - time.time()) + 0.3 + 2 * FLUSH_S)
     mine = [r for r in releases.items if r[2] and r[2].startswith(f"f{k}-")]
     inside = [r for r in mine if ws <= r[0] <= we]
     late = [r[1] for r in inside if r[1] is not None]
@@ -118,10 +246,8 @@ async def run_fires(spec: dict[str, Any]) -> dict[str, Any]:
     releases = Releases()
     plan = list(spec["steps"])
     target = spec.get("target_schedules")
-    create_rate = 2000.0 if spec["store"] == "memory" else 80.0
-    async with _scheduler(spec) as sched:
-        sched.subscribe(releases, {JobReleased})
-        await sched.start_in_background()
+    create_rate = {"memory": 2000.0, "postgres": 150.0}.get(spec["store"], 80.0)
+    async with _schedulers(spec, releases) as sched:
         k = 0
         while k < len(plan):
             r = await _fire_step(sched, releases, k, plan[k], create_rate)
@@ -152,19 +278,22 @@ async def run_write(spec: dict[str, Any]) -> dict[str, Any]:
 async def run_lateness(spec: dict[str, Any]) -> dict[str, Any]:
     n, interval = spec["schedules"], spec["interval"]
     releases = Releases()
-    async with _scheduler(spec) as sched:
-        sched.subscribe(releases, {JobReleased})
-        await sched.start_in_background()
-        per_schedule = 0.0005 if spec["store"] == "memory" else 0.015
+    async with _schedulers(spec, releases) as sched:
+        per_schedule = {"memory": 0.0005, "postgres": 0.008}.get(spec["store"], 0.015)
         t0 = time.time() + 0.3 + n * per_schedule
         ws, we = t0 + spec["warmup"], t0 + spec["warmup"] + spec["window"]
         created = await _add_interval_schedules(sched, "l", n, interval, t0, we + 0.01)
-        await asyncio.sleep(max(0.0, we - time.time()) + 0.3)
-    late = [r[1] for r in releases.items if ws <= r[0] <= we and r[1] is not None]
+        created_late = time.time() > ws
+        await asyncio.sleep(max(0.0, we - time.time()) + 0.3 + 2 * FLUSH_S)
+        items = releases.items
+    late = [r[1] for r in items if ws <= r[0] <= we and r[1] is not None]
     return {
         "lateness_ms": summary(late, 1000.0),
         "samples_ms": [x * 1000 for x in late],
         "create_s": created,
+        "created_late": created_late,
+        "released_in_window": len(late),
+        "expected": n / interval * spec["window"],
     }
 
 
@@ -217,6 +346,7 @@ PHASES = {
     "lateness": run_lateness,
     "scale": run_scale,
     "idle": run_idle,
+    "member": run_member,
 }
 
 

@@ -20,6 +20,7 @@ from mesh.supervise import kill, spawn
 
 CREATE_CONCURRENCY = 64  # parallel POSTs when creating many schedules (more made it slower)
 HISTORY_LIMIT = 10_000  # GET /api/executions answers at most this many records
+PG_SCHEDULERS = 3  # APScheduler processes sharing PostgreSQL in that baseline
 
 
 class Progress:
@@ -77,12 +78,59 @@ class Run:
         return leader
 
     def run_baseline(self, phase: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Run one baseline in a child process; its result, or ``{"error": ...}``."""
+        """Run one baseline in a child process; its result, or ``{"error": ...}``, or with
+        ``store: postgres`` ``{"skipped": why}`` when PostgreSQL cannot run here."""
         spec = dict(spec)
+        if spec["store"] == "postgres":
+            return self._run_postgres_baseline(phase, spec, timeout)
         if spec["store"] == "sqlalchemy":
             self.meshes += 1
             spec["db"] = str(self.root / f"{self.meshes:02d}-apscheduler.sqlite")
         label = "APScheduler+" + ("memory" if spec["store"] == "memory" else "SQLite")
+        return self._baseline_child(phase, label, spec, timeout)
+
+    def _run_postgres_baseline(
+        self, phase: str, spec: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
+        """3 APScheduler processes sharing a PostgreSQL cluster the benchmark starts for this
+        baseline alone (bench/postgres.py) and stops on every way out."""
+        from bench import postgres
+
+        label = f"APScheduler+PostgreSQL x{spec.setdefault('schedulers', PG_SCHEDULERS)}"
+        why = postgres.drivers_missing()
+        if why is None:
+            try:
+                postgres.binaries()
+            except postgres.PostgresMissing as e:
+                why = str(e)
+        if why is not None:
+            self.progress(phase, f"baseline {label} SKIPPED: {why}")
+            return {"skipped": why}
+        self.meshes += 1
+        work = self.root / f"{self.meshes:02d}-apscheduler-pg"
+        work.mkdir(parents=True, exist_ok=True)
+        t = time.monotonic()
+        try:
+            with postgres.cluster() as pg:
+                self.progress(
+                    phase,
+                    f"PostgreSQL {pg.version} up on 127.0.0.1:{pg.port} "
+                    f"({time.monotonic() - t:.1f}s; fsync on)",
+                )
+                spec.update(dsn=pg.dsn, conninfo=pg.conninfo, work=str(work))
+                result = self._baseline_child(phase, label, spec, timeout)
+                broker = spec.get("broker", "psycopg")
+                result["postgres"] = {"version": pg.version, "broker": broker}
+                if "error" in result:
+                    result["postgres_log"] = pg.log_tail()
+                return result
+        except postgres.PostgresMissing as e:
+            self.progress(phase, f"baseline {label} SKIPPED: {e}")
+            return {"skipped": str(e)}
+
+    def _baseline_child(
+        self, phase: str, label: str, spec: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
         self.progress(phase, f"baseline {label} ...")
         t = time.monotonic()
         # Not in a session of its own: a Ctrl-C on the benchmark ends the baseline with it.

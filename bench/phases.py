@@ -7,6 +7,7 @@ page loads."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 from pathlib import Path
@@ -34,6 +35,9 @@ from bench.timing import timing
 from mesh.node import TICK_SECONDS
 
 TICKS_PER_SECOND = round(1 / TICK_SECONDS)
+# The fires and lateness baselines: APScheduler alone with MemoryDataStore, with
+# SQLAlchemyDataStore on SQLite, and 3 schedulers sharing PostgreSQL (skipped without it).
+BASELINE_STORES = ("memory", "sqlalchemy", "postgres")
 
 
 # ---------------------------------------------------------------------------------------- idle
@@ -137,7 +141,10 @@ def write(run: Run) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- fires
 
 RAMP_FULL = (100, 250, 500, 750, 1000, 1500, 2000, 3000, 4000)
-RAMP_QUICK = (250, 1000, 2000)
+# 100/s is in both ramps: the lateness below saturation (and the PostgreSQL baseline's, which
+# saturates near 100-200/s) is read from that step.
+RAMP_QUICK = (100, 250, 1000, 2000)
+LOW_OFFERED = 100
 TARGET_OFFERED = 2000
 FIRE_INTERVAL = 0.1
 
@@ -281,7 +288,7 @@ def fires(run: Run) -> dict[str, Any]:
     if prof is not None:
         out["profile"] = prof
     if run.baseline:
-        for store in ("memory", "sqlalchemy"):
+        for store in BASELINE_STORES:
             res = run.run_baseline(
                 "fires",
                 {"store": store, "phase": "fires", "steps": steps, "target_schedules": target_n},
@@ -295,18 +302,27 @@ def fires(run: Run) -> dict[str, Any]:
 def _fires_summary(out: dict[str, Any], target: float) -> dict[str, Any]:
     def pick(steps: Any) -> dict[str, Any]:
         if not isinstance(steps, list) or not steps:
-            return {"max": None, "at_target": None}
+            return {"max": None, "at_target": None, "low": None}
         at = [s for s in steps if abs(s["offered"] - target) < 1e-6]
+        low = [s for s in steps if abs(s["offered"] - LOW_OFFERED) < 1e-6]
         return {
             "max": max(s["achieved"] for s in steps),
             "at_target": at[0]["achieved"] if at else None,
+            # The step at LOW_OFFERED fires/s: achieved and lateness below saturation.
+            "low": {
+                "offered": LOW_OFFERED,
+                "achieved": low[0]["achieved"],
+                "lateness_p50_ms": low[0]["lateness_p50_ms"],
+                "lateness_p99_ms": low[0]["lateness_p99_ms"],
+            }
+            if low
+            else None,
         }
 
     return {
         "target_offered": target,
         "mesh": pick(out["mesh"]),
-        "baseline_memory": pick(out.get("baseline_memory")),
-        "baseline_sqlalchemy": pick(out.get("baseline_sqlalchemy")),
+        **{f"baseline_{store}": pick(out.get(f"baseline_{store}")) for store in BASELINE_STORES},
     }
 
 
@@ -362,7 +378,7 @@ def lateness(run: Run) -> dict[str, Any]:
         },
     }
     if run.baseline:
-        for store in ("memory", "sqlalchemy"):
+        for store in BASELINE_STORES:
             res = run.run_baseline(
                 "lateness",
                 {
@@ -379,7 +395,7 @@ def lateness(run: Run) -> dict[str, Any]:
                 res = {
                     **res["lateness_ms"],
                     "samples_ms": subsample(res["samples_ms"]),
-                    "create_s": res["create_s"],
+                    **{k: v for k, v in res.items() if k not in ("lateness_ms", "samples_ms")},
                 }
             out[f"baseline_{store}"] = res
     return out
@@ -590,6 +606,142 @@ def scale(run: Run) -> dict[str, Any]:
             600,
         )
         out["baseline_sqlalchemy"] = {**res, "capped_at": cap}
+    if not run.quick:
+        out["million"] = _scale_million(run, measure)
+    return out
+
+
+MILLION = 1_000_000
+BULK_CHUNK = 1000  # schedules per POST /api/schedules/bulk (the API takes up to 5,000)
+# Without a bulk API the step falls back to single POSTs (~500/s here): capped so it ends.
+POST_FALLBACK_CAP = 100_000
+
+
+def _bulk_create(
+    run: Run, node: Node, prefix: str, n: int, deadline_s: float
+) -> dict[str, Any] | None:
+    """``POST /api/schedules/bulk`` ``n`` far-future schedules, ``BULK_CHUNK`` per request, one
+    request at a time, the bodies made chunk by chunk (a million bodies at once would cost the
+    benchmark a gigabyte). None when the node has no bulk API (404/405 on the first request).
+    503s and connection errors are retried (bounded; a retry is idempotent)."""
+    statuses: dict[str, int] = {}
+    created = retries = 0
+    slowest = 0.0
+    t = time.perf_counter()
+    stop_at = time.monotonic() + deadline_s
+    last_line = time.monotonic()
+    for start in range(0, n, BULK_CHUNK):
+        if time.monotonic() >= stop_at:
+            break
+        chunk = [
+            far_future_body(f"{prefix}{i}", i) for i in range(start, min(n, start + BULK_CHUNK))
+        ]
+        status, answer = 0, None
+        for attempt in range(5):
+            t1 = time.perf_counter()
+            try:
+                status, answer = node.http.request(
+                    "POST", "/api/schedules/bulk", {"schedules": chunk, "replace": True}
+                )
+            except (OSError, http.client.HTTPException):
+                status = 0
+            slowest = max(slowest, time.perf_counter() - t1)
+            if status in (404, 405) and start == 0:
+                return None
+            if status not in (0, 503) and status < 500:
+                break
+            retries += 1
+            time.sleep(0.2 * (attempt + 1))
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+        if status == 200 and isinstance(answer, dict):
+            created += int(answer.get("created", 0)) + int(answer.get("updated", 0))
+        if time.monotonic() - last_line >= 30:
+            last_line = time.monotonic()
+            run.progress("scale", f"  bulk: {created:,} of {n:,} created")
+    seconds = time.perf_counter() - t
+    return {
+        "api": "bulk",
+        "created": created,
+        "seconds": seconds,
+        "per_s": created / seconds if seconds > 0 else None,
+        "per_request": BULK_CHUNK,
+        "request_s_max": slowest,
+        "statuses": statuses,
+        "retries": retries,
+    }
+
+
+def _scale_million(run: Run, measure: float) -> dict[str, Any]:
+    """The full run's last step: a fresh mesh with 1,000,000 far-future schedules (--scale
+    scales it), created with POST /api/schedules/bulk; RSS per node, creation rate, idle leader
+    CPU (the target: idle CPU follows the due fires, not the number of schedules), and a
+    follower's restart to serving and caught up. A node without the bulk API gets single POSTs
+    (64 parallel) capped at ``POST_FALLBACK_CAP``, and the step says so."""
+    n = max(10, round(MILLION * run.scale))
+    mesh = run.new_mesh("scale-1m")
+    out: dict[str, Any] = {"target_schedules": n, "measure_s": measure}
+    try:
+        leader = run.start_mesh("scale", mesh)
+        run.progress("scale", f"1M step: creating {n:,} far-future schedules in bulk")
+        created = _bulk_create(run, leader, "m", n, deadline_s=3600.0)
+        if created is None:
+            cap = min(n, max(10, round(POST_FALLBACK_CAP * run.scale)))
+            out["fallback"] = (
+                f"POST /api/schedules/bulk answered 404 (no bulk API on this node): "
+                f"{cap:,} schedules created one per POST instead of {n:,}"
+            )
+            run.progress("scale", f"1M step: {out['fallback']}")
+            created = create_schedules(leader, [far_future_body(f"m{i}", i) for i in range(cap)])
+            created["api"] = "post"
+        out["create"] = created
+        out["schedules"] = created["created"]
+        run.progress(
+            "scale",
+            f"created {created['created']:,} in {created['seconds']:.1f}s "
+            f"({created['per_s'] or 0:.0f}/s); statuses {created['statuses']}",
+        )
+        leader = mesh.wait_leader(timeout=60)
+        commit = (leader.health() or {}).get("commit_index", 0)
+        for f in mesh.followers(leader):
+            wait_caught_up(mesh, f, commit, timeout=900)
+        time.sleep(2.0)
+        out["rss_mb"] = {n_.name: rss_mb(n_.pid) for n_ in mesh.nodes}
+        out["max_rss_mb"] = max(v or 0 for v in out["rss_mb"].values())
+        run.progress("scale", f"RSS {out['rss_mb']}; measuring idle CPU for {measure:.0f}s")
+        cpu0 = {p.name: cpu_seconds(p.pid) or 0.0 for p in mesh.nodes}
+        t0 = time.monotonic()
+        time.sleep(measure)
+        elapsed = time.monotonic() - t0
+        cpu1 = {p.name: cpu_seconds(p.pid) or 0.0 for p in mesh.nodes}
+        out["cpu_percent"] = {
+            p.name: 100.0 * (cpu1[p.name] - cpu0[p.name]) / elapsed for p in mesh.nodes
+        }
+        out["leader"] = leader.name
+        out["leader_cpu_percent"] = out["cpu_percent"][leader.name]
+        follower = mesh.followers(leader)[0]
+        commit = (leader.health() or {}).get("commit_index", 0)
+        t = time.monotonic()
+        follower.stop(timeout=60)
+        out["stop_s"] = time.monotonic() - t
+        t = time.monotonic()
+        follower.start()
+        wait_for(
+            follower.health,
+            600,
+            f"{follower.name} serving /api/health",
+            diagnostics=mesh.diagnostics,
+        )
+        out["restart_serving_s"] = time.monotonic() - t
+        wait_caught_up(mesh, follower, commit, timeout=600)
+        out["restart_s"] = time.monotonic() - t
+        out["restarted_rss_mb"] = rss_mb(follower.pid)
+        run.progress(
+            "scale",
+            f"1M step: follower restart → serving {out['restart_serving_s']:.1f}s, "
+            f"caught up {out['restart_s']:.1f}s",
+        )
+    finally:
+        mesh.stop()
     return out
 
 

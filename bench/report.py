@@ -11,6 +11,14 @@ from mesh.node import TICK_SECONDS
 
 Target = tuple[str, float] | tuple[str, float, float]  # ("<=", x) ... or ("in", low, high)
 
+# The APScheduler baselines of the main table, in its column order.
+BASELINES = ("baseline_memory", "baseline_sqlalchemy", "baseline_postgres")
+BASELINE_NAMES = {
+    "baseline_memory": "APScheduler+memory",
+    "baseline_sqlalchemy": "APScheduler+SQLite",
+    "baseline_postgres": "APScheduler+PostgreSQL x3",
+}
+
 # comparison of a target → whether a value meets it
 _MEETS: dict[str, Callable[..., bool]] = {
     ">=": operator.ge,
@@ -87,6 +95,7 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
         mesh: Any,
         memory: Any = None,
         sqlite: Any = None,
+        postgres: Any = None,
         *,
         section: str = "mesh",
         baseline: Any = None,
@@ -109,6 +118,8 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
                 "ratio_memory": _ratio(mesh, memory),
                 "sqlite": sqlite,
                 "ratio_sqlite": _ratio(mesh, sqlite),
+                "postgres": postgres,
+                "ratio_postgres": _ratio(mesh, postgres),
                 "baseline": baseline,
                 "ratio_baseline": _ratio(mesh, baseline),
             }
@@ -117,6 +128,7 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
     f = figures.get("fires")
     if isinstance(f, dict) and "summary" in f:
         s = f["summary"]
+        pg = s.get("baseline_postgres", {})
         row(
             "fires_at_2000",
             f"fires/s at {s['target_offered']:.0f} offered",
@@ -124,6 +136,7 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
             s["mesh"]["at_target"],
             s["baseline_memory"]["at_target"],
             s["baseline_sqlalchemy"]["at_target"],
+            pg.get("at_target"),
         )
         row(
             "fires_max",
@@ -132,6 +145,7 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
             s["mesh"]["max"],
             s["baseline_memory"]["max"],
             s["baseline_sqlalchemy"]["max"],
+            pg.get("max"),
         )
         row(
             "fires_ratio_memory",
@@ -139,6 +153,24 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
             "x",
             _ratio(s["mesh"]["max"], s["baseline_memory"]["max"]),
         )
+        low = {k: _get(s, k, "low") or {} for k in ("mesh", *BASELINES)}
+        if low["mesh"] or low["baseline_postgres"]:
+            offered = next(v["offered"] for v in low.values() if v)
+            row(
+                "fires_low_achieved",
+                f"fires/s at {offered:.0f} offered (ramp)",
+                "/s",
+                low["mesh"].get("achieved"),
+                *(low[k].get("achieved") for k in BASELINES),
+            )
+            for q in ("p50", "p99"):
+                row(
+                    f"fires_low_lateness_{q}_ms",
+                    f"  lateness {q} at {offered:.0f} fires/s offered",
+                    "ms",
+                    low["mesh"].get(f"lateness_{q}_ms"),
+                    *(low[k].get(f"lateness_{q}_ms") for k in BASELINES),
+                )
     w = figures.get("write")
     if isinstance(w, dict) and "follower" in w:
         for q in ("p50", "p99"):
@@ -178,6 +210,7 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
                 la["mesh"][q],
                 _get(la, "baseline_memory", q),
                 _get(la, "baseline_sqlalchemy", q),
+                _get(la, "baseline_postgres", q),
             )
     sc = figures.get("scale")
     if isinstance(sc, dict) and "max_rss_mb" in sc:
@@ -233,6 +266,9 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
             _get(sc, "baseline_memory", "idle_cpu_percent"),
             _get(sc, "baseline_sqlalchemy", "idle_cpu_percent"),
         )
+    m = _get(sc, "million")
+    if isinstance(m, dict) and "max_rss_mb" in m:
+        _million_rows(m, row)
     i = figures.get("idle")
     if isinstance(i, dict) and "max_node_cpu_percent" in i:
         row(
@@ -255,6 +291,46 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
     if isinstance(d, dict) and "api" in d:
         _dashboard_rows(d, row)
     return out
+
+
+def _million_rows(m: dict[str, Any], row: Callable[..., None]) -> None:
+    """The scale phase's 1,000,000-schedule step (full runs): the same targets as at 100,000.
+    Fewer schedules than asked for (no bulk API: single POSTs, capped) show in the labels."""
+    n = m["schedules"]
+    how = "bulk, 1,000 per request" if _get(m, "create", "api") == "bulk" else "single POSTs"
+    short = "" if n >= m["target_schedules"] else f" (of {m['target_schedules']:,} asked)"
+    row(
+        "scale_1m_create_per_s",
+        f"create {n:,} schedules ({how}){short}",
+        "/s",
+        _get(m, "create", "per_s"),
+    )
+    row(
+        "scale_1m_max_rss_mb",
+        f"  RSS per node (max) with {n:,}",
+        "MB",
+        m["max_rss_mb"],
+        target=TARGETS["scale_max_rss_mb"],
+    )
+    row(
+        "scale_1m_restart_serving_s",
+        "  follower restart → serving",
+        "s",
+        m.get("restart_serving_s"),
+    )
+    row(
+        "scale_1m_restart_s",
+        "  follower restart → serving + caught up",
+        "s",
+        m.get("restart_s"),
+        target=TARGETS["scale_restart_s"],
+    )
+    row(
+        "scale_1m_leader_cpu_percent",
+        f"  leader idle CPU with {n:,} far-future schedules",
+        "%",
+        m.get("leader_cpu_percent"),
+    )
 
 
 def _dashboard_rows(d: dict[str, Any], row: Callable[..., None]) -> None:
@@ -544,9 +620,26 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def table(table_rows: list[dict[str, Any]], errors: dict[str, str]) -> str:
+def notes(figures: dict[str, Any]) -> list[str]:
+    """One line per baseline that did not run (PostgreSQL missing...) or failed, per phase."""
+    out = []
+    for phase, fig in figures.items():
+        if not isinstance(fig, dict):
+            continue
+        for key, name in BASELINE_NAMES.items():
+            res = fig.get(key)
+            if isinstance(res, dict) and res.get("skipped"):
+                out.append(f"{phase}: {name} baseline skipped: {res['skipped']}")
+            elif isinstance(res, dict) and res.get("error"):
+                out.append(f"{phase}: {name} baseline failed: {res['error'].splitlines()[0]}")
+    return out
+
+
+def table(
+    table_rows: list[dict[str, Any]], errors: dict[str, str], note_lines: list[str] | None = None
+) -> str:
     """The rows as text: the mesh figures against APScheduler, then the timing figures against
-    their same-run baselines, then one line per failed phase."""
+    their same-run baselines, then one line per skipped baseline and per failed phase."""
     mesh = [r for r in table_rows if r.get("section", "mesh") == "mesh"]
     timing = [r for r in table_rows if r.get("section") == "timing"]
     curve = [r for r in table_rows if r.get("section") == "curve"]
@@ -555,6 +648,9 @@ def table(table_rows: list[dict[str, Any]], errors: dict[str, str]) -> str:
     if mesh or not others:
         head = ["figure", "unit", "mesh", "target", "met"]
         head += ["APS+memory", "mesh÷", "APS+SQLite", "mesh÷"]
+        with_pg = any(r.get("postgres") is not None for r in mesh)
+        if with_pg:
+            head += ["APS+PGx3", "mesh÷"]
         lines += _columns(
             head,
             [
@@ -564,6 +660,7 @@ def table(table_rows: list[dict[str, Any]], errors: dict[str, str]) -> str:
                     _fmt(r["ratio_memory"]),
                     _fmt(r["sqlite"]),
                     _fmt(r["ratio_sqlite"]),
+                    *([_fmt(r.get("postgres")), _fmt(r.get("ratio_postgres"))] if with_pg else []),
                 ]
                 for r in mesh
             ],
@@ -606,6 +703,8 @@ def table(table_rows: list[dict[str, Any]], errors: dict[str, str]) -> str:
             head,
             [[*_leading(r), _fmt(r["baseline"]), _fmt(r["ratio_baseline"])] for r in dash],
         )
+    for note in note_lines or []:
+        lines.append(note)
     for phase, err in errors.items():
         lines.append(f"{phase}: FAILED: {err.splitlines()[0] if err else err}")
     return "\n".join(lines)
@@ -646,6 +745,7 @@ def plots(figures: dict[str, Any], out_dir: Path, stem: str) -> list[str] | None
         "mesh": "mesh (3 nodes, 2 handlers)",
         "baseline_memory": "APScheduler + memory",
         "baseline_sqlalchemy": "APScheduler + SQLite",
+        "baseline_postgres": "APScheduler + PostgreSQL, 3 schedulers",
     }
 
     f = figures.get("fires")
@@ -717,6 +817,9 @@ def plots(figures: dict[str, Any], out_dir: Path, stem: str) -> list[str] | None
                 "mesh": la["mesh"].get("samples_ms", []),
                 "APScheduler + memory": _get(la, "baseline_memory", "samples_ms") or [],
                 "APScheduler + SQLite": _get(la, "baseline_sqlalchemy", "samples_ms") or [],
+                "APScheduler + PostgreSQL, 3 schedulers": (
+                    _get(la, "baseline_postgres", "samples_ms") or []
+                ),
             },
             "lateness (ms, log)",
             "lateness",

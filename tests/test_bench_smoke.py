@@ -157,6 +157,61 @@ def test_table_states_target_and_ratio() -> None:
     assert p99["met"] is False
 
 
+def test_postgres_baseline_column_and_skip_line() -> None:
+    steps = [
+        {"offered": 100.0, "achieved": 50.0, "lateness_p50_ms": 300.0, "lateness_p99_ms": 900.0}
+    ]
+    mesh_steps = [{**steps[0], "achieved": 100.0, "lateness_p50_ms": 30.0}]
+    low = {"offered": 100, "achieved": 50.0, "lateness_p50_ms": 300.0, "lateness_p99_ms": 900.0}
+    figures = {
+        "fires": {
+            "mesh": mesh_steps,
+            "baseline_postgres": steps,
+            "summary": {
+                "target_offered": 2000.0,
+                "mesh": {"max": 100.0, "at_target": None, "low": {**low, "achieved": 100.0}},
+                "baseline_memory": {"max": None, "at_target": None, "low": None},
+                "baseline_sqlalchemy": {"max": None, "at_target": None, "low": None},
+                "baseline_postgres": {"max": 50.0, "at_target": None, "low": low},
+            },
+        },
+        "lateness": {
+            "schedules": 10,
+            "mesh": {"p50": 1.0, "p99": 2.0},
+            "baseline_postgres": {"skipped": "PostgreSQL is not installed"},
+        },
+    }
+    rows = report.rows(figures)
+    top = next(r for r in rows if r["key"] == "fires_max")
+    assert (top["postgres"], top["ratio_postgres"]) == (50.0, 2.0)
+    notes = report.notes(figures)
+    assert notes == [
+        "lateness: APScheduler+PostgreSQL x3 baseline skipped: PostgreSQL is not installed"
+    ]
+    text = report.table(rows, {}, notes)
+    assert "APS+PGx3" in text and notes[0] in text
+
+
+def test_postgres_cluster_starts_and_stops() -> None:
+    """The baseline's throwaway cluster: serves with fsync on, then nothing is left running."""
+    from bench import postgres
+
+    try:
+        postgres.binaries()
+    except postgres.PostgresMissing as e:
+        pytest.skip(str(e))
+    if postgres.drivers_missing():
+        pytest.skip(postgres.drivers_missing() or "")
+    import psycopg
+
+    with postgres.cluster() as pg:
+        with psycopg.connect(pg.conninfo) as conn:
+            assert conn.execute("SHOW fsync").fetchone() == ("on",)
+            assert conn.execute("SHOW listen_addresses").fetchone() == ("127.0.0.1",)
+    assert pg.proc is not None and pg.proc.poll() is not None
+    assert not pg.dir.exists()
+
+
 def test_timing_at_tiny_size_gives_every_row_with_its_target(tmp_path: Path) -> None:
     code = bench_main(
         ["--quick", "--only", "timing", "--scale", "0.05", "--out", str(tmp_path), "--no-plots"]
