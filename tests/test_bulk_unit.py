@@ -214,4 +214,4 @@ async def test_a_bulk_write_wakes_the_scheduler(nodes: Any) -> None:
     item = body(0, paused=False, trigger={"type": "interval", "seconds": 0.2})
     resp = await leader.client.post(BULK, json={"schedules": [item]})
     assert resp.status == 200
-    await leader.replica.wait_for(lambda: len(leader.replica.commands("add_job")) >= 2)
+    await leader.replica.wait_for(lambda: leader.replica.state_machine.fires_recorded >= 2)

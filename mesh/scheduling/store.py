@@ -1,5 +1,10 @@
 """``ReplicatedDataStore``: an APScheduler 4 data store whose every mutation goes through Raft.
 
+Why this file is long: it is one class implementing the whole of APScheduler's ``DataStore``
+contract (tasks, schedules, jobs, results, leases) plus the mesh's extensions of it (fire
+rounds, bulk writes, job assignment), each a short method over the replicated state; splitting
+the class would scatter one contract over several files.
+
 It runs on the leader only, inside the leader's ``AsyncScheduler``. Reads come from the local
 replica (``SchedulerState``), which every node holds. Mutations are proposed as commands carrying
 their resulting state and return only after a majority committed them and this node applied them.
@@ -258,24 +263,42 @@ class ReplicatedDataStore(BaseDataStore):
         return outcomes
 
     async def _propose_all(self, commands: list[dict[str, Any]]) -> list[Any]:
-        """Each command's result, proposed as one ``batch`` entry or, when that is larger than
-        a log entry may be, as halves (in order) until each part fits."""
-        if not commands:
-            return []
+        """Each command's result, proposed as one ``batch`` entry (or as few as fit)."""
         if len(commands) == 1:
             return [await self.propose(commands[0])]
+        results: list[Any] = []
+        for part, applied in await self._propose_split(
+            commands, lambda part: {"op": "batch", "commands": part}
+        ):
+            failed = [value for ok, value in applied if not ok]
+            if failed:
+                raise BatchedCommandFailed(f"{len(failed)} of {len(part)} failed: {failed[0]}")
+            results += [value for _, value in applied]
+        return results
+
+    async def _propose_split(
+        self,
+        items: list[Any],
+        command: Callable[[list[Any]], dict[str, Any]],
+        on_too_large: Callable[[Any], None] | None = None,
+    ) -> list[tuple[list[Any], Any]]:
+        """``(part, result)`` of proposing ``command(items)``, or, when that is larger than a
+        log entry may be (``raft.max_entry_bytes``; nothing was appended), of its halves, in
+        order, until each part fits. One item too large alone raises ProposalTooLarge, or is
+        left out through ``on_too_large`` when given."""
+        if not items:
+            return []
         try:
-            results = await self.propose({"op": "batch", "commands": commands})
-        except ProposalTooLarge:  # nothing was appended: split, keeping the order
-            half = len(commands) // 2
-            return [
-                *await self._propose_all(commands[:half]),
-                *await self._propose_all(commands[half:]),
-            ]
-        failed = [value for ok, value in results if not ok]
-        if failed:
-            raise BatchedCommandFailed(f"{len(failed)} of {len(commands)} failed: {failed[0]}")
-        return [value for _, value in results]
+            return [(items, await self._propose(command(items)))]
+        except ProposalTooLarge:
+            if len(items) > 1:
+                half = len(items) // 2
+                first = await self._propose_split(items[:half], command, on_too_large)
+                return first + await self._propose_split(items[half:], command, on_too_large)
+            if on_too_large is None:
+                raise
+            on_too_large(items[0])
+            return []
 
     async def remove_schedules(self, ids: Iterable[str], *, finished: bool = False) -> None:
         ids = list(ids)
@@ -354,25 +377,22 @@ class ReplicatedDataStore(BaseDataStore):
         return len(due), now
 
     async def _commit_round(self, scheduler_id: str, fired: list[Fired]) -> None:
-        try:
-            applied = await self._propose(round_command(scheduler_id, fired, to_wire, dump_job))
-        except ProposalTooLarge:
-            if len(fired) == 1:
-                log.error(
-                    "schedule %r: its fire does not fit in a log entry (raft.max_entry_bytes); "
-                    "it is skipped this round",
-                    fired[0].schedule.id,
-                )
-                return
-            half = len(fired) // 2  # too large together: in two entries, in order
-            await self._commit_round(scheduler_id, fired[:half])
-            await self._commit_round(scheduler_id, fired[half:])
-            return
-        added = set(applied["jobs"])
-        for f in fired:
-            for job in f.jobs:
-                if str(job.id) in added:
-                    await self._publish_job_added(job)
+        def too_large(f: Fired) -> None:
+            log.error(
+                "schedule %r: its fire does not fit in a log entry (raft.max_entry_bytes); it "
+                "is skipped this round",
+                f.schedule.id,
+            )
+
+        parts = await self._propose_split(
+            fired, lambda part: round_command(scheduler_id, part, to_wire, dump_job), too_large
+        )
+        for part, applied in parts:
+            added = set(applied["jobs"])
+            for f in part:
+                for job in f.jobs:
+                    if str(job.id) in added:
+                        await self._publish_job_added(job)
 
     async def get_next_schedule_run_time(self) -> datetime | None:
         return self.state.next_fire_time()
