@@ -1,12 +1,17 @@
 """The replicated scheduler state: tasks, schedules, jobs, results and execution history.
 
+Why this file is long: it is the one state machine of the scheduler, with one short ``_op_*``
+method per command and the wire codecs of what the commands carry; the commands are easier to
+check against each other (the firing guarantee rests on them) in one place.
+
 Every node applies the same committed commands in the same order, so every node holds the same
 state. Commands carry *resulting* state (which schedules were acquired, the advanced trigger, the
 job's outcome), decided by the leader with its clock; applying them never reads a clock.
 
 Two rules give the firing guarantee:
-- ``add_job`` for a schedule is ignored when a job for that fire time (or a later one) was already
-  recorded (``fired``): a fire replayed by a new leader after a crash is a no-op.
+- ``add_job`` for a schedule (alone or inside a ``fire_round``) is ignored when a job for that
+  fire time (or a later one) was already recorded (``fired``): a fire replayed by a new leader
+  after a crash is a no-op.
 - ``reset_leases`` (committed by every new leader before it schedules anything) clears every lease
   of the previous term, so nothing stays stuck behind a dead scheduler (APScheduler issue #1053)
   and committed-but-unfinished jobs run again, with the same idempotency key.
