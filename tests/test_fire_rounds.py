@@ -243,6 +243,10 @@ async def test_the_leader_fires_due_schedules_in_fire_round_entries(tasks: Any) 
         fired = [r["schedule_id"] for c in rounds for r in c["schedules"]]
         assert sorted(fired) == [f"r{i:02d}" for i in range(20)]
         assert all(len(r["jobs"]) == 1 for c in rounds for r in c["schedules"])
+        # Leased to the leader in the round itself and started by it: no acquire_jobs entry.
+        leased = {jid for c in rounds for jid in c.get("lease", {}).get("jobs", {})}
+        assert leased == {j["id"] for c in rounds for r in c["schedules"] for j in r["jobs"]}
+        assert replica.commands("acquire_jobs") == []
         outcomes = {ex["outcome"] for ex in replica.state_machine.executions}
         assert outcomes == {"success"}
     finally:

@@ -176,10 +176,31 @@ class HandlerDispatcher:
 
     async def _assign(self, job: Job, handler: HandlerInfo, session: LeaderSession) -> bool:
         """Commit "job → handler" before dispatching; a leader without a quorum cannot.
-        Assignments made in one loop iteration share a log entry (the data store batches)."""
-        if job.id not in self.state.jobs:
+        Assignments made in one loop iteration share a log entry (the data store batches).
+        A job its fire round already leased to this term with this handler needs no second
+        commit: the round's entry recorded both (mesh.scheduling.loop)."""
+        js = self.state.jobs.get(job.id)
+        if js is None:
+            return True
+        if (
+            js.handler == handler.handler_id
+            and js.term == session.term
+            and js.job.acquired_by == session.identity
+        ):
             return True
         return await session.assign(job.id, handler.handler_id)
+
+    def suggest(self, job: Job) -> str | None:
+        """The handler a job fired ahead of time will go to (round robin over the handlers that
+        offer its task and have room now), or None: chosen when it starts."""
+        candidates = sorted(
+            (h for h in self.registry.routable(job.task_id) if h.in_flight < h.concurrency),
+            key=lambda h: h.handler_id,
+        )
+        if not candidates:
+            return None
+        turn = next(self._cursor.setdefault(job.task_id, itertools.count()))
+        return candidates[turn % len(candidates)].handler_id
 
     async def _wait_for(self, handler_id: str, job: Job) -> HandlerInfo | None:
         """The assigned handler once it is alive (and offers the task), or None after the wait."""

@@ -47,6 +47,9 @@ class Dispatcher(Protocol):
     def handlers(self) -> list[dict[str, Any]]:
         """The handlers this node knows, as JSON."""
 
+    def suggest(self, job: Job) -> str | None:
+        """The handler a job fired ahead of time will go to, or None (chosen at its start)."""
+
 
 class MeshJobExecutor(JobExecutor):
     def __init__(

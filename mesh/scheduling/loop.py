@@ -1,27 +1,49 @@
 """``MeshScheduler``: APScheduler's ``AsyncScheduler`` with the mesh's schedule loop.
 
 Everything but the schedule loop is APScheduler's: the API (add, pause, remove schedules), the
-job loop, the executors, the events. The schedule loop is replaced by fire rounds
-(mesh.scheduling.rounds): each iteration fires every due schedule, up to ``ROUND_LIMIT``, in one
-Raft entry through ``ReplicatedDataStore.fire_round``, then sleeps until the next fire time of
-the replicated due index or until a schedule is added or changed, as APScheduler's loop does.
+job loop (which runs jobs added by ``POST /api/jobs`` and any job no round leased), the
+executors, the events. The schedule loop is replaced by fire rounds (mesh.scheduling.rounds):
 
-It overrides a private method of the pinned APScheduler (4.0.0a6, ``_process_schedules``): the
-wake-up rules are copied from it, and the data store and event broker test suites of that
-version still pass against the mesh's store and broker.
+- Each iteration fires every schedule due now or within ``lookahead``, up to ``ROUND_LIMIT``, in
+  one Raft entry (``ReplicatedDataStore.fire_round``). That entry also leases the round's jobs to
+  this scheduler and names the handler each goes to.
+- Each leased job is started by a local timer at its fire time (``_start_at``), through
+  APScheduler's own ``_run_job`` (start deadline, executor, result): no commit lies between a
+  fire time and its dispatch, and the dispatcher does not commit the assignment again.
+- Then the loop sleeps until ``lookahead`` before the next fire time of the replicated due
+  index, until a schedule is added or changed (as APScheduler's loop does), or until a job no
+  round leased falls due (it then wakes APScheduler's job loop, which starts it).
+
+A leader that dies inside the window leaves its leased, unstarted jobs to the next leader:
+``reset_leases`` frees them, its job loop starts each at its fire time (``acquire_jobs`` skips
+jobs not yet due), and the idempotency key and the recorded handler keep a job that did start
+from running twice (docs/scheduling.md, "Lookahead").
+
+It overrides a private method of the pinned APScheduler (4.0.0a6, ``_process_schedules``) and
+calls its ``_run_job``: the wake-up rules are copied from it, and the data store and event
+broker test suites of that version still pass against the mesh's store and broker.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from datetime import datetime
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import anyio
-from anyio import move_on_after
+from anyio import create_task_group, move_on_after
 from anyio.abc import TaskStatus
-from apscheduler import AsyncScheduler, RunState, ScheduleAdded, SchedulerStarted, ScheduleUpdated
+from apscheduler import (
+    AsyncScheduler,
+    Job,
+    JobAdded,
+    RunState,
+    ScheduleAdded,
+    SchedulerStarted,
+    ScheduleUpdated,
+)
 
 from mesh.scheduling.rounds import ROUND_LIMIT
 
@@ -30,12 +52,17 @@ log = logging.getLogger("mesh.scheduling.loop")
 RETRY_SECONDS = 0.5  # a schedule that was due but could not fire is tried again after this
 MAX_BACKLOG = ROUND_LIMIT  # queued, not yet started jobs above which no new round is fired
 BACKLOG_WAIT = 0.01
+DEFAULT_LOOKAHEAD = timedelta(milliseconds=100)
 
 
 class MeshScheduler(AsyncScheduler):
     """``AsyncScheduler`` whose schedule loop fires rounds (needs a ``ReplicatedDataStore``)."""
 
     round_rng: random.Random | None = None  # the jitter's RNG (tests seed it)
+    lookahead: timedelta = DEFAULT_LOOKAHEAD
+    # The handler a leased job goes to (the dispatcher's choice), or None.
+    assign_handler: Callable[[Job], str | None] | None = None
+    _timed: int = 0  # leased jobs waiting for their fire time
 
     async def _process_schedules(self, *, task_status: TaskStatus[None]) -> None:
         store: Any = self.data_store
@@ -54,26 +81,73 @@ class MeshScheduler(AsyncScheduler):
         ):
             task_status.started()
             await self.get_next_event(SchedulerStarted)
-            while self._state is RunState.started:
-                if store.state.pending_jobs() >= MAX_BACKLOG:
-                    # The job side is behind: fire later, and let the schedules' coalesce
-                    # policy merge what is missed meanwhile, as APScheduler's loop would when it
-                    # cannot keep up (a queue growing without bound helps nobody).
-                    await anyio.sleep(BACKLOG_WAIT)
-                    continue
-                due, planned_at = await store.fire_round(
-                    self.identity, ROUND_LIMIT, rng=self.round_rng
+            async with create_task_group() as timers:
+                while self._state is RunState.started:
+                    if store.state.pending_jobs() >= MAX_BACKLOG:
+                        # The job side is behind: fire later, and let the schedules' coalesce
+                        # policy merge what is missed meanwhile, as APScheduler's loop would when
+                        # it cannot keep up (a queue growing without bound helps nobody).
+                        await anyio.sleep(BACKLOG_WAIT)
+                        continue
+                    result = await store.fire_round(
+                        self.identity,
+                        ROUND_LIMIT,
+                        rng=self.round_rng,
+                        lookahead=self.lookahead,
+                        lease=self.lease_duration,
+                        capacity=self.max_concurrent_jobs - len(self._running_jobs) - self._timed,
+                        assign=self.assign_handler,
+                    )
+                    for job in result.leased:
+                        self._timed += 1
+                        timers.start_soon(self._start_at, job)
+                    if result.due >= ROUND_LIMIT:
+                        continue  # more are due: the next round at once
+                    wakeup_deadline = await store.get_next_schedule_run_time()
+                    wait = await self._wait_seconds(store, wakeup_deadline, result.planned_at)
+                    with move_on_after(wait):
+                        await wakeup.wait()
+                    wakeup = anyio.Event()
+                timers.cancel_scope.cancel()
+
+    async def _wait_seconds(
+        self, store: Any, next_fire: datetime | None, planned_at: datetime
+    ) -> float | None:
+        """How long the loop may sleep: until ``lookahead`` before the next fire time, or until
+        a job no round leased falls due (the job loop is woken for those now and then)."""
+        now = store.clock()
+        waits = []
+        if next_fire is not None:
+            wait = (next_fire - self.lookahead - now).total_seconds()
+            if next_fire <= planned_at + self.lookahead:
+                # Due when the round was planned, yet still there: it could not fire (its
+                # trigger failed, or a lease holds it). Retry, without spinning.
+                wait = max(wait, RETRY_SECONDS)
+            waits.append(wait)
+        due_job, next_job = store.state.unleased_fire_times(now)
+        if due_job is not None:
+            await self.event_broker.publish(
+                JobAdded(
+                    job_id=due_job.id, task_id=due_job.task_id, schedule_id=due_job.schedule_id
                 )
-                if due >= ROUND_LIMIT:
-                    continue  # more are due: the next round at once
-                wakeup_deadline = await store.get_next_schedule_run_time()
-                wait = None
-                if wakeup_deadline is not None:
-                    wait = (wakeup_deadline - store.clock()).total_seconds()
-                    if wakeup_deadline <= planned_at:
-                        # Due when the round was planned, yet still there: it could not fire
-                        # (its trigger failed, or a lease holds it). Retry, without spinning.
-                        wait = max(wait, RETRY_SECONDS)
-                with move_on_after(wait):
-                    await wakeup.wait()
-                wakeup = anyio.Event()
+            )
+        if next_job is not None:
+            waits.append((next_job - now).total_seconds())
+        return min(waits) if waits else None
+
+    async def _start_at(self, job: Job) -> None:
+        """Start a leased job at its fire time, as APScheduler's job loop starts one."""
+        try:
+            assert job.scheduled_fire_time is not None
+            delay = (job.scheduled_fire_time - self.data_store.clock()).total_seconds()  # type: ignore[attr-defined]
+            if delay > 0:
+                await anyio.sleep(delay)
+        finally:
+            self._timed -= 1
+        task = self.data_store.state.tasks.get(job.task_id)  # type: ignore[attr-defined]
+        if task is None:
+            log.error("job %s: its task %r is gone; not started", job.id, job.task_id)
+            return
+        func = self._get_task_callable(task)
+        self._running_jobs.add(job)
+        await self._run_job(job, func, job.executor)

@@ -47,9 +47,18 @@ class Fired:
 
 
 def plan_round(
-    schedules: Iterable[Schedule], now: datetime, *, rng: random.Random | None = None
+    schedules: Iterable[Schedule],
+    now: datetime,
+    *,
+    horizon: datetime | None = None,
+    rng: random.Random | None = None,
 ) -> list[Fired]:
-    """The fires of ``schedules`` (copies: their triggers are advanced in place) due at ``now``.
+    """The fires of ``schedules`` (copies: their triggers are advanced in place) due at ``now``,
+    and (lookahead) those due up to ``horizon``.
+
+    Fire times at or before ``now`` were missed (or are due): the schedule's coalesce policy
+    applies to them, as in APScheduler. Fire times after ``now`` up to ``horizon`` are not
+    missed: each gets its own job, which starts at its time.
 
     A schedule whose trigger raises is left out and logged; APScheduler removes it, the mesh
     leaves it for the next round (and the operator) rather than deleting user data.
@@ -62,7 +71,7 @@ def plan_round(
             continue
         skipped = catch_up(schedule, now)
         try:
-            fired = _fire(schedule, now, rng)
+            fired = _fire(schedule, now, horizon or now, rng)
         except Exception:
             log.exception(
                 "error computing the next fire time of schedule %r (task %r); it is skipped "
@@ -75,16 +84,19 @@ def plan_round(
     return out
 
 
-def _fire(schedule: Schedule, now: datetime, rng: random.Random) -> Fired:
-    """APScheduler 4.0.0a6's ``_process_schedules`` loop body for one schedule."""
+def _fire(schedule: Schedule, now: datetime, horizon: datetime, rng: random.Random) -> Fired:
+    """APScheduler 4.0.0a6's ``_process_schedules`` loop body for one schedule, plus the fire
+    times up to ``horizon`` (one job each: they are not missed)."""
     assert schedule.next_fire_time is not None
     fire_times = [schedule.next_fire_time]
     while True:
         fire_time = schedule.trigger.next()
-        if fire_time is None or fire_time > now:
+        if fire_time is None or fire_time > horizon:
             next_fire_time = fire_time
             break
-        if schedule.coalesce is CoalescePolicy.all:
+        if fire_time > now:
+            fire_times.append(fire_time)  # ahead of the clock: its own job
+        elif schedule.coalesce is CoalescePolicy.all:
             fire_times.append(fire_time)
         elif schedule.coalesce is CoalescePolicy.latest:
             fire_times[0] = fire_time
@@ -127,12 +139,40 @@ def _fire(schedule: Schedule, now: datetime, rng: random.Random) -> Fired:
     )
 
 
-def round_command(scheduler_id: str, fired: list[Fired], wire: Any, dump_job: Any) -> dict:
+@attrs.frozen
+class RoundResult:
+    """What a round did: how many schedules were due, when it was planned, the jobs leased to
+    the leader that fired it (started by it at their fire times)."""
+
+    due: int
+    planned_at: datetime
+    leased: list[Job] = attrs.Factory(list)
+
+
+@attrs.frozen
+class Lease:
+    """Jobs of a round that start on the leader that fired them, at their fire time: leased to
+    it in the round's own entry (``until``, ``term``), with the handler each goes to (None: the
+    dispatcher chooses at start, or the task runs embedded)."""
+
+    until: datetime
+    term: int
+    jobs: dict[str, str | None]  # job id -> handler id
+
+
+def round_command(
+    scheduler_id: str, fired: list[Fired], wire: Any, dump_job: Any, lease: Lease | None = None
+) -> dict:
     """The ``fire_round`` command of ``fired`` (``wire``: the trigger codec; ``dump_job``: the
-    job codec, both from mesh.scheduling.state)."""
+    job codec, both from mesh.scheduling.state); ``lease``: which of its jobs are leased."""
+    out: dict[str, Any] = {"op": "fire_round", "scheduler_id": scheduler_id}
+    if lease is not None and lease.jobs:
+        ids = _ids(fired)  # a round split in parts: each part leases its own jobs
+        leased = {jid: handler for jid, handler in lease.jobs.items() if jid in ids}
+        if leased:
+            out["lease"] = {"until": lease.until.isoformat(), "term": lease.term, "jobs": leased}
     return {
-        "op": "fire_round",
-        "scheduler_id": scheduler_id,
+        **out,
         "schedules": [
             {
                 "schedule_id": f.schedule.id,
@@ -146,3 +186,7 @@ def round_command(scheduler_id: str, fired: list[Fired], wire: Any, dump_job: An
             for f in fired
         ],
     }
+
+
+def _ids(fired: list[Fired]) -> set[str]:
+    return {str(j.id) for f in fired for j in f.jobs}

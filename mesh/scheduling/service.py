@@ -122,6 +122,8 @@ class SchedulingService:
                 cleanup_interval=60,
                 max_concurrent_jobs=1000,
             )
+            if self.dispatcher is not None:
+                scheduler.assign_handler = self._handler_for
             async with scheduler:
                 for name, task in sorted(REGISTRY.items()):
                     await self._ensure_task(scheduler, name, task.max_running_jobs)
@@ -141,6 +143,12 @@ class SchedulingService:
                 log.info("scheduler for term %d stopped: leadership lost or handed over", term)
         finally:
             self._ready.clear()
+
+    def _handler_for(self, job: Any) -> str | None:
+        """Where a job fired ahead goes: a handler when one offers its task (the executor
+        prefers handlers, MeshJobExecutor.run_job), else None (embedded, or chosen at start)."""
+        assert self.dispatcher is not None
+        return self.dispatcher.suggest(job) if self.dispatcher.offers(job.task_id) else None
 
     async def _ensure_task(
         self, scheduler: AsyncScheduler, name: str, max_running_jobs: int | None = None

@@ -315,6 +315,22 @@ class SchedulerState:
     def schedules_by_task(self, task_id: str) -> list[Schedule]:
         return [s for s in self.schedules.values() if s.task_id == task_id]
 
+    def unleased_fire_times(self, now: datetime) -> tuple[Job | None, datetime | None]:
+        """A job not leased to anyone whose fire time has come (if any), and the earliest fire
+        time still to come of such jobs: what the job loop must be woken for."""
+        due: Job | None = None
+        upcoming: datetime | None = None
+        for js in self.jobs.values():
+            job = js.job
+            at = job.scheduled_fire_time
+            if job.acquired_by is not None or at is None:
+                continue
+            if at <= now:
+                due = due or job
+            elif upcoming is None or at < upcoming:
+                upcoming = at
+        return due, upcoming
+
     def pending_jobs(self) -> int:
         """Jobs queued and not leased to a runner yet."""
         return len(self.jobs) - sum(self._running.values())
@@ -473,6 +489,8 @@ class SchedulerState:
         changed in between (replaced, paused, deleted, fired by another round) is left alone."""
         fired: list[str] = []
         added: list[str] = []
+        lease = c.get("lease")
+        leased: dict[str, str | None] = lease["jobs"] if lease else {}
         for r in c["schedules"]:
             s = self.schedules.get(r["schedule_id"])
             if (
@@ -496,7 +514,23 @@ class SchedulerState:
             for job in r["jobs"]:
                 if self._op_add_job({"job": job}, e):
                     added.append(job["id"])
+                    if job["id"] in leased:
+                        self._lease(job["id"], c["scheduler_id"], lease, leased[job["id"]])
         return {"schedules": fired, "jobs": added}
+
+    def _lease(
+        self, job_id: str, scheduler_id: str, lease: dict[str, Any], handler: str | None
+    ) -> None:
+        """A job of a fire round leased to the leader that fired it (as ``acquire_jobs`` does)
+        and, when given, assigned to its handler (as ``assign_job`` does)."""
+        js = self.jobs[UUID(job_id)]
+        js.job.acquired_by = scheduler_id
+        js.job.acquired_until = _dt(lease["until"])
+        js.attempts += 1
+        js.term = lease["term"]
+        if handler is not None:
+            js.handler = handler
+        self._running[js.job.task_id] = self._running.get(js.job.task_id, 0) + 1
 
     def _op_extend_leases(self, c: dict[str, Any], _e: Entry) -> None:
         until = _dt(c["until"])

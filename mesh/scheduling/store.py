@@ -58,7 +58,7 @@ from apscheduler.datastores.base import BaseDataStore
 
 from mesh.contracts import ProposalTooLarge
 from mesh.scheduling.catchup import catch_up
-from mesh.scheduling.rounds import Fired, plan_round, round_command
+from mesh.scheduling.rounds import Fired, Lease, RoundResult, plan_round, round_command
 from mesh.scheduling.state import (
     SchedulerState,
     dump_job,
@@ -362,21 +362,53 @@ class ReplicatedDataStore(BaseDataStore):
             )
 
     async def fire_round(
-        self, scheduler_id: str, limit: int, *, rng: random.Random | None = None
-    ) -> tuple[int, datetime]:
-        """Fire the due schedules (at most ``limit``) in one ``fire_round`` entry (a mesh
-        extension of the DataStore contract, mesh.scheduling.rounds); returns how many were
-        due and the time the round was planned at."""
+        self,
+        scheduler_id: str,
+        limit: int,
+        *,
+        rng: random.Random | None = None,
+        lookahead: timedelta = timedelta(0),
+        lease: timedelta | None = None,
+        capacity: int = 0,
+        assign: Callable[[Job], str | None] | None = None,
+    ) -> RoundResult:
+        """Fire the schedules due now or within ``lookahead`` (at most ``limit``) in one
+        ``fire_round`` entry (a mesh extension of the DataStore contract,
+        mesh.scheduling.rounds). With ``lease``, up to ``capacity`` of its jobs (of tasks with
+        no running-jobs cap) are leased to ``scheduler_id`` in that entry, each with the handler
+        ``assign`` names: the caller starts them at their fire times (``RoundResult.leased``)."""
         now = self.clock()
-        due = self.state.due_schedule_ids(now, limit)
+        due = self.state.due_schedule_ids(now + lookahead, limit)
         if not due:
-            return 0, now
-        fired = plan_round([_copy_schedule(self.state.schedules[sid]) for sid in due], now, rng=rng)
-        if fired:
-            await self._commit_round(scheduler_id, fired)
-        return len(due), now
+            return RoundResult(0, now)
+        copies = [_copy_schedule(self.state.schedules[sid]) for sid in due]
+        fired = plan_round(copies, now, horizon=now + lookahead, rng=rng)
+        if not fired:
+            return RoundResult(len(due), now)
+        leases = None
+        if lease is not None and capacity > 0:
+            chosen: dict[str, str | None] = {}
+            for job in (j for f in fired for j in f.jobs):
+                if len(chosen) >= capacity:
+                    break
+                task = self.state.tasks.get(job.task_id)
+                if task is not None and task.max_running_jobs is None:
+                    chosen[str(job.id)] = assign(job) if assign is not None else None
+            leases = Lease(now + lease, self.term, chosen)
+        added = await self._commit_round(scheduler_id, fired, leases)
+        leased = [
+            j
+            for f in fired
+            for j in f.jobs
+            if leases is not None and str(j.id) in leases.jobs and str(j.id) in added
+        ]
+        return RoundResult(len(due), now, leased)
 
-    async def _commit_round(self, scheduler_id: str, fired: list[Fired]) -> None:
+    async def _commit_round(
+        self, scheduler_id: str, fired: list[Fired], lease: Lease | None
+    ) -> set[str]:
+        """Commit the round (in parts if too large for one entry); the ids of the jobs added."""
+
         def too_large(f: Fired) -> None:
             log.error(
                 "schedule %r: its fire does not fit in a log entry (raft.max_entry_bytes); it "
@@ -385,14 +417,20 @@ class ReplicatedDataStore(BaseDataStore):
             )
 
         parts = await self._propose_split(
-            fired, lambda part: round_command(scheduler_id, part, to_wire, dump_job), too_large
+            fired,
+            lambda part: round_command(scheduler_id, part, to_wire, dump_job, lease),
+            too_large,
         )
+        added: set[str] = set()
+        leased = lease.jobs if lease is not None else {}
         for part, applied in parts:
-            added = set(applied["jobs"])
+            added.update(applied["jobs"])
             for f in part:
                 for job in f.jobs:
-                    if str(job.id) in added:
+                    # A leased job is started by the round's caller: the job loop need not wake.
+                    if str(job.id) in added and str(job.id) not in leased:
                         await self._publish_job_added(job)
+        return added
 
     async def get_next_schedule_run_time(self) -> datetime | None:
         return self.state.next_fire_time()
@@ -480,6 +518,8 @@ class ReplicatedDataStore(BaseDataStore):
             if job.start_deadline is not None and job.start_deadline < now:
                 missed.append(job)
                 continue
+            if job.scheduled_fire_time is not None and job.scheduled_fire_time > now:
+                continue  # fired ahead (lookahead) by a leader that is gone: not due yet
             task = self.state.tasks.get(job.task_id)
             cap = task.max_running_jobs if task is not None else None
             running = self.state.running_jobs(job.task_id) + taken.get(job.task_id, 0)
