@@ -29,6 +29,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import attrs
@@ -242,7 +243,13 @@ def build_scheduling(node: MeshNode, state: SchedulerState) -> SchedulingService
             remote_events=LIFECYCLE_EVENTS,
         )
 
-    return SchedulingService(node, state, broker_factory=broker, dispatcher=dispatcher)
+    return SchedulingService(
+        node,
+        state,
+        broker_factory=broker,
+        dispatcher=dispatcher,
+        lookahead=timedelta(seconds=node.config.scheduling.lookahead),
+    )
 
 
 def build_feed(node: MeshNode, state: SchedulerState, keys: KeyRing | None) -> FeedServer:

@@ -251,6 +251,14 @@ class DispatchConfig(_Section):
     backoff_max: Seconds = 1.0
 
 
+class SchedulingConfig(_Section):
+    """How the leader fires (docs/scheduling.md, "Fire rounds and lookahead")."""
+
+    # Fires due within this many seconds are committed ahead, leased to the leader, and started
+    # from a local timer at their time (no commit between a fire time and its dispatch). 0: off.
+    lookahead: Annotated[float, Meta(ge=0, le=5)] = 0.1
+
+
 class GovernorConfig(_Section):
     """Rate limits (dispatches/s), concurrency limits (jobs in flight) and backpressure."""
 
@@ -362,6 +370,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     raft: RaftConfig = msgspec.field(default_factory=RaftConfig)
     membership: MembershipConfig = msgspec.field(default_factory=MembershipConfig)
     dispatch: DispatchConfig = msgspec.field(default_factory=DispatchConfig)
+    scheduling: SchedulingConfig = msgspec.field(default_factory=SchedulingConfig)
     governors: GovernorConfig = msgspec.field(default_factory=GovernorConfig)
     history: HistoryConfig = msgspec.field(default_factory=HistoryConfig)
     eventlog: EventLogConfig = msgspec.field(default_factory=EventLogConfig)

@@ -178,6 +178,20 @@ async def test_the_assignment_is_committed_by_this_leader_before_the_dispatch_is
     assert handler_of_job == "a"
 
 
+async def test_a_job_its_fire_round_assigned_here_is_dispatched_without_a_second_commit() -> None:
+    leader = Leader()
+    leader.lead()
+    leader.handler("a")
+    leader.handler("b")
+    job = await leader.job()
+    # As the fire round's lease records it: this term's lease and the handler it goes to.
+    leader.state.jobs[job.id].handler = "b"
+    _, handler_id = await leader.dispatch(job)
+    assert handler_id == "b"
+    assert leader.replica.commands("assign_job") == []
+    assert [m.payload["job_id"] for m in leader.bus.sent_of(p.DISPATCH)] == [str(job.id)]
+
+
 async def test_a_job_leased_by_another_leader_is_fenced_and_never_dispatched() -> None:
     leader = Leader()
     leader.lead()

@@ -21,7 +21,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from mesh.consensus.messages import COMMAND, Entry
-from mesh.scheduling.rounds import plan_round, round_command
+from mesh.scheduling.rounds import Lease, plan_round, round_command
 from mesh.scheduling.service import SchedulingService
 from mesh.scheduling.spec import ScheduleSpec
 from mesh.scheduling.state import (
@@ -252,3 +252,57 @@ async def test_the_leader_fires_due_schedules_in_fire_round_entries(tasks: Any) 
     finally:
         async with asyncio.timeout(WAIT):
             await service.close()
+
+
+# --------------------------------------------------------------------------- lookahead
+
+
+def test_fires_within_the_horizon_each_get_a_job_and_are_not_coalesced() -> None:
+    [fired] = plan_round(
+        [schedule(every=1, coalesce=CoalescePolicy.latest)],
+        T0 + 2.5 * S,
+        horizon=T0 + 4.5 * S,
+    )
+    # T0, T0+1, T0+2 were missed: coalesced to the latest; T0+3 and T0+4 are ahead: one each.
+    assert [j.scheduled_fire_time for j in fired.jobs] == [T0 + 2 * S, T0 + 3 * S, T0 + 4 * S]
+    assert fired.next_fire_time == T0 + 5 * S
+
+
+def test_a_schedule_due_only_within_the_horizon_fires_ahead() -> None:
+    [fired] = plan_round([schedule(start=T0 + S)], T0, horizon=T0 + 2 * S)
+    assert [j.scheduled_fire_time for j in fired.jobs] == [T0 + S]
+    assert fired.fired_from == T0 + S
+
+
+def test_a_leased_round_leases_its_jobs_to_the_leader_with_their_handler() -> None:
+    log = Log()
+    log.add(schedule("a"))
+    log.apply({"op": "add_task", "task": {"id": "t", "func": None, "job_executor": "x"}})
+    copies = [load_schedule(dump_schedule(log.state.schedules["a"]))]
+    fired = plan_round(copies, T0, horizon=T0 + 15 * S)
+    ids = [str(j.id) for j in fired[0].jobs]
+    assert len(ids) == 2  # T0 and T0+10
+    lease = Lease(T0 + 30 * S, 7, {ids[0]: "h1", ids[1]: None})
+    result = log.apply(round_command("n1@7", fired, to_wire, dump_job, lease))
+    assert result["jobs"] == ids
+    first, second = (log.state.jobs[j.id] for j in fired[0].jobs)
+    assert (first.job.acquired_by, first.term, first.attempts, first.handler) == (
+        "n1@7",
+        7,
+        1,
+        "h1",
+    )
+    assert (second.job.acquired_by, second.handler) == ("n1@7", None)
+    assert log.state.pending_jobs() == 0
+
+
+def test_a_job_fired_ahead_and_freed_by_a_new_leader_waits_for_its_time() -> None:
+    log = Log()
+    log.add(schedule("a", start=T0 + 5 * S))
+    copies = [load_schedule(dump_schedule(log.state.schedules["a"]))]
+    fired = plan_round(copies, T0, horizon=T0 + 6 * S)
+    log.apply(round_command("n1@1", fired, to_wire, dump_job))
+    due, upcoming = log.state.unleased_fire_times(T0)
+    assert (due, upcoming) == (None, T0 + 5 * S)
+    due, upcoming = log.state.unleased_fire_times(T0 + 5 * S)
+    assert due is not None and due.id == fired[0].jobs[0].id and upcoming is None

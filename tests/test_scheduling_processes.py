@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import signal
+import sqlite3
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -386,3 +387,61 @@ def test_every_trigger_type_round_trips_through_a_follower_and_every_node(cluste
             assert by_id[sid]["next_fire_time"] == body["next_fire_time"], (node, sid)
     status, body = follower.request("GET", "/api/schedules/cron-expr")
     assert status == 200 and body["trigger"]["expr"] == "0 3 29 2 *"
+
+
+def test_fires_a_killed_leader_committed_ahead_run_once_on_the_next_leader(
+    cluster_factory, tmp_path: Path
+) -> None:
+    # A lookahead of 2 s: when the leader dies, the fires of its next 2 s are already committed
+    # (leased to it, their schedule advanced past them). The next leader must run each of them
+    # once, at its time: none lost with the dead leader, none fired again by the new one.
+    cluster = cluster_factory(3, TASKS, config={"scheduling": {"lookahead": 2.0}})
+    leader, follower = _follower(cluster)
+    out = tmp_path / "fires.jsonl"
+    period = timedelta(seconds=0.25)
+    _create(follower, "ahead", 0.25, out, coalesce="all", misfire_grace_time=60)
+    term = leader.health()["term"]
+    cluster.wait_for(lambda: len(_records(out)) >= 4, 10, "fires by the first leader")
+    killed_at = datetime.now(UTC)
+    leader.kill(signal.SIGKILL)
+    new = cluster.wait_for_leader(newer_than_term=term)
+    new_term = new.health()["term"]
+    cluster.wait_for(
+        lambda: len(_fires_after(out, killed_at + timedelta(seconds=3))) >= 4,
+        15,
+        "fires after the dead leader's window",
+    )
+    assert new.request("DELETE", "/api/schedules/ahead")[0] == 204
+    cluster.wait_for(lambda: not _missing_fires(_records(out), period), 10, "no fire time missing")
+    records = _records(out)
+    first_attempts = Counter(r["fire"] for r in records if r["attempt"] == 1)
+    assert [f for f, n in first_attempts.items() if n > 1] == []
+    assert _missing_fires(records, period) == []
+    # Fired ahead by the dead leader (inside its window), run by the new one.
+    window = [
+        r
+        for r in records
+        if killed_at < datetime.fromisoformat(r["fire"]) < killed_at + timedelta(seconds=1.5)
+    ]
+    assert window and {r["token"] for r in window} == {new_term}, window
+    # ...and their jobs were committed by the dead leader's term, in its fire rounds.
+    committed = _round_jobs(new.state_db)
+    for r in window:
+        assert committed.get(r["job"]) == term, (r, sorted(set(committed.values())))
+
+
+def _round_jobs(state_db: Path) -> dict[str, int]:
+    """Job id -> the term of the log entry (a fire_round) that added it, from a node's log."""
+    conn = sqlite3.connect(state_db)
+    try:
+        rows = conn.execute("SELECT term, data FROM raft_log WHERE kind = 'command'").fetchall()
+    finally:
+        conn.close()
+    out = {}
+    for entry_term, data in rows:
+        command = json.loads(data)
+        if isinstance(command, dict) and command.get("op") == "fire_round":
+            for row in command["schedules"]:
+                for job in row["jobs"]:
+                    out[job["id"]] = entry_term
+    return out

@@ -127,7 +127,13 @@ def overview(
     """The overview page's data in one answer; its cost does not grow with the schedules."""
     now = now or datetime.now(UTC)
     health = view.health()
-    running = [js for js in state.jobs.values() if js.job.acquired_by is not None]
+    # Started: leased and due (a job fired ahead is leased before its time: not running yet).
+    running = [
+        js
+        for js in state.jobs.values()
+        if js.job.acquired_by is not None
+        and (js.job.scheduled_fire_time is None or js.job.scheduled_fire_time <= now)
+    ]
     return {
         "node_id": health.get("node_id"),
         "role": health.get("role"),

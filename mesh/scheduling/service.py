@@ -26,7 +26,7 @@ from apscheduler.eventbrokers.local import LocalEventBroker
 
 from mesh.contracts import Replica
 from mesh.scheduling.executor import STAND_IN_REF, Dispatcher, MeshJobExecutor, remote_task
-from mesh.scheduling.loop import MeshScheduler
+from mesh.scheduling.loop import DEFAULT_LOOKAHEAD, MeshScheduler
 from mesh.scheduling.session import LeaderSession
 from mesh.scheduling.state import SchedulerState
 from mesh.tasks import REGISTRY
@@ -64,8 +64,10 @@ class SchedulingService:
         lease_duration: timedelta = timedelta(seconds=30),
         broker_factory: Callable[[], EventBroker] = LocalEventBroker,
         dispatcher: Dispatcher | None = None,
+        lookahead: timedelta = DEFAULT_LOOKAHEAD,
     ) -> None:
         self.replica = replica
+        self.lookahead = lookahead
         self.state = state
         self.lease_duration = lease_duration
         self.broker_factory = broker_factory
@@ -122,6 +124,7 @@ class SchedulingService:
                 cleanup_interval=60,
                 max_concurrent_jobs=1000,
             )
+            scheduler.lookahead = self.lookahead
             if self.dispatcher is not None:
                 scheduler.assign_handler = self._handler_for
             async with scheduler:
