@@ -50,7 +50,9 @@ from mesh.scheduling.rounds import ROUND_LIMIT
 log = logging.getLogger("mesh.scheduling.loop")
 
 RETRY_SECONDS = 0.5  # a schedule that was due but could not fire is tried again after this
-MAX_BACKLOG = ROUND_LIMIT  # queued, not yet started jobs above which no new round is fired
+# Unfinished jobs (queued, or leased and waiting for a handler) above which no new round is
+# fired: past this the job side is behind, and more fires would only wait longer.
+MAX_BACKLOG = 256
 BACKLOG_WAIT = 0.01
 DEFAULT_LOOKAHEAD = timedelta(milliseconds=100)
 
@@ -83,7 +85,7 @@ class MeshScheduler(AsyncScheduler):
             await self.get_next_event(SchedulerStarted)
             async with create_task_group() as timers:
                 while self._state is RunState.started:
-                    if store.state.pending_jobs() >= MAX_BACKLOG:
+                    if len(store.state.jobs) - self._timed >= MAX_BACKLOG:
                         # The job side is behind: fire later, and let the schedules' coalesce
                         # policy merge what is missed meanwhile, as APScheduler's loop would when
                         # it cannot keep up (a queue growing without bound helps nobody).
