@@ -290,7 +290,8 @@ class VoterView:
         return self.node.health()
 
     def cluster(self) -> dict[str, Any]:
-        return self.node.cluster()
+        # The read-only replicas that follow this voter (each follows one voter at a time).
+        return {**self.node.cluster(), "replicas": self.feed.replicas()}
 
     def cluster_members(self) -> dict[str, Any]:
         return self.node.cluster_members()

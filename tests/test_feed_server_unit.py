@@ -96,6 +96,20 @@ async def test_pushing_stops_at_max_unacked_and_resumes_on_ack() -> None:
     assert v.changes() == list(range(4, 12))
 
 
+async def test_the_replicas_following_a_voter_are_listed_with_their_lag() -> None:
+    v = Voter(max_unacked=5)
+    assert v.feed.replicas() == []
+    v.apply(3)
+    v.subscribe(3)
+    v.apply(10)
+    await settle()
+    v.ack(6)
+    v.clock.advance(1.5)
+    assert v.feed.replicas() == [
+        {"replica_id": "r1", "zone": "dmz", "acked": 6, "lag_changes": 7, "last_ack_seconds": 1.5}
+    ]
+
+
 async def test_a_subscription_not_acked_for_ack_timeout_is_dropped() -> None:
     v = Voter(ack_timeout=10.0)
     v.apply(2)

@@ -115,6 +115,15 @@ def test_a_dmz_replica_follows_the_mesh_and_never_holds_a_planted_secret(
     health = replica.get("/api/health")
     assert health["role"] == "replica" and health["zone"] == "dmz" and health["following"]
     assert health["upstream"] in [n.mesh for n in mesh.nodes]
+    # The voter it follows lists it, with its zone and lag (the dashboard's cluster page).
+    upstream = next(n for n in mesh.nodes if n.mesh == health["upstream"])
+    listed = replica.wait(
+        lambda: [r for r in (upstream.get_json("/api/cluster") or {}).get("replicas", [])
+                 if r["replica_id"] == "r1" and r["lag_changes"] == 0],
+        5,
+        "the replica listed by its upstream voter, caught up",
+    )  # fmt: skip
+    assert listed[0]["zone"] == "dmz"
     status, _ = http_request(replica.http + "/api/schedules", "POST", {"id": "x"})[:2]
     assert status == 403
     assert http_request(replica.http + "/api/schedules/after", "DELETE")[:2] == (403, READ_ONLY)

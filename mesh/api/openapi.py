@@ -78,10 +78,22 @@ class ClusterMember(msgspec.Struct):
     voter: bool
 
 
+class FollowingReplica(msgspec.Struct):
+    replica_id: str
+    zone: str
+    acked: Annotated[int, Meta(description="the last change it acknowledged (a log index)")]
+    lag_changes: Annotated[int, Meta(description="changes it is behind this voter")]
+    last_ack_seconds: float
+
+
 class Cluster(msgspec.Struct):
     leader_id: str | None
     term: int
     members: list[ClusterMember]
+    replicas: Annotated[
+        list[FollowingReplica] | UnsetType,
+        Meta(description="the read-only replicas following this voter (voters only)"),
+    ] = UNSET
 
 
 class KnownNode(msgspec.Struct):

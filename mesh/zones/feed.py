@@ -176,6 +176,21 @@ class FeedServer:
     def last_seq(self) -> int:
         return self._last
 
+    def replicas(self) -> list[dict[str, Any]]:
+        """The replicas following this voter: zone, the last change each acknowledged, how many
+        changes it is behind, and seconds since its last acknowledgement."""
+        now = self.clock()
+        return [
+            {
+                "replica_id": sub.replica_id,
+                "zone": sub.zone,
+                "acked": sub.acked,
+                "lag_changes": max(0, self._last - sub.acked),
+                "last_ack_seconds": round(max(0.0, now - sub.last_ack), 3),
+            }
+            for sub in sorted(self.subscriptions.values(), key=lambda s: s.replica_id)
+        ]
+
     def on_apply(self, entry: Entry, _result: Any) -> None:
         """The node's apply listener: every applied entry, in order. Never raises (an error
         here would stop the node's apply loop)."""

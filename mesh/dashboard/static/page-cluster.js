@@ -11,6 +11,7 @@ export function clusterPage() {
   const page = { title: 'Cluster' };
   let info = null;
   let membersBox = null;
+  let replicasBox = null;
   let logBody = null;
   let loadSeq = 0;
   const refreshSoon = debounce(() => page.refresh(), 500);
@@ -18,6 +19,7 @@ export function clusterPage() {
   page.mount = (main) => {
     info = el('div', { class: 'cards' }, loadingNote());
     membersBox = el('div', null);
+    replicasBox = el('div', null);
     const t = table('event-log-table', ['Time', 'Event', 'Summary'], 'Event log');
     logBody = t.tbody;
     logBody.id = 'event-log';
@@ -26,6 +28,7 @@ export function clusterPage() {
       pageHeader('Cluster'),
       info,
       section('Members', membersBox),
+      section('Read-only replicas following this node', replicasBox),
       section(`Event log (last ${EVENT_LOG_SIZE} events)`, t.wrap)));
     page.refresh();
   };
@@ -97,6 +100,27 @@ export function clusterPage() {
     if (voters && voters.auto_join !== undefined) {
       membersBox.appendChild(el('p', { class: 'muted small' }, `auto join: ${jsonText(voters.auto_join)}`));
     }
+    renderReplicas(cluster.replicas, health);
+  }
+
+  /** The replicas following this voter (from /api/cluster), or, on a replica, its own lag. */
+  function renderReplicas(replicas, health) {
+    const t = table('replicas-table', ['Replica', 'Zone', ['Acknowledged', 'num'], ['Behind (changes)', 'num'], ['Last ack', 'num']], 'Replicas');
+    for (const r of replicas || []) {
+      t.tbody.appendChild(el('tr', { dataset: { replicaId: r.replica_id } },
+        el('td', null, code(r.replica_id)),
+        el('td', null, r.zone ? badge(r.zone, 'muted') : '–'),
+        el('td', { class: 'num' }, fmtNum(r.acked)),
+        el('td', { class: 'num' }, fmtNum(r.lag_changes)),
+        el('td', { class: 'num nowrap' }, `${Number(r.last_ack_seconds).toFixed(1)} s ago`)));
+    }
+    if (!(replicas || []).length) {
+      const none = health && health.role === 'replica'
+        ? 'This is a replica: its own lag is shown above.'
+        : 'No replica follows this node.';
+      t.tbody.appendChild(emptyRow(5, none));
+    }
+    clear(replicasBox).appendChild(t.wrap);
   }
 
   function logRow(entry) {
