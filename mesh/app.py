@@ -34,6 +34,7 @@ from typing import Any
 
 import attrs
 
+from mesh import eventloop
 from mesh.api.auth import ApiTokens, TokenFileError
 from mesh.config import Config
 from mesh.membership.discovery import make_discovery
@@ -450,7 +451,7 @@ def run_node(config: Config) -> int:
         print(f"schedulezero: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
     try:
-        asyncio.run(serve(config, keys=keys, http_sec=http_sec))
+        eventloop.run(serve(config, keys=keys, http_sec=http_sec))
     except NodeFailed as e:
         print(
             f"schedulezero: fatal: node {config.node_id} stopped after an internal fault ({e}); "

@@ -57,6 +57,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from mesh import eventloop
 from mesh.dispatch import protocol
 from mesh.dispatch.protocol import (
     AT_CAPACITY,
@@ -888,7 +889,7 @@ def run_handler(
         keys=keys,
         insecure=insecure,
     )
-    return asyncio.run(_serve(handler, drain_timeout))
+    return eventloop.run(_serve(handler, drain_timeout))
 
 
 async def _serve(handler: HandlerProcess, drain_timeout: float) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 import attrs
 
+from mesh import eventloop
 from mesh.api.auth import ApiTokens, TokenFileError
 from mesh.api.events import EventHub
 from mesh.consensus.messages import Entry
@@ -376,7 +377,7 @@ def run_replica(opts: ReplicaOptions) -> int:
         print(f"schedulezero: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
     try:
-        asyncio.run(serve_replica(opts, keys=keys, tokens=tokens))
+        eventloop.run(serve_replica(opts, keys=keys, tokens=tokens))
     except (OSError, sqlite3.Error) as e:  # the HTTP port, the data directory, replica.db
         print(f"schedulezero: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
