@@ -93,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="run the meshes without CURVE keys (default: with keys; the curve phase runs both)",
     )
+    p.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default=None,
+        help="the nodes' and handlers' event loop (default: uvloop when installed, see "
+        "mesh/eventloop.py): for an A/B measurement",
+    )
     return p
 
 
@@ -158,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         baseline=ns.baseline,
         profile=ns.profile,
         secure=ns.secure,
+        event_loop=ns.event_loop,
         progress=progress,
         stem=f"bench-{stamp}",
     )
@@ -171,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "baseline": ns.baseline,
             "profile": ns.profile,
             "secure": ns.secure,
+            "event_loop": ns.event_loop,
         },
         "machine": machine_info(),
         "source": _source_info(SOURCE_ROOT),

@@ -49,6 +49,7 @@ class Run:
     baseline: bool = True
     profile: bool = False
     secure: bool = True  # the meshes of every phase but ``curve`` (which runs both) use keys
+    event_loop: str | None = None  # SCHEDULEZERO_EVENT_LOOP of the meshes' processes
     stem: str = "bench"  # output files are <out_dir>/<stem>...
     progress: Progress = attrs.Factory(Progress)
     meshes: int = 0
@@ -63,6 +64,8 @@ class Run:
     def new_mesh(self, name: str, **kwargs: Any) -> BenchMesh:
         self.meshes += 1
         kwargs.setdefault("secure", self.secure)
+        if self.event_loop is not None:
+            kwargs["env"] = {**kwargs.get("env", {}), "SCHEDULEZERO_EVENT_LOOP": self.event_loop}
         self.current_mesh = BenchMesh(self.root / f"{self.meshes:02d}-{name}", **kwargs)
         return self.current_mesh
 

@@ -324,13 +324,14 @@ def test_a_follower_that_missed_compacted_entries_catches_up_through_a_snapshot(
 def test_a_snapshot_larger_than_the_message_limit_reaches_a_follower_in_chunks(
     cluster_factory,
 ) -> None:
-    # 24 schedules carrying 900 KB each: a ~22 MB image, above the 16 MiB frame limit that a
+    # 40 schedules carrying 900 KB each. The leader snapshots every 16-20 entries; its second
+    # snapshot holds at least 28 of them: a ~25 MB image, above the 16 MiB frame limit that a
     # single InstallSnapshot message would have to fit in.
     cluster = cluster_factory(3, TASKS, config={"raft": {"snapshot_threshold": 16}})
     leader, follower = _follower(cluster)
     follower.kill(signal.SIGKILL)
     blob = "x" * 900_000
-    for i in range(24):
+    for i in range(40):
         body = {
             "id": f"big-{i}",
             "task": "record",
@@ -340,9 +341,9 @@ def test_a_snapshot_larger_than_the_message_limit_reaches_a_follower_in_chunks(
         status, reply = leader.request("POST", "/api/schedules", body, timeout=10)
         assert status == 201, reply
     cluster.wait_for(
-        lambda: any(e["type"] == "snapshot_taken" for e in leader.events()),
-        20,
-        "the leader to take a snapshot",
+        lambda: sum(e["type"] == "snapshot_taken" for e in leader.events()) >= 2,
+        30,
+        "the leader to take two snapshots",
         interval=0.2,
     )
     follower.restart()
@@ -350,7 +351,7 @@ def test_a_snapshot_larger_than_the_message_limit_reaches_a_follower_in_chunks(
     sent = [e for e in leader.events() if e["type"] == "snapshot_sent"]
     assert sent and max(e["bytes"] for e in sent) > 16 * 1024 * 1024
     assert any(e["type"] == "snapshot_installed" for e in follower.events())
-    status, one = follower.request("GET", "/api/schedules/big-23")
+    status, one = follower.request("GET", "/api/schedules/big-39")
     assert status == 200 and len(one["kwargs"]["blob"]) == 900_000
     assert leader.health()["role"] == "leader"  # writing the image never cost it leadership
 
