@@ -285,7 +285,7 @@ def test_a_read_token_sees_no_action_buttons(open_page: Any, mesh: Mesh) -> None
     page.go("schedules")
     expect(row(page, "look-only")).to_be_visible(timeout=LIVE)
     assert page.page.locator("[data-action]:visible").count() == 0
-    for control in ("#schedule-new", "#bulk-pause", "#bulk-resume"):
+    for control in ("#schedule-new", "#bulk-pause", "#bulk-resume", ".check-col", "th.actions"):
         assert page.page.locator(f"{control}:visible").count() == 0, control
     assert page.script_errors() == []
 
