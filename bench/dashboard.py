@@ -33,9 +33,9 @@ import http.client
 import json
 import time
 import urllib.parse
-from pathlib import Path
 from typing import Any
 
+from bench.browser import CHROMIUM_ARGS, MISSING, chromium_path
 from bench.common import Run, create_schedules, far_future_body, wait_caught_up
 from bench.harness import HOST, BenchError, Node
 from bench.stats import summary
@@ -45,16 +45,6 @@ PAGE = 50  # the schedules page's page size (mesh/dashboard/static/page-schedule
 NAIVE_PAGE = 1000  # the API's largest page (mesh.api.http.MAX_PAGE)
 NEXT_FIRES = 20  # the overview's next fires (mesh.api.dashboard.NEXT_FIRES)
 WARMUP = 5
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 LOAD_TIMEOUT_S = 30.0  # one page load; the browser part stops sampling after BROWSER_BUDGET_S
 BROWSER_BUDGET_S = 180.0
 API_BUDGET_S = 120.0  # per node, the API samples and the naive rounds each
@@ -271,14 +261,15 @@ def _browser(run: Run, base: str, leader_id: str, contexts: int, rows: int) -> d
         from playwright.sync_api import sync_playwright
     except ImportError as e:
         raise BenchError(f"playwright is missing (the dev extra): {e}") from None
-    if not Path(CHROMIUM).exists():
-        raise BenchError(f"{CHROMIUM} is missing")
+    chromium = chromium_path()
+    if chromium is None:
+        raise BenchError(MISSING)
     out: dict[str, Any] = {"contexts": contexts, "chromium": None}
     stop_at = time.monotonic() + BROWSER_BUDGET_S
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(
-                executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=LOAD_TIMEOUT_S * 1000
+                executable_path=chromium, args=list(CHROMIUM_ARGS), timeout=LOAD_TIMEOUT_S * 1000
             )
             try:
                 out["chromium"] = browser.version

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -19,18 +18,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.browser import CHROMIUM_ARGS, MISSING, chromium_path
 from mesh.api.auth import create_token
 from tests.cluster import Cluster, HandlerProc
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SCHEDULES: list[dict[str, Any]] = [
     {"id": "heartbeat-2s", "trigger": {"type": "interval", "seconds": 2}},
     {"id": "heartbeat-3s", "trigger": {"type": "interval", "seconds": 3}},
@@ -68,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", nargs="?", default="docs/img", type=Path)
     parser.add_argument("--fire-seconds", type=float, default=45.0)
     args = parser.parse_args(argv)
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromium = chromium_path()
     if chromium is None:
-        print("no Chromium on PATH (Debian: apt-get install chromium)", file=sys.stderr)
+        print(MISSING, file=sys.stderr)
         return 2
     from playwright.sync_api import expect, sync_playwright
 
@@ -108,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.fire_seconds)
             follower = next(n for n in cluster.nodes if n is not leader)
             with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+                browser = p.chromium.launch(executable_path=chromium, args=list(CHROMIUM_ARGS))
 
                 def page_for(token: str, width: int = 1280, height: int = 800) -> Any:
                     context = browser.new_context(viewport={"width": width, "height": height})
