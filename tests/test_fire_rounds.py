@@ -306,3 +306,31 @@ def test_a_job_fired_ahead_and_freed_by_a_new_leader_waits_for_its_time() -> Non
     assert (due, upcoming) == (None, T0 + 5 * S)
     due, upcoming = log.state.unleased_fire_times(T0 + 5 * S)
     assert due is not None and due.id == fired[0].jobs[0].id and upcoming is None
+
+
+async def test_a_job_fired_ahead_whose_task_is_removed_meanwhile_ends_as_an_error(
+    tasks: Any,
+) -> None:
+    replica = FakeReplica("n1")
+    service = SchedulingService(replica, replica.state_machine, lookahead=timedelta(seconds=2))
+    try:
+        replica.become_leader(1)
+        await service.wait_ready(WAIT)
+        start = datetime.now(UTC) + timedelta(seconds=1)
+        await service.put_schedule(
+            ScheduleSpec(
+                id="gone",
+                task="round_echo",
+                trigger=IntervalTrigger(hours=1, start_time=start),
+            ),
+            replace=False,
+        )
+        state = replica.state_machine
+        await replica.wait_for(lambda: any(js.job.acquired_by for js in state.jobs.values()))
+        await replica.propose({"op": "remove_task", "task_id": "round_echo"})
+        await replica.wait_for(lambda: len(state.executions) == 1)
+        [ex] = state.executions
+        assert ex["outcome"] == "error" and "round_echo" in str(ex["error"])
+    finally:
+        async with asyncio.timeout(WAIT):
+            await service.close()

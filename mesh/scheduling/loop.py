@@ -39,10 +39,13 @@ from apscheduler import (
     AsyncScheduler,
     Job,
     JobAdded,
+    JobOutcome,
+    JobResult,
     RunState,
     ScheduleAdded,
     SchedulerStarted,
     ScheduleUpdated,
+    TaskLookupError,
 )
 
 from mesh.scheduling.rounds import ROUND_LIMIT
@@ -147,8 +150,15 @@ class MeshScheduler(AsyncScheduler):
         finally:
             self._timed -= 1
         task = self.data_store.state.tasks.get(job.task_id)  # type: ignore[attr-defined]
-        if task is None:
+        if task is None:  # removed since the round: the job ends as an error, not leased forever
             log.error("job %s: its task %r is gone; not started", job.id, job.task_id)
+            result = JobResult.from_job(
+                job,
+                JobOutcome.error,
+                finished_at=self.data_store.clock(),  # type: ignore[attr-defined]
+                exception=TaskLookupError(job.task_id),
+            )
+            await self.data_store.release_job(self.identity, job, result)
             return
         func = self._get_task_callable(task)
         self._running_jobs.add(job)
