@@ -12,12 +12,14 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import attrs
 import pytest
 from apscheduler import Job, JobOutcome, JobResult, Schedule, Task
 from apscheduler.triggers.interval import IntervalTrigger
 
 from mesh.config import ZoneConfig
 from mesh.consensus.messages import COMMAND, Entry
+from mesh.scheduling.rounds import Lease, plan_round, round_command
 from mesh.scheduling.state import (
     RemoteJobError,
     SchedulerState,
@@ -25,6 +27,8 @@ from mesh.scheduling.state import (
     dump_result,
     dump_schedule,
     dump_task,
+    load_schedule,
+    to_wire,
 )
 from mesh.zones.filter import (
     DROP_KINDS,
@@ -94,6 +98,12 @@ def _commands() -> list[dict[str, Any]]:
         exception=RemoteJobError("ValueError", f"bad value {SECRET}"),
     )
     until = (NOW + timedelta(seconds=30)).isoformat()
+    # A second schedule fired by a round (mesh.scheduling.rounds), its jobs leased ahead.
+    ahead = attrs.evolve(schedule, id="r", trigger=IntervalTrigger(seconds=1, start_time=NOW))
+    fired = plan_round(
+        [load_schedule(dump_schedule(ahead))], NOW, horizon=NOW + timedelta(seconds=1)
+    )
+    lease = Lease(NOW + timedelta(seconds=30), 1, {str(j.id): "h1" for j in fired[0].jobs})
     return [
         {"op": "add_task", "task": dump_task(task)},
         {"op": "add_schedule", "schedule": dump_schedule(schedule), "conflict_policy": "exception"},
@@ -126,6 +136,8 @@ def _commands() -> list[dict[str, Any]]:
             "result": dump_result(bad),
             "handler_id": "h1",
         },
+        {"op": "add_schedule", "schedule": dump_schedule(ahead), "conflict_policy": "exception"},
+        round_command("n0@1", fired, to_wire, dump_job, lease),
     ]
 
 
@@ -152,12 +164,22 @@ def wire(value: Any) -> str:
 
 def test_the_strictest_filter_lets_no_planted_secret_through_commands_or_snapshot() -> None:
     planted = [c for c in commands() if SECRET in wire(c)]
-    assert len(planted) == 6  # every command that carries user data
+    assert len(planted) == 8  # every command that carries user data
     for c in planted:
         assert SECRET not in wire(filter_command(c, STRICTEST))
     snap = primary_state().snapshot()
     assert SECRET in snap.decode()
     assert SECRET not in filter_snapshot(snap, STRICTEST).decode()
+
+
+def test_a_fire_rounds_jobs_are_filtered_and_its_leases_kept() -> None:
+    f = ZoneFilter(drop=["args", "kwargs"], sensitive_keys=[])
+    c = commands()[-1]
+    out = filter_command(c, f)
+    [row] = out["schedules"]
+    assert [(j["args"], j["kwargs"]) for j in row["jobs"]] == [([], {}), ([], {})]
+    assert row["trigger"] == c["schedules"][0]["trigger"]
+    assert out["lease"] == c["lease"]
 
 
 def test_dropping_args_empties_them_and_keeps_everything_else() -> None:
