@@ -239,7 +239,7 @@ class DispatchConfig(_Section):
     """How the leader hands jobs to handler processes (seconds); the dispatcher's settings."""
 
     max_attempts: AtLeastOne = 4  # dispatch attempts per job: first try + retries elsewhere
-    ack_timeout: Seconds = 1.0  # a handler must acknowledge a dispatch within this
+    ack_timeout: Seconds = 1.0  # a dispatch must start (old handlers: be acknowledged) in this
     default_timeout: Seconds | None = None  # per-job run time limit; None = unlimited
     task_timeouts: dict[Name, Seconds] = {}  # task name -> run time limit
     no_handler_wait: Seconds = 30.0  # jobs without a start deadline wait this long for a handler

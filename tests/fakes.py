@@ -423,7 +423,8 @@ class FakeBus:
 
 # --------------------------------------------------------------------------- FakeHandler
 
-RUN = "run"  # acknowledge (needs_start), then answer with success once started
+RUN = "run"  # acknowledge (needs_start), then answer with success once started; a dispatch
+# with ``start_by`` (the one-message dispatch) is started at once, without an acknowledgement
 HOLD = "hold"  # acknowledge and start, but answer only on finish()
 SILENT = "silent"  # never acknowledge
 BUSY = "busy"  # refuse: at_capacity
@@ -513,21 +514,26 @@ class FakeHandler:
                 loop.call_soon(lambda: self.ack(dispatch_id, accepted=False, reason=p.AT_CAPACITY))
             elif behaviour != SILENT:
                 self._slots.add(dispatch_id)  # held from the acknowledgement on
-                loop.call_soon(self.ack, dispatch_id)
+                if msg.payload.get("start_by") is None:
+                    loop.call_soon(self.ack, dispatch_id)  # the two-phase start
+                else:
+                    self._start(dispatch_id)  # one message: runs at once, answers its result
         elif msg.kind == p.DISPATCH_START:
             dispatch_id, start = msg.payload["dispatch_id"], msg.payload["start"]
             self.starts[dispatch_id] = start
             if not start:
                 self._slots.discard(dispatch_id)
                 return
-            self.held[dispatch_id] = next(
-                d for d in self.dispatches if d["dispatch_id"] == dispatch_id
-            )
-            behaviour = self._behaviour.get(dispatch_id, RUN)
-            if behaviour == RUN:
-                loop.call_soon(self.finish, dispatch_id)
-            elif behaviour == FAIL:
-                loop.call_soon(lambda: self.finish(dispatch_id, error="boom"))
+            self._start(dispatch_id)
+
+    def _start(self, dispatch_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.held[dispatch_id] = next(d for d in self.dispatches if d["dispatch_id"] == dispatch_id)
+        behaviour = self._behaviour.get(dispatch_id, RUN)
+        if behaviour == RUN:
+            loop.call_soon(self.finish, dispatch_id)
+        elif behaviour == FAIL:
+            loop.call_soon(lambda: self.finish(dispatch_id, error="boom"))
 
 
 @contextlib.contextmanager

@@ -100,10 +100,21 @@ def test_a_hello_from_its_own_handler_key_registers_it_and_is_answered() -> None
     [
         (p.HELLO, {"handler_id": "h1", "tasks": "echo"}),
         (p.HELLO, {"tasks": ["echo"]}),
+        (p.HELLO, {"handler_id": "h1", "tasks": ["echo"], "clock": -1.0}),
+        (p.HELLO, {"handler_id": "h1", "tasks": ["echo"], "clock": "soon"}),
+        (p.HELLO, {"handler_id": "h1", "tasks": ["echo"], "running": "key"}),
         (p.DISPATCH_ACK, {"dispatch_id": "d1", "handler_id": "h1", "accepted": "yes"}),
         (p.JOB_RESULT, {"dispatch_id": "d1", "handler_id": "h1", "outcome": "maybe"}),
     ],
-    ids=["hello-tasks-not-a-list", "hello-without-id", "ack-accepted-not-bool", "bad-outcome"],
+    ids=[
+        "hello-tasks-not-a-list",
+        "hello-without-id",
+        "hello-clock-negative",
+        "hello-clock-not-a-number",
+        "hello-running-not-a-list",
+        "ack-accepted-not-bool",
+        "bad-outcome",
+    ],
 )
 def test_a_malformed_message_from_a_handler_is_refused_and_counted(
     kind: str, payload: dict[str, Any]

@@ -18,7 +18,7 @@ from apscheduler import Job
 from mesh.config import DispatchConfig
 from mesh.contracts import term_identity
 from mesh.dispatch import protocol as p
-from mesh.dispatch.dispatcher import Fenced, HandlerDispatcher
+from mesh.dispatch.dispatcher import WATCH_INTERVAL, Fenced, HandlerDispatcher
 from mesh.dispatch.registry import CIRCUIT_COOLDOWN, CIRCUIT_FAILURES, HandlerRegistry
 from mesh.scheduling.executor import TaskUnavailable
 from mesh.scheduling.session import LeaderSession
@@ -319,3 +319,110 @@ def test_the_hello_reply_tells_a_handler_where_the_leader_is() -> None:
         "nodes": ["tcp://127.0.0.1:7100", "tcp://127.0.0.1:7200"],
     }
     assert leader.dispatcher.offers("echo")
+
+
+# --------------------------------------------------------------------------- one message
+
+HANDLER_CLOCK = 500.0  # what the handler's hellos report; the leader's clock says 1000
+
+
+async def test_a_handler_reporting_its_clock_gets_one_dispatch_with_a_start_deadline() -> None:
+    leader = Leader(ack_timeout=0.5)
+    leader.lead()
+    a = leader.handler("a")
+    a.hello(clock=HANDLER_CLOCK)
+    assert await leader.dispatch(await leader.job(value="done")) == ("done", "a")
+    [sent] = a.dispatches
+    assert sent["start_by"] == HANDLER_CLOCK + 0.5  # ack_timeout ahead, on the handler's clock
+    assert leader.bus.sent_of(p.DISPATCH_START) == []
+
+
+async def test_a_dispatch_that_did_not_start_by_its_deadline_goes_back_to_the_same_handler() -> (
+    None
+):
+    """Neither listed as running by a hello sent after ``start_by`` nor answered: it did not
+    start and cannot any more. The same handler gets it again (it would answer from its
+    idempotency window, had only the result been lost); no failure is counted."""
+    leader = Leader(ack_timeout=0.5)
+    leader.lead()
+    a = leader.handler("a")
+    b = leader.handler("b")
+    for h in (a, b):
+        h.hello(clock=HANDLER_CLOCK)
+        h.script(SILENT)  # whichever gets the first dispatch loses it
+    run = asyncio.create_task(leader.dispatch(await leader.job(value="done")))
+    [first] = await leader.bus.wait_sent(p.DISPATCH)
+    x = a if first.identity == b"a" else b
+    x.hello(clock=first.payload["start_by"], running=[])
+    assert await run == ("done", x.handler_id)
+    [_, again] = x.dispatches
+    assert again["idempotency_key"] == first.payload["idempotency_key"]
+    assert again["dispatch_id"] != first.payload["dispatch_id"]
+    assert again["attempt"] == 2
+    assert len(a.dispatches) + len(b.dispatches) == 2
+    assert leader.registry.handlers[x.handler_id].consecutive_failures == 0
+
+
+async def test_a_hello_sent_before_the_start_deadline_never_makes_the_leader_give_up() -> None:
+    """Until a hello sent at or after ``start_by`` omits the key, the dispatch may still arrive
+    and run: the leader must not send the job anywhere else."""
+    leader = Leader(ack_timeout=0.5)
+    leader.lead()
+    a = leader.handler("a")
+    a.hello(clock=HANDLER_CLOCK)
+    a.script(SILENT)
+    run = asyncio.create_task(leader.dispatch(await leader.job(value="done")))
+    [first] = await leader.bus.wait_sent(p.DISPATCH)
+    start_by = first.payload["start_by"]
+    a.hello(clock=start_by - 0.001, running=[])
+    await asyncio.sleep(3 * WATCH_INTERVAL)
+    assert len(a.dispatches) == 1 and not run.done()
+    a.hello(clock=start_by, running=[])
+    assert await run == ("done", "a")
+    assert len(a.dispatches) == 2
+
+
+async def test_a_job_a_later_hello_lists_as_running_is_waited_for() -> None:
+    leader = Leader(ack_timeout=0.5)
+    leader.lead()
+    a = leader.handler("a")
+    a.hello(clock=HANDLER_CLOCK)
+    a.script(HOLD)
+    job = await leader.job(value="done")
+    run = asyncio.create_task(leader.dispatch(job))
+    [first] = await leader.bus.wait_sent(p.DISPATCH)
+    a.hello(clock=first.payload["start_by"] + 5, running=[idempotency_key(job)])
+    await asyncio.sleep(3 * WATCH_INTERVAL)
+    assert len(a.dispatches) == 1 and not run.done()
+    a.finish_all()
+    assert await run == ("done", "a")
+
+
+async def test_an_expired_refusal_chooses_again_without_counting_a_failure() -> None:
+    leader = Leader(ack_timeout=0.5, max_attempts=1)
+    leader.lead()
+    a = leader.handler("a")
+    a.hello(clock=HANDLER_CLOCK)
+    a.script(SILENT)
+    run = asyncio.create_task(leader.dispatch(await leader.job(value="done")))
+    [first] = await leader.bus.wait_sent(p.DISPATCH)
+    a.ack(first.payload["dispatch_id"], accepted=False, reason=p.EXPIRED)
+    assert await run == ("done", "a")
+    assert leader.registry.handlers["a"].consecutive_failures == 0
+
+
+def test_the_clock_bound_is_the_best_recent_hello_and_never_ahead_of_the_handler() -> None:
+    clock = ManualClock(1000.0)
+    registry = HandlerRegistry(clock=clock)
+    hello = {"handler_id": "a", "tasks": ["echo"], "pid": 1, "started_at": "t0"}
+    registry.on_hello({**hello, "clock": 500.0})  # sent at 500 on its clock, seen at 1000 here
+    clock.advance(2.0)
+    assert registry.handler_clock(registry.handlers["a"]) == pytest.approx(502.0 - 2e-3)
+    registry.on_hello({**hello, "clock": 501.0})  # a slow delivery: 1 s late, a worse sample
+    assert registry.handler_clock(registry.handlers["a"]) == pytest.approx(502.0 - 2e-3)
+    registry.on_hello({**hello, "clock": 502.0})  # delivered at once: the best sample
+    assert registry.handler_clock(registry.handlers["a"]) == pytest.approx(502.0)
+    registry.on_hello({**hello, "clock": 10.0, "started_at": "t1"})  # a new process
+    assert registry.handler_clock(registry.handlers["a"]) == pytest.approx(10.0)
+    registry.on_hello({**hello, "started_at": "t1"})  # no clock: the two-phase start
+    assert registry.handler_clock(registry.handlers["a"]) is None

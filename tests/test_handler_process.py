@@ -29,6 +29,7 @@ from mesh.dispatch.protocol import (
     DISPATCH,
     DISPATCH_ACK,
     DISPATCH_START,
+    EXPIRED,
     HELLO,
     JOB_RESULT,
     NOT_STARTED,
@@ -696,3 +697,103 @@ async def test_a_start_after_the_window_is_answered_not_started_and_runs_nothing
     assert result["outcome"] == NOT_STARTED
     assert (await run_to_the_end(node, path, "after"))["outcome"] == "success"
     assert path.read_text().splitlines() == ["after"]
+
+
+# ---------------------------------------------------------------------------- one message
+
+
+def ahead(handler: HandlerProcess, seconds: float) -> float:
+    """A ``start_by`` ``seconds`` ahead on the handler's own clock (what the leader bounds)."""
+    return handler._clock() + seconds
+
+
+async def test_a_dispatch_with_a_start_deadline_runs_at_once_and_sends_only_its_result(
+    node_and_handler: tuple[FakeNode, HandlerProcess], tmp_path: Path
+) -> None:
+    node, handler = node_and_handler
+    path = tmp_path / "runs.txt"
+    d = node.dispatch("h1", "count_to_file", str(path), start_by=ahead(handler, 5))
+    result = await node.result(d)
+    assert result["outcome"] == "success"
+    assert path.read_text().splitlines() == [result["idempotency_key"]]
+    assert d not in node.acks  # no acknowledgement, no start: one message each way
+
+
+async def test_a_dispatch_arriving_after_its_start_deadline_is_refused_expired_and_never_runs(
+    node_and_handler: tuple[FakeNode, HandlerProcess], tmp_path: Path
+) -> None:
+    node, handler = node_and_handler
+    path = tmp_path / "runs.txt"
+    late = node.dispatch(
+        "h1", "count_to_file", str(path), idempotency_key="late", start_by=ahead(handler, -0.01)
+    )
+    ack = await node.ack(late)
+    assert (ack["accepted"], ack["reason"]) == (False, EXPIRED)
+    on_time = node.dispatch(
+        "h1", "count_to_file", str(path), idempotency_key="on-time", start_by=ahead(handler, 5)
+    )
+    assert (await node.result(on_time))["outcome"] == "success"
+    assert path.read_text().splitlines() == ["on-time"]
+    assert late not in node.results
+    assert handler.counters["refused.expired"] == 1
+
+
+async def test_hellos_carry_the_handlers_clock_and_list_the_keys_it_is_running(
+    node_and_handler: tuple[FakeNode, HandlerProcess],
+) -> None:
+    node, handler = node_and_handler
+    d = node.dispatch("h1", "slow", 1.5, idempotency_key="long", start_by=ahead(handler, 5))
+    hello = await node.wait_for(
+        "a hello listing the key",
+        lambda: next((h for h in reversed(node.hellos) if "long" in h["running"]), None),
+    )
+    assert 0 < hello["clock"] <= handler._clock()
+    await node.result(d)
+    after = len(node.hellos)
+    hello = await node.wait_for(
+        "a later hello", lambda: node.hellos[-1] if len(node.hellos) > after else None
+    )
+    assert "long" not in hello["running"]
+
+
+async def test_a_finished_key_is_listed_as_running_until_its_result_is_queued(
+    node_and_handler: tuple[FakeNode, HandlerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader that sees neither the key nor its result takes it for "never started": the
+    hello must not drop the key before the result is on its way."""
+    node, handler = node_and_handler
+    sent = asyncio.Event()
+    queue_results = asyncio.Event()
+    real_send = handler.transport.send
+
+    def send(address: str, kind: str, payload: dict[str, Any]) -> bool:
+        if kind == JOB_RESULT and not queue_results.is_set():
+            sent.set()
+            return False  # the node is reconnecting: the handler retries
+        return real_send(address, kind, payload)
+
+    monkeypatch.setattr(handler.transport, "send", send)
+    d = node.dispatch("h1", "echo", 1, idempotency_key="unsent", start_by=ahead(handler, 5))
+    await asyncio.wait_for(sent.wait(), WAIT)
+    assert "unsent" in handler.hello_payload()["running"]
+    queue_results.set()
+    assert (await node.result(d))["outcome"] == "success"
+    assert "unsent" not in handler.hello_payload()["running"]
+
+
+async def test_a_one_message_redispatch_of_a_finished_key_gets_the_cached_result_without_an_ack(
+    node_and_handler: tuple[FakeNode, HandlerProcess], tmp_path: Path
+) -> None:
+    node, handler = node_and_handler
+    path = tmp_path / "runs.txt"
+    first = node.dispatch(
+        "h1", "count_to_file", str(path), idempotency_key="k", start_by=ahead(handler, 5)
+    )
+    await node.result(first)
+    again = node.dispatch(
+        "h1", "count_to_file", str(path), idempotency_key="k", start_by=ahead(handler, 5)
+    )
+    result = await node.result(again)
+    assert result["cached"] is True
+    assert path.read_text().splitlines() == ["k"]
+    assert again not in node.acks

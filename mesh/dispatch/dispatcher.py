@@ -5,11 +5,19 @@ free slot, pick the least loaded; ties go round-robin (a per-task cursor), so eq
 equal shares. A schedule whose metadata says ``{"affinity": "sticky"}`` prefers the handler that
 ran its previous job while that handler is healthy.
 
-Faults: a refused dispatch, a missing acknowledgement, a handler that stops heartbeating, or a
-job that exceeds its timeout is retried on another handler with the same idempotency key (the
-handler deduplicates). A task that raises is not retried: its error is the job's outcome. A job
-whose task no handler offers waits for one until its start deadline (the schedule's misfire grace
-time), or ``no_handler_wait`` for jobs without one, then ends with a clear error.
+Messages: one ``dispatch`` per job, answered by its ``job_result`` (or a refusal). Its
+``start_by``, a time on the handler's clock (learnt from its hellos), fences it: a dispatch that
+arrives later runs nothing, so once that time has passed on the handler and a hello sent after
+it does not list the job, the job did not start there (mesh.dispatch.protocol). A handler whose
+hellos carry no clock gets the two-phase start (dispatch, ack, start, result).
+
+Faults: a refused dispatch, a dispatch that did not start, a handler that stops heartbeating, or
+a job that exceeds its timeout is retried with the same idempotency key (the handler
+deduplicates): a dispatch that did not start goes back to the same handler (it answers from its
+idempotency window if only the result was lost), the others go to another handler. A task
+that raises is not retried: its error is the job's outcome. A job whose task no handler offers
+waits for one until its start deadline (the schedule's misfire grace time), or
+``no_handler_wait`` for jobs without one, then ends with a clear error.
 
 Trust: on an authenticated mesh a handler is its key. Hellos, acknowledgements and results are
 accepted only from a ``handler`` key whose name is the ``handler_id`` they claim, and an answer
@@ -48,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mesh.dispatch")
 
 MAX_BUSY_REFUSALS = 100  # "at capacity" answers a job may get before they count as failures
+WATCH_INTERVAL = 0.25  # seconds between the watchdog's looks at the dispatches in flight
 
 _FromHandler = TypeVar("_FromHandler", p.Hello, p.DispatchAck, p.JobResult)
 
@@ -60,15 +69,29 @@ class HandlerBusy(HandlerLost):
     """The handler refused because it is full: choose again; neither a failure nor an attempt."""
 
 
+class NotStarted(HandlerLost):
+    """The dispatch cannot start any more and did not (a hello sent after its ``start_by`` does
+    not list it, and no result came): send it again to the same handler."""
+
+
 class Fenced(Exception):
     """This leader's lease on the job is gone (a newer leader took over): do not dispatch."""
 
 
 @attrs.define
 class _Pending:
+    """One dispatch in flight. ``result`` gets the handler's answer (the one-message dispatch's
+    refusal too) or the watchdog's verdict; ``ack`` is the two-phase start's acknowledgement."""
+
     handler: HandlerInfo
     ack: asyncio.Future[dict[str, Any]]
     result: asyncio.Future[dict[str, Any]]
+    key: str
+    incarnation: str | None
+    start_by: float | None = None  # the handler's clock; None: the two-phase start
+    timeout: float | None = None  # the task's run time limit (seconds)
+    deadline: float | None = None  # registry clock: the timeout and its slack have passed
+    started: bool = False  # two-phase: the start was sent; the watchdog now watches it
 
 
 class HandlerDispatcher:
@@ -91,6 +114,7 @@ class HandlerDispatcher:
         self.governors = governors or Governors()
         self.settings = settings or DispatchConfig()  # the config's dispatch section
         self._pending: dict[str, _Pending] = {}
+        self._watchdog: asyncio.Task[None] | None = None
         self._cursor: dict[str, itertools.count[int]] = {}
         self._sticky: dict[str, str] = {}  # schedule id → handler id
         bus.handle(p.HELLO, self._on_hello)
@@ -138,6 +162,13 @@ class HandlerDispatcher:
                         await self.governors.handler_rate(handler.handler_id)
                         try_ctx = attrs.evolve(ctx, attempt=ctx.attempt + attempt - 1)
                         value = await self._run_on(handler, job, try_ctx)
+            except NotStarted as e:
+                # Back to the same handler: it runs the job now, or answers from its
+                # idempotency window if it did run it and only the result was lost.
+                last_error = e
+                assigned = handler.handler_id
+                log.info("job %s: %s; sending it again", job.id, e)
+                continue
             except HandlerBusy as e:
                 # Our view of its load was stale: not its fault, and not a failed attempt.
                 last_error = e
@@ -299,9 +330,18 @@ class HandlerDispatcher:
     async def _run_on(self, handler: HandlerInfo, job: Job, ctx: JobContext) -> Any:
         loop = asyncio.get_running_loop()
         dispatch_id = uuid.uuid4().hex
-        pending = _Pending(handler, loop.create_future(), loop.create_future())
-        self._pending[dispatch_id] = pending
         timeout = self.settings.task_timeouts.get(job.task_id, self.settings.default_timeout)
+        pending = _Pending(
+            handler, loop.create_future(), loop.create_future(), ctx.idempotency_key,
+            handler.incarnation,
+        )  # fmt: skip
+        if timeout is not None:
+            slack = self.settings.ack_timeout + p.START_WINDOW
+            pending.timeout = timeout
+            pending.deadline = self.registry.clock() + timeout + slack
+        handler_now = self.registry.handler_clock(handler)
+        if handler_now is not None:
+            pending.start_by = handler_now + self.settings.ack_timeout
         payload = {
             "dispatch_id": dispatch_id,
             "job_id": str(job.id),
@@ -316,27 +356,16 @@ class HandlerDispatcher:
             if ctx.scheduled_fire_time
             else None,
             "timeout": timeout,
+            "start_by": pending.start_by,
         }
-        incarnation = handler.incarnation
+        self._pending[dispatch_id] = pending
         try:
             if not self.bus.send_to_identity(handler.identity, p.DISPATCH, payload):
                 raise HandlerLost(f"handler {handler.handler_id} is not connected to this node")
-            try:
-                ack = await asyncio.wait_for(pending.ack, self.settings.ack_timeout)
-            except TimeoutError:
-                # Nothing runs without our start, and a late acknowledgement is answered with
-                # start=false (see _on_ack): retrying elsewhere cannot run the job twice.
-                raise HandlerLost(f"handler {handler.handler_id} did not acknowledge") from None
-            if not ack.get("accepted"):
-                error = HandlerBusy if ack.get("reason") == p.AT_CAPACITY else HandlerLost
-                raise error(
-                    f"handler {handler.handler_id} refused the dispatch: {ack.get('reason')}"
-                )
-            if ack.get("needs_start"):
-                self.bus.send_to_identity(
-                    handler.identity, p.DISPATCH_START, {"dispatch_id": dispatch_id, "start": True}
-                )
-            result = await self._await_result(handler, incarnation, pending, timeout)
+            if pending.start_by is None:
+                await self._start(pending, dispatch_id)
+            self._watch()
+            result = await pending.result
         finally:
             self._pending.pop(dispatch_id, None)
         if result.get("outcome") == p.NOT_STARTED:
@@ -348,39 +377,73 @@ class HandlerDispatcher:
             raise HandlerLost(f"handler {handler.handler_id}: {err.get('message')}")
         raise RemoteJobError(str(err.get("type", "Error")), str(err.get("message", "")))
 
-    async def _await_result(
-        self,
-        handler: HandlerInfo,
-        incarnation: str | None,
-        pending: _Pending,
-        timeout: float | None,
-    ) -> dict[str, Any]:
-        """Wait for the result while watching the handler's heartbeat.
+    async def _start(self, pending: _Pending, dispatch_id: str) -> None:
+        """The two-phase start: wait for the acknowledgement, then send ``dispatch_start``."""
+        handler = pending.handler
+        try:
+            ack = await asyncio.wait_for(pending.ack, self.settings.ack_timeout)
+        except TimeoutError:
+            # Nothing runs without our start, and a late acknowledgement is answered with
+            # start=false (see _on_ack): retrying elsewhere cannot run the job twice.
+            raise HandlerLost(f"handler {handler.handler_id} did not acknowledge") from None
+        if not ack.get("accepted"):
+            raise _refused(handler, ack)
+        if ack.get("needs_start"):
+            self.bus.send_to_identity(
+                handler.identity, p.DISPATCH_START, {"dispatch_id": dispatch_id, "start": True}
+            )
+        pending.started = True
 
-        A started job is given up on only when its handler restarted (the job died with it) or
-        has been unreachable for ``redispatch_wait`` (it may still be running it: retrying
-        elsewhere is then at-least-once, with the same idempotency key).
+    # ------------------------------------------------------------------ the watchdog
+
+    def _watch(self) -> None:
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.get_running_loop().create_task(
+                self._watch_loop(), name="mesh.dispatch.watchdog"
+            )
+
+    async def _watch_loop(self) -> None:
+        """Every ``WATCH_INTERVAL``, ends the dispatches in flight that will not be answered;
+        exits when none is left. One task for all of them, instead of a timer per job."""
+        while self._pending:
+            await asyncio.sleep(WATCH_INTERVAL)
+            for pending in list(self._pending.values()):
+                if pending.result.done() or (pending.start_by is None and not pending.started):
+                    continue
+                verdict = self._verdict(pending)
+                if verdict is not None:
+                    pending.result.set_exception(verdict)
+
+    def _verdict(self, pending: _Pending) -> HandlerLost | None:
+        """Why a dispatch in flight will get no answer, or None while it still may.
+
+        A started job is given up on only when its handler restarted (the job died with it), has
+        been unreachable for ``redispatch_wait`` (it may still be running it: retrying elsewhere
+        is then at-least-once, with the same idempotency key), or ran past the task's timeout.
         """
-        loop = asyncio.get_running_loop()
-        slack = self.settings.ack_timeout + p.START_WINDOW
-        deadline = None if timeout is None else loop.time() + timeout + slack
-        while True:
-            wait = 0.5
-            if deadline is not None:
-                wait = min(wait, deadline - loop.time())
-                if wait <= 0:
-                    raise HandlerLost(
-                        f"handler {handler.handler_id} exceeded the task timeout ({timeout}s)"
-                    )
-            with contextlib.suppress(TimeoutError):
-                return await asyncio.wait_for(asyncio.shield(pending.result), wait)
-            silent = self.registry.clock() - handler.last_seen
-            if silent > max(self.settings.redispatch_wait, p.DEAD_AFTER):
-                raise HandlerLost(
-                    f"handler {handler.handler_id} unreachable for {silent:.1f}s mid-job"
-                )
-            if handler.incarnation != incarnation:
-                raise HandlerLost(f"handler {handler.handler_id} restarted mid-job")
+        handler = pending.handler
+        now = self.registry.clock()
+        if pending.deadline is not None and now >= pending.deadline:
+            return HandlerLost(
+                f"handler {handler.handler_id} exceeded the task timeout ({pending.timeout}s)"
+            )
+        silent = now - handler.last_seen
+        if silent > max(self.settings.redispatch_wait, p.DEAD_AFTER):
+            return HandlerLost(
+                f"handler {handler.handler_id} unreachable for {silent:.1f}s mid-job"
+            )
+        if handler.incarnation != pending.incarnation:
+            return HandlerLost(f"handler {handler.handler_id} restarted mid-job")
+        if (
+            pending.start_by is not None
+            and handler.hello_clock is not None
+            and handler.hello_clock >= pending.start_by
+            and pending.key not in handler.running
+        ):
+            return NotStarted(
+                f"handler {handler.handler_id} did not start the job by its start deadline"
+            )
+        return None
 
     # ------------------------------------------------------------------ incoming
 
@@ -405,6 +468,11 @@ class HandlerDispatcher:
             return
         pending = self._pending.get(ack.dispatch_id)
         if pending is not None and not self._from_assigned(msg, pending):
+            return
+        if pending is not None and pending.start_by is not None:
+            # One message per dispatch: only refusals are acknowledged.
+            if not ack.accepted and not pending.result.done():
+                pending.result.set_exception(_refused(pending.handler, msg.payload))
             return
         if pending is not None and not pending.ack.done():
             pending.ack.set_result(msg.payload)
@@ -458,6 +526,14 @@ class HandlerDispatcher:
             msg, "not_assigned", f"{msg.kind} for a dispatch sent to handler {assigned!r}"
         )
         return False
+
+
+def _refused(handler: HandlerInfo, ack: dict[str, Any]) -> HandlerLost:
+    """The error for a refused dispatch: "at capacity" and "expired" (our bound on its clock
+    was early) say nothing bad about the handler: choose again (HandlerBusy)."""
+    reason = ack.get("reason")
+    error = HandlerBusy if reason in (p.AT_CAPACITY, p.EXPIRED) else HandlerLost
+    return error(f"handler {handler.handler_id} refused the dispatch: {reason}")
 
 
 @attrs.frozen

@@ -7,9 +7,11 @@ is enough to find the whole mesh. Unreachable nodes are retried with capped expo
 forever, so a handler started before the mesh, or one that outlives every node, never needs a
 restart.
 
-The leader sends ``dispatch`` messages; the handler answers each with a ``dispatch_ack`` and,
-when the task has run, a ``job_result`` (see :mod:`mesh.dispatch.protocol`), both to the node
-the dispatch came from. Three handler-side rules make re-dispatches safe:
+The leader sends ``dispatch`` messages; the handler runs each one that arrives before its
+``start_by`` (a time on this handler's clock, which its hellos report) and answers with a
+``job_result`` when the task has run, or refuses it at once with a ``dispatch_ack``, both to
+the node the dispatch came from (see :mod:`mesh.dispatch.protocol`; a dispatch without
+``start_by`` gets the older two-phase start). Three handler-side rules make re-dispatches safe:
 
 * fencing: a dispatch whose ``fencing_token`` is below the highest one seen is refused;
 * idempotency: a finished ``idempotency_key`` is answered from a bounded LRU+TTL window
@@ -25,7 +27,8 @@ hello reply must name the key it answered with. Without keys it runs unencrypted
 :func:`mesh.security.policy.check_unencrypted` allows only on loopback unless ``insecure``.
 
 Why this file is long: it is a whole program, the handler process, whose three safety rules
-(fencing, the idempotency window, two-phase start) share one job table and must be read together.
+(fencing, the idempotency window, the start deadline) share one job table and must be read
+together.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from mesh.dispatch.protocol import (
     DISPATCH,
     DISPATCH_ACK,
     DISPATCH_START,
+    EXPIRED,
     HEARTBEAT_INTERVAL,
     HELLO,
     JOB_RESULT,
@@ -73,6 +77,7 @@ from mesh.dispatch.protocol import (
     UNKNOWN_TASK,
     DispatchStart,
     HelloReply,
+    deadline_clock,
     decode,
 )
 from mesh.security.audit import Rejections
@@ -227,6 +232,9 @@ class HandlerProcess:
     ``refused.<reason>``, ``cached_answers``, ``joined``, ``sends_failed``; ``rejections``
     counts messages refused for security reasons (``role``, ``sender_mismatch``).
 
+    ``clock`` defaults to :func:`~mesh.dispatch.protocol.deadline_clock`: hellos report it and
+    dispatches' ``start_by`` are times on it.
+
     ``keys``: this handler's key ring (its own key must be named ``handler_id`` and have the
     ``handler`` role); every link is then CURVE. Without keys, the node addresses must all be
     loopback unless ``insecure`` (:class:`~mesh.security.policy.InsecureStart` otherwise).
@@ -241,7 +249,7 @@ class HandlerProcess:
         tasks: Mapping[str, TaskDef] | None = None,
         idempotency_window: int = 10_000,
         idempotency_ttl: float = 3600.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = deadline_clock,
         keys: KeyRing | None = None,
         insecure: bool = False,
     ) -> None:
@@ -284,6 +292,9 @@ class HandlerProcess:
         self.avg_ms = 0.0
         self.started_at: str | None = None
         self._running: dict[str, _Running] = {}  # idempotency key -> execution
+        # Finished keys whose result is not queued yet: hellos still list them as running, so a
+        # leader never takes "not listed, no result" for "never started" (protocol docstring).
+        self._sending: collections.Counter[str] = collections.Counter()
         self._job_tasks: set[asyncio.Task[None]] = set()
         self._heartbeats: dict[str, asyncio.Task[None]] = {}
         self._leader: tuple[int, str] | None = None
@@ -381,6 +392,8 @@ class HandlerProcess:
             "max_fencing_token": self.max_fencing_token,
             "started_at": self.started_at,
             "draining": self.draining,
+            "clock": self._clock(),
+            "running": [k for k, r in self._running.items() if r.started] + list(self._sending),
         }
 
     def _start_heartbeat(self, address: str) -> None:
@@ -566,6 +579,10 @@ class HandlerProcess:
                 self._ack(address, dispatch_id, False, BAD_REQUEST)
             return
 
+        if d.start_by is not None and self._clock() >= d.start_by:
+            # The leader may have given up on it and sent the job elsewhere: never run it.
+            self._refuse(d, EXPIRED)
+            return
         if d.fencing_token < self.max_fencing_token:
             log.warning(
                 "handler %s: refusing dispatch %s of %s from %s: fencing token %d < %d",
@@ -585,10 +602,12 @@ class HandlerProcess:
             self._refuse(d, UNKNOWN_TASK)
             return
 
+        two_phase = d.start_by is None  # one message per dispatch: no ack when accepted
         finished = self.idempotency.get(d.idempotency_key)
         if finished is not None:
             self.counters["cached_answers"] += 1
-            self._ack(address, d.dispatch_id, True, None)
+            if two_phase:
+                self._ack(address, d.dispatch_id, True, None)
             self._spawn(self._send_result(d, finished, cached=True))
             return
         running = self._running.get(d.idempotency_key)
@@ -599,7 +618,8 @@ class HandlerProcess:
             running = None
         if running is not None:
             self.counters["joined"] += 1
-            self._ack(address, d.dispatch_id, True, None)
+            if two_phase:
+                self._ack(address, d.dispatch_id, True, None)
             same = (running.dispatch, *running.joiners)
             if not any(o.dispatch_id == d.dispatch_id and o.address == address for o in same):
                 running.joiners.append(d)
@@ -612,6 +632,10 @@ class HandlerProcess:
             self._refuse(d, AT_CAPACITY)
             return
 
+        if not two_phase:
+            self._running[d.idempotency_key] = _Running(d, started=True)
+            self._spawn(self._run(task, d))
+            return
         pending = _Running(d)
         pending.expiry = asyncio.get_running_loop().call_later(
             START_WINDOW, self._expire_pending, d.idempotency_key, d.dispatch_id
@@ -780,10 +804,16 @@ class HandlerProcess:
         # Cache before leaving the running map: a re-dispatch never sees neither.
         self.idempotency.put(d.idempotency_key, result)
         running = self._running.pop(d.idempotency_key)
-        await asyncio.gather(
-            self._send_result(d, result, cached=False),
-            *(self._send_result(j, result, cached=True) for j in running.joiners),
-        )
+        self._sending[d.idempotency_key] += 1
+        try:
+            await asyncio.gather(
+                self._send_result(d, result, cached=False),
+                *(self._send_result(j, result, cached=True) for j in running.joiners),
+            )
+        finally:
+            self._sending[d.idempotency_key] -= 1
+            if self._sending[d.idempotency_key] <= 0:
+                del self._sending[d.idempotency_key]
 
     @staticmethod
     async def _call(task: TaskDef, ctx: JobContext, d: Dispatch) -> Any:

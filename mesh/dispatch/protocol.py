@@ -6,28 +6,46 @@ knows. Messages (ZMQ kind → payload):
 ``handler_hello``  handler → every node, a request every ``HEARTBEAT_INTERVAL``; the node answers
     ``{"node_id", "leader_id", "term", "leader_mesh", "nodes"}``. Payload: ``{"handler_id",
     "tasks", "concurrency", "pid", "host", "active_jobs", "succeeded", "failed", "avg_ms",
-    "max_fencing_token", "started_at", "draining"}``. Every node keeps the registry from these,
-    so ``GET /api/handlers`` answers on every node.
+    "max_fencing_token", "started_at", "draining", "clock", "running"}``. Every node keeps the
+    registry from these, so ``GET /api/handlers`` answers on every node. ``clock`` is the
+    handler's deadline clock when it sent the hello (seconds, ``CLOCK_BOOTTIME``: monotonic and
+    counting suspend); ``running`` the idempotency keys it is running, or whose result it has
+    not yet queued. Both serve the one-message dispatch below.
 ``dispatch``       leader → handler (ROUTER → DEALER, one-way): ``{"dispatch_id", "job_id",
     "task", "args", "kwargs", "idempotency_key", "fencing_token", "attempt", "schedule_id",
-    "scheduled_fire_time", "timeout"}``.
+    "scheduled_fire_time", "timeout", "start_by"}``.
 ``dispatch_ack``   handler → the node the dispatch came from: ``{"dispatch_id", "handler_id",
     "accepted": bool, "reason", "needs_start": bool}``. A handler refuses a dispatch whose
     fencing token is lower than the highest it has seen (``reason: "stale_fencing_token"``), or
-    when it is full (``"at_capacity"``) or does not offer the task (``"unknown_task"``).
-    ``needs_start`` is true when the dispatch would start a new execution: the handler holds a
-    slot for it and runs nothing until ``dispatch_start`` (false when it answers from its
-    idempotency window or joins the execution already running for the key).
-``dispatch_start`` leader → handler: ``{"dispatch_id", "start": bool}``. Sent when the
-    acknowledgement arrives while the leader still waits for it; a late acknowledgement (the
-    leader already retried elsewhere) gets ``start: false``. A handler that gets no start within
-    ``START_WINDOW`` of its acknowledgement drops the dispatch, and answers a late start with a
-    ``job_result`` of outcome ``"not_started"``. So a dispatch delayed in the network (a
-    partition, a retransmission after heal) can never run after the leader gave up on it.
+    when it is full (``"at_capacity"``), does not offer the task (``"unknown_task"``), or the
+    dispatch arrived after its ``start_by`` (``"expired"``).
 ``job_result``     handler → the node the dispatch came from: ``{"dispatch_id", "job_id",
     "idempotency_key", "handler_id", "outcome": "success"|"error", "return_value", "error":
     {"type", "message"} | None, "duration_ms", "cached": bool}``. ``cached`` is true when the
     handler answered from its idempotency window instead of running the task again.
+
+**One message per dispatch** (a dispatch with ``start_by``). The leader learns each handler's
+clock from its hellos and sets ``start_by`` to ``dispatch.ack_timeout`` ahead in the *handler's*
+clock (a lower bound of it, see :mod:`mesh.dispatch.registry`). The handler runs the dispatch
+at once if it arrives before ``start_by``, and sends nothing until the result; refusals are
+acknowledged at once (``accepted: false``). A dispatch that arrives later is refused
+``expired`` and runs nothing. So a dispatch delayed in the network (a partition, a
+retransmission after heal) can never run once the leader may have given up on it: the leader
+decides that an unanswered dispatch did not start only from a hello the handler sent at or
+after ``start_by`` that does not list the key in ``running`` (results and hellos travel on one
+connection, in order). It then sends the job again *to the same handler*, which answers from
+its idempotency window if it ran it after all (a lost result), or runs it now.
+
+**Two-phase start** (a dispatch without ``start_by``: a leader that does not know the
+handler's clock, i.e. a hello without ``clock``). The handler acknowledges with
+``needs_start: true`` when the dispatch would start a new execution, holds a slot and runs
+nothing until ``dispatch_start``; ``needs_start`` is false when it answers from its idempotency
+window or joins the execution already running for the key.
+``dispatch_start`` leader → handler: ``{"dispatch_id", "start": bool}``. Sent when the
+    acknowledgement arrives while the leader still waits for it; a late acknowledgement (the
+    leader already retried elsewhere) gets ``start: false``. A handler that gets no start within
+    ``START_WINDOW`` of its acknowledgement drops the dispatch, and answers a late start with a
+    ``job_result`` of outcome ``"not_started"``.
 
 Each payload has a :class:`msgspec.Struct` below; the receiving end decodes it with
 :func:`decode`, and a payload that does not match is dropped (a node refuses and counts it as
@@ -42,6 +60,7 @@ they carry, and an ack or result only the handler its dispatch went to; ``dispat
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -62,12 +81,25 @@ NOT_STARTED = "not_started"  # job_result outcome: the dispatch expired before i
 STALE_FENCING_TOKEN = "stale_fencing_token"
 AT_CAPACITY = "at_capacity"
 UNKNOWN_TASK = "unknown_task"
+EXPIRED = "expired"  # the dispatch arrived after its start_by: it runs nothing
+MAX_RUNNING_LISTED = 100_000  # bound on a hello's running keys (concurrency bounds it in practice)
 
 Id = Annotated[str, msgspec.Meta(min_length=1)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Term = Annotated[int, msgspec.Meta(ge=0, lt=1 << 62)]  # a term; the fencing token is one
+Clock = Annotated[float, msgspec.Meta(ge=0, le=1e12)]  # seconds on a handler's deadline clock
 
 T = TypeVar("T", bound=msgspec.Struct)
+
+
+def deadline_clock() -> float:
+    """A handler's clock for ``start_by`` and hellos: ``CLOCK_BOOTTIME`` where there is one
+    (Linux), which keeps counting while the machine is suspended, so a suspended handler cannot
+    wake up "earlier" than the leader's bound on its clock; ``time.monotonic`` elsewhere."""
+    return time.clock_gettime(_BOOTTIME) if _BOOTTIME is not None else time.monotonic()
+
+
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
 
 
 def decode(payload: Any, kind: type[T]) -> T:
@@ -88,6 +120,8 @@ class Hello(msgspec.Struct, frozen=True, kw_only=True):
     max_fencing_token: Count = 0
     started_at: str | None = None  # with pid, tells a restarted handler from its predecessor
     draining: bool = False
+    clock: Clock | None = None  # the handler's deadline clock when it sent this hello
+    running: Annotated[tuple[str, ...], msgspec.Meta(max_length=MAX_RUNNING_LISTED)] = ()
 
 
 class HelloReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -110,6 +144,7 @@ class Dispatch(msgspec.Struct, kw_only=True):
     schedule_id: str | None = None
     scheduled_fire_time: datetime | None = None  # RFC 3339; a naive one is taken as UTC
     timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    start_by: Clock | None = None  # run only if it arrives before this (handler's clock)
 
     def __post_init__(self) -> None:
         if self.args is None:

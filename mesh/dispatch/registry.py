@@ -8,6 +8,15 @@ On an authenticated mesh a handler id is the name of the handler's key: the disp
 hello only after checking that its ``handler_id`` is the key it came with
 (:mod:`mesh.dispatch.dispatcher`), so the registry's keys are authenticated ids and no key can
 take over another handler's entry.
+
+**The handler's clock.** A hello carries the handler's clock when it was sent (``clock``). For
+the one-message dispatch (:mod:`mesh.dispatch.protocol`) the leader needs a *lower bound* of the
+handler's clock now: a hello sent at handler time ``H`` and recorded at our time ``L`` says the
+handler's clock at our time ``t`` is at least ``H + (t - L)``, whatever the network delay (the
+delay only puts it further ahead). The bound is the best such sample of the last
+``CLOCK_WINDOW`` seconds, each lowered by ``CLOCK_DRIFT`` per second of age, so a handler clock
+running slower than ours (by up to 1,000 ppm) never makes it an over-estimate. A new incarnation
+starts with no samples: another process, maybe another machine.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ log = logging.getLogger("mesh.dispatch")
 
 CIRCUIT_FAILURES = 3  # consecutive failures that take a handler out of rotation
 CIRCUIT_COOLDOWN = 5.0  # seconds before one probe job may go to it again
+CLOCK_WINDOW = 30.0  # seconds of hello clock samples kept per handler
+CLOCK_DRIFT = 1e-3  # how much slower than ours a handler's clock may run (s/s)
 
 
 @attrs.define
@@ -50,6 +61,11 @@ class HandlerInfo:
     circuit_open_until: float = 0.0
     probing: bool = False
     draining: bool = False  # shutting down: finishes its jobs, takes no new ones
+    # Its clock (one-message dispatch): (our time, its clock - our time) per recent hello, the
+    # clock of its latest hello, and the idempotency keys that hello listed as running.
+    clock_samples: deque[tuple[float, float]] = attrs.Factory(deque)
+    hello_clock: float | None = None
+    running: frozenset[str] = frozenset()
     # Where dispatches go (``send_to_identity``): the identity of its latest authenticated hello
     # (on an unencrypted link, where nothing is authenticated, its DEALER's routing id: its id).
     identity: bytes = attrs.field(
@@ -101,14 +117,36 @@ class HandlerRegistry:
             info.consecutive_failures = 0
             info.circuit_open_until = 0.0
             info.probing = False
+            info.clock_samples.clear()
         info.incarnation = incarnation
         if identity:
             info.identity = identity
-        info.last_seen = self.clock()
+        now = info.last_seen = self.clock()
+        self._record_clock(info, hello, now)
         info.last_seen_wall = time.time()
         if not was_alive:
             self.notify()
         return info
+
+    @staticmethod
+    def _record_clock(info: HandlerInfo, hello: Hello, now: float) -> None:
+        info.hello_clock = hello.clock
+        info.running = frozenset(hello.running)
+        if hello.clock is None:
+            info.clock_samples.clear()  # a handler without a clock gets the two-phase start
+            return
+        samples = info.clock_samples
+        samples.append((now, hello.clock - now))
+        while len(samples) > 1 and now - samples[0][0] > CLOCK_WINDOW:
+            samples.popleft()
+
+    def handler_clock(self, info: HandlerInfo) -> float | None:
+        """A lower bound of ``info``'s clock now (module docstring), or None when its hellos
+        carry no clock."""
+        if not info.clock_samples:
+            return None
+        now = self.clock()
+        return now + max(offset - CLOCK_DRIFT * (now - at) for at, offset in info.clock_samples)
 
     def notify(self, freed: HandlerInfo | None = None) -> None:
         """Wake the jobs waiting for a handler: all of them (a handler arrived or recovered), or
