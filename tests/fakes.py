@@ -451,6 +451,7 @@ class FakeHandler:
         self.dispatches: list[dict[str, Any]] = []
         self.starts: dict[str, bool] = {}  # dispatch id → the start answer it got
         self.held: dict[str, dict[str, Any]] = {}  # started, not yet finished
+        self.batches: list[int] = []  # the size of each ``dispatches`` message it got
         self._script: list[str] = []
         self._slots: set[str] = set()  # accepted dispatches not finished: at most concurrency
         self._behaviour: dict[str, str] = {}
@@ -500,6 +501,11 @@ class FakeHandler:
 
     def _on_send(self, msg: Sent) -> None:
         if msg.identity != self.identity:
+            return
+        if msg.kind == p.DISPATCHES:
+            self.batches.append(len(msg.payload["items"]))
+            for item in msg.payload["items"]:
+                self._on_send(Sent(msg.identity, p.DISPATCH, item))
             return
         loop = asyncio.get_running_loop()
         if msg.kind == p.DISPATCH:

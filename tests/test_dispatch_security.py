@@ -368,3 +368,51 @@ async def test_over_curve_a_hello_reply_naming_another_node_than_its_key_is_refu
     )
     [link] = h1.nodes.values()
     assert link.node_id is None and link.reachable is not True
+
+
+async def test_a_batch_of_results_is_judged_item_by_item() -> None:
+    """A forged item in a ``job_results`` batch (another handler's dispatch, or another
+    handler's name) is refused; the batch's honest items still end their jobs."""
+    bus = KeyedBus()
+    leader = Leader(bus=bus)
+    leader.lead()
+    h1 = leader.handler("h1", concurrency=4)
+    h2 = leader.handler("h2", tasks=("other",))
+    for h in (h1, h2):
+        h.hello(clock=500.0)
+    h1.script(HOLD, HOLD)
+    jobs = [await leader.job(value=v) for v in ("a", "b")]
+    running = [asyncio.create_task(leader.dispatch(job)) for job in jobs]
+    await wait_until_async(lambda: len(h1.dispatches) == 2, timeout=5)
+    ids = [d["dispatch_id"] for d in h1.dispatches]
+
+    def item(dispatch_id: str, handler_id: str, value: str) -> dict[str, Any]:
+        return {
+            "dispatch_id": dispatch_id,
+            "handler_id": handler_id,
+            "outcome": "success",
+            "return_value": value,
+        }
+
+    bus.deliver_as("h2", "handler", p.JOB_RESULTS, {"items": [item(ids[0], "h2", "forged")]})
+    bus.deliver_as(
+        "h1",
+        "handler",
+        p.JOB_RESULTS,
+        {"items": [item(ids[0], "h2", "x"), item(ids[1], "h1", "b")]},
+    )
+    assert reasons(bus) == ["not_assigned", "sender_mismatch"]
+    assert await running[1] == ("b", "h1")
+    assert not running[0].done()
+    h1.finish(ids[0])
+    assert await running[0] == ("a", "h1")
+
+
+@pytest.mark.parametrize(
+    "payload", [{"items": []}, {"items": "x"}, {}], ids=["empty", "not-a-list", "no-items"]
+)
+def test_a_malformed_batch_of_results_is_refused_and_counted(payload: dict[str, Any]) -> None:
+    bus = KeyedBus()
+    Leader(bus=bus)
+    bus.deliver_as("h1", "handler", p.JOB_RESULTS, payload)
+    assert reasons(bus) == ["malformed"]

@@ -426,3 +426,15 @@ def test_the_clock_bound_is_the_best_recent_hello_and_never_ahead_of_the_handler
     assert registry.handler_clock(registry.handlers["a"]) == pytest.approx(10.0)
     registry.on_hello({**hello, "started_at": "t1"})  # no clock: the two-phase start
     assert registry.handler_clock(registry.handlers["a"]) is None
+
+
+async def test_dispatches_to_one_handler_in_one_loop_iteration_travel_as_one_message() -> None:
+    leader = Leader()
+    leader.lead()
+    a = leader.handler("a", concurrency=8)
+    a.hello(clock=HANDLER_CLOCK)
+    jobs = [await leader.job(value=f"v{i}") for i in range(5)]
+    results = await asyncio.gather(*(leader.dispatch(job) for job in jobs))
+    assert sorted(results) == [(f"v{i}", "a") for i in range(5)]
+    assert a.batches and sum(a.batches) + len(leader.bus.sent_of(p.DISPATCH)) == 5
+    assert max(a.batches) > 1

@@ -29,12 +29,15 @@ from mesh.dispatch.protocol import (
     DISPATCH,
     DISPATCH_ACK,
     DISPATCH_START,
+    DISPATCHES,
     EXPIRED,
     HELLO,
     JOB_RESULT,
+    JOB_RESULTS,
     NOT_STARTED,
     STALE_FENCING_TOKEN,
     UNKNOWN_TASK,
+    Batch,
     DispatchAck,
     Hello,
     JobResult,
@@ -75,6 +78,7 @@ class FakeNode:
         self.abandoned: set[str] = set()  # dispatch ids a late ack gets start=false for
         self.hello_reply: dict[str, Any] | None = None  # overrides the protocol's reply
         self.malformed: list[str] = []  # handler messages a real node would drop
+        self.result_batches: list[int] = []  # the size of each ``job_results`` message
         self._changed = asyncio.Event()
 
     async def start(self) -> None:
@@ -121,6 +125,12 @@ class FakeNode:
         elif incoming.kind == JOB_RESULT:
             self._check(incoming.payload, JobResult)
             self.results.setdefault(incoming.payload["dispatch_id"], []).append(incoming.payload)
+        elif incoming.kind == JOB_RESULTS:
+            self._check(incoming.payload, Batch)
+            self.result_batches.append(len(incoming.payload["items"]))
+            for item in incoming.payload["items"]:
+                self._check(item, JobResult)
+                self.results.setdefault(item["dispatch_id"], []).append(item)
         return None
 
     async def wait_for(self, what: str, check: Callable[[], Any], timeout: float = WAIT) -> Any:
@@ -797,3 +807,49 @@ async def test_a_one_message_redispatch_of_a_finished_key_gets_the_cached_result
     assert result["cached"] is True
     assert path.read_text().splitlines() == ["k"]
     assert again not in node.acks
+
+
+async def test_a_batch_of_dispatches_runs_each_and_refuses_only_its_bad_items(
+    node_and_handler: tuple[FakeNode, HandlerProcess],
+) -> None:
+    node, handler = node_and_handler
+
+    def item(n: int, **fields: Any) -> dict[str, Any]:
+        return {
+            "dispatch_id": f"b{n}",
+            "job_id": f"job-b{n}",
+            "task": "echo",
+            "args": [n],
+            "idempotency_key": f"batch-{n}",
+            "fencing_token": 1,
+            "attempt": 1,
+            "start_by": ahead(handler, 5),
+            **fields,
+        }
+
+    items = [item(1), item(2, fencing_token="high"), item(3, task="no_such_task"), item(4)]
+    assert node.transport.send_to_identity(b"h1", DISPATCHES, {"items": items})
+    assert (await node.ack("b2"))["reason"] == BAD_REQUEST
+    assert (await node.ack("b3"))["reason"] == UNKNOWN_TASK
+    assert [(await node.result(d))["return_value"] for d in ("b1", "b4")] == [1, 4]
+    assert "b1" not in node.acks and "b4" not in node.acks
+    # Async tasks started together finish together: their results travel as one message.
+    assert node.result_batches == [2]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"items": []}, {"items": "d1"}, {"items": [1, 2]}, {}],
+    ids=["empty", "not-a-list", "not-objects", "no-items"],
+)
+async def test_a_malformed_batch_of_dispatches_is_counted_and_runs_nothing(
+    node_and_handler: tuple[FakeNode, HandlerProcess], tmp_path: Path, payload: dict[str, Any]
+) -> None:
+    node, handler = node_and_handler
+    assert node.transport.send_to_identity(b"h1", DISPATCHES, payload)
+    path = tmp_path / "runs.txt"
+    d = node.dispatch("h1", "count_to_file", str(path), start_by=ahead(handler, 5))
+    result = await node.result(d)
+    assert path.read_text().splitlines() == [result["idempotency_key"]]
+    assert handler.counters["bad_requests"] == 1
+    assert node.acks == {}

@@ -115,11 +115,14 @@ class HandlerDispatcher:
         self.settings = settings or DispatchConfig()  # the config's dispatch section
         self._pending: dict[str, _Pending] = {}
         self._watchdog: asyncio.Task[None] | None = None
+        # One-message dispatches queued this loop iteration, per handler identity.
+        self._outbox: dict[bytes, list[tuple[str, dict[str, Any]]]] = {}
         self._cursor: dict[str, itertools.count[int]] = {}
         self._sticky: dict[str, str] = {}  # schedule id → handler id
         bus.handle(p.HELLO, self._on_hello)
         bus.handle(p.DISPATCH_ACK, self._on_ack)
         bus.handle(p.JOB_RESULT, self._on_result)
+        bus.handle(p.JOB_RESULTS, self._on_results)
 
     # ------------------------------------------------------------------ Dispatcher protocol
 
@@ -360,10 +363,12 @@ class HandlerDispatcher:
         }
         self._pending[dispatch_id] = pending
         try:
-            if not self.bus.send_to_identity(handler.identity, p.DISPATCH, payload):
-                raise HandlerLost(f"handler {handler.handler_id} is not connected to this node")
             if pending.start_by is None:
+                if not self.bus.send_to_identity(handler.identity, p.DISPATCH, payload):
+                    raise _not_connected(handler)
                 await self._start(pending, dispatch_id)
+            else:
+                self._queue(handler.identity, dispatch_id, payload)
             self._watch()
             result = await pending.result
         finally:
@@ -376,6 +381,34 @@ class HandlerDispatcher:
         if err.get("timed_out"):
             raise HandlerLost(f"handler {handler.handler_id}: {err.get('message')}")
         raise RemoteJobError(str(err.get("type", "Error")), str(err.get("message", "")))
+
+    def _queue(self, identity: bytes, dispatch_id: str, payload: dict[str, Any]) -> None:
+        """Queue a one-message dispatch; what is queued for each handler goes out as one
+        message when this loop iteration's callbacks have run (``_flush``)."""
+        queue = self._outbox.get(identity)
+        if queue is None:
+            if not self._outbox:
+                asyncio.get_running_loop().call_soon(self._flush)
+            queue = self._outbox[identity] = []
+        queue.append((dispatch_id, payload))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for identity, queued in outbox.items():
+            # A dispatch given up on meanwhile (leadership lost) is not sent.
+            live = [(d, payload) for d, payload in queued if d in self._pending]
+            for chunk in p.batches(live):
+                if len(chunk) == 1:
+                    sent = self.bus.send_to_identity(identity, p.DISPATCH, chunk[0][1])
+                else:
+                    items = [payload for _, payload in chunk]
+                    sent = self.bus.send_to_identity(identity, p.DISPATCHES, {"items": items})
+                if sent:
+                    continue
+                for dispatch_id, _ in chunk:
+                    pending = self._pending[dispatch_id]
+                    if not pending.result.done():
+                        pending.result.set_exception(_not_connected(pending.handler))
 
     async def _start(self, pending: _Pending, dispatch_id: str) -> None:
         """The two-phase start: wait for the acknowledgement, then send ``dispatch_start``."""
@@ -497,6 +530,16 @@ class HandlerDispatcher:
         if not pending.result.done():
             pending.result.set_result(msg.payload)
 
+    def _on_results(self, msg: Incoming) -> None:
+        """A batch of results: each item is judged as a ``job_result`` of its own."""
+        try:
+            batch = p.decode(msg.payload, p.Batch)
+        except msgspec.ValidationError as e:
+            self.bus.reject(msg, "malformed", f"{msg.kind}: {e}")
+            return
+        for item in batch.items:
+            self._on_result(attrs.evolve(msg, kind=p.JOB_RESULT, payload=item))
+
     def _accept(self, msg: Incoming, kind: type[_FromHandler]) -> _FromHandler | None:
         """The decoded message when it is well-formed and its key may send it (a ``handler``
         key naming itself as ``handler_id``); otherwise it is counted, logged and None."""
@@ -526,6 +569,10 @@ class HandlerDispatcher:
             msg, "not_assigned", f"{msg.kind} for a dispatch sent to handler {assigned!r}"
         )
         return False
+
+
+def _not_connected(handler: HandlerInfo) -> HandlerLost:
+    return HandlerLost(f"handler {handler.handler_id} is not connected to this node")
 
 
 def _refused(handler: HandlerInfo, ack: dict[str, Any]) -> HandlerLost:

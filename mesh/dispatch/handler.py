@@ -67,16 +67,20 @@ from mesh.dispatch.protocol import (
     DISPATCH,
     DISPATCH_ACK,
     DISPATCH_START,
+    DISPATCHES,
     EXPIRED,
     HEARTBEAT_INTERVAL,
     HELLO,
     JOB_RESULT,
+    JOB_RESULTS,
     NOT_STARTED,
     STALE_FENCING_TOKEN,
     START_WINDOW,
     UNKNOWN_TASK,
+    Batch,
     DispatchStart,
     HelloReply,
+    batches,
     deadline_clock,
     decode,
 )
@@ -295,6 +299,9 @@ class HandlerProcess:
         # Finished keys whose result is not queued yet: hellos still list them as running, so a
         # leader never takes "not listed, no result" for "never started" (protocol docstring).
         self._sending: collections.Counter[str] = collections.Counter()
+        # Results for one-message dispatches queued this loop iteration, per node address; each
+        # future learns whether its batch was queued on the socket.
+        self._results_out: dict[str, list[tuple[dict[str, Any], asyncio.Future[bool]]]] = {}
         self._job_tasks: set[asyncio.Task[None]] = set()
         self._heartbeats: dict[str, asyncio.Task[None]] = {}
         self._leader: tuple[int, str] | None = None
@@ -562,11 +569,23 @@ class HandlerProcess:
             return
         if incoming.kind == DISPATCH:
             self._on_dispatch(incoming.payload, incoming.address)
+        elif incoming.kind == DISPATCHES:
+            self._on_dispatches(incoming.payload, incoming.address)
         elif incoming.kind == DISPATCH_START:
             self._on_start(incoming.payload, incoming.address)
         else:
             self.counters["unexpected." + incoming.kind] += 1
             log.debug("handler %s: ignoring %r message", self.handler_id, incoming.kind)
+
+    def _on_dispatches(self, payload: dict[str, Any], address: str) -> None:
+        try:
+            batch = decode(payload, Batch)
+        except msgspec.ValidationError as e:
+            self.counters["bad_requests"] += 1
+            log.warning("handler %s: bad dispatch batch from %s: %s", self.handler_id, address, e)
+            return
+        for item in batch.items:  # each judged as if it had come alone, in order
+            self._on_dispatch(item, address)
 
     def _on_dispatch(self, payload: dict[str, Any], address: str) -> None:
         try:
@@ -840,6 +859,10 @@ class HandlerProcess:
             "duration_ms": round(result.duration_ms, 3),
             "cached": cached,
         }
+        # Answers to one-message dispatches (a leader that knows batches) go out batched.
+        send = self._queue_result if d.start_by is not None else self._send_now
+        if await send(d.address, payload):
+            return
         # A node that is reconnecting cannot take the message yet: retry briefly. If it stays
         # away, its successor re-dispatches the key and gets the result from the window.
         try:
@@ -849,7 +872,7 @@ class HandlerProcess:
                 stop=stop_after_delay(RESULT_SEND_SECONDS),
             ):
                 with attempt:
-                    sent = self.transport.send(d.address, JOB_RESULT, payload)
+                    sent = await send(d.address, payload)
                 if not attempt.retry_state.outcome.failed:
                     attempt.retry_state.set_result(sent)
         except RetryError:
@@ -861,6 +884,35 @@ class HandlerProcess:
                 d.address,
                 RESULT_SEND_SECONDS,
             )
+
+    async def _send_now(self, address: str, payload: dict[str, Any]) -> bool:
+        return self.transport.send(address, JOB_RESULT, payload)
+
+    def _queue_result(self, address: str, payload: dict[str, Any]) -> asyncio.Future[bool]:
+        """Queue a result; what is queued for each node goes out as one message when this
+        loop iteration's callbacks have run. The future says whether it was queued."""
+        loop = asyncio.get_running_loop()
+        queue = self._results_out.get(address)
+        if queue is None:
+            if not self._results_out:
+                loop.call_soon(self._flush_results)
+            queue = self._results_out[address] = []
+        sent = loop.create_future()
+        queue.append((payload, sent))
+        return sent
+
+    def _flush_results(self) -> None:
+        out, self._results_out = self._results_out, {}
+        for address, queued in out.items():
+            for chunk in batches(queued):
+                if len(chunk) == 1:
+                    sent = self.transport.send(address, JOB_RESULT, chunk[0][0])
+                else:
+                    items = [payload for payload, _ in chunk]
+                    sent = self.transport.send(address, JOB_RESULTS, {"items": items})
+                for _, fut in chunk:
+                    if not fut.done():
+                        fut.set_result(sent)
 
 
 # ---------------------------------------------------------------------------- entry point

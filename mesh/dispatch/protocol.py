@@ -47,6 +47,13 @@ window or joins the execution already running for the key.
     ``START_WINDOW`` of its acknowledgement drops the dispatch, and answers a late start with a
     ``job_result`` of outcome ``"not_started"``.
 
+**Batches.** Dispatches with ``start_by`` that the leader sends to one handler in one event-loop
+iteration travel as one ``dispatches`` message, and results a handler has ready for one node in
+one iteration (answers to such dispatches) as one ``job_results`` message: ``{"items": [...]}``,
+each item the payload of one ``dispatch`` or ``job_result``, checked one by one as if it had
+come alone (one bad item is refused, the others go on). A lone message is sent as itself. At a
+few fires per second nothing waits for a batch; under load, one message carries many jobs.
+
 Each payload has a :class:`msgspec.Struct` below; the receiving end decodes it with
 :func:`decode`, and a payload that does not match is dropped (a node refuses and counts it as
 ``malformed``; a malformed ``dispatch`` that names its ``dispatch_id`` is refused with
@@ -55,7 +62,9 @@ Each payload has a :class:`msgspec.Struct` below; the receiving end decodes it w
 Who may send what (an authenticated mesh; identity is the key): ``handler_hello``,
 ``dispatch_ack`` and ``job_result`` only a ``handler`` key whose name is the ``handler_id``
 they carry, and an ack or result only the handler its dispatch went to; ``dispatch`` and
-``dispatch_start`` only a ``node`` key. See docs/handlers.md, "Identity is the key".
+``dispatch_start`` only a ``node`` key. A batch is judged as its items: ``dispatches`` only from
+a ``node`` key, ``job_results`` only from the handler every item names. See docs/handlers.md,
+"Identity is the key".
 """
 
 from __future__ import annotations
@@ -71,6 +80,9 @@ DISPATCH = "dispatch"
 DISPATCH_ACK = "dispatch_ack"
 DISPATCH_START = "dispatch_start"
 JOB_RESULT = "job_result"
+DISPATCHES = "dispatches"  # several ``dispatch`` payloads in one message
+JOB_RESULTS = "job_results"  # several ``job_result`` payloads in one message
+MAX_BATCH = 256  # items per batch message
 
 HEARTBEAT_INTERVAL = 0.5  # seconds between hellos
 SUSPECT_AFTER = 1.5  # no hello for this long: no new dispatches
@@ -90,6 +102,7 @@ Term = Annotated[int, msgspec.Meta(ge=0, lt=1 << 62)]  # a term; the fencing tok
 Clock = Annotated[float, msgspec.Meta(ge=0, le=1e12)]  # seconds on a handler's deadline clock
 
 T = TypeVar("T", bound=msgspec.Struct)
+Item = TypeVar("Item")
 
 
 def deadline_clock() -> float:
@@ -167,6 +180,17 @@ class DispatchAck(msgspec.Struct, frozen=True, kw_only=True):
 class DispatchStart(msgspec.Struct, frozen=True, kw_only=True):
     dispatch_id: Id
     start: bool
+
+
+class Batch(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``dispatches`` or ``job_results`` message; each item is checked as its own message."""
+
+    items: Annotated[list[dict[str, Any]], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+def batches(items: list[Item]) -> list[list[Item]]:
+    """``items`` cut into chunks of at most ``MAX_BATCH``."""
+    return [items[i : i + MAX_BATCH] for i in range(0, len(items), MAX_BATCH)]
 
 
 class JobError(msgspec.Struct, frozen=True, kw_only=True):
