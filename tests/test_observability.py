@@ -331,3 +331,24 @@ def test_state_db_and_raft_store_share_one_file(db_path: Path, clock: FakeClock)
     finally:
         conn.close()
     assert versions == {"raft": 2, "observability": 1}
+
+
+def test_a_node_below_debug_drops_apschedulers_per_job_lines_and_keeps_the_rest() -> None:
+    """The two per-job INFO lines of the pinned APScheduler are the ones dropped (their text
+    is read from its source, so an upgrade that rewords them fails here)."""
+    import inspect
+    import logging
+
+    import apscheduler._schedulers.async_ as aps
+
+    from mesh.app import _JOB_LINES, _quiet_job_lines
+
+    source = inspect.getsource(aps)
+    assert all(f'"{line}"' in source for line in _JOB_LINES)
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("apscheduler", logging.INFO, __file__, 1, msg, ("id",), None)
+
+    assert not any(_quiet_job_lines(record(line)) for line in _JOB_LINES)
+    assert _quiet_job_lines(record("Job %s raised an exception"))
+    assert _quiet_job_lines(record("Scheduler started"))
