@@ -326,11 +326,19 @@ def test_the_hello_reply_tells_a_handler_where_the_leader_is() -> None:
 HANDLER_CLOCK = 500.0  # what the handler's hellos report; the leader's clock says 1000
 
 
-async def test_a_handler_reporting_its_clock_gets_one_dispatch_with_a_start_deadline() -> None:
-    leader = Leader(ack_timeout=0.5)
+def clocked(*script: str, **settings: Any) -> tuple[Leader, Any]:
+    """A leader of term 1 and its handler "a", whose hellos report its clock (so it gets the
+    one-message dispatch), scripted with ``script``."""
+    leader = Leader(**{"ack_timeout": 0.5, **settings})
     leader.lead()
     a = leader.handler("a")
     a.hello(clock=HANDLER_CLOCK)
+    a.script(*script)
+    return leader, a
+
+
+async def test_a_handler_reporting_its_clock_gets_one_dispatch_with_a_start_deadline() -> None:
+    leader, a = clocked()
     assert await leader.dispatch(await leader.job(value="done")) == ("done", "a")
     [sent] = a.dispatches
     assert sent["start_by"] == HANDLER_CLOCK + 0.5  # ack_timeout ahead, on the handler's clock
@@ -366,11 +374,7 @@ async def test_a_dispatch_that_did_not_start_by_its_deadline_goes_back_to_the_sa
 async def test_a_hello_sent_before_the_start_deadline_never_makes_the_leader_give_up() -> None:
     """Until a hello sent at or after ``start_by`` omits the key, the dispatch may still arrive
     and run: the leader must not send the job anywhere else."""
-    leader = Leader(ack_timeout=0.5)
-    leader.lead()
-    a = leader.handler("a")
-    a.hello(clock=HANDLER_CLOCK)
-    a.script(SILENT)
+    leader, a = clocked(SILENT)
     run = asyncio.create_task(leader.dispatch(await leader.job(value="done")))
     [first] = await leader.bus.wait_sent(p.DISPATCH)
     start_by = first.payload["start_by"]
@@ -383,11 +387,7 @@ async def test_a_hello_sent_before_the_start_deadline_never_makes_the_leader_giv
 
 
 async def test_a_job_a_later_hello_lists_as_running_is_waited_for() -> None:
-    leader = Leader(ack_timeout=0.5)
-    leader.lead()
-    a = leader.handler("a")
-    a.hello(clock=HANDLER_CLOCK)
-    a.script(HOLD)
+    leader, a = clocked(HOLD)
     job = await leader.job(value="done")
     run = asyncio.create_task(leader.dispatch(job))
     [first] = await leader.bus.wait_sent(p.DISPATCH)
@@ -399,11 +399,7 @@ async def test_a_job_a_later_hello_lists_as_running_is_waited_for() -> None:
 
 
 async def test_an_expired_refusal_chooses_again_without_counting_a_failure() -> None:
-    leader = Leader(ack_timeout=0.5, max_attempts=1)
-    leader.lead()
-    a = leader.handler("a")
-    a.hello(clock=HANDLER_CLOCK)
-    a.script(SILENT)
+    leader, a = clocked(SILENT, max_attempts=1)
     run = asyncio.create_task(leader.dispatch(await leader.job(value="done")))
     [first] = await leader.bus.wait_sent(p.DISPATCH)
     a.ack(first.payload["dispatch_id"], accepted=False, reason=p.EXPIRED)
