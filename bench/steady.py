@@ -132,7 +132,10 @@ class LeaderWatch(threading.Thread):
         while not self._halted.is_set() and time.time() < self.until:
             started = time.monotonic()
             for node in self.nodes:
-                self.poll(node.node_id, node.health())
+                health = node.health()
+                if time.time() >= self.until:
+                    break  # an answer after the window is not part of it
+                self.poll(node.node_id, health)
             self._halted.wait(max(0.0, HEALTH_EVERY_S - (time.monotonic() - started)))
 
     def poll(self, node_id: str, health: dict[str, Any] | None) -> None:
@@ -162,7 +165,9 @@ def steady(run: Run) -> dict[str, Any]:
     try:
         leader = run.start_mesh("steady", mesh)
         follower = mesh.followers(leader)[0]
-        t0 = time.time() + 0.5 + 1.3 * n / 150.0  # the fires phase's first creation rate
+        # Slack for creating at 50/s (the fires phase plans 150/s): a loaded machine made the
+        # first fires late, and a 1 s warm-up did not hide it.
+        t0 = time.time() + 1.0 + 3.0 * n / 150.0
         ws = t0 + warmup
         we = ws + window
         run.progress(
