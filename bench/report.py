@@ -309,6 +309,13 @@ def _steady_rows(st: dict[str, Any], row: Callable[..., None]) -> None:
         st["leader_changes"],
     )
     row("steady_fires_per_s", "  achieved fires/s over that window", "/s", st["achieved"])
+    # Fires that left no record (skipped or coalesced behind a backlog) show only here.
+    row(
+        "steady_due_recorded_percent",
+        "  fires due in the window with a record",
+        "%",
+        100.0 * st["due_in_window"] / st["expected_due"] if st.get("expected_due") else None,
+    )
     for q in ("p50", "p99", "max"):
         row(f"steady_lateness_{q}_ms", f"  lateness {q}", "ms", _get(st, "lateness_ms", q))
     row("steady_leader_cpu_percent", "  leader CPU", "%", st.get("leader_cpu_percent"))

@@ -375,6 +375,7 @@ def test_steady_at_tiny_size_reports_leader_changes_fires_and_lateness(tmp_path:
     assert rows["steady_lateness_p50_ms"]["target"] == "<= 2"
     assert rows["steady_lateness_p99_ms"]["target"] == "<= 20"
     assert rows["steady_fires_per_s"]["mesh"] == fig["achieved"]
+    assert _positive(rows["steady_due_recorded_percent"]["mesh"])
     assert not LIVE
 
 
