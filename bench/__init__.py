@@ -4,8 +4,9 @@ in fires and lateness, 3 APScheduler processes sharing a PostgreSQL cluster the 
 (skipped, with the reason, without PostgreSQL).
 
 Figures (see docs/performance.md): sustained fires/s, follower write latency, failover,
-lateness at 1,000 schedules, scale (100,000 schedules: RSS, restart, CPU per tick; full runs
-then 1,000,000 created in bulk), idle CPU,
+steady (leader changes, fires/s, lateness and leader CPU over 10 minutes at 1,000 fires/s
+offered), lateness at 1,000 schedules, scale (100,000 schedules: RSS, restart, CPU per tick;
+full runs then 1,000,000 created in bulk), idle CPU,
 timing (token-bucket rate, sends to an unreachable peer, toxiproxy toxics, the no-handler
 wait: bounds that unit tests used to assert), curve (write latency and fires/s with CURVE
 keys against the same without, in one run), replica (a read-only replica's lag at 250 to
@@ -39,6 +40,7 @@ ORDER = (
     "fires",
     "lateness",
     "failover",
+    "steady",
     "scale",
     "timing",
     "curve",
@@ -60,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         "APScheduler 4 alone. Writes bench-results/bench-<timestamp>.json and PNG plots.",
         allow_abbrev=False,
     )
-    p.add_argument("--quick", action="store_true", help="smaller sizes, shorter windows (~3 min)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, shorter windows (~5 min)")
     p.add_argument(
         "--only",
         metavar="LIST",

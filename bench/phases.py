@@ -31,6 +31,7 @@ from bench.dashboard import dashboard
 from bench.harness import BenchError, Node, wait_for
 from bench.replica import replica
 from bench.stats import cpu_seconds, parse_time, rss_mb, step_should_stop, summary
+from bench.steady import steady
 from bench.timing import timing
 from mesh.node import TICK_SECONDS
 
@@ -854,6 +855,7 @@ PHASES = {
     "fires": fires,
     "lateness": lateness,
     "failover": failover,
+    "steady": steady,
     "scale": scale,
     "timing": timing,
     "curve": curve,

@@ -41,6 +41,10 @@ TARGETS: dict[str, Target] = {
     "failover_max_s": ("<=", 1.5),
     "lateness_p50_ms": ("<=", 2.0),
     "lateness_p99_ms": ("<=", 20.0),
+    # Issue 15: no spurious leader change in a long run at 1,000 fires/s; the lateness targets.
+    "steady_leader_changes": ("==", 0.0),
+    "steady_lateness_p50_ms": ("<=", 2.0),
+    "steady_lateness_p99_ms": ("<=", 20.0),
     "scale_max_rss_mb": ("<=", 400.0),
     "scale_restart_s": ("<=", 10.0),
     # The performance issue: creating schedules in bulk (POST /api/schedules/bulk).
@@ -200,6 +204,9 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
             "s",
             _get(fo, "election", "p50"),
         )
+    st = figures.get("steady")
+    if isinstance(st, dict) and "leader_changes" in st:
+        _steady_rows(st, row)
     la = figures.get("lateness")
     if isinstance(la, dict) and "mesh" in la:
         for q in ("p50", "p99"):
@@ -291,6 +298,33 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
     if isinstance(d, dict) and "api" in d:
         _dashboard_rows(d, row)
     return out
+
+
+def _steady_rows(st: dict[str, Any], row: Callable[..., None]) -> None:
+    """The steady phase: leader changes over the whole window, then what the load got."""
+    row(
+        "steady_leader_changes",
+        f"leader changes in {st['window_s']:.0f} s at {st['offered']:,.0f} fires/s offered",
+        "",
+        st["leader_changes"],
+    )
+    row("steady_fires_per_s", "  achieved fires/s over that window", "/s", st["achieved"])
+    # Fires that left no record (skipped or coalesced behind a backlog) show only here.
+    row(
+        "steady_due_recorded_percent",
+        "  fires due in the window with a record",
+        "%",
+        100.0 * st["due_in_window"] / st["expected_due"] if st.get("expected_due") else None,
+    )
+    for q in ("p50", "p99", "max"):
+        row(f"steady_lateness_{q}_ms", f"  lateness {q}", "ms", _get(st, "lateness_ms", q))
+    row("steady_leader_cpu_percent", "  leader CPU", "%", st.get("leader_cpu_percent"))
+    row(
+        "steady_failures",
+        "  failures (not success, unanswered health, history gaps)",
+        "",
+        st.get("failures"),
+    )
 
 
 def _million_rows(m: dict[str, Any], row: Callable[..., None]) -> None:

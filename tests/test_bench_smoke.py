@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from bench import main as bench_main
-from bench import report
+from bench import report, steady
 from bench.harness import LIVE
 from bench.stats import percentile, step_should_stop
 
@@ -341,3 +342,124 @@ def test_dashboard_phase_times_the_api_the_naive_listing_and_the_browser(tmp_pat
         == fig["api"]["follower"]["naive"]["ms"]["p50"]
     )
     assert not LIVE
+
+
+def test_steady_at_tiny_size_reports_leader_changes_fires_and_lateness(tmp_path: Path) -> None:
+    code = bench_main(
+        [
+            "--quick",
+            "--only",
+            "steady",
+            "--scale",
+            "0.05",
+            "--out",
+            str(tmp_path),
+            "--no-baseline",
+            "--no-plots",
+        ]
+    )
+
+    assert code == 0
+    result = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert result["errors"] == {}
+    fig = result["figures"]["steady"]
+    assert (fig["schedules"], fig["offered"], fig["window_s"]) == (5, 50.0, 3.0)
+    # Every node was polled and some leader seen; the count is the pairs seen minus one.
+    assert fig["health_polls"] >= 3 and fig["leadership"]
+    assert fig["leader_changes"] == len(fig["leadership"]) - 1
+    assert fig["count"] > 0 and _positive(fig["achieved"]) and fig["outcomes"]
+    assert fig["lateness_ms"]["count"] > 0 and fig["history_reads"] >= 1
+    assert _positive(fig["leader_cpu_percent"])
+    rows = {r["key"]: r for r in result["table"] if r["key"].startswith("steady_")}
+    assert rows["steady_leader_changes"]["target"] == "== 0"
+    assert rows["steady_lateness_p50_ms"]["target"] == "<= 2"
+    assert rows["steady_lateness_p99_ms"]["target"] == "<= 20"
+    assert rows["steady_fires_per_s"]["mesh"] == fig["achieved"]
+    assert _positive(rows["steady_due_recorded_percent"]["mesh"])
+    assert not LIVE
+
+
+def _execution(job: int, due: float) -> dict[str, object]:
+    fire = datetime.fromtimestamp(due, UTC).isoformat()
+    return {
+        "job_id": f"j{job}",
+        "schedule_id": "st0",
+        "scheduled_fire_time": fire,
+        "started_at": datetime.fromtimestamp(due + 0.001, UTC).isoformat(),
+        "finished_at": datetime.fromtimestamp(due + 0.002, UTC).isoformat(),
+        "outcome": "success",
+    }
+
+
+class _FakeHistory:
+    """GET /api/executions over a list (newest first), paged as the API pages it."""
+
+    def __init__(self, records: list[dict[str, object]], limit: int) -> None:
+        self.records, self.limit, self.queries = records, limit, []
+
+    def get(self, query: str) -> dict[str, object]:
+        self.queries.append(query)
+        start = 0
+        if "&after=" in query:
+            after = query.split("&after=")[1]
+            start = next(i for i, r in enumerate(self.records) if r["job_id"] == after) + 1
+        page = self.records[start : start + self.limit]
+        more = start + self.limit < len(self.records)
+        return {"executions": page, "next": page[-1]["job_id"] if more else None}
+
+
+def test_steady_history_reads_pages_and_takes_each_record_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(steady, "PAGE_LIMIT", 2)
+    records = [_execution(i, 100.0 + i) for i in range(3)][::-1]
+    fake = _FakeHistory(records, limit=2)
+    history = steady.History(fake.get, "st", ws=100.0, we=200.0)
+
+    history.read()
+    fake.records = [_execution(i, 100.0 + i) for i in range(6)][::-1]
+    history.read()
+
+    assert (history.finished_in_window, history.due_in_window, history.gaps) == (6, 6, 0)
+    assert history.outcomes == {"success": 6}
+    assert len(fake.queries) == 4 and "&after=j4" in fake.queries[-1]
+
+
+def test_steady_history_counts_a_gap_when_the_previous_read_left_the_history(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(steady, "PAGE_LIMIT", 2)
+    fake = _FakeHistory([_execution(0, 100.0)], limit=2)
+    history = steady.History(fake.get, "st", ws=100.0, we=200.0)
+    history.read()
+    fake.records = [_execution(i, 100.0 + i) for i in range(5, 8)][::-1]  # j0 expired
+
+    history.read()
+
+    assert (history.gaps, history.finished_in_window) == (1, 4)
+
+
+def test_steady_history_failed_read_takes_nothing_and_keeps_its_place() -> None:
+    answers: list[object] = [None, {"executions": [_execution(0, 100.0)], "next": None}]
+    history = steady.History(lambda _q: answers.pop(0), "st", ws=100.0, we=200.0)
+
+    history.read()
+    history.read()
+
+    assert (history.failed_reads, history.reads, history.finished_in_window) == (1, 1, 1)
+
+
+def test_steady_counts_a_new_term_of_the_same_leader_as_a_change() -> None:
+    watch = steady.LeaderWatch([], until=0.0)
+    for node, health in [
+        ("n1", {"term": 2, "leader_id": "n1"}),
+        ("n2", {"term": 2, "leader_id": "n1"}),
+        ("n3", None),
+        ("n2", {"term": 3, "leader_id": None}),
+        ("n1", {"term": 3, "leader_id": "n1"}),
+    ]:
+        watch.poll(node, health)
+
+    assert watch.changes == 1
+    assert [(s["term"], s["leader_id"]) for s in watch.seen] == [(2, "n1"), (3, "n1")]
+    assert (watch.polls, watch.unanswered, watch.leaderless) == (5, 1, 1)
