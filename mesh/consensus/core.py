@@ -304,6 +304,28 @@ class RaftCore:
         else:
             self._tick_election()
 
+    def ticks_until_due(self) -> int | None:
+        """How many ticks from now the next ``tick()`` with an effect falls (1: the next one);
+        None if no tick has any (a follower that is not a voter).
+
+        The ticks before it only advance counters that are read when a message is stepped, so
+        a driver may sleep until then instead of waking every tick, provided it hands the core
+        every elapsed tick before it steps a message or changes anything else (``mesh.node``).
+        The simulator checks this promise at every tick of every test.
+        """
+        s = self.settings
+        if self.phase is _Phase.LEADER:
+            due = min(
+                s.heartbeat_ticks - self.heartbeat_elapsed,
+                s.election_ticks_min - self.election_elapsed,
+            )
+            if self.transferee is not None:
+                due = min(due, s.election_ticks_max - self.transfer_elapsed)
+            return max(1, due)
+        if self.id not in self.voters:
+            return None
+        return max(1, self.randomized_timeout - self.election_elapsed)
+
     def propose(self, data: Any, *, kind: str = COMMAND) -> tuple[int, int]:
         """Append a command; returns (index, term). Commit is observed via ready().committed."""
         if kind == CONFIG:
