@@ -791,6 +791,8 @@ class RaftCore:
         last_new = prev_index + len(entries)
         if m.leader_commit > self.commit:
             self.commit = min(m.leader_commit, last_new)
+        if m.quiet and not m.entries and last_new == m.prev_log_index:
+            return  # the leader knows all this answer would say, and asked for silence
         self._send(replace(reply, success=True, match_index=last_new))
 
     def _accept_leader(self, leader: str) -> None:
@@ -922,11 +924,20 @@ class RaftCore:
                 prev_log_term=prev_term,
                 entries=entries,
                 leader_commit=self.commit,
+                quiet=heartbeat and not entries and self._knows_peer(pr, prev),
             )
         )
         pr.commit_sent = self.commit
         if entries and not pr.probing:
             pr.next = entries[-1].index + 1
+
+    @staticmethod
+    def _knows_peer(pr: _Progress, prev: int) -> bool:
+        """Whether a successful answer to an empty heartbeat after ``prev`` would tell us
+        nothing: the peer is known to match up to ``prev`` and has answered since the last
+        CheckQuorum round. Until it has, every heartbeat asks again, so each round still gets
+        an answer from every live follower, with as many chances as before."""
+        return pr.recent_active and not pr.probing and pr.match == prev
 
     def _budgeted(self, entries: list[Entry]) -> tuple[Entry, ...]:
         """The longest prefix of ``entries`` within ``max_append_bytes`` (at least one entry)."""
