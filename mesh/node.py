@@ -692,15 +692,18 @@ class MeshNode:
         time since the leader was last heard), so the core sees the ticks it slept through in
         the order a tick every ``TICK_SECONDS`` would have given them.
 
-        At most the ticks up to the next due one are handed over: more means the loop could not
-        run (SIGSTOP, a long pause), and a burst of ticks would then fire elections or quorum
-        checks before the messages queued meanwhile are read."""
+        More than a tick past the due one means the loop could not run (SIGSTOP, a long pause):
+        the stall counts as one tick, as it did when the node ticked every ``TICK_SECONDS``. A
+        burst would fire elections or quorum checks before the messages queued meanwhile are
+        read (a follower would campaign although its leader's heartbeats are waiting)."""
         ticks = int((self.clock() - self._ticked_to + _TICK_EARLY) / TICK_SECONDS)
         if ticks <= 0:
             return
         self._ticked_to += ticks * TICK_SECONDS
         due = self.core.ticks_until_due()
-        for _ in range(ticks if due is None else min(ticks, due)):
+        if due is not None and ticks > due + 1:
+            ticks = 1
+        for _ in range(ticks):
             self.core.tick()
 
     def _arm_timer(self) -> None:
