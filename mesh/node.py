@@ -1,7 +1,9 @@
 """MeshNode: the driver that runs the Raft core on real I/O.
 
 One asyncio loop owns everything: ticks from a timer, messages from ZeroMQ, durable state in
-SQLite. After every input the node drains the core's Ready batch in the order Raft requires
+SQLite. The timer wakes only when the core's next tick with an effect is due (a heartbeat, an
+election timeout), not every tick; the ticks slept through are handed to the core before it sees
+anything else. After every input the node drains the core's Ready batch in the order Raft requires
 (persist, then send, then apply), and reacts to the batch's soft state (role, term, leader).
 See docs/consensus.md.
 
@@ -72,7 +74,10 @@ log = logging.getLogger("mesh.node")
 # The mesh messages only nodes may send, and where each names its sender.
 _NODE_MESSAGES = {"raft": "src", "snap_chunk": "src", "ping": "node_id"}
 
-TICK_SECONDS = 0.05  # timer granularity; idle cost is mostly wakeups (docs/performance.md)
+TICK_SECONDS = 0.05  # the core's unit of time; the timer wakes only at due ticks
+# A timer may fire this much before its tick (the loop's clock is coarser than ours): counted as
+# on time, or it would wake again a moment later for the same tick.
+_TICK_EARLY = TICK_SECONDS / 10
 
 # Exit status of a node stopped by an internal fault (BSD EX_SOFTWARE): a supervisor restarts it
 # from its durable state, which is always consistent (one transaction per Ready batch).
@@ -169,6 +174,12 @@ class MeshNode:
         self._apply_listeners: list[Callable[[Entry, Any], None]] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._process_scheduled = False
+        # The core has been handed every tick up to this instant (clock()); the timer is armed
+        # for the next due tick (_arm_timer).
+        self._ticked_to = clock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._ticking = False  # from start() until stop() has handed over
         self._snapshot_task: asyncio.Task[None] | None = None
         # Up to 25 % later per node, so that nodes sharing a machine (or a disk) do not all
         # write their snapshot at the same moment: every node reaches the same index together.
@@ -188,7 +199,7 @@ class MeshNode:
         self._snapshots_in = SnapshotReceiver(self.id)
         self._stopping = False
         self.leader_since: float | None = None
-        # Set when the Ready loop, the tick loop or a background task failed (a save raised: disk
+        # Set when the Ready loop, the timer or a background task failed (a save raised: disk
         # full, a database locked past its busy timeout, a value JSON cannot hold). The node then
         # does nothing more: its memory may be ahead of its disk. The process must exit
         # (``mesh.app.serve`` waits on ``failed``) rather than live on as a zombie.
@@ -213,10 +224,11 @@ class MeshNode:
             last_index=self.core.last_index,
             role=self.core.role,
         )
+        self._ticked_to = self.clock()
+        self._ticking = True
         self._process()
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._tick_loop(), name="raft-tick"),
             loop.create_task(self.members.run(self._after_membership_round), name="membership"),
         ]
         for t in self._tasks:
@@ -258,6 +270,8 @@ class MeshNode:
             await self._hand_over()
         if self._snapshot_task is not None:
             self._tasks.append(self._snapshot_task)
+        self._ticking = False
+        self._disarm_timer()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -275,6 +289,7 @@ class MeshNode:
         self.store.close()
 
     async def _hand_over(self) -> None:
+        self._catch_up()
         target = self.core.transfer_leadership()
         self._process()
         if target is None:
@@ -556,6 +571,8 @@ class MeshNode:
             self._drain_ready()
         except Exception as e:  # called from loop callbacks: nothing above would see it
             self._fail(e, "the Ready loop (persist, send, apply)")
+            return
+        self._arm_timer()
 
     def _drain_ready(self) -> None:
         core = self.core
@@ -669,19 +686,54 @@ class MeshNode:
 
     # ------------------------------------------------------------------ inputs
 
-    async def _tick_loop(self) -> None:
-        next_at = self.clock()
-        while True:
-            next_at += TICK_SECONDS
-            delay = next_at - self.clock()
-            if delay < -TICK_SECONDS:  # we were stalled (SIGSTOP, GC): do not burst ticks
-                next_at = self.clock()
-                delay = 0
-            await asyncio.sleep(max(0.0, delay))
-            if self.failure is not None:
-                return
+    def _catch_up(self) -> None:
+        """Hand the core the ticks elapsed since the last call. Called before anything that
+        steps the core or reads or resets its tick counters (a vote request is judged by the
+        time since the leader was last heard), so the core sees the ticks it slept through in
+        the order a tick every ``TICK_SECONDS`` would have given them.
+
+        More than a tick past the due one means the loop could not run (SIGSTOP, a long pause):
+        the stall counts as one tick, as it did when the node ticked every ``TICK_SECONDS``. A
+        burst would fire elections or quorum checks before the messages queued meanwhile are
+        read (a follower would campaign although its leader's heartbeats are waiting)."""
+        ticks = int((self.clock() - self._ticked_to + _TICK_EARLY) / TICK_SECONDS)
+        if ticks <= 0:
+            return
+        self._ticked_to += ticks * TICK_SECONDS
+        due = self.core.ticks_until_due()
+        if due is not None and ticks > due + 1:
+            ticks = 1
+        for _ in range(ticks):
             self.core.tick()
-            self._process()
+
+    def _arm_timer(self) -> None:
+        """Wake at the core's next due tick (or never, if none is due); re-armed after every
+        batch, since a message or a proposal moves it (a heartbeat defers the election)."""
+        due = self.core.ticks_until_due() if self._ticking else None
+        at = None if due is None else self._ticked_to + due * TICK_SECONDS
+        if at == self._timer_at:
+            return
+        self._disarm_timer()
+        if at is not None:
+            self._timer_at = at
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(max(0.0, at - self.clock()), self._on_timer)
+
+    def _disarm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._timer_at = None
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        if self.failure is not None:
+            return
+        try:
+            self._catch_up()
+        except Exception as e:  # a loop callback: nothing above would see it
+            self._fail(e, "the Raft timer")
+            return
+        self._process()
 
     def _on_message(self, msg: Incoming) -> dict[str, Any] | None:
         field = _NODE_MESSAGES.get(msg.kind)
@@ -716,6 +768,7 @@ class MeshNode:
             self.transport.counters["dropped_frames.raft_stranger"] += 1
             self.reject(msg, "stranger", f"raft {m.type} from {m.src!r}, not a member")
             return
+        self._catch_up()
         if peer is not None:
             # What a ping would say, from traffic that flows anyway between leader and followers.
             if isinstance(m, AppendEntries):
@@ -739,6 +792,7 @@ class MeshNode:
         if "reason" in reply:
             self.reject(msg, reply.pop("reason"), reply["error"])
         if complete is not None:
+            self._catch_up()
             self.core.step(complete)
             self._schedule_process()
         return reply
@@ -758,6 +812,7 @@ class MeshNode:
     # ------------------------------------------------------------------ voters
 
     def _after_membership_round(self) -> None:
+        self._catch_up()
         if apply_voter_policy(
             self.core,
             self.members.alive(),

@@ -238,3 +238,32 @@ async def test_the_window_is_bounded_in_bytes_too() -> None:
     assert 1 < v.feed.last_seq - v.feed.first_seq + 1 < 10
     assert v.subscribe(v.feed.first_seq - 1)["mode"] == "resume"
     assert v.subscribe(v.feed.first_seq - 2)["mode"] == "snapshot"
+
+
+async def test_the_heartbeat_loop_sleeps_while_nobody_subscribes() -> None:
+    v = Voter(heartbeat_interval=0.001, ack_timeout=10.0)
+    rounds: list[int] = []
+    beaten = asyncio.Event()
+    beat = v.feed.heartbeat
+
+    def counted() -> None:
+        rounds.append(1)
+        beaten.set()
+        beat()
+
+    v.feed.heartbeat = counted  # type: ignore[method-assign]
+    await v.feed.start()
+    try:
+        await asyncio.sleep(0.05)  # some 50 rounds, were it beating
+        assert rounds == []
+        v.subscribe(0)
+        await asyncio.wait_for(beaten.wait(), 5)
+        v.clock.advance(11.0)  # the replica falls silent: the next round drops it
+        beaten.clear()
+        await asyncio.wait_for(beaten.wait(), 5)
+        assert not v.feed.subscriptions
+        seen = len(rounds)
+        await asyncio.sleep(0.05)
+        assert len(rounds) == seen
+    finally:
+        await v.feed.close()

@@ -304,6 +304,28 @@ class RaftCore:
         else:
             self._tick_election()
 
+    def ticks_until_due(self) -> int | None:
+        """How many ticks from now the next ``tick()`` with an effect falls (1: the next one);
+        None if no tick has any (a follower that is not a voter).
+
+        The ticks before it only advance counters that are read when a message is stepped, so
+        a driver may sleep until then instead of waking every tick, provided it hands the core
+        every elapsed tick before it steps a message or changes anything else (``mesh.node``).
+        The simulator checks this promise at every tick of every test.
+        """
+        s = self.settings
+        if self.phase is _Phase.LEADER:
+            due = min(
+                s.heartbeat_ticks - self.heartbeat_elapsed,
+                s.election_ticks_min - self.election_elapsed,
+            )
+            if self.transferee is not None:
+                due = min(due, s.election_ticks_max - self.transfer_elapsed)
+            return max(1, due)
+        if self.id not in self.voters:
+            return None
+        return max(1, self.randomized_timeout - self.election_elapsed)
+
     def propose(self, data: Any, *, kind: str = COMMAND) -> tuple[int, int]:
         """Append a command; returns (index, term). Commit is observed via ready().committed."""
         if kind == CONFIG:
@@ -769,6 +791,8 @@ class RaftCore:
         last_new = prev_index + len(entries)
         if m.leader_commit > self.commit:
             self.commit = min(m.leader_commit, last_new)
+        if m.quiet and not m.entries and last_new == m.prev_log_index:
+            return  # the leader knows all this answer would say, and asked for silence
         self._send(replace(reply, success=True, match_index=last_new))
 
     def _accept_leader(self, leader: str) -> None:
@@ -900,11 +924,20 @@ class RaftCore:
                 prev_log_term=prev_term,
                 entries=entries,
                 leader_commit=self.commit,
+                quiet=heartbeat and not entries and self._knows_peer(pr, prev),
             )
         )
         pr.commit_sent = self.commit
         if entries and not pr.probing:
             pr.next = entries[-1].index + 1
+
+    @staticmethod
+    def _knows_peer(pr: _Progress, prev: int) -> bool:
+        """Whether a successful answer to an empty heartbeat after ``prev`` would tell us
+        nothing: the peer is known to match up to ``prev`` and has answered since the last
+        CheckQuorum round. Until it has, every heartbeat asks again, so each round still gets
+        an answer from every live follower, with as many chances as before."""
+        return pr.recent_active and not pr.probing and pr.match == prev
 
     def _budgeted(self, entries: list[Entry]) -> tuple[Entry, ...]:
         """The longest prefix of ``entries`` within ``max_append_bytes`` (at least one entry)."""

@@ -123,6 +123,10 @@ class AppendEntries(Message, tag="append"):
     prev_log_term: Index
     entries: Annotated[tuple[Entry, ...], msgspec.Meta(max_length=MAX_ENTRIES_PER_MESSAGE)] = ()
     leader_commit: Index = 0
+    # Set on a heartbeat whose answer would tell the leader nothing new: a follower whose log
+    # matches then stays silent (a rejection is always sent). Absent from older leaders, whose
+    # followers answer every heartbeat as before.
+    quiet: bool = False
 
 
 class AppendResponse(Message, tag="append_resp"):

@@ -196,7 +196,7 @@ class SimCluster:
         self.now += 1
         for node in self.nodes.values():
             if node.alive:
-                node.core.tick()
+                self._tick(node)
                 self._process(node)
         due: list[Message] = []
         while self._queue and self._queue[0][0] <= self.now:
@@ -208,6 +208,22 @@ class SimCluster:
                 continue
             node.core.step(msg)
             self._process(node)
+
+    def _tick(self, node: SimNode) -> None:
+        """One tick, checking ``ticks_until_due``: a tick before the due one must have no
+        effect and bring the due tick one closer (the ZeroMQ node sleeps through such ticks)."""
+        core = node.core
+        due = core.ticks_until_due()
+        pending = core.has_ready()  # a test may change the core without processing it
+        core.tick()
+        if pending or (due is not None and due <= 1):
+            return
+        after = core.ticks_until_due()
+        if core.has_ready() or after != (None if due is None else due - 1):
+            raise SafetyViolation(
+                f"seed {self.seed}: {node.id} ({core.role}) acted on a tick {due} ticks before "
+                f"the due one (now due in {after}, ready: {core.has_ready()})"
+            )
 
     def _enqueue(self, msg: Message) -> None:
         f = self.faults

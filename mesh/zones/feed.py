@@ -144,6 +144,9 @@ class FeedServer:
         self._snapshots: dict[ZoneFilter, tuple[int, bytes]] = {}  # one image per filter
         self._pump_scheduled = False
         self._task: asyncio.Task[None] | None = None
+        # Set while anyone subscribes: without subscribers the heartbeat loop sleeps (an idle
+        # voter's CPU is its wake-ups, docs/performance.md).
+        self._subscribed = asyncio.Event()
         bus.handle(FEED_SUBSCRIBE, self._on_subscribe)
         bus.handle(FEED_ACK, self._on_ack)
 
@@ -162,6 +165,7 @@ class FeedServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.subscriptions.clear()
+        self._subscribed.clear()
         self._window.clear()
         self._snapshots.clear()
 
@@ -309,6 +313,7 @@ class FeedServer:
             sub.next_seq, sub.acked = seq + 1, seq
         old = self.subscriptions.pop(replica_id, None)
         self.subscriptions[replica_id] = sub
+        self._subscribed.set()
         self.counters[f"subscribed.{mode}"] += 1
         log.info(
             "feed: replica %s (zone %s) subscribed after %d: %s at %d%s",
@@ -423,6 +428,9 @@ class FeedServer:
     def _drop(self, sub: _Subscription, why: str) -> None:
         if self.subscriptions.get(sub.replica_id) is sub:
             del self.subscriptions[sub.replica_id]
+            if not self.subscriptions:
+                self._subscribed.clear()
+                self._snapshots.clear()  # no heartbeat round will come to release them
             self.counters[f"dropped.{why}"] += 1
             log.info("feed: dropped the subscription of replica %s (%s)", sub.replica_id, why)
 
@@ -430,6 +438,7 @@ class FeedServer:
 
     async def _heartbeat_loop(self) -> None:
         while True:
+            await self._subscribed.wait()
             await asyncio.sleep(self.settings.heartbeat_interval)
             try:
                 self.heartbeat()
