@@ -78,6 +78,10 @@ TICK_SECONDS = 0.05  # the core's unit of time; the timer wakes only at due tick
 # A timer may fire this much before its tick (the loop's clock is coarser than ours): counted as
 # on time, or it would wake again a moment later for the same tick.
 _TICK_EARLY = TICK_SECONDS / 10
+# A Raft timer this late means the event loop (or the machine) stalled: heartbeats and election
+# timeouts were late by as much. Counted, and logged at most every STALL_LOG_SECONDS.
+STALL_WARN_SECONDS = 0.2
+STALL_LOG_SECONDS = 10.0
 
 # Exit status of a node stopped by an internal fault (BSD EX_SOFTWARE): a supervisor restarts it
 # from its durable state, which is always consistent (one transaction per Ready batch).
@@ -179,6 +183,7 @@ class MeshNode:
         self._ticked_to = clock()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._stall_logged_at = float("-inf")
         self._ticking = False  # from start() until stop() has handed over
         self._snapshot_task: asyncio.Task[None] | None = None
         # Up to 25 % later per node, so that nodes sharing a machine (or a disk) do not all
@@ -725,6 +730,8 @@ class MeshNode:
         self._timer = self._timer_at = None
 
     def _on_timer(self) -> None:
+        if self._timer_at is not None:
+            self._note_stall(self.clock() - self._timer_at)
         self._timer = self._timer_at = None
         if self.failure is not None:
             return
@@ -734,6 +741,20 @@ class MeshNode:
             self._fail(e, "the Raft timer")
             return
         self._process()
+
+    def _note_stall(self, late: float) -> None:
+        if late < STALL_WARN_SECONDS:
+            return
+        counters = self.transport.counters
+        counters["loop_stalls"] += 1
+        now = self.clock()
+        if now - self._stall_logged_at >= STALL_LOG_SECONDS:
+            self._stall_logged_at = now
+            log.warning(
+                "%s: the Raft timer ran %.0f ms late (%d such stalls so far): the event loop or "
+                "the machine is overloaded, and heartbeats and election timeouts were as late",
+                self.node_id, late * 1000, counters["loop_stalls"],
+            )  # fmt: skip
 
     def _on_message(self, msg: Incoming) -> dict[str, Any] | None:
         field = _NODE_MESSAGES.get(msg.kind)

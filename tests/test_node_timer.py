@@ -70,3 +70,18 @@ def test_a_stall_past_the_due_tick_counts_as_one_tick(follower) -> None:
     clock.now += (due + 20) * TICK_SECONDS
     node._catch_up()
     assert node.core.role == "follower" and node.core.ticks_until_due() == due - 1
+
+
+def test_a_timer_that_ran_late_is_counted_and_logged_once_per_interval(
+    follower, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An overloaded loop delays heartbeats and election timeouts alike: the node says so."""
+    node, clock = follower
+    for late in (0.05, 0.5, 0.3):  # only the two past STALL_WARN_SECONDS count; one line
+        node._timer_at = clock.now
+        clock.now += late
+        node._on_timer()
+        node._disarm_timer()
+    assert node.transport.counters["loop_stalls"] == 2
+    stalls = [r for r in caplog.records if "ran 500 ms late" in r.getMessage()]
+    assert len(stalls) == 1 and "ran 300 ms late" not in caplog.text
