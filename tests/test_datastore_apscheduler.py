@@ -72,7 +72,7 @@ from mesh.scheduling.state import (
     dump_task,
     to_wire,
 )
-from mesh.scheduling.store import ReplicatedDataStore
+from mesh.scheduling.store import ACQUIRE_BATCH, ReplicatedDataStore
 from tests.scheduling_fixtures import FakeClock, solo_leader, started_store
 
 DELIVERY_TIMEOUT = 3.0
@@ -846,6 +846,30 @@ async def test_acquire_jobs_releases_a_job_past_its_start_deadline_as_missed(
     assert [(type(e), e.job_id, e.outcome) for e in events] == [
         (JobReleased, job.id, JobOutcome.missed_start_deadline)
     ]
+
+
+async def test_acquire_jobs_hands_out_a_bounded_batch_and_wakes_the_job_loop_for_the_rest(
+    datastore: ReplicatedDataStore,
+) -> None:
+    """APScheduler's job loop starts every job it gets in one step and asks again only when an
+    event wakes it: a leader inheriting hundreds of jobs gets them ``ACQUIRE_BATCH`` at a time,
+    with a ``JobAdded`` for the rest."""
+    await add_task1(datastore)
+    jobs = [Job(task_id="task1", executor="async") for _ in range(ACQUIRE_BATCH + 1)]
+    for job in jobs:
+        await datastore.add_job(job)
+
+    async with captured_events(datastore, {JobAdded}) as events:
+        first = await datastore.acquire_jobs("worker1", timedelta(seconds=30), 1000)
+    assert len(first) == ACQUIRE_BATCH
+    (rest,) = await datastore.acquire_jobs("worker1", timedelta(seconds=30), 1000)
+    # (pipelined, the last job's own JobAdded may arrive here too: it is that job)
+    assert {e.job_id for e in events if e.job_id not in {j.id for j in first}} == {rest.id}
+    assert {j.id for j in [*first, rest]} == {j.id for j in jobs}
+
+    async with captured_events(datastore, {JobAdded}) as events:
+        assert await datastore.acquire_jobs("worker1", timedelta(seconds=30), 1000) == []
+    assert not events  # nothing left: no wake-up
 
 
 async def test_cleanup_removes_finished_schedules_without_pending_jobs(

@@ -73,6 +73,10 @@ from mesh.scheduling.state import (
 )
 
 Proposer = Callable[[dict[str, Any]], Awaitable[Any]]
+# Jobs one acquire_jobs call hands APScheduler's job loop, which starts them all in one step of
+# the event loop: a new leader inheriting hundreds of jobs stalled its heartbeats for ~1 s and
+# lost the leadership, which left the next leader the same backlog. The loop is woken for more.
+ACQUIRE_BATCH = 64
 BATCH_WAIT_TIMEOUT = 5.0  # seconds a batched release waits for its commit (as MeshNode.propose)
 YIELD_EVERY = 0.005  # add_schedules lets the event loop run this often while encoding
 
@@ -511,6 +515,8 @@ class ReplicatedDataStore(BaseDataStore):
         chosen: list[Job] = []
         missed: list[Job] = []
         taken: dict[str, int] = {}
+        limit = ACQUIRE_BATCH if limit is None else min(limit, ACQUIRE_BATCH)
+        more: Job | None = None  # an eligible job left for the next call
         for js in self.state.jobs.values():
             job = js.job
             if job.acquired_by is not None:
@@ -525,13 +531,27 @@ class ReplicatedDataStore(BaseDataStore):
             running = self.state.running_jobs(job.task_id) + taken.get(job.task_id, 0)
             if cap is not None and running >= cap:
                 continue
+            if len(chosen) >= limit:
+                more = job
+                break
             chosen.append(job)
             taken[job.task_id] = taken.get(job.task_id, 0) + 1
-            if limit is not None and len(chosen) >= limit:
-                break
-        for job in missed:
-            result = JobResult.from_job(job, JobOutcome.missed_start_deadline, finished_at=now)
-            await self.release_job(scheduler_id, job, result)
+        if missed:  # released together: one log entry, not one commit after another
+            await asyncio.gather(
+                *(
+                    self.release_job(
+                        scheduler_id,
+                        job,
+                        JobResult.from_job(job, JobOutcome.missed_start_deadline, finished_at=now),
+                    )
+                    for job in missed
+                )
+            )
+        if more is not None:
+            # APScheduler's job loop asks again only when an event wakes it.
+            await self._event_broker.publish(
+                JobAdded(job_id=more.id, task_id=more.task_id, schedule_id=more.schedule_id)
+            )
         if not chosen:
             return []
         got = await self._propose(
