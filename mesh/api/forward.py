@@ -284,8 +284,10 @@ def parse_forward(payload: dict[str, Any]) -> ForwardedWrite:
     if (
         not isinstance(target, str)
         or len(target) > MAX_TARGET_CHARS
-        or not target.startswith("/api/")
+        or not target.startswith("/")
         or not _PRINTABLE.fullmatch(target)
+        # The path as the follower's (and the leader's) middlewares see it: decoded.
+        or not _url(target).path.startswith("/api/")
     ):
         raise ValueError("target: not a request target under /api/")
     if not isinstance(headers, dict) or not all(
@@ -306,8 +308,6 @@ def parse_forward(payload: dict[str, Any]) -> ForwardedWrite:
         raw = base64.b64decode(body, validate=True)
     except binascii.Error:
         raise ValueError("body: not base64") from None
-    if not _url(target).path.startswith("/api/"):  # "/api/../x" and such
-        raise ValueError("target: not under /api/")
     return ForwardedWrite(node, method, target, headers, raw, client)
 
 
