@@ -194,8 +194,9 @@ class LeaderLink(Protocol):
         self, address: str, kind: str, payload: dict[str, Any], *, timeout: float
     ) -> dict[str, Any]:
         """Send one request to the node at ``address`` and return its answer. Raises
-        TimeoutError when none arrives within ``timeout``, ConnectionError when closed. The
-        request is sent at most once: a request that timed out may still have been acted on."""
+        TimeoutError when none arrives within ``timeout``, ConnectionError when closed, and
+        ValueError, having sent nothing, when the request is larger than one mesh message may
+        be. The request is sent at most once: one that timed out may still have been acted on."""
 
 
 @runtime_checkable

@@ -52,6 +52,7 @@ class MeshLink:
     sender: str | None = "n2"
     role: str | None = "node"
     accepts: bool = True
+    max_body_chars: int | None = None  # a larger request is refused unsent (the frame limit)
     sent: list[dict[str, Any]] = attrs.Factory(list)
     _rids: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
 
@@ -63,6 +64,8 @@ class MeshLink:
         self, address: str, kind: str, payload: dict[str, Any], *, timeout: float
     ) -> dict[str, Any]:
         assert address == LEADER_MESH
+        if self.max_body_chars is not None and len(payload["body"]) > self.max_body_chars:
+            raise ValueError("larger than one mesh message")
         self.sent.append(payload)
         identity = (self.sender or "n2").encode()
         msg = Incoming(
@@ -300,6 +303,19 @@ async def test_a_leader_that_does_not_take_the_kind_gets_the_write_over_http(
     follower = await nodes("n2", None, link=link)
     await lead(leader, follower)
     resp = await follower.client.post("/api/schedules", json=schedule("old"))
+    assert resp.status == 201, await resp.text()
+    assert link.sent == []
+    assert [row["peer"] for row in leader.audit.page(after=0, limit=10)] == ["127.0.0.1"]
+
+
+async def test_a_write_too_large_for_one_mesh_message_goes_over_http(nodes: Any) -> None:
+    leader = await nodes("n1", None)
+    link = MeshLink(leader.bus, max_body_chars=100)
+    follower = await nodes("n2", None, link=link)
+    await lead(leader, follower)
+    resp = await follower.client.post(
+        "/api/schedules", json=schedule("big", metadata={"n": "n" * 200})
+    )
     assert resp.status == 201, await resp.text()
     assert link.sent == []
     assert [row["peer"] for row in leader.audit.page(after=0, limit=10)] == ["127.0.0.1"]

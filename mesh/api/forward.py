@@ -28,9 +28,10 @@ middlewares built), so no request can reach a handler without them.
 
 Rolling upgrades: a node lists the request kinds it answers in its pings (``accepts``); a follower
 forwards over the mesh only to a leader that said it takes ``api_forward`` and otherwise over
-HTTP as before (``X-ScheduleZero-Forwarded-By``), which every version serves. A forward is sent
-once and never retried by another way: a request that timed out may have been applied, so it
-answers 503 ("did not answer"), like an HTTP forward that timed out.
+HTTP as before (``X-ScheduleZero-Forwarded-By``), which every version serves; so does a write too
+large for one mesh message (``max_frame_bytes``), which the transport refuses before sending
+anything. A forward is sent once and never retried by another way: a request that timed out may
+have been applied, so it answers 503 ("did not answer"), like an HTTP forward that timed out.
 """
 
 from __future__ import annotations
@@ -171,9 +172,12 @@ def forwarding_middleware(
         payload = forward_payload(request, replica.node_id, await request.read())
         try:
             answer = await link.request(address, FORWARD_KIND, payload, timeout=FORWARD_TIMEOUT)
-            out = parse_answer(answer)
+        except ValueError:  # larger than one mesh message: nothing was sent
+            return await over_http(request, str(view.leader_http()))
         except (TimeoutError, ConnectionError) as e:
             return _json_error(503, f"leader at {address} did not answer: {type(e).__name__}")
+        try:
+            out = parse_answer(answer)
         except ValueError as e:
             log.warning("malformed answer to a forwarded write from %s: %s", address, e)
             return _json_error(

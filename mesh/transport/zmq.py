@@ -552,7 +552,9 @@ class MeshTransport:
         """Send a request to ``address`` and return the reply payload.
 
         Raises TimeoutError if no reply arrives within ``timeout`` seconds, including the
-        time spent waiting for the DEALER to connect. Safe to run many concurrently.
+        time spent waiting for the DEALER to connect; FrameError("size") (a ValueError), with
+        nothing sent, for a payload larger than ``max_frame_bytes``, which the peer would drop
+        (and whose connection ZeroMQ would cut). Safe to run many concurrently.
         """
         if self._closed:
             raise ConnectionError("transport closed")
@@ -560,6 +562,10 @@ class MeshTransport:
         deadline = loop.time() + timeout
         rid = b"%x" % next(self._rids)
         frames = encode(kind, payload, rid)
+        if len(frames[-1]) > self._max_frame_bytes:
+            raise FrameError(
+                "size", f"request {kind!r} of {len(frames[-1])} bytes exceeds the frame limit"
+            )
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         key = (address, rid)
         self._pending[key] = fut
