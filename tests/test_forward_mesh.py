@@ -321,6 +321,24 @@ async def test_a_write_too_large_for_one_mesh_message_goes_over_http(nodes: Any)
     assert [row["peer"] for row in leader.audit.page(after=0, limit=10)] == ["127.0.0.1"]
 
 
+async def test_a_write_the_mesh_message_cannot_carry_goes_over_http_not_unanswered(
+    nodes: Any,
+) -> None:
+    """HTTP allows a header value the leader refuses in an ``api_forward`` (non-ASCII here):
+    the follower must not send what would be dropped, and leave its caller waiting."""
+    leader = await nodes("n1", None)
+    link = MeshLink(leader.bus)
+    follower = await nodes("n2", None, link=link)
+    await lead(leader, follower)
+    headers = {"Content-Type": "application/json; x=\u00e9"}
+    resp = await follower.client.post(
+        "/api/schedules", data=json.dumps(schedule("odd")), headers=headers
+    )
+    assert resp.status == 201, await resp.text()
+    assert link.sent == []
+    assert leader.bus.rejected == []
+
+
 async def test_a_leader_that_does_not_answer_is_a_503_and_the_write_is_not_sent_again(
     nodes: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -171,8 +171,11 @@ def forwarding_middleware(
         assert link is not None
         payload = forward_payload(request, replica.node_id, await request.read())
         try:
+            # What the leader would drop unanswered (a header HTTP allows and the mesh message
+            # does not, say) goes over HTTP: the caller must get the leader's answer, not 503.
+            parse_forward(payload)
             answer = await link.request(address, FORWARD_KIND, payload, timeout=FORWARD_TIMEOUT)
-        except ValueError:  # larger than one mesh message: nothing was sent
+        except ValueError:  # not sent: not for the mesh, or larger than one message may be
             return await over_http(request, str(view.leader_http()))
         except (TimeoutError, ConnectionError) as e:
             return _json_error(503, f"leader at {address} did not answer: {type(e).__name__}")
