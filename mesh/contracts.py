@@ -191,12 +191,19 @@ class LeaderLink(Protocol):
         requests of ``kind``; None when no leader is known, or it does not (an older version)."""
 
     async def request(
-        self, address: str, kind: str, payload: dict[str, Any], *, timeout: float
+        self,
+        address: str,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float,
+        connect_timeout: float,
     ) -> dict[str, Any]:
         """Send one request to the node at ``address`` and return its answer. Raises
-        TimeoutError when none arrives within ``timeout``, ConnectionError when closed, and
-        ValueError, having sent nothing, when the request is larger than one mesh message may
-        be. The request is sent at most once: one that timed out may still have been acted on."""
+        TimeoutError when none arrives within ``timeout``; ConnectionError when closed or, with
+        nothing sent, when that node is not connected within ``connect_timeout`` (it is down);
+        ValueError, with nothing sent, when the request is larger than one mesh message may be.
+        The request is sent at most once: one that timed out may still have been acted on."""
 
 
 @runtime_checkable

@@ -454,10 +454,18 @@ class MeshNode:
         return peer.address if peer is not None and kind in peer.accepts else None
 
     async def request(
-        self, address: str, kind: str, payload: dict[str, Any], *, timeout: float
+        self,
+        address: str,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float,
+        connect_timeout: float,
     ) -> dict[str, Any]:
         """One request over the mesh (sent at most once; see ``MeshTransport.request``)."""
-        return await self.transport.request(address, kind, payload, timeout)
+        return await self.transport.request(
+            address, kind, payload, timeout, connect_timeout=connect_timeout
+        )
 
     # ------------------------------------------------------------------ views
 

@@ -53,6 +53,7 @@ class MeshLink:
     role: str | None = "node"
     accepts: bool = True
     max_body_chars: int | None = None  # a larger request is refused unsent (the frame limit)
+    down: bool = False  # the leader's connection is down: nothing can be sent
     sent: list[dict[str, Any]] = attrs.Factory(list)
     _rids: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
 
@@ -61,11 +62,19 @@ class MeshLink:
         return LEADER_MESH if taken else None
 
     async def request(
-        self, address: str, kind: str, payload: dict[str, Any], *, timeout: float
+        self,
+        address: str,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float,
+        connect_timeout: float,
     ) -> dict[str, Any]:
         assert address == LEADER_MESH
         if self.max_body_chars is not None and len(payload["body"]) > self.max_body_chars:
             raise ValueError("larger than one mesh message")
+        if self.down:
+            raise ConnectionError(f"request {kind!r} to {address}: peer not connected")
         self.sent.append(payload)
         identity = (self.sender or "n2").encode()
         msg = Incoming(
@@ -351,6 +360,19 @@ async def test_a_leader_that_does_not_answer_is_a_503_and_the_write_is_not_sent_
     assert "did not answer: TimeoutError" in await error_of(resp, 503)
     assert len(link.sent) == 1
     assert leader.audit.page(after=0, limit=10) == []  # HTTP would have been audited
+
+
+async def test_a_leader_whose_connection_is_down_is_a_503_and_nothing_sent(nodes: Any) -> None:
+    """Its process died: the follower answers at once (``FORWARD_CONNECT_TIMEOUT``), as an
+    HTTP forward whose connection was refused did."""
+    leader = await nodes("n1", None)
+    link = MeshLink(leader.bus, down=True)
+    follower = await nodes("n2", None, link=link)
+    await lead(leader, follower)
+    resp = await follower.client.post("/api/schedules", json=schedule("gone"))
+    assert "did not answer: ConnectionError" in await error_of(resp, 503)
+    assert link.sent == []
+    assert leader.audit.page(after=0, limit=10) == []
 
 
 async def test_leadership_moving_before_the_forward_arrives_is_a_503_and_nothing_applied(

@@ -351,6 +351,20 @@ async def test_request_to_a_down_peer_raises_timeout_error_promptly(
     assert not client._pending  # the pending entries were cleaned up
 
 
+async def test_a_request_to_a_peer_not_connected_within_the_connect_timeout_is_not_sent(
+    make_node: MakeNode,
+) -> None:
+    """A peer that is down: ConnectionError (nothing sent), not a wait for the whole timeout. A
+    peer that is up and silent still times out (the request went out)."""
+    silent = await make_node("silent")
+    silent.set_handler(lambda incoming: None)
+    client = await make_node("client", bind=None)
+    with pytest.raises(ConnectionError):
+        await client.request(free_mesh_address(), "ping", {}, timeout=30, connect_timeout=0.2)
+    with pytest.raises(TimeoutError):
+        await client.request(silent.bound_address, "ping", {}, timeout=0.5, connect_timeout=0.2)
+
+
 async def test_request_unanswered_by_a_live_peer_times_out(make_node: MakeNode) -> None:
     server = await make_node("server")
     server.set_handler(lambda incoming: None)  # never replies

@@ -86,6 +86,9 @@ SERVED_BY_HEADER = "X-ScheduleZero-Served-By"  # "<leader id>@<term>" that commi
 WRITE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 NO_LEADER_WAIT = 3.0  # how long a write waits for an election before answering 503
 FORWARD_TIMEOUT = 10.0
+# A leader whose mesh connection is down (its process died) answers 503 at once, as an HTTP
+# connection refused did, instead of after FORWARD_TIMEOUT: nothing was sent then.
+FORWARD_CONNECT_TIMEOUT = 1.0
 APPLIED_WAIT = 1.0  # read your writes: how long a follower waits to apply the leader's commit
 MAX_WRITES_IN_FLIGHT = 32
 
@@ -174,7 +177,13 @@ def forwarding_middleware(
             # What the leader would drop unanswered (a header HTTP allows and the mesh message
             # does not, say) goes over HTTP: the caller must get the leader's answer, not 503.
             parse_forward(payload)
-            answer = await link.request(address, FORWARD_KIND, payload, timeout=FORWARD_TIMEOUT)
+            answer = await link.request(
+                address,
+                FORWARD_KIND,
+                payload,
+                timeout=FORWARD_TIMEOUT,
+                connect_timeout=FORWARD_CONNECT_TIMEOUT,
+            )
         except ValueError:  # not sent: not for the mesh, or larger than one message may be
             return await over_http(request, str(view.leader_http()))
         except (TimeoutError, ConnectionError) as e:
