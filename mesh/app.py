@@ -375,6 +375,8 @@ async def serve(
         anonymous_reads=config.security.anonymous_reads,
         events=events,
         leadership=history.leadership_history,
+        bus=node,
+        link=node,
     )
     app.on_cleanup.append(lambda _app: _close(audit, history))
     http = HttpServer(app, *config.http_host_port, ssl_context=http_sec.server_ssl)

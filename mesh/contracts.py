@@ -14,7 +14,7 @@ that consumer (tests/fakes.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
@@ -25,6 +25,7 @@ __all__ = [
     "Directory",
     "EventSink",
     "Incoming",
+    "LeaderLink",
     "MembershipRefused",
     "MessageBus",
     "MessageHandler",
@@ -108,8 +109,9 @@ def refusal(msg: Incoming, claimed: object, role: str) -> str | None:
 # Called with (topic, payload) for each broadcast received (its return value is ignored).
 BroadcastHandler = Callable[[str, "dict[str, Any]"], Any]
 
-# A message handler may answer a request by returning a JSON-able dict (or None: no answer).
-MessageHandler = Callable[[Incoming], "dict[str, Any] | None"]
+# A message handler may answer a request by returning a JSON-able dict (or None: no answer),
+# or an awaitable of one (the transport then answers when it completes).
+MessageHandler = Callable[[Incoming], "dict[str, Any] | Awaitable[dict[str, Any] | None] | None"]
 
 
 @runtime_checkable
@@ -178,6 +180,30 @@ class MessageBus(Protocol):
     def reject(self, msg: Incoming, reason: str, detail: str = "") -> None:
         """Count a refused message by ``reason`` (``schedulezero_security_rejected_total``) and
         log it at most once a minute per peer; the caller then drops it."""
+
+
+@runtime_checkable
+class LeaderLink(Protocol):
+    """Requests from this node to the leader over the mesh (a follower forwarding a write)."""
+
+    def leader_accepting(self, kind: str) -> str | None:
+        """The mesh address of the current leader when it said (in its pings) that it answers
+        requests of ``kind``; None when no leader is known, or it does not (an older version)."""
+
+    async def request(
+        self,
+        address: str,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float,
+        connect_timeout: float,
+    ) -> dict[str, Any]:
+        """Send one request to the node at ``address`` and return its answer. Raises
+        TimeoutError when none arrives within ``timeout``; ConnectionError when closed or, with
+        nothing sent, when that node is not connected within ``connect_timeout`` (it is down);
+        ValueError, with nothing sent, when the request is larger than one mesh message may be.
+        The request is sent at most once: one that timed out may still have been acted on."""
 
 
 @runtime_checkable

@@ -462,6 +462,31 @@ class MeshNode:
     def send_to_identity(self, identity: bytes, kind: str, payload: dict[str, Any]) -> bool:
         return self.transport.send_to_identity(identity, kind, payload)
 
+    # ------------------------------------------------------------------ LeaderLink
+
+    def leader_accepting(self, kind: str) -> str | None:
+        """The leader's mesh address if it said (in a ping or ping reply) that it answers
+        ``kind``; None when no leader is known or it did not (an older node)."""
+        leader = self.core.leader_id
+        if leader is None or leader == self.id:
+            return None
+        peer = self.members.by_id(leader)
+        return peer.address if peer is not None and kind in peer.accepts else None
+
+    async def request(
+        self,
+        address: str,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        timeout: float,
+        connect_timeout: float,
+    ) -> dict[str, Any]:
+        """One request over the mesh (sent at most once; see ``MeshTransport.request``)."""
+        return await self.transport.request(
+            address, kind, payload, timeout, connect_timeout=connect_timeout
+        )
+
     # ------------------------------------------------------------------ views
 
     def address_of(self, node_id: str) -> str | None:
@@ -828,6 +853,9 @@ class MeshNode:
             "term": self.core.term,
             "leader_id": self.core.leader_id,
             "bootstrapped": bool(self.core.voters),
+            # The request kinds the layers above registered (e.g. the API's forwarded writes):
+            # a peer uses a kind only once we said we answer it (rolling upgrades).
+            "accepts": sorted(self._message_handlers),
         }
 
     # ------------------------------------------------------------------ voters

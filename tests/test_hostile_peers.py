@@ -15,6 +15,7 @@ module; each test leaves them as it found them, except the revocation test, whic
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 import signal
 import zlib
@@ -391,6 +392,38 @@ def test_a_forged_snapshot_chunk_is_refused_and_the_state_stays(
 
 
 # ---------------------------------------------------------------------------- handler identities
+
+
+@pytest.mark.parametrize(("key", "reason"), FORGERS)
+def test_a_write_forwarded_by_a_key_that_is_not_the_forwarding_node_is_refused_unanswered(
+    secured: Secured, key: str | None, reason: str
+) -> None:
+    """``api_forward`` runs a write on the leader as a follower's client: only that follower's
+    own node key may send it (a handler key, or another node's key claiming it, may not)."""
+    cluster = secured.cluster
+    leader, target, _ = secured.roles()
+    counted = rejected(leader)
+    name = f"forged-forward-{reason}"
+    body = {"id": name, "task": name, "trigger": {"type": "interval", "hours": 1}, "paused": True}
+    forward = {
+        "node": target.node_id,
+        "method": "POST",
+        "target": "/api/schedules",
+        "headers": {"Content-Type": "application/json"},
+        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "client": "127.0.0.1",
+    }
+
+    with RawPeer(
+        leader.mesh, key=forger(secured, key), keys_dir=cluster.keys_dir, server=leader.node_id
+    ) as peer:
+        peer.send("api_forward", forward, rid=b"fwd-1")
+        wait_counted(cluster, leader, reason, counted)
+        commit_everywhere(cluster, leader, f"after-forward-{reason}")
+        assert peer.received() == []  # not even an error answer
+
+    status, _ = leader.request("GET", f"/api/schedules/{name}")
+    assert status == 404
 
 
 def test_a_hello_claiming_h1_from_another_handler_key_is_refused_and_h1_keeps_its_jobs(

@@ -15,7 +15,7 @@ import attrs
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-import mesh.api.http as http
+import mesh.api.forward as forward
 from mesh.api.http import COMMIT_HEADER, SERVED_BY_HEADER, create_app
 from mesh.config import GovernorConfig
 from mesh.dispatch.dispatcher import HandlerDispatcher
@@ -122,7 +122,7 @@ async def test_creating_a_schedule_whose_id_exists_is_a_409_json_error(nodes: An
 async def test_a_write_without_a_leader_is_a_503_json_error_after_the_wait(
     nodes: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(http, "NO_LEADER_WAIT", 0.2)
+    monkeypatch.setattr(forward, "NO_LEADER_WAIT", 0.2)
     follower = await nodes("n1")
     loop = asyncio.get_running_loop()
     started = loop.time()

@@ -199,6 +199,32 @@ def test_bad_ping_fields_are_ignored(bad: dict[str, Any]) -> None:
     assert peer.http == "127.0.0.1:8002"
 
 
+def test_a_ping_says_which_request_kinds_its_node_answers() -> None:
+    """How a follower learns that the leader takes writes over the mesh (``api_forward``)."""
+    m = members()
+    m.on_ping({"node_id": "n2", "accepts": ["api_forward", "hello"]})
+    assert m.peers[A2].accepts == {"api_forward", "hello"}
+    m.on_ping({"node_id": "n2"})  # restarted as an older version: it says nothing
+    assert m.peers[A2].accepts == frozenset()
+
+
+@pytest.mark.parametrize(
+    "accepts",
+    [
+        "api_forward",
+        ["API_FORWARD"],
+        ["api_forward", 7],
+        ["x" * 33],
+        [f"k{i}" for i in range(33)],
+    ],
+    ids=["not-a-list", "not-a-kind", "not-a-string", "too-long", "too-many"],
+)
+def test_a_bad_list_of_accepted_kinds_is_ignored_whole(accepts: Any) -> None:
+    m = members()
+    m.on_ping({"node_id": "n2", "accepts": accepts})
+    assert m.peers[A2].accepts == frozenset()
+
+
 def test_a_ping_reply_naming_another_node_than_the_key_at_that_address_is_ignored() -> None:
     dialer = Dialer()
     m = members(dialer)

@@ -245,6 +245,23 @@ async def test_request_returns_the_handler_reply(make_node: MakeNode) -> None:
     assert reply == {"kind": "double", "n": 42}
 
 
+async def test_a_request_larger_than_a_frame_is_refused_before_anything_is_sent(
+    make_node: MakeNode,
+) -> None:
+    """The peer would drop it (and ZeroMQ cut the connection): the caller learns it at once and
+    may take another way, sure that nothing reached the peer."""
+    seen: list[Incoming] = []
+    server = await make_node("server")
+    server.set_handler(lambda incoming: seen.append(incoming) or {"n": len(seen)})
+    client = await make_node("client", bind=None, max_frame_bytes=1024)
+
+    with pytest.raises(FrameError) as refused:
+        await client.request(server.bound_address, "big", {"x": "y" * 2000}, timeout=3.0)
+    assert refused.value.reason == "size"
+    assert await client.request(server.bound_address, "small", {}, timeout=3.0) == {"n": 1}
+    assert [m.kind for m in seen] == ["small"]
+
+
 async def test_async_handler_reply_is_sent_back(make_node: MakeNode) -> None:
     server = await make_node("server")
 
@@ -332,6 +349,20 @@ async def test_request_to_a_down_peer_raises_timeout_error_promptly(
     assert down < 2 * unanswered, (down, unanswered)
     assert client.counters["request_timeouts"] == 2
     assert not client._pending  # the pending entries were cleaned up
+
+
+async def test_a_request_to_a_peer_not_connected_within_the_connect_timeout_is_not_sent(
+    make_node: MakeNode,
+) -> None:
+    """A peer that is down: ConnectionError (nothing sent), not a wait for the whole timeout. A
+    peer that is up and silent still times out (the request went out)."""
+    silent = await make_node("silent")
+    silent.set_handler(lambda incoming: None)
+    client = await make_node("client", bind=None)
+    with pytest.raises(ConnectionError):
+        await client.request(free_mesh_address(), "ping", {}, timeout=30, connect_timeout=0.2)
+    with pytest.raises(TimeoutError):
+        await client.request(silent.bound_address, "ping", {}, timeout=0.5, connect_timeout=0.2)
 
 
 async def test_request_unanswered_by_a_live_peer_times_out(make_node: MakeNode) -> None:

@@ -6,7 +6,6 @@ in middlewares: every error is JSON ``{"error": "..."}`` with a 4xx/5xx status, 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import ssl
@@ -15,14 +14,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
 from mesh.api.auth import (
-    CLIENT_HEADER,
-    FORWARDED_BY_HEADER,
-    FORWARDED_KEY,
     ApiTokens,
     AuditSink,
     add_audit_route,
@@ -31,6 +26,14 @@ from mesh.api.auth import (
 from mesh.api.bulk import add_bulk_route
 from mesh.api.dashboard import add_dashboard_routes
 from mesh.api.events import EventHub
+from mesh.api.forward import (
+    COMMIT_HEADER,
+    FORWARDED_HEADER,
+    SERVED_BY_HEADER,
+    WRITE_METHODS,
+    forwarding_middleware,
+    serve_forwarded_writes,
+)
 from mesh.api.limits import LIMITS_KEY, ApiLimits, body_limits, limit_connections, loads
 from mesh.api.metrics import NodeCollector, RequestCounter
 from mesh.api.openapi import openapi_document
@@ -43,13 +46,14 @@ from mesh.api.schema import (
     schedule_to_json,
 )
 from mesh.contracts import (
+    LeaderLink,
     MembershipRefused,
+    MessageBus,
     NodeView,
     NoLeader,
     ProposalFailed,
     ProposalTooLarge,
     Replica,
-    term_identity,
 )
 from mesh.scheduling.state import OUTCOMES
 
@@ -58,12 +62,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mesh.api")
 
-FORWARDED_HEADER = FORWARDED_BY_HEADER
-COMMIT_HEADER = "X-ScheduleZero-Commit-Index"
-SERVED_BY_HEADER = "X-ScheduleZero-Served-By"  # "<leader id>@<term>" that committed the write
-NO_LEADER_WAIT = 3.0  # how long a write waits for an election before answering 503
-FORWARD_TIMEOUT = 10.0
-MAX_WRITES_IN_FLIGHT = 32
+__all__ = [
+    "COMMIT_HEADER",
+    "FORWARDED_HEADER",
+    "READ_ONLY_NODE",
+    "SERVED_BY_HEADER",
+    "HttpServer",
+    "create_app",
+]
+
 LINGER_SECONDS = 1.0
 
 
@@ -106,7 +113,6 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
         return json_error(500, "internal error (see the node's log)")
 
 
-WRITE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
 # The 403 of a node whose config says ``api.read_only: true`` (a replica has its own message).
 READ_ONLY_NODE = "read-only node: send writes to an admin node"
 
@@ -122,88 +128,6 @@ def refuse_writes(message: str) -> Any:
         return await handler(request)
 
     return read_only
-
-
-def _forwarding_middleware(
-    replica: Replica, view: NodeView, client_ssl: ssl.SSLContext | None = None
-) -> Any:
-    """Writes are the leader's: a follower forwards them and answers with the leader's reply.
-
-    Without a leader the write waits up to NO_LEADER_WAIT for an election, then gets 503 — it
-    never hangs. After a forwarded write succeeds, the follower waits (briefly) until it has
-    applied that commit index itself, so the client can read its own write from this node.
-
-    The caller's ``Authorization`` goes along, so the leader checks (and audits) the caller's
-    own token and role; ``client_ssl`` (the nodes serve HTTPS) makes the forward HTTPS too.
-    """
-    scheme = "https" if client_ssl is not None else "http"
-    session: dict[str, aiohttp.ClientSession] = {}
-    write_slots = asyncio.Semaphore(MAX_WRITES_IN_FLIGHT)
-
-    @web.middleware
-    async def forward(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.method not in WRITE_METHODS or not request.path.startswith("/api/"):
-            return await handler(request)
-        if request.headers.get(FORWARDED_HEADER) and not replica.is_leader:
-            return json_error(503, "no leader available: leadership moved during forwarding")
-        deadline = asyncio.get_running_loop().time() + NO_LEADER_WAIT
-        while not replica.is_leader and view.leader_http() is None:
-            if asyncio.get_running_loop().time() >= deadline:
-                return json_error(503, "no leader available (election in progress or no quorum)")
-            await asyncio.sleep(0.05)
-        if replica.is_leader:
-            term = replica.term
-            # A bounded number of writes in flight: a burst of hundreds must queue here rather
-            # than flood the event loop that also carries the heartbeats.
-            async with write_slots:
-                response = await handler(request)
-            response.headers[COMMIT_HEADER] = str(replica.commit_index)
-            response.headers[SERVED_BY_HEADER] = term_identity(replica.node_id, term)
-            return response
-        target = view.leader_http()
-        body = await request.read()
-        if "s" not in session or session["s"].closed:
-            session["s"] = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT),
-                connector=aiohttp.TCPConnector(ssl=client_ssl if client_ssl else True),
-            )
-        headers = {
-            "Content-Type": request.headers.get("Content-Type", "application/json"),
-            FORWARDED_HEADER: replica.node_id,
-            CLIENT_HEADER: request.remote or "",
-        }
-        if authorization := request.headers.get("Authorization"):
-            headers["Authorization"] = authorization
-        try:
-            async with session["s"].request(
-                request.method,
-                f"{scheme}://{target}{request.rel_url}",
-                data=body,
-                headers=headers,
-            ) as resp:
-                payload = await resp.read()
-                commit = resp.headers.get(COMMIT_HEADER)
-                out = web.Response(
-                    body=payload,
-                    status=resp.status,
-                    content_type=resp.content_type if payload else None,
-                )
-                if served_by := resp.headers.get(SERVED_BY_HEADER):
-                    out.headers[SERVED_BY_HEADER] = served_by
-                if challenge := resp.headers.get("WWW-Authenticate"):
-                    out.headers["WWW-Authenticate"] = challenge
-                request[FORWARDED_KEY] = target  # the leader answered, and audited it
-        except (aiohttp.ClientError, TimeoutError) as e:
-            return json_error(503, f"leader at {target} did not answer: {type(e).__name__}")
-        if commit is not None and commit.isdigit() and resp.status < 300:
-            await replica.wait_applied(int(commit), timeout=1.0)
-        return out
-
-    async def close(_app: web.Application) -> None:
-        if "s" in session:
-            await session["s"].close()
-
-    return forward, close
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -224,6 +148,8 @@ def create_app(
     anonymous_reads: bool = False,
     events: EventHub | None = None,
     leadership: Callable[[int], list[dict[str, Any]]] | None = None,
+    bus: MessageBus | None = None,
+    link: LeaderLink | None = None,
 ) -> web.Application:
     """The API of one node: ``replica`` for writes (forwarded to the leader when this node is
     not it), ``view`` for the health, cluster and metrics reads, ``service`` for scheduling.
@@ -237,13 +163,15 @@ def create_app(
     a read-only API). ``events`` serves ``GET /api/events`` (mesh.api.events); a node with
     ``service`` and no hub gets one fed only by its own diffs (no apply or bus events).
     ``leadership(limit)`` gives the node's recent leadership events, newest first, for the
-    dashboard's overview (mesh.api.dashboard).
+    dashboard's overview (mesh.api.dashboard). ``link`` (a follower) forwards writes to the
+    leader over the mesh, and ``bus`` (a voter) answers the writes other nodes forward that way
+    (mesh.api.forward); without them writes are forwarded over HTTP.
     """
     if anonymous_reads and tokens is None and read_only is None:
         # Every caller would then be anonymous, and nothing would refuse its writes.
         raise ValueError("anonymous reads without a tokens file need a read-only API")
     limits = limits or ApiLimits()
-    forward, close_forwarding = _forwarding_middleware(replica, view, client_ssl)
+    forward, close_forwarding = forwarding_middleware(replica, view, client_ssl, link)
     # Authentication is outermost: it sees every final status (for the audit) and refuses a
     # caller before anything else, forwarding included, looks at the request.
     authenticate = auth_middleware(
@@ -270,6 +198,8 @@ def create_app(
     )
     app[LIMITS_KEY] = limits
     app.on_cleanup.append(close_forwarding)
+    if bus is not None:
+        serve_forwarded_writes(app, bus)
     registry = CollectorRegistry()
     registry.register(NodeCollector(replica.node_id, view))
     registry.register(requests)

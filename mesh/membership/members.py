@@ -40,6 +40,8 @@ PING_REFRESH_ROUNDS = 4
 _STATE_EVENTS = {"alive": "peer_up", "suspect": "peer_suspect", "dead": "peer_down"}
 ROLES = ("follower", "precandidate", "candidate", "leader")
 _NODE_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+_KIND = re.compile(r"[a-z0-9_.\-]{1,32}")  # a mesh message kind (mesh.transport.codec)
+MAX_ACCEPTS = 32  # kinds a peer may say it answers; a longer list is ignored whole
 
 
 class Dialer(Protocol):
@@ -64,7 +66,9 @@ def clean_info(info: Any) -> dict[str, Any]:
 
     ``node_id``: 1-128 of A-Z a-z 0-9 _ . -; ``mesh``: ``tcp://HOST:PORT``; ``http``: HOST:PORT
     (``http://`` tolerated, stored without it); ``term``: an int in [0, 2**48); ``role``: a
-    Raft role; ``leader_id``: a node id; ``bootstrapped``: a bool.
+    Raft role; ``leader_id``: a node id; ``bootstrapped``: a bool; ``accepts``: at most
+    ``MAX_ACCEPTS`` message kinds the node answers (how a follower knows that the leader takes
+    a write over the mesh, docs/api.md "Writes, forwarding and availability").
     """
     if not isinstance(info, dict):
         return {}
@@ -94,6 +98,13 @@ def clean_info(info: Any) -> dict[str, Any]:
         out["leader_id"] = leader
     if isinstance(info.get("bootstrapped"), bool):
         out["bootstrapped"] = info["bootstrapped"]
+    accepts = info.get("accepts")
+    if (
+        isinstance(accepts, list)
+        and len(accepts) <= MAX_ACCEPTS
+        and all(isinstance(k, str) and _KIND.fullmatch(k) for k in accepts)
+    ):
+        out["accepts"] = frozenset(accepts)
     return out
 
 
@@ -109,6 +120,7 @@ class Peer:
     term: int = 0
     leader_id: str | None = None
     bootstrapped: bool = False
+    accepts: frozenset[str] = frozenset()  # request kinds it answers (its latest word)
     ping_inflight: bool = False
     pinged_at: float = float("-inf")  # monotonic
 
@@ -331,6 +343,7 @@ class Members:
         peer.term = info.get("term", 0)
         peer.leader_id = info.get("leader_id")
         peer.bootstrapped = info.get("bootstrapped", False)
+        peer.accepts = info.get("accepts", frozenset())
 
     def _seen(self, peer: Peer) -> None:
         peer.last_seen = self.clock()

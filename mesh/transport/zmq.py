@@ -548,11 +548,17 @@ class MeshTransport:
         kind: str,
         payload: dict[str, Any],
         timeout: float,
+        *,
+        connect_timeout: float | None = None,
     ) -> dict[str, Any]:
         """Send a request to ``address`` and return the reply payload.
 
         Raises TimeoutError if no reply arrives within ``timeout`` seconds, including the
-        time spent waiting for the DEALER to connect. Safe to run many concurrently.
+        time spent waiting for the DEALER to connect; ConnectionError, with nothing sent, when
+        the peer is not connected within ``connect_timeout`` (a peer that is down answers at
+        once instead of after ``timeout``); FrameError("size") (a ValueError), with nothing
+        sent, for a payload larger than ``max_frame_bytes``, which the peer would drop (and
+        whose connection ZeroMQ would cut). Safe to run many concurrently.
         """
         if self._closed:
             raise ConnectionError("transport closed")
@@ -560,16 +566,25 @@ class MeshTransport:
         deadline = loop.time() + timeout
         rid = b"%x" % next(self._rids)
         frames = encode(kind, payload, rid)
+        if len(frames[-1]) > self._max_frame_bytes:
+            raise FrameError(
+                "size", f"request {kind!r} of {len(frames[-1])} bytes exceeds the frame limit"
+            )
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
         key = (address, rid)
         self._pending[key] = fut
+        send_by = (
+            deadline if connect_timeout is None else min(deadline, loop.time() + connect_timeout)
+        )
         try:
             delay = _REQUEST_RETRY_FIRST
             # disconnect()/reconnect while we wait: _send_to follows the current socket.
             while not self._send_to(address, frames, count_drop=False):
                 if self._closed:
                     raise ConnectionError("transport closed")
-                remaining = deadline - loop.time()
+                remaining = send_by - loop.time()
+                if remaining <= 0 and send_by < deadline:
+                    raise ConnectionError(f"request {kind!r} to {address}: peer not connected")
                 if remaining <= 0:
                     raise TimeoutError(f"request {kind!r} to {address}: peer not reachable")
                 await asyncio.sleep(min(delay, remaining))
