@@ -30,7 +30,10 @@ from mesh.scheduling.catchup import catch_up
 
 log = logging.getLogger("mesh.scheduling.rounds")
 
-ROUND_LIMIT = 1000  # schedules per round (APScheduler's loop takes 100 per iteration)
+# Schedules per round (APScheduler's loop takes 100 per iteration). A round is planned, applied
+# and its jobs' timers started in single event-loop steps: 1,000 at once (a leader catching up
+# after a stall or an election) held the loop long enough to make its heartbeats late.
+ROUND_LIMIT = 256
 _MICROSECOND = timedelta(microseconds=1)
 
 
