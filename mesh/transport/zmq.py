@@ -1,8 +1,9 @@
 """MeshTransport: every mesh byte a process sends or receives goes through here.
 
 Why this file is long: it is the one owner of every ZeroMQ socket of a process (four socket
-kinds, plain and CURVE, with probing and key reloads); splitting it would spread the socket
-lifecycle rules (readers, close order, routing ids) across modules that must agree on them.
+kinds, plain and CURVE, with probing and key reloads, read from the event loop by ``_Reader``);
+splitting it would spread the socket lifecycle rules (readers and the edge-triggered FD, close
+order, routing ids) across modules that must agree on them.
 
 Sockets of one transport (see docs/architecture.md, "Ports"):
 
@@ -16,6 +17,14 @@ Sockets of one transport (see docs/architecture.md, "Ports"):
 * one SUB connected to the PUB of every node passed to :meth:`MeshTransport.subscribe`.
 
 A client-only process (``bind=None``, e.g. a handler) has no ROUTER and no PUB.
+
+The sockets are plain ``zmq.Socket`` objects, not ``zmq.asyncio`` ones (whose future per send and
+``EVENTS`` checks per message were a third of an idle node's Python time): the event loop watches
+each readable socket's ZeroMQ FD (``loop.add_reader``) and ``_Reader`` drains it with
+non-blocking recvs. That FD is edge-triggered, so the rules are: drain while ``EVENTS`` says
+``POLLIN`` (at most ``_BATCH`` per wake-up, then continue on the next turn of the loop), check
+``EVENTS`` after every send on a socket that has a reader (the send may have taken the edge of a
+message that came in meanwhile), and remove the reader before closing the socket.
 
 Sends never block: they use ``NOBLOCK`` and report ``False`` when ZeroMQ would have to wait
 (peer not connected, since DEALERs set ``IMMEDIATE``; or high-water mark reached). Raft and the
