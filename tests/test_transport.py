@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,6 +13,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from mesh import eventloop
 from mesh.transport import (
     DEFAULT_MAX_FRAME_BYTES,
     PROTOCOL,
@@ -449,6 +451,55 @@ async def test_late_reply_after_timeout_is_dropped_not_handled(make_node: MakeNo
         await client.request(server.bound_address, "slow", {}, timeout=0.1)
     await eventually(lambda: client.counters["replies_unmatched"] == 1)
     assert handled == []
+
+
+async def _message_arriving_during_a_send_is_read(loop_name: str) -> None:
+    """The scenario of the test below, on one event loop; the peer is a plain ROUTER."""
+    assert type(asyncio.get_running_loop()).__module__.startswith(loop_name)
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.ROUTER)
+    peer.setsockopt(zmq.LINGER, 0)
+    address = free_mesh_address()
+    peer.bind(address)
+    node = MeshTransport("node", None)
+    seen: list[str] = []
+    node.set_handler(lambda incoming: seen.append(incoming.kind))
+    try:
+        await node.start()
+        node.connect(address)
+        await send_until_queued(node, address, "hello", {})
+        assert peer.poll(3000), "the peer never got hello"
+        routing_id, *_ = peer.recv_multipart()
+        peer.send_multipart([routing_id, *encode("first", {})])
+        await eventually(lambda: seen == ["first"], what=lambda: f"first read; seen {seen}")
+
+        # Without yielding to the loop: wait until the message has signalled the node's
+        # DEALER FD, then send on that socket, which takes the signal (libzmq processes a
+        # socket's commands at most about once a millisecond during sends, hence the pause).
+        peer.send_multipart([routing_id, *encode("second", {})])
+        fd = node._dealers[address].getsockopt(zmq.FD)
+        assert select.select([fd], [], [], 3.0)[0], "the second message never signalled"
+        time.sleep(0.01)
+        node.send(address, "ping", {})
+        assert not select.select([fd], [], [], 0)[0], "precondition: the send took the edge"
+
+        await eventually(lambda: seen == ["first", "second"], what=lambda: f"seen {seen}")
+    finally:
+        await node.close()
+        peer.close(linger=0)
+        ctx.term()
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_a_message_that_arrives_during_a_send_is_read_without_more_traffic(
+    loop_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ZeroMQ's FD is edge-triggered and a send may consume its edge: the transport must look
+    # at EVENTS after sending, or the message waits for the next arrival, maybe forever.
+    if loop_name == "uvloop":
+        pytest.importorskip("uvloop")
+    monkeypatch.setenv(eventloop.ENV, loop_name)
+    eventloop.run(_message_arriving_during_a_send_is_read(loop_name))
 
 
 # ---------------------------------------------------------------------------- robustness

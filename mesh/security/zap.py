@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 
 import zmq
-import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils import z85
 
@@ -35,11 +34,15 @@ DOMAIN_ROLES: dict[str, frozenset[str]] = {
 
 
 class KeyRingAuthenticator(AsyncioAuthenticator):
-    """pyzmq's asyncio ZAP authenticator, answering from a live :class:`KeyRing`."""
+    """pyzmq's asyncio ZAP authenticator, answering from a live :class:`KeyRing`.
+
+    It keeps pyzmq's own asyncio poller for its one REP socket (a few messages per
+    handshake); the transport's sockets are plain and driven by the loop directly.
+    """
 
     def __init__(
         self,
-        context: zmq.asyncio.Context,
+        context: zmq.Context,
         keys: KeyRing,
         rejections: Rejections,
     ) -> None:

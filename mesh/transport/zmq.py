@@ -1,8 +1,9 @@
 """MeshTransport: every mesh byte a process sends or receives goes through here.
 
 Why this file is long: it is the one owner of every ZeroMQ socket of a process (four socket
-kinds, plain and CURVE, with probing and key reloads); splitting it would spread the socket
-lifecycle rules (readers, close order, routing ids) across modules that must agree on them.
+kinds, plain and CURVE, with probing and key reloads, read from the event loop by ``_Reader``);
+splitting it would spread the socket lifecycle rules (readers and the edge-triggered FD, close
+order, routing ids) across modules that must agree on them.
 
 Sockets of one transport (see docs/architecture.md, "Ports"):
 
@@ -16,6 +17,14 @@ Sockets of one transport (see docs/architecture.md, "Ports"):
 * one SUB connected to the PUB of every node passed to :meth:`MeshTransport.subscribe`.
 
 A client-only process (``bind=None``, e.g. a handler) has no ROUTER and no PUB.
+
+The sockets are plain ``zmq.Socket`` objects, not ``zmq.asyncio`` ones (whose future per send and
+``EVENTS`` checks per message were a third of an idle node's Python time): the event loop watches
+each readable socket's ZeroMQ FD (``loop.add_reader``) and ``_Reader`` drains it with
+non-blocking recvs. That FD is edge-triggered, so the rules are: drain while ``EVENTS`` says
+``POLLIN`` (at most ``_BATCH`` per wake-up, then continue on the next turn of the loop), check
+``EVENTS`` after every send on a socket that has a reader (the send may have taken the edge of a
+message that came in meanwhile), and remove the reader before closing the socket.
 
 Sends never block: they use ``NOBLOCK`` and report ``False`` when ZeroMQ would have to wait
 (peer not connected, since DEALERs set ``IMMEDIATE``; or high-water mark reached). Raft and the
@@ -60,7 +69,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from mesh.contracts import BroadcastHandler, Incoming
 from mesh.security.audit import Rejections
@@ -138,7 +146,7 @@ class MeshTransport:
         *,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         send_hwm: int = 10_000,
-        context: zmq.asyncio.Context | None = None,
+        context: zmq.Context | None = None,
         max_handler_tasks: int = 1_000,
         keys: KeyRing | None = None,
         rejections: Rejections | None = None,
@@ -168,25 +176,26 @@ class MeshTransport:
         self._max_handler_tasks = max_handler_tasks
         # Our own context is created on first use, so a transport that never opens a socket
         # holds no I/O thread.
-        self._ctx: zmq.asyncio.Context | None = context
+        self._ctx: zmq.Context | None = context
         self._own_context = context is None
 
         self.counters: collections.Counter[str] = collections.Counter()
         self._handler: Handler | None = None
         self._broadcast_handler: BroadcastHandler | None = None
 
-        self._router: zmq.asyncio.Socket | None = None
-        self._pub: zmq.asyncio.Socket | None = None
-        self._dealers: dict[str, zmq.asyncio.Socket] = {}
+        self._router: zmq.Socket | None = None
+        self._pub: zmq.Socket | None = None
+        self._dealers: dict[str, zmq.Socket] = {}
         # Secured: address -> certificate name of the node there, once learnt (see above).
         self._names: dict[str, str] = {}
         # Secured: address -> {candidate certificate name: DEALER} while the name is unknown.
-        self._probes: dict[str, dict[str, zmq.asyncio.Socket]] = {}
+        self._probes: dict[str, dict[str, zmq.Socket]] = {}
         # Secured ROUTER: certificate name -> routing id of the connection it last spoke over.
         self._routes: dict[str, bytes] = {}
-        self._subs: dict[str, zmq.asyncio.Socket] = {}  # one SUB per publisher address
+        self._subs: dict[str, zmq.Socket] = {}  # one SUB per publisher address
         self._subscriptions: set[str] = set()  # wanted, connected or waiting for a name
-        self._readers: dict[zmq.asyncio.Socket, asyncio.Task[None]] = {}
+        self._readers: dict[zmq.Socket, _Reader] = {}
+        self._paused: set[_Reader] = set()  # readers waiting for a free handler slot
         self._handler_tasks: set[asyncio.Future[Any]] = set()
         # Requests in flight by (peer address, request id): a reply counts only from the peer asked.
         self._pending: dict[tuple[str, bytes], asyncio.Future[dict[str, Any]]] = {}
@@ -250,7 +259,7 @@ class MeshTransport:
                 self._key_loop(), name=f"mesh.transport[{self.node_id}].keys"
             )
 
-    async def _bind_with_retry(self, sock: zmq.asyncio.Socket, address: str) -> None:
+    async def _bind_with_retry(self, sock: zmq.Socket, address: str) -> None:
         # A socket closed a moment ago (node restart in the same process) may still hold the
         # port until the ZeroMQ I/O thread gets to it: retry briefly before giving up.
         loop = asyncio.get_running_loop()
@@ -272,17 +281,21 @@ class MeshTransport:
         if self._closed:
             return
         self._closed = True
-        # close() may run inside a handler (inline in a reader, or as a handler task): never
-        # cancel the caller, or the cancellation would abort close() itself half-way.
+        # Readers first: no callback may run on an FD whose socket is closed below.
+        for reader in self._readers.values():
+            reader.stop()
+        self._readers.clear()
+        self._paused.clear()
+        # close() may run inside a handler task: never cancel the caller, or the cancellation
+        # would abort close() itself half-way.
         current = asyncio.current_task()
-        tasks = [t for t in (*self._readers.values(), *self._handler_tasks) if t is not current]
+        tasks = [t for t in self._handler_tasks if t is not current]
         if self._key_task is not None and self._key_task is not current:
             tasks.append(self._key_task)
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        self._readers.clear()
         self._handler_tasks.clear()
         for fut in self._pending.values():
             if not fut.done():
@@ -305,17 +318,18 @@ class MeshTransport:
             # term() waits for the I/O thread to release the listening ports.
             self._ctx.term()
 
-    def _context(self) -> zmq.asyncio.Context:
+    def _context(self) -> zmq.Context:
         if self._ctx is None:
-            self._ctx = zmq.asyncio.Context()
+            # Plain sockets, not zmq.asyncio: the event loop watches their FDs (see _Reader).
+            self._ctx = zmq.Context()
         return self._ctx
 
-    def _socket(self, socket_type: int) -> zmq.asyncio.Socket:
+    def _socket(self, socket_type: int) -> zmq.Socket:
         sock = self._context().socket(socket_type)
         sock.setsockopt(zmq.LINGER, 0)
         return sock
 
-    def _server_socket(self, socket_type: int, domain: str) -> zmq.asyncio.Socket:
+    def _server_socket(self, socket_type: int, domain: str) -> zmq.Socket:
         sock = self._socket(socket_type)
         if self.keys is not None:
             sock.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
@@ -324,7 +338,7 @@ class MeshTransport:
             sock.setsockopt(zmq.CURVE_SERVER, 1)
         return sock
 
-    def _client_socket(self, socket_type: int, server: str | None) -> zmq.asyncio.Socket:
+    def _client_socket(self, socket_type: int, server: str | None) -> zmq.Socket:
         """A socket that dials; secured, it completes a handshake only with ``server``'s key."""
         sock = self._socket(socket_type)
         if self.keys is not None:
@@ -383,7 +397,9 @@ class MeshTransport:
         # a node we never sent to get connected.
         for address, probes in list(self._probes.items()):
             for name, sock in probes.items():
-                if sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+                events = sock.getsockopt(zmq.EVENTS)
+                self._rearm(sock, events)
+                if events & zmq.POLLOUT:
                     self._settle(address, name)
                     break
 
@@ -410,10 +426,11 @@ class MeshTransport:
         if sub is not None:
             self._close_socket(sub)
 
-    def _close_socket(self, sock: zmq.asyncio.Socket) -> None:
-        task = self._readers.pop(sock, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+    def _close_socket(self, sock: zmq.Socket) -> None:
+        reader = self._readers.pop(sock, None)
+        if reader is not None:
+            reader.stop()  # before close: the FD number may be reused at once
+            self._paused.discard(reader)
         sock.close(linger=0)
 
     # ------------------------------------------------------------------ handlers
@@ -442,7 +459,7 @@ class MeshTransport:
         if address not in self._dealers and address not in self._probes:
             self._connect(address)
 
-    def _connect(self, address: str) -> zmq.asyncio.Socket | None:
+    def _connect(self, address: str) -> zmq.Socket | None:
         if self._closed:
             raise RuntimeError("MeshTransport is closed")
         split_address(address)
@@ -460,7 +477,7 @@ class MeshTransport:
         self._dealers[address] = dealer
         return dealer
 
-    def _new_dealer(self, address: str, server: str | None) -> zmq.asyncio.Socket:
+    def _new_dealer(self, address: str, server: str | None) -> zmq.Socket:
         dealer = self._client_socket(zmq.DEALER, server)
         # Secured: an unguessable routing id (see the module docstring); else our node id.
         routing_id = b"~" + os.urandom(16) if self.secure else self._routing_id
@@ -600,25 +617,35 @@ class MeshTransport:
                 fut.exception()  # close() may have failed it while we were not awaiting it
 
     def _send_frames(
-        self, sock: zmq.asyncio.Socket, frames: list[bytes], *, count_drop: bool = True
+        self, sock: zmq.Socket, frames: list[bytes], *, count_drop: bool = True
     ) -> bool:
-        # Through the asyncio wrapper (not a raw shadow socket) so it keeps its edge-triggered
-        # FD bookkeeping right; with NOBLOCK the returned future is already resolved.
-        fut = sock.send_multipart(frames, flags=zmq.NOBLOCK)
-        if not fut.done():  # cannot happen with NOBLOCK; never leave a send pending anyway
-            fut.cancel()
-            exc: BaseException | None = zmq.Again()
-        else:
-            exc = fut.exception()
-        if exc is None:
-            self.counters["sent"] += 1
-            return True
-        if count_drop:
-            self.counters["send_dropped"] += 1
-        if not isinstance(exc, zmq.Again):
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            sent = False
+        except zmq.ZMQError as exc:
             # EHOSTUNREACH from ROUTER_MANDATORY (identity gone), ENOTSOCK after close...
             log.debug("send dropped: %s", exc)
-        return False
+            sent = False
+        else:
+            sent = True
+        reader = self._readers.get(sock)
+        if reader is not None and not reader.scheduled:
+            # The send may have taken the FD's edge for a message that came in meanwhile.
+            self._rearm(sock, sock.getsockopt(zmq.EVENTS))
+        if sent:
+            self.counters["sent"] += 1
+        elif count_drop:
+            self.counters["send_dropped"] += 1
+        return sent
+
+    def _rearm(self, sock: zmq.Socket, events: int) -> None:
+        """After any operation on ``sock`` (which resets its edge-triggered FD): drain it soon
+        if a message waits, since the FD may no longer say so."""
+        if events & zmq.POLLIN:
+            reader = self._readers.get(sock)
+            if reader is not None:
+                reader.schedule()
 
     # ------------------------------------------------------------------ broadcast
 
@@ -666,59 +693,18 @@ class MeshTransport:
     # ------------------------------------------------------------------ receiving
 
     def _spawn_reader(
-        self, sock: zmq.asyncio.Socket, on_frames: Callable[[list[Any]], None], copy: bool = True
+        self, sock: zmq.Socket, on_frames: Callable[[list[Any]], None], copy: bool = True
     ) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._read_loop(sock, on_frames, copy), name=f"mesh.transport[{self.node_id}].reader"
-        )
-        self._readers[sock] = task
+        self._readers[sock] = _Reader(self, sock, on_frames, copy)
 
-    def _spawn_dealer_reader(
-        self, address: str, server: str | None, sock: zmq.asyncio.Socket
-    ) -> None:
+    def _spawn_dealer_reader(self, address: str, server: str | None, sock: zmq.Socket) -> None:
         self._spawn_reader(sock, functools.partial(self._on_dealer_frames, address, server))
 
-    def _spawn_sub_reader(self, address: str, sock: zmq.asyncio.Socket) -> None:
+    def _spawn_sub_reader(self, address: str, sock: zmq.Socket) -> None:
         self._spawn_reader(sock, functools.partial(self._on_sub_frames, address))
 
-    async def _read_loop(
-        self, sock: zmq.asyncio.Socket, on_frames: Callable[[list[Any]], None], copy: bool
-    ) -> None:
-        # Await only to wake up, then drain what is already queued with plain non-blocking
-        # recvs on a shadow of the same socket: the asyncio wrapper costs a future and several
-        # EVENTS checks per message, about 3x a plain recv. Safe because every await re-checks
-        # EVENTS before sleeping on the edge-triggered FD.
-        # copy=False (secured ROUTER): zmq.Frame objects, which carry the User-Id property.
-        recv_now = functools.partial(zmq.Socket.shadow(sock.underlying).recv_multipart, copy=copy)
-        counters = self.counters
-        tasks = self._handler_tasks
-        while True:
-            try:
-                frames = await sock.recv_multipart(copy=copy)
-            except zmq.ZMQError as exc:
-                if self._closed or sock.closed:
-                    return
-                log.warning("receive error on %s socket: %s", sock.type, exc)
-                await asyncio.sleep(0.01)
-                continue
-            batch = 0
-            while True:
-                try:
-                    on_frames(frames)
-                except Exception:  # a dispatch bug must not take the node off the network
-                    counters["handler_errors"] += 1
-                    log.exception("error while dispatching a received message")
-                batch += 1
-                if batch >= _BATCH or len(tasks) >= self._max_handler_tasks:
-                    break
-                try:
-                    frames = recv_now(zmq.NOBLOCK)
-                except zmq.ZMQError:  # Again: drained (or closed: the await above reports it)
-                    break
-            if batch >= _BATCH:
-                await asyncio.sleep(0)  # a flood on one socket must not starve the event loop
-            if len(tasks) >= self._max_handler_tasks:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    def _handler_slots_full(self) -> bool:
+        return len(self._handler_tasks) >= self._max_handler_tasks
 
     def _drop(self, err: FrameError) -> None:
         self.counters["dropped_frames." + err.reason] += 1
@@ -823,6 +809,10 @@ class MeshTransport:
 
     def _on_handler_done(self, incoming: Incoming, task: asyncio.Future[Any]) -> None:
         self._handler_tasks.discard(task)
+        if self._paused and not self._handler_slots_full():
+            for reader in self._paused:
+                reader.schedule()
+            self._paused.clear()
         if task.cancelled():
             return
         exc = task.exception()
@@ -845,3 +835,81 @@ class MeshTransport:
             return
         if incoming.rid and incoming.identity:
             self.reply(incoming, result)
+
+
+class _Reader:
+    """Drains one socket of a transport from the event loop, without zmq.asyncio.
+
+    The loop watches the socket's ZeroMQ FD (``add_reader``). That FD is edge-triggered: it
+    signals that the socket's state *changed*, and any operation on the socket (recv, send,
+    ``EVENTS``) may consume that signal while messages are still queued. So a drain reads while
+    ``EVENTS`` says ``POLLIN`` and only then sleeps on the FD, and the transport reschedules a
+    drain (:meth:`schedule`) after each send on a socket that has a reader. zmq.asyncio does
+    the same bookkeeping with a future and several ``EVENTS`` checks per message; this costs
+    one ``EVENTS`` check per message and per send.
+    """
+
+    __slots__ = ("copy", "fd", "loop", "on_frames", "scheduled", "sock", "stopped", "transport")
+
+    def __init__(
+        self,
+        transport: MeshTransport,
+        sock: zmq.Socket,
+        on_frames: Callable[[list[Any]], None],
+        copy: bool,
+    ) -> None:
+        self.transport = transport
+        self.sock = sock
+        self.on_frames = on_frames
+        # copy=False (secured ROUTER): zmq.Frame objects, which carry the User-Id property.
+        self.copy = copy
+        self.loop = asyncio.get_running_loop()
+        self.fd: int = sock.getsockopt(zmq.FD)
+        self.scheduled = False
+        self.stopped = False
+        self.loop.add_reader(self.fd, self.drain)
+        # connect()/bind() may already have consumed the FD's signal for queued messages.
+        self.schedule()
+
+    def schedule(self) -> None:
+        """Drain on the next turn of the loop (once, however often it is asked)."""
+        if not self.scheduled and not self.stopped:
+            self.scheduled = True
+            self.loop.call_soon(self._scheduled_drain)
+
+    def _scheduled_drain(self) -> None:
+        self.scheduled = False
+        self.drain()
+
+    def stop(self) -> None:
+        """Stop watching the FD; must run before the socket is closed."""
+        if not self.stopped:
+            self.stopped = True
+            self.loop.remove_reader(self.fd)
+
+    def drain(self) -> None:
+        """Handle up to ``_BATCH`` queued messages; reschedule itself if more may wait."""
+        transport = self.transport
+        sock = self.sock
+        for _ in range(_BATCH):
+            if self.stopped:  # a handler closed this socket (disconnect, settle, close)
+                return
+            try:
+                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return  # drained: the FD signals the next arrival
+                if transport._handler_slots_full():
+                    # Resumed by _on_handler_done; meanwhile the HWM pushes back on senders.
+                    transport._paused.add(self)
+                    return
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=self.copy)
+            except zmq.ZMQError as exc:
+                if not self.stopped and not transport._closed:
+                    log.warning("receive error on %s socket: %s", sock.type, exc)
+                    self.loop.call_later(0.01, self.schedule)
+                return
+            try:
+                self.on_frames(frames)
+            except Exception:  # a dispatch bug must not take the node off the network
+                transport.counters["handler_errors"] += 1
+                log.exception("error while dispatching a received message")
+        self.schedule()  # a flood on one socket must not starve the event loop
