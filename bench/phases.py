@@ -745,6 +745,12 @@ def _scale_million(run: Run, measure: float) -> dict[str, Any]:
     return out
 
 
+def million(run: Run) -> dict[str, Any]:
+    """``--only million``: the scale phase's 1,000,000-schedule step alone, without the
+    100,000-schedule part and its baselines before it (which take ~10 minutes)."""
+    return _scale_million(run, run.seconds(30.0, 5.0))
+
+
 def _wal_mb(data_dir: Path) -> float:
     wal = data_dir / "broker_state.db-wal"
     return wal.stat().st_size / 1024 / 1024 if wal.exists() else 0.0
@@ -859,4 +865,5 @@ PHASES = {
     "curve": curve,
     "replica": replica,
     "dashboard": dashboard,
+    "million": million,
 }

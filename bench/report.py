@@ -266,7 +266,7 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
             _get(sc, "baseline_memory", "idle_cpu_percent"),
             _get(sc, "baseline_sqlalchemy", "idle_cpu_percent"),
         )
-    m = _get(sc, "million")
+    m = _get(sc, "million") or figures.get("million")
     if isinstance(m, dict) and "max_rss_mb" in m:
         _million_rows(m, row)
     i = figures.get("idle")
