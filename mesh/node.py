@@ -104,6 +104,8 @@ def raft_settings(config: Config) -> RaftSettings:
         max_append_entries=r.max_append_entries,
         max_append_bytes=r.max_append_bytes,
         max_entry_bytes=r.max_entry_bytes,
+        # Two full appends in flight: the next one is on its way while the follower decodes.
+        max_inflight_bytes=2 * r.max_append_bytes,
     )
 
 
