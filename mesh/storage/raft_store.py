@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import json
 import os
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,6 +77,7 @@ class RaftStore:
             self._conn.close()
             raise
         self._remove_stale_files(tmp_too=True)
+        self._sizes = _LogSizes(self._conn)
 
     def _migrate(self) -> None:
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(raft_snapshot)")}
@@ -127,6 +129,11 @@ class RaftStore:
         """Index of the last stored entry; the snapshot's index if the log is empty; else 0."""
         return self._last_index()
 
+    def log_bytes(self, after: int, through: int) -> int:
+        """Characters of JSON the stored entries with index in (``after``, ``through``] take:
+        what a snapshot at ``through`` would let the node drop (memory and disk)."""
+        return self._sizes.between(after, through)
+
     # -- writing ------------------------------------------------------------------------------
 
     def save(
@@ -168,6 +175,7 @@ class RaftStore:
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
+            self._sizes = _LogSizes(conn)
             raise
         if snap_row is not None:
             self._remove_stale_files()
@@ -185,6 +193,7 @@ class RaftStore:
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
+            self._sizes = _LogSizes(conn)
             raise
         self._remove_stale_files()
 
@@ -205,6 +214,7 @@ class RaftStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        self._sizes.drop_through(upto_index)
 
     def close(self) -> None:
         self._conn.close()
@@ -225,8 +235,10 @@ class RaftStore:
         )
         if agrees:
             conn.execute("DELETE FROM raft_log WHERE idx <= ?", (index,))
+            self._sizes.drop_through(index)
         else:
             conn.execute("DELETE FROM raft_log")
+            self._sizes.reset(index)
         conn.execute(
             "INSERT OR REPLACE INTO raft_snapshot (id, idx, term, voters, data, file)"
             " VALUES (1, ?, ?, ?, x'', ?)",
@@ -245,6 +257,7 @@ class RaftStore:
         if first <= last:
             conn.execute("DELETE FROM raft_log WHERE idx >= ?", (first,))
         conn.executemany("INSERT INTO raft_log (idx, term, kind, data) VALUES (?, ?, ?, ?)", rows)
+        self._sizes.put(first, [len(r[3]) for r in rows])
 
     def _write_hard_state(self, hs: HardState) -> None:
         self._conn.execute(
@@ -298,6 +311,48 @@ class RaftStore:
     def _last_index(self) -> int:
         row = self._conn.execute("SELECT MAX(idx) FROM raft_log").fetchone()
         return int(row[0]) if row[0] is not None else self._snapshot_index()
+
+
+class _LogSizes:
+    """The sizes of the stored entries as running totals, so that the bytes of any range of the
+    log cost two lookups (the node asks after every batch whether a snapshot is due). Kept in
+    step with ``raft_log`` by the writes above; read from the table when opened, and again
+    when a transaction is rolled back."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        rows = conn.execute("SELECT idx, length(data) FROM raft_log ORDER BY idx").fetchall()
+        self.reset(rows[0][0] - 1 if rows else 0)
+        if rows:
+            self.put(rows[0][0], [n for _idx, n in rows])
+
+    def reset(self, base: int) -> None:
+        """An empty log after index ``base``."""
+        self._base = base  # _totals[k]: characters of the entries base+1 .. base+k
+        self._totals = [0]
+
+    def put(self, first: int, sizes: list[int]) -> None:
+        """Entries from ``first`` on, replacing any stored from there (a conflicting append)."""
+        if first <= self._base:
+            self.reset(first - 1)
+        del self._totals[first - self._base :]
+        total = self._totals[-1]
+        for n in sizes:
+            total += n
+            self._totals.append(total)
+
+    def drop_through(self, index: int) -> None:
+        """Forget the entries up to ``index`` (compacted)."""
+        k = min(max(index - self._base, 0), len(self._totals) - 1)
+        del self._totals[:k]
+        self._base += k
+
+    def between(self, after: int, through: int) -> int:
+        last = len(self._totals) - 1
+
+        def total(index: int) -> int:
+            return self._totals[min(max(index - self._base, 0), last)]
+
+        return max(0, total(through) - total(after))
 
 
 def _check_contiguous(entries: Sequence[Entry]) -> None:
