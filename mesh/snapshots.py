@@ -125,7 +125,7 @@ def _child(sm: StateMachine, directory: Path, index: int, term: int) -> NoReturn
         # 100 ms), nor copy shared pages by collecting garbage: it is short-lived.
         gc.disable()
         _lowest_priority()
-        write_snapshot_file(directory, index, term, sm.snapshot())
+        write_snapshot_file(directory, index, term, sm.snapshot_chunks())
         code = 0
     except BaseException:
         with contextlib.suppress(BaseException):

@@ -18,7 +18,7 @@ import itertools
 import json
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from mesh.consensus.messages import Entry, HardState, Snapshot
@@ -365,8 +365,11 @@ def snapshot_file_name(index: int, term: int) -> str:
     return f"snap-{term}-{index}.bin"
 
 
-def write_snapshot_file(directory: Path, index: int, term: int, data: bytes) -> str:
-    """Write ``data`` durably as the snapshot file for ``(index, term)``; return its name.
+def write_snapshot_file(
+    directory: Path, index: int, term: int, data: bytes | Iterable[bytes]
+) -> str:
+    """Write ``data`` (bytes, or pieces of them) durably as the snapshot file for
+    ``(index, term)``; return its name.
 
     Written to a ``.tmp`` name unique to this process, fsync'd, renamed into place and the
     directory fsync'd, so a crash leaves either no file or the whole file. Safe to call from a
@@ -376,7 +379,11 @@ def write_snapshot_file(directory: Path, index: int, term: int, data: bytes) -> 
     name = snapshot_file_name(index, term)
     tmp = directory / f"{name}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
-        f.write(data)
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            for piece in data:
+                f.write(piece)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, directory / name)
