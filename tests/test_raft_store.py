@@ -397,3 +397,36 @@ def test_log_bytes_is_read_back_on_open(db_path: Path) -> None:
         assert s.log_bytes(1, 5) == _chars(entries(2, 5))
     finally:
         s.close()
+
+
+def _stored_indexes(db_path: Path) -> list[int]:
+    conn = sqlite3.connect(db_path)
+    try:
+        return [r[0] for r in conn.execute("SELECT idx FROM raft_log ORDER BY idx")]
+    finally:
+        conn.close()
+
+
+def test_trim_deletes_the_entries_a_recorded_snapshot_covers_a_few_at_a_time(
+    store: RaftStore, db_path: Path
+) -> None:
+    store.save(entries=entries(1, 10))
+    name = write_snapshot_file(store.snapshot_dir, 7, 1, b"image")
+    store.record_snapshot(7, 1, ("a",), name)
+    assert store.load()[2] == entries(8, 10)  # covered entries are never read back
+    assert store.trim(3) == 3
+    assert _stored_indexes(db_path) == [4, 5, 6, 7, 8, 9, 10]
+    while store.trim(3):
+        pass
+    assert _stored_indexes(db_path) == [8, 9, 10]
+
+
+def test_entries_follow_a_recorded_snapshot_whose_covered_rows_are_not_trimmed_yet(
+    store: RaftStore,
+) -> None:
+    store.save(entries=entries(1, 8))
+    name = write_snapshot_file(store.snapshot_dir, 8, 1, b"image")
+    store.record_snapshot(8, 1, ("a",), name)
+    assert store.last_index() == 8
+    store.save(entries=entries(9, 9))  # appends after the snapshot, not after a stale row
+    assert [e.index for e in store.load()[2]] == [9]

@@ -184,18 +184,37 @@ class RaftStore:
         self, index: int, term: int, voters: Sequence[str], name: str, removed: Sequence[str] = ()
     ) -> None:
         """Make the snapshot already written to ``snapshot_dir/name`` (``write_snapshot_file``)
-        the stored one, and drop the log entries it covers. One transaction."""
+        the stored one, taken by this node at an applied index (so the log agrees with it). The
+        log entries it covers are no longer read; ``trim`` deletes them, a few at a time."""
         row = (index, term, _config_column(voters, removed), name)
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            self._write_snapshot(row)
+            self._write_snapshot(row, drop_covered=False)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             self._sizes = _LogSizes(conn)
             raise
         self._remove_stale_files()
+
+    def trim(self, limit: int) -> int:
+        """Delete up to ``limit`` of the oldest entries the stored snapshot covers, in one
+        transaction; return how many were deleted (0: none left)."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            covered = self._snapshot_index()
+            deleted = conn.execute(
+                "DELETE FROM raft_log WHERE idx IN"
+                " (SELECT idx FROM raft_log WHERE idx <= ? ORDER BY idx LIMIT ?)",
+                (covered, limit),
+            ).rowcount
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return deleted
 
     def compact(self, upto_index: int) -> None:
         """Delete entries with index <= ``upto_index``; a snapshot must already cover them."""
@@ -221,7 +240,7 @@ class RaftStore:
 
     # -- steps of save(), each inside the caller's transaction ---------------------------------
 
-    def _write_snapshot(self, row: tuple[int, int, str, str]) -> None:
+    def _write_snapshot(self, row: tuple[int, int, str, str], *, drop_covered: bool = True) -> None:
         index, term = row[0], row[1]
         conn = self._conn
         stored = conn.execute("SELECT idx, term FROM raft_snapshot WHERE id = 1").fetchone()
@@ -234,7 +253,8 @@ class RaftStore:
             stored is not None and tuple(stored) == (index, term)
         )
         if agrees:
-            conn.execute("DELETE FROM raft_log WHERE idx <= ?", (index,))
+            if drop_covered:
+                conn.execute("DELETE FROM raft_log WHERE idx <= ?", (index,))
             self._sizes.drop_through(index)
         else:
             conn.execute("DELETE FROM raft_log")
@@ -309,8 +329,10 @@ class RaftStore:
         return 0 if row is None else int(row[0])
 
     def _last_index(self) -> int:
+        # Entries the snapshot covers may still be stored until trimmed: they never count.
         row = self._conn.execute("SELECT MAX(idx) FROM raft_log").fetchone()
-        return int(row[0]) if row[0] is not None else self._snapshot_index()
+        snapshot_index = self._snapshot_index()
+        return max(int(row[0]), snapshot_index) if row[0] is not None else snapshot_index
 
 
 class _LogSizes:
@@ -366,7 +388,7 @@ def snapshot_file_name(index: int, term: int) -> str:
 
 
 def write_snapshot_file(
-    directory: Path, index: int, term: int, data: bytes | Iterable[bytes]
+    directory: Path, index: int, term: int, data: bytes | bytearray | memoryview | Iterable[bytes]
 ) -> str:
     """Write ``data`` (bytes, or pieces of them) durably as the snapshot file for
     ``(index, term)``; return its name.
@@ -379,7 +401,7 @@ def write_snapshot_file(
     name = snapshot_file_name(index, term)
     tmp = directory / f"{name}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
-        if isinstance(data, bytes):
+        if isinstance(data, bytes | bytearray | memoryview):  # an installed image: one piece
             f.write(data)
         else:
             for piece in data:
