@@ -61,3 +61,25 @@ def test_an_image_in_pieces_restores_every_schedule_in_due_order() -> None:
 def test_an_empty_state_in_pieces_is_a_valid_image() -> None:
     image = b"".join(SchedulerState().snapshot_chunks())
     assert json.loads(image)["schedules"] == []
+
+
+def _command(state: SchedulerState, index: int, **command: object) -> object:
+    return state.apply(Entry(term=1, index=index, kind=COMMAND, data=command))
+
+
+def test_reset_leases_clears_the_leases_taken_before_a_snapshot_and_after_it() -> None:
+    state = _state(50)
+    until = "2030-01-01T00:00:00+00:00"
+    _command(state, 2, op="acquire_schedules", ids=["s1", "s2"], scheduler_id="a", until=until)
+    restored = SchedulerState()
+    restored.restore(state.snapshot())
+    _command(restored, 3, op="acquire_schedules", ids=["s3"], scheduler_id="a", until=until)
+    _command(restored, 4, op="remove_schedules", ids=["s2"])
+    assert _command(restored, 5, op="reset_leases") == {"schedules": 2, "jobs": 0}
+    assert all(s.acquired_by is None for s in restored.schedules.values())
+    # Every lease is gone: a second reset finds none, and every schedule can be acquired again.
+    assert _command(restored, 6, op="reset_leases") == {"schedules": 0, "jobs": 0}
+    got = _command(
+        restored, 7, op="acquire_schedules", ids=["s1", "s3"], scheduler_id="b", until=until
+    )
+    assert got == ["s1", "s3"]

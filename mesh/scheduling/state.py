@@ -199,6 +199,9 @@ class SchedulerState:
         # A sorted list, not a list kept sorted with bisect.insort: an insort moves every later
         # item, so creating N schedules cost O(N²) (at 1,000,000 it was most of the apply time).
         self._due: SortedList[tuple[float, str]] = SortedList()
+        # Ids of the schedules leased to a scheduler: what ``reset_leases`` (every new leader's
+        # first command) clears, without looking at every schedule (1,000,000 per election).
+        self._leased: set[str] = set()
         self.jobs: dict[UUID, JobState] = {}
         self.results: dict[UUID, JobResult] = {}
         self.fired: dict[str, str] = {}  # schedule id → ISO nominal fire time of its latest job
@@ -288,6 +291,7 @@ class SchedulerState:
         self._due = SortedList(
             (s.next_fire_time.timestamp(), s.id) for s in schedules if s.next_fire_time is not None
         )
+        self._leased = {s.id for s in schedules if s.acquired_by is not None}
         for j in d["jobs"]:
             job = load_job(j["job"])
             self.jobs[job.id] = JobState(job, j["attempts"], j["term"], j.get("handler"))
@@ -422,6 +426,10 @@ class SchedulerState:
         self.schedules[s.id] = s
         if s.next_fire_time is not None:
             self._due.add((s.next_fire_time.timestamp(), s.id))
+        if s.acquired_by is not None:
+            self._leased.add(s.id)
+        else:
+            self._leased.discard(s.id)
 
     def _unindex(self, s: Schedule) -> None:
         if s.next_fire_time is None:
@@ -467,6 +475,7 @@ class SchedulerState:
             s = self.schedules.pop(sid, None)
             if s is not None:
                 self._unindex(s)
+                self._leased.discard(sid)
                 self.fired.pop(sid, None)
                 removed.append(sid)
         return removed
@@ -479,6 +488,7 @@ class SchedulerState:
                 continue
             s.acquired_by = c["scheduler_id"]
             s.acquired_until = _dt(c["until"])
+            self._leased.add(s.id)
             got.append(sid)
         return got
 
@@ -635,11 +645,13 @@ class SchedulerState:
         return True
 
     def _op_reset_leases(self, c: dict[str, Any], _e: Entry) -> dict[str, int]:
-        schedules = jobs = 0
-        for s in self.schedules.values():
-            if s.acquired_by is not None:
-                s.acquired_by = s.acquired_until = None
-                schedules += 1
+        schedules = 0
+        for sid in self._leased:
+            s = self.schedules[sid]
+            s.acquired_by = s.acquired_until = None
+            schedules += 1
+        self._leased.clear()
+        jobs = 0
         for js in self.jobs.values():
             if js.job.acquired_by is not None:
                 js.job.acquired_by = js.job.acquired_until = None
