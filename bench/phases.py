@@ -30,7 +30,14 @@ from bench.common import (
 from bench.dashboard import dashboard
 from bench.harness import BenchError, Node, wait_for
 from bench.replica import replica
-from bench.stats import cpu_seconds, parse_time, rss_mb, step_should_stop, summary
+from bench.stats import (
+    cpu_seconds,
+    parse_time,
+    peak_rss_mb,
+    rss_mb,
+    step_should_stop,
+    summary,
+)
 from bench.steady import steady
 from bench.timing import timing
 from mesh.node import TICK_SECONDS
@@ -683,6 +690,7 @@ def _scale_million(run: Run, measure: float) -> dict[str, Any]:
     out: dict[str, Any] = {"target_schedules": n, "measure_s": measure}
     try:
         leader = run.start_mesh("scale", mesh)
+        term0 = (leader.health() or {}).get("term", 0)
         run.progress("scale", f"1M step: creating {n:,} far-future schedules in bulk")
         created = _bulk_create(run, leader, "m", n, deadline_s=3600.0)
         if created is None:
@@ -702,13 +710,25 @@ def _scale_million(run: Run, measure: float) -> dict[str, Any]:
             f"({created['per_s'] or 0:.0f}/s); statuses {created['statuses']}",
         )
         leader = mesh.wait_leader(timeout=60)
-        commit = (leader.health() or {}).get("commit_index", 0)
+        health = leader.health() or {}
+        commit = health.get("commit_index", 0)
+        # Every term after the first leader's is an election: won, or lost to a split vote.
+        out["leader_changes"] = health.get("term", 0) - term0
         for f in mesh.followers(leader):
             wait_caught_up(mesh, f, commit, timeout=900)
         time.sleep(2.0)
         out["rss_mb"] = {n_.name: rss_mb(n_.pid) for n_ in mesh.nodes}
         out["max_rss_mb"] = max(v or 0 for v in out["rss_mb"].values())
-        run.progress("scale", f"RSS {out['rss_mb']}; measuring idle CPU for {measure:.0f}s")
+        out["peak_rss_mb"] = {n_.name: peak_rss_mb(n_.pid) for n_ in mesh.nodes}
+        out["max_peak_rss_mb"] = max(v or 0 for v in out["peak_rss_mb"].values())
+        out["db_mb"] = {n_.name: _db_mb(n_.data_dir) for n_ in mesh.nodes}
+        out["snapshot_mb"] = {n_.name: _snapshot_mb(n_.data_dir) for n_ in mesh.nodes}
+        run.progress(
+            "scale",
+            f"RSS {out['rss_mb']} (peak {out['peak_rss_mb']}); DB {out['db_mb']}, snapshot "
+            f"{out['snapshot_mb']} MB; {out['leader_changes']} leader changes; "
+            f"measuring idle CPU for {measure:.0f}s",
+        )
         cpu0 = {p.name: cpu_seconds(p.pid) or 0.0 for p in mesh.nodes}
         t0 = time.monotonic()
         time.sleep(measure)
@@ -744,6 +764,20 @@ def _scale_million(run: Run, measure: float) -> dict[str, Any]:
     finally:
         mesh.stop()
     return out
+
+
+def million(run: Run) -> dict[str, Any]:
+    """``--only million``: the scale phase's 1,000,000-schedule step alone, without the
+    100,000-schedule part and its baselines before it (which take ~10 minutes)."""
+    return _scale_million(run, run.seconds(30.0, 5.0))
+
+
+def _db_mb(data_dir: Path) -> float:
+    return (data_dir / "broker_state.db").stat().st_size / 1024 / 1024 + _wal_mb(data_dir)
+
+
+def _snapshot_mb(data_dir: Path) -> float:
+    return sum(p.stat().st_size for p in (data_dir / "snapshots").glob("*.bin")) / 1024 / 1024
 
 
 def _wal_mb(data_dir: Path) -> float:
@@ -861,4 +895,5 @@ PHASES = {
     "curve": curve,
     "replica": replica,
     "dashboard": dashboard,
+    "million": million,
 }

@@ -49,6 +49,9 @@ TARGETS: dict[str, Target] = {
     "scale_restart_s": ("<=", 10.0),
     # The performance issue: creating schedules in bulk (POST /api/schedules/bulk).
     "scale_create_bulk_per_s": (">=", 5000.0),
+    # Issue 15: the 1,000,000-schedule step (--only million).
+    "scale_1m_max_rss_mb": ("<=", 1536.0),
+    "scale_1m_restart_serving_s": ("<=", 20.0),
     "idle_max_cpu_percent": ("<=", 1.0),
     "timing_bucket_max_1s": ("<=", 21.0),
     "timing_sends_unreachable_s": ("<", 0.5),
@@ -273,7 +276,7 @@ def rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
             _get(sc, "baseline_memory", "idle_cpu_percent"),
             _get(sc, "baseline_sqlalchemy", "idle_cpu_percent"),
         )
-    m = _get(sc, "million")
+    m = _get(sc, "million") or figures.get("million")
     if isinstance(m, dict) and "max_rss_mb" in m:
         _million_rows(m, row)
     i = figures.get("idle")
@@ -328,8 +331,10 @@ def _steady_rows(st: dict[str, Any], row: Callable[..., None]) -> None:
 
 
 def _million_rows(m: dict[str, Any], row: Callable[..., None]) -> None:
-    """The scale phase's 1,000,000-schedule step (full runs): the same targets as at 100,000.
-    Fewer schedules than asked for (no bulk API: single POSTs, capped) show in the labels."""
+    """The scale phase's 1,000,000-schedule step (full runs, or --only million): issue 15's
+    targets (1.5 GB per node, serving again 20 s after a restart); caught up keeps the
+    100,000 step's. Fewer schedules than asked for (no bulk API: single POSTs, capped) show in
+    the labels."""
     n = m["schedules"]
     how = "bulk, 1,000 per request" if _get(m, "create", "api") == "bulk" else "single POSTs"
     short = "" if n >= m["target_schedules"] else f" (of {m['target_schedules']:,} asked)"
@@ -344,13 +349,26 @@ def _million_rows(m: dict[str, Any], row: Callable[..., None]) -> None:
         f"  RSS per node (max) with {n:,}",
         "MB",
         m["max_rss_mb"],
-        target=TARGETS["scale_max_rss_mb"],
+        target=TARGETS["scale_1m_max_rss_mb"],
+    )
+    row(
+        "scale_1m_peak_rss_mb",
+        "  peak RSS per node (max VmHWM)",
+        "MB",
+        m.get("max_peak_rss_mb"),
+    )
+    row(
+        "scale_1m_leader_changes",
+        "  leader changes while creating",
+        "",
+        m.get("leader_changes"),
     )
     row(
         "scale_1m_restart_serving_s",
         "  follower restart → serving",
         "s",
         m.get("restart_serving_s"),
+        target=TARGETS["scale_1m_restart_serving_s"],
     )
     row(
         "scale_1m_restart_s",

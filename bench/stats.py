@@ -62,10 +62,19 @@ def cpu_seconds(pid: int) -> float | None:
 
 def rss_mb(pid: int) -> float | None:
     """VmRSS of a process in MiB; None if it is gone."""
+    return _status_mb(pid, "VmRSS:")
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """VmHWM (the highest RSS so far) of a process in MiB; None if it is gone."""
+    return _status_mb(pid, "VmHWM:")
+
+
+def _status_mb(pid: int, field: str) -> float | None:
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         return None

@@ -211,6 +211,10 @@ class RaftConfig(_Section):
     election_timeout_min: Seconds = 0.3
     election_timeout_max: Seconds = 0.6
     snapshot_threshold: AtLeastOne = 10_000  # log entries since the last snapshot
+    # ...or this many bytes (JSON) of log since the last snapshot, whichever comes first: a bulk
+    # write of 1,000 schedules is one ~0.6 MB entry, and the log is held in memory decoded
+    # (~2 KB a schedule), so 1,000 such entries would otherwise never be compacted.
+    snapshot_threshold_bytes: Annotated[int, Meta(ge=1024)] = 128 * MiB
     max_append_entries: AtLeastOne = 512  # entries per AppendEntries message
     # Bytes of entries per AppendEntries (at least one entry is sent), and the largest entry a
     # write may make (larger: 413). Both stay below max_frame_bytes (docs/consensus.md).

@@ -113,6 +113,8 @@ def raft_settings(config: Config) -> RaftSettings:
         max_append_entries=r.max_append_entries,
         max_append_bytes=r.max_append_bytes,
         max_entry_bytes=r.max_entry_bytes,
+        # Two full appends in flight: the next one is on its way while the follower decodes.
+        max_inflight_bytes=2 * r.max_append_bytes,
     )
 
 
@@ -190,6 +192,8 @@ class MeshNode:
         # write their snapshot at the same moment: every node reaches the same index together.
         base = config.raft.snapshot_threshold
         self._snapshot_threshold = base + self.rng.randrange(base // 4 + 1) if base else 0
+        base = config.raft.snapshot_threshold_bytes
+        self._snapshot_threshold_bytes = base + self.rng.randrange(base // 4 + 1)
         self._snapshots_out = SnapshotSender(
             snapshot_file=store.snapshot_file,
             request=lambda addr, payload: transport.request(
@@ -627,16 +631,20 @@ class MeshNode:
             for index, fut in self._applied_waiters:
                 if index <= core.applied and not fut.done():
                     fut.set_result(None)
-        threshold = self._snapshot_threshold
-        if (
-            threshold
-            and core.applied - core.snap_index >= threshold
-            and self._snapshot_task is None
-            and not self._stopping
-        ):
+        if self._snapshot_task is None and not self._stopping and self._snapshot_due():
             self._snapshot_task = asyncio.get_running_loop().create_task(
                 self._take_snapshot(core.applied), name="snapshot"
             )
+
+    def _snapshot_due(self) -> bool:
+        """Enough applied log since the last snapshot, in entries or in bytes."""
+        core = self.core
+        applied = core.applied - core.snap_index
+        if applied <= 0:
+            return False
+        if self._snapshot_threshold and applied >= self._snapshot_threshold:
+            return True
+        return self.store.log_bytes(core.snap_index, core.applied) >= self._snapshot_threshold_bytes
 
     def _persist(self, rd: Ready) -> None:
         """Write one Ready batch durably when the core says it must be (term, vote, entries or a

@@ -7,6 +7,7 @@ carry resulting state, never clock-dependent calls, so applying them is determin
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from mesh.consensus.messages import COMMAND, Entry
@@ -18,6 +19,9 @@ class StateMachine(Protocol):
 
     def snapshot(self) -> bytes:
         """The whole state, for log compaction and for followers that fell behind."""
+
+    def snapshot_chunks(self) -> Iterable[bytes]:
+        """The bytes of ``snapshot()`` in pieces, for a writer that streams them to a file."""
 
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot's."""
@@ -42,6 +46,9 @@ class KVStateMachine:
 
     def snapshot(self) -> bytes:
         return json.dumps(self.data, sort_keys=True).encode()
+
+    def snapshot_chunks(self) -> Iterable[bytes]:
+        return (self.snapshot(),)
 
     def restore(self, data: bytes) -> None:
         self.data = json.loads(data) if data else {}

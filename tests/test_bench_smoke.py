@@ -52,6 +52,23 @@ def test_write_and_idle_at_tiny_size_give_positive_figures(tmp_path: Path) -> No
     assert result["machine"]["nproc"] >= 1
 
 
+def test_only_million_runs_the_million_step_alone_at_a_tiny_size(tmp_path: Path) -> None:
+    args = ["--quick", "--only", "million", "--scale", "0.00001", "--out", str(tmp_path)]
+    code = bench_main([*args, "--no-plots", "--no-baseline"])
+
+    assert code == 0
+    result = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert result["errors"] == {}
+    assert set(result["figures"]) == {"million"}  # not the 100,000-schedule part before it
+    million = result["figures"]["million"]
+    assert million["schedules"] == million["target_schedules"] == 10
+    assert million["create"]["statuses"] == {"200": 1}
+    assert _positive(million["max_rss_mb"]) and _positive(million["restart_serving_s"])
+    assert million["leader_changes"] >= 0
+    keys = {row["key"] for row in result["table"]}
+    assert {"scale_1m_max_rss_mb", "scale_1m_restart_serving_s"} <= keys
+
+
 def test_curve_compares_meshes_with_and_without_keys(tmp_path: Path) -> None:
     code = bench_main(
         ["--quick", "--only", "curve", "--scale", "0.05", "--out", str(tmp_path), "--no-plots"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import subprocess
@@ -365,3 +366,67 @@ def test_version_1_database_with_an_inline_snapshot_is_migrated(db_path: Path) -
     assert snap == Snapshot(index=5, term=2, voters=("a", "b", "c"), data=b"old")
     assert [e.index for e in log] == [6]
     assert (db_path.parent / "snapshots" / "snap-2-5.bin").read_bytes() == b"old"
+
+
+def _chars(es: list[Entry]) -> int:
+    return sum(len(json.dumps(e.data, separators=(",", ":"))) for e in es)
+
+
+def test_log_bytes_counts_the_stored_entries_in_a_range(store: RaftStore) -> None:
+    store.save(entries=entries(1, 6))
+    assert store.log_bytes(0, 6) == _chars(entries(1, 6))
+    assert store.log_bytes(2, 4) == _chars(entries(3, 4))
+    assert store.log_bytes(6, 9) == 0
+
+
+def test_log_bytes_follows_a_conflicting_append_and_a_snapshot(store: RaftStore) -> None:
+    store.save(entries=entries(1, 6))
+    longer = [Entry(term=2, index=5, data={"op": "set", "key": "x" * 100})]
+    store.save(entries=longer)  # replaces 5 and 6
+    assert store.log_bytes(0, 9) == _chars(entries(1, 4)) + _chars(longer)
+    store.save(snapshot=Snapshot(index=3, term=1, voters=("a",), data=b"{}"))
+    assert store.log_bytes(0, 9) == _chars(entries(4, 4)) + _chars(longer)
+
+
+def test_log_bytes_is_read_back_on_open(db_path: Path) -> None:
+    s = RaftStore(db_path, sync=False)
+    s.save(entries=entries(1, 5))
+    s.close()
+    s = RaftStore(db_path, sync=False)
+    try:
+        assert s.log_bytes(1, 5) == _chars(entries(2, 5))
+    finally:
+        s.close()
+
+
+def _stored_indexes(db_path: Path) -> list[int]:
+    conn = sqlite3.connect(db_path)
+    try:
+        return [r[0] for r in conn.execute("SELECT idx FROM raft_log ORDER BY idx")]
+    finally:
+        conn.close()
+
+
+def test_trim_deletes_the_entries_a_recorded_snapshot_covers_a_few_at_a_time(
+    store: RaftStore, db_path: Path
+) -> None:
+    store.save(entries=entries(1, 10))
+    name = write_snapshot_file(store.snapshot_dir, 7, 1, b"image")
+    store.record_snapshot(7, 1, ("a",), name)
+    assert store.load()[2] == entries(8, 10)  # covered entries are never read back
+    assert store.trim(3) == 3
+    assert _stored_indexes(db_path) == [4, 5, 6, 7, 8, 9, 10]
+    while store.trim(3):
+        pass
+    assert _stored_indexes(db_path) == [8, 9, 10]
+
+
+def test_entries_follow_a_recorded_snapshot_whose_covered_rows_are_not_trimmed_yet(
+    store: RaftStore,
+) -> None:
+    store.save(entries=entries(1, 8))
+    name = write_snapshot_file(store.snapshot_dir, 8, 1, b"image")
+    store.record_snapshot(8, 1, ("a",), name)
+    assert store.last_index() == 8
+    store.save(entries=entries(9, 9))  # appends after the snapshot, not after a stale row
+    assert [e.index for e in store.load()[2]] == [9]

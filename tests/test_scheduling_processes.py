@@ -326,6 +326,29 @@ def test_a_follower_that_missed_compacted_entries_catches_up_through_a_snapshot(
     assert any(e["type"] == "snapshot_taken" for e in leader.events())
 
 
+def test_a_log_of_few_large_entries_is_compacted_once_its_bytes_reach_the_threshold(
+    cluster_factory,
+) -> None:
+    # 8 entries of ~40 KB: far below 10,000 entries, over 128 KiB (+ up to 25 %) of log.
+    config = {"raft": {"snapshot_threshold": 10_000, "snapshot_threshold_bytes": 128 * 1024}}
+    cluster = cluster_factory(3, TASKS, config=config)
+    leader = cluster.wait_for_leader()
+    for i in range(8):
+        body = {
+            "id": f"big-{i}",
+            "task": "record",
+            "trigger": {"type": "interval", "hours": 1},
+            "kwargs": {"blob": "x" * 40_000},
+        }
+        status, reply = leader.request("POST", "/api/schedules", body)
+        assert status == 201, reply
+    cluster.wait_for(
+        lambda: any(e["type"] == "snapshot_taken" for e in leader.events()),
+        15,
+        "a snapshot on the leader",
+    )
+
+
 def test_a_snapshot_larger_than_the_message_limit_reaches_a_follower_in_chunks(
     cluster_factory,
 ) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import random
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -96,8 +97,13 @@ class RaftSettings:
     # limit (16 MiB), which a receiver enforces by dropping the whole message.
     max_append_bytes: int = 4 * 1024 * 1024
     max_entry_bytes: int = 8 * 1024 * 1024
-    # In replicate state the leader keeps at most this many unacknowledged entries in flight.
+    # In replicate state the leader keeps at most this many unacknowledged entries, and bytes of
+    # entries, in flight to a follower (etcd raft's MaxInflightMsgs and MaxInflightBytes). The
+    # bytes bound matters with large entries (a bulk write of 1,000 schedules is ~0.6 MB): a
+    # follower slower than the leader would otherwise be sent far more than it can decode, and
+    # the backlog would sit in its receive queue.
     max_inflight_entries: int = 8192
+    max_inflight_bytes: int = 8 * 1024 * 1024
 
 
 @attrs.frozen
@@ -142,9 +148,25 @@ class _Progress:
     match: int = 0
     probing: bool = True  # probe: one append per heartbeat/response; else optimistic pipelining
     recent_active: bool = False
-    match_at_heartbeat: int = -1  # match seen at the previous heartbeat: detects lost appends
     snapshot_wait: int = 0  # ticks before a snapshot may be sent again (they are large)
     commit_sent: int = 0  # the commit index last told to this follower
+    # Probe: an append with entries was sent and not answered yet (no second one until it is).
+    probe_sent: bool = False
+    # Replicate: (last index, bytes of entries) of each unacknowledged append, oldest first.
+    inflight: deque[tuple[int, int]] = attrs.Factory(deque)
+    inflight_bytes: int = 0
+
+    def acknowledge(self, match: int) -> None:
+        """Free the window up to ``match`` (acknowledged by the follower)."""
+        while self.inflight and self.inflight[0][0] <= match:
+            self.inflight_bytes -= self.inflight.popleft()[1]
+
+    def probe(self) -> None:
+        """Back to probe: the follower's log must be found again; nothing counts as in flight."""
+        self.probing = True
+        self.probe_sent = False
+        self.inflight.clear()
+        self.inflight_bytes = 0
 
 
 class RaftCore:
@@ -837,6 +859,7 @@ class RaftCore:
             return
         pr.recent_active = True
         pr.snapshot_wait = 0
+        pr.probe_sent = False
         if not m.success:
             rejected = m.match_index
             if pr.probing:
@@ -845,9 +868,10 @@ class RaftCore:
             elif rejected <= pr.match:
                 return  # stale
             pr.next = max(pr.match + 1, min(rejected, m.reject_hint or rejected))
-            pr.probing = True
+            pr.probe()
             self._send_append(m.src)
             return
+        pr.acknowledge(m.match_index)
         if m.match_index > pr.match:
             pr.match = m.match_index
             pr.probing = False
@@ -899,22 +923,32 @@ class RaftCore:
             self._send_append(p, heartbeat=True)
 
     def _send_append(self, peer: str, *, heartbeat: bool = False) -> None:
+        """Send ``peer`` the entries from its next index, within the flow control: one
+        unanswered probe, or a bounded window in replicate state. A heartbeat is always sent,
+        without entries when the flow is paused: it checks that the follower has everything
+        up to its next index, so a lost append is found (the follower rejects it) without
+        sending the same entries again on a timer, which a follower slower than the leader
+        would only fall further behind decoding."""
         pr = self.progress[peer]
         s = self.settings
-        if heartbeat and not pr.probing and pr.next - 1 > pr.match:
-            if pr.match == pr.match_at_heartbeat:
-                # Nothing acknowledged for a whole heartbeat: appends were probably lost.
-                pr.next = pr.match + 1
-                pr.probing = True
-            pr.match_at_heartbeat = pr.match
         if pr.next <= self.snap_index or self.term_at(pr.next - 1) is None:
             self._send_snapshot(peer, pr)
             return
-        if not pr.probing and not heartbeat and pr.next - 1 - pr.match >= s.max_inflight_entries:
-            return  # pipeline full: wait for acknowledgements
+        if pr.probing:
+            paused = pr.probe_sent
+        else:
+            paused = (
+                pr.next - 1 - pr.match >= s.max_inflight_entries
+                or pr.inflight_bytes >= s.max_inflight_bytes
+            )
+        if paused and not heartbeat:
+            return  # wait for the follower's answer
         prev = pr.next - 1
         prev_term = self.term_at(prev)
-        entries = self._budgeted(self.entries_from(pr.next, s.max_append_entries))
+        entries: tuple[Entry, ...] = ()
+        size = 0
+        if not paused:
+            entries, size = self._budgeted(self.entries_from(pr.next, s.max_append_entries))
         self._send(
             AppendEntries(
                 src=self.id,
@@ -928,8 +962,14 @@ class RaftCore:
             )
         )
         pr.commit_sent = self.commit
-        if entries and not pr.probing:
+        if not entries:
+            return
+        if pr.probing:
+            pr.probe_sent = True
+        else:
             pr.next = entries[-1].index + 1
+            pr.inflight.append((entries[-1].index, size))
+            pr.inflight_bytes += size
 
     @staticmethod
     def _knows_peer(pr: _Progress, prev: int) -> bool:
@@ -939,8 +979,9 @@ class RaftCore:
         an answer from every live follower, with as many chances as before."""
         return pr.recent_active and not pr.probing and pr.match == prev
 
-    def _budgeted(self, entries: list[Entry]) -> tuple[Entry, ...]:
-        """The longest prefix of ``entries`` within ``max_append_bytes`` (at least one entry)."""
+    def _budgeted(self, entries: list[Entry]) -> tuple[tuple[Entry, ...], int]:
+        """The longest prefix of ``entries`` within ``max_append_bytes`` (at least one entry),
+        and its size in bytes."""
         budget = self.settings.max_append_bytes
         total = 0
         for n, e in enumerate(entries):
@@ -950,10 +991,10 @@ class RaftCore:
             else:
                 size = entry_bytes(e)
                 self._sizes[e.index] = (e.term, size)
+            if total + size > budget and n > 0:
+                return tuple(entries[:n]), total
             total += size
-            if total > budget and n > 0:
-                return tuple(entries[:n])
-        return tuple(entries)
+        return tuple(entries), total
 
     def _forget_sizes(self, upto: int) -> None:
         """Drop the cached sizes of entries compacted into a snapshot."""
@@ -964,5 +1005,5 @@ class RaftCore:
         if self.snap is None or pr.snapshot_wait > 0:
             return
         self._send(InstallSnapshot(src=self.id, dst=peer, term=self.term, snapshot=self.snap))
-        pr.probing = True
+        pr.probe()
         pr.snapshot_wait = self.settings.election_ticks_max

@@ -17,7 +17,8 @@ import contextlib
 import itertools
 import json
 import os
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from mesh.consensus.messages import Entry, HardState, Snapshot
@@ -76,6 +77,7 @@ class RaftStore:
             self._conn.close()
             raise
         self._remove_stale_files(tmp_too=True)
+        self._sizes = _LogSizes(self._conn)
 
     def _migrate(self) -> None:
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(raft_snapshot)")}
@@ -127,6 +129,11 @@ class RaftStore:
         """Index of the last stored entry; the snapshot's index if the log is empty; else 0."""
         return self._last_index()
 
+    def log_bytes(self, after: int, through: int) -> int:
+        """Characters of JSON the stored entries with index in (``after``, ``through``] take:
+        what a snapshot at ``through`` would let the node drop (memory and disk)."""
+        return self._sizes.between(after, through)
+
     # -- writing ------------------------------------------------------------------------------
 
     def save(
@@ -168,6 +175,7 @@ class RaftStore:
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
+            self._sizes = _LogSizes(conn)
             raise
         if snap_row is not None:
             self._remove_stale_files()
@@ -176,17 +184,37 @@ class RaftStore:
         self, index: int, term: int, voters: Sequence[str], name: str, removed: Sequence[str] = ()
     ) -> None:
         """Make the snapshot already written to ``snapshot_dir/name`` (``write_snapshot_file``)
-        the stored one, and drop the log entries it covers. One transaction."""
+        the stored one, taken by this node at an applied index (so the log agrees with it). The
+        log entries it covers are no longer read; ``trim`` deletes them, a few at a time."""
         row = (index, term, _config_column(voters, removed), name)
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            self._write_snapshot(row)
+            self._write_snapshot(row, drop_covered=False)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            self._sizes = _LogSizes(conn)
+            raise
+        self._remove_stale_files()
+
+    def trim(self, limit: int) -> int:
+        """Delete up to ``limit`` of the oldest entries the stored snapshot covers, in one
+        transaction; return how many were deleted (0: none left)."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            covered = self._snapshot_index()
+            deleted = conn.execute(
+                "DELETE FROM raft_log WHERE idx IN"
+                " (SELECT idx FROM raft_log WHERE idx <= ? ORDER BY idx LIMIT ?)",
+                (covered, limit),
+            ).rowcount
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        self._remove_stale_files()
+        return deleted
 
     def compact(self, upto_index: int) -> None:
         """Delete entries with index <= ``upto_index``; a snapshot must already cover them."""
@@ -205,13 +233,14 @@ class RaftStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        self._sizes.drop_through(upto_index)
 
     def close(self) -> None:
         self._conn.close()
 
     # -- steps of save(), each inside the caller's transaction ---------------------------------
 
-    def _write_snapshot(self, row: tuple[int, int, str, str]) -> None:
+    def _write_snapshot(self, row: tuple[int, int, str, str], *, drop_covered: bool = True) -> None:
         index, term = row[0], row[1]
         conn = self._conn
         stored = conn.execute("SELECT idx, term FROM raft_snapshot WHERE id = 1").fetchone()
@@ -224,9 +253,12 @@ class RaftStore:
             stored is not None and tuple(stored) == (index, term)
         )
         if agrees:
-            conn.execute("DELETE FROM raft_log WHERE idx <= ?", (index,))
+            if drop_covered:
+                conn.execute("DELETE FROM raft_log WHERE idx <= ?", (index,))
+            self._sizes.drop_through(index)
         else:
             conn.execute("DELETE FROM raft_log")
+            self._sizes.reset(index)
         conn.execute(
             "INSERT OR REPLACE INTO raft_snapshot (id, idx, term, voters, data, file)"
             " VALUES (1, ?, ?, ?, x'', ?)",
@@ -245,6 +277,7 @@ class RaftStore:
         if first <= last:
             conn.execute("DELETE FROM raft_log WHERE idx >= ?", (first,))
         conn.executemany("INSERT INTO raft_log (idx, term, kind, data) VALUES (?, ?, ?, ?)", rows)
+        self._sizes.put(first, [len(r[3]) for r in rows])
 
     def _write_hard_state(self, hs: HardState) -> None:
         self._conn.execute(
@@ -296,8 +329,52 @@ class RaftStore:
         return 0 if row is None else int(row[0])
 
     def _last_index(self) -> int:
+        # Entries the snapshot covers may still be stored until trimmed: they never count.
         row = self._conn.execute("SELECT MAX(idx) FROM raft_log").fetchone()
-        return int(row[0]) if row[0] is not None else self._snapshot_index()
+        snapshot_index = self._snapshot_index()
+        return max(int(row[0]), snapshot_index) if row[0] is not None else snapshot_index
+
+
+class _LogSizes:
+    """The sizes of the stored entries as running totals, so that the bytes of any range of the
+    log cost two lookups (the node asks after every batch whether a snapshot is due). Kept in
+    step with ``raft_log`` by the writes above; read from the table when opened, and again
+    when a transaction is rolled back."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        rows = conn.execute("SELECT idx, length(data) FROM raft_log ORDER BY idx").fetchall()
+        self.reset(rows[0][0] - 1 if rows else 0)
+        if rows:
+            self.put(rows[0][0], [n for _idx, n in rows])
+
+    def reset(self, base: int) -> None:
+        """An empty log after index ``base``."""
+        self._base = base  # _totals[k]: characters of the entries base+1 .. base+k
+        self._totals = [0]
+
+    def put(self, first: int, sizes: list[int]) -> None:
+        """Entries from ``first`` on, replacing any stored from there (a conflicting append)."""
+        if first <= self._base:
+            self.reset(first - 1)
+        del self._totals[first - self._base :]
+        total = self._totals[-1]
+        for n in sizes:
+            total += n
+            self._totals.append(total)
+
+    def drop_through(self, index: int) -> None:
+        """Forget the entries up to ``index`` (compacted)."""
+        k = min(max(index - self._base, 0), len(self._totals) - 1)
+        del self._totals[:k]
+        self._base += k
+
+    def between(self, after: int, through: int) -> int:
+        last = len(self._totals) - 1
+
+        def total(index: int) -> int:
+            return self._totals[min(max(index - self._base, 0), last)]
+
+        return max(0, total(through) - total(after))
 
 
 def _check_contiguous(entries: Sequence[Entry]) -> None:
@@ -310,8 +387,11 @@ def snapshot_file_name(index: int, term: int) -> str:
     return f"snap-{term}-{index}.bin"
 
 
-def write_snapshot_file(directory: Path, index: int, term: int, data: bytes) -> str:
-    """Write ``data`` durably as the snapshot file for ``(index, term)``; return its name.
+def write_snapshot_file(
+    directory: Path, index: int, term: int, data: bytes | bytearray | memoryview | Iterable[bytes]
+) -> str:
+    """Write ``data`` (bytes, or pieces of them) durably as the snapshot file for
+    ``(index, term)``; return its name.
 
     Written to a ``.tmp`` name unique to this process, fsync'd, renamed into place and the
     directory fsync'd, so a crash leaves either no file or the whole file. Safe to call from a
@@ -321,7 +401,11 @@ def write_snapshot_file(directory: Path, index: int, term: int, data: bytes) -> 
     name = snapshot_file_name(index, term)
     tmp = directory / f"{name}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
-        f.write(data)
+        if isinstance(data, bytes | bytearray | memoryview):  # an installed image: one piece
+            f.write(data)
+        else:
+            for piece in data:
+                f.write(piece)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, directory / name)
