@@ -100,6 +100,7 @@ def test_an_unknown_type_or_a_non_object_is_rejected(d: object) -> None:
 
 def test_the_wire_shape_is_unchanged() -> None:
     # Nodes of the previous release decode these keys: the field names are the wire format.
+    # A field added since (``quiet``) is one they ignore: messages do not forbid unknown keys.
     d = json.loads(json.dumps(GOOD[1].to_dict()))
     assert d == {
         "type": "append",
@@ -113,7 +114,9 @@ def test_the_wire_shape_is_unchanged() -> None:
             {"t": 3, "i": 3, "k": "config", "d": {"voters": ["a"]}},
         ],
         "leader_commit": 1,
+        "quiet": False,
     }
+    assert Message.from_dict({**d, "added_later": 1}) == GOOD[1]  # and so do we
     snap = json.loads(json.dumps(GOOD[3].to_dict()))["snapshot"]
     assert snap == {"index": 5, "term": 2, "voters": ["a", "b"], "data": "AGRhdGE="}
 

@@ -8,6 +8,7 @@ through Raft, never through this broker.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import re
 from collections.abc import Iterable
@@ -118,6 +119,7 @@ class ZMQEventBroker(BaseExternalEventBroker):
     remote_events: frozenset[type[Event]] | None = attrs.field(kw_only=True, default=None)
     counters: collections.Counter[str] = attrs.field(init=False, factory=collections.Counter)
     _running: bool = attrs.field(init=False, default=False)
+    _deliveries: set[asyncio.Task[None]] = attrs.field(init=False, factory=set)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(node_id={self.transport.node_id!r}, topic={self.topic!r})"
@@ -140,8 +142,16 @@ class ZMQEventBroker(BaseExternalEventBroker):
         for address in sorted(self._peers):
             self._subscribe(address)
 
+    def _delivered(self, delivery: asyncio.Task[None]) -> None:
+        self._deliveries.discard(delivery)
+        if not delivery.cancelled() and (exc := delivery.exception()) is not None:
+            self.counters["delivery_failed"] += 1
+            self._logger.warning("%s: delivering a broadcast failed: %r", type(self).__name__, exc)
+
     def _stop(self) -> None:
         self._running = False
+        for delivery in list(self._deliveries):
+            delivery.cancel()
         if self.install_handler:
             self.transport.set_broadcast_handler(None)
         # Subscriptions stay: they belong to the transport, which the node keeps using.
@@ -210,7 +220,11 @@ class ZMQEventBroker(BaseExternalEventBroker):
         try:
             event = self._event_from(payload)
             if event is not None:
-                self._task_group.start_soon(self.publish_local, event)
+                # The transport calls us from an event-loop callback, not from a task, where
+                # anyio (the task group's cancel scopes) cannot run: deliver from a task.
+                delivery = asyncio.get_running_loop().create_task(self.publish_local(event))
+                self._deliveries.add(delivery)
+                delivery.add_done_callback(self._delivered)
                 self.counters["received"] += 1
         except Exception:  # a broken peer must not take the transport's reader down
             self._drop(payload, "unusable payload", exc_info=True)
