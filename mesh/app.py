@@ -39,6 +39,7 @@ from mesh.api.auth import ApiTokens, TokenFileError
 from mesh.config import Config
 from mesh.membership.discovery import make_discovery
 from mesh.node import EXIT_NODE_FAILED, MeshNode
+from mesh.observability import gcpause
 from mesh.observability.eventlog import EventLog
 from mesh.observability.recorder import EventBus, Recorder
 from mesh.observability.state_db import AuditLog, StateDB
@@ -441,6 +442,15 @@ def _quiet_job_lines(record: logging.LogRecord) -> bool:
     return record.msg not in _JOB_LINES
 
 
+async def _serve_frozen(config: Config, keys: KeyRing | None, http_sec: HttpSecurity) -> None:
+    """``serve``, with the garbage collector's full collections kept short (mesh.gcpause)."""
+    freezer = asyncio.get_running_loop().create_task(gcpause.freeze_loop())
+    try:
+        await serve(config, keys=keys, http_sec=http_sec)
+    finally:
+        freezer.cancel()
+
+
 def run_node(config: Config) -> int:
     from mesh.tasks import TaskModuleError, load_task_modules
 
@@ -464,8 +474,9 @@ def run_node(config: Config) -> int:
     except StartRefused as e:
         print(f"schedulezero: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
+    gcpause.install()
     try:
-        eventloop.run(serve(config, keys=keys, http_sec=http_sec))
+        eventloop.run(_serve_frozen(config, keys, http_sec))
     except NodeFailed as e:
         print(
             f"schedulezero: fatal: node {config.node_id} stopped after an internal fault ({e}); "
