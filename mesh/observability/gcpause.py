@@ -25,7 +25,7 @@ from typing import Any
 
 log = logging.getLogger("mesh.gc")
 
-FREEZE_SECONDS = 10.0
+FREEZE_SECONDS = 2.0
 WARN_SECONDS = 0.1
 LOG_SECONDS = 60.0
 
