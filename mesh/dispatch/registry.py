@@ -64,6 +64,9 @@ class HandlerInfo:
     # Its clock (one-message dispatch): (our time, its clock - our time) per recent hello, the
     # clock of its latest hello, and the idempotency keys that hello listed as running.
     clock_samples: deque[tuple[float, float]] = attrs.Factory(deque)
+    # The best sample, as ``offset + CLOCK_DRIFT * at``: every sample loses CLOCK_DRIFT per
+    # second alike, so the best one stays the best and is found once per hello, not per dispatch.
+    clock_base: float | None = None
     hello_clock: float | None = None
     running: frozenset[str] = frozenset()
     # Where dispatches go (``send_to_identity``): the identity of its latest authenticated hello
@@ -132,21 +135,23 @@ class HandlerRegistry:
     def _record_clock(info: HandlerInfo, hello: Hello, now: float) -> None:
         info.hello_clock = hello.clock
         info.running = frozenset(hello.running)
-        if hello.clock is None:
-            info.clock_samples.clear()  # a handler without a clock gets the two-phase start
-            return
         samples = info.clock_samples
+        if hello.clock is None:
+            samples.clear()  # a handler without a clock gets the two-phase start
+            info.clock_base = None
+            return
         samples.append((now, hello.clock - now))
         while len(samples) > 1 and now - samples[0][0] > CLOCK_WINDOW:
             samples.popleft()
+        info.clock_base = max(offset + CLOCK_DRIFT * at for at, offset in samples)
 
     def handler_clock(self, info: HandlerInfo) -> float | None:
         """A lower bound of ``info``'s clock now (module docstring), or None when its hellos
         carry no clock."""
-        if not info.clock_samples:
+        if info.clock_base is None:
             return None
         now = self.clock()
-        return now + max(offset - CLOCK_DRIFT * (now - at) for at, offset in info.clock_samples)
+        return now + info.clock_base - CLOCK_DRIFT * now
 
     def notify(self, freed: HandlerInfo | None = None) -> None:
         """Wake the jobs waiting for a handler: all of them (a handler arrived or recovered), or
