@@ -165,8 +165,7 @@ _SCHEDULE_COLUMNS = ("id", "task", "trigger", "next fire", "paused")
 
 def _schedule_row(s: dict[str, Any]) -> list[Any]:
     paused: Any = bool(s.get("paused"))
-    metadata = s.get("metadata")
-    note = metadata.get("pause_note") if isinstance(metadata, dict) else None
+    note = s.get("note") if isinstance(s.get("note"), str) else None
     if paused and note:
         paused = f"yes: {note}"
     return [

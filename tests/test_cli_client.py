@@ -262,11 +262,11 @@ def test_pause_with_a_note_resume_and_delete(
     assert (code, out.strip()) == (0, "paused cycle"), err
     got = json.loads(run(capsys, "schedules", "get", "cycle", "-o", "json", *operate)[1])
     assert got["paused"] is True
-    assert got["metadata"]["pause_note"] == "maintenance"
+    assert got["note"] == "maintenance"
     assert "yes: maintenance" in run(capsys, "schedules", "get", "cycle", *operate)[1]
     code, out, _ = run(capsys, "schedules", "resume", "cycle", "-o", "json", *operate)
     assert code == 0 and json.loads(out)["paused"] is False
-    assert "pause_note" not in json.loads(out)["metadata"]
+    assert json.loads(out)["note"] == ""
 
     assert run(capsys, "schedules", "delete", "cycle", *operate)[:2] == (0, "deleted cycle\n")
     code, _, err = run(capsys, "schedules", "get", "cycle", *operate)

@@ -332,13 +332,13 @@ async def test_a_pause_note_is_kept_while_paused_and_dropped_on_resume(leader: A
     paused = await resp.json()
     assert resp.status == 200
     assert paused["paused"] is True
-    assert paused["metadata"]["pause_note"] == "db migration"
+    assert paused["note"] == "db migration"
     assert paused["next_fire_time"] == created["next_fire_time"]  # the trigger is untouched
     got = await (await client.get("/api/schedules/nightly")).json()
-    assert got["metadata"]["pause_note"] == "db migration"
+    assert got["note"] == "db migration"
     resumed = await (await client.post("/api/schedules/nightly/resume")).json()
     assert resumed["paused"] is False
-    assert "pause_note" not in resumed["metadata"]
+    assert resumed["note"] == ""
 
 
 async def test_a_pause_without_a_body_still_works(leader: Any) -> None:

@@ -229,7 +229,7 @@ def test_run_now_and_pause_with_a_note_work_from_the_page(open_page: Any, mesh: 
     status, got = mesh.api("GET", "/api/schedules/from-the-page")
     assert status == 200
     assert got["paused"] is True
-    assert got["metadata"]["pause_note"] == "database migration"
+    assert got["note"] == "database migration"
 
     r.locator('[data-action="resume"]').click()
     expect(r).not_to_contain_text("database migration", timeout=LIVE)

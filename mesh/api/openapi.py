@@ -42,6 +42,7 @@ from mesh.api.schema import (
     PauseBody,
     ScheduleBody,
 )
+from mesh.scheduling import controls
 from mesh.scheduling.state import OUTCOMES
 
 OPENAPI_VERSION = "3.1.0"
@@ -130,6 +131,14 @@ class Schedule(msgspec.Struct):
     max_jitter: float | None
     paused: bool
     metadata: dict[str, Any]
+    overlap: str
+    retry: controls.Retry | None
+    timeout: float | None
+    target: controls.Target | None
+    history: controls.History | None
+    remaining_runs: int | None
+    notify: controls.Notify | None
+    note: str
     next_fire_time: Timestamp | None
     last_fire_time: Timestamp | None
     warnings: list[str] | UnsetType = UNSET

@@ -41,6 +41,7 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from msgspec import UNSET, Meta, UnsetType
 
+from mesh.scheduling import controls
 from mesh.scheduling.codec import MAX_USER_DEPTH, NotPlainJSON, plain
 from mesh.scheduling.spec import ScheduleSpec
 from mesh.validation import Problem, dotted, explain
@@ -137,6 +138,15 @@ class ScheduleBody(_Body):
     max_jitter: Seconds = None
     paused: Flag = False
     metadata: Object = {}
+    # The added fields (mesh.scheduling.controls; docs/scheduling.md).
+    overlap: controls.OverlapField = "allow_all"
+    retry: controls.Retry | None = None
+    timeout: controls.TimeoutField | None = None
+    target: controls.Target | None = None
+    history: controls.History | None = None
+    remaining_runs: controls.RunsField | None = None
+    notify: controls.Notify | None = None
+    note: controls.NoteField = ""
 
 
 MAX_BULK = 5000  # schedules per POST /api/schedules/bulk
@@ -369,6 +379,27 @@ def parse_schedule_body(
         max_jitter=_duration(b.max_jitter, "max_jitter"),
         paused=b.paused,
         metadata=_metadata(b.metadata),
+        controls=_controls(b),
+    )
+
+
+def _controls(b: ScheduleBody) -> controls.Controls:
+    if b.retry is not None and b.retry.max_delay < b.retry.initial_delay:
+        raise BadRequest(
+            f"retry.max_delay: must be at least retry.initial_delay ({b.retry.initial_delay:g}), "
+            f"got {b.retry.max_delay:g}"
+        )
+    if b.notify is not None and not b.notify.on:
+        raise BadRequest("notify.on: must name at least one event")
+    return controls.Controls(
+        overlap=b.overlap,
+        retry=b.retry,
+        timeout=b.timeout,
+        target=b.target,
+        history=b.history,
+        remaining_runs=b.remaining_runs,
+        notify=b.notify,
+        note=b.note.strip(),
     )
 
 
@@ -559,6 +590,11 @@ def _duration(seconds: float | None, path: str) -> timedelta | None:
 
 def _metadata(value: dict[str, Any]) -> dict[str, Any]:
     _require_json(value, "metadata")  # first: the depth bound protects the recursive check
+    if controls.KEY in value:
+        raise BadRequest(
+            f"metadata.{controls.KEY}: this key is reserved for the schedule's own fields "
+            "(overlap, retry, timeout, target, history, remaining_runs, notify, note)"
+        )
     # The very validator Schedule applies, so anything accepted here is accepted there.
     try:
         valid_metadata(None, attrs.fields(Schedule).metadata, value)
@@ -648,7 +684,8 @@ def _schedule_json(s: Schedule | ScheduleSpec, task: str) -> dict[str, Any]:
         "misfire_grace_time": _seconds(s.misfire_grace_time),
         "max_jitter": _seconds(s.max_jitter),
         "paused": s.paused,
-        "metadata": s.metadata,
+        "metadata": controls.user_metadata(s.metadata),
+        **controls.to_json(s.controls if isinstance(s, ScheduleSpec) else controls.controls_of(s)),
     }
 
 

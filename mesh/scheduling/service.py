@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import attrs
+import msgspec
 from apscheduler import AsyncScheduler, ConflictPolicy, Schedule, Task, TaskDefaults
 from apscheduler._utils import merge_metadata
 from apscheduler.abc import EventBroker
 from apscheduler.eventbrokers.local import LocalEventBroker
 
 from mesh.contracts import Replica
+from mesh.scheduling.controls import controls_of, with_controls
 from mesh.scheduling.executor import STAND_IN_REF, Dispatcher, MeshJobExecutor, remote_task
 from mesh.scheduling.loop import DEFAULT_LOOKAHEAD, MeshScheduler
 from mesh.scheduling.session import LeaderSession
@@ -38,8 +40,6 @@ log = logging.getLogger("mesh.scheduling")
 
 EXECUTOR = "mesh"
 RUN_NOW_RESULT_TTL = timedelta(hours=1)
-# The metadata key of a paused schedule's note (POST /api/schedules/{id}/pause {"note"}).
-PAUSE_NOTE = "pause_note"
 READY_WAIT = 4.0  # a new leader's scheduler starts within a commit; allow for a loaded machine
 
 
@@ -219,7 +219,7 @@ class SchedulingService:
                 coalesce=spec.coalesce,
                 misfire_grace_time=spec.misfire_grace_time,
                 max_jitter=spec.max_jitter,
-                metadata=spec.metadata,
+                metadata=with_controls(spec.metadata, spec.controls),
                 conflict_policy=ConflictPolicy.replace if replace else ConflictPolicy.exception,
             )
         except ConflictingIdError:
@@ -282,31 +282,29 @@ class SchedulingService:
     async def set_paused(
         self, schedule_id: str, paused: bool, *, note: str | None = None
     ) -> Schedule:
-        """Pause (with an optional ``note``, kept in the schedule's metadata under
-        :data:`PAUSE_NOTE` while it is paused) or resume a schedule. Resuming drops the note."""
+        """Pause (with an optional ``note``: the schedule's ``note`` field, saying why, in the
+        same commit) or resume a schedule. Resuming clears the note."""
         scheduler = await self.wait_ready(READY_WAIT)
         if schedule_id not in self.state.schedules:
             raise UnknownSchedule(schedule_id)
         schedule = await scheduler.get_schedule(schedule_id)
-        metadata = dict(schedule.metadata)
-        if paused:
-            if note:
-                metadata[PAUSE_NOTE] = note
-            else:
-                metadata.pop(PAUSE_NOTE, None)
-            if metadata != schedule.metadata or not schedule.paused:
-                # What AsyncScheduler.pause_schedule does, with the note in the same commit.
+        current = controls_of(schedule)
+        wanted = msgspec.structs.replace(current, note=(note or "") if paused else "")
+        if wanted != current or schedule.paused != paused:
+            # What AsyncScheduler.pause_schedule / unpause_schedule do, with the note in the
+            # same commit.
+            metadata = with_controls(schedule.metadata, wanted)
+            if paused:
                 await scheduler.data_store.add_schedule(
                     attrs.evolve(schedule, paused=True, metadata=metadata),
                     ConflictPolicy.replace,
                 )
-        else:
-            if PAUSE_NOTE in metadata:
-                del metadata[PAUSE_NOTE]
-                await scheduler.data_store.add_schedule(
-                    attrs.evolve(schedule, metadata=metadata), ConflictPolicy.replace
-                )
-            await scheduler.unpause_schedule(schedule_id)
+            else:
+                if metadata != schedule.metadata:
+                    await scheduler.data_store.add_schedule(
+                        attrs.evolve(schedule, metadata=metadata), ConflictPolicy.replace
+                    )
+                await scheduler.unpause_schedule(schedule_id)
         return self.state.schedules[schedule_id]
 
     async def run_now(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> UUID:
@@ -362,7 +360,7 @@ def _new_schedule(spec: ScheduleSpec, task: Task) -> Schedule:
         paused=spec.paused,
         coalesce=spec.coalesce,
         misfire_grace_time=spec.misfire_grace_time,
-        metadata=merge_metadata(task.metadata, spec.metadata),
+        metadata=with_controls(merge_metadata(task.metadata, spec.metadata), spec.controls),
         max_jitter=spec.max_jitter,
         job_executor=task.job_executor,
         job_result_expiration_time=0,

@@ -9,6 +9,8 @@ import msgspec
 from apscheduler import CoalescePolicy
 from apscheduler.abc import Trigger
 
+from mesh.scheduling.controls import DEFAULT, Controls
+
 __all__ = ["ScheduleSpec"]
 
 
@@ -28,4 +30,5 @@ class ScheduleSpec(msgspec.Struct, frozen=True, kw_only=True):
     misfire_grace_time: timedelta | None = None
     max_jitter: timedelta | None = None
     paused: bool = False
-    metadata: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}  # the user's (without controls.KEY)
+    controls: Controls = DEFAULT  # overlap, retry, timeout, ... (mesh.scheduling.controls)

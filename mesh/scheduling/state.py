@@ -33,14 +33,15 @@ from apscheduler import Job, JobOutcome, JobResult, Schedule, Task
 from sortedcontainers import SortedList
 
 from mesh.consensus.messages import COMMAND, Entry
+from mesh.scheduling import outcomes
 from mesh.scheduling.codec import NotPlainJSON, from_wire, plain, to_wire
 
 log = logging.getLogger("mesh.scheduling.state")
 
 DEFAULT_MAX_EXECUTIONS = 10_000
 DEFAULT_MAX_RESULTS = 10_000
-# The outcomes an execution record can hold: APScheduler's (the records store ``outcome.name``).
-OUTCOMES: tuple[str, ...] = tuple(o.name for o in JobOutcome)
+# The outcomes an execution record can hold: APScheduler's (``outcome.name``) and the mesh's.
+OUTCOMES = outcomes.OUTCOMES
 
 
 # --------------------------------------------------------------------------- wire codecs
@@ -177,6 +178,38 @@ class JobState:
     # The handler it was last dispatched to, committed before the dispatch was sent: a new leader
     # sends it back there, where the handler's idempotency window answers without a second run.
     handler: str | None = None
+    # The schedule controls' bookkeeping (mesh.scheduling.controls), replicated with the job:
+    origin: str = "fire"  # fire | trigger | backfill | retry
+    tries: int = 1  # which run of its fire time under the schedule's retry policy (1-based)
+    held: bool = False  # waiting behind a running job of its schedule (overlap buffer_*)
+    not_before: datetime | None = None  # a retry's backoff: not started before this
+    shard: tuple[int, int] | None = None  # (index, count) of a broadcast fire's run
+    cancel: bool = False  # its schedule's overlap policy asked the run to stop (cancel_other)
+
+
+# JobState fields kept in a snapshot's "x" only when they differ from these.
+_JOB_EXTRAS = {"origin": "fire", "tries": 1, "held": False, "not_before": None, "shard": None,
+               "cancel": False}  # fmt: skip
+
+
+def _dump_extras(js: JobState) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, default in _JOB_EXTRAS.items():
+        value = getattr(js, name)
+        if value != default:
+            out[name] = _iso(value) if name == "not_before" else value
+    return out
+
+
+def _load_extras(js: JobState, extras: dict[str, Any]) -> None:
+    for name, value in extras.items():
+        if name not in _JOB_EXTRAS:
+            continue
+        if name == "not_before":
+            value = _dt(value)
+        elif name == "shard" and value is not None:
+            value = (int(value[0]), int(value[1]))
+        setattr(js, name, value)
 
 
 class SchedulerState:
@@ -210,6 +243,9 @@ class SchedulerState:
         self.fires_deduplicated = 0
         self.fires_skipped = 0  # missed fire times over the coalesce "all" catch-up cap
         self._running: dict[str, int] = {}  # task id → jobs currently leased
+        # Schedule id → its unfinished jobs (queued, held, leased), oldest first: what the
+        # overlap policies look at ("is a run of this schedule still going?").
+        self._open: dict[str, dict[UUID, None]] = {}
 
     # ------------------------------------------------------------------ StateMachine
 
@@ -267,6 +303,7 @@ class SchedulerState:
                     "attempts": js.attempts,
                     "term": js.term,
                     "handler": js.handler,
+                    **({"x": x} if (x := _dump_extras(js)) else {}),
                 }
                 for js in self.jobs.values()
             ],
@@ -294,7 +331,9 @@ class SchedulerState:
         self._leased = {s.id for s in schedules if s.acquired_by is not None}
         for j in d["jobs"]:
             job = load_job(j["job"])
-            self.jobs[job.id] = JobState(job, j["attempts"], j["term"], j.get("handler"))
+            js = self.jobs[job.id] = JobState(job, j["attempts"], j["term"], j.get("handler"))
+            _load_extras(js, j.get("x") or {})
+            self._open_add(js)
         for r in d["results"]:
             res = load_result(r)
             self.results[res.job_id] = res
@@ -416,6 +455,25 @@ class SchedulerState:
             if len(out) >= limit:
                 break
         return out
+
+    def open_jobs(self, schedule_id: str) -> list[JobState]:
+        """The schedule's unfinished jobs (queued, held or leased), oldest first."""
+        return [self.jobs[jid] for jid in self._open.get(schedule_id, ())]
+
+    def _open_add(self, js: JobState) -> None:
+        sid = js.job.schedule_id
+        if sid is not None:
+            self._open.setdefault(sid, {})[js.job.id] = None
+
+    def _open_discard(self, js: JobState) -> None:
+        sid = js.job.schedule_id
+        if sid is None:
+            return
+        open_ = self._open.get(sid)
+        if open_ is not None:
+            open_.pop(js.job.id, None)
+            if not open_:
+                del self._open[sid]
 
     # ------------------------------------------------------------------ schedule index
 
@@ -581,7 +639,8 @@ class SchedulerState:
                 return False  # this fire time already has its job: replayed fire, no-op
             self.fired[job.schedule_id] = nominal
             self.fires_recorded += 1
-        self.jobs[job.id] = JobState(job)
+        js = self.jobs[job.id] = JobState(job)
+        self._open_add(js)
         return True
 
     def _op_acquire_jobs(self, c: dict[str, Any], _e: Entry) -> list[str]:
@@ -618,9 +677,14 @@ class SchedulerState:
         ):
             return False  # someone else holds it now: a stale release
         del self.jobs[jid]
+        self._open_discard(js)
         if js.job.acquired_by is not None:
             self._running[js.job.task_id] = max(0, self._running.get(js.job.task_id, 0) - 1)
         result = load_result(c["result"])
+        # A mesh outcome (timeout, no_handler, skipped) the leader recorded with the release.
+        outcome = c.get("outcome")
+        if outcome not in outcomes.MESH_OUTCOMES:
+            outcome = result.outcome.name
         if result.expires_at > result.finished_at:
             self.results[jid] = result
             while len(self.results) > self.max_results:
@@ -636,7 +700,7 @@ class SchedulerState:
                 "started_at": _iso(result.started_at),
                 "finished_at": _iso(result.finished_at),
                 "handler_id": c.get("handler_id"),
-                "outcome": result.outcome.name,
+                "outcome": outcome,
                 "attempt": js.attempts,
                 "term": js.term,
                 "error": dump_result(result)["exception"],

@@ -58,6 +58,7 @@ from apscheduler.datastores.base import BaseDataStore
 
 from mesh.contracts import ProposalTooLarge
 from mesh.scheduling.catchup import catch_up
+from mesh.scheduling.outcomes import outcome_of
 from mesh.scheduling.rounds import Fired, Lease, RoundResult, plan_round, round_command
 from mesh.scheduling.state import (
     SchedulerState,
@@ -577,6 +578,9 @@ class ReplicatedDataStore(BaseDataStore):
             "result": dump_result(result),
             "handler_id": self.runner_of(job.id),
         }
+        mesh_outcome = outcome_of(result.exception)
+        if mesh_outcome is not None:
+            command["outcome"] = mesh_outcome
         released = await self.propose_batched(command)  # jobs finishing together: one entry
         if released:
             await self._event_broker.publish(

@@ -22,7 +22,7 @@ function stateCell(s) {
   const td = el('td', { class: 'state-cell' });
   if (s.paused) {
     td.appendChild(badge('paused', 'warn'));
-    const note = s.metadata && typeof s.metadata.pause_note === 'string' ? s.metadata.pause_note : null;
+    const note = typeof s.note === 'string' && s.note ? s.note : null;
     if (note) td.appendChild(el('span', { class: 'pause-note', title: note }, ` ${note.length > 60 ? `${note.slice(0, 60)}…` : note}`));
   } else {
     td.appendChild(badge('active', 'ok'));
