@@ -629,7 +629,7 @@ class SchedulerState:
             if js is not None and js.job.acquired_by == c["scheduler_id"]:
                 js.job.acquired_until = until
 
-    def _op_add_job(self, c: dict[str, Any], _e: Entry) -> bool:
+    def _op_add_job(self, c: dict[str, Any], e: Entry) -> bool:
         job = load_job(c["job"])
         if job.schedule_id is not None and job.scheduled_fire_time is not None:
             nominal = job.original_scheduled_time.isoformat()
@@ -639,7 +639,12 @@ class SchedulerState:
                 return False  # this fire time already has its job: replayed fire, no-op
             self.fired[job.schedule_id] = nominal
             self.fires_recorded += 1
-        js = self.jobs[job.id] = JobState(job)
+        return self._admit(JobState(job), e)
+
+    def _admit(self, js: JobState, _e: Entry) -> bool:
+        """Queue a new job (a fire, a trigger, a backfill or retry run, a run-now job): the one
+        place jobs enter the state, so the schedule's controls decide here. True if queued."""
+        self.jobs[js.job.id] = js
         self._open_add(js)
         return True
 
@@ -666,7 +671,7 @@ class SchedulerState:
         js.handler = c["handler_id"]
         return True
 
-    def _op_release_job(self, c: dict[str, Any], _e: Entry) -> bool:
+    def _op_release_job(self, c: dict[str, Any], e: Entry) -> bool:
         jid = UUID(c["job_id"])
         js = self.jobs.get(jid)
         if js is None:
@@ -690,7 +695,7 @@ class SchedulerState:
             while len(self.results) > self.max_results:
                 del self.results[next(iter(self.results))]
         job = js.job
-        self.executions.append(
+        self._record(
             {
                 "job_id": str(jid),
                 "schedule_id": job.schedule_id,
@@ -702,11 +707,19 @@ class SchedulerState:
                 "handler_id": c.get("handler_id"),
                 "outcome": outcome,
                 "attempt": js.attempts,
+                "try": js.tries,
                 "term": js.term,
                 "error": dump_result(result)["exception"],
-            }
+            },
+            e,
         )
         return True
+
+    def _record(self, ex: dict[str, Any], _e: Entry) -> None:
+        """Append an execution record: the one place a finished (or skipped) fire is written
+        to the history, so what follows from a record (alerts, metrics, history limits)
+        follows here."""
+        self.executions.append(ex)
 
     def _op_reset_leases(self, c: dict[str, Any], _e: Entry) -> dict[str, int]:
         schedules = 0
