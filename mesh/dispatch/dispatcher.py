@@ -47,7 +47,8 @@ from mesh.dispatch import protocol as p
 from mesh.dispatch.governors import Governors
 from mesh.dispatch.registry import HandlerInfo, HandlerRegistry
 from mesh.scheduling.executor import TaskUnavailable
-from mesh.scheduling.state import RemoteJobError, SchedulerState, to_wire
+from mesh.scheduling.outcomes import RunCancelled
+from mesh.scheduling.state import RemoteJobError, SchedulerState, idempotency_key, to_wire
 from mesh.tasks import JobContext
 
 if TYPE_CHECKING:
@@ -236,6 +237,19 @@ class HandlerDispatcher:
         turn = next(self._cursor.setdefault(job.task_id, itertools.count()))
         return candidates[turn % len(candidates)].handler_id
 
+    def cancel(self, handler_id: str, job: Job, fencing_token: int) -> bool:
+        """Send ``cancel_job`` for ``job`` to ``handler_id`` (overlap ``cancel_other``); False
+        when that handler is unknown or not connected to this node."""
+        handler = self.registry.handlers.get(handler_id)
+        if handler is None:
+            return False
+        payload = {
+            "job_id": str(job.id),
+            "idempotency_key": idempotency_key(job),
+            "fencing_token": fencing_token,
+        }
+        return bool(self.bus.send_to_identity(handler.identity, p.CANCEL_JOB, payload))
+
     async def _wait_for(self, handler_id: str, job: Job) -> HandlerInfo | None:
         """The assigned handler once it is alive (and offers the task), or None after the wait."""
         loop = asyncio.get_running_loop()
@@ -377,6 +391,8 @@ class HandlerDispatcher:
             raise HandlerLost(f"handler {handler.handler_id} did not start the job in time")
         if result.get("outcome") == "success":
             return result.get("return_value")
+        if result.get("outcome") == p.CANCELLED:
+            raise RunCancelled(f"handler {handler.handler_id} stopped job {job.id} (cancel_other)")
         err = result.get("error") or {}
         if err.get("timed_out"):
             raise HandlerLost(f"handler {handler.handler_id}: {err.get('message')}")

@@ -64,6 +64,7 @@ from mesh import eventloop
 from mesh.dispatch import protocol
 from mesh.dispatch.protocol import (
     AT_CAPACITY,
+    CANCEL_JOB,
     DISPATCH,
     DISPATCH_ACK,
     DISPATCH_START,
@@ -78,6 +79,7 @@ from mesh.dispatch.protocol import (
     START_WINDOW,
     UNKNOWN_TASK,
     Batch,
+    CancelJob,
     DispatchStart,
     HelloReply,
     batches,
@@ -126,7 +128,7 @@ def default_handler_id() -> str:
 class FinishedResult:
     """What one execution of a task produced, kept to answer re-dispatches of its key."""
 
-    outcome: str  # "success" | "error"
+    outcome: str  # "success" | "error" | "cancelled"
     return_value: Any
     error: dict[str, str] | None
     duration_ms: float
@@ -206,6 +208,8 @@ class _Running:
     joiners: list[Dispatch] = attrs.Factory(list)
     started: bool = False
     expiry: asyncio.TimerHandle | None = None
+    task: asyncio.Task[None] | None = None  # the run, once started
+    cancelled: bool = False  # stopped by the leader's cancel_job (overlap cancel_other)
 
 
 # ---------------------------------------------------------------------------- nodes
@@ -573,6 +577,8 @@ class HandlerProcess:
             self._on_dispatches(incoming.payload, incoming.address)
         elif incoming.kind == DISPATCH_START:
             self._on_start(incoming.payload, incoming.address)
+        elif incoming.kind == CANCEL_JOB:
+            self._on_cancel(incoming.payload, incoming.address)
         else:
             self.counters["unexpected." + incoming.kind] += 1
             log.debug("handler %s: ignoring %r message", self.handler_id, incoming.kind)
@@ -652,8 +658,8 @@ class HandlerProcess:
             return
 
         if not two_phase:
-            self._running[d.idempotency_key] = _Running(d, started=True)
-            self._spawn(self._run(task, d))
+            running = self._running[d.idempotency_key] = _Running(d, started=True)
+            running.task = self._spawn(self._run(task, d))
             return
         pending = _Running(d)
         pending.expiry = asyncio.get_running_loop().call_later(
@@ -694,7 +700,7 @@ class HandlerProcess:
             pending.expiry.cancel()
         pending.started = True
         task = self.tasks[pending.dispatch.task]
-        self._spawn(self._run(task, pending.dispatch))
+        pending.task = self._spawn(self._run(task, pending.dispatch))
 
     def _drop_pending(self, pending: _Running) -> None:
         if pending.expiry is not None:
@@ -755,10 +761,37 @@ class HandlerProcess:
             self.counters["sends_failed"] += 1
             log.warning("handler %s: could not ack %s to %s", self.handler_id, dispatch_id, address)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._job_tasks.add(task)
         task.add_done_callback(self._job_tasks.discard)
+        return task
+
+    def _on_cancel(self, payload: dict[str, Any], address: str) -> None:
+        """The leader's ``cancel_job`` (overlap ``cancel_other``): stop our run of the job if
+        the message is current (fencing token) and names a run of ours (key and job id)."""
+        try:
+            msg = decode(payload, CancelJob)
+        except msgspec.ValidationError as e:
+            self.counters["bad_requests"] += 1
+            log.warning("handler %s: bad cancel from %s: %s", self.handler_id, address, e)
+            return
+        running = self._running.get(msg.idempotency_key)
+        if msg.fencing_token < self.max_fencing_token:
+            reason = STALE_FENCING_TOKEN
+        elif running is None or running.dispatch.job_id != msg.job_id or running.task is None:
+            reason = "unknown_job"  # not ours, finished already, or its dispatch is yet to come
+        elif not self.tasks[running.dispatch.task].is_async:
+            reason = "sync_task"  # a thread cannot be stopped: it runs to its end
+        else:
+            if not running.cancelled:
+                running.cancelled = True
+                running.task.cancel()
+                self.counters["cancelled"] += 1
+                log.info("handler %s: job %s cancelled by the leader", self.handler_id, msg.job_id)
+            return
+        self.counters["cancel_refused." + reason] += 1
+        log.debug("handler %s: cancel of %s ignored: %s", self.handler_id, msg.job_id, reason)
 
     async def _run(self, task: TaskDef, d: Dispatch) -> None:
         ctx = JobContext(
@@ -773,6 +806,7 @@ class HandlerProcess:
         started = self._clock()
         error: dict[str, str] | None = None
         value: Any = None
+        outcome = "success"
         try:
             try:
                 value = await self._call(task, ctx, d)
@@ -794,18 +828,28 @@ class HandlerProcess:
                     }
                     value = None
         except asyncio.CancelledError:
-            # Stopped mid-job: no result and no cache entry, so the leader's retry runs it.
-            self._running.pop(d.idempotency_key, None)
-            raise
+            running = self._running.get(d.idempotency_key)
+            if running is None or not running.cancelled or running.dispatch is not d:
+                # Stopped mid-job: no result and no cache entry, so the leader's retry runs it.
+                self._running.pop(d.idempotency_key, None)
+                raise
+            # The leader's cancel_job: the run ended, and its result says so.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            outcome = protocol.CANCELLED
+            error = {"type": "CancelledError", "message": "cancelled by the leader (overlap)"}
+        if error is not None and outcome == "success":
+            outcome = "error"
         duration_ms = (self._clock() - started) * 1000.0
         result = FinishedResult(
-            outcome="success" if error is None else "error",
+            outcome=outcome,
             return_value=value,
             error=error,
             duration_ms=duration_ms,
         )
         if error is None:
             self.succeeded += 1
+        elif outcome == protocol.CANCELLED:
+            pass  # neither a success nor the task's failure
         else:
             self.failed += 1
             log.info(

@@ -47,6 +47,13 @@ window or joins the execution already running for the key.
     ``START_WINDOW`` of its acknowledgement drops the dispatch, and answers a late start with a
     ``job_result`` of outcome ``"not_started"``.
 
+``cancel_job``     leader → handler (one-way): ``{"job_id", "idempotency_key",
+    "fencing_token"}``. The schedule's overlap policy ``cancel_other`` asks the handler to stop
+    its run of the job: it cancels the async task, whose ``job_result`` then has outcome
+    ``"cancelled"``. The handler acts only on a ``node`` key, a fencing token not lower than the
+    highest it has seen, and a job it is running under that key and id; anything else is
+    counted and ignored. A sync task cannot be stopped and runs to its end (counted).
+
 **Batches.** Dispatches with ``start_by`` that the leader sends to one handler in one event-loop
 iteration travel as one ``dispatches`` message, and results a handler has ready for one node in
 one iteration (answers to such dispatches) as one ``job_results`` message: ``{"items": [...]}``,
@@ -61,10 +68,10 @@ Each payload has a :class:`msgspec.Struct` below; the receiving end decodes it w
 
 Who may send what (an authenticated mesh; identity is the key): ``handler_hello``,
 ``dispatch_ack`` and ``job_result`` only a ``handler`` key whose name is the ``handler_id``
-they carry, and an ack or result only the handler its dispatch went to; ``dispatch`` and
-``dispatch_start`` only a ``node`` key. A batch is judged as its items: ``dispatches`` only from
-a ``node`` key, ``job_results`` only from the handler every item names. See docs/handlers.md,
-"Identity is the key".
+they carry, and an ack or result only the handler its dispatch went to; ``dispatch``,
+``dispatch_start`` and ``cancel_job`` only a ``node`` key. A batch is judged as its items:
+``dispatches`` only from a ``node`` key, ``job_results`` only from the handler every item
+names. See docs/handlers.md, "Identity is the key".
 """
 
 from __future__ import annotations
@@ -82,6 +89,8 @@ DISPATCH_START = "dispatch_start"
 JOB_RESULT = "job_result"
 DISPATCHES = "dispatches"  # several ``dispatch`` payloads in one message
 JOB_RESULTS = "job_results"  # several ``job_result`` payloads in one message
+CANCEL_JOB = "cancel_job"  # leader → handler: stop this run (overlap cancel_other)
+CANCELLED = "cancelled"  # job_result outcome: the run was stopped by a cancel_job
 MAX_BATCH = 256  # items per batch message
 
 HEARTBEAT_INTERVAL = 0.5  # seconds between hellos
@@ -182,6 +191,12 @@ class DispatchStart(msgspec.Struct, frozen=True, kw_only=True):
     start: bool
 
 
+class CancelJob(msgspec.Struct, frozen=True, kw_only=True):
+    job_id: Id
+    idempotency_key: Id
+    fencing_token: Term
+
+
 class Batch(msgspec.Struct, frozen=True, kw_only=True):
     """A ``dispatches`` or ``job_results`` message; each item is checked as its own message."""
 
@@ -202,7 +217,7 @@ class JobError(msgspec.Struct, frozen=True, kw_only=True):
 class JobResult(msgspec.Struct, frozen=True, kw_only=True):
     dispatch_id: Id
     handler_id: Id
-    outcome: Literal["success", "error", "not_started"]
+    outcome: Literal["success", "error", "not_started", "cancelled"]
     job_id: str | None = None  # absent from a "not_started" result
     idempotency_key: str | None = None
     return_value: Any = None

@@ -8,14 +8,17 @@ is attached) a remote handler process.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
+from uuid import UUID
 
 from apscheduler import Job
 from apscheduler.abc import JobExecutor
 
+from mesh.scheduling.outcomes import RunCancelled
 from mesh.scheduling.state import idempotency_key
-from mesh.tasks import REGISTRY, JobContext
+from mesh.tasks import REGISTRY, JobContext, TaskDef
 
 if TYPE_CHECKING:
     from mesh.scheduling.session import LeaderSession
@@ -50,6 +53,10 @@ class Dispatcher(Protocol):
     def suggest(self, job: Job) -> str | None:
         """The handler a job fired ahead of time will go to, or None (chosen at its start)."""
 
+    def cancel(self, handler_id: str, job: Job, fencing_token: int) -> bool:
+        """Ask ``handler_id`` to stop its run of ``job`` (overlap ``cancel_other``); False
+        when the message could not be sent (the handler is unknown or not connected)."""
+
 
 class MeshJobExecutor(JobExecutor):
     def __init__(
@@ -60,6 +67,8 @@ class MeshJobExecutor(JobExecutor):
     ) -> None:
         self.session = session
         self.dispatcher = dispatcher
+        # Embedded async runs on this leader, by job: what ``stop`` cancels (cancel_other).
+        self._stoppable: dict[UUID, asyncio.Future[Any]] = {}
 
     def context_for(self, job: Job) -> JobContext:
         js = self.session.state.jobs.get(job.id)
@@ -74,6 +83,10 @@ class MeshJobExecutor(JobExecutor):
         )
 
     async def run_job(self, func: Callable[..., Any], job: Job) -> Any:
+        js = self.session.state.jobs.get(job.id)
+        if js is not None and js.cancel and js.handler is None:
+            # cancel_other flagged it before any leader sent it anywhere: it never ran.
+            raise RunCancelled(f"job {job.id}: a newer fire of its schedule replaced it")
         ctx = self.context_for(job)
         task = REGISTRY.get(job.task_id)
         # Handlers exist to take work off the scheduler nodes: when one offers the task, it runs
@@ -81,7 +94,7 @@ class MeshJobExecutor(JobExecutor):
         offered = self.dispatcher is not None and self.dispatcher.offers(job.task_id)
         if task is not None and not offered:
             self.session.ran_on(job.id, f"embedded:{self.session.node_id}")
-            return await task.run(ctx, job.args, job.kwargs)
+            return await self._run_embedded(task, ctx, job)
         if self.dispatcher is not None:
             value, handler_id = await self.dispatcher.dispatch(job, ctx, self.session)
             self.session.ran_on(job.id, handler_id)
@@ -90,3 +103,29 @@ class MeshJobExecutor(JobExecutor):
             f"no embedded function or handler offers task {job.task_id!r} on leader "
             f"{self.session.node_id}"
         )
+
+    async def _run_embedded(self, task: TaskDef, ctx: JobContext, job: Job) -> Any:
+        """Run an embedded task on this leader; an async one can be stopped (``stop``). A sync
+        one runs in a thread, which nothing can stop: it runs to its end."""
+        if not task.is_async:
+            return await task.run(ctx, job.args, job.kwargs)
+        run = asyncio.ensure_future(task.run(ctx, job.args, job.kwargs))
+        self._stoppable[job.id] = run
+        try:
+            await asyncio.wait({run})
+        except asyncio.CancelledError:  # the scheduler stops (leadership lost): so does the run
+            run.cancel()
+            raise
+        finally:
+            self._stoppable.pop(job.id, None)
+        if run.cancelled():
+            raise RunCancelled(f"job {job.id}: stopped for a newer fire of its schedule")
+        return run.result()
+
+    def stop(self, job_id: UUID) -> bool:
+        """Cancel the embedded async run of ``job_id`` on this leader, if there is one."""
+        run = self._stoppable.get(job_id)
+        if run is None:
+            return False
+        run.cancel()
+        return True

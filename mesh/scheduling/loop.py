@@ -88,7 +88,9 @@ class MeshScheduler(AsyncScheduler):
             await self.get_next_event(SchedulerStarted)
             async with create_task_group() as timers:
                 while self._state is RunState.started:
-                    if len(store.state.jobs) - self._timed >= MAX_BACKLOG:
+                    # Held jobs (overlap buffers) wait on purpose: not a backlog.
+                    queued = len(store.state.jobs) - store.state.held_jobs
+                    if queued - self._timed >= MAX_BACKLOG:
                         # The job side is behind: fire later, and let the schedules' coalesce
                         # policy merge what is missed meanwhile, as APScheduler's loop would when
                         # it cannot keep up (a queue growing without bound helps nobody).

@@ -18,6 +18,9 @@ from __future__ import annotations
 from apscheduler import JobOutcome
 
 MESH_OUTCOMES: tuple[str, ...] = ("timeout", "skipped", "no_handler")
+# Outcomes the leader may name in a ``release_job`` command: the mesh's, and APScheduler's
+# ``cancelled`` for a run stopped by the overlap policy ``cancel_other`` (RunCancelled).
+LEADER_OUTCOMES: tuple[str, ...] = (*MESH_OUTCOMES, "cancelled")
 # Every outcome an execution record can hold.
 OUTCOMES: tuple[str, ...] = (*(o.name for o in JobOutcome), *MESH_OUTCOMES)
 # Outcomes that count as a failed run (retry, ``keep_failed``, the ``failure`` alert).
@@ -36,6 +39,13 @@ class JobTimedOut(MeshOutcome):
 
 class NoHandler(MeshOutcome):
     outcome = "no_handler"
+
+
+class RunCancelled(MeshOutcome):
+    """The run was stopped (or never started) because its schedule's ``cancel_other`` overlap
+    policy asked it to: a newer fire takes its place."""
+
+    outcome = "cancelled"
 
 
 def outcome_of(exc: BaseException | None) -> str | None:

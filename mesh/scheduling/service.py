@@ -26,6 +26,7 @@ from apscheduler.abc import EventBroker
 from apscheduler.eventbrokers.local import LocalEventBroker
 
 from mesh.contracts import Replica
+from mesh.scheduling.cancel import cancel_flagged
 from mesh.scheduling.controls import controls_of, with_controls
 from mesh.scheduling.executor import STAND_IN_REF, Dispatcher, MeshJobExecutor, remote_task
 from mesh.scheduling.loop import DEFAULT_LOOKAHEAD, MeshScheduler
@@ -114,11 +115,12 @@ class SchedulingService:
             cleared = await replica.propose({"op": "reset_leases", "term": term})
             log.info("term %d: leases reset (%s), starting the scheduler", term, cleared)
             session = self.session = LeaderSession(replica, self.state, term)
+            executor = MeshJobExecutor(session, dispatcher=self.dispatcher)
             scheduler = MeshScheduler(
                 data_store=session.store,
                 event_broker=self.broker_factory(),
                 identity=session.identity,
-                job_executors={EXECUTOR: MeshJobExecutor(session, dispatcher=self.dispatcher)},
+                job_executors={EXECUTOR: executor},
                 task_defaults=TaskDefaults(job_executor=EXECUTOR, max_running_jobs=None),
                 lease_duration=self.lease_duration,
                 cleanup_interval=60,
@@ -132,7 +134,13 @@ class SchedulingService:
                     await self._ensure_task(scheduler, name, task.max_running_jobs)
                 self.scheduler = scheduler
                 self._ready.set()
-                await scheduler.run_until_stopped()
+                canceller = asyncio.get_running_loop().create_task(
+                    cancel_flagged(session, executor, self.dispatcher), name=f"cancel-{term}"
+                )
+                try:
+                    await scheduler.run_until_stopped()
+                finally:
+                    canceller.cancel()
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -33,8 +33,9 @@ from apscheduler import Job, JobOutcome, JobResult, Schedule, Task
 from sortedcontainers import SortedList
 
 from mesh.consensus.messages import COMMAND, Entry
-from mesh.scheduling import outcomes
+from mesh.scheduling import outcomes, overlap
 from mesh.scheduling.codec import NotPlainJSON, from_wire, plain, to_wire
+from mesh.scheduling.controls import controls_of
 
 log = logging.getLogger("mesh.scheduling.state")
 
@@ -246,6 +247,10 @@ class SchedulerState:
         # Schedule id → its unfinished jobs (queued, held, leased), oldest first: what the
         # overlap policies look at ("is a run of this schedule still going?").
         self._open: dict[str, dict[UUID, None]] = {}
+        self.held_jobs = 0  # jobs held by an overlap buffer (never leased, acquired or due)
+        # Jobs whose schedule's cancel_other policy asked them to stop, until they finish:
+        # the leader (every new one too) sends their cancels (mesh.scheduling.cancel).
+        self.cancelling: dict[UUID, None] = {}
 
     # ------------------------------------------------------------------ StateMachine
 
@@ -334,6 +339,7 @@ class SchedulerState:
             js = self.jobs[job.id] = JobState(job, j["attempts"], j["term"], j.get("handler"))
             _load_extras(js, j.get("x") or {})
             self._open_add(js)
+            self._index_controls(js)
         for r in d["results"]:
             res = load_result(r)
             self.results[res.job_id] = res
@@ -387,7 +393,7 @@ class SchedulerState:
         for js in self.jobs.values():
             job = js.job
             at = job.scheduled_fire_time
-            if job.acquired_by is not None or at is None:
+            if job.acquired_by is not None or at is None or js.held:
                 continue
             if at <= now:
                 due = due or job
@@ -610,6 +616,8 @@ class SchedulerState:
         """A job of a fire round leased to the leader that fired it (as ``acquire_jobs`` does)
         and, when given, assigned to its handler (as ``assign_job`` does)."""
         js = self.jobs[UUID(job_id)]
+        if js.held:
+            return  # waits behind a running job of its schedule (overlap); released later
         js.job.acquired_by = scheduler_id
         js.job.acquired_until = _dt(lease["until"])
         js.attempts += 1
@@ -641,19 +649,98 @@ class SchedulerState:
             self.fires_recorded += 1
         return self._admit(JobState(job), e)
 
-    def _admit(self, js: JobState, _e: Entry) -> bool:
+    def _admit(self, js: JobState, e: Entry) -> bool:
         """Queue a new job (a fire, a trigger, a backfill or retry run, a run-now job): the one
         place jobs enter the state, so the schedule's controls decide here. True if queued."""
+        if not self._overlap_admits(js, e):
+            return False
         self.jobs[js.job.id] = js
         self._open_add(js)
+        self._index_controls(js)
         return True
+
+    def _overlap_admits(self, js: JobState, e: Entry) -> bool:
+        """Apply the schedule's overlap policy to a new job (mesh.scheduling.overlap): False
+        when it is skipped (recorded as such); it may come out held, and older runs may be
+        asked to stop (``cancel``) or, never started, end as ``cancelled`` now."""
+        sid = js.job.schedule_id
+        if sid is None or sid not in self._open:
+            return True
+        policy = controls_of(js.job).overlap
+        decision = overlap.decide(policy, self.open_jobs(sid), js.origin)
+        for old in decision.drop:
+            self._end_unstarted(old, "cancelled", e)
+        for old in decision.stop:
+            if not old.cancel:
+                old.cancel = True
+                self.cancelling[old.job.id] = None
+        if decision.action == "skip":
+            self._record(self._unrun_record(js, "skipped"), e)
+            return False
+        js.held = decision.action == "hold"
+        return True
+
+    def _end_unstarted(self, js: JobState, outcome: str, e: Entry) -> None:
+        """End a job that never ran (overlap: a held or never-started run cancelled)."""
+        del self.jobs[js.job.id]
+        self._open_discard(js)
+        self._unindex_controls(js)
+        self._record(self._unrun_record(js, outcome), e)
+
+    def _unrun_record(self, js: JobState, outcome: str) -> dict[str, Any]:
+        """The execution record of a job the overlap policy kept from running. Its time is
+        its fire time (no clock in apply): that is when it would have run."""
+        job = js.job
+        return {
+            "job_id": str(job.id),
+            "schedule_id": job.schedule_id,
+            "task": job.task_id,
+            "scheduled_fire_time": _iso(job.scheduled_fire_time),
+            "idempotency_key": idempotency_key(job),
+            "started_at": None,
+            "finished_at": _iso(job.scheduled_fire_time),
+            "handler_id": None,
+            "outcome": outcome,
+            "attempt": js.attempts,
+            "try": js.tries,
+            "term": js.term,
+            "error": None,
+            "reason": overlap.REASON,
+        }
+
+    def _overlap_finished(self, js: JobState, finished_at: datetime) -> None:
+        """A job of a schedule finished: the oldest held job runs once no other run is
+        unfinished, with its start deadline measured from now (it waited on purpose)."""
+        self._unindex_controls(js)
+        sid = js.job.schedule_id
+        if sid is None or sid not in self._open:
+            return
+        nxt = overlap.next_to_release(self.open_jobs(sid))
+        if nxt is None:
+            return
+        nxt.held = False
+        self.held_jobs -= 1
+        deadline = overlap.rebased_deadline(nxt, finished_at)
+        if deadline != nxt.job.start_deadline:
+            nxt.job = attrs.evolve(nxt.job, start_deadline=deadline)
+
+    def _index_controls(self, js: JobState) -> None:
+        if js.held:
+            self.held_jobs += 1
+        if js.cancel:
+            self.cancelling[js.job.id] = None
+
+    def _unindex_controls(self, js: JobState) -> None:
+        if js.held:
+            self.held_jobs -= 1
+        self.cancelling.pop(js.job.id, None)
 
     def _op_acquire_jobs(self, c: dict[str, Any], _e: Entry) -> list[str]:
         got = []
         until = _dt(c["until"])
         for jid in c["ids"]:
             js = self.jobs.get(UUID(jid))
-            if js is None or js.job.acquired_by is not None:
+            if js is None or js.job.acquired_by is not None or js.held:
                 continue
             js.job.acquired_by = c["scheduler_id"]
             js.job.acquired_until = until
@@ -688,7 +775,7 @@ class SchedulerState:
         result = load_result(c["result"])
         # A mesh outcome (timeout, no_handler, skipped) the leader recorded with the release.
         outcome = c.get("outcome")
-        if outcome not in outcomes.MESH_OUTCOMES:
+        if outcome not in outcomes.LEADER_OUTCOMES:
             outcome = result.outcome.name
         if result.expires_at > result.finished_at:
             self.results[jid] = result
@@ -710,9 +797,12 @@ class SchedulerState:
                 "try": js.tries,
                 "term": js.term,
                 "error": dump_result(result)["exception"],
+                # A run its schedule's cancel_other policy stopped says why.
+                **({"reason": overlap.REASON} if js.cancel else {}),
             },
             e,
         )
+        self._overlap_finished(js, result.finished_at)
         return True
 
     def _record(self, ex: dict[str, Any], _e: Entry) -> None:

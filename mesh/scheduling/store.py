@@ -58,6 +58,7 @@ from apscheduler.datastores.base import BaseDataStore
 
 from mesh.contracts import ProposalTooLarge
 from mesh.scheduling.catchup import catch_up
+from mesh.scheduling.controls import controls_of
 from mesh.scheduling.outcomes import outcome_of
 from mesh.scheduling.rounds import Fired, Lease, RoundResult, plan_round, round_command
 from mesh.scheduling.state import (
@@ -405,7 +406,10 @@ class ReplicatedDataStore(BaseDataStore):
             j
             for f in fired
             for j in f.jobs
-            if leases is not None and str(j.id) in leases.jobs and str(j.id) in added
+            if leases is not None
+            and str(j.id) in leases.jobs
+            and str(j.id) in added
+            and self._leased_to(scheduler_id, j.id)
         ]
         return RoundResult(len(due), now, leased)
 
@@ -436,6 +440,12 @@ class ReplicatedDataStore(BaseDataStore):
                     if str(job.id) in added and str(job.id) not in leased:
                         await self._publish_job_added(job)
         return added
+
+    def _leased_to(self, scheduler_id: str, job_id: UUID) -> bool:
+        """Whether the round's entry leased the job to ``scheduler_id``: a job its overlap
+        policy held was not (mesh.scheduling.overlap)."""
+        js = self.state.jobs.get(job_id)
+        return js is not None and js.job.acquired_by == scheduler_id
 
     async def get_next_schedule_run_time(self) -> datetime | None:
         return self.state.next_fire_time()
@@ -476,6 +486,9 @@ class ReplicatedDataStore(BaseDataStore):
             task.add_done_callback(self._tasks.discard)
 
     async def _publish_job_added(self, job: Job) -> None:
+        js = self.state.jobs.get(job.id)
+        if js is not None and js.held:
+            return  # nothing to run until a release un-holds it (_wake_released)
         await self._event_broker.publish(
             JobAdded(job_id=job.id, task_id=job.task_id, schedule_id=job.schedule_id)
         )
@@ -520,8 +533,8 @@ class ReplicatedDataStore(BaseDataStore):
         more: Job | None = None  # an eligible job left for the next call
         for js in self.state.jobs.values():
             job = js.job
-            if job.acquired_by is not None:
-                continue
+            if job.acquired_by is not None or js.held:
+                continue  # leased, or held by its overlap policy (not missed while held)
             if job.start_deadline is not None and job.start_deadline < now:
                 missed.append(job)
                 continue
@@ -588,6 +601,25 @@ class ReplicatedDataStore(BaseDataStore):
                     result, scheduler_id, job.task_id, job.schedule_id, job.scheduled_fire_time
                 )
             )
+            if job.schedule_id is not None and controls_of(job).overlap != "allow_all":
+                self._wake_released(job.schedule_id)
+
+    def _wake_released(self, schedule_id: str) -> None:
+        """Wake the job loop for a job the release un-held (overlap), at its fire time if
+        that is still ahead (``acquire_jobs`` takes no job before it): nothing else would."""
+        for js in self.state.open_jobs(schedule_id):
+            if js.held or js.job.acquired_by is not None:
+                continue
+            at = js.job.scheduled_fire_time
+            delay = (at - self.clock()).total_seconds() if at is not None else 0.0
+            task = asyncio.get_running_loop().create_task(self._publish_later(js.job, delay))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _publish_later(self, job: Job, delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await self._publish_job_added(job)
 
     async def get_job_result(self, job_id: UUID) -> JobResult | None:
         await self._drain_inflight()
