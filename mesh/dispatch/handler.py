@@ -786,7 +786,9 @@ class HandlerProcess:
         else:
             if not running.cancelled:
                 running.cancelled = True
-                running.task.cancel()
+                # After the run's first step (it may not have begun yet): a task cancelled
+                # before it begins never enters _run, which reports the cancel.
+                asyncio.get_running_loop().call_soon(running.task.cancel)
                 self.counters["cancelled"] += 1
                 log.info("handler %s: job %s cancelled by the leader", self.handler_id, msg.job_id)
             return
