@@ -11,6 +11,10 @@ Asserted (each violation is listed in the report):
   between the first and the last fire (the schedules use ``coalesce: all`` with a large misfire
   grace time, so every missed fire time must run after heal);
 - fires resume after heal (liveness);
+- overlap: the runs of the ``overlap: skip`` schedule, longer than its interval, never overlap
+  in time (two different fire times; a re-run of one fire time after a handler was lost is
+  the firing guarantee's at-least-once), and each of its fire times up to the last run either
+  ran or has an execution record ``skipped`` (reason ``overlap``);
 - all nodes converge to the same state hash within a bound after heal.
 """
 
@@ -212,6 +216,48 @@ def check_fires(
     return out
 
 
+def read_overlap_runs(out_dir: Path) -> list[dict[str, Any]]:
+    """The runs of the overlap workload (chaos.workload_tasks.chaos_overlap)."""
+    return [r for r in read_fire_records(out_dir) if "start" in r and "end" in r]
+
+
+def check_overlap(
+    runs: list[dict[str, Any]], skipped: dict[str, set[str]], schedules: dict[str, float]
+) -> dict[str, Any]:
+    """Per overlap schedule (id → interval): runs of two fire times that overlapped in time,
+    and fire times up to the last run that neither ran nor were recorded skipped."""
+    out: dict[str, Any] = {"runs": 0, "overlaps": [], "unaccounted": []}
+    for sid, interval in schedules.items():
+        mine = sorted((r for r in runs if r["schedule_id"] == sid), key=lambda r: r["start"])
+        out["runs"] += len(mine)
+        latest: dict[str, Any] | None = None  # the run that ends last so far
+        for r in mine:
+            if latest is not None and latest["fire"] != r["fire"] and r["start"] < latest["end"]:
+                out["overlaps"].append({"schedule": sid, "runs": [latest["fire"], r["fire"]]})
+            if latest is None or r["end"] > latest["end"]:
+                latest = r
+        ran = {datetime.fromisoformat(r["fire"]) for r in mine}
+        seen = sorted(ran | {datetime.fromisoformat(f) for f in skipped.get(sid, ())})
+        step = timedelta(seconds=interval)
+        last = max(ran, default=None)
+        for a, b in itertools.pairwise(seen):
+            if last is not None and b <= last and b - a > step * 1.5:
+                out["unaccounted"].append({"schedule": sid, "after": a.isoformat()})
+    return out
+
+
+def skipped_fires(node_http: str, schedules: dict[str, float]) -> dict[str, set[str]]:
+    """The fire times the mesh recorded ``skipped`` for each schedule."""
+    out: dict[str, set[str]] = {}
+    for sid in schedules:
+        path = f"/api/executions?schedule_id={sid}&outcome=skipped&limit=10000"
+        status, body, _ = http(node_http + path, timeout=5)
+        if status != 200:
+            raise RuntimeError(f"GET {path}: {status}")
+        out[sid] = {e["scheduled_fire_time"] for e in body["executions"]}
+    return out
+
+
 def check_run(
     cluster: ChaosCluster,
     nemesis: Nemesis,
@@ -221,6 +267,7 @@ def check_run(
     heal_at: float,
     *,
     converge_bound: float = 15.0,
+    overlap: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     violations: list[str] = []
     terms = leaders_per_term(cluster, history)
@@ -270,12 +317,25 @@ def check_run(
     if fires["stalled"]:
         violations.append(f"schedules did not fire after heal: {fires['stalled']}")
 
+    overlap = overlap or {}
+    overlaps = check_overlap(
+        read_overlap_runs(out_dir), skipped_fires(cluster.nodes[0].http, overlap), overlap
+    )
+    if overlaps["overlaps"]:
+        violations.append(f"overlap skip: runs overlapped: {overlaps['overlaps'][:5]}")
+    if overlaps["unaccounted"]:
+        violations.append(
+            f"overlap skip: fire times neither run nor skipped: {overlaps['unaccounted'][:5]}"
+        )
+
     return {
         "violations": violations,
         "leader_changes": len(terms),
         "max_leaders_per_term": max((len(v) for v in terms.values()), default=0),
         "unavailability_s": unavailability(history, len(cluster.nodes)),
         "fires_checked": fires["fires"],
+        "overlap_runs": overlaps["runs"],
+        "overlaps": len(overlaps["overlaps"]),
         "duplicates": len(fires["duplicates"]),
         "gaps": len(fires["gaps"]),
         "writes_sent": len(history.writes),

@@ -25,6 +25,8 @@ from chaos.scenarios import SCENARIOS
 from chaos.topology import ChaosCluster, http
 
 WORKLOAD_INTERVAL = 0.2
+OVERLAP_INTERVAL = 0.5  # the overlap schedule's interval...
+OVERLAP_RUN = 0.8  # ...and its runs' length: longer, so every other fire is skipped
 
 
 def connect_toxiproxy(host: str, port: int) -> Toxiproxy:
@@ -57,6 +59,35 @@ def create_workload(cluster: ChaosCluster, out_dir: Path, count: int = 2) -> dic
             time.sleep(0.2)
         schedules[sid] = WORKLOAD_INTERVAL
     return schedules
+
+
+def create_overlap_workload(cluster: ChaosCluster, out_dir: Path) -> dict[str, float]:
+    """A schedule with ``overlap: skip`` whose runs last longer than its interval: its runs
+    never overlap, and each fire time runs or is recorded skipped (checker.check_overlap)."""
+    sid = "overlap-0"
+    body = {
+        "id": sid,
+        "task": "chaos_overlap",
+        "trigger": {"type": "interval", "seconds": OVERLAP_INTERVAL},
+        "kwargs": {"schedule_id": sid, "out_dir": str(out_dir), "seconds": OVERLAP_RUN},
+        "overlap": "skip",
+        "coalesce": "all",
+        "misfire_grace_time": 3600,
+    }
+    _create(cluster, body)
+    return {sid: OVERLAP_INTERVAL}
+
+
+def _create(cluster: ChaosCluster, body: dict[str, Any]) -> None:
+    leader = cluster.node(cluster.stable_leader() or cluster.ids[0])
+    deadline = time.monotonic() + 10
+    while True:
+        status, reply, _ = http(leader.http + "/api/schedules", "POST", body, timeout=5)
+        if status == 201:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"could not create workload schedule: {status} {reply}")
+        time.sleep(0.2)
 
 
 def stop_workload(cluster: ChaosCluster, schedules: dict[str, float]) -> None:
@@ -103,6 +134,7 @@ def run_once(
     try:
         cluster.start()
         schedules = create_workload(cluster, out_dir)
+        overlapping = create_overlap_workload(cluster, out_dir)
         recorder = Recorder(cluster, history, rng)
         recorder.start()
         time.sleep(1.5)  # some fires before the faults
@@ -112,9 +144,11 @@ def run_once(
         heal_at = time.time()
         time.sleep(settle)
         recorder.stop()
-        stop_workload(cluster, schedules)
-        time.sleep(0.5)
-        report.update(check_run(cluster, nemesis, history, out_dir, schedules, heal_at))
+        stop_workload(cluster, {**schedules, **overlapping})
+        time.sleep(0.5 + OVERLAP_RUN)
+        report.update(
+            check_run(cluster, nemesis, history, out_dir, schedules, heal_at, overlap=overlapping)
+        )
         report["snapshots"] = _snapshot_events(cluster)
     except Exception as e:  # a run that could not even be checked is a failure, not a crash
         report.setdefault("violations", []).append(f"run failed: {type(e).__name__}: {e}")

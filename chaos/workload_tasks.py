@@ -7,10 +7,12 @@ concurrent handlers never interleave) and fsyncs it: the history checker reads t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import mesh
 
@@ -28,9 +30,32 @@ def chaos_record(schedule_id: str, out_dir: str) -> str:
         "pid": os.getpid(),
         "at": time.time(),
     }
-    path = Path(out_dir) / f"{os.getpid()}.jsonl"
+    _append(Path(out_dir) / f"{os.getpid()}.jsonl", record)
+    return "ok"
+
+
+@mesh.task
+async def chaos_overlap(schedule_id: str, out_dir: str, seconds: float) -> str:
+    """A run longer than its schedule's interval (the overlap rule): one line per run, written
+    at its end, with the run's start and end (``start``, ``end``, seconds since the epoch)."""
+    ctx = mesh.job_context()
+    start = time.time()
+    await asyncio.sleep(seconds)
+    record = {
+        "schedule_id": schedule_id,
+        "fire": ctx.scheduled_fire_time.isoformat() if ctx.scheduled_fire_time else None,
+        "key": ctx.idempotency_key,
+        "attempt": ctx.attempt,
+        "start": start,
+        "end": time.time(),
+        "pid": os.getpid(),
+    }
+    _append(Path(out_dir) / f"overlap-{os.getpid()}.jsonl", record)
+    return "ok"
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    return "ok"
