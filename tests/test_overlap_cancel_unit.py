@@ -195,3 +195,32 @@ async def test_an_embedded_async_run_on_the_leader_is_stopped_by_the_sweep() -> 
     with pytest.raises(RunCancelled):
         await asyncio.wait_for(running, WAIT)
     assert sent.cancels == []
+
+
+# --------------------------------------------------------------------------- the dispatcher
+
+
+async def test_the_dispatcher_sends_cancel_job_and_a_cancelled_result_ends_the_run() -> None:
+    from tests.fakes import HOLD
+    from tests.test_dispatcher_unit import Leader
+
+    leader = Leader()
+    leader.lead()
+    a = leader.handler("a")
+    a.script(HOLD)
+    job = await leader.job()
+    running = asyncio.create_task(leader.dispatch(job))
+    await leader.bus.wait_sent(p.DISPATCH_START, 1)
+    assert leader.dispatcher.cancel("a", job, 7)
+    [sent] = [m for m in leader.bus.sent if m.kind == p.CANCEL_JOB]
+    assert sent.identity == b"a"
+    assert sent.payload == {"job_id": str(job.id), "idempotency_key": "job:" + str(job.id),
+                            "fencing_token": 7}  # fmt: skip
+    assert not leader.dispatcher.cancel("nobody", job, 7)
+    [dispatch_id] = list(a.held)
+    d = a.held.pop(dispatch_id)
+    result = {"dispatch_id": dispatch_id, "handler_id": "a", "job_id": d["job_id"],
+              "idempotency_key": d["idempotency_key"], "outcome": p.CANCELLED}  # fmt: skip
+    leader.bus.deliver(p.JOB_RESULT, result, identity=a.identity)
+    with pytest.raises(RunCancelled):
+        await asyncio.wait_for(running, WAIT)

@@ -23,6 +23,10 @@ Trust: on an authenticated mesh a handler is its key. Hellos, acknowledgements a
 accepted only from a ``handler`` key whose name is the ``handler_id`` they claim, and an answer
 to a dispatch only from the handler it was sent to; anything else, malformed messages included,
 is refused through ``MessageBus.reject`` (counted, logged at most once a minute per peer).
+
+Why this file is long: it is the leader's whole side of the handler protocol (routing, the
+dispatch attempt loop, the watchdog, incoming answers, cancels), which share the table of
+dispatches in flight and are checked against the handler's side together.
 """
 
 from __future__ import annotations
