@@ -600,7 +600,17 @@ _BEFORE: dict[str, Callable[[Any], Any]] = {
     "peers": _comma_list,
     "tasks": _comma_list,
     "log_level": lambda v: v.upper() if isinstance(v, str) else v,
+    "notify": lambda v: _yaml_on(v),
 }
+
+
+def _yaml_on(section: Any) -> Any:
+    """YAML 1.1 reads an unquoted ``on:`` key as the boolean true: it means ``notify.on``."""
+    if isinstance(section, dict) and True in section:
+        return {("on" if k is True else k): v for k, v in section.items()}
+    return section
+
+
 # Applied after: what the type alone cannot check. Raise ValueError with the bare reason.
 _AFTER: dict[str, Callable[[Any], Any]] = {
     "mesh": _address(parse_mesh_address, "tcp://", bind=True),
@@ -630,6 +640,7 @@ def _check(key: str, value: Any) -> Any:
         checked = _check(section, {name: value})
         return checked[name]
     if key in _SECTIONS and isinstance(value, dict):
+        value = _BEFORE.get(key, lambda v: v)(value)
         struct = _check_value(key, value)
         return {k: getattr(struct, k) for k in value}
     return _check_value(key, value)
