@@ -225,6 +225,7 @@ def build_node(
 def build_scheduling(node: MeshNode, state: SchedulerState) -> SchedulingService:
     """The handler dispatcher and the leader-only scheduler service of a node."""
     import mesh.dispatch.webhook  # noqa: F401  (registers the built-in "webhook" task)
+    from mesh.dispatch.alerts import AlertSender
     from mesh.dispatch.dispatcher import HandlerDispatcher
     from mesh.dispatch.governors import Governors
     from mesh.scheduling.broker import LIFECYCLE_EVENTS, ZMQEventBroker
@@ -251,6 +252,7 @@ def build_scheduling(node: MeshNode, state: SchedulerState) -> SchedulingService
         broker_factory=broker,
         dispatcher=dispatcher,
         lookahead=timedelta(seconds=node.config.scheduling.lookahead),
+        alerts=AlertSender(node.config.notify).run,
     )
 
 
@@ -313,7 +315,13 @@ class VoterView:
                 "fires_recorded": s.fires_recorded,
                 "fires_deduplicated": s.fires_deduplicated,
                 "fires_skipped": s.fires_skipped,
+                "alerts_recorded": s.outbox.seq,
+                "alerts_sent": s.outbox.sent,
+                "alerts_failed": s.outbox.failed,
+                "alerts_dropped": s.outbox.dropped,
             },
+            "alerts_pending": len(s.outbox.events),
+            "fires": s.fire_metrics.export(),
         }
 
 
@@ -337,7 +345,9 @@ async def serve(
     from mesh.api.limits import ApiLimits
 
     state = SchedulerState(
-        max_executions=config.history.max_executions, max_results=config.history.max_results
+        max_executions=config.history.max_executions,
+        max_results=config.history.max_results,
+        metric_schedules=config.metrics.max_schedules,
     )
     node = build_node(config, state_machine=state, keys=keys)
     service = build_scheduling(node, state)

@@ -53,6 +53,8 @@ __all__ = [
     "GovernorConfig",
     "HistoryConfig",
     "MembershipConfig",
+    "MetricsConfig",
+    "NotifyConfig",
     "RaftConfig",
     "SecurityConfig",
     "ZoneConfig",
@@ -282,6 +284,34 @@ class HistoryConfig(_Section):
     max_results: AtLeastOne = 10_000
 
 
+NotifyEvent = Literal["failure", "missed", "skipped", "timeout", "paused", "no_handler"]
+
+
+class NotifyConfig(_Section):
+    """The cluster's default alert webhook and how this node sends alerts when it leads
+    (docs/scheduling.md, "notify"). ``webhook`` and ``on`` are the default of every schedule
+    without its own ``notify``: the leader commits them to the log when it takes office, so set
+    the same on every node. The others are this node's sending settings."""
+
+    webhook: Annotated[
+        str, Meta(pattern=r"^https?://\S+\Z", max_length=2000, description="an http(s):// URL")
+    ] | None = None  # fmt: skip
+    on: tuple[NotifyEvent, ...] = ("failure", "missed", "skipped")
+    # Loopback, private and link-local targets are refused unless this is true (SSRF guard).
+    allow_private: bool = False
+    timeout: Seconds = 10.0  # per POST
+    max_attempts: Annotated[int, Meta(ge=1, le=20)] = 8  # POSTs per alert before giving up
+    backoff_initial: Seconds = 1.0  # exponential backoff between attempts, from this...
+    backoff_max: Seconds = 60.0  # ...up to this
+
+
+class MetricsConfig(_Section):
+    """GET /metrics (docs/observability.md)."""
+
+    # Schedules with their own per-schedule series; later ones count under "_other".
+    max_schedules: Annotated[int, Meta(ge=0, le=100_000)] = 100
+
+
 class EventLogConfig(_Section):
     """Rotation of the JSONL event log."""
 
@@ -377,6 +407,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     scheduling: SchedulingConfig = msgspec.field(default_factory=SchedulingConfig)
     governors: GovernorConfig = msgspec.field(default_factory=GovernorConfig)
     history: HistoryConfig = msgspec.field(default_factory=HistoryConfig)
+    notify: NotifyConfig = msgspec.field(default_factory=NotifyConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     eventlog: EventLogConfig = msgspec.field(default_factory=EventLogConfig)
     security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
@@ -568,7 +600,17 @@ _BEFORE: dict[str, Callable[[Any], Any]] = {
     "peers": _comma_list,
     "tasks": _comma_list,
     "log_level": lambda v: v.upper() if isinstance(v, str) else v,
+    "notify": lambda v: _yaml_on(v),
 }
+
+
+def _yaml_on(section: Any) -> Any:
+    """YAML 1.1 reads an unquoted ``on:`` key as the boolean true: it means ``notify.on``."""
+    if isinstance(section, dict) and True in section:
+        return {("on" if k is True else k): v for k, v in section.items()}
+    return section
+
+
 # Applied after: what the type alone cannot check. Raise ValueError with the bare reason.
 _AFTER: dict[str, Callable[[Any], Any]] = {
     "mesh": _address(parse_mesh_address, "tcp://", bind=True),
@@ -598,6 +640,7 @@ def _check(key: str, value: Any) -> Any:
         checked = _check(section, {name: value})
         return checked[name]
     if key in _SECTIONS and isinstance(value, dict):
+        value = _BEFORE.get(key, lambda v: v)(value)
         struct = _check_value(key, value)
         return {k: getattr(struct, k) for k in value}
     return _check_value(key, value)

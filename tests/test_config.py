@@ -378,3 +378,19 @@ def test_bad_security_settings_name_their_source(
 ) -> None:
     path = write(tmp_path, file_text) if file_text is not None else None
     assert expected in error_of(args, path, env)
+
+
+def test_the_notify_section_reads_an_unquoted_on_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "notify:\n  webhook: https://ops.example/hook\n  on: [failure, paused]\n"
+        "  allow_private: true\n",
+    )
+    notify = load_config({}, path, {}).notify
+    assert (notify.webhook, notify.on, notify.allow_private) == (
+        "https://ops.example/hook", ("failure", "paused"), True)  # fmt: skip
+
+
+def test_a_notify_event_that_does_not_exist_names_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "notify:\n  on: [failure, exploded]\n")
+    assert "notify.on" in error_of({}, path, {})

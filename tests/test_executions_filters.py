@@ -264,3 +264,26 @@ async def test_a_since_with_values_out_of_range_is_a_400_saying_why(
 async def test_an_offset_whose_plus_was_not_encoded_gets_a_hint(client: TestClient) -> None:
     message = await error_of(client, "since=2026-05-01T14:00:00+02:00")
     assert "%2B" in message, message
+
+
+async def test_the_mesh_outcomes_are_filters_too() -> None:
+    replica = FakeReplica("n2")
+    state = replica.state_machine
+    for i, outcome in enumerate(("timeout", "skipped", "no_handler", "timeout")):
+        job = Job(task_id=f"{outcome}-{i}", schedule_id="m", scheduled_fire_time=T + i * M,
+                  executor="x")  # fmt: skip
+        state.apply(Entry(1, 2 * i + 1, COMMAND, {"op": "add_job", "job": dump_job(job)}))
+        result = JobResult.from_job(job, JobOutcome.error, started_at=None, finished_at=T + H)
+        release = {"op": "release_job", "job_id": str(job.id), "result": dump_result(result),
+                   "outcome": outcome}  # fmt: skip
+        assert state.apply(Entry(1, 2 * i + 2, COMMAND, release))
+    service = SchedulingService(replica, state)
+    client = TestClient(TestServer(create_app(replica, replica, service)))
+    await client.start_server()
+    try:
+        assert await labels(client, "outcome=timeout") == ["timeout-3", "timeout-0"]
+        assert await labels(client, "outcome=skipped") == ["skipped-1"]
+        assert await labels(client, "outcome=no_handler&schedule_id=m") == ["no_handler-2"]
+    finally:
+        await service.close()
+        await client.close()

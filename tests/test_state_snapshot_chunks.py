@@ -46,6 +46,7 @@ def test_the_pieces_make_the_image_json_dumps_makes_of_the_whole_state() -> None
         "fired",
         "executions",
         "counters",
+        "alerts",
     ]
     assert image == json.dumps(parsed, separators=(",", ":")).encode()
 

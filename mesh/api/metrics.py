@@ -10,7 +10,7 @@ import collections
 from typing import Any
 
 from aiohttp import web
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from mesh.contracts import NodeView
 
@@ -67,16 +67,63 @@ class NodeCollector:
             )
             c.add_metric(nid, value)
             yield c
+        yield from _fire_metrics(m.get("fires"), nid)
+        if "alerts_pending" in m:
+            g = GaugeMetricFamily(
+                "schedulezero_alerts_pending",
+                "Alert events in the replicated outbox, not yet confirmed sent",
+                labels=labels,
+            )
+            g.add_metric(nid, m["alerts_pending"])
+            yield g
         for name, value in sorted(m.get("extra", {}).items()):
             g = GaugeMetricFamily(f"mesh_{name}", name.replace("_", " "), labels=labels)
             g.add_metric(nid, value)
             yield g
 
 
+def _fire_metrics(fires: dict[str, Any] | None, nid: list[str]) -> Any:
+    """Per-schedule fire metrics (mesh.scheduling.firemetrics; docs/observability.md): at most
+    ``metrics.max_schedules`` schedule ids have their own series, the rest are ``_other``."""
+    if fires is None:
+        return
+    for name, key, label, help_text in (
+        ("schedule_fires", "fires", "outcome", "Fires of a schedule recorded, by outcome"),
+        ("schedule_skipped", "skipped", "reason", "Fires of a schedule skipped, by reason"),
+        ("schedule_missed", "missed", "reason", "Fire times of a schedule missed, by reason"),
+    ):
+        c = CounterMetricFamily(
+            f"schedulezero_{name}", help_text, labels=["node_id", "schedule_id", label]
+        )
+        for (sid, value_label), value in sorted(fires[key].items()):
+            c.add_metric([*nid, sid, value_label], value)
+        yield c
+    buckets, total = fires["lateness_all"]
+    h = HistogramMetricFamily(
+        "schedulezero_fire_lateness_seconds",
+        "Seconds from a fire's scheduled time to its start, every schedule",
+        labels=["node_id"],
+    )
+    h.add_metric(nid, buckets, total)
+    yield h
+    h = HistogramMetricFamily(
+        "schedulezero_schedule_fire_lateness_seconds",
+        "Seconds from a fire's scheduled time to its start, by schedule",
+        labels=["node_id", "schedule_id"],
+    )
+    for sid, (buckets, total) in sorted(fires["lateness"].items()):
+        h.add_metric([*nid, sid], buckets, total)
+    yield h
+
+
 SCHEDULING_COUNTERS = {
     "fires_recorded": "Fire times of schedules recorded as jobs (replicated)",
     "fires_deduplicated": "Fire times proposed again and dropped: their job exists (replicated)",
     "fires_skipped": 'Missed fire times skipped by the coalesce "all" catch-up cap (replicated)',
+    "alerts_recorded": "Alert events recorded in the outbox (replicated)",
+    "alerts_sent": "Alerts delivered to their webhook and confirmed (replicated)",
+    "alerts_failed": "Alerts given up on: refused, 4xx, or retries exhausted (replicated)",
+    "alerts_dropped": "Alert events dropped unsent because the outbox was full (replicated)",
 }
 
 

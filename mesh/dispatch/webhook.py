@@ -75,7 +75,7 @@ def _forbidden(address: str) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
-class _GuardedResolver(AbstractResolver):
+class GuardedResolver(AbstractResolver):
     """Resolves as aiohttp would, then refuses the whole name if any address is forbidden: the
     connection can only use addresses that passed the check (no DNS rebinding in between)."""
 
@@ -95,14 +95,16 @@ class _GuardedResolver(AbstractResolver):
         await self._inner.close()
 
 
-async def _check_target(url: str) -> None:
-    """Refuse ``url`` before connecting if its host is, or resolves to, a forbidden address."""
+async def check_target(url: str, *, private_ok: bool | None = None) -> None:
+    """Refuse ``url`` before connecting if its host is, or resolves to, a forbidden address
+    (``private_ok``: the caller's setting; None: this process's environment, ``allow_private``).
+    """
     if not url.startswith(("http://", "https://")):
         raise WebhookRefused(f"webhook url must start with http:// or https://, got {url!r}")
     host = URL(url).host
     if not host:
         raise WebhookRefused(f"webhook url {url!r} has no host")
-    if allow_private():
+    if allow_private() if private_ok is None else private_ok:
         return
     try:
         addresses = [host] if _is_ip(host) else await _addresses(host)
@@ -151,7 +153,7 @@ async def webhook(
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise ValueError(f"webhook url must start with http:// or https://, got {url!r}")
     seconds = _timeout(timeout)
-    await _check_target(url)
+    await check_target(url)
     ctx = job_context()
     body = {
         "job": {
@@ -167,7 +169,7 @@ async def webhook(
         "payload": payload,
     }
     send_headers = {"Idempotency-Key": ctx.idempotency_key, **(headers or {})}
-    connector = None if allow_private() else aiohttp.TCPConnector(resolver=_GuardedResolver())
+    connector = None if allow_private() else aiohttp.TCPConnector(resolver=GuardedResolver())
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=seconds)
     ) as session:
@@ -207,7 +209,7 @@ async def _deliver(
                         "set follow_redirects to follow it"
                     )
                 url = urljoin(url, location)
-                await _check_target(url)
+                await check_target(url)
                 continue
             if resp.status >= 500:
                 raise WebhookServerError(f"{url} answered {resp.status}: {text[:200]}")

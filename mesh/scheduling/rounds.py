@@ -27,6 +27,7 @@ import attrs
 from apscheduler import CoalescePolicy, Job, Schedule
 
 from mesh.scheduling.catchup import catch_up
+from mesh.scheduling.dst import skipped_by_dst
 
 log = logging.getLogger("mesh.scheduling.rounds")
 
@@ -89,18 +90,22 @@ def plan_round(
 
 def _fire(schedule: Schedule, now: datetime, horizon: datetime, rng: random.Random) -> Fired:
     """APScheduler 4.0.0a6's ``_process_schedules`` loop body for one schedule, plus the fire
-    times up to ``horizon`` (one job each: they are not missed)."""
-    assert schedule.next_fire_time is not None
-    fire_times = [schedule.next_fire_time]
+    times up to ``horizon`` (one job each: they are not missed), without the fire times the
+    daylight saving time rule drops (:mod:`mesh.scheduling.dst`): the schedule moves past them,
+    no job is made for them."""
+    first = schedule.next_fire_time
+    assert first is not None
+    trigger = schedule.trigger
+    fire_times = [] if skipped_by_dst(trigger, first) else [first]
     while True:
-        fire_time = schedule.trigger.next()
+        fire_time = trigger.next()
         if fire_time is None or fire_time > horizon:
             next_fire_time = fire_time
             break
-        if fire_time > now:
-            fire_times.append(fire_time)  # ahead of the clock: its own job
-        elif schedule.coalesce is CoalescePolicy.all:
-            fire_times.append(fire_time)
+        if skipped_by_dst(trigger, fire_time):
+            continue
+        if fire_time > now or not fire_times or schedule.coalesce is CoalescePolicy.all:
+            fire_times.append(fire_time)  # ahead of the clock (its own job), or the first due
         elif schedule.coalesce is CoalescePolicy.latest:
             fire_times[0] = fire_time
 
@@ -135,8 +140,8 @@ def _fire(schedule: Schedule, now: datetime, horizon: datetime, rng: random.Rand
         )
     return Fired(
         schedule=schedule,
-        fired_from=fire_times[0],
-        last_fire_time=fire_times[-1],
+        fired_from=first,
+        last_fire_time=fire_times[-1] if fire_times else first,
         next_fire_time=next_fire_time,
         jobs=tuple(jobs),
     )

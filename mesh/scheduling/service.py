@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -66,6 +66,7 @@ class SchedulingService:
         broker_factory: Callable[[], EventBroker] = LocalEventBroker,
         dispatcher: Dispatcher | None = None,
         lookahead: timedelta = DEFAULT_LOOKAHEAD,
+        alerts: Callable[[LeaderSession], Awaitable[None]] | None = None,
     ) -> None:
         self.replica = replica
         self.lookahead = lookahead
@@ -73,6 +74,8 @@ class SchedulingService:
         self.lease_duration = lease_duration
         self.broker_factory = broker_factory
         self.dispatcher = dispatcher
+        # The term's alert sender (mesh.dispatch.alerts), run next to the scheduler.
+        self.alerts = alerts
         self.scheduler: AsyncScheduler | None = None
         self.session: LeaderSession | None = None
         self.term: int | None = None
@@ -138,7 +141,8 @@ class SchedulingService:
                     cancel_flagged(session, executor, self.dispatcher), name=f"cancel-{term}"
                 )
                 try:
-                    await scheduler.run_until_stopped()
+                    async with self._alerts_running(session):
+                        await scheduler.run_until_stopped()
                 finally:
                     canceller.cancel()
         except asyncio.CancelledError:
@@ -154,6 +158,21 @@ class SchedulingService:
                 log.info("scheduler for term %d stopped: leadership lost or handed over", term)
         finally:
             self._ready.clear()
+
+    @contextlib.asynccontextmanager
+    async def _alerts_running(self, session: LeaderSession) -> AsyncIterator[None]:
+        """The alert sender of the term, for as long as its scheduler runs."""
+        if self.alerts is None:
+            yield
+            return
+        task = asyncio.create_task(self.alerts(session), name=f"alerts-term-{session.term}")
+        task.add_done_callback(_log_failure)
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     def _handler_for(self, job: Any) -> str | None:
         """Where a job fired ahead goes: a handler when one offers its task (the executor
@@ -329,6 +348,11 @@ class SchedulingService:
             raise NotReady("leadership changed while the request waited")
         await session.store.flush()
         return job_id
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", task.get_name(), exc_info=task.exception())
 
 
 class _Pauses:

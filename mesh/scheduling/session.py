@@ -21,6 +21,7 @@ class LeaderSession:
         self.term = term
         self.identity = term_identity(replica.node_id, term)
         self.state = state
+        self.propose = replica.propose  # commands of the term's own tasks (the alert sender)
         self._runners: dict[UUID, str] = {}
         self.store = ReplicatedDataStore(
             propose=replica.propose,

@@ -34,8 +34,10 @@ from sortedcontainers import SortedList
 
 from mesh.consensus.messages import COMMAND, Entry
 from mesh.scheduling import outcomes, overlap
+from mesh.scheduling.alerts import Outbox
 from mesh.scheduling.codec import NotPlainJSON, from_wire, plain, to_wire
 from mesh.scheduling.controls import controls_of
+from mesh.scheduling.firemetrics import DEFAULT_MAX_SCHEDULES, FireMetrics
 
 log = logging.getLogger("mesh.scheduling.state")
 
@@ -221,9 +223,12 @@ class SchedulerState:
         *,
         max_executions: int = DEFAULT_MAX_EXECUTIONS,
         max_results: int = DEFAULT_MAX_RESULTS,
+        metric_schedules: int = DEFAULT_MAX_SCHEDULES,
     ) -> None:
         self.max_executions = max_executions
         self.max_results = max_results
+        # Derived from the records as they apply; not in the image (mesh.scheduling.firemetrics).
+        self.fire_metrics = FireMetrics(metric_schedules)
         self._reset()
 
     def _reset(self) -> None:
@@ -251,6 +256,7 @@ class SchedulerState:
         # Jobs whose schedule's cancel_other policy asked them to stop, until they finish:
         # the leader (every new one too) sends their cancels (mesh.scheduling.cancel).
         self.cancelling: dict[UUID, None] = {}
+        self.outbox = Outbox()  # notify alerts not yet confirmed sent (mesh.scheduling.alerts)
 
     # ------------------------------------------------------------------ StateMachine
 
@@ -316,6 +322,7 @@ class SchedulerState:
             "fired": self.fired,
             "executions": list(self.executions),
             "counters": [self.fires_recorded, self.fires_deduplicated, self.fires_skipped],
+            "alerts": self.outbox.dump(),
         }
 
     def restore(self, data: bytes) -> None:
@@ -347,6 +354,7 @@ class SchedulerState:
         self.executions.extend(d["executions"])
         counters = [*d["counters"], 0]  # snapshots before fires_skipped have two
         self.fires_recorded, self.fires_deduplicated, self.fires_skipped = counters[:3]
+        self.outbox.load(d.get("alerts"))
         self._recount_running()
 
     # ------------------------------------------------------------------ queries
@@ -487,6 +495,8 @@ class SchedulerState:
         old = self.schedules.get(s.id)
         if old is not None:
             self._unindex(old)
+            if s.paused and not old.paused:
+                self.outbox.on_pause(s)
         self.schedules[s.id] = s
         if s.next_fire_time is not None:
             self._due.add((s.next_fire_time.timestamp(), s.id))
@@ -572,6 +582,7 @@ class SchedulerState:
             )
             self._put_schedule(new)
             self.fires_skipped += r.get("skipped", 0)
+            self.fire_metrics.missed_by_catch_up(s.id, r.get("skipped", 0))
             released.append(s.id)
         return released
 
@@ -602,6 +613,7 @@ class SchedulerState:
                 )
             )
             self.fires_skipped += r.get("skipped", 0)
+            self.fire_metrics.missed_by_catch_up(s.id, r.get("skipped", 0))
             fired.append(s.id)
             for job in r["jobs"]:
                 if self._op_add_job({"job": job}, e):
@@ -810,6 +822,18 @@ class SchedulerState:
         to the history, so what follows from a record (alerts, metrics, history limits)
         follows here."""
         self.executions.append(ex)
+        sid = ex.get("schedule_id")
+        self.outbox.on_record(ex, self.schedules.get(sid) if sid is not None else None)
+        self.fire_metrics.record(ex)
+
+    def _op_notify_default(self, c: dict[str, Any], _e: Entry) -> bool:
+        """The cluster's default ``notify`` (a leader's config, committed when it takes office,
+        so that every node records the same alerts whatever its own config says)."""
+        return self.outbox.set_default(c.get("notify"))
+
+    def _op_alerts_done(self, c: dict[str, Any], _e: Entry) -> int:
+        """Alerts the leader delivered (``sent``) or gave up on (``failed``): out of the outbox."""
+        return self.outbox.done(list(c.get("sent", ())), list(c.get("failed", ())))
 
     def _op_reset_leases(self, c: dict[str, Any], _e: Entry) -> dict[str, int]:
         schedules = 0
