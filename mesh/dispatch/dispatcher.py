@@ -12,10 +12,13 @@ it does not list the job, the job did not start there (mesh.dispatch.protocol). 
 hellos carry no clock gets the two-phase start (dispatch, ack, start, result).
 
 Faults: a refused dispatch, a dispatch that did not start, a handler that stops heartbeating, or
-a job that exceeds its timeout is retried with the same idempotency key (the handler
-deduplicates): a dispatch that did not start goes back to the same handler (it answers from its
-idempotency window if only the result was lost), the others go to another handler. A task
-that raises is not retried: its error is the job's outcome. A job whose task no handler offers
+one that stays silent past the job's timeout (and a slack) is retried with the same idempotency
+key (the handler deduplicates): a dispatch that did not start goes back to the same handler (it
+answers from its idempotency window if only the result was lost), the others go to another
+handler. A task that raises is not retried here, nor one its handler reports as past its
+timeout (outcome ``timeout``): the schedule's retry policy decides (docs/scheduling.md). The
+timeout is the schedule's ``timeout``, else the config's ``dispatch.task_timeouts`` or
+``default_timeout``. A job whose task no handler offers
 waits for one until its start deadline (the schedule's misfire grace time), or
 ``no_handler_wait`` for jobs without one, then ends with a clear error.
 
@@ -46,7 +49,9 @@ from mesh.contracts import Directory, Incoming, MessageBus, Replica, refusal
 from mesh.dispatch import protocol as p
 from mesh.dispatch.governors import Governors
 from mesh.dispatch.registry import HandlerInfo, HandlerRegistry
+from mesh.scheduling.controls import controls_of
 from mesh.scheduling.executor import TaskUnavailable
+from mesh.scheduling.outcomes import JobTimedOut
 from mesh.scheduling.state import RemoteJobError, SchedulerState, to_wire
 from mesh.tasks import JobContext
 
@@ -333,10 +338,10 @@ class HandlerDispatcher:
     async def _run_on(self, handler: HandlerInfo, job: Job, ctx: JobContext) -> Any:
         loop = asyncio.get_running_loop()
         dispatch_id = uuid.uuid4().hex
-        timeout = self.settings.task_timeouts.get(job.task_id, self.settings.default_timeout)
+        timeout = self._timeout(job)
         pending = _Pending(
-            handler, loop.create_future(), loop.create_future(), ctx.idempotency_key,
-            handler.incarnation,
+            handler, loop.create_future(), loop.create_future(),
+            p.run_key(ctx.idempotency_key, ctx.try_number), handler.incarnation,
         )  # fmt: skip
         if timeout is not None:
             slack = self.settings.ack_timeout + p.START_WINDOW
@@ -354,6 +359,7 @@ class HandlerDispatcher:
             "idempotency_key": ctx.idempotency_key,
             "fencing_token": ctx.fencing_token,
             "attempt": ctx.attempt,
+            "try_number": ctx.try_number,
             "schedule_id": job.schedule_id,
             "scheduled_fire_time": ctx.scheduled_fire_time.isoformat()
             if ctx.scheduled_fire_time
@@ -379,8 +385,16 @@ class HandlerDispatcher:
             return result.get("return_value")
         err = result.get("error") or {}
         if err.get("timed_out"):
-            raise HandlerLost(f"handler {handler.handler_id}: {err.get('message')}")
+            # The handler stopped waiting for the task: the run's outcome, not a lost handler.
+            raise JobTimedOut(f"handler {handler.handler_id}: {err.get('message')}")
         raise RemoteJobError(str(err.get("type", "Error")), str(err.get("message", "")))
+
+    def _timeout(self, job: Job) -> float | None:
+        """A run's time limit: the schedule's ``timeout``, else the config's for the task."""
+        timeout = controls_of(job).timeout
+        if timeout is not None:
+            return timeout
+        return self.settings.task_timeouts.get(job.task_id, self.settings.default_timeout)
 
     def _queue(self, identity: bytes, dispatch_id: str, payload: dict[str, Any]) -> None:
         """Queue a one-message dispatch; what is queued for each handler goes out as one
