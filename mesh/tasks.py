@@ -94,7 +94,10 @@ class TaskDef:
             raise
         if done:
             return run.result()
-        run.cancel()
+        if self.is_async:
+            run.cancel()
+        # A sync task is left alone: cancelling would only stop waiting for its thread (and
+        # give its worker slot back) while the thread runs on.
         run.add_done_callback(_late_outcome)
         raise RunTimedOut(timeout, run)
 
