@@ -12,14 +12,12 @@ it does not list the job, the job did not start there (mesh.dispatch.protocol). 
 hellos carry no clock gets the two-phase start (dispatch, ack, start, result).
 
 Faults: a refused dispatch, a dispatch that did not start, a handler that stops heartbeating, or
-one that stays silent past the job's timeout (and a slack) is retried with the same idempotency
-key (the handler deduplicates): a dispatch that did not start goes back to the same handler (it
-answers from its idempotency window if only the result was lost), the others go to another
-handler. A task that raises is not retried here, nor one its handler reports as past its
-timeout (outcome ``timeout``): the schedule's retry policy decides (docs/scheduling.md). The
-timeout is the schedule's ``timeout``, else the config's ``dispatch.task_timeouts`` or
-``default_timeout``. A job whose task no handler offers
-waits for one until its start deadline (the schedule's misfire grace time), or
+one silent past the job's timeout (and a slack) is retried with the same idempotency key (the
+handler deduplicates): a dispatch that did not start goes back to the same handler (it answers
+from its idempotency window if only the result was lost), the others go to another handler. A
+task that raises, or that its handler reports past its timeout (outcome ``timeout``), is not
+retried here: the schedule's retry policy decides (docs/scheduling.md). A job whose task no
+handler offers waits for one until its start deadline (the schedule's misfire grace time), or
 ``no_handler_wait`` for jobs without one, then ends with a clear error.
 
 Trust: on an authenticated mesh a handler is its key. Hellos, acknowledgements and results are
@@ -385,16 +383,14 @@ class HandlerDispatcher:
             return result.get("return_value")
         err = result.get("error") or {}
         if err.get("timed_out"):
-            # The handler stopped waiting for the task: the run's outcome, not a lost handler.
             raise JobTimedOut(f"handler {handler.handler_id}: {err.get('message')}")
         raise RemoteJobError(str(err.get("type", "Error")), str(err.get("message", "")))
 
     def _timeout(self, job: Job) -> float | None:
         """A run's time limit: the schedule's ``timeout``, else the config's for the task."""
-        timeout = controls_of(job).timeout
-        if timeout is not None:
-            return timeout
-        return self.settings.task_timeouts.get(job.task_id, self.settings.default_timeout)
+        own = controls_of(job).timeout
+        s = self.settings
+        return own if own is not None else s.task_timeouts.get(job.task_id, s.default_timeout)
 
     def _queue(self, identity: bytes, dispatch_id: str, payload: dict[str, Any]) -> None:
         """Queue a one-message dispatch; what is queued for each handler goes out as one
