@@ -105,6 +105,13 @@ def test_a_retry_survives_a_leader_kill_in_its_backoff_and_exhausted_tries_pause
     assert first["retry_at"] == done[0]["retry_at"]
     assert done[1]["retry_at"] is not None and done[2]["retry_at"] is None
 
+    # On a leader that stays, a failed run wakes the scheduler for its retry (the schedule's
+    # next fire is an hour away: nothing else would start it).
+    steady = tmp_path / "steady.jsonl"
+    create(new, "steady", steady, 1, {"max_attempts": 2, "initial_delay": 1})
+    cluster.wait_for(lambda: len(runs(steady)) >= 2, 10, "the steady schedule's retry")
+    assert [r["try"] for r in runs(steady)] == [1, 2]
+
     # The other schedule: two failed tries, then paused with a note saying why.
     schedule = cluster.wait_for(
         lambda: (s := new.get_json("/api/schedules/paused")) and s["paused"] and s,
