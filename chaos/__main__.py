@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"[{k + 1}/{args.runs}] {scenario} seed={run_seed} nodes={nodes} {status} "
                 f"({report['seconds']}s) leaders={report.get('leader_changes')} "
-                f"fires={report.get('fires_checked')} acked={report.get('writes_acked')} "
+                f"fires={report.get('fires_checked')} "
+                f"retried={report.get('retry_fires')}/{report.get('retry_tries')} "
+                f"acked={report.get('writes_acked')} "
                 f"unavail={report.get('unavailability_s')}s snapshots={report.get('snapshots')}",
                 flush=True,
             )

@@ -15,6 +15,11 @@ Asserted (each violation is listed in the report):
   in time (two different fire times; a re-run of one fire time after a handler was lost is
   the firing guarantee's at-least-once), and each of its fire times up to the last run either
   ran or has an execution record ``skipped`` (reason ``overlap``);
+
+- the retry rule, on a schedule whose fires fail their first k tries (k fixed by the fire's
+  idempotency key, ``chaos.workload_tasks.failing_tries``): no try of a fire runs twice, none
+  beyond ``max_attempts``, each try after a failed one starts no earlier than its backoff, and
+  the final try (the first that succeeds, or the last allowed) runs: no retry is lost;
 - all nodes converge to the same state hash within a bound after heal.
 """
 
@@ -34,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from chaos.topology import http
+from chaos.workload_tasks import failing_tries
+from mesh.scheduling.controls import Retry
 
 if TYPE_CHECKING:
     from chaos.nemesis import Nemesis
@@ -255,6 +262,43 @@ def skipped_fires(node_http: str, schedules: dict[str, float]) -> dict[str, set[
         if status != 200:
             raise RuntimeError(f"GET {path}: {status}")
         out[sid] = {e["scheduled_fire_time"] for e in body["executions"]}
+
+
+# Fires this close to the workload's end (seconds) may not have had all their tries yet.
+RETRY_MARGIN = 3.0
+
+
+def check_retries(
+    records: list[dict[str, Any]], schedules: dict[str, Retry], stop_at: float
+) -> dict[str, Any]:
+    """The retry rule per retry workload schedule (id → its policy): twice-run, surplus,
+    early and lost tries."""
+    out: dict[str, Any] = {"fires": 0, "tries": 0, "violations": []}
+    bad = out["violations"]
+    for sid, retry in schedules.items():
+        by_fire: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in records:
+            if r.get("schedule_id") == sid and r.get("try"):
+                by_fire[r["key"]].append(r)
+        for key, runs in sorted(by_fire.items()):
+            out["fires"] += 1
+            out["tries"] += len(runs)
+            runs.sort(key=lambda r: r["try"])
+            tries = [r["try"] for r in runs]
+            final = min(failing_tries(key, retry.max_attempts) + 1, retry.max_attempts)
+            if len(set(tries)) != len(tries):
+                bad.append(f"{key}: a try ran twice: {tries}")
+            if max(tries) > final:
+                bad.append(f"{key}: tries beyond the last one due ({final}): {tries}")
+            if sorted(set(tries)) != list(range(1, max(tries) + 1)):
+                bad.append(f"{key}: tries missing: {tries}")
+            for before, after in itertools.pairwise(runs):
+                wait = after["at"] - before["at"]
+                if after["try"] == before["try"] + 1 and wait < retry.delay(before["try"]):
+                    bad.append(f"{key}: try {after['try']} {wait:.3f}s after the failed one")
+            first_at = min(r["at"] for r in runs)
+            if max(tries) < final and first_at < stop_at - RETRY_MARGIN:
+                bad.append(f"{key}: retry lost: ran tries {tries}, the last due is {final}")
     return out
 
 
@@ -266,6 +310,8 @@ def check_run(
     schedules: dict[str, float],
     heal_at: float,
     *,
+    retries: dict[str, Retry] | None = None,
+    stop_at: float | None = None,
     converge_bound: float = 15.0,
     overlap: dict[str, float] | None = None,
 ) -> dict[str, Any]:
@@ -309,13 +355,16 @@ def check_run(
     if minority_acks:
         violations.append(f"writes acknowledged by a minority leader: {minority_acks[:10]}")
 
-    fires = check_fires(read_fire_records(out_dir), schedules, heal_at)
+    fire_records = read_fire_records(out_dir)
+    fires = check_fires(fire_records, schedules, heal_at)
     if fires["duplicates"]:
         violations.append(f"fire times executed twice: {fires['duplicates'][:5]}")
     if fires["gaps"]:
         violations.append(f"fire times missing: {fires['gaps'][:5]}")
     if fires["stalled"]:
         violations.append(f"schedules did not fire after heal: {fires['stalled']}")
+    retried = check_retries(fire_records, retries or {}, stop_at or time.time())
+    violations += [f"retry rule: {v}" for v in retried["violations"][:5]]
 
     overlap = overlap or {}
     overlaps = check_overlap(
@@ -336,6 +385,9 @@ def check_run(
         "fires_checked": fires["fires"],
         "overlap_runs": overlaps["runs"],
         "overlaps": len(overlaps["overlaps"]),
+        "retry_fires": retried["fires"],
+        "retry_tries": retried["tries"],
+        "retry_violations": len(retried["violations"]),
         "duplicates": len(fires["duplicates"]),
         "gaps": len(fires["gaps"]),
         "writes_sent": len(history.writes),

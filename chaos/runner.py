@@ -17,12 +17,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from toxiproxy import Toxiproxy
 
 from chaos.checker import History, Recorder, check_run
 from chaos.nemesis import Nemesis
 from chaos.scenarios import SCENARIOS
 from chaos.topology import ChaosCluster, http
+from mesh.scheduling.controls import Retry
 
 WORKLOAD_INTERVAL = 0.2
 OVERLAP_INTERVAL = 0.5  # the overlap schedule's interval...
@@ -38,7 +40,6 @@ def connect_toxiproxy(host: str, port: int) -> Toxiproxy:
 def create_workload(cluster: ChaosCluster, out_dir: Path, count: int = 2) -> dict[str, float]:
     """Interval schedules on handler tasks: every fire time must run exactly once."""
     schedules = {}
-    leader = cluster.node(cluster.stable_leader() or cluster.ids[0])
     for i in range(count):
         sid = f"fire-{i}"
         body = {
@@ -49,14 +50,7 @@ def create_workload(cluster: ChaosCluster, out_dir: Path, count: int = 2) -> dic
             "coalesce": "all",
             "misfire_grace_time": 3600,
         }
-        deadline = time.monotonic() + 10
-        while True:
-            status, reply, _ = http(leader.http + "/api/schedules", "POST", body, timeout=5)
-            if status == 201:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"could not create workload schedule: {status} {reply}")
-            time.sleep(0.2)
+        _create(cluster, body)
         schedules[sid] = WORKLOAD_INTERVAL
     return schedules
 
@@ -78,6 +72,30 @@ def create_overlap_workload(cluster: ChaosCluster, out_dir: Path) -> dict[str, f
     return {sid: OVERLAP_INTERVAL}
 
 
+RETRY_WORKLOAD = Retry(max_attempts=3, initial_delay=0.3, multiplier=2)
+
+
+def create_retry_workload(cluster: ChaosCluster, out_dir: Path) -> dict[str, Retry]:
+    """A schedule whose fires fail their first tries (``chaos_flaky``), with a retry policy:
+    what the checker's retry rule is checked on."""
+    sid = "retry-0"
+    body = {
+        "id": sid,
+        "task": "chaos_flaky",
+        "trigger": {"type": "interval", "seconds": 0.5},
+        "kwargs": {
+            "schedule_id": sid,
+            "out_dir": str(out_dir),
+            "max_attempts": RETRY_WORKLOAD.max_attempts,
+        },
+        "coalesce": "all",
+        "misfire_grace_time": 3600,
+        "retry": msgspec.to_builtins(RETRY_WORKLOAD),
+    }
+    _create(cluster, body)
+    return {sid: RETRY_WORKLOAD}
+
+
 def _create(cluster: ChaosCluster, body: dict[str, Any]) -> None:
     leader = cluster.node(cluster.stable_leader() or cluster.ids[0])
     deadline = time.monotonic() + 10
@@ -86,7 +104,7 @@ def _create(cluster: ChaosCluster, body: dict[str, Any]) -> None:
         if status == 201:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"could not create workload schedule: {status} {reply}")
+            raise RuntimeError(f"could not create workload schedule {body['id']}: {status} {reply}")
         time.sleep(0.2)
 
 
@@ -135,6 +153,7 @@ def run_once(
         cluster.start()
         schedules = create_workload(cluster, out_dir)
         overlapping = create_overlap_workload(cluster, out_dir)
+        retries = create_retry_workload(cluster, out_dir)
         recorder = Recorder(cluster, history, rng)
         recorder.start()
         time.sleep(1.5)  # some fires before the faults
@@ -144,10 +163,21 @@ def run_once(
         heal_at = time.time()
         time.sleep(settle)
         recorder.stop()
-        stop_workload(cluster, {**schedules, **overlapping})
+        stop_at = time.time()
+        stop_workload(cluster, {**schedules, **overlapping, **retries})
         time.sleep(0.5 + OVERLAP_RUN)
         report.update(
-            check_run(cluster, nemesis, history, out_dir, schedules, heal_at, overlap=overlapping)
+            check_run(
+                cluster,
+                nemesis,
+                history,
+                out_dir,
+                schedules,
+                heal_at,
+                overlap=overlapping,
+                retries=retries,
+                stop_at=stop_at,
+            )
         )
         report["snapshots"] = _snapshot_events(cluster)
     except Exception as e:  # a run that could not even be checked is a failure, not a crash

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,29 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def failing_tries(idempotency_key: str, max_attempts: int) -> int:
+    """How many tries of a fire ``chaos_flaky`` fails: 0 to ``max_attempts`` (all of them),
+    fixed by the fire's idempotency key, so the checker knows it too."""
+    return zlib.crc32(idempotency_key.encode()) % (max_attempts + 1)
+
+
+@mesh.task
+def chaos_flaky(schedule_id: str, out_dir: str, max_attempts: int) -> int:
+    """Record the run like ``chaos_record`` (with its try number), then fail if this fire's
+    first ``failing_tries`` tries must fail: the retry policy's workload."""
+    ctx = mesh.job_context()
+    record = {
+        "schedule_id": schedule_id,
+        "fire": ctx.scheduled_fire_time.isoformat() if ctx.scheduled_fire_time else None,
+        "key": ctx.idempotency_key,
+        "try": ctx.try_number,
+        "attempt": ctx.attempt,
+        "pid": os.getpid(),
+        "at": time.time(),
+    }
+    _append(Path(out_dir) / f"{os.getpid()}.jsonl", record)
+    if ctx.try_number <= failing_tries(ctx.idempotency_key, max_attempts):
+        raise RuntimeError(f"try {ctx.try_number} fails on purpose")
+    return ctx.try_number

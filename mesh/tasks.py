@@ -7,6 +7,7 @@ offer them to the mesh.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import importlib
@@ -26,8 +27,12 @@ class JobContext:
     schedule_id: str | None
     scheduled_fire_time: datetime | None
     idempotency_key: str
-    attempt: int  # 1-based
+    # 1-based count of this fire's deliveries (leases and redeliveries after a failover or
+    # a lost handler), never lower than ``try_number``: several attempts may serve one try.
+    attempt: int
     fencing_token: int  # the leader's term when it dispatched this attempt
+    # 1-based run of this fire under the schedule's retry policy (the record's ``try``).
+    try_number: int = 1
 
 
 _current: contextvars.ContextVar[JobContext] = contextvars.ContextVar("mesh_job_context")
@@ -65,6 +70,53 @@ class TaskDef:
 
         # Sync tasks run in a worker thread with their own copy of the context.
         return await anyio.to_thread.run_sync(contextvars.copy_context().run, call)
+
+    async def run_within(
+        self,
+        ctx: JobContext,
+        args: Iterable[Any],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+    ) -> Any:
+        """``run``, ended at ``timeout`` seconds with :class:`RunTimedOut`.
+
+        At the timeout an async task is cancelled; a sync task's thread cannot be stopped. In
+        both cases the caller hears of the timeout at once, not when the run has ended (a task
+        that catches the cancellation and goes on would otherwise hold the answer back), and
+        gets the run still ending (``RunTimedOut.run``) to keep its slot busy until it has."""
+        if timeout is None:
+            return await self.run(ctx, args, kwargs)
+        run = asyncio.ensure_future(self.run(ctx, args, kwargs))
+        try:
+            done, _ = await asyncio.wait({run}, timeout=timeout)
+        except asyncio.CancelledError:
+            run.cancel()  # our caller stopped: so does the run (as far as it can)
+            raise
+        if done:
+            return run.result()
+        if self.is_async:
+            run.cancel()
+        # A sync task is left alone: cancelling would only stop waiting for its thread (and
+        # give its worker slot back) while the thread runs on.
+        run.add_done_callback(_late_outcome)
+        raise RunTimedOut(timeout, run)
+
+
+class RunTimedOut(Exception):
+    """A task run passed its timeout; ``run`` is still ending (a cancelled async task, or a
+    sync task's thread, which runs on until its function returns)."""
+
+    def __init__(self, timeout: float, run: asyncio.Future[Any]) -> None:
+        super().__init__(f"task exceeded its {timeout:g}s timeout")
+        self.timeout = timeout
+        self.run = run
+
+
+def _late_outcome(run: asyncio.Future[Any]) -> None:
+    """Nobody waits for a timed-out run's outcome: fetch it so asyncio does not log it as
+    never retrieved."""
+    if not run.cancelled():
+        run.exception()
 
 
 REGISTRY: dict[str, TaskDef] = {}

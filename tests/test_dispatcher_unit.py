@@ -20,7 +20,9 @@ from mesh.contracts import term_identity
 from mesh.dispatch import protocol as p
 from mesh.dispatch.dispatcher import WATCH_INTERVAL, Fenced, HandlerDispatcher
 from mesh.dispatch.registry import CIRCUIT_COOLDOWN, CIRCUIT_FAILURES, HandlerRegistry
+from mesh.scheduling.controls import Controls, with_controls
 from mesh.scheduling.executor import TaskUnavailable
+from mesh.scheduling.outcomes import JobTimedOut
 from mesh.scheduling.session import LeaderSession
 from mesh.scheduling.state import RemoteJobError, dump_job, idempotency_key
 from mesh.tasks import JobContext
@@ -434,3 +436,68 @@ async def test_dispatches_to_one_handler_in_one_loop_iteration_travel_as_one_mes
     assert sorted(results) == [(f"v{i}", "a") for i in range(5)]
     assert a.batches and sum(a.batches) + len(leader.bus.sent_of(p.DISPATCH)) == 5
     assert max(a.batches) > 1
+
+
+# --------------------------------------------------------------------------- timeouts
+
+
+def timed_out(handler: FakeHandler, dispatch_id: str) -> None:
+    """``handler`` answers the dispatch as a real handler does when its timeout expired."""
+    d = handler.held.pop(dispatch_id)
+    payload = {
+        "dispatch_id": dispatch_id,
+        "handler_id": handler.handler_id,
+        "job_id": d["job_id"],
+        "idempotency_key": d["idempotency_key"],
+        "outcome": "error",
+        "error": {"type": "TimeoutError", "message": "exceeded 1s", "timed_out": True},
+    }
+    handler.bus.deliver(p.JOB_RESULT, payload, identity=handler.identity)
+
+
+async def test_a_timeout_the_handler_reports_is_the_jobs_outcome_and_not_retried_elsewhere() -> (
+    None
+):
+    leader = Leader()
+    leader.lead()
+    a, b = leader.handler("a"), leader.handler("b")
+    a.script(HOLD)
+    b.script(HOLD)
+    running = asyncio.create_task(leader.dispatch(await leader.job()))
+    await leader.bus.wait_sent(p.DISPATCH_START)
+    (ran,) = [h for h in (a, b) if h.held]
+    timed_out(ran, next(iter(ran.held)))
+    with pytest.raises(JobTimedOut, match="exceeded 1s"):
+        await running
+    assert len(a.dispatches) + len(b.dispatches) == 1
+
+
+async def test_the_schedules_timeout_wins_over_the_configs() -> None:
+    leader = Leader(default_timeout=300, task_timeouts={"echo": 100})
+    leader.lead()
+    a = leader.handler("a")
+    own = with_controls({}, Controls(timeout=2.5))
+    await leader.dispatch(await leader.job(schedule_id="s", fire=FIRE, metadata=own))
+    await leader.dispatch(await leader.job(schedule_id="s", fire=FIRE + timedelta(seconds=1)))
+    assert [d["timeout"] for d in a.dispatches] == [2.5, 100]
+
+
+async def test_a_retry_is_dispatched_with_its_try_number_and_watched_by_its_run_key() -> None:
+    leader = Leader()
+    leader.lead()
+    a = leader.handler("a")
+    a.script(HOLD)
+    job = await leader.job(schedule_id="s", fire=FIRE)
+    ctx = JobContext(
+        job_id=str(job.id), task="echo", schedule_id="s", scheduled_fire_time=FIRE,
+        idempotency_key=idempotency_key(job), attempt=4, fencing_token=TERM, try_number=3,
+    )  # fmt: skip
+    assert leader.session is not None
+    running = asyncio.create_task(leader.dispatcher.dispatch(job, ctx, leader.session))
+    await leader.bus.wait_sent(p.DISPATCH_START)
+    [dispatch] = a.dispatches
+    assert (dispatch["try_number"], dispatch["attempt"]) == (3, 4)
+    [pending] = leader.dispatcher._pending.values()
+    assert pending.key == f"{idempotency_key(job)}#try=3"
+    a.finish_all()
+    assert await asyncio.wait_for(running, WAIT) == ("x", "a")

@@ -18,7 +18,9 @@ import mesh
 from mesh.dispatch import protocol as p
 from mesh.dispatch.dispatcher import HandlerDispatcher
 from mesh.dispatch.registry import HandlerRegistry
+from mesh.scheduling.controls import Controls, with_controls
 from mesh.scheduling.executor import MeshJobExecutor, TaskUnavailable, remote_task
+from mesh.scheduling.outcomes import JobTimedOut
 from mesh.scheduling.session import LeaderSession
 from mesh.scheduling.state import dump_job
 from mesh.tasks import REGISTRY, JobContext
@@ -145,3 +147,42 @@ async def test_the_job_context_carries_the_sessions_term_and_the_idempotency_key
         "nightly",
         1,
     )
+
+
+@pytest.fixture
+def stubborn() -> Iterator[asyncio.Event]:
+    """``TASK`` embedded, catching its cancellation until the yielded event is set."""
+    release = asyncio.Event()
+
+    async def task(value: str) -> str:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue
+        return value
+
+    mesh.task(name=TASK)(task)
+    try:
+        yield release
+    finally:
+        release.set()
+        REGISTRY.pop(TASK, None)
+
+
+async def test_an_embedded_run_past_its_schedules_timeout_ends_as_timeout_at_the_deadline(
+    replica: FakeReplica, session: LeaderSession, stubborn: asyncio.Event
+) -> None:
+    metadata = with_controls({}, Controls(timeout=0.1))
+    job = await acquired_job(replica, session, schedule_id="s", metadata=metadata)
+    with pytest.raises(JobTimedOut, match=r"0\.1s timeout"):
+        await run(MeshJobExecutor(session), job)  # bounded: the task never ends by itself
+    assert not stubborn.is_set()
+
+
+async def test_an_embedded_run_within_its_timeout_returns_its_value(
+    replica: FakeReplica, session: LeaderSession, contexts: list[JobContext]
+) -> None:
+    metadata = with_controls({}, Controls(timeout=30))
+    job = await acquired_job(replica, session, schedule_id="s", metadata=metadata)
+    assert await run(MeshJobExecutor(session), job) == "embedded:v"

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ from typing import Any
 import msgspec
 import pytest
 
-import tests.fixtures.handler_tasks  # noqa: F401  (registers the tasks)
 from mesh.dispatch.handler import BAD_REQUEST, HandlerProcess
 from mesh.dispatch.protocol import (
     AT_CAPACITY,
@@ -44,6 +44,7 @@ from mesh.dispatch.protocol import (
     decode,
 )
 from mesh.transport.zmq import Incoming, MeshTransport
+from tests.fixtures import handler_tasks  # registers the tasks
 from tests.netutil import free_mesh_address
 from tests.waiting import wait_until_async
 
@@ -853,3 +854,71 @@ async def test_a_malformed_batch_of_dispatches_is_counted_and_runs_nothing(
     assert path.read_text().splitlines() == [result["idempotency_key"]]
     assert handler.counters["bad_requests"] == 1
     assert node.acks == {}
+
+
+# ---------------------------------------------------------------------------- timeouts and tries
+
+
+@pytest.fixture
+def release() -> Iterator[threading.Event]:
+    """The gate the blocking fixture tasks wait on; set at the end whatever happens."""
+    handler_tasks.RELEASE.clear()
+    yield handler_tasks.RELEASE
+    handler_tasks.RELEASE.set()
+
+
+async def test_an_async_task_past_its_timeout_is_cancelled_and_reported_timed_out(
+    node_and_handler: tuple[FakeNode, HandlerProcess],
+) -> None:
+    node, handler = node_and_handler
+    result = await node.result(node.dispatch("h1", "slow", 30, timeout=0.2), timeout=3)
+    assert result["outcome"] == "error"
+    assert result["error"]["timed_out"] is True
+    await node.wait_for("the slot freed", lambda: handler.active_jobs == 0)
+
+
+@pytest.mark.parametrize("task", ["stubborn", "blocking_sync"])
+async def test_a_run_that_cannot_be_stopped_is_reported_at_its_timeout_and_keeps_its_slot(
+    node_and_handler: tuple[FakeNode, HandlerProcess], release: threading.Event, task: str
+) -> None:
+    node, handler = node_and_handler  # concurrency 2
+    result = await node.result(node.dispatch("h1", task, timeout=0.2), timeout=3)
+    # Answered at the timeout, while the run goes on.
+    assert result["error"]["timed_out"] is True
+    assert not release.is_set()
+    assert handler.active_jobs == 1
+    hello = await node.hello_from("h1")
+    await node.wait_for("a hello counting it", lambda: node.hellos[-1]["active_jobs"] == 1)
+    assert hello["handler_id"] == "h1"
+    # Its slot is still taken: with one slot left, a second such run fills the handler.
+    await node.result(node.dispatch("h1", task, timeout=0.2), timeout=3)
+    ack = await node.ack(node.dispatch("h1", "echo", "no room"))
+    assert (ack["accepted"], ack["reason"]) == (False, AT_CAPACITY)
+    release.set()
+    await node.wait_for("the slots freed", lambda: handler.active_jobs == 0)
+    assert (await node.ack(node.dispatch("h1", "echo", "room again")))["accepted"]
+
+
+async def test_a_retry_of_a_failed_try_runs_again_and_a_redelivery_does_not(
+    node_and_handler: tuple[FakeNode, HandlerProcess],
+) -> None:
+    node, _ = node_and_handler
+    key = "s@2026-01-01T00:00:00+00:00"
+    first = await node.result(node.dispatch("h1", "fail_first_tries", 1, idempotency_key=key))
+    assert (first["outcome"], first["cached"]) == ("error", False)
+    again = await node.result(node.dispatch("h1", "fail_first_tries", 1, idempotency_key=key))
+    assert (again["outcome"], again["cached"]) == ("error", True)  # the same try: deduplicated
+    retry = await node.result(
+        node.dispatch("h1", "fail_first_tries", 1, idempotency_key=key, try_number=2)
+    )
+    assert (retry["outcome"], retry["return_value"], retry["cached"]) == ("success", 2, False)
+
+
+@pytest.mark.parametrize("try_number", [0, -1, 101, "2", None])
+async def test_a_dispatch_with_a_bad_try_number_is_refused_as_a_bad_request(
+    node_and_handler: tuple[FakeNode, HandlerProcess], try_number: Any
+) -> None:
+    node, handler = node_and_handler
+    ack = await node.ack(node.dispatch("h1", "echo", "x", try_number=try_number))
+    assert (ack["accepted"], ack["reason"]) == (False, BAD_REQUEST)
+    assert handler.counters["bad_requests"] == 1

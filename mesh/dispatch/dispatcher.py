@@ -12,11 +12,12 @@ it does not list the job, the job did not start there (mesh.dispatch.protocol). 
 hellos carry no clock gets the two-phase start (dispatch, ack, start, result).
 
 Faults: a refused dispatch, a dispatch that did not start, a handler that stops heartbeating, or
-a job that exceeds its timeout is retried with the same idempotency key (the handler
-deduplicates): a dispatch that did not start goes back to the same handler (it answers from its
-idempotency window if only the result was lost), the others go to another handler. A task
-that raises is not retried: its error is the job's outcome. A job whose task no handler offers
-waits for one until its start deadline (the schedule's misfire grace time), or
+one silent past the job's timeout (and a slack) is retried with the same idempotency key (the
+handler deduplicates): a dispatch that did not start goes back to the same handler (it answers
+from its idempotency window if only the result was lost), the others go to another handler. A
+task that raises, or that its handler reports past its timeout (outcome ``timeout``), is not
+retried here: the schedule's retry policy decides (docs/scheduling.md). A job whose task no
+handler offers waits for one until its start deadline (the schedule's misfire grace time), or
 ``no_handler_wait`` for jobs without one, then ends with a clear error.
 
 Trust: on an authenticated mesh a handler is its key. Hellos, acknowledgements and results are
@@ -50,8 +51,9 @@ from mesh.contracts import Directory, Incoming, MessageBus, Replica, refusal
 from mesh.dispatch import protocol as p
 from mesh.dispatch.governors import Governors
 from mesh.dispatch.registry import HandlerInfo, HandlerRegistry
+from mesh.scheduling.controls import controls_of
 from mesh.scheduling.executor import TaskUnavailable
-from mesh.scheduling.outcomes import RunCancelled
+from mesh.scheduling.outcomes import JobTimedOut, RunCancelled
 from mesh.scheduling.state import RemoteJobError, SchedulerState, idempotency_key, to_wire
 from mesh.tasks import JobContext
 
@@ -351,10 +353,10 @@ class HandlerDispatcher:
     async def _run_on(self, handler: HandlerInfo, job: Job, ctx: JobContext) -> Any:
         loop = asyncio.get_running_loop()
         dispatch_id = uuid.uuid4().hex
-        timeout = self.settings.task_timeouts.get(job.task_id, self.settings.default_timeout)
+        timeout = self._timeout(job)
         pending = _Pending(
-            handler, loop.create_future(), loop.create_future(), ctx.idempotency_key,
-            handler.incarnation,
+            handler, loop.create_future(), loop.create_future(),
+            p.run_key(ctx.idempotency_key, ctx.try_number), handler.incarnation,
         )  # fmt: skip
         if timeout is not None:
             slack = self.settings.ack_timeout + p.START_WINDOW
@@ -372,6 +374,7 @@ class HandlerDispatcher:
             "idempotency_key": ctx.idempotency_key,
             "fencing_token": ctx.fencing_token,
             "attempt": ctx.attempt,
+            "try_number": ctx.try_number,
             "schedule_id": job.schedule_id,
             "scheduled_fire_time": ctx.scheduled_fire_time.isoformat()
             if ctx.scheduled_fire_time
@@ -399,8 +402,14 @@ class HandlerDispatcher:
             raise RunCancelled(f"handler {handler.handler_id} stopped job {job.id} (cancel_other)")
         err = result.get("error") or {}
         if err.get("timed_out"):
-            raise HandlerLost(f"handler {handler.handler_id}: {err.get('message')}")
+            raise JobTimedOut(f"handler {handler.handler_id}: {err.get('message')}")
         raise RemoteJobError(str(err.get("type", "Error")), str(err.get("message", "")))
+
+    def _timeout(self, job: Job) -> float | None:
+        """A run's time limit: the schedule's ``timeout``, else the config's for the task."""
+        own = controls_of(job).timeout
+        s = self.settings
+        return own if own is not None else s.task_timeouts.get(job.task_id, s.default_timeout)
 
     def _queue(self, identity: bytes, dispatch_id: str, payload: dict[str, Any]) -> None:
         """Queue a one-message dispatch; what is queued for each handler goes out as one

@@ -14,11 +14,17 @@ the node the dispatch came from (see :mod:`mesh.dispatch.protocol`; a dispatch w
 ``start_by`` gets the older two-phase start). Three handler-side rules make re-dispatches safe:
 
 * fencing: a dispatch whose ``fencing_token`` is below the highest one seen is refused;
-* idempotency: a finished ``idempotency_key`` is answered from a bounded LRU+TTL window
+* idempotency: a finished ``idempotency_key`` (with its ``try_number``: a retry is a new run,
+  see :func:`~mesh.dispatch.protocol.run_key`) is answered from a bounded LRU+TTL window
   (``cached: true``) and a running one is joined, so the task never runs twice for one key
   while this process lives;
 * capacity: at most ``concurrency`` tasks run at once; beyond that, dispatches are refused
   (``at_capacity``) so the leader picks another handler.
+
+A dispatch's ``timeout`` ends the run's answer, not always the run: an async task is cancelled,
+and the result (``timed_out``) is sent at the timeout even if the task ignores the cancellation;
+a sync task's thread cannot be stopped and runs on. Either way the run keeps its slot (capacity,
+``active_jobs``) until it has really ended.
 
 Trust: with keys (``keys``, or ``--keys DIR``) the handler's id is the name of its ``handler``
 key and every link is CURVE; it acts only on messages from ``node`` keys (a ``dispatch`` or
@@ -89,7 +95,14 @@ from mesh.dispatch.protocol import (
 from mesh.security.audit import Rejections
 from mesh.security.keys import KeyFileError, KeyRing
 from mesh.security.policy import check_unencrypted, host_of, is_loopback
-from mesh.tasks import REGISTRY, JobContext, TaskDef, TaskModuleError, load_task_modules
+from mesh.tasks import (
+    REGISTRY,
+    JobContext,
+    RunTimedOut,
+    TaskDef,
+    TaskModuleError,
+    load_task_modules,
+)
 from mesh.transport.zmq import Incoming, MeshTransport, split_address
 
 __all__ = [
@@ -191,10 +204,6 @@ class Dispatch(protocol.Dispatch, kw_only=True):
 def parse_dispatch(payload: Mapping[str, Any], address: str) -> Dispatch:
     """Validate a dispatch payload; raises :class:`msgspec.ValidationError` naming the problem."""
     return msgspec.convert({**payload, "address": address}, Dispatch)
-
-
-class _TaskTimeout(Exception):
-    """The dispatch's ``timeout`` expired (as opposed to the task raising TimeoutError)."""
 
 
 @attrs.define
@@ -299,14 +308,17 @@ class HandlerProcess:
         self.failed = 0
         self.avg_ms = 0.0
         self.started_at: str | None = None
-        self._running: dict[str, _Running] = {}  # idempotency key -> execution
+        self._running: dict[str, _Running] = {}  # run key -> execution
+        # Runs past their timeout, already answered, still ending (a sync task's thread, an
+        # async task ignoring its cancellation) -> task name: each keeps its slot until done.
+        self._overrun: dict[asyncio.Future[Any], str] = {}
         # Finished keys whose result is not queued yet: hellos still list them as running, so a
         # leader never takes "not listed, no result" for "never started" (protocol docstring).
         self._sending: collections.Counter[str] = collections.Counter()
         # Results for one-message dispatches queued this loop iteration, per node address; each
         # future learns whether its batch was queued on the socket.
         self._results_out: dict[str, list[tuple[dict[str, Any], asyncio.Future[bool]]]] = {}
-        self._job_tasks: set[asyncio.Task[None]] = set()
+        self._job_tasks: set[asyncio.Future[Any]] = set()
         self._heartbeats: dict[str, asyncio.Task[None]] = {}
         self._leader: tuple[int, str] | None = None
         self._accepting = False
@@ -317,7 +329,7 @@ class HandlerProcess:
 
     @property
     def active_jobs(self) -> int:
-        return len(self._running)
+        return len(self._running) + len(self._overrun)
 
     @property
     def draining(self) -> bool:
@@ -628,14 +640,14 @@ class HandlerProcess:
             return
 
         two_phase = d.start_by is None  # one message per dispatch: no ack when accepted
-        finished = self.idempotency.get(d.idempotency_key)
+        finished = self.idempotency.get(d.run_key)
         if finished is not None:
             self.counters["cached_answers"] += 1
             if two_phase:
                 self._ack(address, d.dispatch_id, True, None)
             self._spawn(self._send_result(d, finished, cached=True))
             return
-        running = self._running.get(d.idempotency_key)
+        running = self._running.get(d.run_key)
         if running is not None and not running.started:
             # Not started yet: the newer dispatch takes the slot over; the older one's start
             # (from a leader that may have given up on it) will find nothing to start.
@@ -653,19 +665,19 @@ class HandlerProcess:
         if not self._accepting:
             self._refuse(d, SHUTTING_DOWN)
             return
-        if len(self._running) >= self.concurrency or self._task_is_full(task):
+        if self.active_jobs >= self.concurrency or self._task_is_full(task):
             self._refuse(d, AT_CAPACITY)
             return
 
         if not two_phase:
-            running = self._running[d.idempotency_key] = _Running(d, started=True)
+            running = self._running[d.run_key] = _Running(d, started=True)
             running.task = self._spawn(self._run(task, d))
             return
         pending = _Running(d)
         pending.expiry = asyncio.get_running_loop().call_later(
-            START_WINDOW, self._expire_pending, d.idempotency_key, d.dispatch_id
+            START_WINDOW, self._expire_pending, d.run_key, d.dispatch_id
         )
-        self._running[d.idempotency_key] = pending
+        self._running[d.run_key] = pending
         self._ack(address, d.dispatch_id, True, None, needs_start=True)
 
     def _on_start(self, payload: dict[str, Any], address: str) -> None:
@@ -705,7 +717,7 @@ class HandlerProcess:
     def _drop_pending(self, pending: _Running) -> None:
         if pending.expiry is not None:
             pending.expiry.cancel()
-        key = pending.dispatch.idempotency_key
+        key = pending.dispatch.run_key
         if self._running.get(key) is pending:
             del self._running[key]
 
@@ -734,6 +746,7 @@ class HandlerProcess:
         if task.max_running_jobs is None:
             return False
         running = sum(1 for r in self._running.values() if r.dispatch.task == task.name)
+        running += sum(1 for name in self._overrun.values() if name == task.name)
         return running >= task.max_running_jobs
 
     def _refuse(self, d: Dispatch, reason: str) -> None:
@@ -776,7 +789,16 @@ class HandlerProcess:
             self.counters["bad_requests"] += 1
             log.warning("handler %s: bad cancel from %s: %s", self.handler_id, address, e)
             return
-        running = self._running.get(msg.idempotency_key)
+        # Runs are keyed by key and try (``run_key``): the job id names the try to stop.
+        running = next(
+            (
+                r
+                for r in self._running.values()
+                if r.dispatch.job_id == msg.job_id
+                and r.dispatch.idempotency_key == msg.idempotency_key
+            ),
+            None,
+        )
         if msg.fencing_token < self.max_fencing_token:
             reason = STALE_FENCING_TOKEN
         elif running is None or running.dispatch.job_id != msg.job_id or running.task is None:
@@ -804,6 +826,7 @@ class HandlerProcess:
             idempotency_key=d.idempotency_key,
             attempt=d.attempt,
             fencing_token=d.fencing_token,
+            try_number=d.try_number,
         )
         started = self._clock()
         error: dict[str, str] | None = None
@@ -811,11 +834,12 @@ class HandlerProcess:
         outcome = "success"
         try:
             try:
-                value = await self._call(task, ctx, d)
-            except _TaskTimeout:
+                value = await task.run_within(ctx, d.args, d.kwargs, d.timeout)
+            except RunTimedOut as e:
+                self._hold_slot(e.run, d.task)
                 error = {
                     "type": "TimeoutError",
-                    "message": f"task exceeded its {d.timeout:g}s timeout",
+                    "message": str(e),
                     "timed_out": True,  # the dispatch timeout, not the task's own error
                 }
             except Exception as e:
@@ -830,10 +854,10 @@ class HandlerProcess:
                     }
                     value = None
         except asyncio.CancelledError:
-            running = self._running.get(d.idempotency_key)
+            running = self._running.get(d.run_key)
             if running is None or not running.cancelled or running.dispatch is not d:
                 # Stopped mid-job: no result and no cache entry, so the leader's retry runs it.
-                self._running.pop(d.idempotency_key, None)
+                self._running.pop(d.run_key, None)
                 raise
             # The leader's cancel_job: the run ended, and its result says so.
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
@@ -867,31 +891,26 @@ class HandlerProcess:
             duration_ms if done == 1 else self.avg_ms + AVG_ALPHA * (duration_ms - self.avg_ms)
         )
         # Cache before leaving the running map: a re-dispatch never sees neither.
-        self.idempotency.put(d.idempotency_key, result)
-        running = self._running.pop(d.idempotency_key)
-        self._sending[d.idempotency_key] += 1
+        self.idempotency.put(d.run_key, result)
+        running = self._running.pop(d.run_key)
+        self._sending[d.run_key] += 1
         try:
             await asyncio.gather(
                 self._send_result(d, result, cached=False),
                 *(self._send_result(j, result, cached=True) for j in running.joiners),
             )
         finally:
-            self._sending[d.idempotency_key] -= 1
-            if self._sending[d.idempotency_key] <= 0:
-                del self._sending[d.idempotency_key]
+            self._sending[d.run_key] -= 1
+            if self._sending[d.run_key] <= 0:
+                del self._sending[d.run_key]
 
-    @staticmethod
-    async def _call(task: TaskDef, ctx: JobContext, d: Dispatch) -> Any:
-        if d.timeout is None:
-            return await task.run(ctx, d.args, d.kwargs)
-        run = asyncio.ensure_future(task.run(ctx, d.args, d.kwargs))
-        try:
-            return await asyncio.wait_for(run, d.timeout)
-        except TimeoutError:
-            # The task's own TimeoutError finished the future; ours cancelled it.
-            if run.cancelled():
-                raise _TaskTimeout from None
-            raise
+    def _hold_slot(self, run: asyncio.Future[Any], task: str) -> None:
+        """Keep a timed-out run's slot busy until it has really ended; ``stop`` waits for it
+        (and a second signal cancels it) like any running job."""
+        self._overrun[run] = task
+        self._job_tasks.add(run)
+        run.add_done_callback(self._job_tasks.discard)
+        run.add_done_callback(lambda f: self._overrun.pop(f, None))
 
     async def _send_result(self, d: Dispatch, result: FinishedResult, *, cached: bool) -> None:
         payload = {

@@ -12,8 +12,11 @@ knows. Messages (ZMQ kind → payload):
     counting suspend); ``running`` the idempotency keys it is running, or whose result it has
     not yet queued. Both serve the one-message dispatch below.
 ``dispatch``       leader → handler (ROUTER → DEALER, one-way): ``{"dispatch_id", "job_id",
-    "task", "args", "kwargs", "idempotency_key", "fencing_token", "attempt", "schedule_id",
-    "scheduled_fire_time", "timeout", "start_by"}``.
+    "task", "args", "kwargs", "idempotency_key", "fencing_token", "attempt", "try_number",
+    "schedule_id", "scheduled_fire_time", "timeout", "start_by"}``. ``try_number`` (default 1)
+    is the run of the fire under the schedule's retry policy: a handler deduplicates by
+    :func:`run_key` (the key and the try), so a retry runs again where a redelivery of the
+    same try is answered from the idempotency window. Hellos' ``running`` lists run keys.
 ``dispatch_ack``   handler → the node the dispatch came from: ``{"dispatch_id", "handler_id",
     "accepted": bool, "reason", "needs_start": bool}``. A handler refuses a dispatch whose
     fencing token is lower than the highest it has seen (``reason: "stale_fencing_token"``), or
@@ -103,6 +106,7 @@ STALE_FENCING_TOKEN = "stale_fencing_token"
 AT_CAPACITY = "at_capacity"
 UNKNOWN_TASK = "unknown_task"
 EXPIRED = "expired"  # the dispatch arrived after its start_by: it runs nothing
+MAX_TRY = 100  # a retry policy's max_attempts is at most this (mesh.scheduling.controls)
 MAX_RUNNING_LISTED = 100_000  # bound on a hello's running keys (concurrency bounds it in practice)
 
 Id = Annotated[str, msgspec.Meta(min_length=1)]
@@ -161,12 +165,17 @@ class Dispatch(msgspec.Struct, kw_only=True):
     idempotency_key: Id
     fencing_token: Term
     attempt: Annotated[int, msgspec.Meta(ge=1)]
+    try_number: Annotated[int, msgspec.Meta(ge=1, le=MAX_TRY)] = 1
     args: list[Any] | None = None  # None (or absent) means no arguments
     kwargs: dict[str, Any] | None = None
     schedule_id: str | None = None
     scheduled_fire_time: datetime | None = None  # RFC 3339; a naive one is taken as UTC
     timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
     start_by: Clock | None = None  # run only if it arrives before this (handler's clock)
+
+    @property
+    def run_key(self) -> str:
+        return run_key(self.idempotency_key, self.try_number)
 
     def __post_init__(self) -> None:
         if self.args is None:
@@ -176,6 +185,13 @@ class Dispatch(msgspec.Struct, kw_only=True):
         fire = self.scheduled_fire_time
         if fire is not None and fire.tzinfo is None:  # the task interface promises aware
             self.scheduled_fire_time = fire.replace(tzinfo=UTC)
+
+
+def run_key(idempotency_key: str, try_number: int) -> str:
+    """What a handler deduplicates executions by: the idempotency key for a fire's first try,
+    with ``#try=N`` after it for its retries (a retry must run, not get the failed try's
+    answer back from the window)."""
+    return idempotency_key if try_number == 1 else f"{idempotency_key}#try={try_number}"
 
 
 class DispatchAck(msgspec.Struct, frozen=True, kw_only=True):

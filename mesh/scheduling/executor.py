@@ -3,7 +3,8 @@
 APScheduler needs a local callable for every task or its job loop fails. Every mesh task is
 therefore registered with the same importable stand-in (``remote_task``), and this executor
 decides what really runs: an embedded ``@mesh.task`` function on this node, or (when a dispatcher
-is attached) a remote handler process.
+is attached) a remote handler process. An embedded run past its schedule's ``timeout`` ends as
+``timeout`` (docs/scheduling.md, "timeout").
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from uuid import UUID
 from apscheduler import Job
 from apscheduler.abc import JobExecutor
 
-from mesh.scheduling.outcomes import RunCancelled
+from mesh.scheduling.controls import controls_of
+from mesh.scheduling.outcomes import JobTimedOut, RunCancelled
 from mesh.scheduling.state import idempotency_key
-from mesh.tasks import REGISTRY, JobContext, TaskDef
+from mesh.tasks import REGISTRY, JobContext, RunTimedOut, TaskDef
 
 if TYPE_CHECKING:
     from mesh.scheduling.session import LeaderSession
@@ -80,6 +82,7 @@ class MeshJobExecutor(JobExecutor):
             idempotency_key=idempotency_key(job),
             attempt=js.attempts if js is not None else 1,
             fencing_token=self.session.fencing_token,
+            try_number=js.tries if js is not None else 1,
         )
 
     async def run_job(self, func: Callable[..., Any], job: Job) -> Any:
@@ -94,7 +97,12 @@ class MeshJobExecutor(JobExecutor):
         offered = self.dispatcher is not None and self.dispatcher.offers(job.task_id)
         if task is not None and not offered:
             self.session.ran_on(job.id, f"embedded:{self.session.node_id}")
-            return await self._run_embedded(task, ctx, job)
+            try:
+                return await self._run_embedded(task, ctx, job)
+            except RunTimedOut as e:
+                # A sync task's thread runs on, holding its worker thread (anyio's limiter)
+                # until it returns; the run's outcome is decided now.
+                raise JobTimedOut(str(e)) from None
         if self.dispatcher is not None:
             value, handler_id = await self.dispatcher.dispatch(job, ctx, self.session)
             self.session.ran_on(job.id, handler_id)
@@ -107,9 +115,10 @@ class MeshJobExecutor(JobExecutor):
     async def _run_embedded(self, task: TaskDef, ctx: JobContext, job: Job) -> Any:
         """Run an embedded task on this leader; an async one can be stopped (``stop``). A sync
         one runs in a thread, which nothing can stop: it runs to its end."""
+        timeout = controls_of(job).timeout
         if not task.is_async:
-            return await task.run(ctx, job.args, job.kwargs)
-        run = asyncio.ensure_future(task.run(ctx, job.args, job.kwargs))
+            return await task.run_within(ctx, job.args, job.kwargs, timeout)
+        run = asyncio.ensure_future(task.run_within(ctx, job.args, job.kwargs, timeout))
         self._stoppable[job.id] = run
         try:
             await asyncio.wait({run})

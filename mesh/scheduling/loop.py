@@ -40,6 +40,7 @@ from apscheduler import (
     Job,
     JobAdded,
     JobOutcome,
+    JobReleased,
     JobResult,
     RunState,
     ScheduleAdded,
@@ -81,16 +82,28 @@ class MeshScheduler(AsyncScheduler):
             ):
                 wakeup.set()
 
-        with self.event_broker.subscribe(
-            schedule_added_or_modified, {ScheduleAdded, ScheduleUpdated}
+        async def job_failed(event: Any) -> None:
+            # A failed run may have queued a retry (its backoff ends at a time the loop must
+            # wake for); successes, the bulk of releases, never do.
+            if cast("JobReleased", event).outcome is not JobOutcome.success:
+                wakeup.set()
+
+        with (
+            self.event_broker.subscribe(
+                schedule_added_or_modified, {ScheduleAdded, ScheduleUpdated}
+            ),
+            self.event_broker.subscribe(job_failed, {JobReleased}),
         ):
             task_status.started()
             await self.get_next_event(SchedulerStarted)
             async with create_task_group() as timers:
                 while self._state is RunState.started:
-                    # Held jobs (overlap buffers) wait on purpose: not a backlog.
-                    queued = len(store.state.jobs) - store.state.held_jobs
-                    if queued - self._timed >= MAX_BACKLOG:
+                    # Held jobs (overlap buffers) and retries in their backoff wait on
+                    # purpose: not a backlog.
+                    waiting = (
+                        self._timed + store.state.held_jobs + store.state.backing_off(store.clock())
+                    )
+                    if len(store.state.jobs) - waiting >= MAX_BACKLOG:
                         # The job side is behind: fire later, and let the schedules' coalesce
                         # policy merge what is missed meanwhile, as APScheduler's loop would when
                         # it cannot keep up (a queue growing without bound helps nobody).

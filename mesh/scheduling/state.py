@@ -26,9 +26,10 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid5
 
 import attrs
+import msgspec
 from apscheduler import Job, JobOutcome, JobResult, Schedule, Task
 from sortedcontainers import SortedList
 
@@ -36,7 +37,7 @@ from mesh.consensus.messages import COMMAND, Entry
 from mesh.scheduling import outcomes, overlap
 from mesh.scheduling.alerts import Outbox
 from mesh.scheduling.codec import NotPlainJSON, from_wire, plain, to_wire
-from mesh.scheduling.controls import controls_of
+from mesh.scheduling.controls import MAX_NOTE, Controls, controls_of, with_controls
 from mesh.scheduling.firemetrics import DEFAULT_MAX_SCHEDULES, FireMetrics
 
 log = logging.getLogger("mesh.scheduling.state")
@@ -257,6 +258,9 @@ class SchedulerState:
         # the leader (every new one too) sends their cancels (mesh.scheduling.cancel).
         self.cancelling: dict[UUID, None] = {}
         self.outbox = Outbox()  # notify alerts not yet confirmed sent (mesh.scheduling.alerts)
+        # Jobs with a retry backoff (``not_before``) not finished yet: what ``backing_off``
+        # counts, without looking at every job.
+        self._backoff: dict[UUID, None] = {}
 
     # ------------------------------------------------------------------ StateMachine
 
@@ -347,6 +351,8 @@ class SchedulerState:
             _load_extras(js, j.get("x") or {})
             self._open_add(js)
             self._index_controls(js)
+            if js.not_before is not None:
+                self._backoff[job.id] = None
         for r in d["results"]:
             res = load_result(r)
             self.results[res.job_id] = res
@@ -400,7 +406,8 @@ class SchedulerState:
         upcoming: datetime | None = None
         for js in self.jobs.values():
             job = js.job
-            at = job.scheduled_fire_time
+            # A retry is due when its backoff ends, not at its (past) fire time.
+            at = js.not_before if js.not_before is not None else job.scheduled_fire_time
             if job.acquired_by is not None or at is None or js.held:
                 continue
             if at <= now:
@@ -408,6 +415,11 @@ class SchedulerState:
             elif upcoming is None or at < upcoming:
                 upcoming = at
         return due, upcoming
+
+    def backing_off(self, now: datetime) -> int:
+        """Retries still waiting for their backoff to end: queued, yet no work for anyone."""
+        waiting = (self.jobs[jid].not_before for jid in self._backoff)
+        return sum(1 for at in waiting if at is not None and at > now)
 
     def pending_jobs(self) -> int:
         """Jobs queued and not leased to a runner yet."""
@@ -669,6 +681,8 @@ class SchedulerState:
         self.jobs[js.job.id] = js
         self._open_add(js)
         self._index_controls(js)
+        if js.not_before is not None:
+            self._backoff[js.job.id] = None
         return True
 
     def _overlap_admits(self, js: JobState, e: Entry) -> bool:
@@ -782,6 +796,7 @@ class SchedulerState:
             return False  # someone else holds it now: a stale release
         del self.jobs[jid]
         self._open_discard(js)
+        self._backoff.pop(jid, None)
         if js.job.acquired_by is not None:
             self._running[js.job.task_id] = max(0, self._running.get(js.job.task_id, 0) - 1)
         result = load_result(c["result"])
@@ -794,6 +809,9 @@ class SchedulerState:
             while len(self.results) > self.max_results:
                 del self.results[next(iter(self.results))]
         job = js.job
+        error = dump_result(result)["exception"]
+        # Decided before the record is written, so the record says whether a retry follows.
+        retry_at = self._after_failure(js, outcome, result.finished_at, error, e)
         self._record(
             {
                 "job_id": str(jid),
@@ -808,7 +826,8 @@ class SchedulerState:
                 "attempt": js.attempts,
                 "try": js.tries,
                 "term": js.term,
-                "error": dump_result(result)["exception"],
+                "error": error,
+                "retry_at": _iso(retry_at),
                 # A run its schedule's cancel_other policy stopped says why.
                 **({"reason": overlap.REASON} if js.cancel else {}),
             },
@@ -816,6 +835,46 @@ class SchedulerState:
         )
         self._overlap_finished(js, result.finished_at)
         return True
+
+    def _after_failure(
+        self,
+        js: JobState,
+        outcome: str,
+        finished_at: datetime,
+        error: dict[str, str] | None,
+        e: Entry,
+    ) -> datetime | None:
+        """What the schedule's retry policy makes of a finished run: another try queued (its
+        ``not_before`` returned), the schedule paused (``on_exhausted: pause``), or nothing.
+        Only scheduled fires of a schedule that still exists are retried; run-now jobs are not."""
+        job = js.job
+        if outcome not in outcomes.FAILED or job.schedule_id not in self.schedules:
+            return None
+        retry = controls_of(job).retry
+        if retry is None or job.scheduled_fire_time is None:
+            return None
+        if js.tries < retry.max_attempts:
+            not_before = finished_at + timedelta(seconds=retry.delay(js.tries))
+            self._admit(retry_job(js, not_before), e)
+            return not_before
+        if retry.on_exhausted == "pause":
+            self._pause_exhausted(job, js.tries, outcome, error)
+        return None
+
+    def _pause_exhausted(
+        self, job: Job, tries: int, outcome: str, error: dict[str, str] | None
+    ) -> None:
+        """Pause the job's schedule, its note saying which fire exhausted its tries and why."""
+        s = self.schedules[str(job.schedule_id)]
+        why = f"{error['type']}: {error['message']}" if error else outcome
+        note = (
+            f"paused: the fire at {job.original_scheduled_time.isoformat()} failed "
+            f"{tries} of {tries} tries ({outcome}); last error: {why}"
+        )[:MAX_NOTE]
+        controls: Controls = msgspec.structs.replace(controls_of(s), note=note)
+        self._put_schedule(
+            attrs.evolve(s, paused=True, metadata=with_controls(s.metadata, controls))
+        )
 
     def _record(self, ex: dict[str, Any], _e: Entry) -> None:
         """Append an execution record: the one place a finished (or skipped) fire is written
@@ -856,6 +915,33 @@ class SchedulerState:
         for jid in expired:
             del self.results[jid]
         return len(expired)
+
+
+def retry_job_id(job_id: UUID, tries: int) -> UUID:
+    """The id of try ``tries`` of the fire whose previous try was ``job_id``: derived from
+    replicated data, so every node creates the same retry."""
+    return uuid5(job_id, f"try-{tries}")
+
+
+def retry_job(js: JobState, not_before: datetime) -> JobState:
+    """The next try of ``js``'s fire: the same schedule, fire time and jitter (so the same
+    idempotency key), not started before ``not_before``, its start deadline moved as far as
+    the backoff (the schedule's misfire grace time still applies from there). ``attempts``
+    carries on, so a fire's ``attempt`` numbers keep rising across its tries."""
+    job = js.job
+    deadline = job.start_deadline
+    if deadline is not None and job.scheduled_fire_time is not None:
+        deadline = not_before + (deadline - job.scheduled_fire_time)
+    tries = js.tries + 1
+    new = attrs.evolve(
+        job,
+        id=retry_job_id(job.id, tries),
+        start_deadline=deadline,
+        created_at=not_before,
+        acquired_by=None,
+        acquired_until=None,
+    )
+    return JobState(new, js.attempts, origin="retry", tries=tries, not_before=not_before)
 
 
 def record_time(ex: dict[str, Any]) -> datetime | None:

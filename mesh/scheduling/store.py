@@ -535,6 +535,8 @@ class ReplicatedDataStore(BaseDataStore):
             job = js.job
             if job.acquired_by is not None or js.held:
                 continue  # leased, or held by its overlap policy (not missed while held)
+            if js.not_before is not None and js.not_before > now:
+                continue  # a retry in its backoff: neither due nor missed yet
             if job.start_deadline is not None and job.start_deadline < now:
                 missed.append(job)
                 continue
