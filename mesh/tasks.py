@@ -28,6 +28,9 @@ class JobContext:
     idempotency_key: str
     attempt: int  # 1-based
     fencing_token: int  # the leader's term when it dispatched this attempt
+    # A broadcast fire's run: its place among the fire's runs (one per matching handler).
+    shard_index: int = 0
+    shard_count: int = 1
 
 
 _current: contextvars.ContextVar[JobContext] = contextvars.ContextVar("mesh_job_context")

@@ -198,6 +198,7 @@ class ExecutionList(msgspec.Struct):
 class Handler(msgspec.Struct):
     handler_id: str
     tasks: list[str]
+    tags: Annotated[dict[str, str], Meta(description="its `--tag KEY=VALUE`s")]
     state: str
     active_jobs: int
     succeeded: int

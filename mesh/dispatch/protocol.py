@@ -6,14 +6,17 @@ knows. Messages (ZMQ kind → payload):
 ``handler_hello``  handler → every node, a request every ``HEARTBEAT_INTERVAL``; the node answers
     ``{"node_id", "leader_id", "term", "leader_mesh", "nodes"}``. Payload: ``{"handler_id",
     "tasks", "concurrency", "pid", "host", "active_jobs", "succeeded", "failed", "avg_ms",
-    "max_fencing_token", "started_at", "draining", "clock", "running"}``. Every node keeps the
-    registry from these, so ``GET /api/handlers`` answers on every node. ``clock`` is the
+    "max_fencing_token", "started_at", "draining", "clock", "running", "tags"}``. Every node
+    keeps the registry from these, so ``GET /api/handlers`` answers on every node. ``clock`` is the
     handler's deadline clock when it sent the hello (seconds, ``CLOCK_BOOTTIME``: monotonic and
     counting suspend); ``running`` the idempotency keys it is running, or whose result it has
-    not yet queued. Both serve the one-message dispatch below.
+    not yet queued. Both serve the one-message dispatch below. ``tags`` (``--tag K=V``): at
+    most 32, keys and values of 1 to 128 characters from ``A-Z a-z 0-9 _ . : / -``, as a
+    schedule's ``target.tags`` (a hello breaking that is refused whole); absent means none.
 ``dispatch``       leader → handler (ROUTER → DEALER, one-way): ``{"dispatch_id", "job_id",
     "task", "args", "kwargs", "idempotency_key", "fencing_token", "attempt", "schedule_id",
-    "scheduled_fire_time", "timeout", "start_by"}``.
+    "scheduled_fire_time", "timeout", "start_by", "shard_index", "shard_count"}``. The last two
+    are a broadcast run's place among its fire's runs (0-based index < count; else 0 and 1).
 ``dispatch_ack``   handler → the node the dispatch came from: ``{"dispatch_id", "handler_id",
     "accepted": bool, "reason", "needs_start": bool}``. A handler refuses a dispatch whose
     fencing token is lower than the highest it has seen (``reason: "stale_fencing_token"``), or
@@ -75,6 +78,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from mesh.scheduling.controls import Tags
+
 HELLO = "handler_hello"
 DISPATCH = "dispatch"
 DISPATCH_ACK = "dispatch_ack"
@@ -95,6 +100,7 @@ AT_CAPACITY = "at_capacity"
 UNKNOWN_TASK = "unknown_task"
 EXPIRED = "expired"  # the dispatch arrived after its start_by: it runs nothing
 MAX_RUNNING_LISTED = 100_000  # bound on a hello's running keys (concurrency bounds it in practice)
+MAX_SHARDS = 1024  # runs of one broadcast fire: at most this many handlers
 
 Id = Annotated[str, msgspec.Meta(min_length=1)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
@@ -135,6 +141,7 @@ class Hello(msgspec.Struct, frozen=True, kw_only=True):
     draining: bool = False
     clock: Clock | None = None  # the handler's deadline clock when it sent this hello
     running: Annotated[tuple[str, ...], msgspec.Meta(max_length=MAX_RUNNING_LISTED)] = ()
+    tags: Tags = {}  # ``--tag K=V``: what a schedule's ``target.tags`` selects on
 
 
 class HelloReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -158,8 +165,12 @@ class Dispatch(msgspec.Struct, kw_only=True):
     scheduled_fire_time: datetime | None = None  # RFC 3339; a naive one is taken as UTC
     timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
     start_by: Clock | None = None  # run only if it arrives before this (handler's clock)
+    shard_index: Count = 0  # a broadcast run's place among its fire's runs
+    shard_count: Annotated[int, msgspec.Meta(ge=1, le=MAX_SHARDS)] = 1
 
     def __post_init__(self) -> None:
+        if self.shard_index >= self.shard_count:
+            raise ValueError(f"shard_index {self.shard_index} >= shard_count {self.shard_count}")
         if self.args is None:
             self.args = []
         if self.kwargs is None:

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid5
 
 import attrs
 from apscheduler import Job, JobOutcome, JobResult, Schedule, Task
@@ -160,11 +160,20 @@ def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-def idempotency_key(job: Job) -> str:
-    """Stable across leaders: the schedule and its nominal (jitter-free) fire time."""
+def idempotency_key(job: Job, shard: tuple[int, int] | None = None) -> str:
+    """Stable across leaders: the schedule and its nominal (jitter-free) fire time; a broadcast
+    run's adds its shard (``sched@time#2/3``), so each handler's run is its own."""
     if job.schedule_id is not None and job.scheduled_fire_time is not None:
-        return f"{job.schedule_id}@{job.original_scheduled_time.isoformat()}"
-    return f"job:{job.id}"
+        key = f"{job.schedule_id}@{job.original_scheduled_time.isoformat()}"
+    else:
+        key = f"job:{job.id}"
+    return f"{key}#{shard[0]}/{shard[1]}" if shard is not None else key
+
+
+def shard_id(job_id: UUID, index: int, count: int) -> UUID:
+    """The id of run ``index`` of ``count`` of a broadcast job: the same on every node and for
+    every leader that splits that job (uuid5, no randomness in the state machine)."""
+    return uuid5(job_id, f"shard {index}/{count}")
 
 
 # --------------------------------------------------------------------------- the state machine
@@ -411,7 +420,7 @@ class SchedulerState:
                 "schedule_id": js.job.schedule_id,
                 "status": "running" if js.job.acquired_by else "pending",
                 "attempt": js.attempts,
-                "idempotency_key": idempotency_key(js.job),
+                "idempotency_key": idempotency_key(js.job, js.shard),
             }
         for ex in reversed(self.executions):
             if ex["job_id"] == str(job_id):
@@ -701,7 +710,7 @@ class SchedulerState:
                 "schedule_id": job.schedule_id,
                 "task": job.task_id,
                 "scheduled_fire_time": _iso(job.scheduled_fire_time),
-                "idempotency_key": idempotency_key(job),
+                "idempotency_key": idempotency_key(job, js.shard),
                 "started_at": _iso(result.started_at),
                 "finished_at": _iso(result.finished_at),
                 "handler_id": c.get("handler_id"),
@@ -710,10 +719,51 @@ class SchedulerState:
                 "try": js.tries,
                 "term": js.term,
                 "error": dump_result(result)["exception"],
+                **({"shard": list(js.shard)} if js.shard is not None else {}),
             },
             e,
         )
         return True
+
+    def _op_broadcast(self, c: dict[str, Any], _e: Entry) -> list[str] | None:
+        """Split a broadcast fire's job, leased to ``scheduler_id``, into one job per handler
+        of ``handlers``: same fire time and controls, ``shard`` (index, count), ``handler``
+        recorded, unleased (the leader's job loop starts them; after a failover the next
+        leader's does, each to its recorded handler, where its own idempotency key
+        ``…#i/n`` keeps a run that did happen from happening again). Their ids, or None when
+        the job is not there to split (finished, already split, or no longer this leader's).
+
+        The runs are one admitted fire, so they do not pass ``_admit`` again: the overlap
+        policies must not judge a fire's runs against each other."""
+        jid = UUID(c["job_id"])
+        js = self.jobs.get(jid)
+        handlers = c["handlers"]
+        if (
+            js is None
+            or js.shard is not None
+            or js.job.acquired_by != c["scheduler_id"]
+            or not handlers
+        ):
+            return None
+        del self.jobs[jid]
+        self._open_discard(js)
+        self._running[js.job.task_id] = max(0, self._running.get(js.job.task_id, 0) - 1)
+        count = len(handlers)
+        out = []
+        for index, handler in enumerate(handlers):
+            job = attrs.evolve(
+                js.job,
+                id=shard_id(jid, index, count),
+                metadata=dict(js.job.metadata),
+                acquired_by=None,
+                acquired_until=None,
+            )
+            run = attrs.evolve(js, job=job, attempts=0, term=None, handler=handler,
+                               shard=(index, count))  # fmt: skip
+            self.jobs[job.id] = run
+            self._open_add(run)
+            out.append(str(job.id))
+        return out
 
     def _record(self, ex: dict[str, Any], _e: Entry) -> None:
         """Append an execution record: the one place a finished (or skipped) fire is written
