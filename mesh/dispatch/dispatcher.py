@@ -1,5 +1,8 @@
 """Dispatch from the leader to handler processes.
 
+Why this file is long: routing, the dispatch protocol's leader side (one message or two-phase),
+the watchdog and the checks on what handlers send are one retry loop's parts, read together.
+
 Routing: among the alive handlers that offer the task, whose circuit is closed and who have a
 free slot, pick the least loaded; ties go round-robin (a per-task cursor), so equal handlers get
 equal shares. A schedule whose metadata says ``{"affinity": "sticky"}`` prefers the handler that
@@ -297,12 +300,12 @@ class HandlerDispatcher:
             if handler is not None:
                 return handler
             if tags and not self.registry.offers(job.task_id, tags):
-                await self._settled()
-                if not self.registry.offers(job.task_id, tags):
+                if self.registry.settled():
                     raise NoHandler(
                         f"no live handler offering task {job.task_id!r} has the tags "
                         f"{_show(tags)} its schedule targets"
                     )
+                await self.registry.changed(0.1)  # a node just started: hear the handlers
                 continue
             remaining = deadline - loop.time()
             if remaining <= 0:

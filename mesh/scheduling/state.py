@@ -758,8 +758,9 @@ class SchedulerState:
                 acquired_by=None,
                 acquired_until=None,
             )
-            run = attrs.evolve(js, job=job, attempts=0, term=None, handler=handler,
-                               shard=(index, count))  # fmt: skip
+            run = attrs.evolve(
+                js, job=job, attempts=0, term=None, handler=handler, shard=(index, count)
+            )
             self.jobs[job.id] = run
             self._open_add(run)
             out.append(str(job.id))
