@@ -188,6 +188,9 @@ class Execution(msgspec.Struct):
     handler_id: str | None
     outcome: str
     term: int | None
+    shard: Annotated[
+        list[int] | None, Meta(description="`[index, count]` of a broadcast's run; else absent")
+    ] = None
 
 
 class ExecutionList(msgspec.Struct):
