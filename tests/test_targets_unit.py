@@ -451,3 +451,31 @@ def test_a_dispatch_with_a_shard_outside_its_count_is_malformed() -> None:
     ):
         with pytest.raises(Exception, match="shard"):
             parse_dispatch({**base, **bad}, "a")
+
+
+async def test_after_a_failover_only_the_runs_not_done_run_again_each_on_its_handler() -> None:
+    leader = Leader()
+    for hid in ("a", "b", "c"):
+        leader.handler(hid, {})
+    job = await leader.job(Target(broadcast=True))
+    await leader.run(job)
+    runs = {js.shard: js for js in leader.state.jobs.values()}
+    done = runs[(1, 3)].job  # run 1 finished under the old leader before it died
+    await leader.acquire(done.id)
+    await leader.run(done)
+    await leader.session.store.release_job(
+        leader.session.identity,
+        done,
+        JobResult.from_job(done, JobOutcome.success, finished_at=FIRE),
+    )
+    await leader.replica.propose({"op": "reset_leases", "term": TERM + 1})  # the next leader's
+    left = sorted(leader.state.jobs.values(), key=lambda js: js.shard or (0, 0))
+    assert [(js.shard, js.handler, js.job.acquired_by) for js in left] == [
+        ((0, 3), "a", None),
+        ((2, 3), "c", None),
+    ]
+    for js in left:  # started again by the job loop: each back to its own handler
+        await leader.acquire(js.job.id)
+        await leader.run(js.job)
+    sent = [(m.identity, m.payload["shard_index"]) for m in leader.bus.sent_of(p.DISPATCH)]
+    assert sorted(sent) == [(b"a", 0), (b"b", 1), (b"c", 2)]  # each run dispatched once
