@@ -29,7 +29,7 @@ from mesh.scheduling.state import SchedulerState, dump_job, dump_result, shard_i
 from tests.fakes import HOLD, FakeBus, FakeHandler, FakeReplica, ManualClock
 
 TERM = 2
-TASK = "echo"
+TASK = "unit_target_task"  # a name no other test module registers
 WAIT = 5.0  # bound on every run: a hang fails the test instead of stalling the run
 FIRE = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
 EU_GPU = {"region": "eu", "gpu": "yes"}
@@ -191,7 +191,10 @@ async def test_a_tag_target_is_not_met_by_an_embedded_task_on_the_leader() -> No
     import mesh
     from mesh.tasks import REGISTRY
 
-    mesh.task(name=TASK)(lambda value: f"embedded:{value}")
+    def embedded(value: str) -> str:
+        return f"embedded:{value}"
+
+    mesh.task(name=TASK)(embedded)
     try:
         leader = Leader()
         job = await leader.job(tags(region="eu"))
@@ -479,3 +482,16 @@ async def test_after_a_failover_only_the_runs_not_done_run_again_each_on_its_han
         await leader.run(js.job)
     sent = [(m.identity, m.payload["shard_index"]) for m in leader.bus.sent_of(p.DISPATCH)]
     assert sorted(sent) == [(b"a", 0), (b"b", 1), (b"c", 2)]  # each run dispatched once
+
+
+async def test_a_broadcast_run_whose_handler_and_every_other_are_gone_is_no_handler() -> None:
+    leader = Leader()
+    leader.handler("a", {})
+    job = await leader.job(Target(broadcast=True))
+    await leader.run(job)
+    [run] = leader.state.jobs.values()
+    leader.clock.advance(p.DEAD_AFTER + 1)  # "a" stopped saying hello
+    leader.dispatcher.settings = DispatchConfig(redispatch_wait=0.05, no_handler_wait=60)
+    await leader.acquire(run.job.id)
+    with pytest.raises(NoHandler):
+        await leader.run(run.job)

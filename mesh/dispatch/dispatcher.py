@@ -295,15 +295,17 @@ class HandlerDispatcher:
         deadline = self._wait_deadline(job)
         loop = asyncio.get_running_loop()
         tags = _tags(job)
+        target = controls_of(job).target
+        targeted = target is not None and (bool(target.tags) or target.broadcast)
         while True:
             handler = self._pick(job, excluded, tags)
             if handler is not None:
                 return handler
-            if tags and not self.registry.offers(job.task_id, tags):
+            if targeted and not self.registry.offers(job.task_id, tags):
                 if self.registry.settled():
                     raise NoHandler(
                         f"no live handler offering task {job.task_id!r} has the tags "
-                        f"{_show(tags)} its schedule targets"
+                        f"{_show(tags) or '(any)'} its schedule targets"
                     )
                 await self.registry.changed(0.1)  # a node just started: hear the handlers
                 continue
