@@ -140,3 +140,46 @@ def test_a_broadcast_runs_once_on_every_matching_handler_with_its_shard(
         ("h-eu", [0, 2], "success"),
         ("h-us", [1, 2], "success"),
     ]
+
+
+def test_a_broadcast_whose_leader_dies_mid_run_finishes_each_run_once(
+    mesh: Cluster, tmp_path: Path
+) -> None:
+    """Last in this module: it kills the leader (two nodes go on)."""
+    out = tmp_path / "runs"
+    out.mkdir()
+    at = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    body = {
+        "id": "fan-out-failover",
+        "task": "slow_where",
+        "trigger": {"type": "date", "run_time": at},
+        "kwargs": {"out_dir": str(out), "seconds": 2.0},
+        "target": {"tags": {"pool": "batch"}, "broadcast": True},
+    }
+    leader = mesh.wait_for_leader()
+    status, created = leader.request("POST", "/api/schedules", body)
+    assert status == 201, created
+    mesh.wait_for(
+        lambda: len([r for r in _runs(out) if r.get("event") == "start"]) >= 2,
+        15,
+        "both runs started",
+    )
+    term = leader.health()["term"]
+    leader.kill(signal.SIGKILL)
+    done = mesh.wait_for(
+        lambda: (ex := _executions(mesh, "fan-out-failover")) and len(ex) >= 2 and ex,
+        25,
+        "both runs recorded by the next leader",
+    )
+    runs = [r for r in _runs(out) if "shard_index" in r]
+    starts = [r["idempotency_key"] for r in _runs(out) if r.get("event") == "start"]
+    assert sorted(starts) == sorted(set(starts))  # no run started twice
+    assert sorted((r["handler_id"], r["shard_index"], r["shard_count"]) for r in runs) == [
+        ("h-eu", 0, 2),
+        ("h-us", 1, 2),
+    ]
+    assert sorted((ex["shard"], ex["outcome"]) for ex in done) == [
+        ([0, 2], "success"),
+        ([1, 2], "success"),
+    ]
+    assert all(ex["term"] > term for ex in done)  # finished under the next leader
