@@ -30,6 +30,7 @@ from mesh.config import (
     parse_mesh_address,
 )
 from mesh.membership.discovery import DiscoveryError
+from mesh.scheduling.controls import MAX_TAGS, parse_tag
 from mesh.security.keys import (
     ROLES,
     KeyFileError,
@@ -63,6 +64,13 @@ def _int_arg(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _tag_arg(text: str) -> tuple[str, str]:
+    try:
+        return parse_tag(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _mesh_arg(text: str) -> str:
@@ -190,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     handler.add_argument("--handler-id", metavar="ID", help="handler name (default generated)")
     handler.add_argument("--concurrency", type=_int_arg, default=4, metavar="N")
+    handler.add_argument(
+        "--tag",
+        dest="tags",
+        action="append",
+        default=[],
+        type=_tag_arg,
+        metavar="KEY=VALUE",
+        help="a tag schedules can target (target.tags); repeatable",
+    )
     handler.add_argument("--log-level", default="INFO", metavar="LEVEL")
     _security_flags(handler, "HANDLER_ID")
     handler.set_defaults(func=_cmd_handler)
@@ -381,6 +398,7 @@ def _cmd_handler(ns: argparse.Namespace) -> int:
         raise ConfigError(str(e).replace("--node-id", "--handler-id")) from None
     if ns.concurrency < 1:
         raise UsageError(f"--concurrency: must be at least 1, got {ns.concurrency}")
+    tags = _tags(ns.tags)
     if checked.security.keys is not None:
         if ns.handler_id is None:
             raise UsageError("--keys: needs --handler-id, the name of the handler's key")
@@ -400,9 +418,22 @@ def _cmd_handler(ns: argparse.Namespace) -> int:
             ns.concurrency,
             keys_dir=checked.security.keys,
             insecure=checked.security.insecure,
+            tags=tags,
         )
     except (KeyFileError, InsecureStart) as e:  # raised before the handler starts
         raise UsageError(str(e)) from None
+
+
+def _tags(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """``--tag`` pairs as a handler's tags: at most ``MAX_TAGS``, each key once."""
+    tags: dict[str, str] = {}
+    for key, value in pairs:
+        if tags.get(key, value) != value:
+            raise UsageError(f"--tag: {key} given twice ({tags[key]} and {value})")
+        tags[key] = value
+    if len(tags) > MAX_TAGS:
+        raise UsageError(f"--tag: at most {MAX_TAGS} tags, got {len(tags)}")
+    return tags
 
 
 def _key_ring(directory: Path, name: str, role: str) -> KeyRing:

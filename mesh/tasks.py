@@ -33,6 +33,9 @@ class JobContext:
     fencing_token: int  # the leader's term when it dispatched this attempt
     # 1-based run of this fire under the schedule's retry policy (the record's ``try``).
     try_number: int = 1
+    # A broadcast fire's run: its place among the fire's runs (one per matching handler).
+    shard_index: int = 0
+    shard_count: int = 1
 
 
 _current: contextvars.ContextVar[JobContext] = contextvars.ContextVar("mesh_job_context")

@@ -429,6 +429,7 @@ class HandlerProc(_Child):
         concurrency: int = 4,
         env: dict[str, str] | None = None,
         keys: Path | None = None,
+        tags: dict[str, str] | None = None,
     ) -> None:
         super().__init__(handler_id, root, child_env(env))
         self.handler_id = handler_id
@@ -436,18 +437,20 @@ class HandlerProc(_Child):
         self.tasks = list(tasks)
         self.concurrency = concurrency
         self.keys = keys  # --keys DIR (holding HANDLER_ID.key_secret), or None
+        self.tags = dict(tags or {})  # --tag KEY=VALUE each
 
     def __repr__(self) -> str:
         return f"<handler {self.handler_id} {'running' if self.running else 'stopped'}>"
 
     def command(self) -> list[str]:
-        return handler_command(
+        argv = handler_command(
             self.handler_id,
             mesh=self.mesh,
             tasks=self.tasks,
             concurrency=self.concurrency,
             keys=self.keys,
         )
+        return argv + [arg for k, v in self.tags.items() for arg in ("--tag", f"{k}={v}")]
 
     def restart(self) -> HandlerProc:
         """Start again with the same handler id (after ``kill`` or ``stop``)."""

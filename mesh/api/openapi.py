@@ -188,6 +188,9 @@ class Execution(msgspec.Struct):
     handler_id: str | None
     outcome: str
     term: int | None
+    shard: Annotated[
+        list[int] | None, Meta(description="`[index, count]` of a broadcast's run; else absent")
+    ] = None
 
 
 class ExecutionList(msgspec.Struct):
@@ -198,6 +201,7 @@ class ExecutionList(msgspec.Struct):
 class Handler(msgspec.Struct):
     handler_id: str
     tasks: list[str]
+    tags: Annotated[dict[str, str], Meta(description="its `--tag KEY=VALUE`s")]
     state: str
     active_jobs: int
     succeeded: int

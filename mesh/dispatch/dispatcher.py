@@ -1,9 +1,19 @@
 """Dispatch from the leader to handler processes.
 
+Why this file is long: routing, the dispatch protocol's leader side (one message or two-phase),
+the watchdog and the checks on what handlers send are one retry loop's parts, read together.
+
 Routing: among the alive handlers that offer the task, whose circuit is closed and who have a
 free slot, pick the least loaded; ties go round-robin (a per-task cursor), so equal handlers get
 equal shares. A schedule whose metadata says ``{"affinity": "sticky"}`` prefers the handler that
 ran its previous job while that handler is healthy.
+
+Targets: a job whose schedule's ``target.tags`` are set goes only to handlers having all those
+tags (``--tag``); when no live handler offering its task has them, the job ends at once with
+outcome ``no_handler`` (``NoHandler``), while matching handlers that are only busy are waited
+for as usual. A broadcast fire is split by the leader into one run per matching handler
+(``targets``, then the state machine's ``broadcast`` command); each run then comes here as a
+job assigned to its handler.
 
 Messages: one ``dispatch`` per job, answered by its ``job_result`` (or a refusal). Its
 ``start_by``, a time on the handler's clock (learnt from its hellos), fences it: a dispatch that
@@ -50,10 +60,10 @@ from mesh.config import DispatchConfig
 from mesh.contracts import Directory, Incoming, MessageBus, Replica, refusal
 from mesh.dispatch import protocol as p
 from mesh.dispatch.governors import Governors
-from mesh.dispatch.registry import HandlerInfo, HandlerRegistry
+from mesh.dispatch.registry import HandlerInfo, HandlerRegistry, has_tags
 from mesh.scheduling.controls import controls_of
 from mesh.scheduling.executor import TaskUnavailable
-from mesh.scheduling.outcomes import JobTimedOut, RunCancelled
+from mesh.scheduling.outcomes import JobTimedOut, NoHandler, RunCancelled
 from mesh.scheduling.state import RemoteJobError, SchedulerState, idempotency_key, to_wire
 from mesh.tasks import JobContext
 
@@ -233,9 +243,14 @@ class HandlerDispatcher:
 
     def suggest(self, job: Job) -> str | None:
         """The handler a job fired ahead of time will go to (round robin over the handlers that
-        offer its task and have room now), or None: chosen when it starts."""
+        offer its task, have its target's tags and have room now), or None: chosen when it
+        starts (always for a broadcast, split at its start)."""
+        target = controls_of(job).target
+        if target is not None and target.broadcast:
+            return None
+        routable = self.registry.routable(job.task_id, _tags(job))
         candidates = sorted(
-            (h for h in self.registry.routable(job.task_id) if h.in_flight < h.concurrency),
+            (h for h in routable if h.in_flight < h.concurrency),
             key=lambda h: h.handler_id,
         )
         if not candidates:
@@ -256,14 +271,33 @@ class HandlerDispatcher:
         }
         return bool(self.bus.send_to_identity(handler.identity, p.CANCEL_JOB, payload))
 
+    async def targets(self, job: Job) -> list[str]:
+        """The handlers a broadcast fire runs on, by id: every live one offering its task with
+        all its target's tags, at most ``MAX_SHARDS``; empty when there is none."""
+        await self._settled()
+        matching = self.registry.matching(job.task_id, _tags(job))
+        if len(matching) > p.MAX_SHARDS:
+            log.warning(
+                "job %s: %d handlers match its broadcast; it runs on the first %d by id",
+                job.id, len(matching), p.MAX_SHARDS,
+            )  # fmt: skip
+        return [h.handler_id for h in matching[: p.MAX_SHARDS]]
+
+    async def _settled(self) -> None:
+        """Until the registry has heard every live handler (registry module docstring)."""
+        while not self.registry.settled():
+            await self.registry.changed(0.1)
+
     async def _wait_for(self, handler_id: str, job: Job) -> HandlerInfo | None:
-        """The assigned handler once it is alive (and offers the task), or None after the wait."""
+        """The assigned handler once it is alive (and offers the task), or None after the wait;
+        None at once when it is alive without the job's target tags (restarted with others)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.redispatch_wait
+        tags = _tags(job)
         while True:
             h = self.registry.handlers.get(handler_id)
             if h is not None and job.task_id in h.tasks and self.registry.state(h) == "alive":
-                return h
+                return h if has_tags(h, tags) else None
             remaining = deadline - loop.time()
             if remaining <= 0:
                 log.warning(
@@ -278,10 +312,21 @@ class HandlerDispatcher:
     async def _choose(self, job: Job, excluded: set[str]) -> HandlerInfo:
         deadline = self._wait_deadline(job)
         loop = asyncio.get_running_loop()
+        tags = _tags(job)
+        target = controls_of(job).target
+        targeted = target is not None and (bool(target.tags) or target.broadcast)
         while True:
-            handler = self._pick(job, excluded)
+            handler = self._pick(job, excluded, tags)
             if handler is not None:
                 return handler
+            if targeted and not self.registry.offers(job.task_id, tags):
+                if self.registry.settled():
+                    raise NoHandler(
+                        f"no live handler offering task {job.task_id!r} has the tags "
+                        f"{_show(tags) or '(any)'} its schedule targets"
+                    )
+                await self.registry.changed(0.1)  # a node just started: hear the handlers
+                continue
             remaining = deadline - loop.time()
             if remaining <= 0:
                 wait = (
@@ -308,10 +353,12 @@ class HandlerDispatcher:
             return loop.time() + max(0.0, left)
         return loop.time() + self.settings.no_handler_wait
 
-    def _pick(self, job: Job, excluded: set[str]) -> HandlerInfo | None:
+    def _pick(
+        self, job: Job, excluded: set[str], tags: dict[str, str] | None = None
+    ) -> HandlerInfo | None:
         candidates = [
             h
-            for h in self.registry.routable(job.task_id)
+            for h in self.registry.routable(job.task_id, tags)
             if h.handler_id not in excluded and h.in_flight < h.concurrency
         ]
         if not candidates:
@@ -381,6 +428,8 @@ class HandlerDispatcher:
             else None,
             "timeout": timeout,
             "start_by": pending.start_by,
+            "shard_index": ctx.shard_index,
+            "shard_count": ctx.shard_count,
         }
         self._pending[dispatch_id] = pending
         try:
@@ -598,6 +647,16 @@ class HandlerDispatcher:
             msg, "not_assigned", f"{msg.kind} for a dispatch sent to handler {assigned!r}"
         )
         return False
+
+
+def _tags(job: Job) -> dict[str, str]:
+    """The tags the job's schedule targets (none: any handler)."""
+    target = controls_of(job).target
+    return target.tags if target is not None else {}
+
+
+def _show(tags: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(tags.items()))
 
 
 def _not_connected(handler: HandlerInfo) -> HandlerLost:

@@ -26,6 +26,8 @@ and the result (``timed_out``) is sent at the timeout even if the task ignores t
 a sync task's thread cannot be stopped and runs on. Either way the run keeps its slot (capacity,
 ``active_jobs``) until it has really ended.
 
+Its ``tags`` (``--tag K=V``) travel in every hello; a schedule's ``target.tags`` select on them.
+
 Trust: with keys (``keys``, or ``--keys DIR``) the handler's id is the name of its ``handler``
 key and every link is CURVE; it acts only on messages from ``node`` keys (a ``dispatch`` or
 ``dispatch_start`` from any other key is counted in ``rejections`` and dropped), and a node's
@@ -92,6 +94,7 @@ from mesh.dispatch.protocol import (
     deadline_clock,
     decode,
 )
+from mesh.scheduling.controls import Tags
 from mesh.security.audit import Rejections
 from mesh.security.keys import KeyFileError, KeyRing
 from mesh.security.policy import check_unencrypted, host_of, is_loopback
@@ -269,9 +272,15 @@ class HandlerProcess:
         clock: Callable[[], float] = deadline_clock,
         keys: KeyRing | None = None,
         insecure: bool = False,
+        tags: Mapping[str, str] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        try:
+            # The rule every node applies to a hello's tags (it refuses a hello breaking it).
+            self.tags: dict[str, str] = msgspec.convert(dict(tags or {}), Tags)
+        except msgspec.ValidationError as e:
+            raise ValueError(f"tags: {e}") from None
         addresses = list(dict.fromkeys(mesh_addresses))
         if not addresses:
             raise ValueError("a handler needs at least one mesh address")
@@ -349,10 +358,11 @@ class HandlerProcess:
         for address in list(self.nodes):
             self._start_heartbeat(address)
         log.info(
-            "handler %s started: tasks=%s concurrency=%d nodes=%s",
+            "handler %s started: tasks=%s concurrency=%d tags=%s nodes=%s",
             self.handler_id,
             sorted(self.tasks),
             self.concurrency,
+            self.tags,
             list(self.nodes),
         )
 
@@ -417,6 +427,7 @@ class HandlerProcess:
             "draining": self.draining,
             "clock": self._clock(),
             "running": [k for k, r in self._running.items() if r.started] + list(self._sending),
+            "tags": self.tags,
         }
 
     def _start_heartbeat(self, address: str) -> None:
@@ -827,6 +838,8 @@ class HandlerProcess:
             attempt=d.attempt,
             fencing_token=d.fencing_token,
             try_number=d.try_number,
+            shard_index=d.shard_index,
+            shard_count=d.shard_count,
         )
         started = self._clock()
         error: dict[str, str] | None = None
@@ -992,6 +1005,7 @@ def run_handler(
     drain_timeout: float = 10.0,
     keys_dir: str | os.PathLike[str] | None = None,
     insecure: bool = False,
+    tags: Mapping[str, str] | None = None,
 ) -> int:
     """``schedulezero handler``: import the task modules, run until SIGINT/SIGTERM; exit code.
 
@@ -1035,6 +1049,7 @@ def run_handler(
         concurrency=concurrency,
         keys=keys,
         insecure=insecure,
+        tags=tags,
     )
     return eventloop.run(_serve(handler, drain_timeout))
 

@@ -6,17 +6,21 @@ knows. Messages (ZMQ kind → payload):
 ``handler_hello``  handler → every node, a request every ``HEARTBEAT_INTERVAL``; the node answers
     ``{"node_id", "leader_id", "term", "leader_mesh", "nodes"}``. Payload: ``{"handler_id",
     "tasks", "concurrency", "pid", "host", "active_jobs", "succeeded", "failed", "avg_ms",
-    "max_fencing_token", "started_at", "draining", "clock", "running"}``. Every node keeps the
-    registry from these, so ``GET /api/handlers`` answers on every node. ``clock`` is the
+    "max_fencing_token", "started_at", "draining", "clock", "running", "tags"}``. Every node
+    keeps the registry from these, so ``GET /api/handlers`` answers on every node. ``clock`` is the
     handler's deadline clock when it sent the hello (seconds, ``CLOCK_BOOTTIME``: monotonic and
     counting suspend); ``running`` the idempotency keys it is running, or whose result it has
-    not yet queued. Both serve the one-message dispatch below.
+    not yet queued. Both serve the one-message dispatch below. ``tags`` (``--tag K=V``): at
+    most 32, keys and values of 1 to 128 characters from ``A-Z a-z 0-9 _ . : / -``, as a
+    schedule's ``target.tags`` (a hello breaking that is refused whole); absent means none.
 ``dispatch``       leader → handler (ROUTER → DEALER, one-way): ``{"dispatch_id", "job_id",
     "task", "args", "kwargs", "idempotency_key", "fencing_token", "attempt", "try_number",
-    "schedule_id", "scheduled_fire_time", "timeout", "start_by"}``. ``try_number`` (default 1)
-    is the run of the fire under the schedule's retry policy: a handler deduplicates by
-    :func:`run_key` (the key and the try), so a retry runs again where a redelivery of the
-    same try is answered from the idempotency window. Hellos' ``running`` lists run keys.
+    "schedule_id", "scheduled_fire_time", "timeout", "start_by", "shard_index", "shard_count"}``.
+    ``try_number`` (default 1) is the run of the fire under the schedule's retry policy: a
+    handler deduplicates by :func:`run_key` (the key and the try), so a retry runs again where a
+    redelivery of the same try is answered from the idempotency window. Hellos' ``running``
+    lists run keys. ``shard_index`` and ``shard_count`` are a broadcast run's place among its
+    fire's runs (0-based index < count; else 0 and 1).
 ``dispatch_ack``   handler → the node the dispatch came from: ``{"dispatch_id", "handler_id",
     "accepted": bool, "reason", "needs_start": bool}``. A handler refuses a dispatch whose
     fencing token is lower than the highest it has seen (``reason: "stale_fencing_token"``), or
@@ -85,6 +89,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from mesh.scheduling.controls import Tags
+
 HELLO = "handler_hello"
 DISPATCH = "dispatch"
 DISPATCH_ACK = "dispatch_ack"
@@ -108,6 +114,7 @@ UNKNOWN_TASK = "unknown_task"
 EXPIRED = "expired"  # the dispatch arrived after its start_by: it runs nothing
 MAX_TRY = 100  # a retry policy's max_attempts is at most this (mesh.scheduling.controls)
 MAX_RUNNING_LISTED = 100_000  # bound on a hello's running keys (concurrency bounds it in practice)
+MAX_SHARDS = 1024  # runs of one broadcast fire: at most this many handlers
 
 Id = Annotated[str, msgspec.Meta(min_length=1)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
@@ -148,6 +155,7 @@ class Hello(msgspec.Struct, frozen=True, kw_only=True):
     draining: bool = False
     clock: Clock | None = None  # the handler's deadline clock when it sent this hello
     running: Annotated[tuple[str, ...], msgspec.Meta(max_length=MAX_RUNNING_LISTED)] = ()
+    tags: Tags = {}  # ``--tag K=V``: what a schedule's ``target.tags`` selects on
 
 
 class HelloReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -172,12 +180,16 @@ class Dispatch(msgspec.Struct, kw_only=True):
     scheduled_fire_time: datetime | None = None  # RFC 3339; a naive one is taken as UTC
     timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
     start_by: Clock | None = None  # run only if it arrives before this (handler's clock)
+    shard_index: Count = 0  # a broadcast run's place among its fire's runs
+    shard_count: Annotated[int, msgspec.Meta(ge=1, le=MAX_SHARDS)] = 1
 
     @property
     def run_key(self) -> str:
         return run_key(self.idempotency_key, self.try_number)
 
     def __post_init__(self) -> None:
+        if self.shard_index >= self.shard_count:
+            raise ValueError(f"shard_index {self.shard_index} >= shard_count {self.shard_count}")
         if self.args is None:
             self.args = []
         if self.kwargs is None:

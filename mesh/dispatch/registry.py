@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,6 +46,7 @@ CLOCK_DRIFT = 1e-3  # how much slower than ours a handler's clock may run (s/s)
 class HandlerInfo:
     handler_id: str
     tasks: frozenset[str] = frozenset()
+    tags: dict[str, str] = attrs.Factory(dict)  # its ``--tag K=V``s, from its latest hello
     concurrency: int = 1
     pid: int | None = None
     host: str | None = None
@@ -77,8 +78,11 @@ class HandlerInfo:
 
 
 class HandlerRegistry:
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, settle: float = SUSPECT_AFTER
+    ) -> None:
         self.clock = clock
+        self._settled_at = clock() + settle
         self.handlers: dict[str, HandlerInfo] = {}
         # Jobs waiting for a handler, oldest first: (the task they need, their wake-up).
         self._waiters: deque[tuple[str | None, asyncio.Future[None]]] = deque()
@@ -103,6 +107,7 @@ class HandlerRegistry:
             info = self.handlers[hid] = HandlerInfo(handler_id=hid)
         was_alive = self.state(info) == "alive"
         info.tasks = frozenset(hello.tasks)
+        info.tags = dict(hello.tags)
         info.concurrency = hello.concurrency
         info.pid = hello.pid
         info.host = hello.host
@@ -199,18 +204,37 @@ class HandlerRegistry:
             return "alive"
         return "suspect" if age <= DEAD_AFTER else "dead"
 
-    def offers(self, task: str) -> bool:
-        return any(
-            task in h.tasks and self.state(h) == "alive" and not h.draining
-            for h in self.handlers.values()
+    def settled(self) -> bool:
+        """Whether every live handler has had time to say hello (module docstring)."""
+        return self.clock() >= self._settled_at
+
+    def offers(self, task: str, tags: Mapping[str, str] | None = None) -> bool:
+        return bool(self.matching(task, tags))
+
+    def matching(self, task: str, tags: Mapping[str, str] | None = None) -> list[HandlerInfo]:
+        """Alive handlers, not draining, offering ``task`` and having all of ``tags``, by id:
+        a broadcast's runs, whatever their circuits say (each run goes to its own handler)."""
+        return sorted(
+            (
+                h
+                for h in self.handlers.values()
+                if task in h.tasks
+                and self.state(h) == "alive"
+                and not h.draining
+                and has_tags(h, tags)
+            ),
+            key=lambda h: h.handler_id,
         )
 
-    def routable(self, task: str) -> list[HandlerInfo]:
-        """Alive handlers offering ``task`` whose circuit is closed (or due for a probe)."""
+    def routable(self, task: str, tags: Mapping[str, str] | None = None) -> list[HandlerInfo]:
+        """Alive handlers offering ``task`` with all of ``tags``, whose circuit is closed (or
+        due for a probe)."""
         now = self.clock()
         out = []
         for h in self.handlers.values():
             if task not in h.tasks or self.state(h) != "alive" or h.draining:
+                continue
+            if not has_tags(h, tags):
                 continue
             if h.circuit_open_until > now or h.probing:
                 continue
@@ -243,6 +267,7 @@ class HandlerRegistry:
                 {
                     "handler_id": h.handler_id,
                     "tasks": sorted(h.tasks),
+                    "tags": dict(sorted(h.tags.items())),
                     "state": state,
                     "concurrency": h.concurrency,
                     "active_jobs": r.get("active_jobs", 0),
@@ -257,3 +282,8 @@ class HandlerRegistry:
                 }
             )
         return out
+
+
+def has_tags(handler: HandlerInfo, tags: Mapping[str, str] | None) -> bool:
+    """Whether ``handler`` was started with every one of ``tags`` (none asked: any handler)."""
+    return not tags or all(handler.tags.get(k) == v for k, v in tags.items())

@@ -15,6 +15,7 @@ Pure data and its codec: no clock, no I/O. The state machine and the leader call
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -32,6 +33,7 @@ __all__ = [
     "Retry",
     "Target",
     "controls_of",
+    "parse_tag",
     "user_metadata",
     "with_controls",
 ]
@@ -59,12 +61,13 @@ MAX_NOTE = 1000
 MAX_URL = 2000
 MAX_RUNS = 1_000_000_000
 
-TagText = Annotated[
-    str,
-    Meta(
-        pattern=r"^[A-Za-z0-9_.:/-]{1,128}\Z",
-        description="a string of 1 to 128 characters from A-Z a-z 0-9 _ . : / -",
-    ),
+TAG_PATTERN = r"^[A-Za-z0-9_.:/-]{1,128}\Z"
+TAG_RULE = "1 to 128 characters from A-Z a-z 0-9 _ . : / -"
+TagText = Annotated[str, Meta(pattern=TAG_PATTERN, description=f"a string of {TAG_RULE}")]
+# A handler's tags (``schedulezero handler --tag K=V``, its hellos) and a target's: one shape.
+Tags = Annotated[
+    dict[TagText, TagText],
+    Meta(max_length=MAX_TAGS, description=f"an object of at most {MAX_TAGS} tags"),
 ]
 Delay = Annotated[
     float,
@@ -106,10 +109,7 @@ class Target(_Struct):
     """Which handlers run the fire: those started with all of ``tags``; every one of them
     (``broadcast``, each with its shard index) or one chosen as usual."""
 
-    tags: Annotated[
-        dict[TagText, TagText],
-        Meta(max_length=MAX_TAGS, description=f"an object of at most {MAX_TAGS} tags"),
-    ] = {}
+    tags: Tags = {}
     broadcast: Annotated[bool, Meta(description="true or false")] = False
 
 
@@ -194,6 +194,15 @@ def controls_of(obj: Any) -> Controls:
         return msgspec.convert(raw, Controls)
     except msgspec.ValidationError:
         return DEFAULT
+
+
+def parse_tag(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (``--tag``) as ``(KEY, VALUE)``; ValueError with a one-line message when
+    either side breaks the rule a target's tags follow."""
+    key, sep, value = text.partition("=")
+    if not sep or not re.match(TAG_PATTERN, key) or not re.match(TAG_PATTERN, value):
+        raise ValueError(f"expected KEY=VALUE, each of {TAG_RULE}; got {text!r}")
+    return key, value
 
 
 def to_plain(controls: Controls) -> dict[str, Any]:

@@ -5,6 +5,12 @@ therefore registered with the same importable stand-in (``remote_task``), and th
 decides what really runs: an embedded ``@mesh.task`` function on this node, or (when a dispatcher
 is attached) a remote handler process. An embedded run past its schedule's ``timeout`` ends as
 ``timeout`` (docs/scheduling.md, "timeout").
+
+A job whose schedule has a ``target`` (tags, or ``broadcast``) runs on handlers only: an
+embedded function on the leader has no tags and is not "every handler". With no live handler
+offering the task and having the tags, it ends at once as ``no_handler``. A broadcast job is
+split at its start into one run per matching handler (``ReplicatedDataStore.broadcast_job``);
+the job loop then starts each run, which comes back here as a targeted job with its ``shard``.
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ from uuid import UUID
 from apscheduler import Job
 from apscheduler.abc import JobExecutor
 
-from mesh.scheduling.controls import controls_of
-from mesh.scheduling.outcomes import JobTimedOut, RunCancelled
+from mesh.scheduling.controls import Target, controls_of
+from mesh.scheduling.outcomes import JobTimedOut, NoHandler, RunCancelled
 from mesh.scheduling.state import idempotency_key
 from mesh.tasks import REGISTRY, JobContext, RunTimedOut, TaskDef
 
@@ -59,6 +65,9 @@ class Dispatcher(Protocol):
         """Ask ``handler_id`` to stop its run of ``job`` (overlap ``cancel_other``); False
         when the message could not be sent (the handler is unknown or not connected)."""
 
+    async def targets(self, job: Job) -> list[str]:
+        """The handlers a broadcast job runs on (one run each), by id; empty if none."""
+
 
 class MeshJobExecutor(JobExecutor):
     def __init__(
@@ -74,15 +83,19 @@ class MeshJobExecutor(JobExecutor):
 
     def context_for(self, job: Job) -> JobContext:
         js = self.session.state.jobs.get(job.id)
+        shard = js.shard if js is not None else None
+        index, count = shard if shard is not None else (0, 1)
         return JobContext(
             job_id=str(job.id),
             task=job.task_id,
             schedule_id=job.schedule_id,
             scheduled_fire_time=job.scheduled_fire_time,
-            idempotency_key=idempotency_key(job),
+            idempotency_key=idempotency_key(job, shard),
             attempt=js.attempts if js is not None else 1,
             fencing_token=self.session.fencing_token,
             try_number=js.tries if js is not None else 1,
+            shard_index=index,
+            shard_count=count,
         )
 
     async def run_job(self, func: Callable[..., Any], job: Job) -> Any:
@@ -91,6 +104,9 @@ class MeshJobExecutor(JobExecutor):
             # cancel_other flagged it before any leader sent it anywhere: it never ran.
             raise RunCancelled(f"job {job.id}: a newer fire of its schedule replaced it")
         ctx = self.context_for(job)
+        target = controls_of(job).target
+        if target is not None and (target.tags or target.broadcast):
+            return await self._run_targeted(job, ctx, target)
         task = REGISTRY.get(job.task_id)
         # Handlers exist to take work off the scheduler nodes: when one offers the task, it runs
         # there; the embedded function is the fallback (and the default with no handlers).
@@ -138,3 +154,26 @@ class MeshJobExecutor(JobExecutor):
             return False
         run.cancel()
         return True
+
+    async def _run_targeted(self, job: Job, ctx: JobContext, target: Target) -> Any:
+        """A job of a schedule with a target: on a matching handler, or split (broadcast)."""
+        if self.dispatcher is None:
+            raise NoHandler(f"task {job.task_id!r} targets handlers and this mesh has none")
+        js = self.session.state.jobs.get(job.id)
+        if target.broadcast and (js is None or js.shard is None):
+            await self._broadcast(job)
+            return None
+        value, handler_id = await self.dispatcher.dispatch(job, ctx, self.session)
+        self.session.ran_on(job.id, handler_id)
+        return value
+
+    async def _broadcast(self, job: Job) -> None:
+        """Replace the fire's job by one run per matching handler (the job itself then ends
+        with no record: its runs have one each)."""
+        assert self.dispatcher is not None
+        handlers = await self.dispatcher.targets(job)
+        if not handlers:
+            raise NoHandler(
+                f"no live handler offering task {job.task_id!r} matches the broadcast's target"
+            )
+        await self.session.store.broadcast_job(self.session.identity, job, handlers)

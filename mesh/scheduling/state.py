@@ -164,11 +164,20 @@ def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-def idempotency_key(job: Job) -> str:
-    """Stable across leaders: the schedule and its nominal (jitter-free) fire time."""
+def idempotency_key(job: Job, shard: tuple[int, int] | None = None) -> str:
+    """Stable across leaders: the schedule and its nominal (jitter-free) fire time; a broadcast
+    run's adds its shard (``sched@time#2/3``), so each handler's run is its own."""
     if job.schedule_id is not None and job.scheduled_fire_time is not None:
-        return f"{job.schedule_id}@{job.original_scheduled_time.isoformat()}"
-    return f"job:{job.id}"
+        key = f"{job.schedule_id}@{job.original_scheduled_time.isoformat()}"
+    else:
+        key = f"job:{job.id}"
+    return f"{key}#{shard[0]}/{shard[1]}" if shard is not None else key
+
+
+def shard_id(job_id: UUID, index: int, count: int) -> UUID:
+    """The id of run ``index`` of ``count`` of a broadcast job: the same on every node and for
+    every leader that splits that job (uuid5, no randomness in the state machine)."""
+    return uuid5(job_id, f"shard {index}/{count}")
 
 
 # --------------------------------------------------------------------------- the state machine
@@ -437,7 +446,7 @@ class SchedulerState:
                 "schedule_id": js.job.schedule_id,
                 "status": "running" if js.job.acquired_by else "pending",
                 "attempt": js.attempts,
-                "idempotency_key": idempotency_key(js.job),
+                "idempotency_key": idempotency_key(js.job, js.shard),
             }
         for ex in reversed(self.executions):
             if ex["job_id"] == str(job_id):
@@ -708,9 +717,7 @@ class SchedulerState:
 
     def _end_unstarted(self, js: JobState, outcome: str, e: Entry) -> None:
         """End a job that never ran (overlap: a held or never-started run cancelled)."""
-        del self.jobs[js.job.id]
-        self._open_discard(js)
-        self._unindex_controls(js)
+        self._remove_job(js)
         self._record(self._unrun_record(js, outcome), e)
 
     def _unrun_record(self, js: JobState, outcome: str) -> dict[str, Any]:
@@ -737,7 +744,6 @@ class SchedulerState:
     def _overlap_finished(self, js: JobState, finished_at: datetime) -> None:
         """A job of a schedule finished: the oldest held job runs once no other run is
         unfinished, with its start deadline measured from now (it waited on purpose)."""
-        self._unindex_controls(js)
         sid = js.job.schedule_id
         if sid is None or sid not in self._open:
             return
@@ -756,10 +762,18 @@ class SchedulerState:
         if js.cancel:
             self.cancelling[js.job.id] = None
 
-    def _unindex_controls(self, js: JobState) -> None:
+    def _remove_job(self, js: JobState) -> None:
+        """Take a job out of the state and out of every index that names it: the one way a
+        job leaves (finished, ended unstarted, or replaced by a broadcast's runs)."""
+        jid = js.job.id
+        del self.jobs[jid]
+        self._open_discard(js)
         if js.held:
             self.held_jobs -= 1
-        self.cancelling.pop(js.job.id, None)
+        self.cancelling.pop(jid, None)
+        self._backoff.pop(jid, None)
+        if js.job.acquired_by is not None:
+            self._running[js.job.task_id] = max(0, self._running.get(js.job.task_id, 0) - 1)
 
     def _op_acquire_jobs(self, c: dict[str, Any], _e: Entry) -> list[str]:
         got = []
@@ -794,11 +808,7 @@ class SchedulerState:
             c["scheduler_id"],
         ):
             return False  # someone else holds it now: a stale release
-        del self.jobs[jid]
-        self._open_discard(js)
-        self._backoff.pop(jid, None)
-        if js.job.acquired_by is not None:
-            self._running[js.job.task_id] = max(0, self._running.get(js.job.task_id, 0) - 1)
+        self._remove_job(js)
         result = load_result(c["result"])
         # A mesh outcome (timeout, no_handler, skipped) the leader recorded with the release.
         outcome = c.get("outcome")
@@ -818,7 +828,7 @@ class SchedulerState:
                 "schedule_id": job.schedule_id,
                 "task": job.task_id,
                 "scheduled_fire_time": _iso(job.scheduled_fire_time),
-                "idempotency_key": idempotency_key(job),
+                "idempotency_key": idempotency_key(job, js.shard),
                 "started_at": _iso(result.started_at),
                 "finished_at": _iso(result.finished_at),
                 "handler_id": c.get("handler_id"),
@@ -830,6 +840,7 @@ class SchedulerState:
                 "retry_at": _iso(retry_at),
                 # A run its schedule's cancel_other policy stopped says why.
                 **({"reason": overlap.REASON} if js.cancel else {}),
+                **({"shard": list(js.shard)} if js.shard is not None else {}),
             },
             e,
         )
@@ -875,6 +886,45 @@ class SchedulerState:
         self._put_schedule(
             attrs.evolve(s, paused=True, metadata=with_controls(s.metadata, controls))
         )
+
+    def _op_broadcast(self, c: dict[str, Any], _e: Entry) -> list[str] | None:
+        """Split a broadcast fire's job, leased to ``scheduler_id``, into one job per handler
+        of ``handlers``: same fire time and controls, ``shard`` (index, count), ``handler``
+        recorded, unleased (the leader's job loop starts them; after a failover the next
+        leader's does, each to its recorded handler, where its own idempotency key
+        ``…#i/n`` keeps a run that did happen from happening again). Their ids, or None when
+        the job is not there to split (finished, already split, or no longer this leader's).
+
+        The runs are one admitted fire, so they do not pass ``_admit`` again: the overlap
+        policies must not judge a fire's runs against each other."""
+        jid = UUID(c["job_id"])
+        js = self.jobs.get(jid)
+        handlers = c["handlers"]
+        if (
+            js is None
+            or js.shard is not None
+            or js.job.acquired_by != c["scheduler_id"]
+            or not handlers
+        ):
+            return None
+        self._remove_job(js)
+        count = len(handlers)
+        out = []
+        for index, handler in enumerate(handlers):
+            job = attrs.evolve(
+                js.job,
+                id=shard_id(jid, index, count),
+                metadata=dict(js.job.metadata),
+                acquired_by=None,
+                acquired_until=None,
+            )
+            run = attrs.evolve(
+                js, job=job, attempts=0, term=None, handler=handler, shard=(index, count)
+            )
+            self.jobs[job.id] = run
+            self._open_add(run)
+            out.append(str(job.id))
+        return out
 
     def _record(self, ex: dict[str, Any], _e: Entry) -> None:
         """Append an execution record: the one place a finished (or skipped) fire is written
@@ -941,7 +991,16 @@ def retry_job(js: JobState, not_before: datetime) -> JobState:
         acquired_by=None,
         acquired_until=None,
     )
-    return JobState(new, js.attempts, origin="retry", tries=tries, not_before=not_before)
+    # A broadcast run's retry stays that run: same shard, same handler (the shard is its).
+    return JobState(
+        new,
+        js.attempts,
+        handler=js.handler if js.shard is not None else None,
+        origin="retry",
+        tries=tries,
+        not_before=not_before,
+        shard=js.shard,
+    )
 
 
 def record_time(ex: dict[str, Any]) -> datetime | None:

@@ -652,6 +652,29 @@ class ReplicatedDataStore(BaseDataStore):
         }
         return bool(await self.propose_batched(command))
 
+    async def broadcast_job(
+        self, scheduler_id: str, job: Job, handlers: list[str]
+    ) -> list[UUID] | None:
+        """Commit the split of a broadcast job into one run per handler (a mesh extension of
+        the DataStore contract; the state machine's ``broadcast``) and wake the job loop,
+        which starts the runs; their ids, or None when the job is no longer
+        ``scheduler_id``'s to split."""
+        command = {
+            "op": "broadcast",
+            "scheduler_id": scheduler_id,
+            "job_id": str(job.id),
+            "handlers": handlers,
+        }
+        shards = await self._propose(command)
+        if shards is None:
+            return None
+        ids = [UUID(sid) for sid in shards]
+        for sid in ids:
+            await self._event_broker.publish(
+                JobAdded(job_id=sid, task_id=job.task_id, schedule_id=job.schedule_id)
+            )
+        return ids
+
     async def reap_abandoned_jobs(self, scheduler_id: str) -> None:
         now = self.clock()
         for js in list(self.state.jobs.values()):
