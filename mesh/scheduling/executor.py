@@ -68,7 +68,7 @@ class MeshJobExecutor(JobExecutor):
             task=job.task_id,
             schedule_id=job.schedule_id,
             scheduled_fire_time=job.scheduled_fire_time,
-            idempotency_key=idempotency_key(job),
+            idempotency_key=idempotency_key(job, js.origin if js is not None else "fire"),
             attempt=js.attempts if js is not None else 1,
             fencing_token=self.session.fencing_token,
         )

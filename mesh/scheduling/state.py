@@ -33,8 +33,9 @@ from apscheduler import Job, JobOutcome, JobResult, Schedule, Task
 from sortedcontainers import SortedList
 
 from mesh.consensus.messages import COMMAND, Entry
-from mesh.scheduling import outcomes
+from mesh.scheduling import backfill, outcomes
 from mesh.scheduling.codec import NotPlainJSON, from_wire, plain, to_wire
+from mesh.scheduling.controls import KEY as CONTROLS
 
 log = logging.getLogger("mesh.scheduling.state")
 
@@ -160,10 +161,12 @@ def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-def idempotency_key(job: Job) -> str:
-    """Stable across leaders: the schedule and its nominal (jitter-free) fire time."""
+def idempotency_key(job: Job, origin: str = "fire") -> str:
+    """Stable across leaders: the schedule and its nominal (jitter-free) fire time. A trigger
+    (``origin``, the JobState's) is one run outside the schedule's times: its own key."""
     if job.schedule_id is not None and job.scheduled_fire_time is not None:
-        return f"{job.schedule_id}@{job.original_scheduled_time.isoformat()}"
+        key = f"{job.schedule_id}@{job.original_scheduled_time.isoformat()}"
+        return f"{key}#trigger" if origin == "trigger" else key
     return f"job:{job.id}"
 
 
@@ -246,6 +249,13 @@ class SchedulerState:
         # Schedule id → its unfinished jobs (queued, held, leased), oldest first: what the
         # overlap policies look at ("is a run of this schedule still going?").
         self._open: dict[str, dict[UUID, None]] = {}
+        # Schedule id → its backfilled fire times still to run, in fire-time order, each
+        # ``[ISO nominal time, job id]``: one job of a schedule's backfill runs at a time.
+        self.backfills: dict[str, list[list[str]]] = {}
+        # (schedule id, success?) → its records in the history, for the schedules with history
+        # limits (counted when first needed, so never part of a snapshot).
+        self._kept: dict[tuple[str, bool], int] = {}
+        self.last_record: dict[str, Any] | None = None  # the latest record ``_record`` wrote
 
     # ------------------------------------------------------------------ StateMachine
 
@@ -311,6 +321,7 @@ class SchedulerState:
             "fired": self.fired,
             "executions": list(self.executions),
             "counters": [self.fires_recorded, self.fires_deduplicated, self.fires_skipped],
+            "backfills": self.backfills,
         }
 
     def restore(self, data: bytes) -> None:
@@ -338,6 +349,7 @@ class SchedulerState:
             res = load_result(r)
             self.results[res.job_id] = res
         self.fired = dict(d["fired"])
+        self.backfills = {sid: [list(x) for x in q] for sid, q in d.get("backfills", {}).items()}
         self.executions.extend(d["executions"])
         counters = [*d["counters"], 0]  # snapshots before fires_skipped have two
         self.fires_recorded, self.fires_deduplicated, self.fires_skipped = counters[:3]
@@ -411,7 +423,7 @@ class SchedulerState:
                 "schedule_id": js.job.schedule_id,
                 "status": "running" if js.job.acquired_by else "pending",
                 "attempt": js.attempts,
-                "idempotency_key": idempotency_key(js.job),
+                "idempotency_key": idempotency_key(js.job, js.origin),
             }
         for ex in reversed(self.executions):
             if ex["job_id"] == str(job_id):
@@ -421,6 +433,23 @@ class SchedulerState:
                     "status": ex["outcome"],
                     "return_value": dump_result(result)["return_value"] if result else None,
                 }
+        return self._queued_status(str(job_id))
+
+    def _queued_status(self, job_id: str) -> dict[str, Any] | None:
+        """A backfilled run still waiting for its turn (its job does not exist yet)."""
+        for sid, queue in self.backfills.items():
+            for nominal, jid in queue:
+                if jid == job_id:
+                    s = self.schedules.get(sid)
+                    return {
+                        "job_id": jid,
+                        "task": s.task_id if s is not None else None,
+                        "schedule_id": sid,
+                        "status": "pending",
+                        "attempt": 0,
+                        "idempotency_key": f"{sid}@{nominal}",
+                        "scheduled_fire_time": nominal,
+                    }
         return None
 
     def execution_history(
@@ -478,6 +507,8 @@ class SchedulerState:
     # ------------------------------------------------------------------ schedule index
 
     def _put_schedule(self, s: Schedule) -> None:
+        if s.next_fire_time is not None and _remaining_runs(s) == 0:
+            s = attrs.evolve(s, next_fire_time=None)  # its run limit is reached: it stops
         old = self.schedules.get(s.id)
         if old is not None:
             self._unindex(old)
@@ -535,6 +566,7 @@ class SchedulerState:
                 self._unindex(s)
                 self._leased.discard(sid)
                 self.fired.pop(sid, None)
+                self.backfills.pop(sid, None)
                 removed.append(sid)
         return removed
 
@@ -637,8 +669,14 @@ class SchedulerState:
             if last is not None and datetime.fromisoformat(last) >= job.original_scheduled_time:
                 self.fires_deduplicated += 1
                 return False  # this fire time already has its job: replayed fire, no-op
+            if self._run_limit_reached(job.schedule_id):
+                return False
             self.fired[job.schedule_id] = nominal
             self.fires_recorded += 1
+            if not self._admit(JobState(job), e):
+                return False
+            self._count_run(job.schedule_id)
+            return True
         return self._admit(JobState(job), e)
 
     def _admit(self, js: JobState, _e: Entry) -> bool:
@@ -713,13 +751,150 @@ class SchedulerState:
             },
             e,
         )
+        if js.origin == "backfill" and job.schedule_id is not None:
+            self._backfill_next(job.schedule_id, result.finished_at, e)
         return True
 
     def _record(self, ex: dict[str, Any], _e: Entry) -> None:
         """Append an execution record: the one place a finished (or skipped) fire is written
         to the history, so what follows from a record (alerts, metrics, history limits)
         follows here."""
+        if self._kept and len(self.executions) == self.executions.maxlen:
+            self._forget(self.executions[0])  # the cap pushes the oldest record out
         self.executions.append(ex)
+        self.last_record = ex
+        self._trim_history(ex)
+
+    # ------------------------------------------------------------------ history limits
+
+    def _trim_history(self, ex: dict[str, Any]) -> None:
+        """Keep at most the schedule's ``history.keep_success`` successful records and
+        ``keep_failed`` others (its oldest go). A schedule without limits costs a lookup or two;
+        one with limits keeps a count, and a record over its limit costs one pass over the
+        history (at most ``max_executions`` records) to remove the oldest of its kind."""
+        sid = ex.get("schedule_id")
+        if sid is None:
+            return
+        kind = (sid, ex.get("outcome") == "success")
+        keep = _history_limit(self.schedules.get(sid), kind[1])
+        if keep is None:
+            if self._kept:
+                self._kept.pop(kind, None)  # counted again if it gets a limit later
+            return
+        count = self._kept.get(kind)
+        count = self._count_kind(kind) if count is None else count + 1
+        if count > keep:
+            self._drop_oldest(kind, count - keep)
+            count = keep
+        self._kept[kind] = count
+
+    def _count_kind(self, kind: tuple[str, bool]) -> int:
+        return sum(1 for ex in self.executions if _kind(ex) == kind)
+
+    def _forget(self, ex: dict[str, Any]) -> None:
+        kind = _kind(ex)
+        if kind in self._kept:
+            self._kept[kind] -= 1
+
+    def _drop_oldest(self, kind: tuple[str, bool], n: int) -> None:
+        if n == 1:
+            for i, ex in enumerate(self.executions):
+                if _kind(ex) == kind:
+                    del self.executions[i]
+                    return
+        kept = []
+        for ex in self.executions:
+            if n > 0 and _kind(ex) == kind:
+                n -= 1
+                continue
+            kept.append(ex)
+        self.executions.clear()
+        self.executions.extend(kept)
+
+    # ------------------------------------------------------------------ run limit
+
+    def _run_limit_reached(self, schedule_id: str) -> bool:
+        s = self.schedules.get(schedule_id)
+        return s is not None and _remaining_runs(s) == 0
+
+    def _count_run(self, schedule_id: str) -> None:
+        """One fire of the schedule's own times was queued: one run less (``remaining_runs``);
+        at 0 the schedule stops (``_put_schedule``)."""
+        s = self.schedules.get(schedule_id)
+        left = _remaining_runs(s) if s is not None else None
+        if s is None or left is None:
+            return
+        raw = s.metadata[CONTROLS]
+        metadata = {**s.metadata, CONTROLS: {**raw, "remaining_runs": max(0, left - 1)}}
+        self._put_schedule(attrs.evolve(s, metadata=metadata))
+
+    # ------------------------------------------------------------------ trigger and backfill
+
+    def _op_trigger_schedule(self, c: dict[str, Any], e: Entry) -> dict[str, Any] | None:
+        """One run of the schedule now (``c["now"]``, the leader's clock), outside its times:
+        its own idempotency key, neither checked against nor moving the ``fired`` watermark,
+        nor counted in ``remaining_runs``. None if the schedule is gone."""
+        s = self.schedules.get(c["schedule_id"])
+        if s is None:
+            return None
+        now = _dt(c["now"])
+        assert now is not None
+        key = f"{s.id}@{now.isoformat()}#trigger"
+        job = backfill.schedule_job(s, now, backfill.run_id(key, e.index), now)
+        queued = self._admit(JobState(job, origin="trigger"), e)
+        return {"job_id": str(job.id), "idempotency_key": key, "queued": queued}
+
+    def _op_backfill_schedule(self, c: dict[str, Any], e: Entry) -> dict[str, Any] | None:
+        """Queue the fire times ``c["times"]`` (ISO, in order, as the trigger gives them) of a
+        schedule to run one after another, each with a normal fire's idempotency key; a time
+        that already ran (or waits in a backfill) is left out. None if the schedule is gone."""
+        sid = c["schedule_id"]
+        if sid not in self.schedules:
+            return None
+        queue = self.backfills.get(sid, [])
+        seen = {t for t, _ in queue}
+        ran = self._ran_keys(sid)
+        new: list[list[str]] = []
+        for t in c["times"]:
+            if t in seen or f"{sid}@{t}" in ran:
+                continue
+            seen.add(t)
+            new.append([t, str(backfill.run_id(f"{sid}@{t}", e.index))])
+        answer = {"fire_times": len(c["times"]), "already_run": len(c["times"]) - len(new)}
+        if len(queue) + len(new) > backfill.MAX_QUEUED:
+            return {**answer, "refused": len(queue)}
+        if new:
+            self.backfills[sid] = sorted(queue + new, key=lambda x: datetime.fromisoformat(x[0]))
+            if not any(js.origin == "backfill" for js in self.open_jobs(sid)):
+                self._backfill_next(sid, _dt(c["now"]), e)
+        return {**answer, "job_ids": [jid for _, jid in new]}
+
+    def _backfill_next(self, sid: str, now: datetime | None, e: Entry) -> None:
+        """Queue the schedule's next backfilled fire time that has not run meanwhile."""
+        queue = self.backfills.get(sid)
+        s = self.schedules.get(sid)
+        ran = self._ran_keys(sid) if queue else set()
+        while queue and s is not None:
+            t, jid = queue.pop(0)
+            if f"{sid}@{t}" in ran:
+                continue
+            nominal = datetime.fromisoformat(t)
+            job = backfill.schedule_job(s, nominal, UUID(jid), now or nominal)
+            if self._admit(JobState(job, origin="backfill"), e):
+                break
+        if not queue:
+            self.backfills.pop(sid, None)
+
+    def _ran_keys(self, sid: str) -> set[str]:
+        """The idempotency keys of the schedule's fire times that ran or are running: its
+        unfinished jobs (triggers aside) and its records of runs (one pass over the history)."""
+        keys = {idempotency_key(js.job, js.origin) for js in self.open_jobs(sid)}
+        keys.update(
+            ex["idempotency_key"]
+            for ex in self.executions
+            if ex.get("schedule_id") == sid and ex.get("outcome") not in backfill.NOT_RUN
+        )
+        return keys
 
     def _op_reset_leases(self, c: dict[str, Any], _e: Entry) -> dict[str, int]:
         schedules = 0
@@ -742,6 +917,29 @@ class SchedulerState:
         for jid in expired:
             del self.results[jid]
         return len(expired)
+
+
+def _controls_raw(s: Schedule) -> dict[str, Any] | None:
+    """The stored controls (plain JSON, validated when written), without decoding them: the
+    fire path reads one field of them."""
+    return s.metadata.get(CONTROLS) if s.metadata else None
+
+
+def _remaining_runs(s: Schedule) -> int | None:
+    raw = _controls_raw(s)
+    return raw.get("remaining_runs") if raw else None
+
+
+def _history_limit(s: Schedule | None, success: bool) -> int | None:
+    raw = _controls_raw(s) if s is not None else None
+    history = raw.get("history") if raw else None
+    if not history:
+        return None
+    return history.get("keep_success" if success else "keep_failed")
+
+
+def _kind(ex: dict[str, Any]) -> tuple[str, bool]:
+    return (ex.get("schedule_id"), ex.get("outcome") == "success")  # type: ignore[return-value]
 
 
 def record_time(ex: dict[str, Any]) -> datetime | None:

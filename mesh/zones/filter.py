@@ -187,6 +187,8 @@ _OPS = {
     "assign_job": _as_is,
     "reset_leases": _as_is,
     "expire_results": _as_is,
+    "trigger_schedule": _as_is,  # a schedule id and a time: the job is built from the schedule
+    "backfill_schedule": _as_is,  # a schedule id and fire times
 }
 
 
@@ -235,6 +237,7 @@ def filter_snapshot_value(d: Mapping[str, Any], f: ZoneFilter) -> dict[str, Any]
         "fired": dict(d.get("fired") or {}),
         "executions": _each(d.get("executions"), _execution, f),
         "counters": list(d.get("counters") or [0, 0]),
+        "backfills": dict(d.get("backfills") or {}),  # fire times and job ids, no user data
     }
     return out
 
