@@ -321,7 +321,7 @@ class SchedulerState:
             "fired": self.fired,
             "executions": list(self.executions),
             "counters": [self.fires_recorded, self.fires_deduplicated, self.fires_skipped],
-            "backfills": self.backfills,
+            **({"backfills": self.backfills} if self.backfills else {}),
         }
 
     def restore(self, data: bytes) -> None:

@@ -237,8 +237,9 @@ def filter_snapshot_value(d: Mapping[str, Any], f: ZoneFilter) -> dict[str, Any]
         "fired": dict(d.get("fired") or {}),
         "executions": _each(d.get("executions"), _execution, f),
         "counters": list(d.get("counters") or [0, 0]),
-        "backfills": dict(d.get("backfills") or {}),  # fire times and job ids, no user data
     }
+    if d.get("backfills"):
+        out["backfills"] = dict(d["backfills"])  # fire times and job ids, no user data
     return out
 
 
