@@ -198,7 +198,8 @@ def test_a_trigger_works_on_a_paused_schedule_and_not_on_an_unknown_one(nodes: N
     nodes.apply({"op": "add_schedule", "schedule": dump_schedule(paused)})
     got = nodes.apply({"op": "trigger_schedule", "schedule_id": "p", "now": T0.isoformat()})
     assert UUID(got["job_id"]) in nodes.state.jobs
-    assert nodes.apply({"op": "trigger_schedule", "schedule_id": "x", "now": T0.isoformat()}) is None
+    unknown = {"op": "trigger_schedule", "schedule_id": "x", "now": T0.isoformat()}
+    assert nodes.apply(unknown) is None
 
 
 def test_two_triggers_at_one_instant_are_two_jobs(nodes: Nodes) -> None:

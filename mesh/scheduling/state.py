@@ -739,7 +739,7 @@ class SchedulerState:
                 "schedule_id": job.schedule_id,
                 "task": job.task_id,
                 "scheduled_fire_time": _iso(job.scheduled_fire_time),
-                "idempotency_key": idempotency_key(job),
+                "idempotency_key": idempotency_key(job, js.origin),
                 "started_at": _iso(result.started_at),
                 "finished_at": _iso(result.finished_at),
                 "handler_id": c.get("handler_id"),
