@@ -27,6 +27,7 @@ from mesh.client import (
     format_table,
     short_time,
 )
+from mesh.scheduling.outcomes import OUTCOMES
 
 __all__ = ["EXIT_API", "add_client_commands"]
 
@@ -90,12 +91,16 @@ def add_client_commands(sub: Any) -> None:
     )
     backfill = leaf(actions, "backfill", "run every fire time in [start, end)", _cmd_backfill)
     backfill.add_argument("id", metavar="ID")
-    backfill.add_argument("--start", required=True, metavar="T", help="ISO-8601 date-time")
-    backfill.add_argument("--end", required=True, metavar="T", help="ISO-8601 date-time")
+    for flag in ("--start", "--end"):
+        backfill.add_argument(
+            flag, required=True, type=_aware_arg, metavar="T", help="ISO-8601 with an offset"
+        )
 
     executions = leaf(sub, "executions", "the execution history, newest first", _cmd_executions)
     executions.add_argument("--schedule", metavar="ID", help="only this schedule's")
-    executions.add_argument("--outcome", metavar="O", help="only this outcome (e.g. error)")
+    executions.add_argument(
+        "--outcome", type=_outcome_arg, metavar="O", help="only this outcome (e.g. error)"
+    )
     executions.add_argument("--since", metavar="T", help="only those since this date-time")
     executions.add_argument("--limit", type=_int_arg, metavar="N", help="at most N")
 
@@ -130,6 +135,25 @@ def _int_arg(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _aware_arg(text: str) -> str:
+    """A date-time with an offset (as the API wants it for a backfill), passed on as given."""
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO-8601 date-time such as 2026-11-01T00:00:00Z, got {text!r}"
+        ) from None
+    if at.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"needs an offset such as Z or +00:00, got {text!r}")
+    return text
+
+
+def _outcome_arg(text: str) -> str:
+    if text not in OUTCOMES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(OUTCOMES)}, got {text!r}")
+    return text
 
 
 def _json_arg(kind: type) -> Any:
@@ -203,6 +227,7 @@ def _cmd_schedules_get(ns: argparse.Namespace) -> int:
         ("args", json.dumps(s.get("args", []))),
         ("kwargs", json.dumps(s.get("kwargs", {}))),
         ("metadata", json.dumps(s.get("metadata", {}))),
+        *_control_rows(s),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -210,6 +235,22 @@ def _cmd_schedules_get(ns: argparse.Namespace) -> int:
             value = "-" if value is None else "yes" if value else "no"
         print(f"{key + ':':<{width + 1}} {value}")
     return 0
+
+
+# The added fields (docs/scheduling.md, "Controls"), in the order the API lists them.
+_CONTROLS = ("overlap", "retry", "timeout", "target", "history", "remaining_runs", "notify")
+
+
+def _control_rows(s: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The schedule's controls for ``schedules get``: objects in one line of JSON."""
+    rows: list[tuple[str, Any]] = []
+    for name in _CONTROLS:
+        value = s.get(name)
+        if isinstance(value, dict | list):
+            value = json.dumps(value, separators=(", ", ": "))
+        rows.append((name.replace("_", " "), value))
+    rows.append(("note", s.get("note") or None))
+    return rows
 
 
 def _read_schedules(source: str) -> tuple[list[dict[str, Any]], bool]:
@@ -346,7 +387,10 @@ def _cmd_schedules_trigger(ns: argparse.Namespace) -> int:
         answer = _client(ns).trigger(ns.id)
     except ApiError as e:
         raise _not_offered(e, "POST /api/schedules/{id}/trigger") from None
-    _print_schedule_change(ns, answer, "triggered")
+    if ns.output == "json":
+        _print_json(answer)
+    else:
+        print(f"triggered {ns.id}: job {answer.get('job_id')}")
     return 0
 
 
@@ -355,7 +399,14 @@ def _cmd_backfill(ns: argparse.Namespace) -> int:
         answer = _client(ns).backfill(ns.id, ns.start, ns.end)
     except ApiError as e:
         raise _not_offered(e, "POST /api/schedules/{id}/backfill") from None
-    _print_schedule_change(ns, answer, "backfill requested for")
+    if ns.output == "json":
+        _print_json(answer)
+    else:
+        print(
+            f"backfill of {ns.id}: {answer.get('fire_times')} fire times, "
+            f"{answer.get('already_run')} already ran, {len(answer.get('job_ids') or [])} "
+            "queued to run one after another"
+        )
     return 0
 
 

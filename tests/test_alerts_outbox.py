@@ -228,3 +228,18 @@ def test_alerts_done_forgets_sent_and_failed_events_and_counts_them() -> None:
     outbox = log.state.outbox
     assert list(outbox.events) == [k3]
     assert (outbox.sent, outbox.failed) == (1, 1)
+
+
+def test_a_zone_replicas_copy_records_no_alerts() -> None:
+    """A replica applies the same records but has no leader to send alerts nor alerts_done to
+    clear them: with ``alerts=False`` its outbox stays empty (it would otherwise fill up)."""
+    from mesh.scheduling.alerts import Outbox
+
+    outbox = Outbox(enabled=False)
+    outbox.set_default({"webhook": "https://ops.example/hook", "on": ["failure"]})
+    outbox.on_record(
+        {"schedule_id": "s", "outcome": "error", "scheduled_fire_time": None, "job_id": "j",
+         "error": {"type": "E", "message": "m"}},
+        None,
+    )  # fmt: skip
+    assert outbox.events == {}

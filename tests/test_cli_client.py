@@ -273,16 +273,55 @@ def test_pause_with_a_note_resume_and_delete(
     assert code == 1 and one_error_line(err).startswith("404: ") and "cycle" in err
 
 
-def test_trigger_says_clearly_when_the_node_does_not_offer_it(
+def test_trigger_and_backfill_run_a_schedule_outside_its_times(
     mesh: Mesh, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    operate = on(mesh.leader, mesh.tokens["operate"])
-    ApiClient(mesh.leader.http, token=mesh.tokens["operate"]).apply_schedule(body("trig"))
-    code, _, err = run(capsys, "schedules", "trigger", "trig", *operate)
-    # Nodes do not offer /trigger yet (issue 16 adds it; this test then changes with it).
-    line = one_error_line(err)
-    assert code == 1
-    assert "does not offer POST /api/schedules/{id}/trigger" in line, line
+    operate = on(mesh.follower, mesh.tokens["operate"])
+    hourly = body("trig", trigger={"type": "interval", "hours": 1,
+                                   "start_time": "2024-01-01T00:00:00Z"}, paused=True)  # fmt: skip
+    ApiClient(mesh.leader.http, token=mesh.tokens["operate"]).apply_schedule(hourly)
+    code, out, err = run(capsys, "schedules", "trigger", "trig", *operate)
+    assert code == 0 and out.startswith("triggered trig: job "), err
+    window = ("--start", "2024-01-01T00:00:00Z", "--end", "2024-01-01T03:00:00Z")
+    code, out, err = run(capsys, "schedules", "backfill", "trig", *window, "-o", "json", *operate)
+    assert code == 0, err
+    answer = json.loads(out)
+    assert (answer["fire_times"], answer["already_run"], len(answer["job_ids"])) == (3, 0, 3)
+    code, out, err = run(capsys, "schedules", "backfill", "trig", *window, *operate)
+    assert (code, out.strip()) == (
+        0,
+        "backfill of trig: 3 fire times, 3 already ran, 0 queued to run one after another",
+    ), err
+
+
+def test_schedules_get_shows_the_added_fields(
+    mesh: Mesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    operate = on(mesh.follower, mesh.tokens["operate"])
+    limited = body("limited", remaining_runs=5, history={"keep_success": 3}, overlap="skip",
+                   paused=True)  # fmt: skip
+    ApiClient(mesh.leader.http, token=mesh.tokens["operate"]).apply_schedule(limited)
+    out = run(capsys, "schedules", "get", "limited", *operate)[1]
+    assert "remaining runs: 5" in out
+    assert 'history:        {"keep_success": 3, "keep_failed": null}' in out
+    assert "overlap:        skip" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("executions", "--outcome", "exploded"),
+        ("schedules", "backfill", "x", "--start", "2024-01-01T00:00:00", "--end", "2024-01-02Z"),
+        ("schedules", "backfill", "x", "--start", "yesterday", "--end", "2024-01-02T00:00:00Z"),
+        ("schedules", "backfill", "x", "--start", "2024-01-01T00:00:00Z"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]
+) -> None:
+    code, _, err = run(capsys, *argv, "--url", "http://127.0.0.1:9")
+    assert code == 2
+    one_error_line(err)
 
 
 # --------------------------------------------------------------------------- the rest
@@ -315,8 +354,9 @@ def test_executions_of_a_schedule_are_listed_with_limit_and_outcome(
     assert header.split()[:3] == ["JOB", "SCHEDULE", "OUTCOME"]
     assert rows and all(row.split()[1:3] == ["beat", "success"] for row in rows)
 
+    # An outcome the mesh does not know is refused before any request (exit 2, one line).
     code, _, err = run(capsys, "executions", "--outcome", "bogus", *operate)
-    assert code == 1 and one_error_line(err).startswith("400: outcome:")
+    assert code == 2 and "--outcome" in one_error_line(err)
     ApiClient(mesh.leader.http, token=mesh.tokens["operate"]).delete_schedule("beat")
 
 

@@ -237,6 +237,53 @@ def test_run_now_and_pause_with_a_note_work_from_the_page(open_page: Any, mesh: 
     assert page.script_errors() == []
 
 
+def test_run_now_triggers_and_the_backfill_form_backfills(open_page: Any, mesh: Mesh) -> None:
+    hourly = {"type": "interval", "hours": 1, "start_time": "2024-01-01T00:00:00Z"}
+    status, body = mesh.api("POST", "/api/schedules", schedule("runs", trigger=hourly, paused=True))
+    assert status == 201, body
+    page = open_page(2)
+    page.go("schedules")
+    r = row(page, "runs")
+    expect(r).to_be_visible(timeout=LIVE)
+
+    r.locator('[data-action="run"]').click()
+    expect(page.page.locator("#toast")).to_contain_text("triggered runs: job", timeout=LIVE)
+    r.locator('[data-action="backfill"]').click()
+    page.page.locator("#backfill-start").fill("2024-01-01T00:00:00Z")
+    page.page.locator("#backfill-end").fill("2024-01-01T03:00:00Z")
+    page.page.locator("#backfill-confirm").click()
+    expect(page.page.locator("#toast")).to_contain_text(
+        "backfill of runs: 3 fire times, 0 already ran, 3 queued", timeout=LIVE
+    )
+
+    def keys() -> list[str]:
+        got = mesh.api("GET", "/api/executions?schedule_id=runs")[1]["executions"]
+        return sorted(ex["idempotency_key"] for ex in got)
+
+    mesh.cluster.wait_for(lambda: len(keys()) >= 4, 20, "the trigger and three backfilled runs")
+    assert keys()[:3] == [f"runs@2024-01-01T0{h}:00:00+00:00" for h in range(3)]
+    assert keys()[3].endswith("#trigger")
+    assert page.script_errors() == []
+
+
+def test_the_editor_shows_and_edits_the_added_fields(open_page: Any, mesh: Mesh) -> None:
+    body = schedule("limited", paused=True, remaining_runs=5, history={"keep_failed": 7})
+    assert mesh.api("POST", "/api/schedules", body)[0] == 201
+    page = open_page(0)
+    page.go("schedules")
+    r = row(page, "limited")
+    expect(r).to_contain_text("5 runs left", timeout=LIVE)
+    r.locator('[data-action="edit"]').click()
+    controls = page.page.locator("#sf-controls")
+    expect(controls).to_have_value(re.compile('"remaining_runs":5'))
+    controls.fill('{"remaining_runs": 2, "history": {"keep_failed": 7}, "overlap": "skip"}')
+    page.page.locator("#schedule-submit").click()
+    expect(r).to_contain_text("2 runs left", timeout=LIVE)
+    got = mesh.api("GET", "/api/schedules/limited")[1]
+    assert (got["remaining_runs"], got["overlap"], got["history"]["keep_failed"]) == (2, "skip", 7)
+    assert page.script_errors() == []
+
+
 def test_the_apis_validation_error_is_shown_next_to_its_field_and_json_creates(
     open_page: Any, mesh: Mesh
 ) -> None:

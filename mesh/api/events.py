@@ -250,9 +250,13 @@ class EventHub:
         elif op == "acquire_jobs":
             for jid in result or ():
                 self._job("running", jid)
-        elif op == "release_job" and result is True and state.executions:
-            record = state.executions[-1]  # appended by this very command
+        elif op == "release_job" and result is True and state.last_record is not None:
+            record = state.last_record  # written by this very command (maybe trimmed since)
             self.publish("execution", lambda: dict(record))
+        elif op in ("trigger_schedule", "backfill_schedule") and isinstance(result, dict):
+            for jid in [result.get("job_id"), *result.get("job_ids", ())]:
+                if jid is not None:
+                    self._job("queued", jid)
 
     def _schedule(self, action: str, sid: str, *, whole: bool = True) -> None:
         s = self.state.schedules.get(sid)

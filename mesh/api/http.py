@@ -37,6 +37,7 @@ from mesh.api.forward import (
 from mesh.api.limits import LIMITS_KEY, ApiLimits, body_limits, limit_connections, loads
 from mesh.api.metrics import NodeCollector, RequestCounter
 from mesh.api.openapi import openapi_document
+from mesh.api.runs import add_run_routes
 from mesh.api.schema import (
     BadRequest,
     parse_job_body,
@@ -377,6 +378,7 @@ def _add_scheduling_routes(app: web.Application, service: SchedulingService) -> 
     r.add_delete("/api/schedules/{id}", delete_schedule)
     r.add_post("/api/schedules/{id}/pause", pause)
     r.add_post("/api/schedules/{id}/resume", resume)
+    add_run_routes(app, service)  # /trigger, /backfill
     r.add_post("/api/jobs", run_job)
     r.add_get("/api/jobs/{job_id}", job_status)
     r.add_get("/api/executions", executions)

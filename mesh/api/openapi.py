@@ -29,6 +29,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from mesh.api.schema import (
+    BackfillBody,
     BulkBody,
     CalendarIntervalTriggerBody,
     CronTriggerBody,
@@ -164,6 +165,17 @@ class BulkResult(msgspec.Struct):
     conflicts: Annotated[list[str], Meta(description="ids left as they were (replace: false)")]
     schedules: Annotated[list[BulkItem], Meta(description="one per item, in order")]
     warnings: list[str] | UnsetType = UNSET
+
+
+class Triggered(msgspec.Struct):
+    job_id: Annotated[str, Meta(description="a UUID")]
+    idempotency_key: Annotated[str, Meta(description="<schedule>@<now>#trigger")]
+
+
+class Backfilled(msgspec.Struct):
+    fire_times: Annotated[int, Meta(description="fire times of the trigger in the range")]
+    already_run: Annotated[int, Meta(description="of them: ran, running or queued already")]
+    job_ids: Annotated[list[str], Meta(description="the jobs of the others, in fire-time order")]
 
 
 class JobAccepted(msgspec.Struct):
@@ -563,6 +575,26 @@ OPERATIONS: tuple[Operation, ...] = (
         {200: Schedule},
         role="operate",
         errors=(503, 404),
+        scheduling=True,
+    ),
+    Operation(
+        "post",
+        "/api/schedules/{id}/trigger",
+        "run the schedule once now, outside its times (also while it is paused); no body",
+        {202: Triggered},
+        role="operate",
+        errors=(*WRITE_ERRORS, 404, 429),
+        scheduling=True,
+    ),
+    Operation(
+        "post",
+        "/api/schedules/{id}/backfill",
+        "run each fire time of the schedule in [start, end) that has not run, once, one after "
+        "another in fire-time order (at most 1000 per request)",
+        {202: Backfilled},
+        body=BackfillBody,
+        role="operate",
+        errors=(*WRITE_ERRORS, 404, 409),
         scheduling=True,
     ),
     Operation(

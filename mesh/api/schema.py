@@ -192,6 +192,22 @@ class PauseBody(_Body):
     ) = None
 
 
+AwareDateTimeText = Annotated[
+    str,
+    Meta(
+        max_length=64,
+        description="an ISO-8601 date-time with an offset such as '2026-11-23T10:00:00+00:00'",
+    ),
+]
+
+
+class BackfillBody(_Body):
+    """POST /api/schedules/{id}/backfill: the range [start, end) of past fire times to run."""
+
+    start: AwareDateTimeText
+    end: AwareDateTimeText
+
+
 class _TriggerBody(_Body, tag_field="type"):
     def to_trigger(self, now: datetime) -> Trigger:
         """The APScheduler trigger; ``now`` fills in an omitted start."""
@@ -496,6 +512,27 @@ def parse_pause_body(body: Any) -> str | None:
     _require_object(body, "request body")
     note = _convert(body, PauseBody, where="the pause").note
     return (note.strip() or None) if note is not None else None
+
+
+def parse_backfill_body(body: Any, *, now: datetime) -> tuple[datetime, datetime]:
+    """Validate a backfill body ``{"start", "end"}`` → (start, end): aware date-times (an
+    offset is required: a range of past fire times must not depend on the node's zone), with
+    start < end <= ``now``."""
+    _require_object(body, "request body")
+    b = _convert(body, BackfillBody, where="the backfill")
+    start, end = _aware(b.start, "start"), _aware(b.end, "end")
+    if end <= start:
+        raise BadRequest("end: must be later than start")
+    if end > now:
+        raise BadRequest(f"end: must not be in the future (now is {now.isoformat()})")
+    return start, end
+
+
+def _aware(text: str, path: str) -> datetime:
+    dt = _datetime(text, path)
+    if datetime.fromisoformat(text).tzinfo is None:
+        raise BadRequest(f"{path}: needs an offset such as 'Z' or '+00:00', got {_show(text)}")
+    return dt
 
 
 def parse_trigger(spec: Any, *, now: datetime | None = None) -> Trigger:

@@ -64,7 +64,13 @@ from mesh.dispatch.registry import HandlerInfo, HandlerRegistry, has_tags
 from mesh.scheduling.controls import controls_of
 from mesh.scheduling.executor import TaskUnavailable
 from mesh.scheduling.outcomes import JobTimedOut, NoHandler, RunCancelled
-from mesh.scheduling.state import RemoteJobError, SchedulerState, idempotency_key, to_wire
+from mesh.scheduling.state import (
+    RemoteJobError,
+    SchedulerState,
+    idempotency_key,
+    job_key,
+    to_wire,
+)
 from mesh.tasks import JobContext
 
 if TYPE_CHECKING:
@@ -266,10 +272,14 @@ class HandlerDispatcher:
             return False
         payload = {
             "job_id": str(job.id),
-            "idempotency_key": idempotency_key(job),
+            "idempotency_key": self._key_of(job),
             "fencing_token": fencing_token,
         }
         return bool(self.bus.send_to_identity(handler.identity, p.CANCEL_JOB, payload))
+
+    def _key_of(self, job: Job) -> str:
+        js = self.state.jobs.get(job.id)
+        return job_key(js) if js is not None else idempotency_key(job)
 
     async def targets(self, job: Job) -> list[str]:
         """The handlers a broadcast fire runs on, by id: every live one offering its task with

@@ -61,7 +61,8 @@ def event_of_record(ex: dict[str, Any]) -> str | None:
 class Outbox:
     """Alert events not yet confirmed sent, oldest first, and the replicated counters."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled  # False: records nothing (a zone replica's copy)
         self.events: dict[str, dict[str, Any]] = {}
         self.default: Notify | None = None  # the cluster default, as the leader committed it
         self.seq = 0  # events recorded so far: part of each new event's id
@@ -97,6 +98,8 @@ class Outbox:
         )
 
     def _add(self, event: str, schedule: Schedule | None, **fields: Any) -> None:
+        if not self.enabled:
+            return
         target = (controls_of(schedule).notify if schedule is not None else None) or self.default
         if target is None or event not in target.on:
             return

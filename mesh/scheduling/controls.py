@@ -211,8 +211,16 @@ def to_plain(controls: Controls) -> dict[str, Any]:
     for name in _FIELDS:
         value = getattr(controls, name)
         if value != getattr(DEFAULT, name):
-            out[name] = msgspec.to_builtins(value)
+            out[name] = _without_nulls(msgspec.to_builtins(value))
     return out
+
+
+def _without_nulls(value: Any) -> Any:
+    """A nested field left null (``history.keep_failed``) is left out: APScheduler refuses
+    metadata holding a null, and a missing field reads back as its default (null)."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if v is not None}
+    return value
 
 
 def to_json(controls: Controls) -> dict[str, Any]:

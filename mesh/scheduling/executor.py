@@ -25,7 +25,7 @@ from apscheduler.abc import JobExecutor
 
 from mesh.scheduling.controls import Target, controls_of
 from mesh.scheduling.outcomes import JobTimedOut, NoHandler, RunCancelled
-from mesh.scheduling.state import idempotency_key
+from mesh.scheduling.state import idempotency_key, job_key
 from mesh.tasks import REGISTRY, JobContext, RunTimedOut, TaskDef
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class MeshJobExecutor(JobExecutor):
             task=job.task_id,
             schedule_id=job.schedule_id,
             scheduled_fire_time=job.scheduled_fire_time,
-            idempotency_key=idempotency_key(job, shard),
+            idempotency_key=job_key(js) if js is not None else idempotency_key(job),
             attempt=js.attempts if js is not None else 1,
             fencing_token=self.session.fencing_token,
             try_number=js.tries if js is not None else 1,

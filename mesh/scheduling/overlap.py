@@ -48,9 +48,9 @@ RUN = Decision("run")
 
 def decide(policy: str, open_jobs: Sequence[JobState], origin: str) -> Decision:
     """The decision for a new job of ``origin`` given the schedule's ``open_jobs`` (oldest
-    first). A retry continues the run that failed (it held the schedule's slot), so no policy
-    applies to it."""
-    if policy == "allow_all" or not open_jobs or origin == "retry":
+    first). A retry continues the run that failed (it held the schedule's slot), and a backfill
+    runs its times one after another on its own, so no policy applies to either."""
+    if policy == "allow_all" or not open_jobs or origin in ("retry", "backfill"):
         return RUN
     held = [js for js in open_jobs if js.held]
     if policy == "skip":

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -26,6 +26,7 @@ from apscheduler.abc import EventBroker
 from apscheduler.eventbrokers.local import LocalEventBroker
 
 from mesh.contracts import Replica
+from mesh.scheduling import backfill
 from mesh.scheduling.cancel import cancel_flagged
 from mesh.scheduling.controls import controls_of, with_controls
 from mesh.scheduling.executor import STAND_IN_REF, Dispatcher, MeshJobExecutor, remote_task
@@ -54,6 +55,16 @@ class UnknownSchedule(LookupError):
 
 class ScheduleExists(Exception):
     pass
+
+
+class BackfillQueueFull(Exception):
+    """The schedule has too many backfilled fire times waiting to take more."""
+
+    def __init__(self, schedule_id: str, queued: int) -> None:
+        super().__init__(
+            f"schedule {schedule_id!r} has {queued} backfilled fire times still to run; with "
+            f"this request it would exceed {backfill.MAX_QUEUED}: wait for them to run"
+        )
 
 
 class SchedulingService:
@@ -333,6 +344,48 @@ class SchedulingService:
                     )
                 await scheduler.unpause_schedule(schedule_id)
         return self.state.schedules[schedule_id]
+
+    async def trigger(self, schedule_id: str, now: datetime) -> dict[str, Any]:
+        """One run of the schedule at ``now``, outside its times (paused or not):
+        ``{"job_id", "idempotency_key"}`` once committed (docs/scheduling.md, "trigger")."""
+        await self.wait_ready(READY_WAIT)
+        if self.dispatcher is not None:
+            self.dispatcher.check_queue(len(self.state.jobs))
+        result = await self._run_outside_times(
+            {"op": "trigger_schedule", "schedule_id": schedule_id, "now": now.isoformat()}
+        )
+        return {"job_id": result["job_id"], "idempotency_key": result["idempotency_key"]}
+
+    async def backfill(self, schedule_id: str, start: datetime, end: datetime) -> dict[str, Any]:
+        """Run the schedule's fire times in [start, end) that have not run, one after another:
+        ``{"fire_times", "already_run", "job_ids"}`` once committed (docs/scheduling.md,
+        "backfill"). ``backfill.TooManyFireTimes``, ``backfill.NotIterable`` and
+        ``BackfillQueueFull`` say why not."""
+        await self.wait_ready(READY_WAIT)
+        schedule = self.state.schedules.get(schedule_id)
+        if schedule is None:
+            raise UnknownSchedule(schedule_id)
+        times = backfill.fire_times(schedule.trigger, start, end)
+        result = await self._run_outside_times(
+            {
+                "op": "backfill_schedule",
+                "schedule_id": schedule_id,
+                "times": [t.isoformat() for t in times],
+                "now": datetime.now(UTC).isoformat(),
+            }
+        )
+        if "refused" in result:
+            raise BackfillQueueFull(schedule_id, result["refused"])
+        return result
+
+    async def _run_outside_times(self, command: dict[str, Any]) -> dict[str, Any]:
+        session = self.session
+        if session is None:
+            raise NotReady("leadership changed while the request waited")
+        result = await session.store.run_outside_times(command)
+        if result is None:  # deleted meanwhile
+            raise UnknownSchedule(command["schedule_id"])
+        return result
 
     async def run_now(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> UUID:
         scheduler = await self.wait_ready(READY_WAIT)

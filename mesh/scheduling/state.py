@@ -34,9 +34,10 @@ from apscheduler import Job, JobOutcome, JobResult, Schedule, Task
 from sortedcontainers import SortedList
 
 from mesh.consensus.messages import COMMAND, Entry
-from mesh.scheduling import outcomes, overlap
+from mesh.scheduling import backfill, outcomes, overlap
 from mesh.scheduling.alerts import Outbox
 from mesh.scheduling.codec import NotPlainJSON, from_wire, plain, to_wire
+from mesh.scheduling.controls import KEY as CONTROLS
 from mesh.scheduling.controls import MAX_NOTE, Controls, controls_of, with_controls
 from mesh.scheduling.firemetrics import DEFAULT_MAX_SCHEDULES, FireMetrics
 
@@ -164,14 +165,26 @@ def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-def idempotency_key(job: Job, shard: tuple[int, int] | None = None) -> str:
-    """Stable across leaders: the schedule and its nominal (jitter-free) fire time; a broadcast
-    run's adds its shard (``sched@time#2/3``), so each handler's run is its own."""
+def idempotency_key(job: Job) -> str:
+    """Stable across leaders: the schedule and its nominal (jitter-free) fire time. A job with
+    a key of its own (a trigger's, a broadcast run's) keeps it in ``JobState.key``: use
+    :func:`job_key` for a job of the state."""
     if job.schedule_id is not None and job.scheduled_fire_time is not None:
-        key = f"{job.schedule_id}@{job.original_scheduled_time.isoformat()}"
-    else:
-        key = f"job:{job.id}"
-    return f"{key}#{shard[0]}/{shard[1]}" if shard is not None else key
+        return f"{job.schedule_id}@{job.original_scheduled_time.isoformat()}"
+    return f"job:{job.id}"
+
+
+def job_key(js: JobState) -> str:
+    """The idempotency key of a job of the state: its own (a trigger's ``sched@now#trigger``,
+    a broadcast run's ``sched@time#2/3``; a retry keeps the key of the run it retries), else
+    the fire's (:func:`idempotency_key`)."""
+    return js.key or idempotency_key(js.job)
+
+
+def fire_of(key: str) -> str:
+    """The fire a key names, without a broadcast run's ``#i/n``; a trigger's stays apart."""
+    base, _, suffix = key.partition("#")
+    return key if suffix.startswith("trigger") else base
 
 
 def shard_id(job_id: UUID, index: int, count: int) -> UUID:
@@ -198,11 +211,12 @@ class JobState:
     not_before: datetime | None = None  # a retry's backoff: not started before this
     shard: tuple[int, int] | None = None  # (index, count) of a broadcast fire's run
     cancel: bool = False  # its schedule's overlap policy asked the run to stop (cancel_other)
+    key: str | None = None  # its own idempotency key (job_key), None: the fire's
 
 
 # JobState fields kept in a snapshot's "x" only when they differ from these.
 _JOB_EXTRAS = {"origin": "fire", "tries": 1, "held": False, "not_before": None, "shard": None,
-               "cancel": False}  # fmt: skip
+               "cancel": False, "key": None}  # fmt: skip
 
 
 def _dump_extras(js: JobState) -> dict[str, Any]:
@@ -234,8 +248,12 @@ class SchedulerState:
         max_executions: int = DEFAULT_MAX_EXECUTIONS,
         max_results: int = DEFAULT_MAX_RESULTS,
         metric_schedules: int = DEFAULT_MAX_SCHEDULES,
+        alerts: bool = True,
     ) -> None:
         self.max_executions = max_executions
+        # A voter records notify alerts (its leader sends them); a zone replica has no leader
+        # and is never told what was sent: it records none.
+        self.alerts = alerts
         self.max_results = max_results
         # Derived from the records as they apply; not in the image (mesh.scheduling.firemetrics).
         self.fire_metrics = FireMetrics(metric_schedules)
@@ -266,10 +284,19 @@ class SchedulerState:
         # Jobs whose schedule's cancel_other policy asked them to stop, until they finish:
         # the leader (every new one too) sends their cancels (mesh.scheduling.cancel).
         self.cancelling: dict[UUID, None] = {}
-        self.outbox = Outbox()  # notify alerts not yet confirmed sent (mesh.scheduling.alerts)
+        self.outbox = Outbox(
+            enabled=self.alerts
+        )  # notify alerts not yet confirmed sent (mesh.scheduling.alerts)
         # Jobs with a retry backoff (``not_before``) not finished yet: what ``backing_off``
         # counts, without looking at every job.
         self._backoff: dict[UUID, None] = {}
+        # Schedule id → its backfilled fire times still to run, in fire-time order, each
+        # ``[ISO nominal time, job id]``: one job of a schedule's backfill runs at a time.
+        self.backfills: dict[str, list[list[str]]] = {}
+        # (schedule id, success?) → its records in the history, for the schedules with history
+        # limits (counted when first needed, so never part of a snapshot).
+        self._kept: dict[tuple[str, bool], int] = {}
+        self.last_record: dict[str, Any] | None = None  # the latest record ``_record`` wrote
 
     # ------------------------------------------------------------------ StateMachine
 
@@ -335,7 +362,8 @@ class SchedulerState:
             "fired": self.fired,
             "executions": list(self.executions),
             "counters": [self.fires_recorded, self.fires_deduplicated, self.fires_skipped],
-            "alerts": self.outbox.dump(),
+            **({"alerts": self.outbox.dump()} if self.alerts else {}),
+            **({"backfills": self.backfills} if self.backfills else {}),
         }
 
     def restore(self, data: bytes) -> None:
@@ -366,6 +394,7 @@ class SchedulerState:
             res = load_result(r)
             self.results[res.job_id] = res
         self.fired = dict(d["fired"])
+        self.backfills = {sid: [list(x) for x in q] for sid, q in d.get("backfills", {}).items()}
         self.executions.extend(d["executions"])
         counters = [*d["counters"], 0]  # snapshots before fires_skipped have two
         self.fires_recorded, self.fires_deduplicated, self.fires_skipped = counters[:3]
@@ -446,7 +475,7 @@ class SchedulerState:
                 "schedule_id": js.job.schedule_id,
                 "status": "running" if js.job.acquired_by else "pending",
                 "attempt": js.attempts,
-                "idempotency_key": idempotency_key(js.job, js.shard),
+                "idempotency_key": job_key(js),
             }
         for ex in reversed(self.executions):
             if ex["job_id"] == str(job_id):
@@ -456,6 +485,23 @@ class SchedulerState:
                     "status": ex["outcome"],
                     "return_value": dump_result(result)["return_value"] if result else None,
                 }
+        return self._queued_status(str(job_id))
+
+    def _queued_status(self, job_id: str) -> dict[str, Any] | None:
+        """A backfilled run still waiting for its turn (its job does not exist yet)."""
+        for sid, queue in self.backfills.items():
+            for nominal, jid in queue:
+                if jid == job_id:
+                    s = self.schedules.get(sid)
+                    return {
+                        "job_id": jid,
+                        "task": s.task_id if s is not None else None,
+                        "schedule_id": sid,
+                        "status": "pending",
+                        "attempt": 0,
+                        "idempotency_key": f"{sid}@{nominal}",
+                        "scheduled_fire_time": nominal,
+                    }
         return None
 
     def execution_history(
@@ -513,6 +559,8 @@ class SchedulerState:
     # ------------------------------------------------------------------ schedule index
 
     def _put_schedule(self, s: Schedule) -> None:
+        if s.next_fire_time is not None and _remaining_runs(s) == 0:
+            s = attrs.evolve(s, next_fire_time=None)  # its run limit is reached: it stops
         old = self.schedules.get(s.id)
         if old is not None:
             self._unindex(old)
@@ -572,6 +620,7 @@ class SchedulerState:
                 self._unindex(s)
                 self._leased.discard(sid)
                 self.fired.pop(sid, None)
+                self.backfills.pop(sid, None)
                 removed.append(sid)
         return removed
 
@@ -678,8 +727,14 @@ class SchedulerState:
             if last is not None and datetime.fromisoformat(last) >= job.original_scheduled_time:
                 self.fires_deduplicated += 1
                 return False  # this fire time already has its job: replayed fire, no-op
+            if self._run_limit_reached(job.schedule_id):
+                return False
             self.fired[job.schedule_id] = nominal
             self.fires_recorded += 1
+            if not self._admit(JobState(job), e):
+                return False
+            self._count_run(job.schedule_id)
+            return True
         return self._admit(JobState(job), e)
 
     def _admit(self, js: JobState, e: Entry) -> bool:
@@ -828,7 +883,7 @@ class SchedulerState:
                 "schedule_id": job.schedule_id,
                 "task": job.task_id,
                 "scheduled_fire_time": _iso(job.scheduled_fire_time),
-                "idempotency_key": idempotency_key(job, js.shard),
+                "idempotency_key": job_key(js),
                 "started_at": _iso(result.started_at),
                 "finished_at": _iso(result.finished_at),
                 "handler_id": c.get("handler_id"),
@@ -845,6 +900,8 @@ class SchedulerState:
             e,
         )
         self._overlap_finished(js, result.finished_at)
+        if retry_at is None and job.schedule_id in self.backfills:
+            self._backfill_continues(job.schedule_id, result.finished_at, e)
         return True
 
     def _after_failure(
@@ -919,7 +976,13 @@ class SchedulerState:
                 acquired_until=None,
             )
             run = attrs.evolve(
-                js, job=job, attempts=0, term=None, handler=handler, shard=(index, count)
+                js,
+                job=job,
+                attempts=0,
+                term=None,
+                handler=handler,
+                shard=(index, count),
+                key=f"{job_key(js)}#{index}/{count}",
             )
             self.jobs[job.id] = run
             self._open_add(run)
@@ -930,10 +993,14 @@ class SchedulerState:
         """Append an execution record: the one place a finished (or skipped) fire is written
         to the history, so what follows from a record (alerts, metrics, history limits)
         follows here."""
+        if self._kept and len(self.executions) == self.executions.maxlen:
+            self._forget(self.executions[0])  # the cap pushes the oldest record out
         self.executions.append(ex)
         sid = ex.get("schedule_id")
         self.outbox.on_record(ex, self.schedules.get(sid) if sid is not None else None)
         self.fire_metrics.record(ex)
+        self.last_record = ex
+        self._trim_history(ex)
 
     def _op_notify_default(self, c: dict[str, Any], _e: Entry) -> bool:
         """The cluster's default ``notify`` (a leader's config, committed when it takes office,
@@ -943,6 +1010,144 @@ class SchedulerState:
     def _op_alerts_done(self, c: dict[str, Any], _e: Entry) -> int:
         """Alerts the leader delivered (``sent``) or gave up on (``failed``): out of the outbox."""
         return self.outbox.done(list(c.get("sent", ())), list(c.get("failed", ())))
+
+    # ------------------------------------------------------------------ history limits
+
+    def _trim_history(self, ex: dict[str, Any]) -> None:
+        """Keep at most the schedule's ``history.keep_success`` successful records and
+        ``keep_failed`` others (its oldest go). A schedule without limits costs a lookup or two;
+        one with limits keeps a count, and a record over its limit costs one pass over the
+        history (at most ``max_executions`` records) to remove the oldest of its kind."""
+        sid = ex.get("schedule_id")
+        if sid is None:
+            return
+        kind = (sid, ex.get("outcome") == "success")
+        keep = _history_limit(self.schedules.get(sid), kind[1])
+        if keep is None:
+            if self._kept:
+                self._kept.pop(kind, None)  # counted again if it gets a limit later
+            return
+        count = self._kept.get(kind)
+        count = self._count_kind(kind) if count is None else count + 1
+        if count > keep:
+            self._drop_oldest(kind, count - keep)
+            count = keep
+        self._kept[kind] = count
+
+    def _count_kind(self, kind: tuple[str, bool]) -> int:
+        return sum(1 for ex in self.executions if _kind(ex) == kind)
+
+    def _forget(self, ex: dict[str, Any]) -> None:
+        kind = _kind(ex)
+        if kind in self._kept:
+            self._kept[kind] -= 1
+
+    def _drop_oldest(self, kind: tuple[str, bool], n: int) -> None:
+        if n == 1:
+            for i, ex in enumerate(self.executions):
+                if _kind(ex) == kind:
+                    del self.executions[i]
+                    return
+        kept = []
+        for ex in self.executions:
+            if n > 0 and _kind(ex) == kind:
+                n -= 1
+                continue
+            kept.append(ex)
+        self.executions.clear()
+        self.executions.extend(kept)
+
+    # ------------------------------------------------------------------ run limit
+
+    def _run_limit_reached(self, schedule_id: str) -> bool:
+        s = self.schedules.get(schedule_id)
+        return s is not None and _remaining_runs(s) == 0
+
+    def _count_run(self, schedule_id: str) -> None:
+        """One fire of the schedule's own times was queued: one run less (``remaining_runs``);
+        at 0 the schedule stops (``_put_schedule``)."""
+        s = self.schedules.get(schedule_id)
+        left = _remaining_runs(s) if s is not None else None
+        if s is None or left is None:
+            return
+        raw = s.metadata[CONTROLS]
+        metadata = {**s.metadata, CONTROLS: {**raw, "remaining_runs": max(0, left - 1)}}
+        self._put_schedule(attrs.evolve(s, metadata=metadata))
+
+    # ------------------------------------------------------------------ trigger and backfill
+
+    def _op_trigger_schedule(self, c: dict[str, Any], e: Entry) -> dict[str, Any] | None:
+        """One run of the schedule now (``c["now"]``, the leader's clock), outside its times:
+        its own idempotency key, neither checked against nor moving the ``fired`` watermark,
+        nor counted in ``remaining_runs``. None if the schedule is gone."""
+        s = self.schedules.get(c["schedule_id"])
+        if s is None:
+            return None
+        now = _dt(c["now"])
+        assert now is not None
+        key = f"{s.id}@{now.isoformat()}#trigger"
+        job = backfill.schedule_job(s, now, backfill.run_id(key, e.index), now)
+        queued = self._admit(JobState(job, origin="trigger", key=key), e)
+        return {"job_id": str(job.id), "idempotency_key": key, "queued": queued}
+
+    def _op_backfill_schedule(self, c: dict[str, Any], e: Entry) -> dict[str, Any] | None:
+        """Queue the fire times ``c["times"]`` (ISO, in order, as the trigger gives them) of a
+        schedule to run one after another, each with a normal fire's idempotency key; a time
+        that already ran (or waits in a backfill) is left out. None if the schedule is gone."""
+        sid = c["schedule_id"]
+        if sid not in self.schedules:
+            return None
+        queue = self.backfills.get(sid, [])
+        seen = {t for t, _ in queue}
+        ran = self._ran_keys(sid)
+        new: list[list[str]] = []
+        for t in c["times"]:
+            if t in seen or f"{sid}@{t}" in ran:
+                continue
+            seen.add(t)
+            new.append([t, str(backfill.run_id(f"{sid}@{t}", e.index))])
+        answer = {"fire_times": len(c["times"]), "already_run": len(c["times"]) - len(new)}
+        if len(queue) + len(new) > backfill.MAX_QUEUED:
+            return {**answer, "refused": len(queue)}
+        if new:
+            self.backfills[sid] = sorted(queue + new, key=lambda x: datetime.fromisoformat(x[0]))
+            if not any(js.origin == "backfill" for js in self.open_jobs(sid)):
+                self._backfill_next(sid, _dt(c["now"]), e)
+        return {**answer, "job_ids": [jid for _, jid in new]}
+
+    def _backfill_next(self, sid: str, now: datetime | None, e: Entry) -> None:
+        """Queue the schedule's next backfilled fire time that has not run meanwhile."""
+        queue = self.backfills.get(sid)
+        s = self.schedules.get(sid)
+        ran = self._ran_keys(sid) if queue else set()
+        while queue and s is not None:
+            t, jid = queue.pop(0)
+            if f"{sid}@{t}" in ran:
+                continue
+            nominal = datetime.fromisoformat(t)
+            job = backfill.schedule_job(s, nominal, UUID(jid), now or nominal)
+            if self._admit(JobState(job, origin="backfill"), e):
+                break
+        if not queue:
+            self.backfills.pop(sid, None)
+
+    def _backfill_continues(self, sid: str, finished_at: datetime, e: Entry) -> None:
+        """A run of a schedule with a backfill queue ended: its next backfilled time runs once
+        no backfilled run of it (nor a retry, which may be one's next try) is unfinished."""
+        if not any(js.origin in ("backfill", "retry") for js in self.open_jobs(sid)):
+            self._backfill_next(sid, finished_at, e)
+
+    def _ran_keys(self, sid: str) -> set[str]:
+        """The keys of the schedule's fire times that ran or are running (a broadcast's runs
+        count for their fire): its unfinished jobs and its records of runs (one pass over the
+        history)."""
+        keys = {fire_of(job_key(js)) for js in self.open_jobs(sid)}
+        keys.update(
+            fire_of(ex["idempotency_key"])
+            for ex in self.executions
+            if ex.get("schedule_id") == sid and ex.get("outcome") not in backfill.NOT_RUN
+        )
+        return keys
 
     def _op_reset_leases(self, c: dict[str, Any], _e: Entry) -> dict[str, int]:
         schedules = 0
@@ -1000,7 +1205,31 @@ def retry_job(js: JobState, not_before: datetime) -> JobState:
         tries=tries,
         not_before=not_before,
         shard=js.shard,
+        key=js.key,
     )
+
+
+def _controls_raw(s: Schedule) -> dict[str, Any] | None:
+    """The stored controls (plain JSON, validated when written), without decoding them: the
+    fire path reads one field of them."""
+    return s.metadata.get(CONTROLS) if s.metadata else None
+
+
+def _remaining_runs(s: Schedule) -> int | None:
+    raw = _controls_raw(s)
+    return raw.get("remaining_runs") if raw else None
+
+
+def _history_limit(s: Schedule | None, success: bool) -> int | None:
+    raw = _controls_raw(s) if s is not None else None
+    history = raw.get("history") if raw else None
+    if not history:
+        return None
+    return history.get("keep_success" if success else "keep_failed")
+
+
+def _kind(ex: dict[str, Any]) -> tuple[str, bool]:
+    return (ex.get("schedule_id"), ex.get("outcome") == "success")  # type: ignore[return-value]
 
 
 def record_time(ex: dict[str, Any]) -> datetime | None:

@@ -447,6 +447,17 @@ class ReplicatedDataStore(BaseDataStore):
         js = self.state.jobs.get(job_id)
         return js is not None and js.job.acquired_by == scheduler_id
 
+    async def run_outside_times(self, command: dict[str, Any]) -> Any:
+        """Commit a ``trigger_schedule`` or ``backfill_schedule`` command (a mesh extension of
+        the DataStore contract) and wake the job loop for the job it queued; its result."""
+        result = await self._propose(command)
+        if isinstance(result, dict) and self.state.schedules.get(command["schedule_id"]):
+            for jid in [result.get("job_id"), *result.get("job_ids", ())]:
+                js = self.state.jobs.get(UUID(jid)) if jid is not None else None
+                if js is not None:
+                    await self._publish_job_added(js.job)
+        return result
+
     async def get_next_schedule_run_time(self) -> datetime | None:
         return self.state.next_fire_time()
 
@@ -691,7 +702,10 @@ class ReplicatedDataStore(BaseDataStore):
         finished = [
             sid
             for sid, s in self.state.schedules.items()
-            if s.next_fire_time is None and sid not in busy
+            if s.next_fire_time is None
+            and sid not in busy
+            and sid not in self.state.backfills
+            and controls_of(s).remaining_runs != 0  # stopped by its run limit: it stays
         ]
         if finished:
             await self.remove_schedules(finished, finished=True)

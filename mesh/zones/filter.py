@@ -187,6 +187,10 @@ _OPS = {
     "assign_job": _as_is,
     "reset_leases": _as_is,
     "expire_results": _as_is,
+    "trigger_schedule": _as_is,  # a schedule id and a time: the job is built from the schedule
+    "backfill_schedule": _as_is,  # a schedule id and fire times
+    "broadcast": _as_is,  # a job id and handler ids: the runs are built from the job
+    "alerts_done": _as_is,  # alert ids (the webhook, in notify_default, never passes)
 }
 
 
@@ -236,6 +240,8 @@ def filter_snapshot_value(d: Mapping[str, Any], f: ZoneFilter) -> dict[str, Any]
         "executions": _each(d.get("executions"), _execution, f),
         "counters": list(d.get("counters") or [0, 0]),
     }
+    if d.get("backfills"):
+        out["backfills"] = dict(d["backfills"])  # fire times and job ids, no user data
     return out
 
 

@@ -313,7 +313,7 @@ async def serve_replica(
     from mesh.api.http import HttpServer, create_app
 
     opts.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    state = _ObservedState()
+    state = _ObservedState(alerts=False)
     store = ReplicaStore(opts.data_dir / REPLICA_DB)
     transport = MeshTransport(opts.replica_id, None, keys=keys, rejections=Rejections())
     follower = FeedFollower(opts.replica_id, opts.zone, opts.upstreams, state, transport, store)

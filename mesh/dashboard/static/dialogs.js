@@ -4,7 +4,19 @@ import { $ } from './dom.js';
 const dialogs = {
   pause: { resolve: null },
   delete: { resolve: null },
+  backfill: { resolve: null },
 };
+
+/** Opens the backfill dialog; resolves with {start, end} or null when cancelled. */
+export function askBackfillRange(text) {
+  const dialog = $('backfill-dialog');
+  $('backfill-text').textContent = text;
+  return new Promise((resolve) => {
+    dialogs.backfill.resolve = resolve;
+    dialog.showModal();
+    $('backfill-start').focus();
+  });
+}
 
 /** Opens the pause dialog; resolves with the note ('' for none) or null when cancelled. */
 export function askPauseNote(text) {
@@ -41,6 +53,12 @@ export function setupDialogs() {
     finish('pause', pause, $('pause-note').value.trim());
   });
   pause.addEventListener('close', () => finish('pause', pause, null));
+  const backfill = $('backfill-dialog');
+  $('backfill-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    finish('backfill', backfill, { start: $('backfill-start').value.trim(), end: $('backfill-end').value.trim() });
+  });
+  backfill.addEventListener('close', () => finish('backfill', backfill, null));
   const del = $('delete-dialog');
   $('delete-form').addEventListener('submit', (ev) => {
     ev.preventDefault();

@@ -5,7 +5,7 @@ import { $, badge, clear, debounce, el, emptyRow, errorNote, pageHeader, table }
 import { describeTrigger, relEl, timeEl } from './format.js';
 import { api, query, schedulePath } from './api.js';
 import { toast, toastError } from './toast.js';
-import { askDelete, askPauseNote } from './dialogs.js';
+import { askBackfillRange, askDelete, askPauseNote } from './dialogs.js';
 import { scheduleForm } from './schedule-form.js';
 
 function scheduleMatches(s, filter) {
@@ -26,6 +26,10 @@ function stateCell(s) {
     if (note) td.appendChild(el('span', { class: 'pause-note', title: note }, ` ${note.length > 60 ? `${note.slice(0, 60)}…` : note}`));
   } else {
     td.appendChild(badge('active', 'ok'));
+  }
+  if (Number.isInteger(s.remaining_runs)) {
+    const left = s.remaining_runs;
+    td.appendChild(el('span', { class: 'runs-left muted', title: 'remaining_runs' }, left === 0 ? ' run limit reached' : ` ${left} run${left === 1 ? '' : 's'} left`));
   }
   return td;
 }
@@ -55,6 +59,7 @@ function scheduleRow(s, checked) {
     stateCell(s),
     el('td', { class: 'actions nowrap' },
       actionButton('run', 'Run now', s.id),
+      actionButton('backfill', 'Backfill', s.id, 'btn-ghost'),
       s.paused ? actionButton('resume', 'Resume', s.id) : actionButton('pause', 'Pause', s.id),
       actionButton('edit', 'Edit', s.id, 'btn-ghost'),
       actionButton('delete', 'Delete', s.id, 'btn-ghost btn-danger-text')));
@@ -222,6 +227,7 @@ export function schedulesPage() {
     if (!row) return;
     const action = button.dataset.action;
     if (action === 'run') runNow(row.schedule);
+    else if (action === 'backfill') backfillOne(row.schedule);
     else if (action === 'pause') pauseOne(row.schedule);
     else if (action === 'resume') resumeOne(row.schedule);
     else if (action === 'edit') editOne(row.schedule);
@@ -291,14 +297,19 @@ export function schedulesPage() {
 
   async function runNow(s) {
     try {
-      let data;
-      try {
-        data = await api(`${schedulePath(s.id)}/trigger`, { method: 'POST', body: {} });
-      } catch (e) {
-        if (e.status !== 404 && e.status !== 405) throw e;
-        data = await api('/api/jobs', { method: 'POST', body: { task: s.task, args: s.args || [], kwargs: s.kwargs || {} } });
-      }
-      toast(data && data.job_id ? `started job ${data.job_id}` : `triggered ${s.id}`);
+      const data = await api(`${schedulePath(s.id)}/trigger`, { method: 'POST', body: {} });
+      toast(`triggered ${s.id}: job ${data.job_id}`);
+    } catch (e) {
+      toastError(e);
+    }
+  }
+
+  async function backfillOne(s) {
+    const range = await askBackfillRange(`Run each fire time of ${s.id} in [start, end) that has not run, one after another (at most 1000).`);
+    if (range === null) return;
+    try {
+      const data = await api(`${schedulePath(s.id)}/backfill`, { method: 'POST', body: range });
+      toast(`backfill of ${s.id}: ${data.fire_times} fire times, ${data.already_run} already ran, ${data.job_ids.length} queued`);
     } catch (e) {
       toastError(e);
     }

@@ -5,7 +5,20 @@ import { $ } from './dom.js';
 import { pad2, parseTime } from './format.js';
 import { api, schedulePath } from './api.js';
 
-const FORM_FIELDS = ['id', 'task', 'trigger', 'args', 'kwargs', 'coalesce', 'misfire_grace_time', 'max_jitter', 'paused', 'metadata'];
+// The added fields (docs/scheduling.md, "Controls"): one JSON object in the form.
+const CONTROL_FIELDS = ['overlap', 'retry', 'timeout', 'target', 'history', 'remaining_runs', 'notify', 'note'];
+const FORM_FIELDS = ['id', 'task', 'trigger', 'args', 'kwargs', 'coalesce', 'misfire_grace_time', 'max_jitter', 'paused', 'metadata', ...CONTROL_FIELDS];
+
+/** The schedule's controls that differ from their defaults (an empty object when none). */
+function controlsOf(s) {
+  const out = {};
+  for (const k of CONTROL_FIELDS) {
+    const v = s[k];
+    if (v === null || v === undefined || v === '' || (k === 'overlap' && v === 'allow_all')) continue;
+    out[k] = v;
+  }
+  return out;
+}
 
 export const scheduleForm = {
   editing: null, // the schedule being edited, or null when creating
@@ -64,6 +77,7 @@ export const scheduleForm = {
     $('sf-args').value = JSON.stringify(s.args || []);
     $('sf-kwargs').value = JSON.stringify(s.kwargs || {});
     $('sf-metadata').value = JSON.stringify(s.metadata || {});
+    $('sf-controls').value = JSON.stringify(controlsOf(s));
     $('sf-coalesce').value = s.coalesce || 'latest';
     $('sf-misfire').value = s.misfire_grace_time === null || s.misfire_grace_time === undefined ? '' : String(s.misfire_grace_time);
     $('sf-jitter').value = s.max_jitter === null || s.max_jitter === undefined ? '' : String(s.max_jitter);
@@ -170,6 +184,11 @@ export const scheduleForm = {
     body.max_jitter = seconds('max_jitter', 'sf-jitter');
     body.paused = $('sf-paused').checked;
     body.metadata = json('metadata', 'sf-metadata', 'object');
+    const controls = json('controls', 'sf-controls', 'object');
+    for (const k of Object.keys(controls)) {
+      if (!CONTROL_FIELDS.includes(k)) fail('controls', `controls: unknown field ${JSON.stringify(k)} (allowed: ${CONTROL_FIELDS.join(', ')})`);
+    }
+    Object.assign(body, controls);
     return body;
   },
 
