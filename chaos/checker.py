@@ -262,6 +262,7 @@ def skipped_fires(node_http: str, schedules: dict[str, float]) -> dict[str, set[
         if status != 200:
             raise RuntimeError(f"GET {path}: {status}")
         out[sid] = {e["scheduled_fire_time"] for e in body["executions"]}
+    return out
 
 
 # Fires this close to the workload's end (seconds) may not have had all their tries yet.
