@@ -13,6 +13,7 @@ Pure data: no clock, no I/O; GET /metrics reads :meth:`FireMetrics.export`.
 
 from __future__ import annotations
 
+import bisect
 import collections
 from datetime import datetime
 from typing import Any
@@ -37,11 +38,7 @@ class Lateness:
     def observe(self, seconds: float) -> None:
         seconds = max(0.0, seconds)  # a start a clock skew puts before its time counts as on time
         self.sum += seconds
-        for i, bound in enumerate(BUCKETS):
-            if seconds <= bound:
-                self.counts[i] += 1
-                return
-        self.counts[-1] += 1
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1  # the first bound >= seconds
 
     def cumulative(self) -> list[tuple[str, int]]:
         """Prometheus buckets: ``(le, count of observations <= le)``, ending with ``+Inf``."""
@@ -71,8 +68,9 @@ class FireMetrics:
             return schedule_id
         return OTHER
 
-    def record(self, ex: dict[str, Any]) -> None:
-        """Count one execution record (run-now jobs, which have no schedule, are not fires)."""
+    def record(self, ex: dict[str, Any], late: float | None = None) -> None:
+        """Count one execution record (run-now jobs, which have no schedule, are not fires);
+        ``late``: its lateness in seconds when the caller has it (else read from the record)."""
         sid = ex.get("schedule_id")
         if sid is None:
             return
@@ -83,11 +81,13 @@ class FireMetrics:
             self.skipped[(label, ex.get("reason") or "unknown")] += 1
         elif outcome == "missed_start_deadline":
             self.missed[(label, "start_deadline")] += 1
-        started, scheduled = ex.get("started_at"), ex.get("scheduled_fire_time")
-        if started and scheduled:
-            late = (
-                datetime.fromisoformat(started) - datetime.fromisoformat(scheduled)
-            ).total_seconds()
+        if late is None:
+            started, scheduled = ex.get("started_at"), ex.get("scheduled_fire_time")
+            if started and scheduled:
+                late = (
+                    datetime.fromisoformat(started) - datetime.fromisoformat(scheduled)
+                ).total_seconds()
+        if late is not None:
             self.lateness_all.observe(late)
             self.lateness.setdefault(label, Lateness()).observe(late)
 

@@ -757,6 +757,8 @@ class SchedulerState:
         if sid is None or sid not in self._open:
             return True
         policy = controls_of(js.job).overlap
+        if policy == "allow_all":
+            return True
         decision = overlap.decide(policy, self.open_jobs(sid), js.origin)
         for old in decision.drop:
             self._end_unstarted(old, "cancelled", e)
@@ -898,6 +900,7 @@ class SchedulerState:
                 **({"shard": list(js.shard)} if js.shard is not None else {}),
             },
             e,
+            _lateness(result.started_at, job.scheduled_fire_time),
         )
         self._overlap_finished(js, result.finished_at)
         if retry_at is None and job.schedule_id in self.backfills:
@@ -989,17 +992,20 @@ class SchedulerState:
             out.append(str(job.id))
         return out
 
-    def _record(self, ex: dict[str, Any], _e: Entry) -> None:
+    def _record(self, ex: dict[str, Any], _e: Entry, late: float | None = None) -> None:
         """Append an execution record: the one place a finished (or skipped) fire is written
         to the history, so what follows from a record (alerts, metrics, history limits)
         follows here."""
         if self._kept and len(self.executions) == self.executions.maxlen:
             self._forget(self.executions[0])  # the cap pushes the oldest record out
         self.executions.append(ex)
-        sid = ex.get("schedule_id")
-        self.outbox.on_record(ex, self.schedules.get(sid) if sid is not None else None)
-        self.fire_metrics.record(ex)
         self.last_record = ex
+        self.fire_metrics.record(ex, late)
+        if ex["outcome"] != "success" or self._kept:
+            sid = ex.get("schedule_id")
+            self.outbox.on_record(ex, self.schedules.get(sid) if sid is not None else None)
+        elif not _has_controls(self.schedules.get(ex.get("schedule_id"))):  # type: ignore[arg-type]
+            return  # the common case: a success of a schedule without controls
         self._trim_history(ex)
 
     def _op_notify_default(self, c: dict[str, Any], _e: Entry) -> bool:
@@ -1207,6 +1213,16 @@ def retry_job(js: JobState, not_before: datetime) -> JobState:
         shard=js.shard,
         key=js.key,
     )
+
+
+def _lateness(started_at: datetime | None, fire_time: datetime | None) -> float | None:
+    if started_at is None or fire_time is None:
+        return None
+    return (started_at - fire_time).total_seconds()
+
+
+def _has_controls(s: Schedule | None) -> bool:
+    return s is not None and bool(s.metadata) and CONTROLS in s.metadata
 
 
 def _controls_raw(s: Schedule) -> dict[str, Any] | None:
