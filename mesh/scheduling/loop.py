@@ -40,7 +40,6 @@ from apscheduler import (
     Job,
     JobAdded,
     JobOutcome,
-    JobReleased,
     JobResult,
     RunState,
     ScheduleAdded,
@@ -82,17 +81,13 @@ class MeshScheduler(AsyncScheduler):
             ):
                 wakeup.set()
 
-        async def job_failed(event: Any) -> None:
-            # A failed run may have queued a retry (its backoff ends at a time the loop must
-            # wake for); successes, the bulk of releases, never do.
-            if cast("JobReleased", event).outcome is not JobOutcome.success:
-                wakeup.set()
+        def retry_queued(_retry: Any) -> None:
+            # A failed run queued a retry: its backoff ends at a time the loop must wake for.
+            wakeup.set()  # the loop's current event (the name is rebound every iteration)
 
-        with (
-            self.event_broker.subscribe(
-                schedule_added_or_modified, {ScheduleAdded, ScheduleUpdated}
-            ),
-            self.event_broker.subscribe(job_failed, {JobReleased}),
+        store.on_retry = retry_queued
+        with self.event_broker.subscribe(
+            schedule_added_or_modified, {ScheduleAdded, ScheduleUpdated}
         ):
             task_status.started()
             await self.get_next_event(SchedulerStarted)

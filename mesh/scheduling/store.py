@@ -62,6 +62,7 @@ from mesh.scheduling.controls import controls_of
 from mesh.scheduling.outcomes import outcome_of
 from mesh.scheduling.rounds import Fired, Lease, RoundResult, plan_round, round_command
 from mesh.scheduling.state import (
+    JobState,
     SchedulerState,
     dump_job,
     dump_result,
@@ -71,6 +72,7 @@ from mesh.scheduling.state import (
     load_job,
     load_schedule,
     load_task,
+    retry_job_id,
     to_wire,
 )
 
@@ -104,6 +106,10 @@ class ReplicatedDataStore(BaseDataStore):
     runner_of: Callable[[UUID], str | None] = lambda _job_id: None
     # Optional pipelined proposer (MeshNode.propose_nowait): add_job then does not wait.
     propose_nowait: Callable[[dict[str, Any]], asyncio.Future[Any]] | None = None
+    # Told of each retry a failed release queued (the schedule loop sets it to wake up for the
+    # retry's backoff: a direct call, not an event each of the thousands of releases a second
+    # would deliver through a task of its own).
+    on_retry: Callable[[JobState], None] | None = attrs.field(default=None, init=False)
     _inflight: set[asyncio.Future[Any]] = attrs.field(init=False, factory=set)
     _tasks: set[asyncio.Task[None]] = attrs.field(init=False, factory=set)
     _batch: list[tuple[dict[str, Any], asyncio.Future[Any]]] = attrs.field(init=False, factory=list)
@@ -607,7 +613,12 @@ class ReplicatedDataStore(BaseDataStore):
         mesh_outcome = outcome_of(result.exception)
         if mesh_outcome is not None:
             command["outcome"] = mesh_outcome
+        before = self.state.jobs.get(job.id)
         released = await self.propose_batched(command)  # jobs finishing together: one entry
+        if released and result.outcome is not JobOutcome.success and before is not None:
+            retry = self.state.jobs.get(retry_job_id(job.id, before.tries + 1))
+            if retry is not None and self.on_retry is not None:
+                self.on_retry(retry)  # the schedule loop wakes for its backoff's end
         if released:
             await self._event_broker.publish(
                 JobReleased.from_result(
