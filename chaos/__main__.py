@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"({report['seconds']}s) leaders={report.get('leader_changes')} "
                 f"fires={report.get('fires_checked')} "
                 f"retried={report.get('retry_fires')}/{report.get('retry_tries')} "
+                f"overlap_runs={report.get('overlap_runs')} "
                 f"acked={report.get('writes_acked')} "
                 f"unavail={report.get('unavailability_s')}s snapshots={report.get('snapshots')}",
                 flush=True,
