@@ -8,6 +8,7 @@ its transport would hand them over, with the sender's key name and role.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -224,3 +225,20 @@ async def test_the_dispatcher_sends_cancel_job_and_a_cancelled_result_ends_the_r
     leader.bus.deliver(p.JOB_RESULT, result, identity=a.identity)
     with pytest.raises(RunCancelled):
         await asyncio.wait_for(running, WAIT)
+
+
+async def test_the_cancel_loop_sleeps_until_a_run_is_flagged_then_sends_its_cancel() -> None:
+    session, executor, sent = leader()
+    loop = asyncio.create_task(cancel.cancel_flagged(session, executor, sent))  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(cancel.SWEEP_SECONDS * 2)
+        assert sent.cancels == []  # nothing flagged: it waits (woken, not polling)
+        job = flagged(session, handler="h1", leased=True)
+        session.state._wake_watchers()  # what the state machine does when it flags a run
+        await wait_until_async(lambda: sent.cancels or None, WAIT, "the cancel")
+        assert sent.cancels == [("h1", str(job.id), 3)]
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+    assert session.state._watchers == set()  # the loop stopped watching when it ended

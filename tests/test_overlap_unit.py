@@ -268,3 +268,18 @@ def test_a_fire_round_does_not_lease_a_held_job() -> None:
     js = m.job(job)
     assert js.held and js.job.acquired_by is None and js.handler is None
     assert m.state.running_jobs("t") == 1  # only the first
+
+
+def test_flagging_a_run_to_cancel_wakes_the_leaders_watchers() -> None:
+    """The leader's cancel loop sleeps until the state machine flags a run (no polling)."""
+    m = Machine()
+    woken: list[int] = []
+    unwatch = m.state.watch(lambda: woken.append(1))
+    first = m.fire(0, "cancel_other")
+    m.start(first)
+    assert woken == []
+    m.fire(1, "cancel_other")
+    assert woken == [1] and first.id in m.state.cancelling
+    unwatch()
+    m.fire(2, "cancel_other")
+    assert woken == [1]

@@ -48,7 +48,7 @@ __all__ = ["AlertSender", "NotifySettings", "alert_body", "redacted_url"]
 
 log = logging.getLogger("mesh.dispatch.alerts")
 
-POLL_SECONDS = 0.1  # how often the sender looks at the outbox (a dict length when idle)
+POLL_SECONDS = 0.1  # how often the sender looks at the outbox while alerts are pending
 MAX_IN_FLIGHT = 8  # events posted at once: one slow webhook does not hold up the others
 USER_AGENT = "schedulezero-alerts"
 
@@ -118,6 +118,9 @@ class AlertSender:
             resolver=GuardedResolver()
         )  # fmt: skip
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout)
+        outbox = session.state.outbox
+        wake = asyncio.Event()
+        unwatch = session.state.watch(wake.set)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
             try:
                 while True:
@@ -128,8 +131,13 @@ class AlertSender:
                             task = asyncio.create_task(self._handle(http, session, event))
                             in_flight[key] = task
                             task.add_done_callback(lambda _t, k=key: in_flight.pop(k, None))
-                    await asyncio.sleep(POLL_SECONDS)
+                    if in_flight or outbox.events:
+                        await asyncio.sleep(POLL_SECONDS)
+                    else:  # nothing to send: sleep until the state machine records an alert
+                        wake.clear()
+                        await wake.wait()
             finally:
+                unwatch()
                 for task in list(in_flight.values()):
                     task.cancel()
                 for task in list(in_flight.values()):

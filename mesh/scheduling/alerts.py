@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -61,8 +62,9 @@ def event_of_record(ex: dict[str, Any]) -> str | None:
 class Outbox:
     """Alert events not yet confirmed sent, oldest first, and the replicated counters."""
 
-    def __init__(self, *, enabled: bool = True) -> None:
+    def __init__(self, *, enabled: bool = True, on_event: Callable[[], None] | None = None) -> None:
         self.enabled = enabled  # False: records nothing (a zone replica's copy)
+        self.on_event = on_event  # told of each new event (wakes the leader's sender)
         self.events: dict[str, dict[str, Any]] = {}
         self.default: Notify | None = None  # the cluster default, as the leader committed it
         self.seq = 0  # events recorded so far: part of each new event's id
@@ -107,6 +109,8 @@ class Outbox:
         about = f"{self.seq}|{event}|{fields['schedule_id']}|{fields['fire_time']}"
         key = str(uuid.uuid5(_NAMESPACE, about))
         self.events[key] = {"id": key, "event": event, **fields, "webhook": target.webhook}
+        if self.on_event is not None:
+            self.on_event()
         if len(self.events) > MAX_OUTBOX:
             oldest = next(iter(self.events))
             del self.events[oldest]

@@ -29,9 +29,18 @@ async def cancel_flagged(
 ) -> None:
     """For as long as this leader's term lasts: stop every run flagged ``cancel``."""
     sent: dict[UUID, float] = {}
-    while True:
-        sweep(session, executor, dispatcher, sent, time.monotonic())
-        await asyncio.sleep(SWEEP_SECONDS)
+    wake = asyncio.Event()
+    unwatch = session.state.watch(wake.set)
+    try:
+        while True:
+            sweep(session, executor, dispatcher, sent, time.monotonic())
+            if session.state.cancelling:
+                await asyncio.sleep(SWEEP_SECONDS)
+            else:  # nothing flagged: sleep until the state machine flags a run
+                wake.clear()
+                await wake.wait()
+    finally:
+        unwatch()
 
 
 def sweep(

@@ -23,7 +23,7 @@ import itertools
 import json
 import logging
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid5
@@ -254,6 +254,10 @@ class SchedulerState:
         # A voter records notify alerts (its leader sends them); a zone replica has no leader
         # and is never told what was sent: it records none.
         self.alerts = alerts
+        # Leader-side loops waiting for work the state machine creates (an alert to send, a run
+        # to cancel): told, so that they sleep while there is none (mesh.dispatch.alerts,
+        # mesh.scheduling.cancel). Not state: nothing here changes what apply does.
+        self._watchers: set[Callable[[], None]] = set()
         self.max_results = max_results
         # Derived from the records as they apply; not in the image (mesh.scheduling.firemetrics).
         self.fire_metrics = FireMetrics(metric_schedules)
@@ -284,9 +288,8 @@ class SchedulerState:
         # Jobs whose schedule's cancel_other policy asked them to stop, until they finish:
         # the leader (every new one too) sends their cancels (mesh.scheduling.cancel).
         self.cancelling: dict[UUID, None] = {}
-        self.outbox = Outbox(
-            enabled=self.alerts
-        )  # notify alerts not yet confirmed sent (mesh.scheduling.alerts)
+        # Notify alerts not yet confirmed sent (mesh.scheduling.alerts).
+        self.outbox = Outbox(enabled=self.alerts, on_event=self._wake_watchers)
         # Jobs with a retry backoff (``not_before``) not finished yet: what ``backing_off``
         # counts, without looking at every job.
         self._backoff: dict[UUID, None] = {}
@@ -537,6 +540,16 @@ class SchedulerState:
                 break
         return out
 
+    def watch(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call ``wake`` whenever an alert is recorded or a run is flagged to cancel; returns
+        the function that stops it."""
+        self._watchers.add(wake)
+        return lambda: self._watchers.discard(wake)
+
+    def _wake_watchers(self) -> None:
+        for wake in list(self._watchers):
+            wake()
+
     def open_jobs(self, schedule_id: str) -> list[JobState]:
         """The schedule's unfinished jobs (queued, held or leased), oldest first."""
         return [self.jobs[jid] for jid in self._open.get(schedule_id, ())]
@@ -766,6 +779,7 @@ class SchedulerState:
             if not old.cancel:
                 old.cancel = True
                 self.cancelling[old.job.id] = None
+                self._wake_watchers()
         if decision.action == "skip":
             self._record(self._unrun_record(js, "skipped"), e)
             return False
