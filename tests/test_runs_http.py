@@ -139,3 +139,29 @@ async def test_a_trigger_with_a_body_other_than_an_empty_object_is_a_400(
     assert resp.status == 400
     resp = await client.post("/api/schedules/s/backfill", data=raw)
     assert resp.status == 400
+
+
+async def test_a_trigger_the_overlap_policy_skips_says_so_and_is_recorded_skipped(
+    client: TestClient,
+) -> None:
+    body = {
+        "id": "one-at-a-time",
+        "task": TASK + "_blocking",  # runs until the test ends
+        "trigger": {"type": "interval", "hours": 1},
+        "paused": True,
+        "overlap": "skip",
+    }
+    assert (await client.post("/api/schedules", json=body)).status == 201
+    first = await (await client.post("/api/schedules/one-at-a-time/trigger")).json()
+    assert first["queued"] is True
+    second = await (await client.post("/api/schedules/one-at-a-time/trigger")).json()
+    assert second["queued"] is False  # the first is still running
+    async with asyncio.timeout(WAIT):
+        while True:
+            got = await client.get("/api/executions?schedule_id=one-at-a-time&outcome=skipped")
+            records = (await got.json())["executions"]
+            if records:
+                break
+            await asyncio.sleep(0.02)
+    assert [r["idempotency_key"] for r in records] == [second["idempotency_key"]]
+    assert records[0]["reason"] == "overlap"

@@ -170,6 +170,10 @@ class BulkResult(msgspec.Struct):
 class Triggered(msgspec.Struct):
     job_id: Annotated[str, Meta(description="a UUID")]
     idempotency_key: Annotated[str, Meta(description="<schedule>@<now>#trigger")]
+    queued: Annotated[
+        bool,
+        Meta(description="false: the schedule's overlap policy skipped it (recorded `skipped`)"),
+    ]
 
 
 class Backfilled(msgspec.Struct):

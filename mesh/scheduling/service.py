@@ -354,7 +354,11 @@ class SchedulingService:
         result = await self._run_outside_times(
             {"op": "trigger_schedule", "schedule_id": schedule_id, "now": now.isoformat()}
         )
-        return {"job_id": result["job_id"], "idempotency_key": result["idempotency_key"]}
+        return {
+            "job_id": result["job_id"],
+            "idempotency_key": result["idempotency_key"],
+            "queued": result["queued"],
+        }
 
     async def backfill(self, schedule_id: str, start: datetime, end: datetime) -> dict[str, Any]:
         """Run the schedule's fire times in [start, end) that have not run, one after another:

@@ -800,7 +800,7 @@ class SchedulerState:
             "schedule_id": job.schedule_id,
             "task": job.task_id,
             "scheduled_fire_time": _iso(job.scheduled_fire_time),
-            "idempotency_key": idempotency_key(job),
+            "idempotency_key": job_key(js),
             "started_at": None,
             "finished_at": _iso(job.scheduled_fire_time),
             "handler_id": None,
