@@ -296,7 +296,7 @@ class NotifyConfig(_Section):
     webhook: Annotated[
         str, Meta(pattern=r"^https?://\S+\Z", max_length=2000, description="an http(s):// URL")
     ] | None = None  # fmt: skip
-    on: tuple[NotifyEvent, ...] = ("failure", "missed", "skipped")
+    on: tuple[NotifyEvent, ...] = ("failure", "missed", "skipped", "timeout", "no_handler")
     # Loopback, private and link-local targets are refused unless this is true (SSRF guard).
     allow_private: bool = False
     timeout: Seconds = 10.0  # per POST

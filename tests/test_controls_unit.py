@@ -101,3 +101,13 @@ def test_retry_delay_is_exponential_and_capped(failures: int, delay: float) -> N
 
 def test_retry_delay_with_a_huge_multiplier_does_not_overflow() -> None:
     assert Retry(initial_delay=1, multiplier=100, max_delay=604800).delay(100) == 604800
+
+
+def test_notify_alerts_on_every_event_of_a_fire_that_did_not_run_as_it_should_by_default() -> None:
+    from mesh.config import NotifyConfig
+
+    spec = parse(notify={"webhook": "https://ops.example/hook"})
+    assert spec.controls.notify is not None
+    want = ["failure", "missed", "skipped", "timeout", "no_handler"]
+    assert spec.controls.notify.on == want
+    assert list(NotifyConfig().on) == want  # the cluster default's, the same

@@ -50,6 +50,9 @@ OVERLAP_POLICIES: tuple[str, ...] = (
 )
 NotifyEvent = Literal["failure", "missed", "skipped", "timeout", "paused", "no_handler"]
 NOTIFY_EVENTS: tuple[str, ...] = ("failure", "missed", "skipped", "timeout", "paused", "no_handler")
+# What ``notify.on`` is when not given: every event that means a fire did not run as it
+# should; ``paused`` (an operator's act as often as not) only when asked for.
+DEFAULT_NOTIFY_ON: tuple[str, ...] = ("failure", "missed", "skipped", "timeout", "no_handler")
 
 MAX_ATTEMPTS = 100
 MAX_DELAY_SECONDS = 7 * 24 * 3600.0  # a retry's backoff: at most a week
@@ -147,7 +150,7 @@ class Notify(_Struct):
             max_length=len(NOTIFY_EVENTS),
             description="a list of events: " + ", ".join(map(repr, NOTIFY_EVENTS)),
         ),
-    ] = msgspec.field(default_factory=lambda: ["failure", "missed", "skipped"])
+    ] = msgspec.field(default_factory=lambda: list(DEFAULT_NOTIFY_ON))
 
 
 OverlapField = Annotated[
