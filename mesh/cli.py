@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -24,6 +24,7 @@ from mesh.client import ApiError, ClientConfigError
 from mesh.client_commands import EXIT_API, add_client_commands
 from mesh.config import (
     DISCOVERY_MODES,
+    Config,
     ConfigError,
     load_config,
     parse_http_address,
@@ -319,14 +320,21 @@ _NODE_KEYS = (
 )
 
 
-def _cmd_node(ns: argparse.Namespace) -> int:
+def node_config(ns: argparse.Namespace, env: Mapping[str, str]) -> Config:
+    """The ``Config`` a ``schedulezero node`` command line gives: its flags over its --config
+    file over ``env``. Public so that a deployment's own command lines (the Kubernetes
+    manifests' container args) can be checked exactly as the node will read them."""
     args: dict[str, Any] = {key: getattr(ns, key) for key in _NODE_KEYS}
     args["security.keys"] = ns.keys
     args["security.insecure"] = ns.insecure
     args["security.api_tokens"] = ns.api_tokens
     args["security.tls_cert"] = ns.tls_cert
     args["security.tls_key"] = ns.tls_key
-    config = load_config(args, config_file=ns.config, env=os.environ)
+    return load_config(args, config_file=ns.config, env=env)
+
+
+def _cmd_node(ns: argparse.Namespace) -> int:
+    config = node_config(ns, os.environ)
     _setup_logging(config.log_level)
     try:
         from mesh.app import run_node
