@@ -1,4 +1,4 @@
-"""Peer discovery: a static list, mDNS (zeroconf), or both, feeding one peer set.
+"""Peer discovery: a static list, mDNS (zeroconf) or DNS, or a union, feeding one peer set.
 
 A discovery source yields the mesh addresses (``tcp://HOST:PORT``) of the *other* nodes; it never
 contains the node's own address. The node sets one listener, called with the whole new set on
@@ -35,6 +35,7 @@ __all__ = [
     "DiscoveryError",
     "Listener",
     "MdnsDiscovery",
+    "PeerSet",
     "StaticDiscovery",
     "UnionDiscovery",
     "choose_interfaces",
@@ -73,7 +74,7 @@ class Discovery(Protocol):
         ...
 
 
-class _PeerSet:
+class PeerSet:
     """The shared bookkeeping: current set, one listener, notify on change only."""
 
     def __init__(self) -> None:
@@ -99,7 +100,7 @@ class _PeerSet:
                 log.exception("discovery listener failed on peers=%s", sorted(new))
 
 
-class StaticDiscovery(_PeerSet):
+class StaticDiscovery(PeerSet):
     """A fixed peer list (``--peer``); ``update()`` replaces it at run time."""
 
     def __init__(self, peers: Iterable[str], own_address: str) -> None:
@@ -125,7 +126,7 @@ class StaticDiscovery(_PeerSet):
         return {"mesh": address} if address in self._peers else {}
 
 
-class UnionDiscovery(_PeerSet):
+class UnionDiscovery(PeerSet):
     """Several sources (e.g. static seeds plus mDNS) seen as one peer set."""
 
     def __init__(self, sources: Iterable[Discovery]) -> None:
@@ -183,7 +184,7 @@ def _instance_label(node_id: str) -> str:
     return node_id.replace(".", "-")[:63]
 
 
-class MdnsDiscovery(_PeerSet):
+class MdnsDiscovery(PeerSet):
     """Registers this node as ``<node_id>.<service_type>`` and browses for the others.
 
     TXT properties: ``node_id``, ``mesh`` (advertised mesh address), ``http`` (advertised HTTP
@@ -384,15 +385,34 @@ class MdnsDiscovery(_PeerSet):
 def make_discovery(config: Config) -> Discovery:
     """The discovery source(s) a node's configuration asks for.
 
-    ``static``: the ``peers`` list. ``mdns``: mDNS, plus the ``peers`` list as extra seeds if any.
+    ``static``: the ``peers`` list. ``mdns`` and ``dns``: that source, plus the ``peers`` list
+    as extra seeds if any.
     """
     static = StaticDiscovery(config.peers, config.advertise_mesh)
     if config.discovery == "static":
         return static
-    mdns = MdnsDiscovery(
-        config.node_id,
-        config.advertise_mesh,
-        config.advertise_http,
-        service_type=config.mdns_service,
-    )
-    return UnionDiscovery([static, mdns]) if config.peers else mdns
+    found: Discovery
+    if config.discovery == "dns":
+        # Imported here: mesh.membership.dnsdiscovery builds on this module.
+        from mesh.membership.dnsdiscovery import DnsDiscovery
+
+        settings = config.dns
+        assert settings.name is not None  # the config refuses discovery dns without a name
+        found = DnsDiscovery(
+            settings.name,
+            (config.advertise_mesh, config.mesh),
+            port=settings.port or parse_mesh_address(config.advertise_mesh)[1],
+            srv=settings.srv,
+            server=settings.server,
+            interval=settings.interval,
+            timeout=settings.timeout,
+            max_records=settings.max_records,
+        )
+    else:
+        found = MdnsDiscovery(
+            config.node_id,
+            config.advertise_mesh,
+            config.advertise_http,
+            service_type=config.mdns_service,
+        )
+    return UnionDiscovery([static, found]) if config.peers else found
