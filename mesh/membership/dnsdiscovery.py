@@ -89,7 +89,7 @@ class DnsDiscovery(PeerSet):
         what = f"{SRV_PREFIX}{self.name} SRV" if self.srv else f"{self.name} A"
         try:
             found = await (self._srv_peers() if self.srv else self._a_peers())
-        except (dns.exception.DNSException, BadAnswer, OSError, ValueError, EOFError) as e:
+        except (dns.exception.DNSException, BadAnswer) as e:
             # ValueError/EOFError: dnspython's parser on some malformed wire data.
             if not self._failing:
                 log.warning("DNS discovery: %s failed (%s); keeping the last peers", what, e)
