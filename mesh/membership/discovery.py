@@ -19,10 +19,12 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from mesh.config import DEFAULT_MDNS_SERVICE, parse_http_address, parse_mesh_address
+from mesh.membership.dnsdiscovery import DnsDiscovery
+from mesh.membership.peerset import Discovery, DiscoveryError, Listener, PeerSet
 
 if TYPE_CHECKING:
     from zeroconf import InterfaceChoice, ServiceStateChange, Zeroconf
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Discovery",
     "DiscoveryError",
+    "DnsDiscovery",
     "Listener",
     "MdnsDiscovery",
     "PeerSet",
@@ -44,8 +47,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Listener = Callable[[frozenset[str]], None]
-
 # TTL of our SRV/TXT/A records. RFC 6762 suggests 120 s / 75 min, but a crashed node (which sends
 # no goodbye) should leave the peer set in about this long, not in an hour. Receivers clamp PTR
 # records to at least 1125 s, so expiry of the PTR alone would take ~19 minutes: instead every
@@ -53,51 +54,6 @@ Listener = Callable[[frozenset[str]], None]
 MDNS_TTL = 30
 RESOLVE_TIMEOUT_MS = 3000
 RESOLVE_ATTEMPTS = 3
-
-
-class DiscoveryError(RuntimeError):
-    """Discovery cannot run (no multicast sockets, duplicate node id); the message is one line."""
-
-
-@runtime_checkable
-class Discovery(Protocol):
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def peers(self) -> frozenset[str]:
-        """Mesh addresses of the other nodes known now (never our own)."""
-        ...
-
-    def set_listener(self, fn: Listener) -> None:
-        """``fn(peers)`` is called with the new set on every change after this call."""
-        ...
-
-
-class PeerSet:
-    """The shared bookkeeping: current set, one listener, notify on change only."""
-
-    def __init__(self) -> None:
-        self._peers: frozenset[str] = frozenset()
-        self._listener: Listener | None = None
-
-    def peers(self) -> frozenset[str]:
-        return self._peers
-
-    def set_listener(self, fn: Listener) -> None:
-        self._listener = fn
-
-    def _publish(self, peers: Iterable[str]) -> None:
-        new = frozenset(peers)
-        if new == self._peers:
-            return
-        self._peers = new
-        if self._listener is not None:
-            try:
-                self._listener(new)
-            except Exception:
-                # A faulty listener must not break the discovery source that called it.
-                log.exception("discovery listener failed on peers=%s", sorted(new))
 
 
 class StaticDiscovery(PeerSet):
@@ -393,9 +349,6 @@ def make_discovery(config: Config) -> Discovery:
         return static
     found: Discovery
     if config.discovery == "dns":
-        # Imported here: mesh.membership.dnsdiscovery builds on this module.
-        from mesh.membership.dnsdiscovery import DnsDiscovery
-
         settings = config.dns
         assert settings.name is not None  # the config refuses discovery dns without a name
         found = DnsDiscovery(

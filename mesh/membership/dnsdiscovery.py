@@ -30,7 +30,7 @@ import dns.rdatatype
 import dns.resolver
 
 from mesh.config import parse_dns_server, parse_mesh_address
-from mesh.membership.discovery import DiscoveryError, PeerSet
+from mesh.membership.peerset import DiscoveryError, PeerSet
 
 __all__ = ["SRV_PREFIX", "DnsDiscovery"]
 
