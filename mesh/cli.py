@@ -67,6 +67,13 @@ def _int_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _seconds_arg(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+
+
 def _tag_arg(text: str) -> tuple[str, str]:
     try:
         return parse_tag(text)
@@ -111,7 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="tcp://HOST:PORT",
         help="mesh address of another node (repeatable)",
     )
-    node.add_argument("--discovery", choices=DISCOVERY_MODES, help="static (default) or mdns")
+    node.add_argument(
+        "--discovery", choices=DISCOVERY_MODES, help="static (default), mdns or dns (--dns-name)"
+    )
+    node.add_argument(
+        "--dns-name",
+        metavar="NAME",
+        help="discovery dns: resolve NAME's A records (a headless Service) for peers",
+    )
+    node.add_argument(
+        "--dns-port", type=_int_arg, metavar="PORT", help="mesh port of DNS peers (default: ours)"
+    )
+    node.add_argument(
+        "--dns-srv",
+        action="store_true",
+        default=None,
+        help="ask for SRV _schedulezero._tcp.NAME (host and port) instead of A records",
+    )
+    node.add_argument(
+        "--dns-server", metavar="IP[:PORT]", help="DNS server to ask (default: the system's)"
+    )
+    node.add_argument(
+        "--dns-interval", type=_seconds_arg, metavar="SECONDS", help="re-resolve every SECONDS (10)"
+    )
     node.add_argument(
         "--tasks", action="append", metavar="MODULE", help="module with @mesh.task functions"
     )
@@ -223,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--http-base-port", type=_int_arg, default=8100, metavar="PORT")
     up.add_argument("--data-dir", default="data/up", metavar="DIR")
     up.add_argument("--tasks", action="append", default=[], metavar="MODULE")
-    up.add_argument("--discovery", choices=DISCOVERY_MODES, default="static")
+    up.add_argument("--discovery", choices=("static", "mdns"), default="static")
     up.add_argument("--log-level", metavar="LEVEL")
     up.add_argument("--no-sample", dest="sample", action="store_false", help="no sample schedule")
     up.set_defaults(func=_cmd_up)
@@ -330,6 +359,8 @@ def node_config(ns: argparse.Namespace, env: Mapping[str, str]) -> Config:
     args["security.api_tokens"] = ns.api_tokens
     args["security.tls_cert"] = ns.tls_cert
     args["security.tls_key"] = ns.tls_key
+    for key in ("name", "port", "srv", "server", "interval"):
+        args[f"dns.{key}"] = getattr(ns, f"dns_{key}")
     return load_config(args, config_file=ns.config, env=env)
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DispatchConfig",
+    "DnsConfig",
     "EventLogConfig",
     "FeedConfig",
     "GovernorConfig",
@@ -59,6 +60,7 @@ __all__ = [
     "SecurityConfig",
     "ZoneConfig",
     "load_config",
+    "parse_dns_server",
     "parse_http_address",
     "parse_mesh_address",
     "pub_address_of",
@@ -68,7 +70,8 @@ ENV_PREFIX = "SCHEDULEZERO_"
 DEFAULT_MESH = "tcp://127.0.0.1:7100"
 DEFAULT_HTTP = "127.0.0.1:8100"
 DEFAULT_MDNS_SERVICE = "_schedulezero._tcp.local."
-MDNS_BOOTSTRAP_EXPECT = 3
+# mDNS and DNS cannot tell how big the cluster is: a new cluster waits for this many voters.
+DISCOVERY_BOOTSTRAP_EXPECT = 3
 MiB = 1024 * 1024
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -140,6 +143,26 @@ def parse_http_address(value: str, *, bind: bool = False) -> tuple[str, int]:
     return _check_host(host, bind=bind), _check_port(port, lo=1, hi=65535)
 
 
+def parse_dns_server(value: str) -> tuple[str, int]:
+    """``IP[:PORT]`` or ``[IPv6]:PORT`` of a DNS server → ``(ip, port)``; the port defaults to 53.
+
+    An IP, not a name: the resolver that would look the name up is the one being configured.
+    """
+    host, port = value, "53"
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"expected IP[:PORT] or [IPv6]:PORT, got {value!r}")
+        port = rest[1:] or port
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"expected IP[:PORT] or [IPv6]:PORT, got {value!r}") from None
+    return str(ip), _check_port(port, lo=1, hi=65535)
+
+
 def pub_address_of(mesh_address: str) -> str:
     """The PUB (broadcast) address that belongs to a mesh address: same host, port + 1."""
     host, port = parse_mesh_address(mesh_address, bind=True)
@@ -170,7 +193,7 @@ def _default_node_id(mesh: str) -> str:
 # --------------------------------------------------------------------------- field types
 # A type's ``description`` (when it has one) is what an error says was expected.
 
-Discovery = Literal["static", "mdns"]
+Discovery = Literal["static", "mdns", "dns"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 DISCOVERY_MODES: tuple[str, ...] = get_args(Discovery)
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
@@ -197,6 +220,16 @@ MdnsService = Annotated[
         description="a service type like '_schedulezero._tcp.local.'",
     ),
 ]
+
+DnsName = Annotated[
+    str,
+    Meta(
+        pattern=rf"^{_LABEL}(?:\.{_LABEL})*\.?\Z",
+        max_length=253,
+        description="a DNS name like 'schedulezero.default.svc.cluster.local'",
+    ),
+]
+MeshPort = Annotated[int, Meta(ge=1, le=65534, description="a mesh port, 1-65534")]
 
 
 # --------------------------------------------------------------------------- sections
@@ -255,6 +288,21 @@ class DispatchConfig(_Section):
     redispatch_wait: Seconds = 10.0
     backoff_initial: Seconds = 0.05  # wait before a retry, doubling up to backoff_max
     backoff_max: Seconds = 1.0
+
+
+class DnsConfig(_Section):
+    """``discovery: dns``: peers from a DNS name (what a Kubernetes headless Service gives).
+
+    Nothing DNS says is trusted beyond "try this address": a peer is who its CURVE key says.
+    """
+
+    name: DnsName | None = None  # required with discovery: dns
+    port: MeshPort | None = None  # mesh port of A/AAAA peers; default: our own mesh port
+    srv: bool = False  # look up SRV _schedulezero._tcp.NAME (host and port) instead of A/AAAA
+    server: str | None = None  # IP[:PORT] of the DNS server; default: the system resolver
+    interval: Seconds = 10.0  # re-resolve this often, so joins and leaves are seen
+    timeout: Seconds = 3.0  # one resolution gives up after this long (tries again next interval)
+    max_records: Annotated[int, Meta(ge=1, le=1024)] = 64  # an answer with more is ignored
 
 
 class SchedulingConfig(_Section):
@@ -418,6 +466,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_frame_bytes: Annotated[int, Meta(ge=1024)] = 16 * MiB
     log_level: LogLevel = "INFO"
     mdns_service: MdnsService = DEFAULT_MDNS_SERVICE
+    dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
 
     def __post_init__(self) -> None:
         def derive(name: str, value: Any) -> None:
@@ -435,7 +484,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         own = {self.advertise_mesh, self.mesh}
         derive("peers", tuple(dict.fromkeys(p for p in self.peers if p not in own)))
         if self.bootstrap_expect is None:
-            n = MDNS_BOOTSTRAP_EXPECT if self.discovery == "mdns" else len(self.peers) + 1
+            n = len(self.peers) + 1 if self.discovery == "static" else DISCOVERY_BOOTSTRAP_EXPECT
             derive("bootstrap_expect", n)
         _check_relations(self)
 
@@ -525,6 +574,8 @@ def _check_relations(c: Config) -> None:
             f"bootstrap_expect ({c.bootstrap_expect}) is larger than the static cluster "
             f"(this node + {len(c.peers)} peers); the first election would never happen"
         )
+    if c.discovery == "dns" and c.dns.name is None:
+        raise ConfigError("discovery dns needs a name to resolve: dns.name (--dns-name)")
     if (c.security.tls_cert is None) != (c.security.tls_key is None):
         raise ConfigError(
             "security.tls_cert (--tls-cert) and security.tls_key (--tls-key) go together: "
@@ -565,6 +616,11 @@ _NESTED = {
     "security.api_tokens",
     "security.tls_cert",
     "security.tls_key",
+    "dns.name",
+    "dns.port",
+    "dns.srv",
+    "dns.server",
+    "dns.interval",
 }
 
 
@@ -619,7 +675,14 @@ _AFTER: dict[str, Callable[[Any], Any]] = {
     "advertise_http": _address(parse_http_address, "", bind=False),
     "peers": lambda v: tuple(dict.fromkeys(map(_mesh_peer, v))),
     "tasks": lambda v: tuple(dict.fromkeys(v)),
+    "dns": lambda v: _checked_dns(v),
 }
+
+
+def _checked_dns(dns: DnsConfig) -> DnsConfig:
+    if dns.server is not None:
+        parse_dns_server(dns.server)
+    return dns
 
 
 def _path_hook(tp: type, v: Any) -> Any:
@@ -679,6 +742,11 @@ ENV_VARS: dict[str, str] = {
     "SCHEDULEZERO_API_TOKENS": "security.api_tokens",
     "SCHEDULEZERO_TLS_CERT": "security.tls_cert",
     "SCHEDULEZERO_TLS_KEY": "security.tls_key",
+    "SCHEDULEZERO_DNS_NAME": "dns.name",
+    "SCHEDULEZERO_DNS_PORT": "dns.port",
+    "SCHEDULEZERO_DNS_SRV": "dns.srv",
+    "SCHEDULEZERO_DNS_SERVER": "dns.server",
+    "SCHEDULEZERO_DNS_INTERVAL": "dns.interval",
 }
 CONFIG_ENV_VAR = "SCHEDULEZERO_CONFIG"
 
@@ -691,6 +759,11 @@ FLAGS: dict[str, str] = {
     "security.api_tokens": "--api-tokens",
     "security.tls_cert": "--tls-cert",
     "security.tls_key": "--tls-key",
+    "dns.name": "--dns-name",
+    "dns.port": "--dns-port",
+    "dns.srv": "--dns-srv",
+    "dns.server": "--dns-server",
+    "dns.interval": "--dns-interval",
 }
 
 
@@ -703,12 +776,17 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 def _from_text(key: str, text: str) -> Any:
     """Environment values are strings; turn numbers and booleans into such before checking."""
-    if key in ("bootstrap_expect", "max_frame_bytes"):
+    if key in ("bootstrap_expect", "max_frame_bytes", "dns.port"):
         try:
             return int(text.strip())
         except ValueError:
             raise _Invalid((), f"expected an integer, got {text!r}") from None
-    if key == "security.insecure":
+    if key == "dns.interval":
+        try:
+            return float(text.strip())
+        except ValueError:
+            raise _Invalid((), f"expected a number of seconds, got {text!r}") from None
+    if key in ("security.insecure", "dns.srv"):
         word = text.strip().lower()
         if word not in _TRUE + _FALSE:
             raise _Invalid((), f"expected one of {', '.join(_TRUE + _FALSE)}, got {text!r}")

@@ -62,8 +62,8 @@ def test_bad_mesh_address_names_the_flag() -> None:
 
 
 def test_bad_discovery_choice_names_the_flag() -> None:
-    line = process_error(schedulezero("node", "--discovery", "dns"))
-    assert line.startswith("schedulezero: error: --discovery: invalid choice: 'dns'")
+    line = process_error(schedulezero("node", "--discovery", "consul"))
+    assert line.startswith("schedulezero: error: --discovery: invalid choice: 'consul'")
 
 
 def test_non_integer_flag_names_the_flag() -> None:

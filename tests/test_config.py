@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.config import Config, ConfigError, load_config, pub_address_of
+from mesh.config import Config, ConfigError, load_config, parse_dns_server, pub_address_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -244,12 +244,55 @@ def test_bad_values_name_the_flag(args: dict, expected: str) -> None:
     assert error_of(args, None, {}).startswith(expected)
 
 
-def test_discovery_must_be_static_or_mdns(tmp_path: Path) -> None:
-    assert error_of({"discovery": "dns"}, None, {}) == (
-        "--discovery: expected one of static, mdns, got 'dns'"
+def test_discovery_must_be_static_mdns_or_dns(tmp_path: Path) -> None:
+    assert error_of({"discovery": "k8s"}, None, {}) == (
+        "--discovery: expected one of static, mdns, dns, got 'k8s'"
     )
     path = write(tmp_path, "discovery: consul\n")
-    assert "discovery: expected one of static, mdns" in error_of({}, path, {})
+    assert "discovery: expected one of static, mdns, dns" in error_of({}, path, {})
+
+
+def test_dns_discovery_needs_a_name() -> None:
+    assert error_of({"discovery": "dns"}, None, {}) == (
+        "discovery dns needs a name to resolve: dns.name (--dns-name)"
+    )
+
+
+def test_dns_settings_come_from_flags_env_and_file_in_order(tmp_path: Path) -> None:
+    path = write(tmp_path, "discovery: dns\ndns:\n  name: file.test\n  max_records: 16\n")
+    env = {
+        "SCHEDULEZERO_DNS_NAME": "env.test",
+        "SCHEDULEZERO_DNS_SRV": "yes",
+        "SCHEDULEZERO_DNS_PORT": "7400",
+        "SCHEDULEZERO_DNS_INTERVAL": "2.5",
+    }
+    config = load_config({"dns.server": "127.0.0.1:5300"}, path, env)
+    assert config.dns.name == "file.test"
+    assert (config.dns.srv, config.dns.port, config.dns.interval) == (True, 7400, 2.5)
+    assert (config.dns.server, config.dns.max_records) == ("127.0.0.1:5300", 16)
+    assert config.bootstrap_expect == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        ({"dns.server": "dns.example:53"}, {}, "--dns-server: expected IP[:PORT]"),
+        ({"dns.server": "127.0.0.1:0"}, {}, "--dns-server: port 0 is out of range"),
+        ({"dns.name": "under_score.test"}, {}, "--dns-name: expected a DNS name"),
+        ({"dns.port": 65535}, {}, "--dns-port: expected a mesh port, 1-65534"),
+        ({"dns.interval": 0}, {}, "--dns-interval: "),
+        ({}, {"SCHEDULEZERO_DNS_SRV": "maybe"}, "SCHEDULEZERO_DNS_SRV: expected one of"),
+    ],
+)
+def test_bad_dns_settings_name_the_flag(args: dict, env: dict, expected: str) -> None:
+    assert error_of(args, None, env).startswith(expected)
+
+
+def test_dns_server_accepts_ipv4_ipv6_and_a_default_port() -> None:
+    assert parse_dns_server("10.0.0.10") == ("10.0.0.10", 53)
+    assert parse_dns_server("10.0.0.10:5353") == ("10.0.0.10", 5353)
+    assert parse_dns_server("[fd00::a]:5353") == ("fd00::a", 5353)
+    assert parse_dns_server("fd00::a") == ("fd00::a", 53)
 
 
 def test_bad_env_value_names_the_variable() -> None:

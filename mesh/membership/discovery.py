@@ -1,4 +1,4 @@
-"""Peer discovery: a static list, mDNS (zeroconf), or both, feeding one peer set.
+"""Peer discovery: a static list, mDNS (zeroconf) or DNS, or a union, feeding one peer set.
 
 A discovery source yields the mesh addresses (``tcp://HOST:PORT``) of the *other* nodes; it never
 contains the node's own address. The node sets one listener, called with the whole new set on
@@ -19,10 +19,12 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from mesh.config import DEFAULT_MDNS_SERVICE, parse_http_address, parse_mesh_address
+from mesh.membership.dnsdiscovery import DnsDiscovery
+from mesh.membership.peerset import Discovery, DiscoveryError, Listener, PeerSet
 
 if TYPE_CHECKING:
     from zeroconf import InterfaceChoice, ServiceStateChange, Zeroconf
@@ -33,8 +35,10 @@ if TYPE_CHECKING:
 __all__ = [
     "Discovery",
     "DiscoveryError",
+    "DnsDiscovery",
     "Listener",
     "MdnsDiscovery",
+    "PeerSet",
     "StaticDiscovery",
     "UnionDiscovery",
     "choose_interfaces",
@@ -42,8 +46,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Listener = Callable[[frozenset[str]], None]
 
 # TTL of our SRV/TXT/A records. RFC 6762 suggests 120 s / 75 min, but a crashed node (which sends
 # no goodbye) should leave the peer set in about this long, not in an hour. Receivers clamp PTR
@@ -54,52 +56,7 @@ RESOLVE_TIMEOUT_MS = 3000
 RESOLVE_ATTEMPTS = 3
 
 
-class DiscoveryError(RuntimeError):
-    """Discovery cannot run (no multicast sockets, duplicate node id); the message is one line."""
-
-
-@runtime_checkable
-class Discovery(Protocol):
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def peers(self) -> frozenset[str]:
-        """Mesh addresses of the other nodes known now (never our own)."""
-        ...
-
-    def set_listener(self, fn: Listener) -> None:
-        """``fn(peers)`` is called with the new set on every change after this call."""
-        ...
-
-
-class _PeerSet:
-    """The shared bookkeeping: current set, one listener, notify on change only."""
-
-    def __init__(self) -> None:
-        self._peers: frozenset[str] = frozenset()
-        self._listener: Listener | None = None
-
-    def peers(self) -> frozenset[str]:
-        return self._peers
-
-    def set_listener(self, fn: Listener) -> None:
-        self._listener = fn
-
-    def _publish(self, peers: Iterable[str]) -> None:
-        new = frozenset(peers)
-        if new == self._peers:
-            return
-        self._peers = new
-        if self._listener is not None:
-            try:
-                self._listener(new)
-            except Exception:
-                # A faulty listener must not break the discovery source that called it.
-                log.exception("discovery listener failed on peers=%s", sorted(new))
-
-
-class StaticDiscovery(_PeerSet):
+class StaticDiscovery(PeerSet):
     """A fixed peer list (``--peer``); ``update()`` replaces it at run time."""
 
     def __init__(self, peers: Iterable[str], own_address: str) -> None:
@@ -125,7 +82,7 @@ class StaticDiscovery(_PeerSet):
         return {"mesh": address} if address in self._peers else {}
 
 
-class UnionDiscovery(_PeerSet):
+class UnionDiscovery(PeerSet):
     """Several sources (e.g. static seeds plus mDNS) seen as one peer set."""
 
     def __init__(self, sources: Iterable[Discovery]) -> None:
@@ -183,7 +140,7 @@ def _instance_label(node_id: str) -> str:
     return node_id.replace(".", "-")[:63]
 
 
-class MdnsDiscovery(_PeerSet):
+class MdnsDiscovery(PeerSet):
     """Registers this node as ``<node_id>.<service_type>`` and browses for the others.
 
     TXT properties: ``node_id``, ``mesh`` (advertised mesh address), ``http`` (advertised HTTP
@@ -384,15 +341,31 @@ class MdnsDiscovery(_PeerSet):
 def make_discovery(config: Config) -> Discovery:
     """The discovery source(s) a node's configuration asks for.
 
-    ``static``: the ``peers`` list. ``mdns``: mDNS, plus the ``peers`` list as extra seeds if any.
+    ``static``: the ``peers`` list. ``mdns`` and ``dns``: that source, plus the ``peers`` list
+    as extra seeds if any.
     """
     static = StaticDiscovery(config.peers, config.advertise_mesh)
     if config.discovery == "static":
         return static
-    mdns = MdnsDiscovery(
-        config.node_id,
-        config.advertise_mesh,
-        config.advertise_http,
-        service_type=config.mdns_service,
-    )
-    return UnionDiscovery([static, mdns]) if config.peers else mdns
+    found: Discovery
+    if config.discovery == "dns":
+        settings = config.dns
+        assert settings.name is not None  # the config refuses discovery dns without a name
+        found = DnsDiscovery(
+            settings.name,
+            (config.advertise_mesh, config.mesh),
+            port=settings.port or parse_mesh_address(config.advertise_mesh)[1],
+            srv=settings.srv,
+            server=settings.server,
+            interval=settings.interval,
+            timeout=settings.timeout,
+            max_records=settings.max_records,
+        )
+    else:
+        found = MdnsDiscovery(
+            config.node_id,
+            config.advertise_mesh,
+            config.advertise_http,
+            service_type=config.mdns_service,
+        )
+    return UnionDiscovery([static, found]) if config.peers else found
