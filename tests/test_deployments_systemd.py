@@ -229,23 +229,27 @@ def ansible_tool(name: str) -> str:
     return tool(name, "pip package ansible-core, in the dev extra")
 
 
-def ansible_env() -> dict[str, str]:
-    """Ansible run from deployments/ansible (its ansible.cfg), with a private temp home."""
+def ansible_env(home: Path) -> dict[str, str]:
+    """Ansible run with deployments/ansible's ansible.cfg, its home and temp files in ``home``
+    (the test's own directory: nothing is left in the user's ~/.ansible)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "SCHEDULEZERO_"))}
     env["ANSIBLE_CONFIG"] = str(ANSIBLE / "ansible.cfg")
+    env["ANSIBLE_HOME"] = str(home / "ansible-home")
+    env["ANSIBLE_LOCAL_TEMP"] = env["ANSIBLE_REMOTE_TEMP"] = str(home / "ansible-tmp")
     env["ANSIBLE_NOCOLOR"] = "1"
+    env["ANSIBLE_PYTHON_INTERPRETER"] = sys.executable  # no interpreter discovery: quicker
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
-def test_ansible_syntax_check_passes_the_playbooks() -> None:
+def test_ansible_syntax_check_passes_the_playbooks(tmp_path: Path) -> None:
     for playbook in ("site.yml", "secrets.yml"):
         done = run(
             ansible_tool("ansible-playbook"),
             "--syntax-check",
             playbook,
             cwd=ANSIBLE,
-            env=ansible_env(),
+            env=ansible_env(tmp_path),
         )
         assert done.returncode == 0, done.stdout + done.stderr
 
@@ -264,14 +268,14 @@ def test_ansible_syntax_check_rejects_a_broken_playbook(tmp_path: Path) -> None:
         "--syntax-check",
         str(broken),
         cwd=ANSIBLE,
-        env=ansible_env(),
+        env=ansible_env(tmp_path),
     )
     assert done.returncode != 0
     assert "conflicting action statements" in done.stdout + done.stderr
 
 
-def inventory() -> dict[str, Any]:
-    done = run(ansible_tool("ansible-inventory"), "--list", cwd=ANSIBLE, env=ansible_env())
+def inventory(tmp_path: Path) -> dict[str, Any]:
+    done = run(ansible_tool("ansible-inventory"), "--list", cwd=ANSIBLE, env=ansible_env(tmp_path))
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -284,8 +288,8 @@ def groups_of(listing: dict[str, Any]) -> dict[str, list[str]]:
     }
 
 
-def test_the_example_inventory_has_three_voters_and_two_handler_hosts() -> None:
-    listing = inventory()
+def test_the_example_inventory_has_three_voters_and_two_handler_hosts(tmp_path: Path) -> None:
+    listing = inventory(tmp_path)
     groups = groups_of(listing)
     assert len(groups["schedulezero_nodes"]) == 3
     assert len(groups["schedulezero_handlers"]) == 2
@@ -324,7 +328,7 @@ def rendered_config(tmp_path: Path, host: str, listing: dict[str, Any], **extra:
 
 
 def test_each_voters_rendered_node_yaml_loads_as_one_secured_mesh(tmp_path: Path) -> None:
-    listing = inventory()
+    listing = inventory(tmp_path)
     voters = groups_of(listing)["schedulezero_nodes"]
     configs = [rendered_config(tmp_path, host, listing) for host in voters]
     meshes = {c.mesh for c in configs}
@@ -342,7 +346,7 @@ def test_node_yaml_renders_tls_and_extra_settings_when_given(tmp_path: Path) -> 
     config = rendered_config(
         tmp_path,
         "node-2",
-        inventory(),
+        inventory(tmp_path),
         schedulezero_tls_cert_src="cert.pem",
         schedulezero_tls_key_src="key.pem",
         schedulezero_node_settings={"raft": {"election_timeout_max": 1.5}, "log_level": "DEBUG"},
@@ -352,8 +356,10 @@ def test_node_yaml_renders_tls_and_extra_settings_when_given(tmp_path: Path) -> 
     assert config.raft.election_timeout_max == 1.5 and config.log_level == "DEBUG"
 
 
-def test_each_rendered_handler_env_file_starts_its_handler_against_the_voters() -> None:
-    listing = inventory()
+def test_each_rendered_handler_env_file_starts_its_handler_against_the_voters(
+    tmp_path: Path,
+) -> None:
+    listing = inventory(tmp_path)
     hostvars = listing["_meta"]["hostvars"]
     started = []
     for host in groups_of(listing)["schedulezero_handlers"]:
@@ -408,7 +414,7 @@ def test_the_controller_play_makes_keys_and_tokens_the_mesh_accepts(tmp_path: Pa
             }
         ),
     ]
-    first = run(*argv, cwd=ANSIBLE, env=ansible_env())
+    first = run(*argv, cwd=ANSIBLE, env=ansible_env(tmp_path))
     assert first.returncode == 0, first.stdout + first.stderr
     keys = secrets / "keys"
     assert KeyRing(keys, "node-1").role == "node"
@@ -421,5 +427,5 @@ def test_the_controller_play_makes_keys_and_tokens_the_mesh_accepts(tmp_path: Pa
     caller = ApiTokens(secrets / "tokens.json").authenticate(token_file.read_text().strip())
     assert caller is not None and caller.role == "admin"
     assert token_file.read_text().strip() not in first.stdout  # never in the log
-    again = run(*argv, cwd=ANSIBLE, env=ansible_env())
+    again = run(*argv, cwd=ANSIBLE, env=ansible_env(tmp_path))
     assert again.returncode == 0 and re.search(r"changed=0\b", again.stdout), again.stdout
