@@ -238,7 +238,9 @@ def create_app(
     app.router.add_delete("/api/cluster/members/{node_id}", remove_member)
     app.router.add_get("/metrics", metrics)
 
-    document = openapi_document(scheduling=service is not None, audit=audit is not None)
+    document = openapi_document(
+        scheduling=service is not None, audit=audit is not None, backup=images is not None
+    )
 
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(document)
