@@ -4,9 +4,11 @@ audited, the leader's) and ``schedulezero restore`` (checks everything before wr
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -329,3 +331,70 @@ async def test_a_backup_with_query_parameters_is_a_400(api: Any) -> None:
     replica.become_leader(1)
     resp = await client.get("/api/backup?x=1", headers=bearer(tokens["admin"]))
     assert resp.status == 400 and images.calls == 0
+
+
+# --------------------------------------------------------------------------- the backup command
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with the server's ``answer``: (status, content type, body)."""
+
+    def do_GET(self) -> None:
+        status, ctype, body = self.server.answer  # type: ignore[attr-defined]
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_node() -> Iterator[http.server.HTTPServer]:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Answers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _url(server: http.server.HTTPServer) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_a_backup_the_node_sent_broken_is_exit_1_and_leaves_no_file(
+    fake_node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = write_backup(tmp_path / "good.szb").read_bytes()
+    fake_node.answer = (200, "application/octet-stream", good[:-3] + b"00\n")
+    out = tmp_path / "out" / "b.szb"
+    out.parent.mkdir()
+    assert main(["backup", "-o", str(out), "--url", _url(fake_node)]) == 1
+    assert "checksum mismatch" in capsys.readouterr().err
+    assert list(out.parent.iterdir()) == []  # neither the file nor its temporary
+
+
+def test_a_backup_is_saved_mode_0600_over_an_older_one(fake_node: Any, tmp_path: Path) -> None:
+    good = write_backup(tmp_path / "good.szb").read_bytes()
+    fake_node.answer = (200, "application/octet-stream", good)
+    out = tmp_path / "b.szb"
+    out.write_bytes(b"yesterday's")
+    assert main(["backup", "-o", str(out), "--url", _url(fake_node)]) == 0
+    assert out.read_bytes() == good and stat_mode(out) == 0o600
+
+
+@pytest.mark.parametrize("leader_http", ["evil/path:80", "", None, 5])
+def test_a_421_naming_no_usable_leader_is_exit_1_without_a_second_request(
+    fake_node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], leader_http: Any
+) -> None:
+    body = {"error": "n2 is not the leader", "leader_id": "n1", "leader_http": leader_http}
+    fake_node.answer = (421, "application/json", json.dumps(body).encode())
+    assert main(["backup", "-o", str(tmp_path / "b.szb"), "--url", _url(fake_node)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("schedulezero: error: 421: n2 is not the leader") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
