@@ -388,6 +388,7 @@ async def serve(
         leadership=history.leadership_history,
         bus=node,
         link=node,
+        images=node,
     )
     app.on_cleanup.append(lambda _app: _close(audit, history))
     http = HttpServer(app, *config.http_host_port, ssl_context=http_sec.server_ssl)

@@ -1,6 +1,7 @@
-"""The ``schedulezero`` command: ``node``, ``replica``, ``handler``, ``up``, ``keys`` and
-``tokens``, and the client commands ``schedules``, ``executions``, ``handlers`` and ``cluster``
-(calls on a node's HTTP API: mesh.client_commands; docs/cli.md).
+"""The ``schedulezero`` command: ``node``, ``replica``, ``handler``, ``up``, ``keys``, ``tokens``
+and ``restore``, and the client commands ``schedules``, ``executions``, ``handlers``, ``cluster``
+and ``backup`` (calls on a node's HTTP API: mesh.client_commands, mesh.backup_commands;
+docs/cli.md).
 
 Any mistake on the command line or in the configuration ends with exit code 2 and exactly one
 line on stderr (``schedulezero: error: ...``); ``--help`` works as usual.
@@ -20,6 +21,8 @@ from zmq.utils import z85
 
 from mesh.api.auth import ROLES as API_ROLES
 from mesh.api.auth import TokenFileError, create_token
+from mesh.backup import BackupError
+from mesh.backup_commands import add_backup_commands
 from mesh.client import ApiError, ClientConfigError
 from mesh.client_commands import EXIT_API, add_client_commands
 from mesh.config import (
@@ -303,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     tcreate.add_argument("--file", required=True, metavar="FILE", help="tokens file")
     tcreate.set_defaults(func=_cmd_tokens_create)
     add_client_commands(sub)
+    add_backup_commands(sub)
     return parser
 
 
@@ -567,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     try:
         return int(ns.func(ns) or 0)
-    except (UsageError, ConfigError, ClientConfigError) as e:
+    except (UsageError, ConfigError, ClientConfigError, BackupError) as e:
         return _fail(str(e))
     except DiscoveryError as e:
         _fail(str(e))

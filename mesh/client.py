@@ -8,6 +8,7 @@ with its status, or why the node could not be reached.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import ssl
@@ -16,7 +17,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 __all__ = [
     "DEFAULT_URL",
@@ -41,9 +42,10 @@ class ApiError(Exception):
     """The API refused a call (``status`` is its HTTP code) or could not be reached
     (``status`` is None). ``str(error)`` is one line."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, body: Any = None) -> None:
         super().__init__(" ".join(message.split()))
         self.status = status
+        self.body = body  # the decoded answer of a refusal (its fields beside "error")
 
 
 class ClientConfigError(ValueError):
@@ -67,6 +69,7 @@ class ApiClient:
             raise ClientConfigError(f"--url: expected http://HOST:PORT or https://..., got {url!r}")
         self.url = url.rstrip("/")
         self.token = token or None
+        self.cacert = cacert
         self.timeout = timeout
         handlers: list[Any] = [urllib.request.ProxyHandler({})]  # the API is never proxied
         if cacert is not None:
@@ -110,8 +113,33 @@ class ApiClient:
             raise ApiError(f"cannot reach {self.url}: {_reason(e)}") from None
         decoded = _decode(raw)
         if status >= 400:
-            raise ApiError(f"{status}: {_error_message(status, decoded)}", status)
+            raise ApiError(f"{status}: {_error_message(status, decoded)}", status, decoded)
         return decoded
+
+    def download(self, path: str, sink: BinaryIO, *, chunk: int = 1 << 20) -> int:
+        """``GET path`` with its body written to ``sink`` a piece at a time (a backup can be
+        larger than memory); returns the bytes written. ApiError as ``request``; a body shorter
+        than its Content-Length is one too."""
+        req = urllib.request.Request(self.url + path, method="GET")
+        if self.token is not None:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        written = 0
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                while piece := resp.read(chunk):
+                    sink.write(piece)
+                    written += len(piece)
+        except urllib.error.HTTPError as e:
+            decoded = _decode(e.read())
+            message = f"{e.code}: {_error_message(e.code, decoded)}"
+            raise ApiError(message, e.code, decoded) from None
+        except urllib.error.URLError as e:
+            raise ApiError(f"cannot reach {self.url}: {_reason(e.reason)}") from None
+        except http.client.HTTPException:  # IncompleteRead: the connection ended early
+            raise ApiError(f"the answer from {self.url} was cut short") from None
+        except (OSError, ValueError) as e:
+            raise ApiError(f"cannot reach {self.url}: {_reason(e)}") from None
+        return written
 
     def pages(
         self, path: str, key: str, query: Mapping[str, Any] | None = None, *, limit: int = 0

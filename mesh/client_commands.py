@@ -29,7 +29,7 @@ from mesh.client import (
 )
 from mesh.scheduling.outcomes import OUTCOMES
 
-__all__ = ["EXIT_API", "add_client_commands"]
+__all__ = ["EXIT_API", "add_client_commands", "api_client", "connection_flags"]
 
 PROG = "schedulezero"
 
@@ -37,8 +37,8 @@ EXIT_API = 1
 OUTPUTS = ("table", "json")
 
 
-def _client_flags() -> argparse.ArgumentParser:
-    """The flags every client command takes, after its own name (``schedules list -o json``)."""
+def connection_flags() -> argparse.ArgumentParser:
+    """Which node to call and how: ``--url``, ``--token``, ``--cacert`` (a parent parser)."""
     flags = argparse.ArgumentParser(add_help=False)  # errors are the child parser's
     flags.add_argument(
         "--url",
@@ -49,6 +49,12 @@ def _client_flags() -> argparse.ArgumentParser:
     flags.add_argument(
         "--cacert", metavar="FILE", help="PEM CA to trust for https ($SCHEDULEZERO_CACERT)"
     )
+    return flags
+
+
+def _client_flags() -> argparse.ArgumentParser:
+    """The flags every client command takes, after its own name (``schedules list -o json``)."""
+    flags = argparse.ArgumentParser(add_help=False, parents=[connection_flags()])
     flags.add_argument("-o", "--output", choices=OUTPUTS, default="table", help="table or json")
     return flags
 
@@ -169,7 +175,8 @@ def _json_arg(kind: type) -> Any:
     return parse
 
 
-def _client(ns: argparse.Namespace) -> ApiClient:
+def api_client(ns: argparse.Namespace) -> ApiClient:
+    """The client the flags of ``connection_flags`` (or their environment variables) name."""
     env = os.environ
     url = ns.url or env.get("SCHEDULEZERO_URL") or DEFAULT_URL
     token = ns.token or env.get("SCHEDULEZERO_TOKEN") or None
@@ -202,7 +209,7 @@ def _schedule_row(s: dict[str, Any]) -> list[Any]:
 
 
 def _cmd_schedules_list(ns: argparse.Namespace) -> int:
-    items = _client(ns).schedules()
+    items = api_client(ns).schedules()
     if ns.output == "json":
         _print_json(items)
     else:
@@ -211,7 +218,7 @@ def _cmd_schedules_list(ns: argparse.Namespace) -> int:
 
 
 def _cmd_schedules_get(ns: argparse.Namespace) -> int:
-    s = _client(ns).schedule(ns.id)
+    s = api_client(ns).schedule(ns.id)
     if ns.output == "json":
         _print_json(s)
         return 0
@@ -286,7 +293,7 @@ def _read_schedules(source: str) -> tuple[list[dict[str, Any]], bool]:
 
 def _cmd_schedules_put(ns: argparse.Namespace) -> int:
     bodies, single = _read_schedules(ns.file)
-    client = _client(ns)
+    client = api_client(ns)
     if ns.schedules_command == "apply" and not single:
         try:
             return _apply_in_bulk(ns, client, bodies)
@@ -359,18 +366,18 @@ def _print_schedule_change(ns: argparse.Namespace, s: Any, verb: str) -> None:
 
 
 def _cmd_schedules_pause(ns: argparse.Namespace) -> int:
-    _print_schedule_change(ns, _client(ns).pause(ns.id, ns.note), "paused")
+    _print_schedule_change(ns, api_client(ns).pause(ns.id, ns.note), "paused")
     return 0
 
 
 def _cmd_schedules_resume(ns: argparse.Namespace) -> int:
-    s = _client(ns).resume(ns.id)
+    s = api_client(ns).resume(ns.id)
     _print_schedule_change(ns, s, f"resumed (next fire {short_time(s.get('next_fire_time'))})")
     return 0
 
 
 def _cmd_schedules_delete(ns: argparse.Namespace) -> int:
-    _client(ns).delete_schedule(ns.id)
+    api_client(ns).delete_schedule(ns.id)
     _print_schedule_change(ns, {"id": ns.id, "deleted": True}, "deleted")
     return 0
 
@@ -384,7 +391,7 @@ def _not_offered(e: ApiError, what: str) -> ApiError:
 
 def _cmd_schedules_trigger(ns: argparse.Namespace) -> int:
     try:
-        answer = _client(ns).trigger(ns.id)
+        answer = api_client(ns).trigger(ns.id)
     except ApiError as e:
         raise _not_offered(e, "POST /api/schedules/{id}/trigger") from None
     if ns.output == "json":
@@ -396,7 +403,7 @@ def _cmd_schedules_trigger(ns: argparse.Namespace) -> int:
 
 def _cmd_backfill(ns: argparse.Namespace) -> int:
     try:
-        answer = _client(ns).backfill(ns.id, ns.start, ns.end)
+        answer = api_client(ns).backfill(ns.id, ns.start, ns.end)
     except ApiError as e:
         raise _not_offered(e, "POST /api/schedules/{id}/backfill") from None
     if ns.output == "json":
@@ -423,7 +430,7 @@ def _duration(ex: dict[str, Any]) -> str:
 def _cmd_executions(ns: argparse.Namespace) -> int:
     if ns.limit is not None and ns.limit < 1:
         raise ClientConfigError(f"--limit: must be at least 1, got {ns.limit}")
-    items = _client(ns).executions(
+    items = api_client(ns).executions(
         schedule_id=ns.schedule, outcome=ns.outcome, since=ns.since, limit=ns.limit or 0
     )
     if ns.output == "json":
@@ -450,7 +457,7 @@ def _cmd_executions(ns: argparse.Namespace) -> int:
 
 
 def _cmd_handlers(ns: argparse.Namespace) -> int:
-    items = _client(ns).handlers()
+    items = api_client(ns).handlers()
     if ns.output == "json":
         _print_json(items)
         return 0
@@ -475,7 +482,7 @@ def _cmd_handlers(ns: argparse.Namespace) -> int:
 
 
 def _cmd_jobs_run(ns: argparse.Namespace) -> int:
-    answer = _client(ns).run_job(ns.task, ns.args, ns.kwargs)
+    answer = api_client(ns).run_job(ns.task, ns.args, ns.kwargs)
     for warning in answer.get("warnings") or []:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if ns.output == "json":
@@ -486,7 +493,7 @@ def _cmd_jobs_run(ns: argparse.Namespace) -> int:
 
 
 def _cmd_jobs_get(ns: argparse.Namespace) -> int:
-    status = _client(ns).job(ns.job_id)
+    status = api_client(ns).job(ns.job_id)
     if ns.output == "json" or not isinstance(status, dict):
         _print_json(status)
         return 0
@@ -498,7 +505,7 @@ def _cmd_jobs_get(ns: argparse.Namespace) -> int:
 
 
 def _cmd_cluster_status(ns: argparse.Namespace) -> int:
-    client = _client(ns)
+    client = api_client(ns)
     cluster, health = client.cluster(), client.health()
     if ns.output == "json":
         _print_json({**cluster, "node": health})
@@ -549,15 +556,15 @@ def _print_members(ns: argparse.Namespace, members: Any) -> None:
 
 
 def _cmd_cluster_members(ns: argparse.Namespace) -> int:
-    _print_members(ns, _client(ns).members())
+    _print_members(ns, api_client(ns).members())
     return 0
 
 
 def _cmd_add_member(ns: argparse.Namespace) -> int:
-    _print_members(ns, _client(ns).add_member(ns.node_id))
+    _print_members(ns, api_client(ns).add_member(ns.node_id))
     return 0
 
 
 def _cmd_remove_member(ns: argparse.Namespace) -> int:
-    _print_members(ns, _client(ns).remove_member(ns.node_id))
+    _print_members(ns, api_client(ns).remove_member(ns.node_id))
     return 0

@@ -24,6 +24,7 @@ __all__ = [
     "Broadcaster",
     "Directory",
     "EventSink",
+    "ImageSource",
     "Incoming",
     "LeaderLink",
     "MembershipRefused",
@@ -35,6 +36,7 @@ __all__ = [
     "ProposalTooLarge",
     "Replica",
     "RoleListener",
+    "StateImage",
     "refusal",
     "term_identity",
 ]
@@ -258,6 +260,30 @@ class NodeView(Protocol):
 
     def leader_http(self) -> str | None:
         """The HTTP address of the leader (this node's own when it leads), if known."""
+
+
+@attrs.frozen
+class StateImage:
+    """A consistent image of the replicated state (``StateMachine.snapshot()``) as of the applied
+    entry ``index``, in an open, already unlinked file: nothing is left on disk when ``fd`` is
+    closed (the reader closes it). ``term`` is the leader's term when it was taken (no entry of
+    the image carries a later one), ``snapshot_term`` the term of the entry at ``index``."""
+
+    fd: int
+    size: int
+    index: int
+    term: int
+    snapshot_term: int
+    voters: tuple[str, ...]
+
+
+class ImageSource(Protocol):
+    """What the backup endpoint needs of the leader (``GET /api/backup``, mesh.api.backup)."""
+
+    async def state_image(self) -> StateImage:
+        """An image that holds every entry committed before the call (a linearizable read);
+        ``NoLeader`` when this node does not lead, ``ProposalFailed`` when it cannot prove it
+        still does."""
 
 
 @runtime_checkable

@@ -58,13 +58,20 @@ from mesh.contracts import (
     ProposalFailed,
     ProposalTooLarge,
     RoleListener,
+    StateImage,
     refusal,
 )
 from mesh.membership.discovery import Discovery
 from mesh.membership.members import Members, node_id_or_none
 from mesh.membership.voters import apply_voter_policy
 from mesh.security.audit import Rejections
-from mesh.snapshots import CHUNK_TIMEOUT, SnapshotReceiver, SnapshotSender, compact
+from mesh.snapshots import (
+    CHUNK_TIMEOUT,
+    SnapshotReceiver,
+    SnapshotSender,
+    compact,
+    write_image,
+)
 from mesh.statemachine import StateMachine
 from mesh.storage.raft_store import RaftStore
 from mesh.transport.zmq import MeshTransport
@@ -81,6 +88,7 @@ _TICK_EARLY = TICK_SECONDS / 10
 # A Raft timer this late means the event loop (or the machine) stalled: heartbeats and election
 # timeouts were late by as much. Counted, and logged at most every STALL_LOG_SECONDS.
 STALL_WARN_SECONDS = 0.2
+BACKUP_DIR = "backup"  # beside the state database: a backup image while it is written
 STALL_LOG_SECONDS = 10.0
 
 # Exit status of a node stopped by an internal fault (BSD EX_SOFTWARE): a supervisor restarts it
@@ -206,6 +214,7 @@ class MeshNode:
             ),
         )
         self._snapshots_in = SnapshotReceiver(self.id)
+        self._image_lock = asyncio.Lock()  # one backup image written at a time (state_image)
         self._stopping = False
         self.leader_since: float | None = None
         # Set when the Ready loop, the timer or a background task failed (a save raised: disk
@@ -400,6 +409,31 @@ class MeshNode:
             if not fut.done():
                 fut.cancel()
             self._applied_waiters = [w for w in self._applied_waiters if w[1] is not fut]
+
+    # ------------------------------------------------------------------ backups (admin API)
+
+    async def state_image(self, *, timeout: float = 5.0) -> StateImage:
+        """``ImageSource``: the leader first commits a ``barrier`` command, which proves it still
+        leads and covers every entry committed before the call; then a forked child writes the
+        image as of the applied index at that moment (mesh.snapshots.write_image), so the loop
+        keeps serving meanwhile. One at a time: each costs a fork and a full serialization."""
+        async with self._image_lock:
+            if not self.core.is_leader:
+                raise NoLeader(f"{self.id} is not the leader (leader: {self.core.leader_id})")
+            await self.propose({"op": "barrier"}, timeout=timeout)
+            core = self.core
+            index, term = core.applied, core.term
+            snapshot_term, voters, _removed = core.snapshot_point(index)
+            directory = self.store.path.parent / BACKUP_DIR
+            fd = await write_image(self.sm, directory, index, snapshot_term)
+        return StateImage(
+            fd=fd,
+            size=os.fstat(fd).st_size,
+            index=index,
+            term=term,
+            snapshot_term=snapshot_term,
+            voters=voters,
+        )
 
     # ------------------------------------------------------------------ voters (admin API)
 

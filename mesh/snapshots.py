@@ -127,6 +127,30 @@ async def write_snapshot(sm: StateMachine, directory: Path, index: int, term: in
     return snapshot_file_name(index, term)
 
 
+async def write_image(sm: StateMachine, directory: Path, index: int, term: int) -> int:
+    """Write the state machine's image as of now (applied ``index``) as ``write_snapshot`` does,
+    into ``directory`` (never the snapshot directory: a compaction deletes other files there), and
+    return it open for reading and already unlinked: a backup being streamed leaves nothing behind
+    (docs/deployment.md). Files left in ``directory`` are the leftovers of a node killed while
+    writing one: the caller writes one image at a time, so they are removed first."""
+    _empty_dir(directory)
+    return _open_unlinked(directory / await write_snapshot(sm, directory, index, term))
+
+
+def _empty_dir(directory: Path) -> None:
+    if directory.is_dir():
+        for leftover in directory.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def _open_unlinked(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    path.unlink()
+    return fd
+
+
 def _child(sm: StateMachine, directory: Path, index: int, term: int) -> NoReturn:
     code = 1
     try:

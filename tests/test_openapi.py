@@ -51,6 +51,13 @@ async def service() -> AsyncIterator[tuple[FakeReplica, SchedulingService]]:
         await service.close()
 
 
+class NoImages:
+    """An ``ImageSource`` for a route table: never asked for an image here."""
+
+    async def state_image(self) -> Any:
+        raise AssertionError("not asked in these tests")
+
+
 def served_routes(app: web.Application) -> set[tuple[str, str]]:
     """``(METHOD, path)`` of every route; the HEAD aiohttp adds to each GET is not one."""
     return {
@@ -66,7 +73,7 @@ def test_every_route_is_documented_and_every_documented_route_is_served(
     replica, svc = service
     audit = AuditLog(tmp_path / "state.db")
     try:
-        served = served_routes(create_app(replica, replica, svc, audit=audit))
+        served = served_routes(create_app(replica, replica, svc, audit=audit, images=NoImages()))
     finally:
         audit.close()
     assert served == documented_routes(), (
@@ -81,9 +88,10 @@ def test_every_route_is_documented_and_every_documented_route_is_served(
 def test_a_node_without_scheduling_documents_only_what_it_serves() -> None:
     replica = FakeReplica("n1")
     served = served_routes(create_app(replica, replica, None))
-    assert served == documented_routes(scheduling=False, audit=False)
-    paths = openapi_document(scheduling=False, audit=False)["paths"]
+    assert served == documented_routes(scheduling=False, audit=False, backup=False)
+    paths = openapi_document(scheduling=False, audit=False, backup=False)["paths"]
     assert "/api/schedules" not in paths and "/api/audit" not in paths
+    assert "/api/backup" not in paths
     assert "/api/health" in paths
 
 
@@ -93,7 +101,7 @@ async def test_the_node_serves_the_document(service: Any) -> None:
         resp = await client.get("/api/openapi.json")
         assert resp.status == 200
         assert resp.content_type == "application/json"
-        assert await resp.json() == openapi_document(audit=False)
+        assert await resp.json() == openapi_document(audit=False, backup=False)
 
 
 def test_the_document_is_valid_openapi_and_every_operation_loads() -> None:

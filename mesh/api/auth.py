@@ -66,6 +66,8 @@ USER_DATA_FIELDS = frozenset({"args", "kwargs", "metadata", "result", "results",
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 OPEN_PATHS = frozenset({"/api/health"})
 ADMIN_PREFIXES = ("/api/audit", "/api/backup", "/api/restore")
+# Reads audited like mutations: a backup holds every schedule's args and kwargs (mesh.api.backup).
+AUDITED_READS = frozenset({"/api/backup"})
 
 
 class TokenFileError(ValueError):
@@ -342,7 +344,8 @@ def auth_middleware(
     sensitive_keys: Iterable[str] | None = None,
     anonymous_reads: bool = False,
 ) -> Any:
-    """The outermost middleware: authenticate, check the role, audit mutations, redact reads.
+    """The outermost middleware: authenticate, check the role, audit mutations (and the reads of
+    ``AUDITED_READS``), redact reads.
 
     ``tokens=None`` (no tokens file) lets every request through as :data:`ANONYMOUS` (the node
     then binds loopback only, see mesh.app); mutations are still audited.
@@ -398,7 +401,7 @@ def auth_middleware(
                 redact_for_reader(response, names)
         if (
             audit is not None
-            and request.method not in SAFE_METHODS
+            and (request.method not in SAFE_METHODS or request.path in AUDITED_READS)
             # A write the leader answered for us is in the leader's audit, not ours.
             and FORWARDED_KEY not in request
         ):

@@ -23,6 +23,7 @@ from mesh.api.auth import (
     add_audit_route,
     auth_middleware,
 )
+from mesh.api.backup import add_backup_route
 from mesh.api.bulk import add_bulk_route
 from mesh.api.dashboard import add_dashboard_routes
 from mesh.api.events import EventHub
@@ -47,6 +48,7 @@ from mesh.api.schema import (
     schedule_to_json,
 )
 from mesh.contracts import (
+    ImageSource,
     LeaderLink,
     MembershipRefused,
     MessageBus,
@@ -151,6 +153,7 @@ def create_app(
     leadership: Callable[[int], list[dict[str, Any]]] | None = None,
     bus: MessageBus | None = None,
     link: LeaderLink | None = None,
+    images: ImageSource | None = None,
 ) -> web.Application:
     """The API of one node: ``replica`` for writes (forwarded to the leader when this node is
     not it), ``view`` for the health, cluster and metrics reads, ``service`` for scheduling.
@@ -166,7 +169,8 @@ def create_app(
     ``leadership(limit)`` gives the node's recent leadership events, newest first, for the
     dashboard's overview (mesh.api.dashboard). ``link`` (a follower) forwards writes to the
     leader over the mesh, and ``bus`` (a voter) answers the writes other nodes forward that way
-    (mesh.api.forward); without them writes are forwarded over HTTP.
+    (mesh.api.forward); without them writes are forwarded over HTTP. ``images`` (a voter) serves
+    ``GET /api/backup`` (mesh.api.backup).
     """
     if anonymous_reads and tokens is None and read_only is None:
         # Every caller would then be anonymous, and nothing would refuse its writes.
@@ -234,7 +238,9 @@ def create_app(
     app.router.add_delete("/api/cluster/members/{node_id}", remove_member)
     app.router.add_get("/metrics", metrics)
 
-    document = openapi_document(scheduling=service is not None, audit=audit is not None)
+    document = openapi_document(
+        scheduling=service is not None, audit=audit is not None, backup=images is not None
+    )
 
     async def openapi(request: web.Request) -> web.Response:
         return web.json_response(document)
@@ -242,6 +248,8 @@ def create_app(
     app.router.add_get("/api/openapi.json", openapi)
     if audit is not None:
         add_audit_route(app, audit)
+    if images is not None:
+        add_backup_route(app, replica, view, images)
     add_dashboard_routes(
         app,
         view,

@@ -62,6 +62,14 @@ class Error(msgspec.Struct):
     error: Annotated[str, Meta(description="one sentence saying what went wrong")]
 
 
+class NotTheLeader(msgspec.Struct):
+    """A follower's answer to ``GET /api/backup``: ask the leader."""
+
+    error: str
+    leader_id: str | None
+    leader_http: Annotated[str | None, Meta(description="the leader's HOST:PORT, if known")]
+
+
 class Health(msgspec.Struct):
     node_id: str
     role: Annotated[str, Meta(description="leader, follower, precandidate or candidate")]
@@ -369,6 +377,7 @@ class Operation:
     query: tuple[dict[str, Any], ...] = ()
     scheduling: bool = False  # served only by a node with a scheduling service
     audit: bool = False  # served only by a node with an audit log
+    backup: bool = False  # served only by a voter (GET /api/backup)
 
 
 def _id_param(name: str, description: str, schema: dict[str, Any] | None = None) -> dict:
@@ -479,6 +488,15 @@ OPERATIONS: tuple[Operation, ...] = (
             },
         ),
         audit=True,
+    ),
+    Operation(
+        "get",
+        "/api/backup",
+        "a consistent backup of the replicated state, from the leader (docs/deployment.md)",
+        {200: "application/octet-stream", 421: NotTheLeader},
+        role="admin",
+        errors=(400, 503),
+        backup=True,
     ),
     Operation(
         "get",
@@ -667,13 +685,15 @@ _PATH_PARAMS = {
 }
 
 
-def _served(op: Operation, scheduling: bool, audit: bool) -> bool:
-    return (scheduling or not op.scheduling) and (audit or not op.audit)
+def _served(op: Operation, scheduling: bool, audit: bool, backup: bool) -> bool:
+    return (
+        (scheduling or not op.scheduling) and (audit or not op.audit) and (backup or not op.backup)
+    )
 
 
 @functools.cache
-def _document(scheduling: bool, audit: bool) -> dict[str, Any]:
-    ops = [op for op in OPERATIONS if _served(op, scheduling, audit)]
+def _document(scheduling: bool, audit: bool, backup: bool) -> dict[str, Any]:
+    ops = [op for op in OPERATIONS if _served(op, scheduling, audit, backup)]
     structs: list[Any] = [Error]
     structs += [op.body for op in ops if op.body is not None]
     structs += [a for op in ops for a in op.answers.values() if isinstance(a, type)]
@@ -764,16 +784,22 @@ def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def openapi_document(*, scheduling: bool = True, audit: bool = True) -> dict[str, Any]:
-    """The OpenAPI document of a node's API (a fresh copy); ``scheduling=False`` and
-    ``audit=False`` leave out the routes served only by a node with a scheduling service or an
-    audit log."""
-    return copy.deepcopy(_document(scheduling, audit))
+def openapi_document(
+    *, scheduling: bool = True, audit: bool = True, backup: bool = True
+) -> dict[str, Any]:
+    """The OpenAPI document of a node's API (a fresh copy); ``scheduling=False``,
+    ``audit=False`` and ``backup=False`` leave out the routes served only by a node with a
+    scheduling service, an audit log or a backup source (a voter)."""
+    return copy.deepcopy(_document(scheduling, audit, backup))
 
 
-def documented_routes(*, scheduling: bool = True, audit: bool = True) -> set[tuple[str, str]]:
+def documented_routes(
+    *, scheduling: bool = True, audit: bool = True, backup: bool = True
+) -> set[tuple[str, str]]:
     """``(METHOD, path)`` of every operation the document describes."""
-    return {(op.method.upper(), op.path) for op in OPERATIONS if _served(op, scheduling, audit)}
+    return {
+        (op.method.upper(), op.path) for op in OPERATIONS if _served(op, scheduling, audit, backup)
+    }
 
 
 # --- regular expressions: Python's re → ECMA-262 --------------------------------------------------

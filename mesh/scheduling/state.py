@@ -330,6 +330,11 @@ class SchedulerState:
                 out.append((False, f"{type(exc).__name__}: {exc}"))
         return out
 
+    def _op_barrier(self, _c: dict[str, Any], _e: Entry) -> None:
+        """Changes nothing: the leader commits one before a linearizable read (a backup,
+        ``MeshNode.state_image``), which proves it still leads and that everything committed
+        before has been applied. A node of an older version logs it as unknown and ignores it."""
+
     def snapshot(self) -> bytes:
         return b"".join(self.snapshot_chunks())
 
