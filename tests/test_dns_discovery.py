@@ -17,7 +17,6 @@ from mesh.membership.dnsdiscovery import DnsDiscovery
 from mesh.supervise import (
     REPO_ROOT,
     child_env,
-    get_json,
     node_command,
     spawn,
     stop_all,
@@ -26,7 +25,7 @@ from mesh.supervise import (
 )
 from tests.dnsserver import DnsServer
 from tests.netutil import free_port_pair
-from tests.waiting import wait_until_async
+from tests.waiting import one_leader_agreed, wait_until_async
 
 NAME = "mesh.test."
 SRV_NAME = "_schedulezero._tcp.mesh.test."
@@ -269,11 +268,7 @@ def test_three_nodes_found_through_dns_elect_one_leader(tmp_path: Path) -> None:
                 procs.append(spawn(argv, stdout=log, cwd=REPO_ROOT, env=child_env()))
 
             def agreed() -> list | None:
-                healths = [get_json(url + "/api/health") for url in https]
-                if all(h and h["leader_id"] and len(h["voters"]) == 3 for h in healths):
-                    if len({(h["leader_id"], h["term"]) for h in healths}) == 1:
-                        return healths
-                return None
+                return one_leader_agreed(https, 3)
 
             def logs() -> str:
                 return "\n".join(tail(tmp_path / f"d{i}.log", 10) for i in range(3))

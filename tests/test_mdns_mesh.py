@@ -10,7 +10,6 @@ import yaml
 from mesh.supervise import (
     REPO_ROOT,
     child_env,
-    get_json,
     node_command,
     spawn,
     stop_all,
@@ -19,6 +18,7 @@ from mesh.supervise import (
 )
 from tests.netutil import free_port_pair
 from tests.test_discovery import needs_multicast
+from tests.waiting import one_leader_agreed
 
 
 @needs_multicast
@@ -43,11 +43,7 @@ def test_three_mdns_nodes_without_peers_elect_one_leader(tmp_path: Path) -> None
             procs.append(spawn(argv, stdout=tmp_path / f"m{i}.log", cwd=REPO_ROOT, env=child_env()))
 
         def agreed() -> list | None:
-            healths = [get_json(url + "/api/health") for url in https]
-            if all(h and h["leader_id"] and len(h["voters"]) == 3 for h in healths):
-                if len({(h["leader_id"], h["term"]) for h in healths}) == 1:
-                    return healths
-            return None
+            return one_leader_agreed(https, 3)
 
         def logs() -> str:
             return "\n".join(tail(tmp_path / f"m{i}.log", 10) for i in range(3))

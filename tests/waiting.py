@@ -67,3 +67,12 @@ async def wait_until_async(
         if loop.time() >= deadline:
             raise AssertionError(_describe(message, timeout))
         await asyncio.sleep(interval)
+
+
+def one_leader_agreed(http_urls: list[str], voters: int) -> list[dict] | None:
+    """The nodes' ``/api/health`` answers once every node names a leader, the same leader and
+    term, and ``voters`` voters; None until then (a predicate for ``wait_until``)."""
+    healths = [supervise.get_json(url + "/api/health") for url in http_urls]
+    if not all(h and h["leader_id"] and len(h["voters"]) == voters for h in healths):
+        return None
+    return healths if len({(h["leader_id"], h["term"]) for h in healths}) == 1 else None
