@@ -69,6 +69,7 @@ def test_timeout_run_limit_history_and_a_forwarded_trigger_on_a_real_mesh(
     got = cluster.wait_for(settled, 30, "timeouts, three runs, history trimmed, the trigger")
 
     assert {e["outcome"] for e in got["slow"]} == {"timeout"}
+    assert all(e["error"]["type"] == "TimeoutError" for e in got["slow"])
     assert all("exceeded its 0.4s timeout" in e["error"]["message"] for e in got["slow"])
 
     status, thrice = follower.request("GET", "/api/schedules/thrice")

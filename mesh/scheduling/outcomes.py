@@ -31,10 +31,13 @@ class MeshOutcome(Exception):
     """A run that ended with one of :data:`MESH_OUTCOMES`."""
 
     outcome = "error"
+    # The error ``type`` its execution record shows (None: the class's name).
+    error_type: str | None = None
 
 
 class JobTimedOut(MeshOutcome):
     outcome = "timeout"
+    error_type = "TimeoutError"  # what the handler reports; not the leader's class name
 
 
 class NoHandler(MeshOutcome):

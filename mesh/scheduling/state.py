@@ -110,7 +110,8 @@ class RemoteJobError(Exception):
 def dump_result(r: JobResult) -> dict[str, Any]:
     exc = None
     if r.exception is not None:
-        exc = {"type": type(r.exception).__name__, "message": str(r.exception)}
+        name = getattr(r.exception, "error_type", None) or type(r.exception).__name__
+        exc = {"type": name, "message": str(r.exception)}
         if isinstance(r.exception, RemoteJobError):
             exc = {"type": r.exception.type_name, "message": r.exception.message}
     return {
