@@ -242,14 +242,8 @@ def run_lan_once(
     keep: Path | None = None,
     secure: bool = True,
 ) -> dict[str, Any]:
-    from chaos.checker import History, Recorder, check_run
-    from chaos.runner import (
-        OVERLAP_RUN,
-        create_overlap_workload,
-        create_retry_workload,
-        create_workload,
-        stop_workload,
-    )
+    from chaos.checker import History, Recorder
+    from chaos.runner import create_workloads, stop_and_check
     from chaos.scenarios import SCENARIOS
 
     rng = random.Random(seed)
@@ -267,9 +261,7 @@ def run_lan_once(
         nem = LanNemesis(lan, rng)
         try:
             lan.start()
-            schedules = create_workload(lan, out_dir)  # type: ignore[arg-type]
-            overlapping = create_overlap_workload(lan, out_dir)  # type: ignore[arg-type]
-            retries = create_retry_workload(lan, out_dir)  # type: ignore[arg-type]
+            workloads = create_workloads(lan, out_dir)  # type: ignore[arg-type]
             recorder = Recorder(lan, history, rng)  # type: ignore[arg-type]
             recorder.start()
             time.sleep(1.5)
@@ -279,21 +271,8 @@ def run_lan_once(
             heal_at = time.time()
             time.sleep(5.0)
             recorder.stop()
-            stop_at = time.time()
-            stop_workload(lan, {**schedules, **overlapping, **retries})  # type: ignore[arg-type]
-            time.sleep(0.5 + OVERLAP_RUN)
             report.update(
-                check_run(
-                    lan,  # type: ignore[arg-type]
-                    nem,  # type: ignore[arg-type]
-                    history,
-                    out_dir,
-                    schedules,
-                    heal_at,
-                    overlap=overlapping,
-                    retries=retries,
-                    stop_at=stop_at,
-                )
+                stop_and_check(lan, nem, history, out_dir, workloads, heal_at)  # type: ignore[arg-type]
             )
         except Exception as e:
             report.setdefault("violations", []).append(f"run failed: {type(e).__name__}: {e}")

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import attrs
 import msgspec
 from toxiproxy import Toxiproxy
 
@@ -108,7 +109,43 @@ def _create(cluster: ChaosCluster, body: dict[str, Any]) -> None:
         time.sleep(0.2)
 
 
-def stop_workload(cluster: ChaosCluster, schedules: dict[str, float]) -> None:
+@attrs.frozen
+class Workloads:
+    """The schedules a run fires and checks: the plain ones (id → interval), the overlap
+    schedule and the retry schedule."""
+
+    schedules: dict[str, float]
+    overlap: dict[str, float]
+    retries: dict[str, Retry]
+
+
+def create_workloads(cluster: ChaosCluster, out_dir: Path) -> Workloads:
+    return Workloads(
+        create_workload(cluster, out_dir),
+        create_overlap_workload(cluster, out_dir),
+        create_retry_workload(cluster, out_dir),
+    )
+
+
+def stop_and_check(
+    cluster: ChaosCluster,
+    nemesis: Any,
+    history: Any,
+    out_dir: Path,
+    w: Workloads,
+    heal_at: float,
+) -> dict[str, Any]:
+    """Delete every workload schedule, let the last runs end, and check the run."""
+    stop_at = time.time()
+    stop_workload(cluster, {**w.schedules, **w.overlap, **w.retries})
+    time.sleep(0.5 + OVERLAP_RUN)
+    return check_run(
+        cluster, nemesis, history, out_dir, w.schedules, heal_at,
+        overlap=w.overlap, retries=w.retries, stop_at=stop_at,
+    )  # fmt: skip
+
+
+def stop_workload(cluster: ChaosCluster, schedules: dict[str, Any]) -> None:
     deadline = time.monotonic() + 15
     for sid in schedules:
         while time.monotonic() < deadline:
@@ -151,9 +188,7 @@ def run_once(
     started = time.time()
     try:
         cluster.start()
-        schedules = create_workload(cluster, out_dir)
-        overlapping = create_overlap_workload(cluster, out_dir)
-        retries = create_retry_workload(cluster, out_dir)
+        workloads = create_workloads(cluster, out_dir)
         recorder = Recorder(cluster, history, rng)
         recorder.start()
         time.sleep(1.5)  # some fires before the faults
@@ -163,22 +198,7 @@ def run_once(
         heal_at = time.time()
         time.sleep(settle)
         recorder.stop()
-        stop_at = time.time()
-        stop_workload(cluster, {**schedules, **overlapping, **retries})
-        time.sleep(0.5 + OVERLAP_RUN)
-        report.update(
-            check_run(
-                cluster,
-                nemesis,
-                history,
-                out_dir,
-                schedules,
-                heal_at,
-                overlap=overlapping,
-                retries=retries,
-                stop_at=stop_at,
-            )
-        )
+        report.update(stop_and_check(cluster, nemesis, history, out_dir, workloads, heal_at))
         report["snapshots"] = _snapshot_events(cluster)
     except Exception as e:  # a run that could not even be checked is a failure, not a crash
         report.setdefault("violations", []).append(f"run failed: {type(e).__name__}: {e}")
