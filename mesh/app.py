@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -53,6 +53,11 @@ from mesh.storage.raft_store import RaftStore
 from mesh.transport.zmq import MeshTransport
 from mesh.zones.feed import FeedServer, FeedSettings
 from mesh.zones.filter import zone_filters
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from mesh.scenarios.runner import ScenarioRunner
 
 __all__ = [
     "HttpSecurity",
@@ -256,6 +261,32 @@ def build_scheduling(node: MeshNode, state: SchedulerState) -> SchedulingService
     )
 
 
+def add_scenarios(
+    app: web.Application, service: SchedulingService, config: Config, http_sec: HttpSecurity
+) -> ScenarioRunner:
+    """The scenario suite of a voter: its runner (a term task of the leader's scheduler, also
+    found by scenario schedules' fires) and its ``/api/tests`` routes."""
+    from mesh.scenarios.http import add_scenario_routes
+    from mesh.scenarios.localapi import LoopbackApi
+    from mesh.scenarios.runner import ScenarioRunner, current_runner
+
+    token = (
+        http_sec.tokens.add_internal("scenario-runner", "read")
+        if http_sec.tokens is not None
+        else None
+    )
+    local = LoopbackApi(
+        f"{http_sec.scheme}://{config.advertise_http}",
+        token=token,
+        ssl_context=http_sec.client_ssl,
+    )
+    runner = ScenarioRunner(service, local_api=local)
+    service.term_tasks["scenarios"] = runner.lead
+    service.term_context.append((current_runner, runner))
+    add_scenario_routes(app, service)
+    return runner
+
+
 def build_feed(node: MeshNode, state: SchedulerState, keys: KeyRing | None) -> FeedServer:
     """The change feed of a voter (not started), on the node's message bus and apply listener.
 
@@ -390,6 +421,7 @@ async def serve(
         link=node,
         images=node,
     )
+    add_scenarios(app, service, config, http_sec)
     app.on_cleanup.append(lambda _app: _close(audit, history))
     http = HttpServer(app, *config.http_host_port, ssl_context=http_sec.server_ssl)
     try:

@@ -123,6 +123,9 @@ def _late_outcome(run: asyncio.Future[Any]) -> None:
 
 
 REGISTRY: dict[str, TaskDef] = {}
+# Task names the mesh itself owns (the scenario suite's ``schedulezero.scenario``): they run
+# embedded on the leader only; a handler cannot offer them and the API cannot schedule them.
+INTERNAL_PREFIX = "schedulezero."
 
 
 class TaskModuleError(Exception):

@@ -212,6 +212,17 @@ class ApiTokens:
         self._entries = load_tokens(self.path)
         self._stamp = self._file_stamp()
         self._checked = clock()
+        # Tokens this process made for itself (never written anywhere): add_internal.
+        self._internal: list[TokenEntry] = []
+
+    def add_internal(self, name: str, role: str) -> str:
+        """A token for this node's own calls to its API (the scenario runner's ``http_get``):
+        random, held in memory only, gone when the process ends; returns it."""
+        if role not in ROLES:
+            raise ValueError(f"invalid role {role!r}")
+        token = new_token()
+        self._internal.append(TokenEntry(name, role, hash_token(token)))
+        return token
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -245,7 +256,7 @@ class ApiTokens:
             return None
         digest = hash_token(token)
         found: TokenEntry | None = None
-        for entry in self._entries:  # every entry, no early exit: timing says nothing
+        for entry in (*self._entries, *self._internal):  # no early exit: timing says nothing
             if hmac.compare_digest(entry.sha256, digest):
                 found = entry
         return Caller(found.name, found.role) if found is not None else None

@@ -44,6 +44,7 @@ from msgspec import UNSET, Meta, UnsetType
 from mesh.scheduling import controls
 from mesh.scheduling.codec import MAX_USER_DEPTH, NotPlainJSON, plain
 from mesh.scheduling.spec import ScheduleSpec
+from mesh.tasks import INTERNAL_PREFIX
 from mesh.validation import Problem, dotted, explain
 
 MAX_TASK_NAME = 200
@@ -374,6 +375,11 @@ def parse_schedule_body(
     """
     _require_object(body, "request body")
     b = _convert(body, ScheduleBody, where="the schedule")
+    if b.task.startswith(INTERNAL_PREFIX):
+        raise BadRequest(
+            f"task: names starting with {INTERNAL_PREFIX!r} are the mesh's own tasks; a "
+            "scenario is scheduled with POST /api/tests/schedule"
+        )
     if schedule_id is not None:
         _convert(schedule_id, Id, prefix="id")
         if b.id is not UNSET and b.id != schedule_id:

@@ -33,6 +33,7 @@ import attrs
 import msgspec
 
 from mesh.dispatch.protocol import DEAD_AFTER, SUSPECT_AFTER, Hello, decode
+from mesh.tasks import INTERNAL_PREFIX
 
 log = logging.getLogger("mesh.dispatch")
 
@@ -106,7 +107,8 @@ class HandlerRegistry:
         if info is None:
             info = self.handlers[hid] = HandlerInfo(handler_id=hid)
         was_alive = self.state(info) == "alive"
-        info.tasks = frozenset(hello.tasks)
+        # A handler cannot take over the mesh's own tasks (mesh.tasks.INTERNAL_PREFIX).
+        info.tasks = frozenset(t for t in hello.tasks if not t.startswith(INTERNAL_PREFIX))
         info.tags = dict(hello.tags)
         info.concurrency = hello.concurrency
         info.pid = hello.pid

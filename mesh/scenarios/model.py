@@ -30,8 +30,14 @@ FIRE_OUTCOMES = ("success", "failure", "timeout", "skipped", "missed", "no_handl
 
 # name → (unit, what it measures). The catalogue of what a scenario can report and assert on.
 METRICS: dict[str, tuple[str, str]] = {
-    "creation_rate": ("schedules/sec", "create_schedule actions per second of the steps doing them"),
-    "deletion_rate": ("schedules/sec", "delete_schedule actions per second of the steps doing them"),
+    "creation_rate": (
+        "schedules/sec",
+        "create_schedule actions per second of the steps doing them",
+    ),
+    "deletion_rate": (
+        "schedules/sec",
+        "delete_schedule actions per second of the steps doing them",
+    ),
     "pause_rate": ("ops/sec", "pause_schedule actions per second of the steps doing them"),
     "resume_rate": ("ops/sec", "resume_schedule actions per second of the steps doing them"),
     "run_job_rate": ("jobs/sec", "run_job actions per second of the steps doing them"),

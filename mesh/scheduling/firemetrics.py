@@ -18,7 +18,7 @@ import collections
 from datetime import datetime
 from typing import Any
 
-__all__ = ["BUCKETS", "OTHER", "FireMetrics", "Lateness"]
+__all__ = ["BUCKETS", "OTHER", "FireMetrics", "Lateness", "lateness"]
 
 OTHER = "_other"
 DEFAULT_MAX_SCHEDULES = 100
@@ -47,6 +47,18 @@ class Lateness:
             total += n
             out.append((bound, total))
         return out
+
+
+def lateness(ex: dict[str, Any], late: float | None = None) -> float | None:
+    """A record's lateness in seconds: ``late`` when the caller has it, else from the record
+    (start minus scheduled fire time); None for a run that never started."""
+    if late is None:
+        started, scheduled = ex.get("started_at"), ex.get("scheduled_fire_time")
+        if started and scheduled:
+            late = (
+                datetime.fromisoformat(started) - datetime.fromisoformat(scheduled)
+            ).total_seconds()
+    return late
 
 
 class FireMetrics:
@@ -81,12 +93,7 @@ class FireMetrics:
             self.skipped[(label, ex.get("reason") or "unknown")] += 1
         elif outcome == "missed_start_deadline":
             self.missed[(label, "start_deadline")] += 1
-        if late is None:
-            started, scheduled = ex.get("started_at"), ex.get("scheduled_fire_time")
-            if started and scheduled:
-                late = (
-                    datetime.fromisoformat(started) - datetime.fromisoformat(scheduled)
-                ).total_seconds()
+        late = lateness(ex, late)
         if late is not None:
             self.lateness_all.observe(late)
             self.lateness.setdefault(label, Lateness()).observe(late)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -85,8 +86,14 @@ class SchedulingService:
         self.lease_duration = lease_duration
         self.broker_factory = broker_factory
         self.dispatcher = dispatcher
-        # The term's alert sender (mesh.dispatch.alerts), run next to the scheduler.
-        self.alerts = alerts
+        # Tasks run next to the scheduler for its term, by name: the alert sender
+        # (mesh.dispatch.alerts), the scenario runner (mesh.scenarios.runner).
+        self.term_tasks: dict[str, Callable[[LeaderSession], Awaitable[None]]] = {}
+        if alerts is not None:
+            self.term_tasks["alerts"] = alerts
+        # Context variables set for the term's scheduler and its jobs: what an embedded
+        # internal task finds its node's parts by (mesh.scenarios.runner.current_runner).
+        self.term_context: list[tuple[contextvars.ContextVar[Any], Any]] = []
         self.scheduler: AsyncScheduler | None = None
         self.session: LeaderSession | None = None
         self.term: int | None = None
@@ -125,6 +132,8 @@ class SchedulingService:
 
     async def _lead(self, term: int) -> None:
         replica = self.replica
+        for var, value in self.term_context:
+            var.set(value)  # in this task's own context: its scheduler's jobs inherit it
         try:
             cleared = await replica.propose({"op": "reset_leases", "term": term})
             log.info("term %d: leases reset (%s), starting the scheduler", term, cleared)
@@ -152,7 +161,7 @@ class SchedulingService:
                     cancel_flagged(session, executor, self.dispatcher), name=f"cancel-{term}"
                 )
                 try:
-                    async with self._alerts_running(session):
+                    async with self._term_tasks_running(session):
                         await scheduler.run_until_stopped()
                 finally:
                     canceller.cancel()
@@ -171,19 +180,23 @@ class SchedulingService:
             self._ready.clear()
 
     @contextlib.asynccontextmanager
-    async def _alerts_running(self, session: LeaderSession) -> AsyncIterator[None]:
-        """The alert sender of the term, for as long as its scheduler runs."""
-        if self.alerts is None:
-            yield
-            return
-        task = asyncio.create_task(self.alerts(session), name=f"alerts-term-{session.term}")
-        task.add_done_callback(_log_failure)
+    async def _term_tasks_running(self, session: LeaderSession) -> AsyncIterator[None]:
+        """The term's own tasks (the alert sender, the scenario runner), for as long as its
+        scheduler runs."""
+        tasks = [
+            asyncio.create_task(run(session), name=f"{name}-term-{session.term}")
+            for name, run in self.term_tasks.items()
+        ]
+        for task in tasks:
+            task.add_done_callback(_log_failure)
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     def _handler_for(self, job: Any) -> str | None:
         """Where a job fired ahead goes: a handler when one offers its task (the executor

@@ -39,7 +39,8 @@ from mesh.scheduling.alerts import Outbox
 from mesh.scheduling.codec import NotPlainJSON, from_wire, plain, to_wire
 from mesh.scheduling.controls import KEY as CONTROLS
 from mesh.scheduling.controls import MAX_NOTE, Controls, controls_of, with_controls
-from mesh.scheduling.firemetrics import DEFAULT_MAX_SCHEDULES, FireMetrics
+from mesh.scheduling.firemetrics import DEFAULT_MAX_SCHEDULES, FireMetrics, lateness
+from mesh.scheduling.scenariobook import ScenarioBook
 
 log = logging.getLogger("mesh.scheduling.state")
 
@@ -301,6 +302,8 @@ class SchedulerState:
         # limits (counted when first needed, so never part of a snapshot).
         self._kept: dict[tuple[str, bool], int] = {}
         self.last_record: dict[str, Any] | None = None  # the latest record ``_record`` wrote
+        # Loaded scenarios and their runs (mesh.scheduling.scenariobook).
+        self.scenarios = ScenarioBook()
 
     # ------------------------------------------------------------------ StateMachine
 
@@ -373,6 +376,7 @@ class SchedulerState:
             "counters": [self.fires_recorded, self.fires_deduplicated, self.fires_skipped],
             **({"alerts": self.outbox.dump()} if self.alerts else {}),
             **({"backfills": self.backfills} if self.backfills else {}),
+            **({"scenarios": book} if (book := self.scenarios.dump()) else {}),
         }
 
     def restore(self, data: bytes) -> None:
@@ -408,6 +412,7 @@ class SchedulerState:
         counters = [*d["counters"], 0]  # snapshots before fires_skipped have two
         self.fires_recorded, self.fires_deduplicated, self.fires_skipped = counters[:3]
         self.outbox.load(d.get("alerts"))
+        self.scenarios.restore(d.get("scenarios"))
         self._recount_running()
 
     # ------------------------------------------------------------------ queries
@@ -1020,7 +1025,10 @@ class SchedulerState:
             self._forget(self.executions[0])  # the cap pushes the oldest record out
         self.executions.append(ex)
         self.last_record = ex
+        late = lateness(ex, late)
         self.fire_metrics.record(ex, late)
+        if self.scenarios.runs:
+            self.scenarios.on_record(ex, late)
         if ex["outcome"] != "success" or self._kept:
             sid = ex.get("schedule_id")
             self.outbox.on_record(ex, self.schedules.get(sid) if sid is not None else None)
@@ -1036,6 +1044,32 @@ class SchedulerState:
     def _op_alerts_done(self, c: dict[str, Any], _e: Entry) -> int:
         """Alerts the leader delivered (``sent``) or gave up on (``failed``): out of the outbox."""
         return self.outbox.done(list(c.get("sent", ())), list(c.get("failed", ())))
+
+    # ------------------------------------------------------------------ scenarios
+
+    def _op_scenario_load(self, c: dict[str, Any], _e: Entry) -> dict[str, Any]:
+        return self.scenarios.load(c)
+
+    def _op_scenario_delete(self, c: dict[str, Any], _e: Entry) -> bool:
+        return self.scenarios.delete(c)
+
+    def _op_scenario_start(self, c: dict[str, Any], _e: Entry) -> dict[str, Any]:
+        result = self.scenarios.start(c)
+        self._wake_watchers()
+        return result
+
+    def _op_scenario_progress(self, c: dict[str, Any], _e: Entry) -> bool:
+        return self.scenarios.progress(c)
+
+    def _op_scenario_finish(self, c: dict[str, Any], _e: Entry) -> bool:
+        done = self.scenarios.finish(c)
+        self._wake_watchers()
+        return done
+
+    def _op_scenario_cancel(self, c: dict[str, Any], _e: Entry) -> str | None:
+        status = self.scenarios.cancel(c)
+        self._wake_watchers()
+        return status
 
     # ------------------------------------------------------------------ history limits
 
