@@ -162,7 +162,8 @@ def _compose(text: str) -> yaml.Node:
     try:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as e:
-        raise _marked(e.problem_mark, e.problem or str(e)) from None
+        problem = f"{e.context}: {e.problem}" if e.context else e.problem
+        raise _marked(e.problem_mark, problem or str(e)) from None
     except yaml.YAMLError as e:  # the reader: a character YAML does not allow
         raise ScenarioError(" ".join(str(e).split())) from None
     finally:
