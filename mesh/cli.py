@@ -1,7 +1,7 @@
 """The ``schedulezero`` command: ``node``, ``replica``, ``handler``, ``up``, ``keys``, ``tokens``
-and ``restore``, and the client commands ``schedules``, ``executions``, ``handlers``, ``cluster``
-and ``backup`` (calls on a node's HTTP API: mesh.client_commands, mesh.backup_commands;
-docs/cli.md).
+and ``restore``, and the client commands ``schedules``, ``executions``, ``handlers``, ``cluster``,
+``backup`` and ``scenario`` (calls on a node's HTTP API: mesh.client_commands,
+mesh.backup_commands, mesh.scenario_commands; docs/cli.md).
 
 Any mistake on the command line or in the configuration ends with exit code 2 and exactly one
 line on stderr (``schedulezero: error: ...``); ``--help`` works as usual.
@@ -34,6 +34,7 @@ from mesh.config import (
     parse_mesh_address,
 )
 from mesh.membership.discovery import DiscoveryError
+from mesh.scenario_commands import add_scenario_commands
 from mesh.scheduling.controls import MAX_TAGS, parse_tag
 from mesh.security.keys import (
     ROLES,
@@ -307,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     tcreate.set_defaults(func=_cmd_tokens_create)
     add_client_commands(sub)
     add_backup_commands(sub)
+    add_scenario_commands(sub)
     return parser
 
 

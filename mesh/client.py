@@ -9,6 +9,7 @@ with its status, or why the node could not be reached.
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import re
 import ssl
@@ -89,19 +90,17 @@ class ApiClient:
         body: Any = None,
         *,
         query: Mapping[str, Any] | None = None,
+        text: str | None = None,
     ) -> Any:
-        """One call; the decoded JSON answer (None for an empty one), or ApiError."""
-        url = self.url + path  # ids in it are quoted by the callers (_segment)
-        params = {k: str(v) for k, v in (query or {}).items() if v is not None}
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method=method)
+        """One call; the decoded JSON answer (None for an empty one), or ApiError. ``text``
+        is a body that is not JSON (a scenario's YAML), sent as ``text/plain``."""
+        data, content_type = None, "application/json"
+        if text is not None:
+            data, content_type = text.encode(), "text/plain; charset=utf-8"
+        elif body is not None:
+            data = json.dumps(body).encode()
+        req = self._request(method, path, query, data, content_type)
         req.add_header("Accept", "application/json")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        if self.token is not None:
-            req.add_header("Authorization", f"Bearer {self.token}")
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
                 status, raw = resp.status, resp.read()
@@ -116,13 +115,58 @@ class ApiClient:
             raise ApiError(f"{status}: {_error_message(status, decoded)}", status, decoded)
         return decoded
 
+    def _request(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, Any] | None = None,
+        data: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> urllib.request.Request:
+        url = self.url + path + _query_string(query)  # ids: quoted by the callers (_segment)
+        req = urllib.request.Request(url, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", content_type)
+        if self.token is not None:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        return req
+
+    def text(self, path: str, query: Mapping[str, Any] | None = None) -> str:
+        """``GET path`` answered with text that is not JSON (a CSV export); ApiError as
+        ``request``."""
+        sink = io.BytesIO()
+        self.download(path + _query_string(query), sink)
+        return sink.getvalue().decode("utf-8", "replace")
+
+    def events(self, path: str, *, idle: float = 60.0) -> Iterator[tuple[str, Any]]:
+        """A Server-Sent Events stream: ``(event, decoded data)`` per event as it arrives.
+        ``idle`` bounds the wait for the next line (the API sends a keepalive comment every
+        15 s). ApiError as ``request`` if it cannot start; a stream cut short, or silent for
+        ``idle`` seconds, raises ApiError with status None."""
+        req = self._request("GET", path)
+        req.add_header("Accept", "text/event-stream")
+        try:
+            resp = self._opener.open(req, timeout=idle)
+        except urllib.error.HTTPError as e:
+            decoded = _decode(e.read())
+            raise ApiError(
+                f"{e.code}: {_error_message(e.code, decoded)}", e.code, decoded
+            ) from None
+        except urllib.error.URLError as e:
+            raise ApiError(f"cannot reach {self.url}: {_reason(e.reason)}") from None
+        except (OSError, ValueError) as e:
+            raise ApiError(f"cannot reach {self.url}: {_reason(e)}") from None
+        with resp:
+            try:
+                yield from _sse(resp)
+            except (http.client.HTTPException, OSError, ValueError) as e:
+                raise ApiError(f"the stream from {self.url} broke: {_reason(e)}") from None
+
     def download(self, path: str, sink: BinaryIO, *, chunk: int = 1 << 20) -> int:
         """``GET path`` with its body written to ``sink`` a piece at a time (a backup can be
         larger than memory); returns the bytes written. ApiError as ``request``; a body shorter
         than its Content-Length is one too."""
-        req = urllib.request.Request(self.url + path, method="GET")
-        if self.token is not None:
-            req.add_header("Authorization", f"Bearer {self.token}")
+        req = self._request("GET", path)
         written = 0
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
@@ -272,6 +316,41 @@ class ApiClient:
             query["limit"] = limit  # one page holds them all when the server allows it
         return list(self.pages("/api/executions", "executions", query, limit=limit))
 
+    # ------------------------------------------------------------------ scenarios
+
+    def scenarios(self) -> list[dict[str, Any]]:
+        """The loaded scenarios (``GET /api/tests``)."""
+        return self.request("GET", "/api/tests")["scenarios"]
+
+    def scenario(self, name: str) -> dict[str, Any]:
+        """One loaded scenario with its ``definition`` (and ``source``, for operate and up)."""
+        return self.request("GET", f"/api/tests/library/{_segment(name)}")
+
+    def load_scenario(self, text: str) -> dict[str, Any]:
+        """Load (or replace) a scenario from its YAML text: ``{"name", "version"}``."""
+        return self.request("POST", "/api/tests/load", text=text)
+
+    def run_scenario(self, name: str, parameters: Mapping[str, Any] | None = None) -> str:
+        """Queue a run of the loaded scenario ``name``; its run id."""
+        body: dict[str, Any] = {"name": name}
+        if parameters:
+            body["parameters"] = dict(parameters)
+        return self.request("POST", "/api/tests/run", body)["run_id"]
+
+    def schedule_scenario(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``POST /api/tests/schedule`` (``{"name", "trigger", "parameters"?, "id"?}``)."""
+        return self.request("POST", "/api/tests/schedule", dict(body))
+
+    def scenario_result(self, run_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/api/tests/results/{_segment(run_id)}")
+
+    def scenario_runs(self, name: str | None = None, limit: int | None = None) -> list[Any]:
+        """The runs, newest first (the API keeps a bounded history)."""
+        return self.request("GET", "/api/tests/runs", query={"name": name, "limit": limit})["runs"]
+
+    def cancel_scenario(self, run_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/api/tests/runs/{_segment(run_id)}/cancel")
+
     def handlers(self) -> list[dict[str, Any]]:
         return list(self.pages("/api/handlers", "handlers"))
 
@@ -289,6 +368,32 @@ class ApiClient:
 
     def remove_member(self, node_id: str) -> Any:
         return self.request("DELETE", f"/api/cluster/members/{_segment(node_id)}")
+
+
+def _query_string(query: Mapping[str, Any] | None) -> str:
+    params = {k: str(v) for k, v in (query or {}).items() if v is not None}
+    return "?" + urllib.parse.urlencode(params) if params else ""
+
+
+MAX_EVENT_BYTES = 4 << 20  # one event's data: a result without samples is far smaller
+
+
+def _sse(resp: Any) -> Iterator[tuple[str, Any]]:
+    """The events of an open ``text/event-stream`` answer (the subset the API sends: ``event``,
+    ``data`` and ``:`` comment lines, events ended by an empty line)."""
+    event, data = "message", bytearray()
+    for line in resp:
+        line = line.rstrip(b"\r\n")
+        if not line:
+            if data:
+                yield event, _decode(bytes(data))
+            event, data = "message", bytearray()
+        elif line.startswith(b"event:"):
+            event = line[6:].strip().decode("utf-8", "replace")
+        elif line.startswith(b"data:"):
+            data += (b"\n" if data else b"") + line[5:].lstrip(b" ")
+            if len(data) > MAX_EVENT_BYTES:
+                raise ValueError(f"an event larger than {MAX_EVENT_BYTES} bytes")
 
 
 def _segment(value: str) -> str:
