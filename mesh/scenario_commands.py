@@ -30,7 +30,7 @@ from mesh.client import (
 )
 from mesh.client_commands import api_client, connection_flags
 from mesh.scenarios import format
-from mesh.scenarios.model import MAX_SOURCE_BYTES, Plan, Scenario, ScenarioError
+from mesh.scenarios.model import MAX_SOURCE_BYTES, Plan, Scenario, ScenarioError, Step
 from mesh.scheduling.scenariobook import FINISHED
 
 __all__ = ["add_scenario_commands"]
@@ -215,7 +215,7 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _describe_step(step: Any) -> str:
+def _describe_step(step: Step) -> str:
     if step.type == "sleep":
         return f"{step.name}: sleep {step.duration:g} s"
     method = step.action.method if step.action is not None else "?"
@@ -236,7 +236,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     client.load_scenario(raw.decode("utf-8"))
     run_id = client.run_scenario(scenario.name, typed)
     timeout = ns.timeout if ns.timeout is not None else plan.timeout + FOLLOW_MARGIN_SECONDS
-    progress = _Progress(sys.stderr, len(plan.steps))
+    progress = _Progress(sys.stderr, plan.steps)
     progress.note(f"run {run_id} of {scenario.name} queued")
     try:
         result = _follow(_Nodes(client), run_id, time.monotonic() + timeout, progress)
@@ -338,9 +338,10 @@ def _poll(
 
 class _Progress:
     """A run's progress on stderr: on a terminal one line rewritten in place (a new line per
-    step), otherwise a line per step or status change."""
+    step), otherwise a line per step or status change. Steps are named and sized from the
+    local plan (the node's view names a step only once it has started it)."""
 
-    def __init__(self, stream: TextIO, steps: int) -> None:
+    def __init__(self, stream: TextIO, steps: tuple[Step, ...]) -> None:
         self.stream = stream
         self.steps = steps
         self.tty = stream.isatty()
@@ -348,18 +349,30 @@ class _Progress:
         self.open = False  # a line written without its newline (terminal)
 
     def show(self, run: Mapping[str, Any]) -> None:
-        step = run.get("step") if isinstance(run.get("step"), dict) else {}
-        assert isinstance(step, dict)
-        key = (run.get("status"), step.get("index"))
+        step = run.get("step")
+        index = step.get("index") if isinstance(step, dict) else None
+        done = step.get("done") if isinstance(step, dict) else None
+        key = (run.get("status"), index)
+        line = self._line(run, index, done)
         if self.tty:
             if key != self.shown:
                 self.end()
-            self.stream.write("\r" + _progress_line(run, step, self.steps) + "\x1b[K")
+            self.stream.write("\r" + line + "\x1b[K")
             self.open = True
         elif key != self.shown:
-            self.stream.write(_progress_line(run, step, self.steps) + "\n")
+            self.stream.write(line + "\n")
         self.stream.flush()
         self.shown = key
+
+    def _line(self, run: Mapping[str, Any], index: Any, done: Any) -> str:
+        status = run.get("status")
+        if status != "running" or not isinstance(index, int) or not 0 <= index < len(self.steps):
+            return f"{run.get('run_id')}: {status}"
+        step = self.steps[index]
+        line = f"{run.get('run_id')}: step {index + 1}/{len(self.steps)} {step.name}"
+        if step.type == "sleep":
+            return f"{line} (sleep {step.duration:g} s)"
+        return f"{line} {done if isinstance(done, int) else 0}/{step.iterations}"
 
     def note(self, message: str) -> None:
         self.end()
@@ -371,17 +384,6 @@ class _Progress:
             self.stream.write("\n")
             self.stream.flush()
             self.open = False
-
-
-def _progress_line(run: Mapping[str, Any], step: Mapping[str, Any], steps: int) -> str:
-    status = run.get("status")
-    if status != "running":
-        return f"{run.get('run_id')}: {status}"
-    index = step.get("index") if isinstance(step.get("index"), int) else 0
-    line = f"{run.get('run_id')}: step {index + 1}/{steps} {step.get('name') or ''}"
-    if isinstance(step.get("of"), int):
-        line += f" {step.get('done', 0)}/{step['of']}"
-    return line
 
 
 # --------------------------------------------------------------------------- results

@@ -1,0 +1,287 @@
+"""``schedulezero scenario ...`` (mesh/scenario_commands.py, docs/cli.md "Scenarios").
+
+The local checks run as real ``python -m mesh.cli`` processes with no node at all: a mistake in
+the file or in a ``--param`` is exit 2, one line naming where, before any network call. The
+rest runs the CLI as a real process against a real 3-node mesh: a tiny scenario passes (exit
+0, PASS), an assertion that cannot hold fails (exit 1, FAIL with the measured value), ``--format
+json`` is the result JSON, and the run is followed to its end through a follower and across the
+death of the node the CLI was talking to.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster import REPO_ROOT, Cluster, NodeProcess, http_request
+from tests.netutil import free_port_pair
+
+pytestmark = pytest.mark.timeout(180)
+
+WAIT = 20.0
+RUN_TIMEOUT = 60.0  # one CLI process, start to end
+
+TINY = """\
+test:
+  name: cli_tiny
+  description: five creates, a short sleep, five deletes
+  parameters:
+    count: 5
+  steps:
+    - name: create
+      type: loop
+      iterations: ${count}
+      action:
+        method: create_schedule
+        args: {task_id: noop, trigger: {type: interval, seconds: 3600}}
+    - name: wait
+      type: sleep
+      duration: 0.2
+    - name: delete
+      type: loop
+      iterations: ${count}
+      action: {method: delete_schedule}
+  metrics:
+    - creation_rate
+  assertions:
+    - creation_rate > ${floor}
+"""
+
+
+def tiny(floor: str = "0", name: str = "cli_tiny") -> str:
+    """The tiny scenario, named ``name``, asserting ``creation_rate > floor``."""
+    return TINY.replace("name: cli_tiny", f"name: {name}").replace("${floor}", floor)
+
+
+def schedulezero(*argv: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """``schedulezero ARGV`` as a real process (stderr is not a terminal: a line per step)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mesh.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)},
+    )
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("schedulezero: error: "), err
+    assert "Traceback" not in err
+    return lines[0].removeprefix("schedulezero: error: ")
+
+
+def write(tmp_path: Path, text: str, name: str = "scenario.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# --------------------------------------------------------------------------- local checks
+
+
+@pytest.fixture
+def nowhere() -> str:
+    """A URL nothing listens on: a check that calls the API would say "cannot reach"."""
+    return f"http://127.0.0.1:{free_port_pair('127.0.0.1')}"
+
+
+def test_a_yaml_syntax_error_is_exit_2_with_its_line_before_any_call(
+    tmp_path: Path, nowhere: str
+) -> None:
+    path = write(
+        tmp_path, tiny().replace("      iterations: ${count}\n", "      iterations: [\n", 1)
+    )
+    proc = schedulezero("scenario", "run", path, "--url", nowhere)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    message = one_error_line(proc.stderr)
+    # Where the parser met it: the line after the unclosed "[", at the next mapping key.
+    assert message.startswith(f"{path}: line 11, column 15: "), message
+    assert "cannot reach" not in message
+
+
+def test_a_structure_error_names_the_field_and_its_line(tmp_path: Path, nowhere: str) -> None:
+    path = write(tmp_path, tiny().replace("iterations: ${count}", "iterations: many", 1))
+    proc = schedulezero("scenario", "run", path, "--url", nowhere)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert "steps[0].iterations (line 9)" in one_error_line(proc.stderr)
+
+
+def test_an_unknown_param_is_exit_2_naming_the_scenarios_parameters(
+    tmp_path: Path, nowhere: str
+) -> None:
+    proc = schedulezero("scenario", "run", write(tmp_path, tiny()), "--param", "cuont=3")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    message = one_error_line(proc.stderr)
+    assert "has no parameter 'cuont'; its parameters: count" in message
+
+
+@pytest.mark.parametrize(
+    ("params", "says"),
+    [
+        (["count=lots"], "count: must be an integer, got 'lots'"),
+        (["count"], "--param must be NAME=VALUE"),
+        (["count=0"], "iterations"),  # valid text, but the resolved loop is not
+        (["count=1", "count=2"], "--param count: given twice"),
+    ],
+)
+def test_a_bad_param_value_is_exit_2(tmp_path: Path, params: list[str], says: str) -> None:
+    argv = [arg for p in params for arg in ("--param", p)]
+    proc = schedulezero("scenario", "validate", write(tmp_path, tiny()), *argv)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert says in one_error_line(proc.stderr)
+
+
+def test_validate_prints_the_plan_with_the_params(tmp_path: Path) -> None:
+    proc = schedulezero("scenario", "validate", write(tmp_path, tiny()), "--param", "count=7")
+    assert proc.returncode == 0, proc.stderr
+    assert "cli_tiny (version " in proc.stdout
+    assert "steps: 3, actions in all: 14" in proc.stdout
+    assert "assertions: creation_rate > 0" in proc.stdout
+
+
+def test_a_shipped_scenario_is_named_without_a_file() -> None:
+    proc = schedulezero("scenario", "validate", "schedule_storm")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("schedule_storm (version ")
+    proc = schedulezero("scenario", "validate", "no_such_scenario")
+    assert proc.returncode == 2
+    assert "shipped: " in one_error_line(proc.stderr)
+
+
+# --------------------------------------------------------------------------- against a mesh
+
+
+class Mesh:
+    def __init__(self, cluster: Cluster, leader: NodeProcess) -> None:
+        self.cluster = cluster
+        self.leader = leader
+        self.follower = next(n for n in cluster.nodes if n is not leader)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    root = tmp_path_factory.mktemp("scenario-cli")
+    cluster = Cluster(root, 3)
+    try:
+        cluster.start()
+        yield Mesh(cluster, cluster.wait_for_leader(WAIT))
+    finally:
+        cluster.stop_all()
+
+
+def test_a_tiny_scenario_passes_exit_0_with_its_metrics_and_pass(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    proc = schedulezero("scenario", "run", write(tmp_path, tiny()), "--url", mesh.follower.http)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ": PASSED" in proc.stdout
+    assert "creation_rate > 0" in proc.stdout and "PASS" in proc.stdout
+    assert "schedules/sec" in proc.stdout
+    assert proc.stderr.splitlines()[-1].endswith(": passed")  # a line per step before (racy)
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_assertion_that_fails_is_exit_1_with_fail_and_the_measured_value(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    path = write(tmp_path, tiny("1e12", name="cli_tiny_fail"))
+    proc = schedulezero("scenario", "run", path, "--url", mesh.leader.http)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert ": FAILED" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("creation_rate >"))
+    expr, measured, verdict = row.split("  ")[0], row.split()[-2], row.split()[-1]
+    assert (expr, verdict) == ("creation_rate > 1e12", "FAIL")
+    assert float(measured) > 0
+
+
+def test_format_json_prints_the_result_only(mesh: Mesh, tmp_path: Path) -> None:
+    path = write(tmp_path, tiny(name="cli_tiny_json"))
+    proc = schedulezero(
+        "scenario", "run", path, "--param", "count=3", "--format", "json", "--url", mesh.leader.http
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["status"] == "passed"
+    assert result["parameters"]["count"] == 3  # sent as the integer it is
+    assert result["metrics"]["actions_total"]["value"] == 6
+    assert [a["passed"] for a in result["assertions"]] == [True]
+    # The same run through results, runs and list.
+    run_id = result["run_id"]
+    again = schedulezero(
+        "scenario", "results", run_id, "--format", "json", "--url", mesh.follower.http
+    )
+    assert json.loads(again.stdout)["run_id"] == run_id
+    exported = schedulezero(
+        "scenario", "results", run_id, "--format", "csv", "--url", mesh.leader.http
+    )
+    rows = list(csv.DictReader(io.StringIO(exported.stdout)))
+    assert [(r["name"], r["passed"]) for r in rows if r["kind"] == "assertion"] == [
+        ("creation_rate > 0", "true")
+    ]
+    listed = schedulezero("scenario", "runs", "--name", "cli_tiny_json", "--url", mesh.leader.http)
+    assert run_id in listed.stdout and "passed" in listed.stdout
+    library = schedulezero("scenario", "list", "--url", mesh.leader.http)
+    assert "cli_tiny_json" in library.stdout
+
+
+def test_an_unknown_run_is_exit_1_with_the_apis_404(mesh: Mesh) -> None:
+    proc = schedulezero("scenario", "results", "0123456789abcdef", "--url", mesh.leader.http)
+    assert proc.returncode == 1
+    # The API's message should be "no run '...'" (mesh/scenarios/http.py puts it in the 404's
+    # text, which the error middleware drops for its reason): the status is what is sure.
+    assert one_error_line(proc.stderr).startswith("404: ")
+
+
+def test_cancel_ends_a_running_run_and_its_cli_exits_1(mesh: Mesh, tmp_path: Path) -> None:
+    slow = tiny(name="cli_slow").replace("duration: 0.2", "duration: 60")
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mesh.cli",
+            "scenario",
+            "run",
+            write(tmp_path, slow),
+            *("--url", mesh.leader.http),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)},
+    )
+    try:
+        run_id = wait_for_run(mesh.leader, "cli_slow", "running")["run_id"]
+        cancel = schedulezero("scenario", "cancel", run_id, "--url", mesh.follower.http)
+        assert cancel.returncode == 0, cancel.stderr
+        out, err = cli.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.communicate()
+    assert cli.returncode == 1, out + err
+    assert ": CANCELLED" in out
+    # The progress: a line per step (stderr is no terminal), named and sized from the file.
+    assert f"{run_id}: step 2/3 wait (sleep 60 s)\n" in err, err
+
+
+def wait_for_run(node: NodeProcess, name: str, status: str) -> dict[str, Any]:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        code, body = http_request(f"{node.http}/api/tests/runs?name={name}&limit=1")
+        if code == 200 and body["runs"] and body["runs"][0]["status"] == status:
+            return body["runs"][0]
+        time.sleep(0.1)
+    raise AssertionError(f"no {status} run of {name} after {WAIT} s")
