@@ -303,6 +303,11 @@ def _follow(
                 progress.show(data)
             if event == "done" or time.monotonic() >= deadline:
                 break
+        else:  # the node closed the stream before the end (it stopped, or was killed)
+            progress.note(
+                f"live progress lost (the stream from {nodes.current.url} ended); "
+                "polling the result"
+            )
     except ApiError as e:
         if e.status is not None and e.status not in RETRIED_STATUSES:
             raise

@@ -285,3 +285,52 @@ def wait_for_run(node: NodeProcess, name: str, status: str) -> dict[str, Any]:
             return body["runs"][0]
         time.sleep(0.1)
     raise AssertionError(f"no {status} run of {name} after {WAIT} s")
+
+
+def test_the_run_is_followed_to_its_end_when_the_node_the_cli_asks_dies(
+    cluster_factory: Any, tmp_path: Path
+) -> None:
+    """The CLI talks to the leader; it is killed during the run's sleep: the stream breaks, the
+    CLI polls the other nodes, the new leader resumes the run and the CLI reports it passed."""
+    cluster = cluster_factory(3)
+    leader = cluster.wait_for_leader(WAIT)
+    resumable = tiny(name="cli_failover").replace("duration: 0.2", "duration: 4")
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mesh.cli",
+            "scenario",
+            "run",
+            write(tmp_path, resumable),
+            *("--url", leader.http, "--format", "json"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)},
+    )
+    try:
+        wait_for_step(leader, "cli_failover", 1)
+        leader.kill()
+        out, err = cli.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.communicate()
+    assert cli.returncode == 0, out + err
+    assert "live progress lost" in err and "Traceback" not in err
+    result = json.loads(out)
+    assert (result["status"], result["resumed"]) == ("passed", 1)
+    assert result["leader"] != leader.node_id
+
+
+def wait_for_step(node: NodeProcess, name: str, index: int) -> None:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        code, body = http_request(f"{node.http}/api/tests/runs?name={name}&limit=1")
+        if code == 200 and body["runs"] and body["runs"][0]["step"]["index"] >= index:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run of {name} did not reach step {index} in {WAIT} s")
