@@ -24,7 +24,7 @@ from schemathesis import GenerationMode
 from mesh.api import schema as api_schema
 from mesh.api.auth import required_role
 from mesh.api.http import create_app
-from mesh.api.openapi import documented_routes, ecma_pattern, openapi_document
+from mesh.api.openapi import SCENARIO_NAME, documented_routes, ecma_pattern, openapi_document
 from mesh.api.schema import (
     BadRequest,
     parse_bulk_body,
@@ -35,6 +35,8 @@ from mesh.api.schema import (
 from mesh.dispatch.dispatcher import HandlerDispatcher
 from mesh.dispatch.governors import Governors
 from mesh.observability.state_db import AuditLog
+from mesh.scenarios.http import add_scenario_routes
+from mesh.scenarios.model import NAME_PATTERN
 from mesh.scheduling.service import SchedulingService
 from tests.fakes import FakeBus, FakeReplica
 
@@ -73,7 +75,9 @@ def test_every_route_is_documented_and_every_documented_route_is_served(
     replica, svc = service
     audit = AuditLog(tmp_path / "state.db")
     try:
-        served = served_routes(create_app(replica, replica, svc, audit=audit, images=NoImages()))
+        app = create_app(replica, replica, svc, audit=audit, images=NoImages())
+        add_scenario_routes(app, svc)  # as mesh.app.add_scenarios does on every voter
+        served = served_routes(app)
     finally:
         audit.close()
     assert served == documented_routes(), (
@@ -83,6 +87,33 @@ def test_every_route_is_documented_and_every_documented_route_is_served(
     document = openapi_document()
     in_document = {(m.upper(), p) for p, ops in document["paths"].items() for m in ops}
     assert in_document == served
+
+
+def test_a_node_without_the_scenario_suite_documents_no_scenario_route(service: Any) -> None:
+    """A replica (no backup source, no suite) and any app the suite was not added to."""
+    replica, svc = service
+    served = served_routes(create_app(replica, replica, svc))
+    assert served == documented_routes(audit=False, backup=False)
+    assert not any(path.startswith("/api/tests") for _, path in served)
+    assert documented_routes(scenarios=False) == documented_routes() - {
+        r for r in documented_routes() if r[1].startswith("/api/tests")
+    }
+
+
+def test_the_scenario_routes_are_described_as_the_handlers_take_them() -> None:
+    paths = openapi_document()["paths"]
+    load = paths["/api/tests/load"]["post"]
+    assert list(load["requestBody"]["content"]) == ["text/plain"]  # the YAML text itself
+    assert load["x-required-role"] == "operate"
+    assert paths["/api/tests/results/{run_id}"]["get"]["x-required-role"] == "read"
+    csv_or_json = paths["/api/tests/runs"]["get"]["responses"]["200"]["content"]
+    assert sorted(csv_or_json) == ["application/json", "text/csv"]
+    stream = paths["/api/tests/metrics/{run_id}"]["get"]["responses"]["200"]["content"]
+    assert list(stream) == ["text/event-stream"]
+    name = paths["/api/tests/library/{name}"]["get"]["parameters"][0]["schema"]["pattern"]
+    assert name == SCENARIO_NAME == f"^{NAME_PATTERN}$"
+    # A dashboard file's name keeps its own description.
+    assert paths["/dashboard/{name}"]["get"]["parameters"][0]["description"] == "a file name"
 
 
 def test_a_node_without_scheduling_documents_only_what_it_serves() -> None:

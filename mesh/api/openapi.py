@@ -333,6 +333,112 @@ class Overview(msgspec.Struct):
     members: list[dict[str, Any]]
 
 
+# --- scenarios (mesh/scenarios/http.py; docs/scenarios.md) ---
+
+# mesh.scenarios.model.NAME_PATTERN (a layer above this one: tests/test_openapi.py compares).
+SCENARIO_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+ScenarioStatus = Annotated[
+    str, Meta(description="queued, running, passed, failed, error or cancelled")
+]
+
+
+class ScenarioLoaded(msgspec.Struct):
+    name: str
+    version: Annotated[str, Meta(description="the first 16 hex digits of the text's SHA-256")]
+
+
+class ScenarioLastRun(msgspec.Struct):
+    run_id: str
+    status: ScenarioStatus
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+
+
+class ScenarioEntry(msgspec.Struct):
+    """A loaded scenario."""
+
+    name: str
+    description: str
+    version: str
+    parameters: Annotated[dict[str, Any], Meta(description="name -> default")]
+    depends_on: list[str]
+    steps: Annotated[int, Meta(description="how many steps it has")]
+    loaded_at: Timestamp
+    last_run: ScenarioLastRun | None
+
+
+class ScenarioDetail(ScenarioEntry):
+    """A loaded scenario with its definition (and its text, for operate and admin callers)."""
+
+    definition: Annotated[dict[str, Any], Meta(description="the file's `test` mapping as JSON")]
+    source: Annotated[str | UnsetType, Meta(description="the YAML text (not for read)")] = UNSET
+
+
+class ScenarioList(msgspec.Struct):
+    scenarios: Annotated[list[ScenarioEntry], Meta(description="by name")]
+
+
+class ScenarioRunQueued(msgspec.Struct):
+    run_id: Annotated[str, Meta(description="16 hex digits")]
+
+
+class ScenarioStepProgress(msgspec.Struct):
+    index: Annotated[int, Meta(description="the step running (0-based)")]
+    name: str | None
+    done: Annotated[int, Meta(description="its finished iterations")]
+    of: Annotated[int | None, Meta(description="its iterations (1 for an action step)")]
+
+
+class ScenarioMetric(msgspec.Struct):
+    value: Annotated[float | None, Meta(description="null: no data (no fire recorded)")]
+    unit: str
+
+
+class ScenarioAssertion(msgspec.Struct):
+    expr: Annotated[str, Meta(description="as written, after substitution")]
+    metric: str
+    op: Annotated[str, Meta(description="> >= < <= == !=")]
+    threshold: float
+    value: Annotated[float | None, Meta(description="measured; null fails the assertion")]
+    passed: bool
+
+
+class ScenarioRun(msgspec.Struct):
+    """A run: its status, progress, metrics and assertions (docs/scenarios.md, "Results")."""
+
+    run_id: str
+    name: str
+    version: str
+    status: ScenarioStatus
+    source: Annotated[str, Meta(description="api, schedule or cli")]
+    parameters: dict[str, Any]
+    requested_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+    leader: Annotated[str | None, Meta(description="the node running it")]
+    resumed: Annotated[int, Meta(description="times a new leader resumed it")]
+    depends_on: Annotated[list[str], Meta(description="the runs of its dependencies")]
+    step: ScenarioStepProgress
+    metrics: dict[str, ScenarioMetric]
+    assertions: Annotated[list[ScenarioAssertion], Meta(description="empty until it ends")]
+    error: str | None
+    errors: Annotated[list[str], Meta(description="the first action errors (at most 10)")]
+    samples: Annotated[
+        list[dict[str, Any]] | UnsetType,
+        Meta(description="the time series (`t` in seconds and metric values); results only"),
+    ] = UNSET
+
+
+class ScenarioRunList(msgspec.Struct):
+    runs: Annotated[list[ScenarioRun], Meta(description="newest first, without samples")]
+
+
+class ScenarioCancelled(msgspec.Struct):
+    run_id: str
+    status: Annotated[str | None, Meta(description="the run's status once the cancel applied")]
+
+
 class OpenAPIDocument(msgspec.Struct):
     """This document."""
 
@@ -342,6 +448,26 @@ class OpenAPIDocument(msgspec.Struct):
 
 
 Trigger = IntervalTriggerBody | CronTriggerBody | DateTriggerBody | CalendarIntervalTriggerBody
+
+
+class ScenarioRunBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /api/tests/run`` (checked by its handler; this is its description)."""
+
+    name: Annotated[str, Meta(pattern=SCENARIO_NAME)]
+    parameters: Annotated[
+        dict[str, Any] | None,
+        Meta(description="name -> value, of the type of the parameter's default"),
+    ] = None
+
+
+class ScenarioScheduleBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /api/tests/schedule``: a schedule whose fires queue runs of the scenario."""
+
+    name: Annotated[str, Meta(pattern=SCENARIO_NAME)]
+    trigger: Annotated[Trigger, Meta(description="as a schedule's trigger")]
+    parameters: dict[str, Any] | None = None
+    id: Annotated[str | UnsetType, Meta(description="default scenario-NAME")] = UNSET
+
 
 # --- the operations ------------------------------------------------------------------------------
 
@@ -369,8 +495,10 @@ class Operation:
     method: str
     path: str
     summary: str
-    answers: dict[int, Any]  # status -> a Struct (JSON), str (another media type), None (empty)
-    body: Any = None  # the request body's Struct
+    # status -> a Struct (JSON), a str (another media type), a tuple of them (the query chooses:
+    # ?format=csv), None (empty)
+    answers: dict[int, Any]
+    body: Any = None  # the request body's Struct, or a str: the media type of a text body
     body_required: bool = True
     role: Role | None = "read"  # None: open, even with tokens configured
     errors: tuple[int, ...] = ()
@@ -378,6 +506,8 @@ class Operation:
     scheduling: bool = False  # served only by a node with a scheduling service
     audit: bool = False  # served only by a node with an audit log
     backup: bool = False  # served only by a voter (GET /api/backup)
+    scenarios: bool = False  # served only by a voter with the scenario suite (mesh.app)
+    path_params: dict[str, dict[str, Any]] = attrs.field(factory=dict)  # over _PATH_PARAMS
 
 
 def _id_param(name: str, description: str, schema: dict[str, Any] | None = None) -> dict:
@@ -405,6 +535,111 @@ _PAGE_QUERY: tuple[dict[str, Any], ...] = (
         "description": "the `next` of the previous page",
         "schema": {"type": "string", "minLength": 1, "maxLength": 200},
     },
+)
+
+_FORMAT_QUERY = {
+    "name": "format",
+    "in": "query",
+    "description": "json (default) or csv",
+    "schema": {"type": "string", "enum": ["json", "csv"]},
+}
+_RUN_ID = {"type": "string", "pattern": "^[0-9a-f]{16}$"}
+_SCENARIO_PARAMS = {
+    "name": _id_param("name", "a scenario's name", {"type": "string", "pattern": SCENARIO_NAME}),
+    "run_id": _id_param("run_id", "a run id (16 hex digits)", _RUN_ID),
+}
+# /api/tests (mesh/scenarios/http.py): a voter adds them to its app (mesh.app.add_scenarios).
+_SCENARIO_OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "post",
+        "/api/tests/load",
+        "load a scenario from its YAML text (docs/scenarios.md), replacing one of the same name",
+        {201: ScenarioLoaded},
+        body="text/plain",
+        role="operate",
+        errors=(*WRITE_ERRORS, 409),
+    ),
+    Operation(
+        "post",
+        "/api/tests/run",
+        "queue a run of a loaded scenario (its dependencies first, as their own runs)",
+        {202: ScenarioRunQueued},
+        body=ScenarioRunBody,
+        role="operate",
+        errors=(*WRITE_ERRORS, 409),
+    ),
+    Operation(
+        "post",
+        "/api/tests/schedule",
+        "a schedule whose every fire queues a run of a loaded scenario",
+        {201: Schedule},
+        body=ScenarioScheduleBody,
+        role="operate",
+        errors=(*WRITE_ERRORS, 409),
+    ),
+    Operation("get", "/api/tests", "the loaded scenarios", {200: ScenarioList}),
+    Operation(
+        "get",
+        "/api/tests/library/{name}",
+        "one loaded scenario with its definition (and its YAML text, but for read callers)",
+        {200: ScenarioDetail},
+        errors=(404,),
+    ),
+    Operation(
+        "delete",
+        "/api/tests/library/{name}",
+        "unload a scenario (a run of it still queued ends in error)",
+        {204: None},
+        role="operate",
+        errors=(503, 404),
+    ),
+    Operation(
+        "get",
+        "/api/tests/runs",
+        "the runs, newest first, without their samples (format=csv: a row per run)",
+        {200: (ScenarioRunList, "text/csv")},
+        errors=(400,),
+        query=(
+            {
+                "name": "name",
+                "in": "query",
+                "description": "only this scenario's runs",
+                "schema": {"type": "string"},
+            },
+            {
+                "name": "limit",
+                "in": "query",
+                "description": "at most this many (default 50)",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+            },
+            _FORMAT_QUERY,
+        ),
+    ),
+    Operation(
+        "post",
+        "/api/tests/runs/{run_id}/cancel",
+        "stop a queued or running run (it ends cancelled)",
+        {202: ScenarioCancelled},
+        role="operate",
+        errors=(503, 404),
+    ),
+    Operation(
+        "get",
+        "/api/tests/results/{run_id}",
+        "a run's status, metrics, assertions and samples (format=csv: a row per metric and "
+        "assertion)",
+        {200: (ScenarioRun, "text/csv")},
+        errors=(400, 404),
+        query=(_FORMAT_QUERY,),
+    ),
+    Operation(
+        "get",
+        "/api/tests/metrics/{run_id}",
+        "a run's progress as Server-Sent Events: `progress` with the run (no samples) when it "
+        "changes, at most twice a second, then `done` with the final run; then the end",
+        {200: "text/event-stream"},
+        errors=(404, 503),
+    ),
 )
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -674,6 +909,10 @@ OPERATIONS: tuple[Operation, ...] = (
         ),
         scheduling=True,
     ),
+    *(
+        attrs.evolve(op, scenarios=True, path_params=_SCENARIO_PARAMS)
+        for op in _SCENARIO_OPERATIONS
+    ),
 )
 
 _ID = msgspec.json.schema(Id)
@@ -685,18 +924,22 @@ _PATH_PARAMS = {
 }
 
 
-def _served(op: Operation, scheduling: bool, audit: bool, backup: bool) -> bool:
+def _served(op: Operation, scheduling: bool, audit: bool, backup: bool, scenarios: bool) -> bool:
     return (
-        (scheduling or not op.scheduling) and (audit or not op.audit) and (backup or not op.backup)
+        (scheduling or not op.scheduling)
+        and (audit or not op.audit)
+        and (backup or not op.backup)
+        and (scenarios or not op.scenarios)
     )
 
 
 @functools.cache
-def _document(scheduling: bool, audit: bool, backup: bool) -> dict[str, Any]:
-    ops = [op for op in OPERATIONS if _served(op, scheduling, audit, backup)]
+def _document(scheduling: bool, audit: bool, backup: bool, scenarios: bool) -> dict[str, Any]:
+    ops = [op for op in OPERATIONS if _served(op, scheduling, audit, backup, scenarios)]
     structs: list[Any] = [Error]
-    structs += [op.body for op in ops if op.body is not None]
-    structs += [a for op in ops for a in op.answers.values() if isinstance(a, type)]
+    structs += [op.body for op in ops if isinstance(op.body, type)]
+    answers = [a for op in ops for v in op.answers.values() for a in _alternatives(v)]
+    structs += [a for a in answers if isinstance(a, type)]
     if ScheduleBody in structs:
         structs.append(Trigger)
     refs, schemas = msgspec.json.schema_components(structs, ref_template=REF)
@@ -748,26 +991,35 @@ def _operation(op: Operation, ref_of: dict[Any, dict[str, Any]]) -> dict[str, An
         "operationId": op.method + re.sub(r"[^A-Za-z0-9]+", "_", op.path).rstrip("_"),
         "summary": op.summary,
     }
-    params = [copy.deepcopy(_PATH_PARAMS[name]) for name in re.findall(r"\{(\w+)\}", op.path)]
+    params = [
+        copy.deepcopy(op.path_params.get(name) or _PATH_PARAMS[name])
+        for name in re.findall(r"\{(\w+)\}", op.path)
+    ]
     params += op.query
     if params:
         out["parameters"] = params
-    if op.body is not None:
+    if isinstance(op.body, str):
+        out["requestBody"] = {
+            "required": op.body_required,
+            "content": {op.body: {"schema": {"type": "string", "minLength": 1}}},
+        }
+    elif op.body is not None:
         out["requestBody"] = {
             "required": op.body_required,
             "content": {"application/json": {"schema": ref_of[op.body]}},
         }
     responses: dict[str, Any] = {}
-    for status, shape in op.answers.items():
-        if shape is None:
+    for status, answer in op.answers.items():
+        if answer is None:
             responses[str(status)] = {"description": "done"}
-        elif isinstance(shape, str):
-            responses[str(status)] = {
-                "description": "OK",
-                "content": {shape.split(";")[0]: {"schema": {"type": "string"}}},
-            }
-        else:
-            responses[str(status)] = _json_response("OK", ref_of[shape])
+            continue
+        content: dict[str, Any] = {}
+        for shape in _alternatives(answer):
+            if isinstance(shape, str):
+                content[shape.split(";")[0]] = {"schema": {"type": "string"}}
+            else:
+                content["application/json"] = {"schema": ref_of[shape]}
+        responses[str(status)] = {"description": "OK", "content": content}
     errors = set(op.errors)
     if op.role is None:
         out["security"] = []
@@ -780,26 +1032,49 @@ def _operation(op: Operation, ref_of: dict[Any, dict[str, Any]]) -> dict[str, An
     return out
 
 
+def _alternatives(answer: Any) -> tuple[Any, ...]:
+    return answer if isinstance(answer, tuple) else (answer,)
+
+
 def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def openapi_document(
-    *, scheduling: bool = True, audit: bool = True, backup: bool = True
+    *,
+    scheduling: bool = True,
+    audit: bool = True,
+    backup: bool = True,
+    scenarios: bool | None = None,
 ) -> dict[str, Any]:
     """The OpenAPI document of a node's API (a fresh copy); ``scheduling=False``,
-    ``audit=False`` and ``backup=False`` leave out the routes served only by a node with a
-    scheduling service, an audit log or a backup source (a voter)."""
-    return copy.deepcopy(_document(scheduling, audit, backup))
+    ``audit=False``, ``backup=False`` and ``scenarios=False`` leave out the routes served only
+    by a node with a scheduling service, an audit log, a backup source (a voter) or the
+    scenario suite. The suite's routes are added after the app is made (mesh.app adds them to
+    every voter, and only there): by default they are in when both scheduling and backup are."""
+    return copy.deepcopy(
+        _document(scheduling, audit, backup, _scenarios(scenarios, scheduling, backup))
+    )
 
 
 def documented_routes(
-    *, scheduling: bool = True, audit: bool = True, backup: bool = True
+    *,
+    scheduling: bool = True,
+    audit: bool = True,
+    backup: bool = True,
+    scenarios: bool | None = None,
 ) -> set[tuple[str, str]]:
     """``(METHOD, path)`` of every operation the document describes."""
+    with_suite = _scenarios(scenarios, scheduling, backup)
     return {
-        (op.method.upper(), op.path) for op in OPERATIONS if _served(op, scheduling, audit, backup)
+        (op.method.upper(), op.path)
+        for op in OPERATIONS
+        if _served(op, scheduling, audit, backup, with_suite)
     }
+
+
+def _scenarios(scenarios: bool | None, scheduling: bool, backup: bool) -> bool:
+    return scheduling and backup if scenarios is None else scenarios
 
 
 # --- regular expressions: Python's re → ECMA-262 --------------------------------------------------
