@@ -400,10 +400,12 @@ def _print_result(result: dict[str, Any], fmt: str) -> None:
         return
     duration = (result.get("metrics") or {}).get("duration_seconds", {}).get("value")
     took = f", {_number(duration)} s" if duration is not None else ""
+    resumed = result.get("resumed")
+    again = f", resumed {resumed} times by a new leader" if resumed else ""
     print(
         f"run {result.get('run_id')} of {result.get('name')}: {str(result.get('status')).upper()}"
         f" (started {short_time(result.get('started_at'))}{took}, leader "
-        f"{result.get('leader') or '-'}, resumed {result.get('resumed', 0)} times)"
+        f"{result.get('leader') or '-'}{again})"
     )
     metrics = result.get("metrics") or {}
     rows = [[name, _number(m.get("value")), m.get("unit")] for name, m in metrics.items()]
@@ -530,5 +532,8 @@ def _cmd_schedule(ns: argparse.Namespace) -> int:
 def _cmd_cancel(ns: argparse.Namespace) -> int:
     answer = api_client(ns).cancel_scenario(ns.run_id)
     status = answer.get("status") if isinstance(answer, dict) else None
-    print(f"cancel of run {ns.run_id} requested (status {status or 'unknown'})")
+    if status in FINISHED:
+        print(f"run {ns.run_id} had already ended: {status}")
+    else:
+        print(f"run {ns.run_id}: cancel requested (it was {status}); it ends cancelled")
     return 0
