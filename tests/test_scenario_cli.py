@@ -11,10 +11,12 @@ death of the node the CLI was talking to.
 from __future__ import annotations
 
 import csv
+import http.server
 import io
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,9 @@ from typing import Any
 
 import pytest
 
+from mesh.client import MAX_EVENT_BYTES, ApiClient, ApiError
+from mesh.scenario_commands import _Progress
+from mesh.scenarios import format
 from tests.cluster import REPO_ROOT, Cluster, NodeProcess, http_request
 from tests.netutil import free_port_pair
 
@@ -158,6 +163,81 @@ def test_a_shipped_scenario_is_named_without_a_file() -> None:
     proc = schedulezero("scenario", "validate", "no_such_scenario")
     assert proc.returncode == 2
     assert "shipped: " in one_error_line(proc.stderr)
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+class _Stream(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with the server's ``body`` as a text/event-stream, then closes."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        self.wfile.write(self.server.body)  # type: ignore[attr-defined]
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def stream_server() -> Iterator[http.server.HTTPServer]:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Stream)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def url_of(server: http.server.HTTPServer) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_the_client_reads_server_sent_events(stream_server: Any) -> None:
+    stream_server.body = (
+        b': keepalive\n\nevent: progress\ndata: {"status":\n'
+        b'data: "running"}\n\nevent: done\r\ndata: {"status": "passed"}\r\n\r\n'
+    )
+    events = list(ApiClient(url_of(stream_server)).events("/api/tests/metrics/x"))
+    assert events == [("progress", {"status": "running"}), ("done", {"status": "passed"})]
+
+
+def test_an_event_larger_than_the_bound_breaks_the_stream(stream_server: Any) -> None:
+    """A node (or what answers in its place) cannot make the CLI buffer without end."""
+    stream_server.body = b"event: progress\n" + b"data: x\n" * (MAX_EVENT_BYTES // 2 + 1)
+    with pytest.raises(ApiError, match=r"the stream from .* broke") as info:
+        list(ApiClient(url_of(stream_server)).events("/api/tests/metrics/x"))
+    assert info.value.status is None  # the CLI turns to polling
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_progress_is_one_line_rewritten_and_a_new_one_per_step() -> None:
+    plan = format.plan(format.load(tiny()), run_id=format.PLACEHOLDER_RUN_ID)
+    out = _Terminal()
+    progress = _Progress(out, plan.steps)
+    for index, done in ((0, 1), (0, 4), (1, 0), (2, 3)):
+        progress.show({"run_id": "r", "status": "running", "step": {"index": index, "done": done}})
+    progress.show({"run_id": "r", "status": "passed"})
+    progress.end()
+    lines = out.getvalue().split("\n")
+    assert lines[0].split("\r")[1:] == [
+        "r: step 1/3 create 1/5\x1b[K",
+        "r: step 1/3 create 4/5\x1b[K",
+    ]
+    assert lines[1:] == [
+        "\rr: step 2/3 wait (sleep 0.2 s)\x1b[K",
+        "\rr: step 3/3 delete 3/5\x1b[K",
+        "\rr: passed\x1b[K",
+        "",
+    ]
 
 
 # --------------------------------------------------------------------------- against a mesh
