@@ -316,6 +316,19 @@ def test_format_json_prints_the_result_only(mesh: Mesh, tmp_path: Path) -> None:
     assert "cli_tiny_json" in library.stdout
 
 
+def test_schedule_sends_the_params_typed_with_the_loaded_scenarios_defaults(mesh: Mesh) -> None:
+    ApiClient(mesh.leader.http).load_scenario(tiny(name="cli_sched"))
+    argv = ("scenario", "schedule", "cli_sched", "--cron", "0 3 * * *", "--url", mesh.follower.http)
+    proc = schedulezero(*argv, "--param", "count=2", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    schedule = json.loads(proc.stdout)
+    assert schedule["id"] == "scenario-cli_sched"
+    assert schedule["kwargs"] == {"name": "cli_sched", "parameters": {"count": 2}}
+    bad = schedulezero(*argv, "--id", "other", "--param", "count=two")
+    assert bad.returncode == 2
+    assert one_error_line(bad.stderr) == "parameter count: must be an integer, got 'two'"
+
+
 def test_an_unknown_run_is_exit_1_with_the_apis_404(mesh: Mesh) -> None:
     proc = schedulezero("scenario", "results", "0123456789abcdef", "--url", mesh.leader.http)
     assert proc.returncode == 1
