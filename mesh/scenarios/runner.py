@@ -35,7 +35,7 @@ from mesh.scenarios.library import start_command
 from mesh.scenarios.model import Plan, ScenarioError, Step
 from mesh.scheduling.scenariobook import MAX_ERRORS, SCHEDULE_PREFIX, observe
 from mesh.scheduling.service import ScheduleExists, UnknownSchedule
-from mesh.tasks import job_context, task
+from mesh.tasks import REGISTRY, job_context, task
 
 if TYPE_CHECKING:
     from mesh.scheduling.service import SchedulingService
@@ -114,6 +114,8 @@ class ScenarioRunner:
         self.clock = clock
         self.wall = wall
         task(name=SCENARIO_TASK)(run_scheduled_scenario)
+        if "noop" not in REGISTRY:  # a --tasks module's own noop wins (loaded before)
+            task(name="noop")(noop)
 
     # ------------------------------------------------------------------ the term's loop
 
@@ -141,6 +143,7 @@ class ScenarioRunner:
         try:
             plan = self._admit(run, term)
         except _Stop as stop:
+            await self.clean_up(run_id)
             await self._finish(run, term, stop.status, stop.error, None)
             return
         first = run["status"] == "queued"
@@ -159,7 +162,7 @@ class ScenarioRunner:
             log.info("scenario run %s (%s) continues in term %d", run_id, run["name"], term)
         execution = _Execution(self, run, plan, term)
         try:
-            status, error = await execution.run(wake)
+            status, error = await execution.execute(wake)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a fault of ours: end the run saying so, never leave it stuck
@@ -208,7 +211,7 @@ class ScenarioRunner:
             "at": self.wall().isoformat(),
         }
         if execution is not None:
-            await execution.clean_up()
+            await self.clean_up(run["run_id"])
             command["progress"] = copy.deepcopy(execution.progress)
             report = measure.report(
                 {**run, "progress": execution.progress},
@@ -220,6 +223,18 @@ class ScenarioRunner:
             command["result"] = {"metrics": report["metrics"], "assertions": report["assertions"]}
         await self._propose(command)
         log.info("scenario run %s (%s) ended: %s", run["run_id"], run["name"], command["status"])
+
+    async def clean_up(self, run_id: str) -> None:
+        """Delete the schedules the run created and did not delete: a finished run leaves
+        nothing firing (whatever its status)."""
+        prefix = f"{SCHEDULE_PREFIX}{run_id}-"
+        left = [sid for sid in self.service.state.schedules if sid.startswith(prefix)]
+        if not left:
+            return
+        scheduler = await self.service.wait_ready(30.0)
+        for start in range(0, len(left), CLEANUP_CHUNK):
+            await scheduler.data_store.remove_schedules(left[start : start + CLEANUP_CHUNK])
+        log.info("scenario run %s: removed the %d schedules it left", run_id, len(left))
 
     # ------------------------------------------------------------------ scheduled runs
 
@@ -262,7 +277,7 @@ class _Execution:
 
     # ------------------------------------------------------------------ driving
 
-    async def run(self, wake: asyncio.Event) -> tuple[str, str | None]:
+    async def execute(self, wake: asyncio.Event) -> tuple[str, str | None]:
         """Execute the remaining steps; ``(status, error)``: passed (the assertions are judged
         after), error or cancelled."""
         steps = asyncio.ensure_future(self._steps())
@@ -531,18 +546,9 @@ class _Execution:
         if status != expected:
             raise ActionFailed(f"GET {args['path']}: status {status}, expected {expected}")
 
-    async def clean_up(self) -> None:
-        """Delete the schedules the run created and did not delete: a finished run leaves
-        nothing firing (whatever its status)."""
-        prefix = f"{SCHEDULE_PREFIX}{self.run_id}-"
-        left = [sid for sid in self.service.state.schedules if sid.startswith(prefix)]
-        if not left:
-            return
-        scheduler = await self.service.wait_ready(30.0)
-        for start in range(0, len(left), CLEANUP_CHUNK):
-            await scheduler.data_store.remove_schedules(left[start : start + CLEANUP_CHUNK])
-        if left:
-            log.info("scenario run %s: removed the %d schedules it left", self.run_id, len(left))
+
+async def noop(*_args: Any, **_kwargs: Any) -> None:
+    """The built-in task that does nothing: what load scenarios schedule by default."""
 
 
 def scenario_task_runner() -> ScenarioRunner:
