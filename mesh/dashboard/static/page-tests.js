@@ -59,6 +59,7 @@ export function testsPage(params) {
   let historyBody = null;
   let trends = null;
   let metricSelect = null;
+  let pickedMetric = null; // the user's choice of trend, kept across refreshes
   let history = [];
   let loadSeq = 0;
   let follower = null;
@@ -68,7 +69,13 @@ export function testsPage(params) {
     libraryBody = lib.tbody;
     const hist = table('tests-history', ['Run', 'Scenario', 'Status', 'Started', ['Duration', 'num'], 'Key metrics', 'Assertions'], 'Runs');
     historyBody = hist.tbody;
-    metricSelect = el('select', { id: 'tests-trend-metric', onchange: () => renderTrends() });
+    metricSelect = el('select', {
+      id: 'tests-trend-metric',
+      onchange: () => {
+        pickedMetric = metricSelect.value;
+        renderTrends();
+      },
+    });
     trends = el('div', { class: 'charts', id: 'tests-trends' });
     const live = runId ? el('div', { id: 'tests-live-wrap' }) : null;
     main.appendChild(el('div', null,
@@ -192,8 +199,8 @@ export function testsPage(params) {
       el('td', { class: 'nowrap' }, assertions.length ? `${held}/${assertions.length} held` : '–'));
   }
 
-  /** The metrics any run reported; the choice is kept across refreshes, else the first metric
-   *  an assertion uses (what the scenario's author cared about), else duration_seconds. */
+  /** The metrics any run reported; shown: the user's choice, else the first metric an
+   *  assertion uses (what the scenario's author cared about), else duration_seconds. */
   function fillMetricChoices() {
     const names = new Set();
     let asserted = null;
@@ -201,9 +208,9 @@ export function testsPage(params) {
       for (const n of Object.keys(r.metrics || {})) names.add(n);
       for (const a of r.assertions || []) asserted = asserted || a.metric;
     }
-    const chosen = metricSelect.value || asserted || 'duration_seconds';
     clear(metricSelect).append(...[...names].sort().map((n) => el('option', { value: n }, n)));
-    if (names.has(chosen)) metricSelect.value = chosen;
+    const chosen = [pickedMetric, asserted, 'duration_seconds'].find((n) => n && names.has(n));
+    if (chosen) metricSelect.value = chosen;
   }
 
   /** One sparkline per scenario: the chosen metric over its finished runs, oldest first. */
@@ -366,18 +373,20 @@ function runView(box, runId) {
     showAssertions(Array.isArray(run.assertions) ? run.assertions : [], run.status);
   }
 
+  /** A finished run's step says where it stopped: past the last one when it ran to its end. */
   function showStep(step, runStatus) {
     const of = typeof step.of === 'number' && step.of > 0 ? step.of : null;
     const done = typeof step.done === 'number' ? step.done : 0;
-    const name = step.name || (runStatus === 'queued' ? 'waiting for its turn' : '–');
-    stepText.textContent = `step ${fmtNum((step.index || 0) + 1)}: ${name}${of ? ` (${fmtNum(done)} / ${fmtNum(of)})` : ''}`;
-    if (of) {
-      progress.max = of;
-      progress.value = Math.min(done, of);
-    } else {
-      progress.max = 1;
-      progress.value = FINISHED.includes(runStatus) ? 1 : 0;
-    }
+    const index = step.index || 0;
+    const counted = of ? ` (${fmtNum(done)} / ${fmtNum(of)})` : '';
+    let text = `step ${fmtNum(index + 1)}: ${step.name || '–'}${counted}`;
+    if (runStatus === 'queued') text = 'queued: waiting for its turn';
+    else if (runStatus === 'passed' || runStatus === 'failed') text = `all ${fmtNum(index)} steps done`;
+    else if (FINISHED.includes(runStatus)) text = `stopped in ${text}`;
+    stepText.textContent = text;
+    const whole = runStatus === 'passed' || runStatus === 'failed';
+    progress.max = of && !whole ? of : 1;
+    progress.value = of && !whole ? Math.min(done, of) : Number(whole);
   }
 
   function showProblems(run) {
