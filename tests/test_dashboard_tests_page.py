@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_dashboard_browser import (  # noqa: F401  (browser, mesh, open_page: fixtures)
+from tests.test_dashboard_browser import (
     CHROMIUM,
     LIVE,
     MISSING,
@@ -27,6 +27,8 @@ from tests.test_dashboard_browser import (  # noqa: F401  (browser, mesh, open_p
     mesh,
     open_page,
 )
+
+__all__ = ["browser", "mesh", "open_page"]  # the fixtures, used by name
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
@@ -121,7 +123,7 @@ def load_in_dialog(page: Page, text: str) -> None:
 
 
 def test_a_scenario_loaded_and_run_from_the_page_passes_live_and_is_in_the_history(
-    open_page: Any, mesh: Mesh, tmp_path: Path
+    open_page: Any, mesh: Mesh
 ) -> None:
     page = open_tests_page(open_page)
     p = page.page
@@ -257,4 +259,19 @@ def test_a_read_token_sees_the_tests_page_without_actions(open_page: Any, mesh: 
     expect(p.locator("#tests-live-name")).to_have_text("read_only_tiny", timeout=LIVE)
     assert p.locator("#tests-cancel:visible").count() == 0
     expect(p.locator("#tests-export-json")).to_be_visible()
+    assert page.script_errors() == []
+
+
+def test_the_tests_page_and_a_run_fit_a_phone(open_page: Any, mesh: Mesh) -> None:
+    load_yaml(mesh, TINY.format(name="phone_tiny"))
+    status, body = mesh.api("POST", "/api/tests/run", {"name": "phone_tiny"})
+    assert status == 202, body
+    page = open_page(0, width=375)
+    p = page.page
+    p.goto(p.url.split("#")[0] + f"#/tests?run={body['run_id']}")
+    expect(p.locator("#tests-live-status")).to_have_text("passed", timeout=RUN)
+    expect(p.locator('#tests-library tr[data-scenario="phone_tiny"]')).to_be_visible()
+    overflow = p.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 1, f"the tests page is {overflow}px wider than a 375px screen"
+    page.shot("tests-phone")
     assert page.script_errors() == []
