@@ -268,6 +268,7 @@ def _run_json(run: dict[str, Any], *, samples: bool) -> dict[str, Any]:
         "assertions": assertions,
         "error": run["error"],
         "errors": p.get("errors", []),
+        "memory": p.get("memory_nodes", {}),  # node id → peak resident MB during the run
     }
     if samples:
         view["samples"] = run["samples"]
