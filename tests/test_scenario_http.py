@@ -301,11 +301,20 @@ async def test_a_reader_sees_results_but_not_the_source_and_cannot_run(tmp_path:
     try:
         as_admin = {"Authorization": f"Bearer {admin}"}
         as_reader = {"Authorization": f"Bearer {reader}"}
-        resp = await client.post("/api/tests/load", data=SMALL, headers=as_admin)
+        secret = SMALL.replace(
+            "parameters: {count: 5}", "parameters: {count: 5, api_token: s3cret}"
+        )
+        resp = await client.post("/api/tests/load", data=secret, headers=as_admin)
         assert resp.status == 201
         full = await (await client.get("/api/tests/library/small", headers=as_admin)).json()
         seen = await (await client.get("/api/tests/library/small", headers=as_reader)).json()
         assert "source" in full and "source" not in seen
+        # Parameters are user data: a reader sees sensitive ones masked, in every view.
+        assert full["parameters"]["api_token"] == "s3cret"
+        assert seen["parameters"]["api_token"] == "***"
+        listed = await (await client.get("/api/tests", headers=as_reader)).json()
+        assert listed["scenarios"][0]["parameters"]["api_token"] == "***"
+        assert "s3cret" not in json.dumps(seen) + json.dumps(listed)
         resp = await client.post("/api/tests/run", json={"name": "small"}, headers=as_reader)
         assert resp.status == 403
     finally:

@@ -278,6 +278,7 @@ class _Execution:
         p.setdefault("deleted", 0)
         p.setdefault("elapsed", 0.0)
         p.setdefault("step_elapsed", 0.0)
+        p["steps"] = len(plan.steps)
         p["methods"] = {k: list(v) for k, v in p.get("methods", {}).items()}
         p["errors"] = list(p.get("errors", []))
         self.progress = p

@@ -381,7 +381,7 @@ function runView(box, runId) {
     const counted = of ? ` (${fmtNum(done)} / ${fmtNum(of)})` : '';
     let text = `step ${fmtNum(index + 1)}: ${step.name || '–'}${counted}`;
     if (runStatus === 'queued') text = 'queued: waiting for its turn';
-    else if (runStatus === 'passed' || runStatus === 'failed') text = `all ${fmtNum(index)} steps done`;
+    else if (runStatus === 'passed' || runStatus === 'failed') text = `all ${fmtNum(step.steps ?? index)} steps done`;
     else if (FINISHED.includes(runStatus)) text = `stopped in ${text}`;
     stepText.textContent = text;
     const whole = runStatus === 'passed' || runStatus === 'failed';
