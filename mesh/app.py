@@ -262,12 +262,16 @@ def build_scheduling(node: MeshNode, state: SchedulerState) -> SchedulingService
 
 
 def add_scenarios(
-    app: web.Application, service: SchedulingService, config: Config, http_sec: HttpSecurity
+    app: web.Application,
+    service: SchedulingService,
+    view: VoterView,
+    config: Config,
+    http_sec: HttpSecurity,
 ) -> ScenarioRunner:
     """The scenario suite of a voter: its runner (a term task of the leader's scheduler, also
     found by scenario schedules' fires) and its ``/api/tests`` routes."""
     from mesh.scenarios.http import add_scenario_routes
-    from mesh.scenarios.localapi import LoopbackApi
+    from mesh.scenarios.localapi import LoopbackApi, VoterMemory
     from mesh.scenarios.runner import ScenarioRunner, current_runner
 
     token = (
@@ -280,7 +284,13 @@ def add_scenarios(
         token=token,
         ssl_context=http_sec.client_ssl,
     )
-    runner = ScenarioRunner(service, local_api=local)
+
+    def voters() -> list[tuple[str, str]]:
+        members = view.cluster()["members"]
+        return [(m["node_id"], m["http_address"]) for m in members if m.get("voter")]
+
+    memory = VoterMemory(voters, scheme=http_sec.scheme, ssl_context=http_sec.client_ssl)
+    runner = ScenarioRunner(service, local_api=local, memory=memory)
     service.term_tasks["scenarios"] = runner.lead
     service.term_context.append((current_runner, runner))
     add_scenario_routes(app, service)
@@ -421,7 +431,7 @@ async def serve(
         link=node,
         images=node,
     )
-    add_scenarios(app, service, config, http_sec)
+    add_scenarios(app, service, view, config, http_sec)
     app.on_cleanup.append(lambda _app: _close(audit, history))
     http = HttpServer(app, *config.http_host_port, ssl_context=http_sec.server_ssl)
     try:

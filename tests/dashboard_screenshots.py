@@ -2,8 +2,9 @@
 tests.dashboard_screenshots [DIR]``, default docs/img).
 
 A live, secured 3-node mesh with two handler processes and a dozen schedules is left to fire
-for a while (so the charts and the execution history have something to show); then each page
-is taken at 1280x800 in headless Chromium, the schedules page also at phone width, and one
+for a while (so the charts and the execution history have something to show), and a small
+scenario is loaded and run a few times (the Tests page's library, history and trends); then each
+page is taken at 1280x800 in headless Chromium, the schedules page also at phone width, and one
 page from a ``read`` token (no action buttons). Everything it starts is stopped at the end.
 """
 
@@ -42,6 +43,35 @@ SCHEDULES: list[dict[str, Any]] = [
     },
 ]
 PAUSED = ("db-backup", "paused while the backup volume is replaced")
+SCENARIO = """\
+test:
+  name: schedule_churn
+  description: "Create, keep and delete a batch of schedules"
+  parameters:
+    count: 20
+    keep_seconds: 1
+  steps:
+    - name: create
+      type: loop
+      iterations: ${count}
+      action:
+        method: create_schedule
+        args: {task_id: noop, trigger: {type: interval, seconds: 60}}
+    - name: keep
+      type: sleep
+      duration: ${keep_seconds}
+    - name: delete
+      type: loop
+      iterations: ${count}
+      action: {method: delete_schedule}
+  metrics:
+    - creation_rate: schedules/sec
+    - deletion_rate: schedules/sec
+  assertions:
+    - creation_rate > 10
+"""
+SCENARIO_COUNTS = (10, 20, 40, 80)
+PAGES = ("overview", "schedules", "executions", "handlers", "cluster", "tests")
 
 
 def call(base: str, token: str, method: str, path: str, body: Any = None) -> Any:
@@ -52,6 +82,29 @@ def call(base: str, token: str, method: str, path: str, body: Any = None) -> Any
     with urllib.request.urlopen(req, timeout=10) as resp:
         raw = resp.read()
     return json.loads(raw) if raw else None
+
+
+def run_scenarios(base: str, token: str) -> str:
+    """Loads SCENARIO and runs it once per SCENARIO_COUNTS, one after the other; returns the
+    last run's id (its live view is the tests page's picture)."""
+    req = urllib.request.Request(base + "/api/tests/load", data=SCENARIO.encode(), method="POST")
+    req.add_header("Authorization", f"Bearer {token}")
+    req.add_header("Content-Type", "text/yaml")
+    with urllib.request.urlopen(req, timeout=10):
+        pass
+    run_id = ""
+    for count in SCENARIO_COUNTS:
+        body = {"name": "schedule_churn", "parameters": {"count": count}}
+        run_id = call(base, token, "POST", "/api/tests/run", body)["run_id"]
+        deadline = time.monotonic() + 60
+        while call(base, token, "GET", f"/api/tests/results/{run_id}")["status"] in (
+            "queued",
+            "running",
+        ):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"scenario run {run_id} did not finish in 60 s")
+            time.sleep(0.3)
+    return run_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"firing for {args.fire_seconds:.0f}s ...", flush=True)
             time.sleep(args.fire_seconds)
+            last_run = run_scenarios(leader.http, admin)
             follower = next(n for n in cluster.nodes if n is not leader)
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=chromium, args=list(CHROMIUM_ARGS))
@@ -114,11 +168,15 @@ def main(argv: list[str] | None = None) -> int:
                     return page
 
                 page = page_for(admin)
-                for route in ("overview", "schedules", "executions", "handlers", "cluster"):
+                for route in PAGES:
                     page.locator(f"#nav-{route}").click()
                     page.wait_for_timeout(1500)
                     page.screenshot(path=str(args.out / f"dashboard-{route}.png"))
                     print(f"saved {args.out / f'dashboard-{route}.png'}", flush=True)
+                page.goto(follower.http + f"/#/tests?run={last_run}")
+                page.wait_for_timeout(1500)
+                page.screenshot(path=str(args.out / "dashboard-tests-run.png"))
+                print(f"saved {args.out / 'dashboard-tests-run.png'}", flush=True)
                 phone = page_for(admin, width=390, height=844)
                 phone.locator("#nav-schedules").click()
                 phone.wait_for_timeout(1500)

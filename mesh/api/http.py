@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from mesh.api.auth import (
     ApiTokens,
@@ -206,6 +206,9 @@ def create_app(
     if bus is not None:
         serve_forwarded_writes(app, bus)
     registry = CollectorRegistry()
+    # process_resident_memory_bytes and the other process metrics (the scenario runner reads
+    # the voters' memory here: docs/scenarios.md, "memory_usage").
+    ProcessCollector(registry=registry)
     registry.register(NodeCollector(replica.node_id, view))
     registry.register(requests)
 

@@ -82,16 +82,16 @@ def add_scenario_routes(app: web.Application, service: SchedulingService) -> Non
 
     async def library(request: web.Request) -> web.Response:
         last = _last_runs(book.runs)
-        return web.json_response(
-            {"scenarios": [_entry_json(e, last.get(n)) for n, e in sorted(book.library.items())]}
-        )
+        entries = [_entry_json(e, last.get(n)) for n, e in sorted(book.library.items())]
+        return web.json_response({"scenarios": _mask(entries, masked(request))})
 
     async def one(request: web.Request) -> web.Response:
         entry = _entry(book, request.match_info["name"])
         body = _entry_json(entry, _last_runs(book.runs).get(entry["name"]))
         body["definition"] = entry["definition"]
-        if not masked(request):  # the text cannot be masked key by key: readers go without
-            body["source"] = entry["source"]
+        if masked(request):  # the text cannot be masked key by key: readers go without
+            return web.json_response(_mask(body, True))
+        body["source"] = entry["source"]
         return web.json_response(body)
 
     async def delete(request: web.Request) -> web.Response:
@@ -258,20 +258,31 @@ def _run_json(run: dict[str, Any], *, samples: bool) -> dict[str, Any]:
         "leader": run["leader"],
         "resumed": run["resumed"],
         "depends_on": run["depends_on"],
-        "step": {
-            "index": p.get("step", 0),
-            "name": p.get("step_name"),
-            "done": p.get("done", 0),
-            "of": p.get("of"),
-        },
+        "step": _step_json(run, p),
         "metrics": metrics,
         "assertions": assertions,
         "error": run["error"],
         "errors": p.get("errors", []),
+        "memory": p.get("memory_nodes", {}),  # node id → peak resident MB during the run
     }
     if samples:
         view["samples"] = run["samples"]
     return view
+
+
+def _step_json(run: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
+    """Where the run is: its step (0-based ``index`` of ``steps``) and the iterations ``done``
+    ``of`` it; once every step is done, ``index`` is ``steps`` and the rest is null."""
+    index, steps = p.get("step", 0), p.get("steps")
+    if steps is not None and index >= steps:
+        return {"index": index, "steps": steps, "name": None, "done": None, "of": None}
+    return {
+        "index": index,
+        "steps": steps,
+        "name": p.get("step_name"),
+        "done": p.get("done", 0),
+        "of": p.get("of"),
+    }
 
 
 def _entry_json(entry: dict[str, Any], last: dict[str, Any] | None) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from mesh.scenarios.library import start_command
 from mesh.scenarios.model import Plan, ScenarioError, Step
 from mesh.scheduling.scenariobook import MAX_ERRORS, SCHEDULE_PREFIX, observe
 from mesh.scheduling.service import ScheduleExists, UnknownSchedule
-from mesh.tasks import job_context, task
+from mesh.tasks import REGISTRY, job_context, task
 
 if TYPE_CHECKING:
     from mesh.scheduling.service import SchedulingService
@@ -45,6 +45,7 @@ log = logging.getLogger("mesh.scenarios")
 
 CHECKPOINT_SECONDS = 0.5
 WAIT_POLL_SECONDS = 0.05
+MEMORY_SECONDS = 2.0  # how often the voters' memory is read during a run
 CLEANUP_CHUNK = 1000  # schedules removed per command when a run ends
 # The embedded task a scenario schedule (POST /api/tests/schedule) fires: it queues a run.
 SCENARIO_TASK = "schedulezero.scenario"
@@ -60,6 +61,13 @@ class LocalApi(Protocol):
 
     async def get(self, path: str) -> int:
         """The response's status; raises ``OSError``/``aiohttp.ClientError`` when unreachable."""
+
+
+class NodeMemory(Protocol):
+    """The voters' resident memory (``memory_usage``)."""
+
+    async def sample(self) -> dict[str, float]:
+        """Node id → MB, for the nodes that answered."""
 
 
 class ActionFailed(Exception):
@@ -104,6 +112,7 @@ class ScenarioRunner:
         service: SchedulingService,
         *,
         local_api: LocalApi | None = None,
+        memory: NodeMemory | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -111,9 +120,12 @@ class ScenarioRunner:
         self.state = service.state
         self.book = service.state.scenarios
         self.local_api = local_api
+        self.memory = memory
         self.clock = clock
         self.wall = wall
         task(name=SCENARIO_TASK)(run_scheduled_scenario)
+        if "noop" not in REGISTRY:  # a --tasks module's own noop wins (loaded before)
+            task(name="noop")(noop)
 
     # ------------------------------------------------------------------ the term's loop
 
@@ -141,6 +153,7 @@ class ScenarioRunner:
         try:
             plan = self._admit(run, term)
         except _Stop as stop:
+            await self.clean_up(run_id)
             await self._finish(run, term, stop.status, stop.error, None)
             return
         first = run["status"] == "queued"
@@ -159,7 +172,7 @@ class ScenarioRunner:
             log.info("scenario run %s (%s) continues in term %d", run_id, run["name"], term)
         execution = _Execution(self, run, plan, term)
         try:
-            status, error = await execution.run(wake)
+            status, error = await execution.execute(wake)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a fault of ours: end the run saying so, never leave it stuck
@@ -208,7 +221,7 @@ class ScenarioRunner:
             "at": self.wall().isoformat(),
         }
         if execution is not None:
-            await execution.clean_up()
+            await self.clean_up(run["run_id"])
             command["progress"] = copy.deepcopy(execution.progress)
             report = measure.report(
                 {**run, "progress": execution.progress},
@@ -220,6 +233,18 @@ class ScenarioRunner:
             command["result"] = {"metrics": report["metrics"], "assertions": report["assertions"]}
         await self._propose(command)
         log.info("scenario run %s (%s) ended: %s", run["run_id"], run["name"], command["status"])
+
+    async def clean_up(self, run_id: str) -> None:
+        """Delete the schedules the run created and did not delete: a finished run leaves
+        nothing firing (whatever its status)."""
+        prefix = f"{SCHEDULE_PREFIX}{run_id}-"
+        left = [sid for sid in self.service.state.schedules if sid.startswith(prefix)]
+        if not left:
+            return
+        scheduler = await self.service.wait_ready(30.0)
+        for start in range(0, len(left), CLEANUP_CHUNK):
+            await scheduler.data_store.remove_schedules(left[start : start + CLEANUP_CHUNK])
+        log.info("scenario run %s: removed the %d schedules it left", run_id, len(left))
 
     # ------------------------------------------------------------------ scheduled runs
 
@@ -253,16 +278,19 @@ class _Execution:
         p.setdefault("deleted", 0)
         p.setdefault("elapsed", 0.0)
         p.setdefault("step_elapsed", 0.0)
+        p["steps"] = len(plan.steps)
         p["methods"] = {k: list(v) for k, v in p.get("methods", {}).items()}
         p["errors"] = list(p.get("errors", []))
         self.progress = p
         self._started = runner.clock() - p["elapsed"]
         self._step_started = runner.clock() - p["step_elapsed"]
         self._last_sample = -1.0
+        self._memory_at = -MEMORY_SECONDS
+        self._memory_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ driving
 
-    async def run(self, wake: asyncio.Event) -> tuple[str, str | None]:
+    async def execute(self, wake: asyncio.Event) -> tuple[str, str | None]:
         """Execute the remaining steps; ``(status, error)``: passed (the assertions are judged
         after), error or cancelled."""
         steps = asyncio.ensure_future(self._steps())
@@ -280,6 +308,8 @@ class _Execution:
         except _Stop as stop:
             return stop.status, stop.error
         finally:
+            if self._memory_task is not None:
+                self._memory_task.cancel()
             for task in (steps, watcher):
                 task.cancel()
             self._tick()
@@ -296,6 +326,7 @@ class _Execution:
                 raise _Stop("cancelled", "cancelled")
             if self.runner.clock() - self._started > self.plan.timeout:
                 raise _Stop("error", f"timed out after {self.plan.timeout:g} s")
+            self._sample_memory()
             await self.checkpoint()
 
     async def checkpoint(self, *, sample: bool = True) -> None:
@@ -317,11 +348,34 @@ class _Execution:
             )
         await self.runner._propose(command)
 
+    def _sample_memory(self) -> None:
+        """Every MEMORY_SECONDS, read the voters' memory in the background (a slow node must
+        not hold up the checkpoints); the peaks go into the next checkpoint."""
+        now = self.runner.clock()
+        if self.runner.memory is None or now - self._memory_at < MEMORY_SECONDS:
+            return
+        if self._memory_task is not None and not self._memory_task.done():
+            return
+        self._memory_at = now
+        self._memory_task = asyncio.ensure_future(self._read_memory(self.runner.memory))
+
+    async def _read_memory(self, memory: NodeMemory) -> None:
+        try:
+            sampled = await memory.sample()
+        except Exception:  # unreachable nodes are left out by sample(); anything else too
+            log.debug("scenario run %s: memory sample failed", self.run_id, exc_info=True)
+            return
+        peaks = self.progress.setdefault("memory_nodes", {})
+        for node_id, mb in sampled.items():
+            peaks[node_id] = max(peaks.get(node_id, 0.0), mb)
+        if peaks:
+            self.progress["memory_mb"] = max(self.progress.get("memory_mb") or 0.0, *peaks.values())
+
     def _tick(self) -> None:
         now = self.runner.clock()
         self.progress["elapsed"] = now - self._started
         self.progress["step_elapsed"] = now - self._step_started
-        mb = memory_mb()
+        mb = memory_mb() if self.runner.memory is None else None  # else: every voter's
         if mb is not None:
             self.progress["memory_mb"] = max(self.progress.get("memory_mb") or 0.0, mb)
 
@@ -362,22 +416,23 @@ class _Execution:
         targets = self._live_targets(index, step)
         if step.type == "action":
             if self.progress["done"] == 0:
-                await self._one(index, step, 0, targets, every=True)
+                ms, error = await self._one(index, step, 0, targets, every=True)
+                self._count(step, 0, ms, error)
                 self.progress["done"] = 1
             return
         await self._loop(index, step, targets)
 
     async def _loop(self, index: int, step: Step, targets: list[str]) -> None:
-        """A loop's iterations from the checkpoint on, ``concurrency`` at a time; ``done`` is
-        the number of iterations finished in order (what a new leader continues after)."""
+        """A loop's iterations from the checkpoint on, ``concurrency`` at a time. ``done`` is the
+        number of iterations finished in order, and only those are counted in the totals: what
+        a new leader continues after, with totals that hold each iteration once."""
         p = self.progress
-        finished: set[int] = set()
+        finished: dict[int, tuple[float, str | None]] = {}
         pending: set[asyncio.Task[None]] = set()
         next_i = p["done"]
 
         async def one(i: int) -> None:
-            await self._one(index, step, i, targets)
-            finished.add(i)
+            finished[i] = await self._one(index, step, i, targets)
 
         try:
             while next_i < step.iterations or pending:
@@ -386,9 +441,10 @@ class _Execution:
                     next_i += 1
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    task.result()  # an action's _Stop ends the loop
+                    task.result()
                 while p["done"] in finished:
-                    finished.discard(p["done"])
+                    ms, error = finished.pop(p["done"])
+                    self._count(step, p["done"], ms, error)  # raises _Stop on a failure
                     p["done"] += 1
         finally:
             for task in pending:
@@ -397,22 +453,26 @@ class _Execution:
 
     async def _one(
         self, index: int, step: Step, i: int, targets: list[str], *, every: bool = False
-    ) -> None:
-        """One action, timed and counted; a failure ends the run unless ``on_error: continue``."""
+    ) -> tuple[float, str | None]:
+        """One action, timed: ``(milliseconds, error or None)``."""
         assert step.action is not None
-        method = step.action.method
         args = format.expand(step.action.args, iteration=i)
         t0 = self.runner.clock()
         try:
-            await self._act(method, args, index, i, targets, every)
+            await self._act(step.action.method, args, index, i, targets, every)
             error = None
         except (ActionFailed, BadRequest, ScenarioError) as e:
             error = str(e)
-        except (asyncio.CancelledError, _Stop):
+        except asyncio.CancelledError:
             raise
         except Exception as e:  # the service's refusals: not ready, backpressure, no quorum
             error = f"{type(e).__name__}: {e}"
-        ms = (self.runner.clock() - t0) * 1000.0
+        return (self.runner.clock() - t0) * 1000.0, error
+
+    def _count(self, step: Step, i: int, ms: float, error: str | None) -> None:
+        """Add an action to the totals; a failure ends the run unless ``on_error: continue``."""
+        assert step.action is not None
+        method = step.action.method
         counts = self._method(method)
         counts[0] += 1
         observe(self.progress.setdefault("latency", {}), ms)
@@ -531,18 +591,9 @@ class _Execution:
         if status != expected:
             raise ActionFailed(f"GET {args['path']}: status {status}, expected {expected}")
 
-    async def clean_up(self) -> None:
-        """Delete the schedules the run created and did not delete: a finished run leaves
-        nothing firing (whatever its status)."""
-        prefix = f"{SCHEDULE_PREFIX}{self.run_id}-"
-        left = [sid for sid in self.service.state.schedules if sid.startswith(prefix)]
-        if not left:
-            return
-        scheduler = await self.service.wait_ready(30.0)
-        for start in range(0, len(left), CLEANUP_CHUNK):
-            await scheduler.data_store.remove_schedules(left[start : start + CLEANUP_CHUNK])
-        if left:
-            log.info("scenario run %s: removed the %d schedules it left", self.run_id, len(left))
+
+async def noop(*_args: Any, **_kwargs: Any) -> None:
+    """The built-in task that does nothing: what load scenarios schedule by default."""
 
 
 def scenario_task_runner() -> ScenarioRunner:

@@ -1027,7 +1027,7 @@ class SchedulerState:
         self.last_record = ex
         late = lateness(ex, late)
         self.fire_metrics.record(ex, late)
-        if self.scenarios.runs:
+        if self.scenarios.queue:  # a run is going: it counts the fires of its schedules
             self.scenarios.on_record(ex, late)
         if ex["outcome"] != "success" or self._kept:
             sid = ex.get("schedule_id")

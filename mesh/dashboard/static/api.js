@@ -15,7 +15,8 @@ export function authHeaders() {
   return app.token ? { Authorization: `Bearer ${app.token}` } : {};
 }
 
-/** fetch() for the JSON API: adds the token, turns {"error"} answers into ApiError. */
+/** fetch() for the JSON API: adds the token, turns {"error"} answers into ApiError.
+ * options.body is sent as JSON; options.text as it is, with options.contentType (a YAML file). */
 export async function api(path, options) {
   const opts = options || {};
   const headers = Object.assign({ Accept: 'application/json' }, authHeaders());
@@ -23,6 +24,9 @@ export async function api(path, options) {
   if (opts.body !== undefined) {
     headers['Content-Type'] = 'application/json';
     init.body = JSON.stringify(opts.body);
+  } else if (opts.text !== undefined) {
+    headers['Content-Type'] = opts.contentType || 'text/plain';
+    init.body = opts.text;
   }
   let res;
   try {
@@ -49,6 +53,33 @@ export async function api(path, options) {
     throw new ApiError(res.status, message);
   }
   return data;
+}
+
+/** Saves what path answers as a file named filename. A link cannot send the token header, so
+ * the answer is fetched with it and handed to the browser as a blob. */
+export async function download(path, filename) {
+  let res;
+  try {
+    res = await fetch(path, { headers: authHeaders(), cache: 'no-store' });
+  } catch (e) {
+    throw new ApiError(0, `cannot reach the node (${e.message || 'network error'})`);
+  }
+  if (!res.ok) {
+    let message = `${res.status} ${res.statusText || 'error'}`;
+    try {
+      const body = await res.json();
+      if (body && typeof body.error === 'string') message = body.error;
+    } catch (e) { /* keep the status line */ }
+    throw new ApiError(res.status, message);
+  }
+  const url = URL.createObjectURL(await res.blob());
+  const link = document.createElement('a');
+  link.href = url;
+  link.download = filename;
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60000);
 }
 
 /** A coarse clock offset (1 s resolution) from an answer's Date header, used until

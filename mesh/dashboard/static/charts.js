@@ -1,4 +1,4 @@
-/* Small inline SVG charts (bar chart, sparkline) for the overview page. */
+/* Small inline SVG charts (bar chart, sparkline) for the overview and tests pages. */
 import { el, svg } from './dom.js';
 
 /** A small bar chart of values (null = no data) with a <title> per bar. */
@@ -55,9 +55,12 @@ export function lineChart(values, labels, options) {
   return chart;
 }
 
-export function chartFigure(title, summary, chart) {
+/** A chart with its title, a summary and the labels of its two ends (default: the overview's
+ * last ten minutes). */
+export function chartFigure(title, summary, chart, ends) {
+  const [first, last] = ends || ['−10 min', 'now'];
   return el('figure', { class: 'chart-fig' },
     el('figcaption', null, el('span', { class: 'chart-title' }, title), el('span', { class: 'chart-value' }, summary)),
     chart,
-    el('div', { class: 'chart-scale' }, el('span', null, '−10 min'), el('span', null, 'now')));
+    el('div', { class: 'chart-scale' }, el('span', null, first), el('span', null, last)));
 }

@@ -30,8 +30,15 @@ export function askPauseNote(text) {
   });
 }
 
-export function askDelete(text) {
+const SCHEDULE_DELETE = { title: 'Delete schedule', note: 'This cannot be undone. Its execution history is kept.' };
+
+/** Opens the delete confirmation (what.title / what.note: a schedule's by default); resolves
+ * true to delete. */
+export function askDelete(text, what) {
+  const words = what || SCHEDULE_DELETE;
   const dialog = $('delete-dialog');
+  $('delete-title').textContent = words.title;
+  $('delete-note').textContent = words.note;
   $('delete-text').textContent = text;
   return new Promise((resolve) => {
     dialogs.delete.resolve = resolve;

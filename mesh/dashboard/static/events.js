@@ -8,6 +8,48 @@ import { authHeaders } from './api.js';
 import { showAuthMessage } from './toast.js';
 import { setLeader, setNodeRole } from './header.js';
 
+/** Reads a text/event-stream body until it ends or wanted() turns false: onFrame({event, data,
+ * id}) per frame (data: its data lines joined; id: null when the frame has none). Shared by the
+ * live events and the scenario runs' live view (EventSource cannot send Authorization). */
+export async function readEventStream(body, wanted, onFrame) {
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = '';
+  let frame = { event: 'message', data: [], id: null };
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done || !wanted()) return;
+      buffer += decoder.decode(value, { stream: true });
+      let match;
+      while ((match = /\r\n|\r|\n/.exec(buffer)) !== null) {
+        // A lone \r at the end of the buffer may be the first half of \r\n: wait for more.
+        if (match[0] === '\r' && match.index === buffer.length - 1) break;
+        const line = buffer.slice(0, match.index);
+        buffer = buffer.slice(match.index + match[0].length);
+        if (line === '') {
+          if (frame.data.length || frame.event !== 'message') {
+            onFrame({ event: frame.event, data: frame.data.join('\n'), id: frame.id });
+          }
+          frame = { event: 'message', data: [], id: null };
+          continue;
+        }
+        if (line.startsWith(':')) continue; // comment / keep-alive
+        const colon = line.indexOf(':');
+        const field = colon < 0 ? line : line.slice(0, colon);
+        let val = colon < 0 ? '' : line.slice(colon + 1);
+        if (val.startsWith(' ')) val = val.slice(1);
+        if (field === 'event') frame.event = val;
+        else if (field === 'data') frame.data.push(val);
+        else if (field === 'id' && !val.includes('\0')) frame.id = val;
+        // retry: ignored, the caller's own backoff applies
+      }
+    }
+  } finally {
+    reader.cancel().catch(() => { /* already closed or aborted */ });
+  }
+}
+
 /** GET /api/events read with fetch (EventSource cannot send Authorization), resumed with
  * Last-Event-ID, reconnected with backoff 1 s, 2 s, 4 s … 10 s. */
 export const live = {
@@ -94,46 +136,11 @@ export const live = {
   },
 
   async read(body, generation, onFrame) {
-    const reader = body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = '';
-    let frame = { event: 'message', data: [], id: null };
-    try {
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done || generation !== this.generation) return;
-        buffer += decoder.decode(value, { stream: true });
-        let match;
-        while ((match = /\r\n|\r|\n/.exec(buffer)) !== null) {
-          // A lone \r at the end of the buffer may be the first half of \r\n: wait for more.
-          if (match[0] === '\r' && match.index === buffer.length - 1) break;
-          const line = buffer.slice(0, match.index);
-          buffer = buffer.slice(match.index + match[0].length);
-          if (line === '') {
-            if (frame.data.length || frame.event !== 'message') {
-              onFrame();
-              this.dispatch(frame.event, frame.data.join('\n'), frame.id);
-            }
-            frame = { event: 'message', data: [], id: null };
-            continue;
-          }
-          if (line.startsWith(':')) continue; // comment / keep-alive
-          const colon = line.indexOf(':');
-          const field = colon < 0 ? line : line.slice(0, colon);
-          let val = colon < 0 ? '' : line.slice(colon + 1);
-          if (val.startsWith(' ')) val = val.slice(1);
-          if (field === 'event') frame.event = val;
-          else if (field === 'data') frame.data.push(val);
-          else if (field === 'id' && !val.includes('\0')) {
-            frame.id = val;
-            this.lastId = val;
-          }
-          // retry: ignored, our own backoff applies
-        }
-      }
-    } finally {
-      reader.cancel().catch(() => { /* already closed or aborted */ });
-    }
+    await readEventStream(body, () => generation === this.generation, (frame) => {
+      onFrame();
+      if (frame.id !== null) this.lastId = frame.id;
+      this.dispatch(frame.event, frame.data, frame.id);
+    });
   },
 
   dispatch(kind, dataText, id) {

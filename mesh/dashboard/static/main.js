@@ -16,7 +16,8 @@
  *   charts.js           small SVG charts
  *   dialogs.js          pause / delete confirmation dialogs
  *   schedule-form.js    the create / edit schedule dialog
- *   page-overview.js, page-schedules.js, page-executions.js, page-handlers.js, page-cluster.js
+ *   page-overview.js, page-schedules.js, page-executions.js, page-handlers.js, page-cluster.js,
+ *   page-tests.js
  *   router.js           hash routes → pages
  *   main.js             start
  */

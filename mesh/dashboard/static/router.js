@@ -11,6 +11,7 @@ import { schedulesPage } from './page-schedules.js';
 import { executionsPage } from './page-executions.js';
 import { handlersPage } from './page-handlers.js';
 import { clusterPage } from './page-cluster.js';
+import { testsPage } from './page-tests.js';
 
 const ROUTES = {
   overview: overviewPage,
@@ -18,6 +19,7 @@ const ROUTES = {
   executions: executionsPage,
   handlers: handlersPage,
   cluster: clusterPage,
+  tests: testsPage,
 };
 
 function currentRoute() {
