@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -356,28 +356,41 @@ def test_cancel_ends_a_running_run_and_its_cli_exits_1(mesh: Mesh, tmp_path: Pat
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)},
     )
     try:
-        run_id = wait_for_run(mesh.leader, "cli_slow", "running")["run_id"]
+        assert cli.stderr is not None
+        # The progress, a line per step (stderr is no terminal), named and sized from the file;
+        # cancelled once the CLI shows the sleep.
+        seen = read_until(cli.stderr, ": step 2/3 wait (sleep 60 s)\n")
+        run_id = seen[-1].split(":")[0]
         cancel = schedulezero("scenario", "cancel", run_id, "--url", mesh.follower.http)
         assert cancel.returncode == 0, cancel.stderr
+        assert (
+            cancel.stdout == f"run {run_id}: cancel requested (it was running); it ends cancelled\n"
+        )
         out, err = cli.communicate(timeout=RUN_TIMEOUT)
     finally:
         if cli.poll() is None:
             cli.kill()
             cli.communicate()
     assert cli.returncode == 1, out + err
-    assert ": CANCELLED" in out
-    # The progress: a line per step (stderr is no terminal), named and sized from the file.
-    assert f"{run_id}: step 2/3 wait (sleep 60 s)\n" in err, err
+    assert f"run {run_id} of cli_slow: CANCELLED" in out
+    assert err == f"{run_id}: cancelled\n"
 
 
-def wait_for_run(node: NodeProcess, name: str, status: str) -> dict[str, Any]:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        code, body = http_request(f"{node.http}/api/tests/runs?name={name}&limit=1")
-        if code == 200 and body["runs"] and body["runs"][0]["status"] == status:
-            return body["runs"][0]
-        time.sleep(0.1)
-    raise AssertionError(f"no {status} run of {name} after {WAIT} s")
+def read_until(pipe: IO[str], text: str, timeout: float = WAIT) -> list[str]:
+    """Lines from ``pipe`` up to one that ends with ``text`` (AssertionError after ``timeout``)."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in pipe:
+            lines.append(line)
+            if line.endswith(text):
+                found.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    assert found.wait(timeout), f"no line ending {text!r} in {timeout} s: {lines}"
+    return lines
 
 
 def test_the_run_is_followed_to_its_end_when_the_node_the_cli_asks_dies(
