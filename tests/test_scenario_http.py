@@ -278,6 +278,10 @@ async def test_unknown_runs_and_scenarios_are_404(client: TestClient) -> None:
                  "/api/tests/metrics/nothing", "/api/tests/library/nothing"):  # fmt: skip
         assert (await client.get(path)).status == 404, path
     assert (await client.post("/api/tests/runs/0123456789abcdef/cancel")).status == 404
+    resp = await client.get("/api/tests/results/0123456789abcdef")
+    assert await error(resp, 404) == "no run '0123456789abcdef'"
+    resp = await client.get("/api/tests/library/nothing")
+    assert await error(resp, 404) == "no scenario 'nothing' is loaded"
 
 
 async def test_a_scenario_schedule_is_refused_for_a_scenario_that_cannot_run(

@@ -54,10 +54,7 @@ def add_scenario_routes(app: web.Application, service: SchedulingService) -> Non
         run_id = request.match_info["run_id"]
         run = book.runs.get(run_id) if set(run_id) <= _RUN_ID_CHARS else None
         if run is None:
-            raise web.HTTPNotFound(
-                text=json.dumps({"error": f"no run {run_id[:40]!r}"}),
-                content_type="application/json",
-            )
+            raise web.HTTPNotFound(reason=f"no run {run_id[:40]!r}")
         return run
 
     async def propose(command: dict[str, Any]) -> Any:
@@ -320,10 +317,7 @@ def _mask(value: Any, masked: bool) -> Any:
 def _entry(book: Any, name: str) -> dict[str, Any]:
     entry = book.library.get(name)
     if entry is None:
-        raise web.HTTPNotFound(
-            text=json.dumps({"error": f"no scenario {name[:64]!r} is loaded"}),
-            content_type="application/json",
-        )
+        raise web.HTTPNotFound(reason=f"no scenario {name[:64]!r} is loaded")
     return entry
 
 

@@ -1,5 +1,10 @@
 """The leader's scenario runner: executes queued runs, one at a time (docs/scenarios.md).
 
+Why this file is long: the runner (the term's loop, admission, the end of a run) and one run's
+execution (steps, loops, actions, checkpoints) are one mechanism, and what makes a run resumable
+(deterministic ids, totals counted in iteration order, term-fenced checkpoints) is spread over
+both: reading them apart would hide it.
+
 A term task of the leader (started and cancelled with its scheduler, like the alert sender). It
 takes the first run of the replicated queue (``SchedulerState.scenarios``), executes its plan
 step by step through the same service calls the HTTP API makes, and commits its progress: at
@@ -379,12 +384,19 @@ class _Execution:
         if mb is not None:
             self.progress["memory_mb"] = max(self.progress.get("memory_mb") or 0.0, mb)
 
+    def _enter(self, index: int) -> None:
+        """Say which step the run is in (what the checkpoints show), None past the last."""
+        p = self.progress
+        step = self.plan.steps[index] if index < len(self.plan.steps) else None
+        p["method"] = step.action.method if step is not None and step.action else None
+        p["step_name"] = step.name if step is not None else None
+        p["of"] = {"loop": step.iterations, "action": 1}.get(step.type) if step else None
+
     async def _steps(self) -> None:
         p = self.progress
+        self._enter(p["step"])
         while p["step"] < len(self.plan.steps):
             step = self.plan.steps[p["step"]]
-            p["method"] = step.action.method if step.action is not None else None
-            p["step_name"], p["of"] = step.name, step.iterations if step.type == "loop" else 1
             await self._step(p["step"], step)
             self._tick()
             self._count_time(step)
@@ -394,9 +406,9 @@ class _Execution:
             p["step"] += 1
             p["done"] = 0
             p["step_elapsed"] = 0.0
+            self._enter(p["step"])
             self._step_started = self.runner.clock()
             await self.checkpoint(sample=False)
-        p["method"] = None
 
     def _count_time(self, step: Step) -> None:
         """A step's wall time is what its method's rate divides by."""
