@@ -94,6 +94,12 @@ def test_a_valid_file_loads_with_its_name_defaults_and_version() -> None:
     assert fmt.load(BASE + "# edited\n").version != s.version
 
 
+@pytest.mark.parametrize("text", ["ND\x1f", "test:\n  name: a\x07b\n", "\x00"])
+def test_a_character_yaml_does_not_allow_is_a_scenario_error(text: str) -> None:
+    with pytest.raises(ScenarioError, match="unacceptable character"):
+        fmt.load(text)
+
+
 def test_a_yaml_syntax_error_names_line_and_column() -> None:
     message = refused("test:\n  name: base\n  steps: [a, b\n")
     assert re.match(r"line \d+, column \d+: ", message)

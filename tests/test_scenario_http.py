@@ -245,6 +245,7 @@ test:
         ("test:\n  name: x\n  steps:\n    - {type: sleep, duration: 1, what: 2}\n", 400, "what"),
         ("", 400, "YAML"),
         ("a: &a [1]\nb: *a\n", 400, "alias"),
+        ("ND\x1f", 400, "unacceptable character #x001f"),  # found by tests/fuzz_api.py
     ],
 )
 async def test_a_bad_scenario_is_refused_with_a_clear_message(

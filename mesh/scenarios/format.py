@@ -158,8 +158,9 @@ def _marked(mark: yaml.Mark | None, problem: str) -> ScenarioError:
 
 
 def _compose(text: str) -> yaml.Node:
-    loader = _Loader(text)
+    loader: _Loader | None = None
     try:
+        loader = _Loader(text)  # its reader checks every character of the text here
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as e:
         problem = f"{e.context}: {e.problem}" if e.context else e.problem
@@ -167,7 +168,8 @@ def _compose(text: str) -> yaml.Node:
     except yaml.YAMLError as e:  # the reader: a character YAML does not allow
         raise ScenarioError(" ".join(str(e).split())) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if node is None:
         raise ScenarioError("the scenario is empty (it needs a 'test' mapping)")
     return node
