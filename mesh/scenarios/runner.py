@@ -297,7 +297,20 @@ class _Execution:
 
     async def execute(self, wake: asyncio.Event) -> tuple[str, str | None]:
         """Execute the remaining steps; ``(status, error)``: passed (the assertions are judged
-        after), error or cancelled."""
+        after), error or cancelled. The voters' memory is read at the start, every
+        MEMORY_SECONDS and at the end (a run shorter than a checkpoint has its figure too)."""
+        self._sample_memory()
+        outcome = await self._execute_steps(wake)
+        memory = self.runner.memory
+        if memory is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2 * MEMORY_SECONDS):
+                    if self._memory_task is not None:
+                        await self._memory_task
+                    await self._read_memory(memory)
+        return outcome
+
+    async def _execute_steps(self, wake: asyncio.Event) -> tuple[str, str | None]:
         steps = asyncio.ensure_future(self._steps())
         watcher = asyncio.ensure_future(self._watch(wake))
         try:
@@ -313,8 +326,6 @@ class _Execution:
         except _Stop as stop:
             return stop.status, stop.error
         finally:
-            if self._memory_task is not None:
-                self._memory_task.cancel()
             for task in (steps, watcher):
                 task.cancel()
             self._tick()
