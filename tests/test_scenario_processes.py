@@ -155,7 +155,7 @@ def test_a_run_survives_a_leader_kill_resumed_once_and_never_run_twice(cluster_f
     cluster: Cluster = cluster_factory(3)
     leader = cluster.wait_for_leader()
     follower = next(n for n in cluster.running() if n is not leader)
-    text = STORM.replace("count: 20", "count: 2000").replace("every: 0.5", "every: 2")
+    text = STORM.replace("count: 20", "count: 1000").replace("every: 0.5", "every: 2")
     load(follower, text)
     run_id = run(follower, "tiny_storm")
 
@@ -169,8 +169,8 @@ def test_a_run_survives_a_leader_kill_resumed_once_and_never_run_twice(cluster_f
     assert final["status"] == "passed", json.dumps(final)[:3000]
     assert final["resumed"] == 1
     assert final["leader"] != leader.node_id
-    # Exactly the scenario's actions: 2000 creates + 1 wait + 2000 deletes, none twice.
-    assert final["metrics"]["actions_total"]["value"] == 4001, final
+    # Exactly the scenario's actions: 1000 creates + 1 wait + 1000 deletes, none twice.
+    assert final["metrics"]["actions_total"]["value"] == 2001, final
     assert final["metrics"]["action_errors"]["value"] == 0, final
     assert scenario_schedules(follower) == []
 
@@ -182,7 +182,7 @@ def test_a_run_that_must_not_continue_on_another_leader_ends_with_an_error_sayin
     leader = cluster.wait_for_leader()
     follower = next(n for n in cluster.running() if n is not leader)
     text = STORM.replace("parameters:", "on_leader_change: fail\n  parameters:").replace(
-        "count: 20", "count: 2000"
+        "count: 20", "count: 1000"
     )
     load(follower, text)
     run_id = run(follower, "tiny_storm")
