@@ -108,7 +108,7 @@ def add_client_commands(sub: Any) -> None:
         "--outcome", type=_outcome_arg, metavar="O", help="only this outcome (e.g. error)"
     )
     executions.add_argument("--since", metavar="T", help="only those since this date-time")
-    executions.add_argument("--limit", type=_int_arg, metavar="N", help="at most N")
+    executions.add_argument("--limit", type=int_arg, metavar="N", help="at most N")
 
     leaf(sub, "handlers", "the handlers and their state", _cmd_handlers)
 
@@ -136,7 +136,7 @@ def add_client_commands(sub: Any) -> None:
     )
 
 
-def _int_arg(text: str) -> int:
+def int_arg(text: str) -> int:
     try:
         return int(text)
     except ValueError:
@@ -187,7 +187,7 @@ def api_client(ns: argparse.Namespace) -> ApiClient:
         raise ClientConfigError(str(e)) from None
 
 
-def _print_json(value: Any) -> None:
+def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
@@ -211,7 +211,7 @@ def _schedule_row(s: dict[str, Any]) -> list[Any]:
 def _cmd_schedules_list(ns: argparse.Namespace) -> int:
     items = api_client(ns).schedules()
     if ns.output == "json":
-        _print_json(items)
+        print_json(items)
     else:
         print(format_table(_SCHEDULE_COLUMNS, [_schedule_row(s) for s in items]))
     return 0
@@ -220,7 +220,7 @@ def _cmd_schedules_list(ns: argparse.Namespace) -> int:
 def _cmd_schedules_get(ns: argparse.Namespace) -> int:
     s = api_client(ns).schedule(ns.id)
     if ns.output == "json":
-        _print_json(s)
+        print_json(s)
         return 0
     rows = [
         ("id", s.get("id")),
@@ -321,7 +321,7 @@ def _cmd_schedules_put(ns: argparse.Namespace) -> int:
         if ns.output == "table":
             print(f"{action} {s.get('id')} (next fire {short_time(s.get('next_fire_time'))})")
     if ns.output == "json":
-        _print_json(done[0] if single else done)
+        print_json(done[0] if single else done)
     return 0
 
 
@@ -354,13 +354,13 @@ def _apply_in_bulk(ns: argparse.Namespace, client: ApiClient, bodies: list[dict[
             raise ApiError(f"{e} ({done} of {len(bodies)} done)", e.status) from None
         raise
     if ns.output == "json":
-        _print_json({**total, "schedules": items})
+        print_json({**total, "schedules": items})
     return 0
 
 
 def _print_schedule_change(ns: argparse.Namespace, s: Any, verb: str) -> None:
     if ns.output == "json":
-        _print_json(s)
+        print_json(s)
     else:
         print(f"{verb} {ns.id}")
 
@@ -395,7 +395,7 @@ def _cmd_schedules_trigger(ns: argparse.Namespace) -> int:
     except ApiError as e:
         raise _not_offered(e, "POST /api/schedules/{id}/trigger") from None
     if ns.output == "json":
-        _print_json(answer)
+        print_json(answer)
     else:
         print(f"triggered {ns.id}: job {answer.get('job_id')}")
     return 0
@@ -407,7 +407,7 @@ def _cmd_backfill(ns: argparse.Namespace) -> int:
     except ApiError as e:
         raise _not_offered(e, "POST /api/schedules/{id}/backfill") from None
     if ns.output == "json":
-        _print_json(answer)
+        print_json(answer)
     else:
         print(
             f"backfill of {ns.id}: {answer.get('fire_times')} fire times, "
@@ -434,7 +434,7 @@ def _cmd_executions(ns: argparse.Namespace) -> int:
         schedule_id=ns.schedule, outcome=ns.outcome, since=ns.since, limit=ns.limit or 0
     )
     if ns.output == "json":
-        _print_json(items)
+        print_json(items)
         return 0
     columns = ("job", "schedule", "outcome", "fire time", "duration", "handler", "try", "term")
     columns += ("error",)
@@ -459,7 +459,7 @@ def _cmd_executions(ns: argparse.Namespace) -> int:
 def _cmd_handlers(ns: argparse.Namespace) -> int:
     items = api_client(ns).handlers()
     if ns.output == "json":
-        _print_json(items)
+        print_json(items)
         return 0
     columns = ("handler", "state", "tasks", "tags", "active", "ok", "failed", "avg ms")
     columns += ("last seen",)
@@ -486,7 +486,7 @@ def _cmd_jobs_run(ns: argparse.Namespace) -> int:
     for warning in answer.get("warnings") or []:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if ns.output == "json":
-        _print_json(answer)
+        print_json(answer)
     else:
         print(answer.get("job_id"))  # alone, for `JOB=$(schedulezero jobs run ...)`
     return 0
@@ -495,7 +495,7 @@ def _cmd_jobs_run(ns: argparse.Namespace) -> int:
 def _cmd_jobs_get(ns: argparse.Namespace) -> int:
     status = api_client(ns).job(ns.job_id)
     if ns.output == "json" or not isinstance(status, dict):
-        _print_json(status)
+        print_json(status)
         return 0
     width = max((len(k) for k in status), default=0)
     for key, value in status.items():
@@ -508,7 +508,7 @@ def _cmd_cluster_status(ns: argparse.Namespace) -> int:
     client = api_client(ns)
     cluster, health = client.cluster(), client.health()
     if ns.output == "json":
-        _print_json({**cluster, "node": health})
+        print_json({**cluster, "node": health})
         return 0
     quorum = cluster.get("has_quorum", health.get("has_quorum"))
     print(
@@ -534,7 +534,7 @@ def _cmd_cluster_status(ns: argparse.Namespace) -> int:
 
 def _print_members(ns: argparse.Namespace, members: Any) -> None:
     if ns.output == "json":
-        _print_json(members)
+        print_json(members)
         return
     print(
         f"leader: {members.get('leader_id') or '(none)'}  term: {members.get('term')}  "

@@ -12,7 +12,6 @@ node that served it), until the run has ended. Exit codes: 0 the run passed, 1 i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import urllib.parse
@@ -28,7 +27,7 @@ from mesh.client import (
     format_table,
     short_time,
 )
-from mesh.client_commands import api_client, connection_flags
+from mesh.client_commands import api_client, connection_flags, int_arg, print_json
 from mesh.scenarios import format
 from mesh.scenarios.model import MAX_SOURCE_BYTES, Plan, Scenario, ScenarioError, Step
 from mesh.scheduling.scenariobook import FINISHED
@@ -88,7 +87,7 @@ def add_scenario_commands(sub: Any) -> None:
 
     runs = action("runs", "the runs, newest first", _cmd_runs)
     runs.add_argument("--name", metavar="NAME", help="only this scenario's")
-    runs.add_argument("--limit", type=_int_arg, metavar="N", help="at most N (1 to 1000; 50)")
+    runs.add_argument("--limit", type=int_arg, metavar="N", help="at most N (1 to 1000; 50)")
     _format_flag(runs, ("text", "json", "csv"))
 
     schedule = action("schedule", "run a loaded scenario on a schedule", _cmd_schedule)
@@ -121,13 +120,6 @@ def _param_flag(p: argparse.ArgumentParser) -> None:
 
 def _format_flag(p: argparse.ArgumentParser, choices: tuple[str, ...]) -> None:
     p.add_argument("--format", choices=choices, default=choices[0], help=" or ".join(choices))
-
-
-def _int_arg(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def _seconds_arg(text: str) -> float:
@@ -396,7 +388,7 @@ class _Progress:
 
 def _print_result(result: dict[str, Any], fmt: str) -> None:
     if fmt == "json":
-        _print_json(result)
+        print_json(result)
         return
     duration = (result.get("metrics") or {}).get("duration_seconds", {}).get("value")
     took = f", {_number(duration)} s" if duration is not None else ""
@@ -436,10 +428,6 @@ def _number(value: Any) -> str:
     return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
-
-
 def _cmd_results(ns: argparse.Namespace) -> int:
     client = api_client(ns)
     path = f"/api/tests/results/{urllib.parse.quote(ns.run_id, safe='')}"
@@ -461,7 +449,7 @@ def _cmd_runs(ns: argparse.Namespace) -> int:
         return 0
     runs = client.scenario_runs(ns.name, ns.limit)
     if ns.format == "json":
-        _print_json(runs)
+        print_json(runs)
         return 0
     columns = ("run id", "name", "status", "source", "started", "finished", "error")
     rows = [
@@ -483,7 +471,7 @@ def _cmd_runs(ns: argparse.Namespace) -> int:
 def _cmd_list(ns: argparse.Namespace) -> int:
     items = api_client(ns).scenarios()
     if ns.format == "json":
-        _print_json(items)
+        print_json(items)
         return 0
     columns = ("name", "version", "steps", "parameters", "last run", "description")
     rows = [
@@ -519,7 +507,7 @@ def _cmd_schedule(ns: argparse.Namespace) -> int:
         body["id"] = ns.id
     schedule = client.schedule_scenario(body)
     if ns.format == "json":
-        _print_json(schedule)
+        print_json(schedule)
     else:
         print(
             f"scheduled {ns.name} as {schedule.get('id')}: "
