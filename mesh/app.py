@@ -291,6 +291,8 @@ def add_scenarios(
 
     memory = VoterMemory(voters, scheme=http_sec.scheme, ssl_context=http_sec.client_ssl)
     runner = ScenarioRunner(service, local_api=local, memory=memory)
+    app.on_cleanup.append(lambda _app: local.close())
+    app.on_cleanup.append(lambda _app: memory.close())
     service.term_tasks["scenarios"] = runner.lead
     service.term_context.append((current_runner, runner))
     add_scenario_routes(app, service)

@@ -17,31 +17,45 @@ MAX_METRICS_BYTES = 8 * 1024 * 1024  # a node's /metrics page, read at most this
 RSS_METRIC = b"process_resident_memory_bytes "
 
 
-class LoopbackApi:
+class _Client:
+    """One HTTP client session for the node's lifetime (a connection pool, not a new TCP and
+    TLS handshake per call); ``close`` on the app's cleanup."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None, timeout: float) -> None:
+        self.ssl = ssl_context if ssl_context is not None else True
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class LoopbackApi(_Client):
     def __init__(
         self, base_url: str, *, token: str | None, ssl_context: ssl.SSLContext | None
     ) -> None:
+        super().__init__(ssl_context, TIMEOUT_SECONDS)
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.ssl_context = ssl_context
 
     async def get(self, path: str) -> int:
         """The status of ``GET path`` (the body is read and dropped; no redirect followed)."""
-        timeout = aiohttp.ClientTimeout(total=TIMEOUT_SECONDS)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(
-                self.base_url + path,
-                headers=self.headers,
-                ssl=self.ssl_context if self.ssl_context is not None else True,
-                allow_redirects=False,
-            ) as response,
-        ):
-            await response.read()
+        url = self.base_url + path
+        async with self.session().get(
+            url, headers=self.headers, ssl=self.ssl, allow_redirects=False
+        ) as response:
+            async for _ in response.content.iter_chunked(64 * 1024):
+                pass  # read to its end (a GET's time includes its body), kept nowhere
             return response.status
 
 
-class VoterMemory:
+class VoterMemory(_Client):
     """The resident memory of every voter, read from its ``/metrics``
     (``process_resident_memory_bytes``); a node that does not answer is left out."""
 
@@ -52,32 +66,33 @@ class VoterMemory:
         scheme: str,
         ssl_context: ssl.SSLContext | None,
     ) -> None:
+        super().__init__(ssl_context, MEMORY_TIMEOUT_SECONDS)
         self.voters = voters  # (node id, advertised HTTP host:port)
         self.scheme = scheme
-        self.ssl_context = ssl_context
 
     async def sample(self) -> dict[str, float]:
         """Node id → MB, for the voters that answered within MEMORY_TIMEOUT_SECONDS."""
         voters = self.voters()
-        timeout = aiohttp.ClientTimeout(total=MEMORY_TIMEOUT_SECONDS)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            got = await asyncio.gather(
-                *(self._one(session, address) for _, address in voters), return_exceptions=True
-            )
+        got = await asyncio.gather(
+            *(self._one(address) for _, address in voters), return_exceptions=True
+        )
         return {
             node_id: mb
             for (node_id, _), mb in zip(voters, got, strict=True)
             if isinstance(mb, float)
         }
 
-    async def _one(self, session: aiohttp.ClientSession, address: str) -> float | None:
+    async def _one(self, address: str) -> float | None:
         url = f"{self.scheme}://{address}/metrics"
-        ssl_arg = self.ssl_context if self.ssl_context is not None else True
-        async with session.get(url, ssl=ssl_arg, allow_redirects=False) as response:
+        async with self.session().get(url, ssl=self.ssl, allow_redirects=False) as response:
             if response.status != 200:
                 return None
-            body = await response.content.read(MAX_METRICS_BYTES)
-        return rss_mb(body)
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                body += chunk  # read(n) would stop at the first chunk: a page has many
+                if len(body) >= MAX_METRICS_BYTES:
+                    break
+        return rss_mb(bytes(body[:MAX_METRICS_BYTES]))
 
 
 def rss_mb(page: bytes) -> float | None:
